@@ -6,7 +6,7 @@ mean over its examples. This is the shape `tf_maml.core` expects of `loss_fn`.
 
 import tensorflow as tf
 
-__all__ = ["mean_squared_error", "sparse_softmax_cross_entropy", "accuracy"]
+__all__ = ["mean_squared_error", "sparse_softmax_cross_entropy", "accuracy", "for_tasks"]
 
 
 def _mean_over_examples(values):
@@ -54,3 +54,18 @@ def accuracy(y_true, y_pred):
     """
     correct = tf.equal(tf.argmax(y_pred, axis=-1, output_type=tf.int32), tf.cast(y_true, tf.int32))
     return _mean_over_examples(tf.cast(correct, y_pred.dtype))
+
+
+def for_tasks(tasks):
+    """The loss, the reported metric and its name for a task family.
+
+    Args:
+        tasks: a task family (has `is_classification`).
+
+    Returns:
+        `(loss_fn, metric_fn, metric_name)`: cross-entropy and accuracy for
+        classification, mean squared error for both in regression.
+    """
+    if tasks.is_classification:
+        return sparse_softmax_cross_entropy, accuracy, "accuracy"
+    return mean_squared_error, mean_squared_error, "mse"

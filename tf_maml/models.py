@@ -122,12 +122,13 @@ def build(config, input_shape, output_size):
     Raises:
         ValueError: unknown `config.model`.
     """
-    if config.model == "mlp":
+    name = config.model_name
+    if name == "mlp":
         return mlp(input_shape, output_size)
-    if config.model == "conv4":
+    if name == "conv4":
         return conv4(output_size, input_shape)
-    if config.model == "conv4_maxpool":
+    if name == "conv4_maxpool":
         return conv4(output_size, input_shape, filters=32, pooling="max")
-    if config.model == "fc":
+    if name == "fc":
         return fc(output_size, input_shape)
     raise ValueError(f"unknown model {config.model!r}; expected mlp, conv4, conv4_maxpool or fc")

@@ -1,0 +1,33 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="tf_maml",
+    version="0.1.0",
+    description="Model-Agnostic Meta-Learning (MAML) for any Keras 3 model, in TensorFlow",
+    long_description=open("README.md").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["tf_maml", "tf_maml.*"]),
+    python_requires=">=3.9",
+    # TensorFlow itself comes from an extra: `tensorflow` (the full build,
+    # GPU-capable on Linux) or `tensorflow-cpu` (smaller); pip cannot tell that
+    # one satisfies the other, so neither is a hard requirement.
+    install_requires=[
+        "keras>=3.0",
+        "numpy",
+        "absl-py",
+        "tensorboard",
+        "matplotlib",
+        "tensorflow-datasets",
+    ],
+    extras_require={
+        "tf": ["tensorflow>=2.16"],
+        "cpu": ["tensorflow-cpu>=2.16"],
+        "test": ["pytest"],
+    },
+    entry_points={
+        "console_scripts": [
+            "tf_maml_train=tf_maml.train:run",
+            "tf_maml_evaluate=tf_maml.evaluate:run",
+        ],
+    },
+)

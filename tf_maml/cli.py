@@ -1,0 +1,82 @@
+"""absl flags shared by the entry points, and their conversion to a `Config`.
+
+Library code never reads flags: entry points call `config_from_flags()` and
+pass the `Config` on.
+"""
+
+import dataclasses
+import sys
+
+from absl import app, flags
+
+from tf_maml.config import Config
+
+_DEFAULTS = Config()
+_HELP = {
+    "dataset": "Task family: sine.",
+    "model": "Network: auto (the paper's for the dataset), mlp, conv4, conv4_maxpool or fc.",
+    "num_iterations": "Meta-training iterations.",
+    "meta_batch_size": "Tasks per meta-batch.",
+    "k_shot": "Support examples per task (per class for classification).",
+    "k_query": "Query examples per task (per class for classification).",
+    "num_inner_steps": "Inner gradient steps in meta-training (0: pretrained baseline).",
+    "num_eval_steps": "Inner gradient steps at evaluation.",
+    "inner_lr": "Inner-loop step size (alpha).",
+    "meta_lr": "Meta (Adam) learning rate (beta).",
+    "first_order": "First-order MAML (no second derivatives).",
+    "seed": "Seed of the initialization and of every sampled task.",
+    "jit_compile": "XLA: auto (on for dense-only models on CPU), true or false.",
+    "log_every": "Steps between progress lines and summaries.",
+    "checkpoint_every": "Steps between checkpoints.",
+    "validate_every": "Steps between validations on held-out tasks (0: never).",
+    "num_eval_tasks": "Held-out tasks for evaluation.",
+}
+
+_DEFINED = set()
+
+
+def define_config_flags(names=None):
+    """Defines one flag per `Config` field (or those named), with its default."""
+    for field in dataclasses.fields(Config):
+        if (names is not None and field.name not in names) or field.name in _DEFINED:
+            continue
+        default = getattr(_DEFAULTS, field.name)
+        helptext = _HELP[field.name]
+        if field.type in (bool, "bool"):
+            flags.DEFINE_boolean(field.name, default, helptext)
+        elif field.type in (int, "int"):
+            flags.DEFINE_integer(field.name, default, helptext)
+        elif field.type in (float, "float"):
+            flags.DEFINE_float(field.name, default, helptext)
+        else:
+            flags.DEFINE_string(field.name, default, helptext)
+        _DEFINED.add(field.name)
+
+
+def config_from_flags(base=None):
+    """Builds a validated `Config` from the parsed flags.
+
+    Args:
+        base: a `Config` whose values are kept for fields whose flags were not
+            given on the command line (e.g. the config saved with a run).
+
+    Raises:
+        app.UsageError: a value is invalid (absl prints it without a traceback).
+    """
+    values = {}
+    for name in _DEFINED:
+        flag = flags.FLAGS[name]
+        if base is not None and not flag.present:
+            continue
+        values[name] = flag.value
+    config = dataclasses.replace(base or _DEFAULTS, **values)
+    try:
+        return config.validate()
+    except ValueError as e:
+        raise app.UsageError(str(e)) from None
+
+
+def fail(message):
+    """Prints `message` to stderr and exits with status 1 (user errors, no traceback)."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(1)

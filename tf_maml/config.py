@@ -1,0 +1,153 @@
+"""The hyperparameters of a run: one dataclass, validated, saved beside checkpoints."""
+
+import dataclasses
+import json
+import os
+
+__all__ = ["Config", "CONFIG_FILENAME", "load", "save"]
+
+CONFIG_FILENAME = "config.json"
+
+# Fields that may change when a run is resumed (they do not change what the
+# run computes, or they extend it).
+RESUMABLE_FIELDS = frozenset({
+    "num_iterations", "log_every", "checkpoint_every", "validate_every", "num_eval_tasks",
+    "num_eval_steps", "jit_compile",
+})
+
+
+@dataclasses.dataclass
+class Config:
+    """Everything that defines a MAML run.
+
+    Defaults reproduce the paper's sine-regression experiment (section 5.1).
+
+    Attributes:
+        dataset: task family: "sine".
+        model: network: "mlp", "conv4", "conv4_maxpool" or "fc"; "auto" picks
+            the paper's network for the dataset.
+        num_iterations: meta-training iterations (outer steps).
+        meta_batch_size: tasks per meta-batch.
+        k_shot: support examples per task (per class for classification).
+        k_query: query examples per task (per class for classification).
+        num_inner_steps: inner gradient steps during meta-training (0 trains a
+            non-adaptive "pretrained" baseline on all tasks jointly).
+        num_eval_steps: inner gradient steps at evaluation (metrics are
+            reported after each step 0..num_eval_steps).
+        inner_lr: inner-loop step size α.
+        meta_lr: Adam learning rate β of the meta-update.
+        first_order: first-order MAML (no second derivatives).
+        seed: seeds the initialization and every sampled task.
+        jit_compile: "auto" (XLA for dense-only models, where it is faster on
+            CPU; not for convolutions), "true" or "false".
+        log_every: steps between progress lines and training summaries.
+        checkpoint_every: steps between checkpoints.
+        validate_every: steps between validation on held-out tasks (0: never).
+        num_eval_tasks: held-out tasks for evaluation.
+    """
+
+    dataset: str = "sine"
+    model: str = "auto"
+    num_iterations: int = 70000
+    meta_batch_size: int = 25
+    k_shot: int = 10
+    k_query: int = 10
+    num_inner_steps: int = 1
+    num_eval_steps: int = 10
+    inner_lr: float = 0.01
+    meta_lr: float = 0.001
+    first_order: bool = False
+    seed: int = 0
+    jit_compile: str = "auto"
+    log_every: int = 1000
+    checkpoint_every: int = 5000
+    validate_every: int = 5000
+    num_eval_tasks: int = 600
+
+    def validate(self):
+        """Checks every field; raises `ValueError` naming the first bad one."""
+        problems = []
+
+        def need(condition, message):
+            if not condition:
+                problems.append(message)
+
+        need(self.dataset in ("sine",), f"dataset must be 'sine', got {self.dataset!r}")
+        need(self.model in ("auto", "mlp", "conv4", "conv4_maxpool", "fc"),
+             f"model must be auto, mlp, conv4, conv4_maxpool or fc, got {self.model!r}")
+        for name in ("num_iterations", "meta_batch_size", "k_shot", "k_query", "num_eval_tasks",
+                     "log_every", "checkpoint_every"):
+            need(isinstance(getattr(self, name), int) and getattr(self, name) >= 1,
+                 f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        for name in ("num_inner_steps", "num_eval_steps", "validate_every", "seed"):
+            need(isinstance(getattr(self, name), int) and getattr(self, name) >= 0,
+                 f"{name} must be a non-negative integer, got {getattr(self, name)!r}")
+        for name in ("inner_lr", "meta_lr"):
+            value = getattr(self, name)
+            need(isinstance(value, (int, float)) and 0 < value < float("inf"),
+                 f"{name} must be a positive number, got {value!r}")
+        need(self.jit_compile in ("auto", "true", "false"),
+             f"jit_compile must be auto, true or false, got {self.jit_compile!r}")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    @property
+    def model_name(self):
+        """The concrete model: resolves "auto" for the dataset."""
+        if self.model != "auto":
+            return self.model
+        return {"sine": "mlp"}[self.dataset]
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values):
+        """Builds a Config from a dict, rejecting unknown keys."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ValueError(f"unknown config fields: {', '.join(unknown)}")
+        return cls(**values)
+
+
+def save(config, model_dir):
+    """Writes `config.json` into `model_dir` (atomically)."""
+    os.makedirs(model_dir, exist_ok=True)
+    path = os.path.join(model_dir, CONFIG_FILENAME)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(config.to_dict(), f, indent=2, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, path)
+    return path
+
+
+def load(model_dir):
+    """Reads the `Config` saved in `model_dir`.
+
+    Raises:
+        FileNotFoundError: `model_dir` holds no `config.json` (not a training directory).
+        ValueError: the file is not a valid config.
+    """
+    path = os.path.join(model_dir, CONFIG_FILENAME)
+    if not os.path.exists(path):
+        raise FileNotFoundError(
+            f"{path} does not exist: --model_dir must be a directory written by tf_maml.train")
+    try:
+        with open(path) as f:
+            values = json.load(f)
+        return Config.from_dict(values).validate()
+    except (json.JSONDecodeError, TypeError, ValueError) as e:
+        raise ValueError(f"{path} is not a valid tf_maml config: {e}") from None
+
+
+def check_resumable(saved, requested):
+    """Raises `ValueError` if `requested` changes what the saved run computes."""
+    changed = [f"{k}: {v!r} -> {requested.to_dict()[k]!r}" for k, v in saved.to_dict().items()
+               if k not in RESUMABLE_FIELDS and requested.to_dict()[k] != v]
+    if changed:
+        raise ValueError(
+            "the model directory holds a run with a different configuration ("
+            + "; ".join(changed) + "). Use a new --model_dir, or the same flags to resume.")

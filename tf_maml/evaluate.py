@@ -1,0 +1,40 @@
+"""Evaluates a trained model: `python -m tf_maml.evaluate --model_dir=DIR [--baseline_dir=DIR2]`.
+
+Prints the query metric after 0..num_eval_steps inner steps on held-out tasks
+(mean ± 95% CI) and writes `eval_results.json` and plots into --output_dir
+(default: --model_dir).
+"""
+
+from absl import app, flags, logging
+
+from tf_maml import cli, reporting
+
+flags.DEFINE_string("model_dir", None, "A directory written by tf_maml.train.")
+flags.DEFINE_string("baseline_dir", None,
+                    "Optional second run (e.g. a pretrained baseline trained with "
+                    "--num_inner_steps=0) evaluated on the same tasks with the same protocol.")
+flags.DEFINE_string("output_dir", None, "Where results and plots go (default: --model_dir).")
+flags.mark_flag_as_required("model_dir")
+cli.define_config_flags(["num_eval_steps", "num_eval_tasks", "inner_lr"])
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    logging.set_verbosity(logging.INFO)
+    overrides = {name: FLAGS[name].value for name in ("num_eval_steps", "num_eval_tasks", "inner_lr")
+                 if FLAGS[name].present}
+    try:
+        reporting.evaluate_and_report(FLAGS.model_dir, baseline_dir=FLAGS.baseline_dir,
+                                      output_dir=FLAGS.output_dir, **overrides)
+    except (ValueError, FileNotFoundError) as e:
+        cli.fail(e)
+
+
+def run():
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,112 @@
+"""Evaluates trained runs on held-out tasks and writes the table, JSON and plots."""
+
+import dataclasses
+import os
+
+import numpy as np
+import tensorflow as tf
+from absl import logging
+
+from tf_maml import evaluation, trainer
+from tf_maml import tasks as tasks_lib
+from tf_maml.tasks import SineTasks, step_seed
+
+__all__ = ["evaluate_and_report"]
+
+RESULTS_FILENAME = "eval_results.json"
+CURVE_FILENAME = "eval_curve.png"
+SINE_FIT_FILENAME = "sine_fit.png"
+
+
+def _label(config, model_dir, taken):
+    label = "MAML" if config.num_inner_steps > 0 else "pretrained"
+    if config.num_inner_steps > 0 and config.first_order:
+        label = "FOMAML"
+    return label if label not in taken else os.path.basename(os.path.normpath(model_dir))
+
+
+def evaluate_and_report(model_dir, baseline_dir=None, output_dir=None, **overrides):
+    """Evaluates a run (and optionally a baseline run on the same tasks), prints and saves results.
+
+    Both runs are evaluated with the protocol of `model_dir`'s config (task
+    distribution, `inner_lr`, `num_eval_steps`, `num_eval_tasks`), on the same
+    held-out tasks.
+
+    Args:
+        model_dir: a directory written by `tf_maml.train`.
+        baseline_dir: optional second run with the same architecture.
+        output_dir: where to write results (default `model_dir`).
+        **overrides: `Config` fields that change the protocol
+            (`num_eval_steps`, `num_eval_tasks`, `inner_lr`).
+
+    Returns:
+        dict label -> (mean, ci95) arrays over steps 0..num_eval_steps.
+
+    Raises:
+        FileNotFoundError: a directory has no config or checkpoint.
+        ValueError: invalid overrides, or the baseline's architecture differs.
+    """
+    output_dir = output_dir or model_dir
+    os.makedirs(output_dir, exist_ok=True)
+    experiment, step = trainer.restore_model(model_dir)
+    config = dataclasses.replace(experiment.config, **overrides).validate()
+    runs = {_label(config, model_dir, ()): (experiment, step)}
+    if baseline_dir:
+        baseline, baseline_step = trainer.restore_model(baseline_dir)
+        shapes = [tuple(v.shape) for v in experiment.model.trainable_variables]
+        if [tuple(v.shape) for v in baseline.model.trainable_variables] != shapes:
+            raise ValueError(f"{baseline_dir} holds a different architecture than {model_dir}")
+        runs[_label(baseline.config, baseline_dir, runs)] = (baseline, baseline_step)
+
+    jit = trainer.resolve_jit_compile(config, experiment.model)
+    results, curve_fns = {}, {}
+    for label, (run, run_step) in runs.items():
+        curve_fns[label] = evaluation.make_curve_fn(run.forward, experiment.loss_fn,
+                                                    experiment.metric_fn, config.inner_lr,
+                                                    config.num_eval_steps, jit_compile=jit)
+        per_task = evaluation.evaluate_model(curve_fns[label], run.model.trainable_variables,
+                                             experiment.tasks, config.seed,
+                                             config.num_eval_tasks, tasks_lib.TEST)
+        results[label] = evaluation.summarize(per_task)
+        logging.info("evaluated %s (step %d) on %d held-out tasks", label, run_step,
+                     config.num_eval_tasks)
+
+    name = experiment.metric_name
+    table = evaluation.format_table(name, results)
+    print(f"\n{name} on {config.num_eval_tasks} held-out {config.dataset} tasks "
+          f"(K={config.k_shot}, inner_lr={config.inner_lr}), mean ± 95% CI:\n{table}\n")
+    extra = {"num_tasks": config.num_eval_tasks, "inner_lr": config.inner_lr,
+             "k_shot": config.k_shot, "dataset": config.dataset,
+             "steps_trained": {label: s for label, (_, s) in runs.items()}}
+    evaluation.write_json(os.path.join(output_dir, RESULTS_FILENAME), name, results, extra)
+    title = f"{config.dataset}, K={config.k_shot}"
+    paths = [evaluation.plot_curves(os.path.join(output_dir, CURVE_FILENAME), name, results,
+                                    title)]
+    if isinstance(experiment.tasks, SineTasks):
+        paths.append(_plot_sine(os.path.join(output_dir, SINE_FIT_FILENAME), runs, experiment,
+                                config))
+    print("wrote " + ", ".join([os.path.join(output_dir, RESULTS_FILENAME)] + paths))
+    return results
+
+
+def _plot_sine(path, runs, experiment, config):
+    """One held-out sine task, fitted from K points by each run (the paper's Fig. 2)."""
+    tasks = experiment.tasks
+    seed = step_seed(config.seed, 0, stream=tasks_lib.TEST + 1)
+    episode = tasks.sample(seed, 1)
+    amplitude, phase = tasks.sample_parameters(
+        tf.random.experimental.stateless_split(seed, 3)[0], 1)
+    grid = np.linspace(*tasks.input_range, 200, dtype=np.float32)
+    grid_x = tf.constant(grid[None, :, None])
+    truth = tasks.function(grid_x, amplitude, phase)
+    episode = episode._replace(query_x=grid_x, query_y=truth)
+    panels = {}
+    for label, (run, _) in runs.items():
+        _, predictions = evaluation.adaptation_curve(
+            run.forward, run.model.trainable_variables, episode, experiment.loss_fn,
+            experiment.metric_fn, config.inner_lr, config.num_eval_steps)
+        panels[f"{label}, K={config.k_shot}"] = [p.numpy()[0, :, 0] for p in predictions]
+    shown = sorted({0, 1, config.num_eval_steps})
+    return evaluation.plot_sine_fits(path, panels, episode.support_x.numpy()[0, :, 0],
+                                     episode.support_y.numpy()[0, :, 0], grid,
+                                     truth.numpy()[0, :, 0], shown)

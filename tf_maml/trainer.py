@@ -1,0 +1,239 @@
+"""Meta-training: the loop around `core.meta_gradients`.
+
+`train(config, model_dir)` builds the task family and the model, restores the
+latest checkpoint of `model_dir` if there is one (step, weights, optimizer
+state; the episodes are a pure function of (seed, step), so a resumed run sees
+exactly the tasks an uninterrupted one would), then runs meta-iterations with
+progress lines, TensorBoard summaries, periodic validation on held-out tasks and
+checkpoints. A checkpoint is also written when the loop is interrupted.
+"""
+
+import dataclasses
+import os
+import time
+
+import keras
+import tensorflow as tf
+from absl import logging
+
+from tf_maml import config as config_lib
+from tf_maml import core, evaluation, functional, losses, models
+from tf_maml import tasks as tasks_lib
+
+__all__ = ["Experiment", "build_experiment", "make_train_step", "restore_model", "train",
+           "resolve_jit_compile"]
+
+CHECKPOINT_SUBDIR = "checkpoints"
+NUM_VALIDATION_TASKS = 100
+
+
+@dataclasses.dataclass
+class Experiment:
+    """What a config builds: the task family, the model and its functional form."""
+    config: config_lib.Config
+    tasks: object
+    model: keras.Model
+    forward: object
+    loss_fn: object
+    metric_fn: object
+    metric_name: str
+
+
+def build_experiment(config):
+    """Builds tasks, model (seeded by `config.seed`), forward, loss and metric."""
+    config.validate()
+    tasks = tasks_lib.build(config)
+    keras.utils.set_random_seed(config.seed)
+    model = models.build(config, tasks.input_shape, tasks.output_size)
+    loss_fn, metric_fn, metric_name = losses.for_tasks(tasks)
+    return Experiment(config, tasks, model, functional.make_forward(model), loss_fn, metric_fn,
+                      metric_name)
+
+
+def resolve_jit_compile(config, model):
+    """XLA on/off for a run: "auto" uses XLA unless the model convolves on CPU.
+
+    Measured on TF 2.21 CPU: XLA makes dense meta-steps ~2.5x faster and
+    convolutional ones several times slower.
+    """
+    if config.jit_compile != "auto":
+        return config.jit_compile == "true"
+    has_conv = any(isinstance(layer, keras.layers.Conv2D) for layer in model._flatten_layers())
+    return not (has_conv and not tf.config.list_physical_devices("GPU"))
+
+
+def make_train_step(experiment, optimizer, step_counter, jit_compile=False):
+    """A compiled `train_step(episode) -> logs` performing one meta-update.
+
+    Args:
+        experiment: an `Experiment`.
+        optimizer: a built Keras optimizer for `model.trainable_variables`.
+        step_counter: int64 `tf.Variable`, incremented by each step.
+        jit_compile: compile with XLA.
+
+    Returns:
+        A `tf.function`; its logs are scalars: `meta_loss`, `support_loss`
+        (before adaptation) and the query metric after adaptation.
+    """
+    config = experiment.config
+    variables = experiment.model.trainable_variables
+
+    @tf.function(jit_compile=jit_compile)
+    def train_step(episode):
+        meta_loss, grads, outputs = core.meta_gradients(
+            experiment.forward, variables, episode, experiment.loss_fn, config.inner_lr,
+            config.num_inner_steps, first_order=config.first_order)
+        optimizer.apply_gradients(zip(grads, variables))
+        step_counter.assign_add(1)
+        return {
+            "meta_loss": meta_loss,
+            "support_loss_before_adaptation": tf.reduce_mean(outputs["support_losses"]),
+            f"query_{experiment.metric_name}": tf.reduce_mean(
+                experiment.metric_fn(episode.query_y, outputs["query_predictions"])),
+        }
+
+    return train_step
+
+
+def restore_model(model_dir):
+    """Loads the config and the latest meta-initialization of a training run.
+
+    Args:
+        model_dir: a directory written by `train`.
+
+    Returns:
+        `(experiment, step)`.
+
+    Raises:
+        FileNotFoundError: no config or no checkpoint in `model_dir`.
+    """
+    config = config_lib.load(model_dir)
+    experiment = build_experiment(config)
+    step = tf.Variable(0, dtype=tf.int64)
+    checkpoint = tf.train.Checkpoint(model=experiment.model, step=step)
+    latest = tf.train.latest_checkpoint(os.path.join(model_dir, CHECKPOINT_SUBDIR))
+    if latest is None:
+        raise FileNotFoundError(f"no checkpoint in {os.path.join(model_dir, CHECKPOINT_SUBDIR)}")
+    checkpoint.restore(latest).expect_partial()
+    return experiment, int(step.numpy())
+
+
+class _Progress:
+    """Progress lines with steps/s and ETA."""
+
+    def __init__(self, start_step, total):
+        self.total = total
+        self.last_step, self.last_time = start_step, time.perf_counter()
+
+    def line(self, step, logs):
+        now = time.perf_counter()
+        rate = (step - self.last_step) / max(now - self.last_time, 1e-9)
+        self.last_step, self.last_time = step, now
+        eta = (self.total - step) / rate if rate > 0 else float("inf")
+        values = " ".join(f"{k}={v:.4f}" for k, v in logs.items())
+        return (f"step {step}/{self.total} ({100 * step / self.total:.1f}%) {values} "
+                f"| {rate:.1f} steps/s | ETA {_duration(eta)}")
+
+
+def _duration(seconds):
+    if seconds == float("inf"):
+        return "?"
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m{seconds % 60:02d}s"
+
+
+def train(config, model_dir):
+    """Meta-trains a model as `config` says, resuming from `model_dir` if possible.
+
+    Args:
+        config: a `Config`.
+        model_dir: where checkpoints, `config.json` and summaries go.
+
+    Returns:
+        `(experiment, step)`: the trained experiment (its model holds the
+        meta-initialization) and the final step.
+
+    Raises:
+        ValueError: invalid config, or `model_dir` holds a different run.
+
+    Example:
+
+    ```python
+    config = Config(num_iterations=1000)
+    experiment, _ = train(config, "/tmp/sine")
+    ```
+    """
+    config.validate()
+    if os.path.exists(os.path.join(model_dir, config_lib.CONFIG_FILENAME)):
+        config_lib.check_resumable(config_lib.load(model_dir), config)
+    config_lib.save(config, model_dir)
+
+    experiment = build_experiment(config)
+    model = experiment.model
+    optimizer = keras.optimizers.Adam(config.meta_lr)
+    optimizer.build(model.trainable_variables)
+    step = tf.Variable(0, dtype=tf.int64, name="step")
+    checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, step=step)
+    manager = tf.train.CheckpointManager(checkpoint, os.path.join(model_dir, CHECKPOINT_SUBDIR),
+                                         max_to_keep=3)
+    if manager.latest_checkpoint:
+        checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
+        logging.info("Resumed from %s at step %d", manager.latest_checkpoint, int(step))
+    start = int(step.numpy())
+    if start >= config.num_iterations:
+        logging.info("Already trained for %d iterations; nothing to do.", start)
+        return experiment, start
+
+    jit = resolve_jit_compile(config, model)
+    logging.info("Meta-training %s on %s: %d iterations, layer-batched forward: %s, XLA: %s",
+                 config.model_name, config.dataset, config.num_iterations,
+                 experiment.forward.vectorized, jit)
+    train_step = make_train_step(experiment, optimizer, step, jit_compile=jit)
+    curve_fn = evaluation.make_curve_fn(experiment.forward, experiment.loss_fn,
+                                        experiment.metric_fn, config.inner_lr,
+                                        max(config.num_inner_steps, 1), jit_compile=jit)
+    dataset = tasks_lib.episode_dataset(
+        lambda seed: experiment.tasks.sample(seed, config.meta_batch_size), config.seed, start,
+        config.num_iterations, stream=tasks_lib.TRAIN)
+    writer = tf.summary.create_file_writer(os.path.join(model_dir, "train"))
+    progress = _Progress(start, config.num_iterations)
+    saved_step = start
+    current = start
+    try:
+        for _, episode in dataset:
+            logs = train_step(episode)
+            current += 1
+            if current % config.log_every == 0 or current == config.num_iterations:
+                logs = {k: float(v) for k, v in logs.items()}
+                logging.info(progress.line(current, logs))
+                with writer.as_default(step=current):
+                    for name, value in logs.items():
+                        tf.summary.scalar(name, value)
+            if config.validate_every and (current % config.validate_every == 0
+                                          or current == config.num_iterations):
+                _validate(experiment, curve_fn, writer, current)
+            if current % config.checkpoint_every == 0:
+                manager.save(checkpoint_number=current)
+                saved_step = current
+    finally:
+        current = int(step.numpy())
+        if current != saved_step:
+            manager.save(checkpoint_number=current)
+            logging.info("Saved checkpoint at step %d", current)
+        writer.flush()
+    return experiment, current
+
+
+def _validate(experiment, curve_fn, writer, step):
+    """Pre/post-adaptation query metrics on held-out validation tasks."""
+    config = experiment.config
+    per_task = evaluation.evaluate_model(
+        curve_fn, experiment.model.trainable_variables, experiment.tasks, config.seed,
+        NUM_VALIDATION_TASKS, tasks_lib.VALIDATION)
+    mean, _ = evaluation.summarize(per_task)
+    name = experiment.metric_name
+    with writer.as_default(step=step):
+        tf.summary.scalar(f"validation/{name}_before_adaptation", mean[0])
+        tf.summary.scalar(f"validation/{name}_after_adaptation", mean[-1])
+    logging.info("validation at step %d: %s before adaptation %.4f, after %d step(s) %.4f",
+                 step, name, mean[0], len(mean) - 1, mean[-1])
