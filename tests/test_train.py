@@ -1,0 +1,144 @@
+"""Meta-training end to end: MAML beats the pretrained baseline, resume, crash safety, CLI."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tf_maml import config as config_lib
+from tf_maml import evaluation, reporting, trainer
+from tf_maml import tasks as tasks_lib
+
+QUICK = dict(log_every=100, checkpoint_every=100, validate_every=0, num_eval_tasks=200)
+
+
+def _weights(experiment):
+    return [v.numpy() for v in experiment.model.trainable_variables]
+
+
+def test_short_meta_training_beats_pretrained_baseline(tmp_path):
+    maml_dir, base_dir = str(tmp_path / "maml"), str(tmp_path / "pretrained")
+    trainer.train(config_lib.Config(num_iterations=1500, **QUICK), maml_dir)
+    trainer.train(config_lib.Config(num_iterations=1500, num_inner_steps=0, **QUICK), base_dir)
+    results = reporting.evaluate_and_report(maml_dir, baseline_dir=base_dir, num_eval_steps=2)
+    maml, pretrained = results["MAML"][0], results["pretrained"][0]
+    # Adaptation helps MAML a lot, and MAML after one step beats the fine-tuned baseline.
+    assert maml[1] < 0.5 * maml[0]
+    assert maml[1] < 0.6 * pretrained[1]
+    saved = json.load(open(os.path.join(maml_dir, reporting.RESULTS_FILENAME)))
+    assert saved["results"]["MAML"]["mean"][1] == pytest.approx(maml[1])
+    for name in (reporting.CURVE_FILENAME, reporting.SINE_FIT_FILENAME):
+        assert os.path.getsize(os.path.join(maml_dir, name)) > 10_000
+
+
+def test_resume_continues_the_same_run(tmp_path):
+    config = config_lib.Config(num_iterations=60, checkpoint_every=20, log_every=20,
+                               validate_every=0, meta_batch_size=5)
+    straight, _ = trainer.train(config, str(tmp_path / "straight"))
+    trainer.train(config_lib.Config(**{**config.to_dict(), "num_iterations": 30}),
+                  str(tmp_path / "resumed"))
+    resumed, step = trainer.train(config, str(tmp_path / "resumed"))
+    assert step == 60
+    for a, b in zip(_weights(straight), _weights(resumed)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_interrupted_training_keeps_its_progress(tmp_path, monkeypatch):
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer, "_validate", interrupt)
+    config = config_lib.Config(num_iterations=100, checkpoint_every=1000, log_every=50,
+                               validate_every=37, meta_batch_size=5)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train(config, str(tmp_path))
+    _, step = trainer.restore_model(str(tmp_path))
+    assert step == 37
+
+
+def test_train_step_traces_once(tmp_path):
+    experiment = trainer.build_experiment(config_lib.Config(meta_batch_size=4))
+    import keras
+    optimizer = keras.optimizers.Adam(1e-3)
+    optimizer.build(experiment.model.trainable_variables)
+    step = tf.Variable(0, dtype=tf.int64)
+    train_step = trainer.make_train_step(experiment, optimizer, step, jit_compile=True)
+    dataset = tasks_lib.episode_dataset(lambda s: experiment.tasks.sample(s, 4), 0, 0, 25)
+    for _, episode in dataset:
+        train_step(episode)
+    assert int(step) == 25
+    assert train_step.experimental_get_tracing_count() == 1
+
+
+def test_changed_config_is_refused_and_extension_allowed(tmp_path):
+    config = config_lib.Config(num_iterations=10, validate_every=0, meta_batch_size=2)
+    trainer.train(config, str(tmp_path))
+    with pytest.raises(ValueError, match="inner_lr: 0.01 -> 0.5"):
+        trainer.train(config_lib.Config(**{**config.to_dict(), "inner_lr": 0.5}), str(tmp_path))
+    _, step = trainer.train(config_lib.Config(**{**config.to_dict(), "num_iterations": 15}),
+                            str(tmp_path))
+    assert step == 15
+
+
+def test_evaluation_uses_the_same_tasks_for_every_model():
+    tasks = tasks_lib.SineTasks()
+    a = tasks.sample(tasks_lib.step_seed(0, 3, tasks_lib.TEST), 4)
+    b = tasks.sample(tasks_lib.step_seed(0, 3, tasks_lib.TEST), 4)
+    c = tasks.sample(tasks_lib.step_seed(0, 3, tasks_lib.TRAIN), 4)
+    np.testing.assert_array_equal(a.support_x.numpy(), b.support_x.numpy())
+    assert not np.allclose(a.support_x.numpy(), c.support_x.numpy())
+
+
+def test_confidence_interval():
+    per_task = np.array([[1.0, 3.0] * 50])
+    mean, ci = evaluation.summarize(per_task)
+    assert mean[0] == 2.0
+    assert ci[0] == pytest.approx(1.96 * 1.0 / 10.0)
+
+
+def test_config_validation_names_the_field():
+    with pytest.raises(ValueError, match="meta_batch_size must be a positive integer"):
+        config_lib.Config(meta_batch_size=0).validate()
+    with pytest.raises(ValueError, match="dataset must be"):
+        config_lib.Config(dataset="mnist").validate()
+    with pytest.raises(ValueError, match="unknown config fields: bogus"):
+        config_lib.Config.from_dict({"bogus": 1})
+
+
+def _run(*args, cwd=None):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True,
+                          cwd=cwd, env=env, timeout=600)
+
+
+def test_cli_trains_evaluates_and_reports_errors(tmp_path):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    model_dir = str(tmp_path / "run")
+    result = _run("tf_maml.train", "--flagfile=flags/sine.flags", f"--model_dir={model_dir}",
+                  "--num_iterations=30", "--log_every=10", "--num_eval_tasks=20",
+                  "--num_eval_steps=3", cwd=root)
+    assert result.returncode == 0, result.stderr
+    assert "mse on 20 held-out sine tasks" in result.stdout
+    assert "steps/s" in result.stderr and "ETA" in result.stderr
+    saved = config_lib.load(model_dir)
+    assert saved.num_iterations == 30 and saved.inner_lr == 0.01
+    assert os.path.exists(os.path.join(model_dir, "eval_curve.png"))
+
+    result = _run("tf_maml.evaluate", f"--model_dir={model_dir}", "--num_eval_steps=2",
+                  "--num_eval_tasks=10", f"--output_dir={tmp_path / 'eval'}")
+    assert result.returncode == 0, result.stderr
+    assert json.load(open(tmp_path / "eval" / "eval_results.json"))["num_tasks"] == 10
+
+    bad = _run("tf_maml.train", f"--model_dir={tmp_path / 'x'}", "--meta_batch_size=0")
+    assert bad.returncode != 0 and "meta_batch_size must be a positive integer" in bad.stderr
+    assert "Traceback" not in bad.stderr
+    missing = _run("tf_maml.evaluate", f"--model_dir={tmp_path / 'nothing'}")
+    assert missing.returncode == 1 and "must be a directory written by tf_maml.train" in missing.stderr
+    assert "Traceback" not in missing.stderr
+    changed = _run("tf_maml.train", f"--model_dir={model_dir}", "--num_iterations=30",
+                   "--inner_lr=0.1", "--noevaluate")
+    assert changed.returncode == 1 and "different configuration" in changed.stderr
