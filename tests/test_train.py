@@ -60,17 +60,20 @@ def test_interrupted_training_keeps_its_progress(tmp_path, monkeypatch):
     assert step == 37
 
 
-def test_train_step_traces_once(tmp_path):
-    experiment = trainer.build_experiment(config_lib.Config(meta_batch_size=4))
+def test_training_loop_traces_once():
     import keras
+    experiment = trainer.build_experiment(config_lib.Config(meta_batch_size=4))
     optimizer = keras.optimizers.Adam(1e-3)
     optimizer.build(experiment.model.trainable_variables)
     step = tf.Variable(0, dtype=tf.int64)
     train_step = trainer.make_train_step(experiment, optimizer, step, jit_compile=True)
-    dataset = tasks_lib.episode_dataset(lambda s: experiment.tasks.sample(s, 4), 0, 0, 25)
-    for _, episode in dataset:
-        train_step(episode)
-    assert int(step) == 25
+    train_loop = trainer.make_train_loop(train_step)
+    dataset = tasks_lib.episode_dataset(lambda s: experiment.tasks.sample(s, 4), 0, 0, 100)
+    iterator = iter(dataset)
+    for num_steps in (1, 7, 3, 20, 1, 5):
+        train_loop(iterator, tf.constant(num_steps, tf.int64))
+    assert int(step) == 37
+    assert train_loop.experimental_get_tracing_count() == 1
     assert train_step.experimental_get_tracing_count() == 1
 
 

@@ -52,7 +52,10 @@ def episode_dataset(sample_fn, seed, start_step, num_steps, stream=0):
     Returns:
         A dataset of `(step, Episode)` pairs.
     """
+    @tf.autograph.experimental.do_not_convert
+    def sample(step):
+        return step, sample_fn(step_seed(seed, step, stream))
+
     steps = tf.data.Dataset.range(start_step, num_steps)
-    dataset = steps.map(lambda step: (step, sample_fn(step_seed(seed, step, stream))),
-                        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    dataset = steps.map(sample, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return dataset.prefetch(tf.data.AUTOTUNE)
