@@ -17,6 +17,7 @@ setup(
         "absl-py",
         "tensorboard",
         "matplotlib",
+        "pillow",
         "tensorflow-datasets",
     ],
     extras_require={

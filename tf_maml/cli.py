@@ -13,7 +13,15 @@ from tf_maml.config import Config
 
 _DEFAULTS = Config()
 _HELP = {
-    "dataset": "Task family: sine.",
+    "dataset": "Task family: sine, omniglot or miniimagenet.",
+    "data_dir": "Local data: Omniglot archives/folders, or MiniImagenet images/ + split CSVs. "
+                "Empty: Omniglot from TFDS.",
+    "cache_dir": "Cache for decoded images (empty: none).",
+    "n_way": "Classes per task (classification).",
+    "omniglot_split": "paper (1200 random characters to meta-train) or lake (background/"
+                      "evaluation alphabets).",
+    "split_seed": "Seed of Omniglot's paper split.",
+    "augment_rotations": "Omniglot: training classes rotated by 90/180/270 degrees as new classes.",
     "model": "Network: auto (the paper's for the dataset), mlp, conv4, conv4_maxpool or fc.",
     "num_iterations": "Meta-training iterations.",
     "meta_batch_size": "Tasks per meta-batch.",

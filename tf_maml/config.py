@@ -7,12 +7,13 @@ import os
 __all__ = ["Config", "CONFIG_FILENAME", "load", "save"]
 
 CONFIG_FILENAME = "config.json"
+DATASETS = ("sine", "omniglot", "miniimagenet")
 
 # Fields that may change when a run is resumed (they do not change what the
 # run computes, or they extend it).
 RESUMABLE_FIELDS = frozenset({
     "num_iterations", "log_every", "checkpoint_every", "validate_every", "num_eval_tasks",
-    "num_eval_steps", "jit_compile",
+    "num_eval_steps", "jit_compile", "data_dir", "cache_dir",
 })
 
 
@@ -23,7 +24,16 @@ class Config:
     Defaults reproduce the paper's sine-regression experiment (section 5.1).
 
     Attributes:
-        dataset: task family: "sine".
+        dataset: task family: "sine", "omniglot" or "miniimagenet".
+        data_dir: local data (Omniglot: Lake's archives or folders; MiniImagenet:
+            `images/` and the split CSVs). Empty: Omniglot comes from TFDS.
+        cache_dir: cache for decoded images (empty: no cache).
+        n_way: classes per task (classification).
+        omniglot_split: "paper" (1200 random characters for meta-training, the
+            rest for meta-test) or "lake" (background / evaluation alphabets).
+        split_seed: seed of the paper split of Omniglot's characters.
+        augment_rotations: Omniglot training classes also rotated by 90°, 180°
+            and 270°, each a new class (the paper's augmentation).
         model: network: "mlp", "conv4", "conv4_maxpool" or "fc"; "auto" picks
             the paper's network for the dataset.
         num_iterations: meta-training iterations (outer steps).
@@ -47,6 +57,12 @@ class Config:
     """
 
     dataset: str = "sine"
+    data_dir: str = ""
+    cache_dir: str = "~/.cache/tf_maml"
+    n_way: int = 5
+    omniglot_split: str = "paper"
+    split_seed: int = 0
+    augment_rotations: bool = True
     model: str = "auto"
     num_iterations: int = 70000
     meta_batch_size: int = 25
@@ -72,14 +88,20 @@ class Config:
             if not condition:
                 problems.append(message)
 
-        need(self.dataset in ("sine",), f"dataset must be 'sine', got {self.dataset!r}")
+        need(self.dataset in DATASETS,
+             f"dataset must be one of {', '.join(DATASETS)}, got {self.dataset!r}")
+        need(self.omniglot_split in ("paper", "lake"),
+             f"omniglot_split must be 'paper' or 'lake', got {self.omniglot_split!r}")
+        need(self.dataset != "miniimagenet" or self.data_dir,
+             "dataset miniimagenet needs data_dir (a directory with images/ and "
+             "train.csv, val.csv, test.csv)")
         need(self.model in ("auto", "mlp", "conv4", "conv4_maxpool", "fc"),
              f"model must be auto, mlp, conv4, conv4_maxpool or fc, got {self.model!r}")
         for name in ("num_iterations", "meta_batch_size", "k_shot", "k_query", "num_eval_tasks",
-                     "log_every", "checkpoint_every"):
+                     "log_every", "checkpoint_every", "n_way"):
             need(isinstance(getattr(self, name), int) and getattr(self, name) >= 1,
                  f"{name} must be a positive integer, got {getattr(self, name)!r}")
-        for name in ("num_inner_steps", "num_eval_steps", "validate_every", "seed"):
+        for name in ("num_inner_steps", "num_eval_steps", "validate_every", "seed", "split_seed"):
             need(isinstance(getattr(self, name), int) and getattr(self, name) >= 0,
                  f"{name} must be a non-negative integer, got {getattr(self, name)!r}")
         for name in ("inner_lr", "meta_lr"):
@@ -97,7 +119,7 @@ class Config:
         """The concrete model: resolves "auto" for the dataset."""
         if self.model != "auto":
             return self.model
-        return {"sine": "mlp"}[self.dataset]
+        return {"sine": "mlp", "omniglot": "conv4", "miniimagenet": "conv4_maxpool"}[self.dataset]
 
     def to_dict(self):
         return dataclasses.asdict(self)

@@ -15,7 +15,8 @@ flags.DEFINE_string("baseline_dir", None,
                     "--num_inner_steps=0) evaluated on the same tasks with the same protocol.")
 flags.DEFINE_string("output_dir", None, "Where results and plots go (default: --model_dir).")
 flags.mark_flag_as_required("model_dir")
-cli.define_config_flags(["num_eval_steps", "num_eval_tasks", "inner_lr"])
+OVERRIDABLE = ("num_eval_steps", "num_eval_tasks", "inner_lr", "data_dir", "cache_dir")
+cli.define_config_flags(OVERRIDABLE)
 FLAGS = flags.FLAGS
 
 
@@ -23,8 +24,8 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     logging.set_verbosity(logging.INFO)
-    overrides = {name: FLAGS[name].value for name in ("num_eval_steps", "num_eval_tasks", "inner_lr")
-                 if FLAGS[name].present}
+    # Flags given on the command line override the run's saved config.
+    overrides = {name: FLAGS[name].value for name in OVERRIDABLE if FLAGS[name].present}
     try:
         reporting.evaluate_and_report(FLAGS.model_dir, baseline_dir=FLAGS.baseline_dir,
                                       output_dir=FLAGS.output_dir, **overrides)

@@ -8,10 +8,11 @@ import numpy as np
 import tensorflow as tf
 
 from tf_maml import core
-from tf_maml.tasks import step_seed
+from tf_maml.tasks import SPLIT_OF_STREAM, step_seed
 
 __all__ = ["adaptation_curve", "make_curve_fn", "evaluate_model", "summarize", "format_table",
-           "plot_curves", "plot_sine_fits", "EVAL_BATCH_SIZE"]
+           "plot_curves", "plot_validation_history", "plot_sine_fits", "batch_size_for",
+           "EVAL_BATCH_SIZE"]
 
 # Tasks evaluated per call: bounds memory for large models; sine uses bigger batches.
 EVAL_BATCH_SIZE = 100
@@ -60,17 +61,22 @@ def make_curve_fn(forward, loss_fn, metric_fn, inner_lr, num_steps, jit_compile=
     return curve
 
 
+def batch_size_for(config):
+    """Tasks per evaluation call for a run: memory grows with the task size."""
+    return min(EVAL_BATCH_SIZE, 4 * config.meta_batch_size)
+
+
 def evaluate_model(curve_fn, params, tasks, seed, num_tasks, stream, batch_size=None):
     """Per-task metrics over `num_tasks` held-out tasks.
 
     Args:
         curve_fn: from `make_curve_fn`.
         params: the initialization θ.
-        tasks: task family with `sample(seed, n)`.
+        tasks: task family with `sample(seed, n, split)`.
         seed: the run's seed; tasks come from `stream`, so every model evaluated
             with the same seed sees the same tasks.
         num_tasks: how many tasks.
-        stream: sampling stream (validation or test).
+        stream: sampling stream (validation or test); also picks the split.
         batch_size: tasks per call (default `EVAL_BATCH_SIZE`).
 
     Returns:
@@ -80,7 +86,8 @@ def evaluate_model(curve_fn, params, tasks, seed, num_tasks, stream, batch_size=
     params = [tf.convert_to_tensor(p) for p in params]
     chunks = []
     for index, start in enumerate(range(0, num_tasks, batch_size)):
-        episode = tasks.sample(step_seed(seed, index, stream), min(batch_size, num_tasks - start))
+        episode = tasks.sample(step_seed(seed, index, stream),
+                               min(batch_size, num_tasks - start), SPLIT_OF_STREAM[stream])
         chunks.append(curve_fn(params, episode).numpy())
     return np.concatenate(chunks, axis=1)
 
@@ -149,6 +156,31 @@ def plot_curves(path, metric_name, results, title):
     ax.set_xlabel("number of gradient steps")
     ax.set_ylabel(metric_name)
     ax.set_title(title)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_validation_history(path, metric_name, history, title):
+    """Plots validation metrics against meta-training iterations.
+
+    Args:
+        path: PNG path.
+        metric_name: e.g. "accuracy".
+        history: dict label -> list of (step, value).
+        title: plot title.
+    """
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    for label, points in sorted(history.items()):
+        steps, values = zip(*points)
+        ax.plot(steps, values, marker=".", label=label.replace("_", " "))
+    ax.set_xlabel("meta-training iteration")
+    ax.set_ylabel(metric_name)
+    ax.set_title(title, fontsize=9)
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()

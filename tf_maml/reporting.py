@@ -1,6 +1,5 @@
 """Evaluates trained runs on held-out tasks and writes the table, JSON and plots."""
 
-import dataclasses
 import os
 
 import numpy as np
@@ -14,6 +13,7 @@ from tf_maml.tasks import SineTasks, step_seed
 __all__ = ["evaluate_and_report"]
 
 RESULTS_FILENAME = "eval_results.json"
+TRAINING_CURVE_FILENAME = "validation_curve.png"
 CURVE_FILENAME = "eval_curve.png"
 SINE_FIT_FILENAME = "sine_fit.png"
 
@@ -37,7 +37,8 @@ def evaluate_and_report(model_dir, baseline_dir=None, output_dir=None, **overrid
         baseline_dir: optional second run with the same architecture.
         output_dir: where to write results (default `model_dir`).
         **overrides: `Config` fields that change the protocol
-            (`num_eval_steps`, `num_eval_tasks`, `inner_lr`).
+            (`num_eval_steps`, `num_eval_tasks`, `inner_lr`) or say where the
+            data is now (`data_dir`, `cache_dir`).
 
     Returns:
         dict label -> (mean, ci95) arrays over steps 0..num_eval_steps.
@@ -48,11 +49,12 @@ def evaluate_and_report(model_dir, baseline_dir=None, output_dir=None, **overrid
     """
     output_dir = output_dir or model_dir
     os.makedirs(output_dir, exist_ok=True)
-    experiment, step = trainer.restore_model(model_dir)
-    config = dataclasses.replace(experiment.config, **overrides).validate()
+    experiment, step = trainer.restore_model(model_dir, overrides)
+    config = experiment.config
     runs = {_label(config, model_dir, ()): (experiment, step)}
     if baseline_dir:
-        baseline, baseline_step = trainer.restore_model(baseline_dir)
+        # The baseline is evaluated on this run's tasks: its own data is not loaded.
+        baseline, baseline_step = trainer.restore_model(baseline_dir, tasks=experiment.tasks)
         shapes = [tuple(v.shape) for v in experiment.model.trainable_variables]
         if [tuple(v.shape) for v in baseline.model.trainable_variables] != shapes:
             raise ValueError(f"{baseline_dir} holds a different architecture than {model_dir}")
@@ -66,7 +68,8 @@ def evaluate_and_report(model_dir, baseline_dir=None, output_dir=None, **overrid
                                                     config.num_eval_steps, jit_compile=jit)
         per_task = evaluation.evaluate_model(curve_fns[label], run.model.trainable_variables,
                                              experiment.tasks, config.seed,
-                                             config.num_eval_tasks, tasks_lib.TEST)
+                                             config.num_eval_tasks, tasks_lib.TEST,
+                                             evaluation.batch_size_for(config))
         results[label] = evaluation.summarize(per_task)
         logging.info("evaluated %s (step %d) on %d held-out tasks", label, run_step,
                      config.num_eval_tasks)
@@ -82,11 +85,40 @@ def evaluate_and_report(model_dir, baseline_dir=None, output_dir=None, **overrid
     title = f"{config.dataset}, K={config.k_shot}"
     paths = [evaluation.plot_curves(os.path.join(output_dir, CURVE_FILENAME), name, results,
                                     title)]
+    history = validation_history(model_dir)
+    if history:
+        paths.append(evaluation.plot_validation_history(
+            os.path.join(output_dir, TRAINING_CURVE_FILENAME), name, history,
+            f"{title}: validation during meta-training"))
     if isinstance(experiment.tasks, SineTasks):
         paths.append(_plot_sine(os.path.join(output_dir, SINE_FIT_FILENAME), runs, experiment,
                                 config))
     print("wrote " + ", ".join([os.path.join(output_dir, RESULTS_FILENAME)] + paths))
     return results
+
+
+def validation_history(model_dir):
+    """The validation metrics logged during training, from the TensorBoard events.
+
+    Returns:
+        dict tag suffix ("before_adaptation", "after_adaptation") -> sorted list
+        of (step, value); empty if the run logged no validation.
+    """
+    history = {}
+    pattern = os.path.join(model_dir, "train", "events.out.tfevents.*")
+    for path in sorted(tf.io.gfile.glob(pattern)):
+        try:
+            for record in tf.data.TFRecordDataset(path):
+                event = tf.compat.v1.Event.FromString(record.numpy())
+                for value in event.summary.value:
+                    if value.tag.startswith("validation/"):
+                        number = float(tf.make_ndarray(value.tensor)) if value.HasField(
+                            "tensor") else value.simple_value
+                        key = value.tag.split("_", 1)[1]
+                        history.setdefault(key, {})[event.step] = number
+        except tf.errors.DataLossError:  # a file cut short by a crash: keep what was read
+            pass
+    return {key: sorted(values.items()) for key, values in history.items()}
 
 
 def _plot_sine(path, runs, experiment, config):

@@ -44,10 +44,10 @@ class Experiment:
     metric_name: str
 
 
-def build_experiment(config):
-    """Builds tasks, model (seeded by `config.seed`), forward, loss and metric."""
+def build_experiment(config, tasks=None):
+    """Builds tasks (unless given), model (seeded by `config.seed`), forward, loss and metric."""
     config.validate()
-    tasks = tasks_lib.build(config)
+    tasks = tasks if tasks is not None else tasks_lib.build(config)
     keras.utils.set_random_seed(config.seed)
     model = models.build(config, tasks.input_shape, tasks.output_size)
     loss_fn, metric_fn, metric_name = losses.for_tasks(tasks)
@@ -117,20 +117,24 @@ def make_train_loop(train_step):
     return train_loop
 
 
-def restore_model(model_dir):
+def restore_model(model_dir, overrides=None, tasks=None):
     """Loads the config and the latest meta-initialization of a training run.
 
     Args:
         model_dir: a directory written by `train`.
+        overrides: dict of `Config` fields replacing the saved ones (e.g. a
+            moved `data_dir`, evaluation settings).
+        tasks: use this task family instead of building the config's.
 
     Returns:
         `(experiment, step)`.
 
     Raises:
         FileNotFoundError: no config or no checkpoint in `model_dir`.
+        ValueError: invalid overrides.
     """
-    config = config_lib.load(model_dir)
-    experiment = build_experiment(config)
+    config = dataclasses.replace(config_lib.load(model_dir), **(overrides or {})).validate()
+    experiment = build_experiment(config, tasks)
     step = tf.Variable(0, dtype=tf.int64)
     checkpoint = tf.train.Checkpoint(model=experiment.model, step=step)
     latest = tf.train.latest_checkpoint(os.path.join(model_dir, CHECKPOINT_SUBDIR))
@@ -264,7 +268,7 @@ def _validate(experiment, curve_fn, writer, step):
     config = experiment.config
     per_task = evaluation.evaluate_model(
         curve_fn, experiment.model.trainable_variables, experiment.tasks, config.seed,
-        NUM_VALIDATION_TASKS, tasks_lib.VALIDATION)
+        NUM_VALIDATION_TASKS, tasks_lib.VALIDATION, evaluation.batch_size_for(config))
     mean, _ = evaluation.summarize(per_task)
     name = experiment.metric_name
     with writer.as_default(step=step):

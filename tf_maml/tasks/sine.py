@@ -59,12 +59,14 @@ class SineTasks:
         """Evaluates each task's wave at `x` (`[num_tasks, n, 1]`)."""
         return amplitude[:, None, None] * tf.sin(x - phase[:, None, None])
 
-    def sample(self, seed, meta_batch_size):
+    def sample(self, seed, meta_batch_size, split="train"):
         """Samples a meta-batch of tasks as an `Episode`.
 
         Args:
             seed: int64 tensor of shape [2] (see `tf_maml.tasks.step_seed`).
             meta_batch_size: number of tasks.
+            split: ignored (every sine task comes from the same distribution;
+                held-out tasks come from other seeds).
 
         Returns:
             An `Episode` of float32 tensors, x and y of shape `[tasks, points, 1]`.

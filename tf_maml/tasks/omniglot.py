@@ -1,0 +1,240 @@
+"""Omniglot (Lake, Salakhutdinov & Tenenbaum, 2015) for few-shot classification.
+
+Sources, one in-memory result: the archives as Lake et al. publish them
+(`images_background.zip`, `images_evaluation.zip`, or their extracted
+folders) in `data_dir`, or TensorFlow Datasets' `omniglot` when no
+`data_dir` is given. Every character becomes a uint8 array of its 20 drawings
+at 28×28, ink = 255 (the images are inverted: ink is black in the source).
+
+Splits: "paper" (the MAML paper): the 1623 characters are shuffled with a fixed
+seed, irrespective of alphabet, and the first 1200 are for meta-training, the
+rest for meta-testing; "lake": background alphabets for meta-training,
+evaluation alphabets for meta-testing.
+
+Decoding 32,460 PNGs takes a while; the decoded arrays are cached as `.npz`
+in `cache_dir` (keyed by the source files' names, sizes and times).
+"""
+
+import hashlib
+import io
+import os
+import re
+import zipfile
+
+import numpy as np
+from absl import logging
+
+from tf_maml.tasks.classification import ImageClassTasks
+
+__all__ = ["load_characters", "split_characters", "omniglot_tasks", "ARCHIVES", "IMAGE_SIZE",
+           "NUM_TRAIN_CHARACTERS"]
+
+ARCHIVES = ("images_background", "images_evaluation")
+IMAGE_SIZE = 28
+DRAWINGS_PER_CHARACTER = 20
+NUM_TRAIN_CHARACTERS = 1200
+_PNG = re.compile(r"^(images_background|images_evaluation)/([^/]+)/(character\d+)/([^/]+\.png)$")
+
+
+def _decode(data, path):
+    from PIL import Image
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image = image.convert("L").resize((IMAGE_SIZE, IMAGE_SIZE), Image.LANCZOS)
+            return 255 - np.asarray(image, dtype=np.uint8)
+    except Exception as e:  # PIL raises many types for bad data
+        raise ValueError(f"{path}: not a readable PNG image ({e})") from None
+
+
+def _source_files(data_dir):
+    """[(archive name, path, is_zip)] for both archives, or raises with what is expected."""
+    if not os.path.isdir(data_dir):
+        raise FileNotFoundError(
+            f"Omniglot data_dir {data_dir!r} does not exist; expected a directory holding "
+            f"images_background.zip and images_evaluation.zip (or their extracted folders)")
+    found = []
+    for archive in ARCHIVES:
+        folder = os.path.join(data_dir, archive)
+        archive_zip = folder + ".zip"
+        if os.path.isdir(folder):
+            found.append((archive, folder, False))
+        elif os.path.isfile(archive_zip):
+            found.append((archive, archive_zip, True))
+        else:
+            raise FileNotFoundError(
+                f"Omniglot: neither {archive_zip} nor the folder {folder} exists in {data_dir!r} "
+                "(expected the archives as Lake et al. publish them)")
+    return found
+
+
+def _read_archive(archive, path, is_zip):
+    """{(alphabet, character): [image, ...]} of one archive."""
+    characters = {}
+    if is_zip:
+        try:
+            with zipfile.ZipFile(path) as z:
+                names = [n for n in z.namelist() if n.endswith(".png")]
+                for name in names:
+                    match = _PNG.match(name)
+                    if not match or match.group(1) != archive:
+                        raise ValueError(
+                            f"{path}: unexpected entry {name!r}; expected "
+                            f"{archive}/<alphabet>/characterNN/<drawing>.png")
+                    key = (match.group(2), match.group(3))
+                    characters.setdefault(key, []).append(
+                        (match.group(4), _decode(z.read(name), f"{path}:{name}")))
+        except zipfile.BadZipFile as e:
+            raise ValueError(f"{path} is not a valid zip archive ({e})") from None
+    else:
+        for alphabet in sorted(os.listdir(path)):
+            alphabet_dir = os.path.join(path, alphabet)
+            if not os.path.isdir(alphabet_dir):
+                continue
+            for character in sorted(os.listdir(alphabet_dir)):
+                character_dir = os.path.join(alphabet_dir, character)
+                if not os.path.isdir(character_dir):
+                    continue
+                for drawing in sorted(os.listdir(character_dir)):
+                    if drawing.endswith(".png"):
+                        file = os.path.join(character_dir, drawing)
+                        with open(file, "rb") as f:
+                            characters.setdefault((alphabet, character), []).append(
+                                (drawing, _decode(f.read(), file)))
+    if not characters:
+        raise ValueError(f"{path}: no images found; expected "
+                         f"{archive}/<alphabet>/characterNN/<drawing>.png")
+    for key, drawings in characters.items():
+        if len(drawings) != DRAWINGS_PER_CHARACTER:
+            raise ValueError(f"{path}: character {'/'.join(key)} has {len(drawings)} drawings, "
+                             f"expected {DRAWINGS_PER_CHARACTER}")
+    return characters
+
+
+def _cache_key(files):
+    digest = hashlib.sha1()
+    for archive, path, _ in files:
+        paths = [path]
+        if os.path.isdir(path):
+            paths = sorted(os.path.join(root, f) for root, _, names in os.walk(path)
+                           for f in names)
+        for p in paths:
+            stat = os.stat(p)
+            digest.update(f"{os.path.relpath(p, path)}:{stat.st_size}:{int(stat.st_mtime)};".encode())
+        digest.update(archive.encode())
+    return digest.hexdigest()[:16]
+
+
+def load_characters(data_dir=None, cache_dir=None):
+    """Loads every Omniglot character, decoded to 28×28, ink = 255.
+
+    Args:
+        data_dir: directory with `images_background(.zip)` and
+            `images_evaluation(.zip)`; None loads TFDS' `omniglot` (downloads
+            it on first use, in TFDS' own data directory).
+        cache_dir: where decoded arrays are cached (None: no cache).
+
+    Returns:
+        `(images, background)`: uint8 `[1623, 20, 28, 28, 1]` (characters sorted
+        by archive, alphabet, character) and a bool `[1623]` marking characters
+        of the background set.
+
+    Raises:
+        FileNotFoundError: `data_dir` or an archive is missing.
+        ValueError: a corrupt archive or image, or an unexpected layout.
+    """
+    if data_dir is None:
+        return _load_tfds()
+    files = _source_files(data_dir)
+    cache = None
+    if cache_dir:
+        cache = os.path.join(cache_dir, f"omniglot_{_cache_key(files)}.npz")
+        if os.path.exists(cache):
+            with np.load(cache) as saved:
+                return saved["images"], saved["background"]
+    images, background = [], []
+    for archive, path, is_zip in files:
+        logging.info("Decoding Omniglot %s (this takes a minute; cached afterwards)", path)
+        characters = _read_archive(archive, path, is_zip)
+        for key in sorted(characters):
+            drawings = [image for _, image in sorted(characters[key])]
+            images.append(np.stack(drawings))
+            background.append(archive == "images_background")
+    images = np.stack(images)[..., None]
+    background = np.array(background)
+    if cache:
+        os.makedirs(cache_dir, exist_ok=True)
+        tmp = cache + ".tmp.npz"
+        np.savez(tmp, images=images, background=background)
+        os.replace(tmp, cache)
+    return images, background
+
+
+def _load_tfds():
+    import tensorflow as tf
+    import tensorflow_datasets as tfds
+    logging.info("Loading Omniglot from TensorFlow Datasets (downloads on first use)")
+    images, background = [], []
+    for split, is_background in (("train", True), ("test", False)):
+        dataset = tfds.load("omniglot", split=split)
+        by_label = {}
+        for example in dataset.as_numpy_iterator():
+            image = tf.image.resize(tf.image.rgb_to_grayscale(example["image"]),
+                                    [IMAGE_SIZE, IMAGE_SIZE], antialias=True)
+            by_label.setdefault(int(example["label"]), []).append(
+                255 - np.clip(np.round(image.numpy()), 0, 255).astype(np.uint8))
+        for label in sorted(by_label):
+            if len(by_label[label]) != DRAWINGS_PER_CHARACTER:
+                raise ValueError(f"TFDS omniglot {split}: character {label} has "
+                                 f"{len(by_label[label])} drawings, expected "
+                                 f"{DRAWINGS_PER_CHARACTER}")
+            images.append(np.stack(by_label[label]))
+            background.append(is_background)
+    return np.stack(images), np.array(background)
+
+
+def split_characters(background, split="paper", seed=0):
+    """Indices of meta-training and meta-test characters.
+
+    Args:
+        background: bool `[num_characters]` from `load_characters`.
+        split: "paper" (1200 random characters for training, the rest for test)
+            or "lake" (background set for training, evaluation set for test).
+        seed: the shuffle seed of the "paper" split (recorded in the run's config).
+
+    Returns:
+        `(train_indices, test_indices)`, numpy int arrays.
+
+    Raises:
+        ValueError: unknown split, or too few characters.
+    """
+    count = len(background)
+    if split == "lake":
+        return np.flatnonzero(background), np.flatnonzero(~np.asarray(background))
+    if split != "paper":
+        raise ValueError(f"omniglot_split must be 'paper' or 'lake', got {split!r}")
+    if count <= NUM_TRAIN_CHARACTERS:
+        raise ValueError(f"Omniglot has {count} characters; the paper split needs more than "
+                         f"{NUM_TRAIN_CHARACTERS}")
+    order = np.random.RandomState(seed).permutation(count)
+    return np.sort(order[:NUM_TRAIN_CHARACTERS]), np.sort(order[NUM_TRAIN_CHARACTERS:])
+
+
+def omniglot_tasks(n_way, k_shot, k_query, data_dir=None, cache_dir=None, split="paper",
+                   split_seed=0, rotate_train=True):
+    """Omniglot N-way K-shot tasks with the paper's protocol.
+
+    Args:
+        n_way, k_shot, k_query: task shape (k per class).
+        data_dir: Lake's archives or folders; None uses TFDS.
+        cache_dir: cache for decoded images.
+        split: "paper" or "lake" (see `split_characters`).
+        split_seed: seed of the paper split.
+        rotate_train: rotations by 90°, 180°, 270° as extra training classes.
+
+    Returns:
+        An `ImageClassTasks`.
+    """
+    images, background = load_characters(data_dir, cache_dir)
+    train, test = split_characters(background, split, split_seed)
+    return ImageClassTasks({"train": images[train], "test": images[test]}, n_way, k_shot,
+                           k_query, rotate_train=rotate_train, name="omniglot")
