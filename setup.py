@@ -29,6 +29,7 @@ setup(
         "console_scripts": [
             "tf_maml_train=tf_maml.train:run",
             "tf_maml_evaluate=tf_maml.evaluate:run",
+            "tf_maml_export=tf_maml.export:run",
         ],
     },
 )

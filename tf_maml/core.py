@@ -109,7 +109,9 @@ def adapt(forward, weights, support_x, support_y, loss_fn, inner_lr, num_steps,
         support_y: `[num_tasks, support_size, ...]`.
         loss_fn: `loss_fn(y_true, y_pred) -> [num_tasks]`.
         inner_lr: step size α (float, scalar tensor or per-weight list).
-        num_steps: number of gradient steps (a Python int; 0 returns `weights`).
+        num_steps: number of gradient steps: a Python int (0 returns
+            `weights`), or a scalar integer tensor (a graph loop, for step counts
+            known only at run time; always first order).
         first_order: hold the inner gradients constant.
         training: passed to `forward`.
 
@@ -128,6 +130,20 @@ def adapt(forward, weights, support_x, support_y, loss_fn, inner_lr, num_steps,
     predictions = forward(adapted, qx)
     ```
     """
+    if isinstance(num_steps, (tf.Tensor, tf.Variable)):
+        # A step count known only at run time (e.g. a serving request): a graph
+        # loop. Only first-order use is supported (nothing differentiates
+        # through it here).
+        def body(step, *ws):
+            new, _ = inner_step(forward, list(ws), support_x, support_y, loss_fn, inner_lr,
+                                first_order=True, training=training)
+            return (step + 1, *new)
+
+        shapes = (tf.TensorShape([]), *[w.shape for w in weights])
+        outputs = tf.while_loop(lambda step, *ws: step < num_steps, body,
+                                (tf.zeros([], num_steps.dtype), *weights),
+                                shape_invariants=shapes)
+        return list(outputs[1:])
     if num_steps < 0:
         raise ValueError(f"num_steps must be >= 0, got {num_steps}")
     for _ in range(num_steps):

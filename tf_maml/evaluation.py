@@ -145,6 +145,18 @@ def _pyplot():
     return plt
 
 
+def _finish(plt, fig, ax, path, xlabel, ylabel, title):
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def plot_curves(path, metric_name, results, title):
     """Plots metric vs. inner steps with 95% CI bands (the paper's Fig. 3)."""
     plt = _pyplot()
@@ -153,15 +165,7 @@ def plot_curves(path, metric_name, results, title):
         steps = np.arange(len(mean))
         ax.plot(steps, mean, marker="o", label=name)
         ax.fill_between(steps, mean - ci, mean + ci, alpha=0.2)
-    ax.set_xlabel("number of gradient steps")
-    ax.set_ylabel(metric_name)
-    ax.set_title(title)
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _finish(plt, fig, ax, path, "number of gradient steps", metric_name, title)
 
 
 def plot_validation_history(path, metric_name, history, title):
@@ -178,15 +182,7 @@ def plot_validation_history(path, metric_name, history, title):
     for label, points in sorted(history.items()):
         steps, values = zip(*points)
         ax.plot(steps, values, marker=".", label=label.replace("_", " "))
-    ax.set_xlabel("meta-training iteration")
-    ax.set_ylabel(metric_name)
-    ax.set_title(title, fontsize=9)
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _finish(plt, fig, ax, path, "meta-training iteration", metric_name, title)
 
 
 def plot_sine_fits(path, panels, support_x, support_y, grid_x, truth, steps_shown):

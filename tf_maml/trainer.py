@@ -117,7 +117,7 @@ def make_train_loop(train_step):
     return train_loop
 
 
-def restore_model(model_dir, overrides=None, tasks=None):
+def restore_model(model_dir, overrides=None, tasks=None, checkpoint_path=None):
     """Loads the config and the latest meta-initialization of a training run.
 
     Args:
@@ -125,6 +125,7 @@ def restore_model(model_dir, overrides=None, tasks=None):
         overrides: dict of `Config` fields replacing the saved ones (e.g. a
             moved `data_dir`, evaluation settings).
         tasks: use this task family instead of building the config's.
+        checkpoint_path: a checkpoint (default: the latest in `model_dir`).
 
     Returns:
         `(experiment, step)`.
@@ -137,10 +138,13 @@ def restore_model(model_dir, overrides=None, tasks=None):
     experiment = build_experiment(config, tasks)
     step = tf.Variable(0, dtype=tf.int64)
     checkpoint = tf.train.Checkpoint(model=experiment.model, step=step)
-    latest = tf.train.latest_checkpoint(os.path.join(model_dir, CHECKPOINT_SUBDIR))
-    if latest is None:
+    path = checkpoint_path or tf.train.latest_checkpoint(
+        os.path.join(model_dir, CHECKPOINT_SUBDIR))
+    if path is None:
         raise FileNotFoundError(f"no checkpoint in {os.path.join(model_dir, CHECKPOINT_SUBDIR)}")
-    checkpoint.restore(latest).expect_partial()
+    if not tf.io.gfile.exists(path + ".index"):
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    checkpoint.restore(path).expect_partial()
     return experiment, int(step.numpy())
 
 

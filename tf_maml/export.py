@@ -1,0 +1,47 @@
+"""Exports a trained run for TF Serving.
+
+    python -m tf_maml.export --model_dir=runs/sine --export_dir=/models/sine
+
+writes `/models/sine/<version>/` (a SavedModel; version = the checkpoint's
+training step unless --version) with the signatures `serving_default`, `adapt`,
+`adapt_custom` and `adapted_weights` (see `tf_maml.serving`).
+"""
+
+from absl import app, flags, logging
+
+from tf_maml import cli, serving, trainer
+
+flags.DEFINE_string("model_dir", None, "A directory written by tf_maml.train.")
+flags.DEFINE_string("export_dir", None, "The model's base path; the version goes below it.")
+flags.DEFINE_integer("version", None, "Version number (default: the checkpoint's step).")
+flags.DEFINE_string("checkpoint", None, "A checkpoint path (default: the latest in --model_dir).")
+flags.DEFINE_boolean("overwrite", False, "Replace an existing version.")
+flags.mark_flags_as_required(["model_dir", "export_dir"])
+OVERRIDABLE = ("num_eval_steps", "inner_lr", "data_dir", "cache_dir")
+cli.define_config_flags(OVERRIDABLE)
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    logging.set_verbosity(logging.INFO)
+    overrides = {name: FLAGS[name].value for name in OVERRIDABLE if FLAGS[name].present}
+    try:
+        experiment, step = trainer.restore_model(FLAGS.model_dir, overrides,
+                                                 checkpoint_path=FLAGS.checkpoint)
+        config = experiment.config
+        path = serving.export(experiment, FLAGS.export_dir, FLAGS.version or max(step, 1),
+                              config.num_eval_steps, config.inner_lr, overwrite=FLAGS.overwrite)
+    except (ValueError, FileNotFoundError) as e:
+        cli.fail(e)
+    print(f"exported step {step} of {FLAGS.model_dir} to {path} "
+          f"(adapt: {config.num_eval_steps} steps of {config.inner_lr})")
+
+
+def run():
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()

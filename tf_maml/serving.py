@@ -1,0 +1,203 @@
+"""Exports a meta-initialization as a SavedModel whose signatures adapt per request.
+
+Signatures (one task per request; no task axis in the inputs):
+
+* `serving_default`: `x` -> `predictions` with the meta-initialization.
+* `adapt`: `support_x`, `support_y`, `query_x` -> `predictions` for the query
+  set after `num_eval_steps` inner steps of size `inner_lr` (the training run's
+  values) on the support set; classification also returns `probabilities`.
+* `adapt_custom`: the same plus scalar inputs `inner_steps` (int32) and
+  `inner_lr` (float32).
+* `adapted_weights`: `support_x`, `support_y` -> the adapted weights, one
+  output per model weight (named after the variable).
+
+Every request is stateless: weights are adapted as tensors inside the graph,
+never assigned, so concurrent requests cannot see each other's adaptation.
+Batch sizes are dynamic; the input shape and (for classification) the number
+of classes N are fixed by the model. Malformed requests fail with
+INVALID_ARGUMENT and a message naming the input, and leave nothing behind.
+
+With batch normalization using per-task batch statistics (the paper's
+behaviour), predictions for a query example depend on the other examples in
+the same query batch: send a task's whole query set in one request.
+
+The graph uses only standard TensorFlow ops (no `py_function`, no XLA), so TF
+Serving's C++ runtime runs it.
+"""
+
+import json
+import os
+import re
+
+import keras
+import tensorflow as tf
+
+from tf_maml import core
+
+__all__ = ["build_export_archive", "export", "MAX_INNER_STEPS", "SIGNATURES"]
+
+SIGNATURES = ("serving_default", "adapt", "adapt_custom", "adapted_weights")
+MAX_INNER_STEPS = 1000
+CONFIG_ASSET = "tf_maml_config.json"
+
+
+def _check(condition, message, data=()):
+    return tf.debugging.Assert(condition, [message, *data], summarize=16)
+
+
+def _validated_inputs(name, x, shape):
+    """Asserts `x` is `[n >= 1, *shape]` with finite values; returns it with static shape."""
+    rank = len(shape) + 1
+    expected = "[num_examples, " + ", ".join(str(d) for d in shape) + "]"
+    checks = [_check(tf.equal(tf.rank(x), rank),
+                     f"{name} must have shape {expected}; got shape", [tf.shape(x)])]
+    with tf.control_dependencies(checks):
+        checks.append(_check(tf.reduce_all(tf.equal(tf.shape(x)[1:], shape)),
+                             f"{name} must have shape {expected}; got shape", [tf.shape(x)]))
+    with tf.control_dependencies(checks):
+        checks.append(_check(tf.shape(x)[0] > 0, f"{name} must not be empty"))
+        checks.append(_check(tf.reduce_all(tf.math.is_finite(x)),
+                             f"{name} has NaN or infinite values"))
+    with tf.control_dependencies(checks):
+        return tf.ensure_shape(tf.identity(x), [None, *shape])
+
+
+def _validated_labels(y, num_examples, classification, output_size):
+    if classification:
+        expected = f"[num_examples] integer labels in [0, {output_size})"
+        checks = [_check(tf.equal(tf.rank(y), 1), f"support_y must be {expected}; got shape",
+                         [tf.shape(y)])]
+        with tf.control_dependencies(checks):
+            checks.append(_check(tf.equal(tf.shape(y)[0], num_examples),
+                                 "support_y must have one label per support_x example; got",
+                                 [tf.shape(y)[0], num_examples]))
+            checks.append(_check(tf.reduce_all((y >= 0) & (y < output_size)),
+                                 f"support_y labels must be in [0, {output_size}); got", [y]))
+        with tf.control_dependencies(checks):
+            return tf.ensure_shape(tf.identity(y), [None])
+    return _validated_inputs("support_y", y, [output_size])
+
+
+def _weight_names(model):
+    names, seen = [], set()
+    for variable in model.trainable_variables:
+        name = re.sub(r"[^A-Za-z0-9_]", "_", variable.path)
+        while name in seen:
+            name += "_"
+        seen.add(name)
+        names.append(name)
+    return names
+
+
+def build_export_archive(experiment, num_eval_steps, inner_lr):
+    """Builds the `keras.export.ExportArchive` with the serving signatures.
+
+    Args:
+        experiment: a `tf_maml.trainer.Experiment` (model holds the meta-initialization).
+        num_eval_steps: inner steps of the `adapt` signature.
+        inner_lr: step size of the `adapt` signature.
+
+    Returns:
+        A `keras.export.ExportArchive`, ready for `write_out`.
+    """
+    model, forward, tasks = experiment.model, experiment.forward, experiment.tasks
+    loss_fn = experiment.loss_fn
+    classification = tasks.is_classification
+    input_shape = list(tasks.input_shape)
+    output_size = tasks.output_size
+    dtype = model.trainable_variables[0].dtype
+    label_dtype = tf.int32 if classification else dtype
+    params = model.trainable_variables
+    names = _weight_names(model)
+
+    def outputs(predictions):
+        result = {"predictions": predictions}
+        if classification:
+            result["probabilities"] = tf.nn.softmax(predictions)
+        return result
+
+    def adapted(support_x, support_y, steps, lr):
+        support_x = _validated_inputs("support_x", support_x, input_shape)
+        support_y = _validated_labels(support_y, tf.shape(support_x)[0], classification,
+                                      output_size)
+        weights = core.broadcast_to_tasks(params, 1)
+        return core.adapt(forward, weights, support_x[None], support_y[None], loss_fn, lr, steps,
+                          first_order=True)
+
+    def predict(weights, query_x):
+        query_x = _validated_inputs("query_x", query_x, input_shape)
+        return forward(weights, query_x[None])[0]
+
+    def serve(x):
+        return outputs(predict(core.broadcast_to_tasks(params, 1), x))
+
+    def adapt(support_x, support_y, query_x):
+        return outputs(predict(adapted(support_x, support_y, num_eval_steps, inner_lr), query_x))
+
+    def adapt_custom(support_x, support_y, query_x, inner_steps, inner_lr):
+        checks = [
+            _check((inner_steps >= 0) & (inner_steps <= MAX_INNER_STEPS),
+                   f"inner_steps must be in [0, {MAX_INNER_STEPS}]; got", [inner_steps]),
+            _check(tf.math.is_finite(inner_lr) & (inner_lr >= 0),
+                   "inner_lr must be finite and >= 0; got", [inner_lr]),
+        ]
+        with tf.control_dependencies(checks):
+            steps = tf.identity(inner_steps)
+        weights = adapted(support_x, support_y, steps, tf.cast(inner_lr, dtype))
+        return outputs(predict(weights, query_x))
+
+    def adapted_weights(support_x, support_y):
+        weights = adapted(support_x, support_y, num_eval_steps, inner_lr)
+        return {name: w[0] for name, w in zip(names, weights)}
+
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    archive.add_endpoint("serving_default", serve, [tf.TensorSpec(None, dtype, name="x")])
+    support = [tf.TensorSpec(None, dtype, name="support_x"),
+               tf.TensorSpec(None, label_dtype, name="support_y")]
+    query = [tf.TensorSpec(None, dtype, name="query_x")]
+    archive.add_endpoint("adapt", adapt, support + query)
+    archive.add_endpoint("adapt_custom", adapt_custom, support + query + [
+        tf.TensorSpec([], tf.int32, name="inner_steps"),
+        tf.TensorSpec([], tf.float32, name="inner_lr")])
+    archive.add_endpoint("adapted_weights", adapted_weights, support)
+    return archive
+
+
+def export(experiment, export_dir, version, num_eval_steps, inner_lr, overwrite=False):
+    """Writes the SavedModel to `<export_dir>/<version>/` (TF Serving's layout).
+
+    The run's config is written to `<version>/assets.extra/tf_maml_config.json`.
+
+    Args:
+        experiment: the restored run.
+        export_dir: the model's base path for TF Serving.
+        version: positive integer version.
+        num_eval_steps, inner_lr: the `adapt` signature's protocol.
+        overwrite: replace an existing version.
+
+    Returns:
+        The version's path.
+
+    Raises:
+        ValueError: bad version, or the version exists and `overwrite` is false.
+    """
+    if not isinstance(version, int) or version < 1:
+        raise ValueError(f"version must be a positive integer, got {version!r}")
+    path = os.path.join(export_dir, str(version))
+    if tf.io.gfile.exists(path):
+        if not overwrite:
+            raise ValueError(f"{path} already exists; pass another version or overwrite")
+        tf.io.gfile.rmtree(path)
+    archive = build_export_archive(experiment, num_eval_steps, inner_lr)
+    tmp = path + ".tmp"
+    if tf.io.gfile.exists(tmp):
+        tf.io.gfile.rmtree(tmp)
+    archive.write_out(tmp, verbose=False)
+    extra = os.path.join(tmp, "assets.extra")
+    tf.io.gfile.makedirs(extra)
+    with tf.io.gfile.GFile(os.path.join(extra, CONFIG_ASSET), "w") as f:
+        f.write(json.dumps({**experiment.config.to_dict(), "export_num_eval_steps": num_eval_steps,
+                            "export_inner_lr": inner_lr}, indent=2, sort_keys=True))
+    tf.io.gfile.rename(tmp, path)  # TF Serving never sees a half-written version
+    return path
