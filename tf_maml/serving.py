@@ -45,17 +45,24 @@ def _check(condition, message, data=()):
     return tf.debugging.Assert(condition, [message, *data], summarize=16)
 
 
+def _shape_is(x, shape):
+    """Whether `x` is `[n, *shape]`; evaluates without error for any rank.
+
+    (Graph optimizations may run both branches of a `tf.cond`, so the
+    comparison is made on vectors padded to a fixed length instead.)
+    """
+    k = len(shape)
+    padded = tf.concat([tf.shape(x)[1:], tf.fill([k + 1], -1)], 0)[:k + 1]
+    return tf.logical_and(tf.rank(x) > 0, tf.reduce_all(tf.equal(padded, [*shape, -1])))
+
+
 def _validated_inputs(name, x, shape):
     """Asserts `x` is `[n >= 1, *shape]` with finite values; returns it with static shape."""
-    rank = len(shape) + 1
-    expected = "[num_examples, " + ", ".join(str(d) for d in shape) + "]"
-    checks = [_check(tf.equal(tf.rank(x), rank),
-                     f"{name} must have shape {expected}; got shape", [tf.shape(x)])]
+    expected = "[num_examples" + "".join(f", {d}" for d in shape) + "]"
+    checks = [_check(_shape_is(x, shape), f"{name} must have shape {expected}; got shape",
+                     [tf.shape(x)])]
     with tf.control_dependencies(checks):
-        checks.append(_check(tf.reduce_all(tf.equal(tf.shape(x)[1:], shape)),
-                             f"{name} must have shape {expected}; got shape", [tf.shape(x)]))
-    with tf.control_dependencies(checks):
-        checks.append(_check(tf.shape(x)[0] > 0, f"{name} must not be empty"))
+        checks.append(_check(tf.size(x) > 0, f"{name} must not be empty"))
         checks.append(_check(tf.reduce_all(tf.math.is_finite(x)),
                              f"{name} has NaN or infinite values"))
     with tf.control_dependencies(checks):
@@ -68,14 +75,18 @@ def _validated_labels(y, num_examples, classification, output_size):
         checks = [_check(tf.equal(tf.rank(y), 1), f"support_y must be {expected}; got shape",
                          [tf.shape(y)])]
         with tf.control_dependencies(checks):
-            checks.append(_check(tf.equal(tf.shape(y)[0], num_examples),
+            count = tf.concat([tf.shape(y), [-1]], 0)[0]
+            checks.append(_check(tf.equal(count, num_examples),
                                  "support_y must have one label per support_x example; got",
-                                 [tf.shape(y)[0], num_examples]))
+                                 [count, num_examples]))
             checks.append(_check(tf.reduce_all((y >= 0) & (y < output_size)),
                                  f"support_y labels must be in [0, {output_size}); got", [y]))
         with tf.control_dependencies(checks):
             return tf.ensure_shape(tf.identity(y), [None])
-    return _validated_inputs("support_y", y, [output_size])
+    y = _validated_inputs("support_y", y, [output_size])
+    with tf.control_dependencies([_check(tf.equal(tf.shape(y)[0], num_examples),
+                                         "support_y must have one row per support_x example")]):
+        return tf.identity(y)
 
 
 def _weight_names(model):

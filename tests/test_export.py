@@ -1,0 +1,289 @@
+"""Export: the SavedModel's signatures equal the in-process model, in every loader, on the wire."""
+
+import concurrent.futures
+import http.server
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tf_maml import config as config_lib
+from tf_maml import evaluation, serving, trainer
+from tf_maml.tasks import ImageClassTasks
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOLERANCE = dict(rtol=1e-5, atol=1e-5)  # float32, same kernels; reordering only
+
+
+def _client():
+    spec = importlib.util.spec_from_file_location("client", os.path.join(ROOT, "export", "client.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def sine_run(tmp_path_factory):
+    model_dir = str(tmp_path_factory.mktemp("sine_run"))
+    config = config_lib.Config(num_iterations=300, log_every=100, checkpoint_every=300,
+                               validate_every=0, num_eval_steps=5)
+    experiment, step = trainer.train(config, model_dir)
+    path = serving.export(experiment, str(tmp_path_factory.mktemp("serving")), step,
+                          config.num_eval_steps, config.inner_lr)
+    return experiment, model_dir, path
+
+
+@pytest.fixture(scope="module")
+def classifier(tmp_path_factory):
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, (8, 6, 12, 12, 1), dtype=np.uint8)
+    tasks = ImageClassTasks({"train": images, "test": images}, n_way=3, k_shot=2, k_query=2)
+    config = config_lib.Config(dataset="omniglot", n_way=3, k_shot=2, k_query=2, inner_lr=0.4,
+                               num_eval_steps=3)
+    experiment = trainer.build_experiment(config, tasks)
+    path = serving.export(experiment, str(tmp_path_factory.mktemp("serving")), 1, 3, 0.4)
+    return experiment, path
+
+
+def _task(experiment, seed=0):
+    episode = experiment.tasks.sample(tf.constant([seed, 7], tf.int64), 1, "test")
+    return {"support_x": episode.support_x[0].numpy(), "support_y": episode.support_y[0].numpy(),
+            "query_x": episode.query_x[0].numpy()}, episode
+
+
+def _in_process(experiment, episode, steps, inner_lr):
+    _, predictions = evaluation.adaptation_curve(
+        experiment.forward, experiment.model.trainable_variables, episode, experiment.loss_fn,
+        experiment.metric_fn, inner_lr, steps)
+    return [p[0].numpy() for p in predictions]
+
+
+LOAD_SCRIPT = """
+import sys, numpy as np, tensorflow as tf
+model = tf.saved_model.load(sys.argv[1])
+inputs = dict(np.load(sys.argv[2]))
+out = {}
+for name in ("serving_default", "adapt", "adapt_custom"):
+    sig = model.signatures[name]
+    args = {k: tf.constant(v) for k, v in inputs.items() if k in sig.structured_input_signature[1]}
+    if name == "serving_default":
+        args = {"x": tf.constant(inputs["query_x"])}
+    for key, value in sig(**args).items():
+        out[name + "/" + key] = value.numpy()
+np.savez(sys.argv[3], **out)
+"""
+
+
+@pytest.mark.parametrize("kind", ["sine", "classifier"])
+def test_fresh_process_load_matches_in_process_model(kind, sine_run, classifier, tmp_path):
+    experiment, path = (sine_run[0], sine_run[2]) if kind == "sine" else classifier
+    steps, inner_lr = (5, 0.01) if kind == "sine" else (3, 0.4)
+    inputs, episode = _task(experiment)
+    np.savez(tmp_path / "in.npz", **inputs, inner_steps=np.int32(2), inner_lr=np.float32(inner_lr))
+    script = tmp_path / "load.py"
+    script.write_text(LOAD_SCRIPT)
+    # A process that never imports tf_maml or builds a Keras model.
+    result = subprocess.run([sys.executable, str(script), path, str(tmp_path / "in.npz"),
+                             str(tmp_path / "out.npz")], capture_output=True, text=True,
+                            env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"), timeout=300)
+    assert result.returncode == 0, result.stderr
+    out = dict(np.load(tmp_path / "out.npz"))
+    expected = _in_process(experiment, episode, steps, inner_lr)
+    np.testing.assert_allclose(out["serving_default/predictions"], expected[0], **TOLERANCE)
+    np.testing.assert_allclose(out["adapt/predictions"], expected[steps], **TOLERANCE)
+    np.testing.assert_allclose(out["adapt_custom/predictions"], expected[2], **TOLERANCE)
+    assert not np.allclose(expected[0], expected[steps])  # adaptation changed something
+    if kind == "classifier":
+        np.testing.assert_allclose(out["adapt/probabilities"],
+                                   tf.nn.softmax(expected[steps]).numpy(), **TOLERANCE)
+
+
+def test_tf1_session_loader_and_saved_model_cli(sine_run, tmp_path):
+    experiment, _, path = sine_run
+    inputs, episode = _task(experiment, seed=3)
+    expected = _in_process(experiment, episode, 5, 0.01)[5]
+    with tf.Graph().as_default(), tf.compat.v1.Session() as session:
+        meta_graph = tf.compat.v1.saved_model.loader.load(session, ["serve"], path)
+        signature = meta_graph.signature_def["adapt"]
+        feed = {signature.inputs[k].name: v for k, v in inputs.items()}
+        got = session.run(signature.outputs["predictions"].name, feed)
+    np.testing.assert_allclose(got, expected, **TOLERANCE)
+
+    for name, value in inputs.items():
+        np.save(tmp_path / f"{name}.npy", value)
+    arguments = ";".join(f"{name}={tmp_path / name}.npy" for name in inputs)
+    result = subprocess.run(
+        ["saved_model_cli", "run", "--dir", path, "--tag_set", "serve", "--signature_def",
+         "adapt", "--inputs", arguments, "--outdir", str(tmp_path / "cli")],
+        capture_output=True, text=True, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"),
+        timeout=300)
+    assert result.returncode == 0, result.stderr
+    np.testing.assert_allclose(np.load(tmp_path / "cli" / "predictions.npy"), expected, **TOLERANCE)
+
+
+def test_bad_requests_fail_clearly_and_the_next_request_works(classifier):
+    experiment, path = classifier
+    model = tf.saved_model.load(path)
+    adapt, custom = model.signatures["adapt"], model.signatures["adapt_custom"]
+    good, _ = _task(experiment)
+    good = {k: tf.constant(v) for k, v in good.items()}
+    bad_requests = [
+        (adapt, {"support_x": good["support_x"][..., 0]}, "support_x must have shape"),
+        (adapt, {"support_x": tf.zeros([6, 12, 11, 1])}, "support_x must have shape"),
+        (adapt, {"query_x": tf.zeros([0, 12, 12, 1])}, "query_x must not be empty"),
+        (adapt, {"support_x": good["support_x"][:0], "support_y": good["support_y"][:0]},
+         "support_x must not be empty"),
+        (adapt, {"support_y": good["support_y"] + 3}, "labels must be in \\[0, 3\\)"),
+        (adapt, {"support_y": good["support_y"][:2]}, "one label per support_x example"),
+        (adapt, {"support_x": good["support_x"] * np.nan}, "NaN or infinite"),
+        (custom, {"inner_steps": tf.constant(5000), "inner_lr": tf.constant(0.1)},
+         "inner_steps must be in \\[0, 1000\\]"),
+        (custom, {"inner_steps": tf.constant(1), "inner_lr": tf.constant(-1.0)},
+         "inner_lr must be finite and >= 0"),
+    ]
+    defaults = {"inner_steps": tf.constant(1), "inner_lr": tf.constant(0.4)}
+    for signature, change, message in bad_requests:
+        request = {**good, **(defaults if signature is custom else {}), **change}
+        with pytest.raises(tf.errors.InvalidArgumentError, match=message):
+            signature(**request)
+        np.testing.assert_array_equal(adapt(**good)["predictions"].numpy(),
+                                      adapt(**good)["predictions"].numpy())
+
+
+def test_concurrent_requests_do_not_interfere(sine_run):
+    experiment, _, path = sine_run
+    adapt = tf.saved_model.load(path).signatures["adapt"]
+    requests = [{k: tf.constant(v) for k, v in _task(experiment, seed)[0].items()}
+                for seed in range(8)]
+    sequential = [adapt(**r)["predictions"].numpy() for r in requests]
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        concurrent_results = list(pool.map(lambda r: adapt(**r)["predictions"].numpy(),
+                                           requests * 3))
+    for i, got in enumerate(concurrent_results):
+        np.testing.assert_array_equal(got, sequential[i % 8])
+
+
+def test_graph_has_no_python_or_must_compile_ops(sine_run, classifier):
+    from tensorflow.core.protobuf import saved_model_pb2
+    for path in (sine_run[2], classifier[1]):
+        saved = saved_model_pb2.SavedModel()
+        with open(os.path.join(path, "saved_model.pb"), "rb") as f:
+            saved.ParseFromString(f.read())
+        graph = saved.meta_graphs[0].graph_def
+        nodes = list(graph.node) + [n for fn in graph.library.function for n in fn.node_def]
+        assert not {n.op for n in nodes} & {"PyFunc", "EagerPyFunc", "PyFuncStateless"}
+        for fn in graph.library.function:
+            assert not fn.attr["_XlaMustCompile"].b
+
+
+def _fake_grpc_server(path):
+    """A PredictionService on loopback that answers from the SavedModel (TF Serving's protocol)."""
+    import grpc
+    from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+
+    model = tf.saved_model.load(path)
+
+    class Service(prediction_service_pb2_grpc.PredictionServiceServicer):
+        def Predict(self, request, context):
+            inputs = {k: tf.make_ndarray(v) for k, v in request.inputs.items()}
+            try:
+                outputs = model.signatures[request.model_spec.signature_name](**inputs)
+            except tf.errors.InvalidArgumentError as e:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, e.message)
+            response = predict_pb2.PredictResponse()
+            for name, value in outputs.items():
+                response.outputs[name].CopyFrom(tf.make_tensor_proto(value.numpy()))
+            return response
+
+    server = grpc.server(concurrent.futures.ThreadPoolExecutor(2))
+    prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(Service(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    return server, port
+
+
+def _fake_rest_server(path):
+    """TF Serving's REST :predict on loopback, columnar format only, from the SavedModel."""
+    model = tf.saved_model.load(path)
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            signature = model.signatures[body["signature_name"]]
+            specs = signature.structured_input_signature[1]
+            try:
+                inputs = {k: tf.constant(v, dtype=specs[k].dtype) for k, v in body["inputs"].items()}
+                payload = {"outputs": {k: v.numpy().tolist() for k, v in signature(**inputs).items()}}
+                status = 200
+            except tf.errors.InvalidArgumentError as e:
+                payload, status = {"error": e.message}, 400
+            data = json.dumps(payload).encode()
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def test_client_requests_over_grpc_and_rest(classifier):
+    client = _client()
+    experiment, path = classifier
+    inputs, episode = _task(experiment, seed=5)
+    expected = _in_process(experiment, episode, 3, 0.4)[3]
+
+    request = client.grpc_request("omniglot", "adapt", inputs)
+    assert request.inputs["support_y"].dtype == tf.int32.as_datatype_enum
+    server, port = _fake_grpc_server(path)
+    try:
+        got = client.grpc_predict(f"127.0.0.1:{port}", request)
+        np.testing.assert_allclose(got["predictions"], expected, **TOLERANCE)
+        import grpc
+        bad = client.grpc_request("omniglot", "adapt", {**inputs, "support_y": inputs["support_y"] + 9})
+        with pytest.raises(grpc.RpcError, match="labels must be in"):
+            client.grpc_predict(f"127.0.0.1:{port}", bad)
+    finally:
+        server.stop(None)
+
+    body = json.loads(client.rest_body("adapt", inputs))
+    assert set(body) == {"signature_name", "inputs"}  # columnar, not "instances"
+    assert np.array(body["inputs"]["support_x"]).shape == inputs["support_x"].shape
+    server = _fake_rest_server(path)
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        got = client.rest_predict(url, "omniglot", "adapt", inputs)
+        np.testing.assert_allclose(got["predictions"], expected, **TOLERANCE)
+        got = client.rest_predict(url, "omniglot", "adapt_custom",
+                                  {**inputs, "inner_steps": 3, "inner_lr": 0.4})
+        np.testing.assert_allclose(got["predictions"], expected, **TOLERANCE)
+        # JSON cannot carry the shape of an empty array: [] arrives as shape [0].
+        with pytest.raises(RuntimeError, match="query_x must have shape"):
+            client.rest_predict(url, "omniglot", "adapt", {**inputs, "query_x": inputs["query_x"][:0]})
+    finally:
+        server.shutdown()
+
+
+def test_export_cli_writes_a_versioned_model(sine_run, tmp_path):
+    _, model_dir, _ = sine_run
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    command = [sys.executable, "-m", "tf_maml.export", f"--model_dir={model_dir}",
+               f"--export_dir={tmp_path}"]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert os.path.exists(tmp_path / "300" / "saved_model.pb")
+    recorded = json.load(open(tmp_path / "300" / "assets.extra" / serving.CONFIG_ASSET))
+    assert recorded["num_iterations"] == 300 and recorded["export_num_eval_steps"] == 5
+    again = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert again.returncode == 1 and "already exists" in again.stderr
+    assert "Traceback" not in again.stderr
