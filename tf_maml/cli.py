@@ -34,6 +34,8 @@ _HELP = {
     "first_order": "First-order MAML (no second derivatives).",
     "seed": "Seed of the initialization and of every sampled task.",
     "jit_compile": "XLA: auto (on for dense-only models on CPU), true or false.",
+    "strategy": "tf.distribute: default (one device), mirrored (all local GPUs), multi_worker "
+                "(MultiWorkerMirrored, cluster from TF_CONFIG) or tpu.",
     "log_every": "Steps between progress lines and summaries.",
     "checkpoint_every": "Steps between checkpoints.",
     "validate_every": "Steps between validations on held-out tasks (0: never).",

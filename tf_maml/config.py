@@ -13,7 +13,7 @@ DATASETS = ("sine", "omniglot", "miniimagenet")
 # run computes, or they extend it).
 RESUMABLE_FIELDS = frozenset({
     "num_iterations", "log_every", "checkpoint_every", "validate_every", "num_eval_tasks",
-    "num_eval_steps", "jit_compile", "data_dir", "cache_dir",
+    "num_eval_steps", "jit_compile", "data_dir", "cache_dir", "strategy",
 })
 
 
@@ -50,6 +50,8 @@ class Config:
         seed: seeds the initialization and every sampled task.
         jit_compile: "auto" (XLA for dense-only models, where it is faster on
             CPU; not for convolutions), "true" or "false".
+        strategy: tf.distribute strategy: "default" (one device), "mirrored"
+            (all local GPUs), "multi_worker" (TF_CONFIG) or "tpu".
         log_every: steps between progress lines and training summaries.
         checkpoint_every: steps between checkpoints.
         validate_every: steps between validation on held-out tasks (0: never).
@@ -75,6 +77,7 @@ class Config:
     first_order: bool = False
     seed: int = 0
     jit_compile: str = "auto"
+    strategy: str = "default"
     log_every: int = 1000
     checkpoint_every: int = 5000
     validate_every: int = 5000
@@ -108,6 +111,8 @@ class Config:
             value = getattr(self, name)
             need(isinstance(value, (int, float)) and 0 < value < float("inf"),
                  f"{name} must be a positive number, got {value!r}")
+        need(self.strategy in ("default", "mirrored", "multi_worker", "tpu"),
+             f"strategy must be default, mirrored, multi_worker or tpu, got {self.strategy!r}")
         need(self.jit_compile in ("auto", "true", "false"),
              f"jit_compile must be auto, true or false, got {self.jit_compile!r}")
         if problems:

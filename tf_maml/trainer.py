@@ -17,7 +17,7 @@ import tensorflow as tf
 from absl import logging
 
 from tf_maml import config as config_lib
-from tf_maml import core, evaluation, functional, losses, models
+from tf_maml import core, distribute, evaluation, functional, losses, models
 from tf_maml import tasks as tasks_lib
 
 __all__ = ["Experiment", "build_experiment", "make_train_step", "make_train_loop",
@@ -67,36 +67,73 @@ def resolve_jit_compile(config, model):
     return not (has_conv and not tf.config.list_physical_devices("GPU"))
 
 
-def make_train_step(experiment, optimizer, step_counter, jit_compile=False):
+def make_train_step(experiment, optimizer, step_counter, jit_compile=False, strategy=None):
     """A compiled `train_step(episode) -> logs` performing one meta-update.
+
+    Under a `tf.distribute` strategy the meta-batch is split along the task
+    axis: replica r adapts its own slice of the episode's tasks (the first
+    replicas take one more when the split is uneven). Each replica's meta-loss
+    is its tasks' summed query loss divided by the *global* task count; the
+    Keras optimizer sums the replicas' gradients in `apply_gradients`, which
+    gives exactly the single-device meta-gradient.
 
     Args:
         experiment: an `Experiment`.
-        optimizer: a built Keras optimizer for `model.trainable_variables`.
+        optimizer: a built Keras optimizer for `model.trainable_variables`
+            (created in `strategy.scope()`).
         step_counter: int64 `tf.Variable`, incremented by each step.
-        jit_compile: compile with XLA.
+        jit_compile: compile the meta-gradient computation with XLA.
+        strategy: a `tf.distribute.Strategy` (default: the current one).
 
     Returns:
-        A `tf.function`; its logs are scalars: `meta_loss`, `support_loss`
-        (before adaptation) and the query metric after adaptation.
+        A `tf.function` taking a global `Episode`; its logs are scalars over
+        the whole meta-batch: `meta_loss`, `support_loss_before_adaptation` and
+        the query metric after adaptation.
     """
     config = experiment.config
     variables = experiment.model.trainable_variables
+    strategy = strategy or tf.distribute.get_strategy()
+    counts = distribute.replica_task_counts(config.meta_batch_size, strategy.num_replicas_in_sync)
+    offsets = [sum(counts[:r]) for r in range(len(counts))]
+    scale = 1.0 / config.meta_batch_size
+    metric = f"query_{experiment.metric_name}"
 
     @tf.function(jit_compile=jit_compile)
-    def train_step(episode):
+    def compute(episode):
         meta_loss, grads, outputs = core.meta_gradients(
             experiment.forward, variables, episode, experiment.loss_fn, config.inner_lr,
-            config.num_inner_steps, first_order=config.first_order)
-        optimizer.apply_gradients(zip(grads, variables))
-        step_counter.assign_add(1)
-        return {
+            config.num_inner_steps, first_order=config.first_order, loss_scale=scale)
+        # Each log is this replica's sum over its tasks / the global task count:
+        # summed over replicas, the mean over the meta-batch.
+        return grads, {
             "meta_loss": meta_loss,
-            "support_loss_before_adaptation": tf.reduce_mean(outputs["support_losses"]),
-            f"query_{experiment.metric_name}": tf.reduce_mean(
-                experiment.metric_fn(episode.query_y, outputs["query_predictions"])),
+            "support_loss_before_adaptation": tf.reduce_sum(outputs["support_losses"]) * scale,
+            metric: tf.reduce_sum(
+                experiment.metric_fn(episode.query_y, outputs["query_predictions"])) * scale,
         }
 
+    def replica_step(episode):
+        grads, logs = compute(episode)
+        optimizer.apply_gradients(zip(grads, variables))
+        step_counter.assign_add(1)
+        return logs
+
+    def replica_slice(episode, context):
+        r = context.replica_id_in_sync_group
+        return type(episode)(*[t[offsets[r]:offsets[r] + counts[r]] for t in episode])
+
+    @tf.function
+    def train_step(episode):
+        if strategy.num_replicas_in_sync == 1:
+            per_replica = strategy.run(replica_step, args=(episode,))
+        else:
+            shards = strategy.experimental_distribute_values_from_function(
+                lambda context: replica_slice(episode, context))
+            per_replica = strategy.run(replica_step, args=(shards,))
+        return {name: strategy.reduce(tf.distribute.ReduceOp.SUM, value, axis=None)
+                for name, value in per_replica.items()}
+
+    train_step.compute = compute
     return train_step
 
 
@@ -194,38 +231,47 @@ def train(config, model_dir):
     ```
     """
     config.validate()
+    strategy = distribute.make_strategy(config.strategy)
+    chief = distribute.is_chief(strategy)
     if os.path.exists(os.path.join(model_dir, config_lib.CONFIG_FILENAME)):
         config_lib.check_resumable(config_lib.load(model_dir), config)
-    config_lib.save(config, model_dir)
+    if chief:
+        config_lib.save(config, model_dir)
+    output_dir = distribute.worker_dir(model_dir, strategy)
 
-    experiment = build_experiment(config)
-    model = experiment.model
-    optimizer = keras.optimizers.Adam(config.meta_lr)
-    optimizer.build(model.trainable_variables)
-    step = tf.Variable(0, dtype=tf.int64, name="step")
+    with strategy.scope():
+        experiment = build_experiment(config)
+        model = experiment.model
+        optimizer = keras.optimizers.Adam(config.meta_lr)
+        optimizer.build(model.trainable_variables)
+        step = tf.Variable(0, dtype=tf.int64, name="step",
+                           aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
     checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, step=step)
-    manager = tf.train.CheckpointManager(checkpoint, os.path.join(model_dir, CHECKPOINT_SUBDIR),
+    manager = tf.train.CheckpointManager(checkpoint, os.path.join(output_dir, CHECKPOINT_SUBDIR),
                                          max_to_keep=3)
-    if manager.latest_checkpoint:
-        checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
-        logging.info("Resumed from %s at step %d", manager.latest_checkpoint, int(step))
+    # Every worker resumes from the chief's checkpoints.
+    latest = tf.train.latest_checkpoint(os.path.join(model_dir, CHECKPOINT_SUBDIR))
+    if latest:
+        checkpoint.restore(latest).assert_existing_objects_matched()
+        logging.info("Resumed from %s at step %d", latest, int(step.numpy()))
     start = int(step.numpy())
     if start >= config.num_iterations:
         logging.info("Already trained for %d iterations; nothing to do.", start)
         return experiment, start
 
     jit = resolve_jit_compile(config, model)
-    logging.info("Meta-training %s on %s: %d iterations, layer-batched forward: %s, XLA: %s",
-                 config.model_name, config.dataset, config.num_iterations,
-                 experiment.forward.vectorized, jit)
-    train_step = make_train_step(experiment, optimizer, step, jit_compile=jit)
+    logging.info("Meta-training %s on %s: %d iterations, layer-batched forward: %s, XLA: %s, "
+                 "%d replica(s)", config.model_name, config.dataset, config.num_iterations,
+                 experiment.forward.vectorized, jit, strategy.num_replicas_in_sync)
+    train_step = make_train_step(experiment, optimizer, step, jit_compile=jit, strategy=strategy)
     curve_fn = evaluation.make_curve_fn(experiment.forward, experiment.loss_fn,
                                         experiment.metric_fn, config.inner_lr,
                                         max(config.num_inner_steps, 1), jit_compile=jit)
     dataset = tasks_lib.episode_dataset(
         lambda seed: experiment.tasks.sample(seed, config.meta_batch_size), config.seed, start,
         config.num_iterations, stream=tasks_lib.TRAIN)
-    writer = tf.summary.create_file_writer(os.path.join(model_dir, "train"))
+    writer = (tf.summary.create_file_writer(os.path.join(model_dir, "train")) if chief
+              else tf.summary.create_noop_writer())
     progress = _Progress(start, config.num_iterations)
     saved_step = start
     current = start
@@ -246,14 +292,14 @@ def train(config, model_dir):
                 steps_per_call = int(min(MAX_STEPS_PER_CALL, max(
                     1, SECONDS_PER_CALL * num_steps / max(elapsed, 1e-9))))
             current += num_steps
-            if current % config.log_every == 0 or current == config.num_iterations:
+            if chief and (current % config.log_every == 0 or current == config.num_iterations):
                 logs = {k: float(v) for k, v in logs.items()}
                 logging.info(progress.line(current, logs))
                 with writer.as_default(step=current):
                     for name, value in logs.items():
                         tf.summary.scalar(name, value)
-            if config.validate_every and (current % config.validate_every == 0
-                                          or current == config.num_iterations):
+            if chief and config.validate_every and (current % config.validate_every == 0
+                                                    or current == config.num_iterations):
                 _validate(experiment, curve_fn, writer, current)
             if current % config.checkpoint_every == 0:
                 manager.save(checkpoint_number=current)
@@ -264,6 +310,8 @@ def train(config, model_dir):
             manager.save(checkpoint_number=current)
             logging.info("Saved checkpoint at step %d", current)
         writer.flush()
+        if not chief:
+            tf.io.gfile.rmtree(output_dir)
     return experiment, current
 
 

@@ -1,0 +1,101 @@
+"""tf.distribute: a mirrored meta-step equals the single-device one; two workers agree.
+
+Logical CPU devices must be configured before TensorFlow starts, so each check
+runs in its own process (tests/scripts/).
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from tf_maml import distribute
+
+SCRIPTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "scripts")
+ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+
+
+def _python(*args, env=None, timeout=600):
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True,
+                          env=env or ENV, timeout=timeout)
+
+
+@pytest.mark.parametrize("replicas,order,kind", [
+    (2, "second", "sine"), (2, "first", "sine"), (4, "second", "conv"), (2, "first", "conv")])
+def test_mirrored_meta_step_equals_single_device(replicas, order, kind):
+    result = _python(os.path.join(SCRIPTS, "mirrored_step.py"), str(replicas), order, kind)
+    assert result.returncode == 0, result.stderr[-3000:]
+    gaps = json.loads(result.stdout.strip().splitlines()[-1])
+    assert gaps["steps"] == [2, 2]
+    assert gaps["max_weight_change"] > 1e-2          # the steps did move the weights
+    # Same tasks, same math; only the order of float32 sums differs (kernels see
+    # other batch shapes): the weights agree to 5e-4 of the update's size.
+    assert gaps["max_weight_gap"] < 5e-4 * gaps["max_weight_change"], gaps
+    assert gaps["log_gap"] < 1e-4, gaps
+
+
+def test_replica_task_counts():
+    assert distribute.replica_task_counts(5, 2) == [3, 2]
+    assert distribute.replica_task_counts(5, 4) == [2, 1, 1, 1]
+    with pytest.raises(ValueError, match="smaller than the number of replicas"):
+        distribute.replica_task_counts(2, 4)
+
+
+def _free_ports(n):
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def _run_workers(model_dir, num_iterations, tmp_path, tag):
+    ports = _free_ports(2)
+    cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
+    workers = []
+    for index in range(2):
+        env = dict(ENV, TF_CONFIG=json.dumps({"cluster": cluster,
+                                              "task": {"type": "worker", "index": index}}))
+        out = str(tmp_path / f"{tag}_worker{index}.npz")
+        workers.append((subprocess.Popen(
+            [sys.executable, os.path.join(SCRIPTS, "multi_worker.py"), model_dir,
+             str(num_iterations), out], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True), out))
+    for process, _ in workers:
+        try:
+            _, stderr = process.communicate(timeout=600)
+        except subprocess.TimeoutExpired:
+            for p, _ in workers:
+                p.kill()
+            raise
+        assert process.returncode == 0, stderr[-3000:]
+    return [dict(np.load(out)) for _, out in workers]
+
+
+def test_two_workers_agree_checkpoint_and_resume(tmp_path):
+    model_dir = str(tmp_path / "run")
+    first = _run_workers(model_dir, 6, tmp_path, "a")
+    assert int(first[0]["step"]) == int(first[1]["step"]) == 6
+    for key in first[0]:
+        np.testing.assert_array_equal(first[0][key], first[1][key])
+    # Only the chief wrote the run's files.
+    assert sorted(os.listdir(os.path.join(model_dir, "checkpoints")))[0] == "checkpoint"
+    assert os.path.exists(os.path.join(model_dir, "checkpoints", "ckpt-6.index"))
+    # Resuming continues the same run on both workers...
+    resumed = _run_workers(model_dir, 8, tmp_path, "b")
+    assert int(resumed[0]["step"]) == 8
+    for key in resumed[0]:
+        np.testing.assert_array_equal(resumed[0][key], resumed[1][key])
+    # ...and the two workers computed what one device computes for the same run.
+    single = _python(os.path.join(SCRIPTS, "multi_worker.py"), str(tmp_path / "single"), "8",
+                     str(tmp_path / "single.npz"), "default")
+    assert single.returncode == 0, single.stderr[-3000:]
+    single = dict(np.load(tmp_path / "single.npz"))
+    for key in single:
+        np.testing.assert_allclose(resumed[0][key], single[key], rtol=1e-5, atol=1e-6)

@@ -1,0 +1,89 @@
+"""tf.distribute support: the task axis is the batch axis.
+
+Each replica adapts its share of the meta-batch; the meta-loss is the sum of
+the query losses over all tasks divided by the *global* number of tasks, so
+that the Keras optimizer's own cross-replica sum of gradients (done inside
+`apply_gradients`) yields exactly the single-device meta-gradient, however
+unevenly the tasks split. Batch normalization statistics stay per task (the
+forward computes them itself; nothing is synchronized across replicas).
+"""
+
+import json
+import os
+import tempfile
+
+import tensorflow as tf
+
+__all__ = ["STRATEGIES", "make_strategy", "replica_task_counts", "is_chief", "worker_dir"]
+
+STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
+
+
+def make_strategy(name):
+    """The `tf.distribute.Strategy` a `--strategy` value names.
+
+    Args:
+        name: "default" (one device), "mirrored" (all local GPUs, or the CPU),
+            "multi_worker" (MultiWorkerMirroredStrategy; the cluster comes from
+            the `TF_CONFIG` environment variable) or "tpu".
+
+    Returns:
+        A strategy.
+
+    Raises:
+        ValueError: unknown name, or "multi_worker" without a usable `TF_CONFIG`.
+    """
+    if name == "default":
+        return tf.distribute.get_strategy()
+    if name == "mirrored":
+        return tf.distribute.MirroredStrategy()
+    if name == "multi_worker":
+        try:
+            cluster = json.loads(os.environ.get("TF_CONFIG", ""))["cluster"]
+        except (ValueError, KeyError, TypeError):
+            raise ValueError("--strategy=multi_worker needs the TF_CONFIG environment variable "
+                             "(JSON with 'cluster' and 'task'), set on every worker") from None
+        del cluster
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    if name == "tpu":
+        resolver = tf.distribute.cluster_resolver.TPUClusterResolver()
+        tf.config.experimental_connect_to_cluster(resolver)
+        tf.tpu.experimental.initialize_tpu_system(resolver)
+        return tf.distribute.TPUStrategy(resolver)
+    raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, got {name!r}")
+
+
+def replica_task_counts(num_tasks, num_replicas):
+    """How many tasks of a meta-batch each replica adapts (the first ones take one more).
+
+    Raises:
+        ValueError: fewer tasks than replicas.
+    """
+    if num_tasks < num_replicas:
+        raise ValueError(f"meta_batch_size={num_tasks} is smaller than the number of replicas "
+                         f"({num_replicas}): every replica needs at least one task")
+    base, extra = divmod(num_tasks, num_replicas)
+    return [base + (1 if r < extra else 0) for r in range(num_replicas)]
+
+
+def is_chief(strategy):
+    """Whether this worker writes checkpoints, summaries and results."""
+    resolver = getattr(strategy.extended, "_cluster_resolver", None)
+    if resolver is None or not resolver.cluster_spec().as_dict():
+        return True
+    task_type, task_id = resolver.task_type, resolver.task_id
+    if task_type == "chief":
+        return True
+    has_chief = "chief" in resolver.cluster_spec().as_dict()
+    return task_type in (None, "worker") and task_id == 0 and not has_chief
+
+
+def worker_dir(model_dir, strategy):
+    """Where this worker writes: `model_dir` for the chief, a temporary directory otherwise.
+
+    Every worker of a multi-worker run must take part in saving (the variables
+    are shared); only the chief's files are kept.
+    """
+    if is_chief(strategy):
+        return model_dir
+    return tempfile.mkdtemp(prefix="tf_maml_worker_")
