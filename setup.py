@@ -7,7 +7,7 @@ setup(
     long_description=open("README.md").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["tf_maml", "tf_maml.*"]),
-    python_requires=">=3.9",
+    python_requires=">=3.10",
     # TensorFlow itself comes from an extra: `tensorflow` (the full build,
     # GPU-capable on Linux) or `tensorflow-cpu` (smaller); pip cannot tell that
     # one satisfies the other, so neither is a hard requirement.
