@@ -86,6 +86,17 @@ def config_from_flags(base=None):
         raise app.UsageError(str(e)) from None
 
 
+def overrides_from_flags(names):
+    """The `Config` fields among `names` whose flags were given on the command line."""
+    return {name: flags.FLAGS[name].value for name in names if flags.FLAGS[name].present}
+
+
+def no_positional_arguments(argv):
+    """Rejects positional arguments (absl passes them in `argv[1:]`)."""
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+
+
 def fail(message):
     """Prints `message` to stderr and exits with status 1 (user errors, no traceback)."""
     print(f"error: {message}", file=sys.stderr)

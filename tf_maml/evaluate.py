@@ -21,11 +21,10 @@ FLAGS = flags.FLAGS
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    cli.no_positional_arguments(argv)
     logging.set_verbosity(logging.INFO)
     # Flags given on the command line override the run's saved config.
-    overrides = {name: FLAGS[name].value for name in OVERRIDABLE if FLAGS[name].present}
+    overrides = cli.overrides_from_flags(OVERRIDABLE)
     try:
         reporting.evaluate_and_report(FLAGS.model_dir, baseline_dir=FLAGS.baseline_dir,
                                       output_dir=FLAGS.output_dir, **overrides)

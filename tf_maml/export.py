@@ -23,10 +23,9 @@ FLAGS = flags.FLAGS
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    cli.no_positional_arguments(argv)
     logging.set_verbosity(logging.INFO)
-    overrides = {name: FLAGS[name].value for name in OVERRIDABLE if FLAGS[name].present}
+    overrides = cli.overrides_from_flags(OVERRIDABLE)
     try:
         experiment, step = trainer.restore_model(FLAGS.model_dir, overrides,
                                                  checkpoint_path=FLAGS.checkpoint)

@@ -16,8 +16,7 @@ FLAGS = flags.FLAGS
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    cli.no_positional_arguments(argv)
     logging.set_verbosity(logging.INFO)
     config = cli.config_from_flags()
     try:
