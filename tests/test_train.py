@@ -60,6 +60,35 @@ def test_interrupted_training_keeps_its_progress(tmp_path, monkeypatch):
     assert step == 37
 
 
+def test_sigterm_saves_a_checkpoint_and_the_run_resumes(tmp_path):
+    import signal
+    import time
+    model_dir = str(tmp_path / "run")
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tf_maml.train", f"--model_dir={model_dir}",
+         "--num_iterations=10000000", "--log_every=200", "--checkpoint_every=10000000",
+         "--validate_every=0", "--noevaluate"],
+        env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in process.stderr:  # wait until training is under way
+            if "steps/s" in line:
+                break
+        time.sleep(0.5)
+        process.send_signal(signal.SIGTERM)
+        rest = process.communicate(timeout=120)[1]
+    finally:
+        process.kill()
+    assert process.returncode == 130
+    assert "Rerun the same command to resume" in rest and "Traceback" not in rest
+    _, step = trainer.restore_model(model_dir)
+    assert step >= 200
+    config = config_lib.load(model_dir)
+    config.num_iterations = step + 5
+    _, resumed = trainer.train(config, model_dir)
+    assert resumed == step + 5
+
+
 def test_training_loop_traces_once():
     import keras
     experiment = trainer.build_experiment(config_lib.Config(meta_batch_size=4))
