@@ -125,6 +125,18 @@ def test_evaluation_uses_the_same_tasks_for_every_model():
     assert not np.allclose(a.support_x.numpy(), c.support_x.numpy())
 
 
+def test_auto_xla_choices():
+    from tf_maml import models
+    config = config_lib.Config()
+    assert trainer.resolve_jit_compile(config, models.mlp())
+    if not tf.config.list_physical_devices("GPU"):
+        assert not trainer.resolve_jit_compile(config, models.conv4(5))
+    pooled = models.conv4(5, input_shape=(16, 16, 3), filters=4, pooling="max")
+    assert not trainer.resolve_jit_compile(config, pooled)
+    assert not trainer.resolve_jit_compile(
+        config_lib.Config(jit_compile="false"), models.mlp())
+
+
 def test_confidence_interval():
     per_task = np.array([[1.0, 3.0] * 50])
     mean, ci = evaluation.summarize(per_task)

@@ -56,14 +56,20 @@ def build_experiment(config, tasks=None):
 
 
 def resolve_jit_compile(config, model):
-    """XLA on/off for a run: "auto" uses XLA unless the model convolves on CPU.
+    """XLA on/off for a run.
 
-    Measured on TF 2.21 CPU: XLA makes dense meta-steps ~2.5x faster and
-    convolutional ones several times slower.
+    "auto" uses XLA except (a) for convolutional models on CPU: measured on TF
+    2.21, XLA makes dense meta-steps ~2.5x faster and convolutional ones 11-16x
+    slower; (b) for second-order training of models with max-pooling, whose
+    second derivative XLA computes only approximately (~2% meta-gradient error).
     """
     if config.jit_compile != "auto":
         return config.jit_compile == "true"
-    has_conv = any(isinstance(layer, keras.layers.Conv2D) for layer in model._flatten_layers())
+    layers = list(model._flatten_layers())
+    has_conv = any(isinstance(layer, keras.layers.Conv2D) for layer in layers)
+    has_max_pool = any(isinstance(layer, keras.layers.MaxPooling2D) for layer in layers)
+    if has_max_pool and not config.first_order and config.num_inner_steps > 0:
+        return False
     return not (has_conv and not tf.config.list_physical_devices("GPU"))
 
 
