@@ -75,14 +75,16 @@ def evaluate_and_report(model_dir, baseline_dir=None, output_dir=None, **overrid
                      config.num_eval_tasks)
 
     name = experiment.metric_name
+    task = f"{config.n_way}-way " if experiment.tasks.is_classification else ""
     table = evaluation.format_table(name, results)
-    print(f"\n{name} on {config.num_eval_tasks} held-out {config.dataset} tasks "
+    print(f"\n{name} on {config.num_eval_tasks} held-out {config.dataset} {task}tasks "
           f"(K={config.k_shot}, inner_lr={config.inner_lr}), mean ± 95% CI:\n{table}\n")
     extra = {"num_tasks": config.num_eval_tasks, "inner_lr": config.inner_lr,
              "k_shot": config.k_shot, "dataset": config.dataset,
+             "n_way": config.n_way if experiment.tasks.is_classification else None,
              "steps_trained": {label: s for label, (_, s) in runs.items()}}
     evaluation.write_json(os.path.join(output_dir, RESULTS_FILENAME), name, results, extra)
-    title = f"{config.dataset}, K={config.k_shot}"
+    title = f"{config.dataset} {task}K={config.k_shot}"
     paths = [evaluation.plot_curves(os.path.join(output_dir, CURVE_FILENAME), name, results,
                                     title)]
     history = validation_history(model_dir)
