@@ -103,7 +103,7 @@ def _activation_name(fn):
     return name
 
 
-def _to_grouped(h, layout, num_tasks):
+def _to_grouped(h, layout):
     if layout == "grouped":
         return h
     if h.shape.rank != 5:
@@ -191,7 +191,7 @@ def _plan_layer(layer):
             raise _Unsupported(f"padding {layer.padding}")
 
         def conv(h, layout, get, num_tasks, training):
-            h = _to_grouped(h, layout, num_tasks)
+            h = _to_grouped(h, layout)
             kernel = get(layer.kernel)  # [T, kh, kw, C, O]
             ks = tf.shape(kernel)
             k = tf.transpose(kernel, [1, 2, 3, 0, 4])
@@ -261,7 +261,7 @@ def _plan_layer(layer):
         pool = tf.nn.max_pool2d if type(layer) is keras.layers.MaxPooling2D else tf.nn.avg_pool2d
 
         def pooling(h, layout, get, num_tasks, training):
-            h = _to_grouped(h, layout, num_tasks)
+            h = _to_grouped(h, layout)
             return pool(h, layer.pool_size, layer.strides, layer.padding.upper()), "grouped"
         return pooling
     if type(layer) is keras.layers.GlobalAveragePooling2D:
