@@ -173,7 +173,7 @@ def _toy_tasks(n_way=3, rotate=False, classes=6):
 
 
 def test_episodes_are_well_formed_and_reproducible():
-    tasks, values = _toy_tasks()
+    tasks, _ = _toy_tasks()
     episode = tasks.sample(tf.constant([5, 6], tf.int64), 50)
     sx, sy, qx, qy = (t.numpy() for t in episode)
     assert sx.shape == (50, 6, 4, 4, 1) and qx.shape == (50, 9, 4, 4, 1)
