@@ -80,11 +80,11 @@ def evaluate_and_report(model_dir, baseline_dir=None, output_dir=None, **overrid
     print(f"\n{name} on {config.num_eval_tasks} held-out {config.dataset} {task}tasks "
           f"(K={config.k_shot}, inner_lr={config.inner_lr}), mean ± 95% CI:\n{table}\n")
     extra = {"num_tasks": config.num_eval_tasks, "inner_lr": config.inner_lr,
-             "k_shot": config.k_shot, "dataset": config.dataset,
+             "k_shot": config.k_shot, "dataset": config.dataset, "model": config.model_name,
              "n_way": config.n_way if experiment.tasks.is_classification else None,
              "steps_trained": {label: s for label, (_, s) in runs.items()}}
     evaluation.write_json(os.path.join(output_dir, RESULTS_FILENAME), name, results, extra)
-    title = f"{config.dataset} {task}K={config.k_shot}"
+    title = f"{config.dataset} {task}K={config.k_shot}, {config.model_name}"
     paths = [evaluation.plot_curves(os.path.join(output_dir, CURVE_FILENAME), name, results,
                                     title)]
     history = validation_history(model_dir)
