@@ -2,7 +2,7 @@ from setuptools import find_packages, setup
 
 setup(
     name="tf_maml",
-    version="0.1.0",
+    version="0.2.0",
     description="Model-Agnostic Meta-Learning (MAML) for any Keras 3 model, in TensorFlow",
     long_description=open("README.md").read(),
     long_description_content_type="text/markdown",

@@ -44,6 +44,7 @@ def child(num_replicas):
     import numpy as np
 
     from tf_maml import config as config_lib
+    from tf_maml import experiment as experiment_lib
     from tf_maml import trainer
     from tf_maml.tasks import ImageClassTasks
 
@@ -54,9 +55,9 @@ def child(num_replicas):
     strategy = (tf.distribute.OneDeviceStrategy(devices[0]) if num_replicas == 1
                 else tf.distribute.MirroredStrategy(devices))
     with strategy.scope():
-        experiment = trainer.build_experiment(config, tasks)
+        experiment = experiment_lib.build_experiment(config, tasks)
         optimizer = keras.optimizers.Adam(1e-3)
-        optimizer.build(experiment.model.trainable_variables)
+        optimizer.build(experiment.algorithm.meta_variables)
         step = tf.Variable(0, dtype=tf.int64, aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
     train_step = trainer.make_train_step(experiment, optimizer, step, strategy=strategy)
     episode = tasks.sample(tf.constant([0, 0], tf.int64), FLAGS.meta_batch_size)

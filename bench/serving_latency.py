@@ -45,7 +45,8 @@ def main(argv):
     tf.config.threading.set_intra_op_parallelism_threads(FLAGS.intra_op_threads)
     tf.config.threading.set_inter_op_parallelism_threads(FLAGS.inter_op_threads)
     from tf_maml import config as config_lib
-    from tf_maml import serving, trainer
+    from tf_maml import experiment as experiment_lib
+    from tf_maml import serving
     from tf_maml.tasks import ImageClassTasks
 
     print(f"{FLAGS.requests} requests each, {FLAGS.num_eval_steps} inner steps, "
@@ -58,7 +59,7 @@ def main(argv):
             tasks = ImageClassTasks({"train": images, "test": images}, n_way, k_shot, k_query)
         config = config_lib.Config(dataset=dataset, n_way=n_way or 5, k_shot=k_shot,
                                    k_query=k_query, inner_lr=inner_lr)
-        experiment = trainer.build_experiment(config, tasks)
+        experiment = experiment_lib.build_experiment(config, tasks)
         with tempfile.TemporaryDirectory() as export_dir:
             path = serving.export(experiment, export_dir, 1, FLAGS.num_eval_steps, inner_lr)
             adapt = tf.saved_model.load(path).signatures["adapt"]

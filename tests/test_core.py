@@ -5,8 +5,22 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tf_maml import core, functional, losses
+from tf_maml import algorithms, core, functional, losses
 from tf_maml.tasks import Episode, SineTasks
+
+
+def maml_meta_gradients(forward, params, episode, loss_fn, inner_lr, num_inner_steps,
+                        first_order=False, model=None):
+    """MAML's meta-loss and meta-gradient at `params` (through the algorithm over the core)."""
+    algorithm = algorithms.MAML(model or forward.model, forward, loss_fn, inner_lr,
+                                num_inner_steps, first_order)
+    return core.meta_gradients(lambda ps: algorithm.meta_loss(ps, episode), list(params))
+
+
+def _adapt(forward, weights, x, y, loss_fn, inner_lr, num_steps):
+    adapted, _ = core.adapt(core.supervised_loss(forward, loss_fn, x, y), weights, num_steps,
+                            core.SGD(inner_lr))
+    return adapted
 
 
 def _smooth_mlp(dtype="float64"):
@@ -42,18 +56,19 @@ def _class_episode(num_tasks=3, n=3, dtype=tf.float64):
     return Episode(sx, y, qx, y)
 
 
-def _fd_check(forward, params, episode, loss_fn, inner_lr, steps, first_order=False, seed=0):
+def _fd_check(forward, params, episode, loss_fn, inner_lr, steps, first_order=False, seed=0,
+              model=None):
     """Returns (analytic, numeric) directional derivatives along random directions."""
     params = [tf.convert_to_tensor(p) for p in params]
 
     @tf.function
     def loss_at(ps):
-        loss, _, _ = core.meta_gradients(forward, ps, episode, loss_fn, inner_lr, steps,
-                                         first_order=first_order)
+        loss, _, _ = maml_meta_gradients(forward, ps, episode, loss_fn, inner_lr, steps,
+                                         first_order=first_order, model=model)
         return loss
 
-    _, grads, _ = core.meta_gradients(forward, params, episode, loss_fn, inner_lr, steps,
-                                      first_order=first_order)
+    _, grads, _ = maml_meta_gradients(forward, params, episode, loss_fn, inner_lr, steps,
+                                      first_order=first_order, model=model)
     rng = np.random.default_rng(seed)
     analytic, numeric = [], []
     eps = 1e-5
@@ -70,11 +85,12 @@ def test_second_order_meta_gradient_matches_finite_differences():
     model = _smooth_mlp()
     forward = functional.make_forward(model)
     analytic, numeric = _fd_check(forward, model.trainable_variables, _sine_episode(),
-                                  losses.mean_squared_error, inner_lr=0.05, steps=3)
+                                  losses.mean_squared_error, inner_lr=0.05, steps=3, model=model)
     np.testing.assert_allclose(analytic, numeric, rtol=1e-6, atol=1e-8)
     # The check has teeth: the first-order gradient is measurably different.
     fo, _ = _fd_check(forward, model.trainable_variables, _sine_episode(),
-                      losses.mean_squared_error, inner_lr=0.05, steps=3, first_order=True)
+                      losses.mean_squared_error, inner_lr=0.05, steps=3, first_order=True,
+                      model=model)
     assert np.max(np.abs(fo - numeric) / np.abs(numeric)) > 1e-3
 
 
@@ -95,7 +111,8 @@ def test_second_order_exact_with_batch_norm(build, vectorize):
     model = build()
     forward = functional.make_forward(model, vectorize=vectorize)
     analytic, numeric = _fd_check(forward, model.trainable_variables, _class_episode(),
-                                  losses.sparse_softmax_cross_entropy, inner_lr=0.5, steps=2)
+                                  losses.sparse_softmax_cross_entropy, inner_lr=0.5, steps=2,
+                                  model=model)
     np.testing.assert_allclose(analytic, numeric, rtol=1e-6, atol=1e-8)
 
 
@@ -108,8 +125,9 @@ def test_layer_batched_conv_bn_meta_gradient_equals_per_task_path():
     results = []
     for vectorize in ("layers", "map_fn"):
         forward = functional.make_forward(model, vectorize=vectorize)
-        loss, grads, _ = core.meta_gradients(forward, model.trainable_variables, episode,
-                                             losses.sparse_softmax_cross_entropy, 0.5, 2)
+        loss, grads, _ = maml_meta_gradients(forward, model.trainable_variables, episode,
+                                             losses.sparse_softmax_cross_entropy, 0.5, 2,
+                                             model=model)
         results.append((loss, grads))
     np.testing.assert_allclose(results[0][0].numpy(), results[1][0].numpy(), rtol=1e-5)
     for a, b in zip(results[0][1], results[1][1]):
@@ -127,7 +145,8 @@ def test_stock_keras_moments_would_break_second_order():
             (list(weights), x), fn_output_signature=weights[0].dtype)
 
     analytic, numeric = _fd_check(stock_forward, model.trainable_variables, _class_episode(),
-                                  losses.sparse_softmax_cross_entropy, inner_lr=0.5, steps=2)
+                                  losses.sparse_softmax_cross_entropy, inner_lr=0.5, steps=2,
+                                  model=model)
     assert np.max(np.abs(analytic - numeric) / np.abs(numeric)) > 1e-2
 
 
@@ -136,8 +155,9 @@ def test_first_order_gradient_is_query_gradient_at_adapted_weights():
     forward = functional.make_forward(model)
     episode = _sine_episode(num_tasks=3)
     params = [v.value for v in model.trainable_variables]
-    _, grads, _ = core.meta_gradients(forward, params, episode, losses.mean_squared_error,
-                                      inner_lr=0.05, num_inner_steps=2, first_order=True)
+    _, grads, _ = maml_meta_gradients(forward, params, episode, losses.mean_squared_error,
+                                      inner_lr=0.05, num_inner_steps=2, first_order=True,
+                                      model=model)
     # Independently: adapt each task with plain stateless_call, then take the
     # query-loss gradient at its adapted weights, and average over tasks.
     expected = [tf.zeros_like(p) for p in params]
@@ -164,8 +184,8 @@ def test_adaptation_lowers_support_loss_for_every_task():
     episode = _sine_episode(num_tasks=6)
     weights = core.broadcast_to_tasks(model.trainable_variables, 6)
     before = losses.mean_squared_error(episode.support_y, forward(weights, episode.support_x))
-    adapted = core.adapt(forward, weights, episode.support_x, episode.support_y,
-                         losses.mean_squared_error, inner_lr=0.02, num_steps=3)
+    adapted = _adapt(forward, weights, episode.support_x, episode.support_y,
+                     losses.mean_squared_error, inner_lr=0.02, num_steps=3)
     after = losses.mean_squared_error(episode.support_y, forward(adapted, episode.support_x))
     assert np.all(after.numpy() < before.numpy())
 
@@ -176,29 +196,103 @@ def test_tasks_adapt_independently():
     forward = functional.make_forward(model)
     episode = _sine_episode(num_tasks=4)
     weights = core.broadcast_to_tasks(model.trainable_variables, 4)
-    together = core.adapt(forward, weights, episode.support_x, episode.support_y,
-                          losses.mean_squared_error, inner_lr=0.05, num_steps=2)
+    together = _adapt(forward, weights, episode.support_x, episode.support_y,
+                      losses.mean_squared_error, inner_lr=0.05, num_steps=2)
     for t in range(4):
-        alone = core.adapt(forward, [w[t:t + 1] for w in weights], episode.support_x[t:t + 1],
-                           episode.support_y[t:t + 1], losses.mean_squared_error,
-                           inner_lr=0.05, num_steps=2)
+        alone = _adapt(forward, [w[t:t + 1] for w in weights], episode.support_x[t:t + 1],
+                       episode.support_y[t:t + 1], losses.mean_squared_error,
+                       inner_lr=0.05, num_steps=2)
         for a, b in zip(together, alone):
             np.testing.assert_allclose(a[t].numpy(), b[0].numpy(), rtol=1e-10, atol=1e-12)
 
 
-def test_per_parameter_inner_lr_and_errors():
+def test_per_parameter_inner_lr_is_matched_to_its_weight():
+    """Distinct per-tensor and per-element rates: each weight moves by its own rate."""
     model = _smooth_mlp()
     forward = functional.make_forward(model)
     episode = _sine_episode(num_tasks=2)
     weights = core.broadcast_to_tasks(model.trainable_variables, 2)
-    zero_lr = [tf.zeros([], tf.float64)] * len(weights)
-    same = core.adapt(forward, weights, episode.support_x, episode.support_y,
-                      losses.mean_squared_error, inner_lr=zero_lr, num_steps=1)
-    for a, b in zip(same, weights):
-        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    rng = np.random.default_rng(5)
+    rates = [tf.constant(0.01 * (i + 1), tf.float64) if i % 2 else
+             tf.constant(rng.uniform(0.001, 0.05, size=w.shape[1:]), tf.float64)
+             for i, w in enumerate(weights)]
+    task_loss = core.supervised_loss(forward, losses.mean_squared_error, episode.support_x,
+                                     episode.support_y)
+    adapted, _ = core.adapt(task_loss, weights, 1, core.SGD(rates))
+    with tf.GradientTape() as tape:
+        tape.watch(weights)
+        total = tf.reduce_sum(task_loss(weights, 0))
+    grads = tape.gradient(total, weights)
+    for a, w, g, r in zip(adapted, weights, grads, rates):
+        np.testing.assert_allclose(a.numpy(), (w - r * g).numpy(), rtol=1e-12, atol=1e-14)
+    # Rates in the wrong order give other weights: the check has teeth.
+    swapped = list(rates)
+    swapped[1], swapped[3] = rates[3], rates[1]
+    moved, _ = core.adapt(task_loss, weights, 1, core.SGD(swapped))
+    assert not np.allclose(moved[1].numpy(), adapted[1].numpy())
+
+
+def test_per_step_rates_use_their_step():
+    model = _smooth_mlp()
+    forward = functional.make_forward(model)
+    episode = _sine_episode(num_tasks=2)
+    weights = core.broadcast_to_tasks(model.trainable_variables, 2)
+    task_loss = core.supervised_loss(forward, losses.mean_squared_error, episode.support_x,
+                                     episode.support_y)
+    per_step = [tf.constant([0.01, 0.03], tf.float64)] * len(weights)
+    two, _ = core.adapt(task_loss, weights, 2, core.SGD(per_step, per_step=True))
+    one, _ = core.adapt(task_loss, weights, 1, core.SGD(0.01))
+    expected, _ = core.adapt(task_loss, one, 1, core.SGD(0.03))
+    for a, b in zip(two, expected):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-12, atol=1e-14)
+    # A graph loop (a run-time step count) reads the same rows.
+    looped, _ = core.adapt(task_loss, weights, tf.constant(2), core.SGD(per_step, per_step=True))
+    for a, b in zip(looped, two):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-12, atol=1e-14)
+
+
+def test_adam_inner_optimizer_matches_reference():
+    """core.Adam on a task-batched weight equals a hand-written Adam on each task."""
+    w0 = tf.constant([[1.0, -2.0], [0.5, 3.0]], tf.float64)     # 2 tasks, 2 parameters
+    targets = tf.constant([[0.0, 1.0], [2.0, -1.0]], tf.float64)
+
+    def task_loss(weights, step):
+        return tf.reduce_sum(tf.square(weights[0] - targets) * [[1.0, 3.0]], axis=1)
+
+    adapted, _ = core.adapt(task_loss, [w0], 3, core.Adam(0.1, beta_1=0.5, beta_2=0.9))
+    for t in range(2):
+        w, m, v = w0[t].numpy(), 0.0, 0.0
+        for i in range(1, 4):
+            g = 2 * (w - targets[t].numpy()) * np.array([1.0, 3.0])
+            m = 0.5 * m + 0.5 * g
+            v = 0.9 * v + 0.1 * g * g
+            w = w - 0.1 * (m / (1 - 0.5 ** i)) / (np.sqrt(v / (1 - 0.9 ** i)) + 1e-8)
+        np.testing.assert_allclose(adapted[0][t].numpy(), w, rtol=1e-7)
+
+
+def test_meta_gradients_of_a_structure():
+    params = {"theta": tf.constant([1.0, 2.0], tf.float64), "rate": tf.constant(0.1, tf.float64)}
+
+    def objective(p):
+        adapted, _ = core.adapt(lambda w, s: tf.reduce_sum(tf.square(w[0]), axis=1)[None],
+                                [p["theta"][None]], 1, core.SGD(p["rate"]))
+        return tf.reduce_sum(adapted[0] ** 2), {}
+
+    loss, grads, _ = core.meta_gradients(objective, params)
+    # adapted = theta (1 - 2 rate); loss = |theta|^2 (1 - 2 rate)^2.
+    np.testing.assert_allclose(loss.numpy(), 5 * 0.8 ** 2)
+    np.testing.assert_allclose(grads["theta"].numpy(), 2 * np.array([1.0, 2.0]) * 0.8 ** 2)
+    np.testing.assert_allclose(grads["rate"].numpy(), 5 * 2 * 0.8 * -2)
+
+
+def test_inner_lr_and_num_steps_errors():
+    model = _smooth_mlp()
+    forward = functional.make_forward(model)
+    episode = _sine_episode(num_tasks=2)
+    weights = core.broadcast_to_tasks(model.trainable_variables, 2)
     with pytest.raises(ValueError, match="inner_lr has 1 entries"):
-        core.adapt(forward, weights, episode.support_x, episode.support_y,
-                   losses.mean_squared_error, inner_lr=[0.1], num_steps=1)
+        _adapt(forward, weights, episode.support_x, episode.support_y,
+               losses.mean_squared_error, inner_lr=[0.1], num_steps=1)
     with pytest.raises(ValueError, match="num_steps must be >= 0"):
-        core.adapt(forward, weights, episode.support_x, episode.support_y,
-                   losses.mean_squared_error, inner_lr=0.1, num_steps=-1)
+        _adapt(forward, weights, episode.support_x, episode.support_y,
+               losses.mean_squared_error, inner_lr=0.1, num_steps=-1)

@@ -14,6 +14,7 @@ import pytest
 import tensorflow as tf
 
 from tf_maml import config as config_lib
+from tf_maml import experiment as experiment_lib
 from tf_maml import evaluation, serving, trainer
 from tf_maml.tasks import ImageClassTasks
 
@@ -46,7 +47,7 @@ def classifier(tmp_path_factory):
     tasks = ImageClassTasks({"train": images, "test": images}, n_way=3, k_shot=2, k_query=2)
     config = config_lib.Config(dataset="omniglot", n_way=3, k_shot=2, k_query=2, inner_lr=0.4,
                                num_eval_steps=3)
-    experiment = trainer.build_experiment(config, tasks)
+    experiment = experiment_lib.build_experiment(config, tasks)
     path = serving.export(experiment, str(tmp_path_factory.mktemp("serving")), 1, 3, 0.4)
     return experiment, path
 
@@ -59,8 +60,8 @@ def _task(experiment, seed=0):
 
 def _in_process(experiment, episode, steps, inner_lr):
     _, predictions = evaluation.adaptation_curve(
-        experiment.forward, experiment.model.trainable_variables, episode, experiment.loss_fn,
-        experiment.metric_fn, inner_lr, steps)
+        experiment.algorithm, experiment.algorithm.meta_variables, episode, experiment.metric_fn,
+        steps, inner_lr)
     return [p[0].numpy() for p in predictions]
 
 

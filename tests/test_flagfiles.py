@@ -5,7 +5,9 @@ import glob
 import os
 
 import pytest
+from absl import flags
 
+from tf_maml import cli
 from tf_maml.config import Config
 
 FLAGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "flags")
@@ -25,36 +27,45 @@ RECIPES = {
                               model="conv4_maxpool"),
     "sine": dict(dataset="sine", k_shot=10, meta_batch_size=25, inner_lr=0.01,
                  num_iterations=70000),
+    # The family: each paper's own recipe.
+    "mamlpp_omniglot_20way": dict(
+        algorithm="mamlpp", dataset="omniglot", n_way=20, k_shot=1, meta_batch_size=8,
+        num_inner_steps=5, num_eval_steps=5, inner_lr=0.1, learn_inner_lr=True, per_step_bn=True,
+        msl_epochs=10, iterations_per_epoch=500, meta_lr=1e-3, min_meta_lr=1e-5,
+        num_iterations=50000, model="conv4"),
+    "anil_omniglot_20way": dict(algorithm="anil", n_way=20, meta_batch_size=16,
+                                num_inner_steps=5, inner_lr=0.1, num_iterations=60000),
+    "metasgd_omniglot_5way": dict(algorithm="metasgd", n_way=5, meta_batch_size=32,
+                                  num_inner_steps=1, inner_lr=0.4),
+    "reptile_omniglot_5way": dict(
+        algorithm="reptile", n_way=5, k_shot=1, train_k_shot=10, meta_batch_size=5,
+        num_inner_steps=5, inner_optimizer="adam", inner_lr=0.001, inner_batch_size=10,
+        meta_step_size=1.0, meta_step_size_final=0.0, num_eval_steps=50,
+        num_iterations=100000, augment_rotations=True, omniglot_split="paper"),
+    "reptile_omniglot_20way": dict(
+        algorithm="reptile", n_way=20, k_shot=1, train_k_shot=10, meta_batch_size=5,
+        num_inner_steps=10, inner_optimizer="adam", inner_lr=0.0005, inner_batch_size=20,
+        meta_step_size=1.0, meta_step_size_final=0.0, num_eval_steps=50,
+        num_iterations=200000, augment_rotations=True, omniglot_split="paper"),
+    "sine_reptile": dict(algorithm="reptile", dataset="sine", k_shot=10, num_inner_steps=32,
+                         inner_optimizer="sgd", inner_lr=0.02, inner_batch_size=10,
+                         meta_step_size=0.1, num_iterations=30000),
 }
+ALGORITHM_PREFIXES = ("mamlpp_", "anil_", "metasgd_", "reptile_")
 
 
 def _parse(path):
-    """{field: value} from a flagfile, converted as absl would for the Config flags."""
-    values = {}
-    with open(path) as f:
-        for line in f:
-            line = line.strip()
-            if not line or line.startswith("#"):
-                continue
-            assert line.startswith("--"), f"{path}: not a flag: {line!r}"
-            name, has_value, text = line[2:].partition("=")
-            if not has_value:
-                name, text = (name[2:], "false") if name.startswith("no") else (name, "true")
-            if name == "flagfile":  # nested, relative to the repository root
-                values.update(_parse(os.path.join(os.path.dirname(FLAGS_DIR), text)))
-                continue
-            assert name in FIELDS, f"{path}: --{name} is not a Config flag"
-            kind = FIELDS[name].type
-            if kind in (bool, "bool"):
-                value = text == "true"
-            elif kind in (int, "int"):
-                value = int(text)
-            elif kind in (float, "float"):
-                value = float(text)
-            else:
-                value = text
-            values[name] = value
-    return values
+    """The `Config` absl makes of a flagfile, exactly as `python -m tf_maml.train` would."""
+    flag_values = flags.FlagValues()
+    cli.define_config_flags(flag_values=flag_values)
+    # Nested --flagfile paths are relative to the repository root, where commands run.
+    cwd = os.getcwd()
+    os.chdir(os.path.dirname(FLAGS_DIR))
+    try:
+        flag_values(["train", f"--flagfile={path}"])
+    finally:
+        os.chdir(cwd)
+    return {name: flag_values[name].value for name in FIELDS if flag_values[name].present}
 
 
 def test_there_are_flagfiles_for_every_paper_setting():
@@ -79,18 +90,36 @@ def test_flagfile_is_a_valid_config_with_the_paper_recipe(path):
         usage = [line for line in f if line.startswith("# python -m")]
     assert all(f"--flagfile=flags/{name}.flags" in line for line in usage), usage
 
-    family = next(prefix for prefix in RECIPES if name.startswith(prefix))
+    family = max((prefix for prefix in RECIPES if name.startswith(prefix)), key=len)
     for field, expected in RECIPES[family].items():
         assert getattr(config, field) == pytest.approx(expected), (name, field)
+    algorithm = next((p[:-1] for p in ALGORITHM_PREFIXES if name.startswith(p)), None)
+    algorithm = algorithm or next((a for a in ("anil", "metasgd", "mamlpp", "reptile")
+                                   if name.endswith("_" + a)), "maml")
+    assert config.algorithm == algorithm, name
     if "shot" in name:
         k_shot = int(name.split("way_")[1].split("shot")[0])
         assert config.k_shot == k_shot
     assert config.first_order == name.endswith("_first_order")
     if name.endswith("_fc"):
         assert config.model == "fc"
-    elif family.startswith("omniglot"):
+    elif "omniglot" in family:
         assert config.model == "conv4"
     if name == "sine_pretrained":
         assert config.num_inner_steps == 0
-    elif family == "sine":
+    elif name in ("sine", "sine_first_order", "sine_anil", "sine_metasgd"):
         assert config.num_inner_steps == 1
+
+
+def test_every_algorithm_has_flagfiles_on_sine_and_omniglot():
+    names = {os.path.basename(path)[:-len(".flags")] for path in FLAGFILES}
+    for algorithm in ("anil", "metasgd", "mamlpp", "reptile"):
+        assert f"sine_{algorithm}" in names
+        assert any(n.startswith(f"{algorithm}_omniglot") for n in names), algorithm
+
+
+def test_absl_parses_a_bad_flagfile_value_as_an_error(tmp_path):
+    bad = tmp_path / "bad.flags"
+    bad.write_text("--algorithm=mamlpp\n--num_inner_steps=zero\n")
+    with pytest.raises(flags.IllegalFlagValueError):
+        _parse(str(bad))

@@ -10,6 +10,7 @@ import pytest
 import tensorflow as tf
 
 from tf_maml import config as config_lib
+from tf_maml import experiment as experiment_lib
 from tf_maml import evaluation, reporting, trainer
 from tf_maml import tasks as tasks_lib
 
@@ -56,7 +57,7 @@ def test_interrupted_training_keeps_its_progress(tmp_path, monkeypatch):
                                validate_every=37, meta_batch_size=5)
     with pytest.raises(KeyboardInterrupt):
         trainer.train(config, str(tmp_path))
-    _, step = trainer.restore_model(str(tmp_path))
+    _, step = experiment_lib.restore(str(tmp_path))
     assert step == 37
 
 
@@ -81,7 +82,7 @@ def test_sigterm_saves_a_checkpoint_and_the_run_resumes(tmp_path):
         process.kill()
     assert process.returncode == 130
     assert "Rerun the same command to resume" in rest and "Traceback" not in rest
-    _, step = trainer.restore_model(model_dir)
+    _, step = experiment_lib.restore(model_dir)
     assert step >= 200
     config = config_lib.load(model_dir)
     config.num_iterations = step + 5
@@ -91,9 +92,9 @@ def test_sigterm_saves_a_checkpoint_and_the_run_resumes(tmp_path):
 
 def test_training_loop_traces_once():
     import keras
-    experiment = trainer.build_experiment(config_lib.Config(meta_batch_size=4))
+    experiment = experiment_lib.build_experiment(config_lib.Config(meta_batch_size=4))
     optimizer = keras.optimizers.Adam(1e-3)
-    optimizer.build(experiment.model.trainable_variables)
+    optimizer.build(experiment.algorithm.meta_variables)
     step = tf.Variable(0, dtype=tf.int64)
     train_step = trainer.make_train_step(experiment, optimizer, step, jit_compile=True)
     train_loop = trainer.make_train_loop(train_step)
@@ -128,12 +129,12 @@ def test_evaluation_uses_the_same_tasks_for_every_model():
 def test_auto_xla_choices():
     from tf_maml import models
     config = config_lib.Config()
-    assert trainer.resolve_jit_compile(config, models.mlp())
+    assert experiment_lib.resolve_jit_compile(config, models.mlp())
     if not tf.config.list_physical_devices("GPU"):
-        assert not trainer.resolve_jit_compile(config, models.conv4(5))
+        assert not experiment_lib.resolve_jit_compile(config, models.conv4(5))
     pooled = models.conv4(5, input_shape=(16, 16, 3), filters=4, pooling="max")
-    assert not trainer.resolve_jit_compile(config, pooled)
-    assert not trainer.resolve_jit_compile(
+    assert not experiment_lib.resolve_jit_compile(config, pooled)
+    assert not experiment_lib.resolve_jit_compile(
         config_lib.Config(jit_compile="false"), models.mlp())
 
 

@@ -9,11 +9,12 @@ import sys
 
 from absl import app, flags
 
+from tf_maml import config as config_lib
 from tf_maml.config import Config
 
 _DEFAULTS = Config()
 _HELP = {
-    "dataset": "Task family: sine, omniglot or miniimagenet.",
+    "dataset": f"Task family: {', '.join(config_lib.DATASETS)}.",
     "data_dir": "Local data: Omniglot archives/folders, or MiniImagenet images/ + split CSVs. "
                 "Empty: Omniglot from TFDS.",
     "cache_dir": "Cache for decoded images (empty: none).",
@@ -22,7 +23,7 @@ _HELP = {
                       "evaluation alphabets).",
     "split_seed": "Seed of Omniglot's paper split.",
     "augment_rotations": "Omniglot: training classes rotated by 90/180/270 degrees as new classes.",
-    "model": "Network: auto (the paper's for the dataset), mlp, conv4, conv4_maxpool or fc.",
+    "model": f"Network: {', '.join(config_lib.MODELS)} (auto: the paper's for the dataset).",
     "num_iterations": "Meta-training iterations.",
     "meta_batch_size": "Tasks per meta-batch.",
     "k_shot": "Support examples per task (per class for classification).",
@@ -32,50 +33,73 @@ _HELP = {
     "inner_lr": "Inner-loop step size (alpha).",
     "meta_lr": "Meta (Adam) learning rate (beta).",
     "first_order": "First-order MAML (no second derivatives).",
+    "algorithm": f"Meta-learning algorithm: {', '.join(config_lib.ALGORITHMS)}.",
+    "msl_epochs": "MAML++: epochs over which the multi-step loss anneals to the last step.",
+    "first_order_epochs": "MAML++: first-order meta-gradients for this many epochs, then second "
+                          "order (derivative-order annealing).",
+    "iterations_per_epoch": "MAML++: meta-iterations per epoch (the unit of its schedules).",
+    "per_step_bn": "MAML++: one copy of each batch-norm weight per inner step.",
+    "learn_inner_lr": "MAML++: learned per-layer per-step inner learning rates (LSLR).",
+    "min_meta_lr": "MAML++: the meta learning rate is cosine-annealed down to this.",
+    "inner_optimizer": "Reptile: inner optimizer, sgd or adam (beta_1 = 0).",
+    "inner_batch_size": "Reptile: support examples per inner step (0: all).",
+    "meta_step_size": "Reptile: outer step size epsilon at the start.",
+    "meta_step_size_final": "Reptile: outer step size at the end (linear annealing).",
+    "train_k_shot": "Support examples per class in meta-training tasks, if not k_shot (0).",
+    "transductive": "Evaluation: predict each task's query set as one batch (false: every "
+                    "query example alone beside the support set).",
     "seed": "Seed of the initialization and of every sampled task.",
     "jit_compile": "XLA: auto (on for dense-only models on CPU), true or false.",
-    "strategy": "tf.distribute: default (one device), mirrored (all local GPUs), multi_worker "
-                "(MultiWorkerMirrored, cluster from TF_CONFIG) or tpu.",
+    "strategy": f"tf.distribute: {', '.join(config_lib.STRATEGIES)} (default: one device; "
+                "mirrored: all local GPUs; multi_worker: cluster from TF_CONFIG).",
     "log_every": "Steps between progress lines and summaries.",
     "checkpoint_every": "Steps between checkpoints.",
     "validate_every": "Steps between validations on held-out tasks (0: never).",
     "num_eval_tasks": "Held-out tasks for evaluation.",
 }
 
-_DEFINED = set()
+_FIELD_NAMES = [field.name for field in dataclasses.fields(Config)]
 
 
-def define_config_flags(names=None):
-    """Defines one flag per `Config` field (or those named), with its default."""
+def define_config_flags(names=None, flag_values=flags.FLAGS):
+    """Defines one flag per `Config` field (or those named), with its default.
+
+    Args:
+        names: the fields to define (default: all).
+        flag_values: the `absl.flags.FlagValues` to define them in.
+    """
     for field in dataclasses.fields(Config):
-        if (names is not None and field.name not in names) or field.name in _DEFINED:
+        if (names is not None and field.name not in names) or field.name in flag_values:
             continue
         default = getattr(_DEFAULTS, field.name)
         helptext = _HELP[field.name]
+        kwargs = dict(flag_values=flag_values)
         if field.type in (bool, "bool"):
-            flags.DEFINE_boolean(field.name, default, helptext)
+            flags.DEFINE_boolean(field.name, default, helptext, **kwargs)
         elif field.type in (int, "int"):
-            flags.DEFINE_integer(field.name, default, helptext)
+            flags.DEFINE_integer(field.name, default, helptext, **kwargs)
         elif field.type in (float, "float"):
-            flags.DEFINE_float(field.name, default, helptext)
+            flags.DEFINE_float(field.name, default, helptext, **kwargs)
         else:
-            flags.DEFINE_string(field.name, default, helptext)
-        _DEFINED.add(field.name)
+            flags.DEFINE_string(field.name, default, helptext, **kwargs)
 
 
-def config_from_flags(base=None):
+def config_from_flags(base=None, flag_values=flags.FLAGS):
     """Builds a validated `Config` from the parsed flags.
 
     Args:
         base: a `Config` whose values are kept for fields whose flags were not
             given on the command line (e.g. the config saved with a run).
+        flag_values: the parsed `absl.flags.FlagValues`.
 
     Raises:
         app.UsageError: a value is invalid (absl prints it without a traceback).
     """
     values = {}
-    for name in _DEFINED:
-        flag = flags.FLAGS[name]
+    for name in _FIELD_NAMES:
+        if name not in flag_values:
+            continue
+        flag = flag_values[name]
         if base is not None and not flag.present:
             continue
         values[name] = flag.value

@@ -4,16 +4,22 @@ import dataclasses
 import json
 import os
 
-__all__ = ["Config", "CONFIG_FILENAME", "load", "save"]
+__all__ = ["Config", "CONFIG_FILENAME", "DATASETS", "MODELS", "STRATEGIES", "ALGORITHMS", "load",
+           "save"]
 
 CONFIG_FILENAME = "config.json"
+# The one list of each choice; flags' help, validation and the builders use these.
 DATASETS = ("sine", "omniglot", "miniimagenet")
+MODELS = ("auto", "mlp", "conv4", "conv4_maxpool", "fc")
+STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
+ALGORITHMS = ("maml", "anil", "metasgd", "mamlpp", "reptile")
+INNER_OPTIMIZERS = ("sgd", "adam")
 
 # Fields that may change when a run is resumed (they do not change what the
 # run computes, or they extend it).
 RESUMABLE_FIELDS = frozenset({
     "num_iterations", "log_every", "checkpoint_every", "validate_every", "num_eval_tasks",
-    "num_eval_steps", "jit_compile", "data_dir", "cache_dir", "strategy",
+    "num_eval_steps", "jit_compile", "data_dir", "cache_dir", "strategy", "transductive",
 })
 
 
@@ -47,6 +53,31 @@ class Config:
         inner_lr: inner-loop step size α.
         meta_lr: Adam learning rate β of the meta-update.
         first_order: first-order MAML (no second derivatives).
+        algorithm: "maml" (with `first_order` and `num_inner_steps=0` for the
+            pretrained baseline), "anil" (adapt the head only), "metasgd"
+            (learned per-parameter inner rates), "mamlpp" (MAML++) or
+            "reptile".
+        msl_epochs: MAML++: epochs over which the multi-step loss anneals to
+            the last step (0: last step only).
+        first_order_epochs: MAML++: first-order meta-gradients for this many
+            epochs, second order afterwards (derivative-order annealing).
+        iterations_per_epoch: MAML++: meta-iterations per epoch (the unit of
+            its schedules).
+        per_step_bn: MAML++: one copy of every batch-norm weight per inner step.
+        learn_inner_lr: MAML++: learned per-layer per-step inner rates (LSLR).
+        min_meta_lr: MAML++: the meta learning rate is cosine-annealed from
+            `meta_lr` to this.
+        inner_optimizer: Reptile: "sgd" or "adam" (β₁ = 0) in the inner loop.
+        inner_batch_size: Reptile: support examples per inner step (0: all).
+        meta_step_size: Reptile: ε at the start of training.
+        meta_step_size_final: Reptile: ε at the end (linear annealing).
+        train_k_shot: support examples per class in meta-training tasks when
+            different from `k_shot` (0: `k_shot`); Reptile's recipe trains with
+            10 shots and evaluates 1-shot.
+        transductive: evaluation: predict a task's whole query set in one batch
+            (batch norm sees all query examples); false predicts every query
+            example alone with the support set beside it (Reptile's
+            non-transductive protocol).
         seed: seeds the initialization and every sampled task.
         jit_compile: "auto" (XLA for dense-only models, where it is faster on
             CPU; not for convolutions), "true" or "false".
@@ -75,6 +106,19 @@ class Config:
     inner_lr: float = 0.01
     meta_lr: float = 0.001
     first_order: bool = False
+    algorithm: str = "maml"
+    msl_epochs: int = 10
+    first_order_epochs: int = 0
+    iterations_per_epoch: int = 500
+    per_step_bn: bool = True
+    learn_inner_lr: bool = True
+    min_meta_lr: float = 1e-5
+    inner_optimizer: str = "sgd"
+    inner_batch_size: int = 0
+    meta_step_size: float = 1.0
+    meta_step_size_final: float = 0.0
+    train_k_shot: int = 0
+    transductive: bool = True
     seed: int = 0
     jit_compile: str = "auto"
     strategy: str = "default"
@@ -98,21 +142,34 @@ class Config:
         need(self.dataset != "miniimagenet" or self.data_dir,
              "dataset miniimagenet needs data_dir (a directory with images/ and "
              "train.csv, val.csv, test.csv)")
-        need(self.model in ("auto", "mlp", "conv4", "conv4_maxpool", "fc"),
-             f"model must be auto, mlp, conv4, conv4_maxpool or fc, got {self.model!r}")
+        need(self.model in MODELS, f"model must be one of {', '.join(MODELS)}, got {self.model!r}")
+        need(self.algorithm in ALGORITHMS,
+             f"algorithm must be one of {', '.join(ALGORITHMS)}, got {self.algorithm!r}")
+        need(self.inner_optimizer in INNER_OPTIMIZERS,
+             f"inner_optimizer must be one of {', '.join(INNER_OPTIMIZERS)}, "
+             f"got {self.inner_optimizer!r}")
+        need(self.inner_optimizer == "sgd" or self.algorithm == "reptile",
+             "inner_optimizer=adam is for algorithm=reptile")
+        need(self.algorithm not in ("mamlpp", "reptile") or self.num_inner_steps >= 1,
+             f"algorithm={self.algorithm} needs num_inner_steps >= 1")
         for name in ("num_iterations", "meta_batch_size", "k_shot", "k_query", "num_eval_tasks",
-                     "log_every", "checkpoint_every", "n_way"):
+                     "log_every", "checkpoint_every", "n_way", "iterations_per_epoch"):
             need(isinstance(getattr(self, name), int) and getattr(self, name) >= 1,
                  f"{name} must be a positive integer, got {getattr(self, name)!r}")
-        for name in ("num_inner_steps", "num_eval_steps", "validate_every", "seed", "split_seed"):
+        for name in ("num_inner_steps", "num_eval_steps", "validate_every", "seed", "split_seed",
+                     "msl_epochs", "first_order_epochs", "inner_batch_size", "train_k_shot"):
             need(isinstance(getattr(self, name), int) and getattr(self, name) >= 0,
                  f"{name} must be a non-negative integer, got {getattr(self, name)!r}")
-        for name in ("inner_lr", "meta_lr"):
+        for name in ("inner_lr", "meta_lr", "min_meta_lr", "meta_step_size"):
             value = getattr(self, name)
             need(isinstance(value, (int, float)) and 0 < value < float("inf"),
                  f"{name} must be a positive number, got {value!r}")
-        need(self.strategy in ("default", "mirrored", "multi_worker", "tpu"),
-             f"strategy must be default, mirrored, multi_worker or tpu, got {self.strategy!r}")
+        need(isinstance(self.meta_step_size_final, (int, float))
+             and 0 <= self.meta_step_size_final < float("inf"),
+             f"meta_step_size_final must be a non-negative number, got "
+             f"{self.meta_step_size_final!r}")
+        need(self.strategy in STRATEGIES,
+             f"strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
         need(self.jit_compile in ("auto", "true", "false"),
              f"jit_compile must be auto, true or false, got {self.jit_compile!r}")
         if problems:

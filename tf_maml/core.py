@@ -1,28 +1,36 @@
-"""The MAML core: inner-loop adaptation and the meta-gradient.
+"""The core every algorithm is built on: inner steps over loss closures, and meta-gradients.
 
-Everything here is a pure function over lists of tensors; this is the only
-module that opens `tf.GradientTape`s. Weights carry a leading **task axis**
+Everything here is a pure function of tensors; this is the only module that
+opens `tf.GradientTape`s. Adapted weights carry a leading **task axis**
 (`[num_tasks, *shape]`) so that one call adapts a whole meta-batch: because
 tasks never interact, the gradient of the *sum* of per-task losses with
-respect to the task-batched weights is, row by row, each task's own gradient.
+respect to task-batched weights is, row by row, each task's own gradient.
 
-A `forward(weights, x, training)` function (see `tf_maml.functional`) and a
-per-task loss `loss_fn(y_true, y_pred) -> [num_tasks]` (see `tf_maml.losses`)
-are all the core needs to know about the model and the task.
+The core knows nothing about models, data or reinforcement learning. What it
+adapts against is a **task loss closure**
 
-Algorithms are options of these functions, not copies of them:
+    task_loss(weights, step) -> [num_tasks]
 
-* second-order MAML (default): the outer tape differentiates through the
-  inner gradient steps;
-* first-order MAML (`first_order=True`): inner gradients are held constant,
-  so the meta-gradient is the query-loss gradient at the adapted weights;
-* `num_inner_steps=0`: plain joint training of the initialization on every
-  task (the paper's "pretrained" baseline).
+a function of the task-batched adapted weights and of the inner-step index
+(a Python int, or a scalar tensor inside a graph loop), returning each task's
+loss. A supervised loss on a support set is one such closure
+(`supervised_loss`); a policy-gradient surrogate on sampled trajectories is
+another. How a step moves the weights is an **update rule** (`SGD`, with a
+scalar, per-tensor, per-element and optionally per-step learning rate that may
+itself be a tensor under a tape, which is how learned rates get their
+meta-gradient; `Adam`, the inner optimizer of Reptile).
+
+`meta_gradients(objective, meta_params)` differentiates any scalar objective of
+a structure of meta-parameters (the initialization θ, learned rates, per-step
+normalization weights, ...). Whether the inner steps are differentiated through
+(second order) or held constant (first order) is the `first_order` option of
+`inner_step`/`adapt`.
 """
 
 import tensorflow as tf
 
-__all__ = ["broadcast_to_tasks", "inner_step", "adapt", "meta_gradients"]
+__all__ = ["broadcast_to_tasks", "supervised_loss", "SGD", "Adam", "inner_step", "adapt",
+           "meta_gradients"]
 
 
 def broadcast_to_tasks(params, num_tasks):
@@ -49,13 +57,31 @@ def broadcast_to_tasks(params, num_tasks):
     return out
 
 
-def _learning_rates(inner_lr, num_weights):
-    if isinstance(inner_lr, (list, tuple)):
-        if len(inner_lr) != num_weights:
-            raise ValueError(
-                f"inner_lr has {len(inner_lr)} entries but there are {num_weights} weights")
-        return list(inner_lr)
-    return [inner_lr] * num_weights
+def supervised_loss(forward, loss_fn, x, y, training=True):
+    """The task loss closure of a supervised set (e.g. each task's support set).
+
+    Args:
+        forward: `forward(weights, x, training) -> predictions`, task-batched.
+        loss_fn: `loss_fn(y_true, y_pred) -> [num_tasks]`.
+        x: inputs `[num_tasks, batch, ...]`.
+        y: targets `[num_tasks, batch, ...]`.
+        training: passed to `forward`.
+
+    Returns:
+        `task_loss(weights, step) -> [num_tasks]` (the step index is unused).
+
+    Example:
+
+    ```python
+    loss = supervised_loss(forward, losses.mean_squared_error, support_x, support_y)
+    adapted, _ = adapt(loss, weights, num_steps=1, update=SGD(0.01))
+    ```
+    """
+    def task_loss(weights, step):
+        del step
+        return loss_fn(y, forward(weights, x, training))
+
+    return task_loss
 
 
 def _as_dtype(value, dtype):
@@ -65,58 +91,145 @@ def _as_dtype(value, dtype):
     return tf.constant(value, dtype)
 
 
-def inner_step(forward, weights, x, y, loss_fn, inner_lr, first_order=False, training=True):
-    """Takes one gradient-descent step on every task's support set.
+def _at_step(value, step):
+    """Row `min(step, len - 1)` of a per-step tensor (steps past the end reuse the last row)."""
+    value = tf.convert_to_tensor(value)
+    if isinstance(step, int):
+        return value[min(step, value.shape[0] - 1)]
+    last = tf.cast(tf.shape(value)[0] - 1, step.dtype)
+    return tf.gather(value, tf.minimum(step, last))
+
+
+class SGD:
+    """The inner update θ' = θ − α·g of MAML, with any shape of learning rate.
 
     Args:
-        forward: `forward(weights, x, training) -> predictions`, task-batched.
+        inner_lr: the step size α: a float or scalar tensor for every weight,
+            or a list with one entry per adapted weight, each broadcastable to
+            that weight's shape without the task axis (a scalar per tensor, or
+            a tensor of the weight's shape for per-element rates). Tensors may
+            be learned meta-parameters: the meta-gradient flows into them.
+        per_step: each rate has a leading step axis; step `s` uses row
+            `min(s, rows - 1)` (per-step rates, as MAML++'s LSLR).
+
+    Example:
+
+    ```python
+    update = SGD(0.4)                                        # MAML
+    update = SGD([tf.Variable(0.1 * tf.ones_like(v)) for v in params])  # Meta-SGD
+    ```
+    """
+
+    def __init__(self, inner_lr, per_step=False):
+        self.inner_lr = inner_lr
+        self.per_step = per_step
+
+    def init(self, weights):
+        """The rule's state for `weights` (none for SGD)."""
+        del weights
+        return ()
+
+    def rates(self, num_weights, step):
+        """The learning rate of every weight at `step`, a list."""
+        if isinstance(self.inner_lr, (list, tuple)):
+            if len(self.inner_lr) != num_weights:
+                raise ValueError(f"inner_lr has {len(self.inner_lr)} entries but there are "
+                                 f"{num_weights} adapted weights")
+            rates = list(self.inner_lr)
+        else:
+            rates = [self.inner_lr] * num_weights
+        if self.per_step:
+            rates = [_at_step(rate, step) for rate in rates]
+        return rates
+
+    def apply(self, weights, grads, state, step):
+        """Returns `(new_weights, new_state)` after one step with gradients `grads`."""
+        rates = self.rates(len(weights), step)
+        return [w - _as_dtype(lr, w.dtype) * g for w, lr, g in zip(weights, rates, grads)], state
+
+
+class Adam:
+    """Adam as an inner optimizer (Reptile uses it with `beta_1=0`).
+
+    Its moments carry the task axis like the weights: each task starts from
+    zero moments (a fresh optimizer per task).
+
+    Args:
+        learning_rate: float or scalar tensor.
+        beta_1, beta_2, epsilon: Adam's constants.
+    """
+
+    def __init__(self, learning_rate, beta_1=0.0, beta_2=0.999, epsilon=1e-8):
+        self.learning_rate = learning_rate
+        self.beta_1, self.beta_2, self.epsilon = beta_1, beta_2, epsilon
+
+    def init(self, weights):
+        zeros = [tf.zeros_like(w) for w in weights]
+        return (zeros, list(zeros), tf.zeros([], weights[0].dtype))
+
+    def apply(self, weights, grads, state, step):
+        del step
+        m, v, t = state
+        dtype = weights[0].dtype
+        t = t + 1
+        b1, b2 = _as_dtype(self.beta_1, dtype), _as_dtype(self.beta_2, dtype)
+        lr = _as_dtype(self.learning_rate, dtype) * tf.sqrt(1 - b2 ** t) / (1 - b1 ** t)
+        m = [b1 * mi + (1 - b1) * g for mi, g in zip(m, grads)]
+        v = [b2 * vi + (1 - b2) * tf.square(g) for vi, g in zip(v, grads)]
+        eps = _as_dtype(self.epsilon, dtype)
+        new = [w - lr * mi / (tf.sqrt(vi) + eps) for w, mi, vi in zip(weights, m, v)]
+        return new, (m, v, t)
+
+
+def inner_step(task_loss, weights, update, state=None, step=0, first_order=False):
+    """Takes one inner step on every task's loss.
+
+    Args:
+        task_loss: `task_loss(weights, step) -> [num_tasks]`.
         weights: list of task-batched weight tensors `[num_tasks, ...]`.
-        x: support inputs, `[num_tasks, batch, ...]`.
-        y: support targets, `[num_tasks, batch, ...]`.
-        loss_fn: `loss_fn(y_true, y_pred) -> [num_tasks]`, each task's mean loss.
-        inner_lr: the step size α: a float, a scalar tensor, or a list with one
-            (broadcastable) tensor per weight (per-parameter step sizes).
+        update: an update rule (`SGD`, `Adam`, or any object with
+            `init(weights)` and `apply(weights, grads, state, step)`).
+        state: the update rule's state (default `update.init(weights)`).
+        step: the inner-step index, passed to `task_loss` and `update`.
         first_order: hold the inner gradient constant (`stop_gradient`), so an
             enclosing tape does not differentiate through it.
-        training: passed to `forward` (batch statistics, dropout).
 
     Returns:
-        `(new_weights, task_losses)`: the adapted weights and the loss of every
-        task *before* the step, `[num_tasks]`.
+        `(new_weights, new_state, task_losses)`: the loss of every task is the
+        one *before* the step, `[num_tasks]`.
     """
+    if state is None:
+        state = update.init(weights)
     with tf.GradientTape() as tape:
         tape.watch(weights)
-        task_losses = loss_fn(y, forward(weights, x, training))
+        task_losses = task_loss(weights, step)
         total = tf.reduce_sum(task_losses)
     grads = tape.gradient(total, weights, unconnected_gradients=tf.UnconnectedGradients.ZERO)
     if first_order:
         grads = [tf.stop_gradient(g) for g in grads]
-    lrs = _learning_rates(inner_lr, len(weights))
-    new_weights = [w - _as_dtype(lr, w.dtype) * g for w, lr, g in zip(weights, lrs, grads)]
-    return new_weights, task_losses
+    new_weights, state = update.apply(weights, grads, state, step)
+    return new_weights, state, task_losses
 
 
-def adapt(forward, weights, support_x, support_y, loss_fn, inner_lr, num_steps,
-          first_order=False, training=True):
-    """Adapts task-batched weights to each task's support set.
+def adapt(task_loss, weights, num_steps, update, first_order=False):
+    """Adapts task-batched weights with `num_steps` inner steps.
 
-    θ'ᵢ = θ − α ∇θ L(support_i), repeated `num_steps` times, for all tasks at once.
+    θ'ᵢ = θ − α ∇θ Lᵢ(θ), repeated, for all tasks at once.
 
     Args:
-        forward: `forward(weights, x, training) -> predictions`, task-batched.
+        task_loss: `task_loss(weights, step) -> [num_tasks]`.
         weights: list of task-batched weight tensors (see `broadcast_to_tasks`).
-        support_x: `[num_tasks, support_size, ...]`.
-        support_y: `[num_tasks, support_size, ...]`.
-        loss_fn: `loss_fn(y_true, y_pred) -> [num_tasks]`.
-        inner_lr: step size α (float, scalar tensor or per-weight list).
-        num_steps: number of gradient steps: a Python int (0 returns
-            `weights`), or a scalar integer tensor (a graph loop, for step counts
-            known only at run time; always first order).
+        num_steps: a Python int (unrolled; 0 returns `weights`), or a scalar
+            integer tensor (a graph loop whose size is known only at run time,
+            e.g. a serving request, or many evaluation steps; first order,
+            since nothing may differentiate through it).
+        update: the update rule (e.g. `SGD(0.01)`).
         first_order: hold the inner gradients constant.
-        training: passed to `forward`.
 
     Returns:
-        The adapted weights, a list like `weights`.
+        `(adapted_weights, support_losses)`: the weights after the last step
+        and, for a Python `num_steps`, a list of each step's `[num_tasks]`
+        losses before that step (empty for a tensor `num_steps`).
 
     Raises:
         ValueError: `num_steps` is negative.
@@ -125,84 +238,65 @@ def adapt(forward, weights, support_x, support_y, loss_fn, inner_lr, num_steps,
 
     ```python
     weights = broadcast_to_tasks(model.trainable_variables, num_tasks)
-    adapted = adapt(forward, weights, sx, sy, losses.mean_squared_error,
-                    inner_lr=0.01, num_steps=1)
+    loss = supervised_loss(forward, losses.mean_squared_error, sx, sy)
+    adapted, _ = adapt(loss, weights, num_steps=1, update=SGD(0.01))
     predictions = forward(adapted, qx)
     ```
     """
     if isinstance(num_steps, (tf.Tensor, tf.Variable)):
-        # A step count known only at run time (e.g. a serving request): a graph
-        # loop. Only first-order use is supported (nothing differentiates
-        # through it here).
-        def body(step, *ws):
-            new, _ = inner_step(forward, list(ws), support_x, support_y, loss_fn, inner_lr,
-                                first_order=True, training=training)
-            return (step + 1, *new)
+        state = update.init(weights)
+        flat_state = tf.nest.flatten(state)
 
-        shapes = (tf.TensorShape([]), *[w.shape for w in weights])
-        outputs = tf.while_loop(lambda step, *ws: step < num_steps, body,
-                                (tf.zeros([], num_steps.dtype), *weights),
-                                shape_invariants=shapes)
-        return list(outputs[1:])
+        def body(step, ws, st):
+            new, st, _ = inner_step(task_loss, list(ws), update,
+                                    tf.nest.pack_sequence_as(state, list(st)), step,
+                                    first_order=True)
+            return step + 1, new, tf.nest.flatten(st)
+
+        step0 = tf.zeros([], num_steps.dtype)
+        _, weights, _ = tf.while_loop(
+            lambda step, ws, st: step < num_steps, body, (step0, list(weights), flat_state),
+            shape_invariants=(step0.shape, [w.shape for w in weights],
+                              [s.shape for s in flat_state]))
+        return list(weights), []
     if num_steps < 0:
         raise ValueError(f"num_steps must be >= 0, got {num_steps}")
-    for _ in range(num_steps):
-        weights, _ = inner_step(forward, weights, support_x, support_y, loss_fn, inner_lr,
-                                first_order=first_order, training=training)
-    return weights
+    state = update.init(weights) if num_steps else None
+    losses = []
+    for step in range(num_steps):
+        weights, state, step_losses = inner_step(task_loss, weights, update, state, step,
+                                                 first_order)
+        losses.append(step_losses)
+    return weights, losses
 
 
-def meta_gradients(forward, params, episode, loss_fn, inner_lr, num_inner_steps,
-                   first_order=False, training=True, loss_scale=None):
-    """Computes the MAML meta-loss of a meta-batch and its gradient.
-
-    The meta-loss is the mean over tasks of the query loss after adapting to
-    the support set; its gradient with respect to the shared initialization
-    `params` differentiates through the inner loop (second order) unless
-    `first_order=True`.
+def meta_gradients(objective, meta_params):
+    """The value of a meta-objective and its gradient with respect to meta-parameters.
 
     Args:
-        forward: `forward(weights, x, training) -> predictions`, task-batched.
-        params: list of tensors or variables, the meta-initialization θ (no task axis).
-        episode: an `Episode` (or any object with `support_x`, `support_y`,
-            `query_x`, `query_y`), each `[num_tasks, batch, ...]`.
-        loss_fn: `loss_fn(y_true, y_pred) -> [num_tasks]`.
-        inner_lr: step size α (float, scalar tensor or per-weight list).
-        num_inner_steps: inner gradient steps (Python int, ≥ 0).
-        first_order: first-order MAML.
-        training: passed to `forward`.
-        loss_scale: the meta-loss is `sum(task query losses) * loss_scale`;
-            default `1 / num_tasks` (the mean). A distributed step passes
-            `1 / global_num_tasks`.
+        objective: `objective(meta_params) -> (scalar_loss, aux)`; typically
+            adapts with `adapt` inside and evaluates the adapted weights.
+        meta_params: a structure (list, dict, ...) of tensors or variables:
+            the initialization θ and whatever else is meta-learned.
 
     Returns:
-        `(meta_loss, grads, outputs)`: the scalar meta-loss, one gradient per
-        entry of `params`, and a dict with `support_losses` (`[num_tasks]`,
-        before adaptation), `query_losses` (`[num_tasks]`, after adaptation)
-        and `query_predictions` (after adaptation).
-    """
-    params = [tf.convert_to_tensor(p) for p in params]
-    num_tasks = tf.shape(episode.support_x)[0]
-    with tf.GradientTape() as tape:
-        tape.watch(params)
+        `(loss, grads, aux)`: `grads` has the structure of `meta_params`
+        (zeros for parameters the loss does not depend on).
+
+    Example:
+
+    ```python
+    def objective(params):
         weights = broadcast_to_tasks(params, num_tasks)
-        support_losses = None
-        for _ in range(num_inner_steps):
-            weights, losses = inner_step(forward, weights, episode.support_x, episode.support_y,
-                                         loss_fn, inner_lr, first_order, training)
-            if support_losses is None:
-                support_losses = losses
-        query_predictions = forward(weights, episode.query_x, training)
-        query_losses = loss_fn(episode.query_y, query_predictions)
-        if loss_scale is None:
-            meta_loss = tf.reduce_mean(query_losses)
-        else:
-            meta_loss = tf.reduce_sum(query_losses) * tf.cast(loss_scale, query_losses.dtype)
-    grads = tape.gradient(meta_loss, params, unconnected_gradients=tf.UnconnectedGradients.ZERO)
-    if support_losses is None:
-        support_losses = tf.fill([num_tasks], tf.constant(float("nan"), query_losses.dtype))
-    return meta_loss, grads, {
-        "support_losses": support_losses,
-        "query_losses": query_losses,
-        "query_predictions": query_predictions,
-    }
+        adapted, _ = adapt(supervised_loss(forward, loss_fn, sx, sy), weights, 1, SGD(0.4))
+        return tf.reduce_mean(loss_fn(qy, forward(adapted, qx))), {}
+
+    loss, grads, _ = meta_gradients(objective, model.trainable_variables)
+    ```
+    """
+    flat = [tf.convert_to_tensor(p) for p in tf.nest.flatten(meta_params)]
+    with tf.GradientTape() as tape:
+        tape.watch(flat)
+        loss, aux = objective(tf.nest.pack_sequence_as(meta_params, flat))
+    grads = tape.gradient(loss, flat, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+    return loss, tf.nest.pack_sequence_as(meta_params, grads), aux

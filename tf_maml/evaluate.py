@@ -15,7 +15,8 @@ flags.DEFINE_string("baseline_dir", None,
                     "--num_inner_steps=0) evaluated on the same tasks with the same protocol.")
 flags.DEFINE_string("output_dir", None, "Where results and plots go (default: --model_dir).")
 flags.mark_flag_as_required("model_dir")
-OVERRIDABLE = ("num_eval_steps", "num_eval_tasks", "inner_lr", "data_dir", "cache_dir")
+OVERRIDABLE = ("num_eval_steps", "num_eval_tasks", "inner_lr", "transductive", "data_dir",
+               "cache_dir")
 cli.define_config_flags(OVERRIDABLE)
 FLAGS = flags.FLAGS
 

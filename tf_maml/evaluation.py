@@ -17,44 +17,71 @@ __all__ = ["adaptation_curve", "make_curve_fn", "evaluate_model", "summarize", "
 EVAL_BATCH_SIZE = 100
 
 
-def adaptation_curve(forward, params, episode, loss_fn, metric_fn, inner_lr, num_steps,
-                     training=True):
+def _predict_each_alone(algorithm, params, weights, support_x, query_x, step):
+    """Predicts every query example in a batch of its own beside the support set.
+
+    The non-transductive protocol: batch normalization sees the support set and
+    that one query example, never the other query examples.
+    """
+    num_queries = query_x.shape[1]
+    num_tasks = tf.shape(query_x)[0]
+    repeated = [tf.repeat(w, num_queries, axis=0) for w in weights]
+    support = tf.repeat(support_x, num_queries, axis=0)                    # [T*Q, S, ...]
+    query = tf.reshape(query_x, tf.concat([[-1, 1], tf.shape(query_x)[2:]], 0))  # [T*Q, 1, ...]
+    predictions = algorithm.predict(params, repeated, tf.concat([support, query], 1), step)
+    last = predictions[:, -1]
+    return tf.reshape(last, tf.concat([[num_tasks, num_queries], tf.shape(last)[1:]], 0))
+
+
+def adaptation_curve(algorithm, params, episode, metric_fn, num_steps, inner_lr=None,
+                     transductive=True):
     """Query metrics of every task after 0, 1, ..., `num_steps` inner steps.
 
     Args:
-        forward: task-batched forward function.
-        params: the initialization θ (list of tensors or variables, no task axis).
+        algorithm: a `tf_maml.algorithms` algorithm (how weights adapt and predict).
+        params: its meta-parameters (`algorithm.meta_variables` or tensors).
         episode: an `Episode` of held-out tasks.
-        loss_fn: per-task loss used for adaptation.
         metric_fn: per-task metric reported on the query set.
-        inner_lr: step size α.
         num_steps: Python int.
-        training: passed to `forward` (per-task batch statistics).
+        inner_lr: a scalar step size replacing the algorithm's own rates
+            (`None`: the algorithm's, learned ones included).
+        transductive: predict each task's query set as one batch; false
+            predicts every query example alone beside the support set.
 
     Returns:
         `(metrics, predictions)`: `metrics` is `[num_steps + 1, num_tasks]`;
         `predictions` is a list of the query predictions after each step.
     """
     num_tasks = tf.shape(episode.support_x)[0]
-    weights = core.broadcast_to_tasks(params, num_tasks)
+    support = algorithm.task_inputs(params, episode.support_x)
+    query = algorithm.task_inputs(params, episode.query_x) if transductive else None
+    weights = algorithm.initial_weights(params, num_tasks)
+    update = algorithm.inner_update(params, inner_lr)
+    task_loss = algorithm.task_loss(params, support, episode.support_y)
+    state = update.init(weights)
     metrics, predictions = [], []
     for step in range(num_steps + 1):
         if step > 0:
-            weights, _ = core.inner_step(forward, weights, episode.support_x, episode.support_y,
-                                         loss_fn, inner_lr, first_order=True, training=training)
-        prediction = forward(weights, episode.query_x, training)
+            weights, state, _ = core.inner_step(task_loss, weights, update, state, step - 1,
+                                                first_order=True)
+        if transductive:
+            prediction = algorithm.predict_from_inputs(params, weights, query, step)
+        else:
+            prediction = _predict_each_alone(algorithm, params, weights, episode.support_x,
+                                             episode.query_x, step)
         predictions.append(prediction)
         metrics.append(metric_fn(episode.query_y, prediction))
     return tf.stack(metrics), predictions
 
 
-def make_curve_fn(forward, loss_fn, metric_fn, inner_lr, num_steps, jit_compile=False):
+def make_curve_fn(algorithm, metric_fn, num_steps, inner_lr=None, transductive=True,
+                  jit_compile=False):
     """A compiled `fn(params, episode) -> [num_steps + 1, num_tasks]` metrics."""
 
     @tf.function(jit_compile=jit_compile, reduce_retracing=True)
     def curve(params, episode):
-        metrics, _ = adaptation_curve(forward, params, episode, loss_fn, metric_fn, inner_lr,
-                                      num_steps)
+        metrics, _ = adaptation_curve(algorithm, params, episode, metric_fn, num_steps,
+                                      inner_lr, transductive)
         return metrics
 
     return curve

@@ -6,7 +6,8 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from tf_maml import evaluation, trainer
+from tf_maml import evaluation
+from tf_maml import experiment as experiment_lib
 from tf_maml import tasks as tasks_lib
 from tf_maml.tasks import SineTasks, step_seed
 
@@ -18,9 +19,13 @@ CURVE_FILENAME = "eval_curve.png"
 SINE_FIT_FILENAME = "sine_fit.png"
 
 
+ALGORITHM_LABELS = {"maml": "MAML", "anil": "ANIL", "metasgd": "Meta-SGD", "mamlpp": "MAML++",
+                    "reptile": "Reptile"}
+
+
 def _label(config, model_dir, taken):
-    label = "MAML" if config.num_inner_steps > 0 else "pretrained"
-    if config.num_inner_steps > 0 and config.first_order:
+    label = ALGORITHM_LABELS[config.algorithm] if config.num_inner_steps > 0 else "pretrained"
+    if config.num_inner_steps > 0 and config.first_order and config.algorithm == "maml":
         label = "FOMAML"
     return label if label not in taken else os.path.basename(os.path.normpath(model_dir))
 
@@ -49,24 +54,26 @@ def evaluate_and_report(model_dir, baseline_dir=None, output_dir=None, **overrid
     """
     output_dir = output_dir or model_dir
     os.makedirs(output_dir, exist_ok=True)
-    experiment, step = trainer.restore_model(model_dir, overrides)
+    experiment, step = experiment_lib.restore(model_dir, overrides, load_tasks=True)
     config = experiment.config
     runs = {_label(config, model_dir, ()): (experiment, step)}
     if baseline_dir:
         # The baseline is evaluated on this run's tasks: its own data is not loaded.
-        baseline, baseline_step = trainer.restore_model(baseline_dir, tasks=experiment.tasks)
+        baseline, baseline_step = experiment_lib.restore(baseline_dir, tasks=experiment.tasks)
         shapes = [tuple(v.shape) for v in experiment.model.trainable_variables]
         if [tuple(v.shape) for v in baseline.model.trainable_variables] != shapes:
             raise ValueError(f"{baseline_dir} holds a different architecture than {model_dir}")
         runs[_label(baseline.config, baseline_dir, runs)] = (baseline, baseline_step)
 
-    jit = trainer.resolve_jit_compile(config, experiment.model)
+    jit = experiment_lib.resolve_jit_compile(config, experiment.model)
+    # An --inner_lr given at evaluation replaces the algorithms' own (learned) rates.
+    inner_lr = overrides.get("inner_lr")
     results, curve_fns = {}, {}
     for label, (run, run_step) in runs.items():
-        curve_fns[label] = evaluation.make_curve_fn(run.forward, experiment.loss_fn,
-                                                    experiment.metric_fn, config.inner_lr,
-                                                    config.num_eval_steps, jit_compile=jit)
-        per_task = evaluation.evaluate_model(curve_fns[label], run.model.trainable_variables,
+        curve_fns[label] = evaluation.make_curve_fn(run.algorithm, experiment.metric_fn,
+                                                    config.num_eval_steps, inner_lr,
+                                                    config.transductive, jit_compile=jit)
+        per_task = evaluation.evaluate_model(curve_fns[label], run.algorithm.meta_variables,
                                              experiment.tasks, config.seed,
                                              config.num_eval_tasks, tasks_lib.TEST,
                                              evaluation.batch_size_for(config))
@@ -77,9 +84,12 @@ def evaluate_and_report(model_dir, baseline_dir=None, output_dir=None, **overrid
     name = experiment.metric_name
     task = f"{config.n_way}-way " if experiment.tasks.is_classification else ""
     table = evaluation.format_table(name, results)
+    protocol = "" if config.transductive else ", non-transductive"
     print(f"\n{name} on {config.num_eval_tasks} held-out {config.dataset} {task}tasks "
-          f"(K={config.k_shot}, inner_lr={config.inner_lr}), mean ± 95% CI:\n{table}\n")
+          f"(K={config.k_shot}, inner_lr={inner_lr or config.inner_lr}{protocol}), "
+          f"mean ± 95% CI:\n{table}\n")
     extra = {"num_tasks": config.num_eval_tasks, "inner_lr": config.inner_lr,
+             "algorithm": config.algorithm, "transductive": config.transductive,
              "k_shot": config.k_shot, "dataset": config.dataset, "model": config.model_name,
              "n_way": config.n_way if experiment.tasks.is_classification else None,
              "steps_trained": {label: s for label, (_, s) in runs.items()}}
@@ -137,8 +147,8 @@ def _plot_sine(path, runs, experiment, config):
     panels = {}
     for label, (run, _) in runs.items():
         _, predictions = evaluation.adaptation_curve(
-            run.forward, run.model.trainable_variables, episode, experiment.loss_fn,
-            experiment.metric_fn, config.inner_lr, config.num_eval_steps)
+            run.algorithm, run.algorithm.meta_variables, episode, experiment.metric_fn,
+            config.num_eval_steps)
         panels[f"{label}, K={config.k_shot}"] = [p.numpy()[0, :, 0] for p in predictions]
     shown = sorted({0, 1, config.num_eval_steps})
     return evaluation.plot_sine_fits(path, panels, episode.support_x.numpy()[0, :, 0],

@@ -32,9 +32,8 @@ import re
 import keras
 import tensorflow as tf
 
-from tf_maml import core
-
-__all__ = ["build_export_archive", "export", "MAX_INNER_STEPS", "SIGNATURES"]
+__all__ = ["AdaptationSignatures", "build_export_archive", "export", "MAX_INNER_STEPS",
+           "SIGNATURES"]
 
 SIGNATURES = ("serving_default", "adapt", "adapt_custom", "adapted_weights")
 MAX_INNER_STEPS = 1000
@@ -100,52 +99,77 @@ def _weight_names(model):
     return names
 
 
-def build_export_archive(experiment, num_eval_steps, inner_lr):
-    """Builds the `keras.export.ExportArchive` with the serving signatures.
+class AdaptationSignatures:
+    """The serving signatures as plain, testable methods over one task's tensors.
+
+    Built from the algorithm (which holds the model, its forward, its loss and
+    any learned meta-parameters) and the input/label spec; nothing here knows
+    the data pipeline. `build_export_archive` registers each method as a
+    signature.
 
     Args:
-        experiment: a `tf_maml.trainer.Experiment` (model holds the meta-initialization).
-        num_eval_steps: inner steps of the `adapt` signature.
-        inner_lr: step size of the `adapt` signature.
+        algorithm: a `tf_maml.algorithms` algorithm whose variables hold the
+            meta-parameters to export.
+        spec: the task family's `TaskSpec` (input shape, output size,
+            classification).
+        num_eval_steps: inner steps of `adapt` and `adapted_weights`.
+        inner_lr: a scalar step size for `adapt` replacing the algorithm's own
+            rates, or `None` to use the algorithm's (learned rates included).
 
-    Returns:
-        A `keras.export.ExportArchive`, ready for `write_out`.
+    Example:
+
+    ```python
+    signatures = AdaptationSignatures(experiment.algorithm, experiment.spec, 10, None)
+    out = signatures.adapt(support_x, support_y, query_x)["predictions"]
+    ```
     """
-    model, forward, tasks = experiment.model, experiment.forward, experiment.tasks
-    loss_fn = experiment.loss_fn
-    classification = tasks.is_classification
-    input_shape = list(tasks.input_shape)
-    output_size = tasks.output_size
-    dtype = model.trainable_variables[0].dtype
-    label_dtype = tf.int32 if classification else dtype
-    params = model.trainable_variables
-    names = _weight_names(model)
 
-    def outputs(predictions):
+    def __init__(self, algorithm, spec, num_eval_steps, inner_lr=None):
+        self.algorithm = algorithm
+        self.model = algorithm.model
+        self.classification = spec.is_classification
+        self.input_shape = list(spec.input_shape)
+        self.output_size = spec.output_size
+        self.num_eval_steps = num_eval_steps
+        self.inner_lr = inner_lr
+        self.dtype = self.model.trainable_variables[0].dtype
+        self.label_dtype = tf.int32 if self.classification else self.dtype
+        self.weight_names = _weight_names(self.model)
+
+    @property
+    def meta_params(self):
+        return self.algorithm.meta_variables
+
+    def _outputs(self, predictions):
         result = {"predictions": predictions}
-        if classification:
+        if self.classification:
             result["probabilities"] = tf.nn.softmax(predictions)
         return result
 
-    def adapted(support_x, support_y, steps, lr):
-        support_x = _validated_inputs("support_x", support_x, input_shape)
-        support_y = _validated_labels(support_y, tf.shape(support_x)[0], classification,
-                                      output_size)
-        weights = core.broadcast_to_tasks(params, 1)
-        return core.adapt(forward, weights, support_x[None], support_y[None], loss_fn, lr, steps,
-                          first_order=True)
+    def _adapted(self, support_x, support_y, steps, lr):
+        support_x = _validated_inputs("support_x", support_x, self.input_shape)
+        support_y = _validated_labels(support_y, tf.shape(support_x)[0], self.classification,
+                                      self.output_size)
+        adapted, _ = self.algorithm.adapt(self.meta_params, support_x[None], support_y[None],
+                                          steps, first_order=True, inner_lr=lr)
+        return adapted
 
-    def predict(weights, query_x):
-        query_x = _validated_inputs("query_x", query_x, input_shape)
-        return forward(weights, query_x[None])[0]
+    def _predict(self, adapted, query_x, step):
+        query_x = _validated_inputs("query_x", query_x, self.input_shape)
+        return self.algorithm.predict(self.meta_params, adapted, query_x[None], step)[0]
 
-    def serve(x):
-        return outputs(predict(core.broadcast_to_tasks(params, 1), x))
+    def serve(self, x):
+        """`x` `[n, *input_shape]` -> predictions of the meta-initialization."""
+        initial = self.algorithm.initial_weights(self.meta_params, 1)
+        return self._outputs(self._predict(initial, x, 0))
 
-    def adapt(support_x, support_y, query_x):
-        return outputs(predict(adapted(support_x, support_y, num_eval_steps, inner_lr), query_x))
+    def adapt(self, support_x, support_y, query_x):
+        """Adapts to one support set with the export's protocol; predicts the query set."""
+        adapted = self._adapted(support_x, support_y, self.num_eval_steps, self.inner_lr)
+        return self._outputs(self._predict(adapted, query_x, self.num_eval_steps))
 
-    def adapt_custom(support_x, support_y, query_x, inner_steps, inner_lr):
+    def adapt_custom(self, support_x, support_y, query_x, inner_steps, inner_lr):
+        """`adapt` with the request's step count and scalar step size (plain SGD)."""
         checks = [
             _check((inner_steps >= 0) & (inner_steps <= MAX_INNER_STEPS),
                    f"inner_steps must be in [0, {MAX_INNER_STEPS}]; got", [inner_steps]),
@@ -154,37 +178,56 @@ def build_export_archive(experiment, num_eval_steps, inner_lr):
         ]
         with tf.control_dependencies(checks):
             steps = tf.identity(inner_steps)
-        weights = adapted(support_x, support_y, steps, tf.cast(inner_lr, dtype))
-        return outputs(predict(weights, query_x))
+        adapted = self._adapted(support_x, support_y, steps, tf.cast(inner_lr, self.dtype))
+        return self._outputs(self._predict(adapted, query_x, steps))
 
-    def adapted_weights(support_x, support_y):
-        weights = adapted(support_x, support_y, num_eval_steps, inner_lr)
-        return {name: w[0] for name, w in zip(names, weights)}
+    def adapted_weights(self, support_x, support_y):
+        """The model's weights after `adapt`'s adaptation, one output per weight."""
+        adapted = self._adapted(support_x, support_y, self.num_eval_steps, self.inner_lr)
+        weights = self.algorithm.full_weights(self.meta_params, adapted, self.num_eval_steps)
+        return {name: w[0] for name, w in zip(self.weight_names, weights)}
 
+
+def build_export_archive(signatures):
+    """Builds the `keras.export.ExportArchive` with the serving signatures.
+
+    Args:
+        signatures: an `AdaptationSignatures`.
+
+    Returns:
+        A `keras.export.ExportArchive`, ready for `write_out`.
+    """
     archive = keras.export.ExportArchive()
-    archive.track(model)
-    archive.add_endpoint("serving_default", serve, [tf.TensorSpec(None, dtype, name="x")])
+    archive.track(signatures.model)
+    if signatures.algorithm.extra_variables:
+        archive.track(signatures.algorithm.state)
+    dtype, label_dtype = signatures.dtype, signatures.label_dtype
+    archive.add_endpoint("serving_default", signatures.serve,
+                         [tf.TensorSpec(None, dtype, name="x")])
     support = [tf.TensorSpec(None, dtype, name="support_x"),
                tf.TensorSpec(None, label_dtype, name="support_y")]
     query = [tf.TensorSpec(None, dtype, name="query_x")]
-    archive.add_endpoint("adapt", adapt, support + query)
-    archive.add_endpoint("adapt_custom", adapt_custom, support + query + [
+    archive.add_endpoint("adapt", signatures.adapt, support + query)
+    archive.add_endpoint("adapt_custom", signatures.adapt_custom, support + query + [
         tf.TensorSpec([], tf.int32, name="inner_steps"),
         tf.TensorSpec([], tf.float32, name="inner_lr")])
-    archive.add_endpoint("adapted_weights", adapted_weights, support)
+    archive.add_endpoint("adapted_weights", signatures.adapted_weights, support)
     return archive
 
 
-def export(experiment, export_dir, version, num_eval_steps, inner_lr, overwrite=False):
+def export(experiment, export_dir, version, num_eval_steps, inner_lr=None, overwrite=False):
     """Writes the SavedModel to `<export_dir>/<version>/` (TF Serving's layout).
 
     The run's config is written to `<version>/assets.extra/tf_maml_config.json`.
 
     Args:
-        experiment: the restored run.
+        experiment: the restored run (`tf_maml.experiment.Experiment`; its
+            task family need not be loaded).
         export_dir: the model's base path for TF Serving.
         version: positive integer version.
-        num_eval_steps, inner_lr: the `adapt` signature's protocol.
+        num_eval_steps: inner steps of the `adapt` signature.
+        inner_lr: scalar step size of `adapt`, or `None` for the algorithm's
+            own rates (learned ones included).
         overwrite: replace an existing version.
 
     Returns:
@@ -200,7 +243,8 @@ def export(experiment, export_dir, version, num_eval_steps, inner_lr, overwrite=
         if not overwrite:
             raise ValueError(f"{path} already exists; pass another version or overwrite")
         tf.io.gfile.rmtree(path)
-    archive = build_export_archive(experiment, num_eval_steps, inner_lr)
+    archive = build_export_archive(AdaptationSignatures(experiment.algorithm, experiment.spec,
+                                                        num_eval_steps, inner_lr))
     tmp = path + ".tmp"
     if tf.io.gfile.exists(tmp):
         tf.io.gfile.rmtree(tmp)

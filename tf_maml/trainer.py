@@ -1,4 +1,9 @@
-"""Meta-training: the loop around `core.meta_gradients`.
+"""Meta-training: the loop around an algorithm's meta-step.
+
+The loop is the same for every algorithm (`tf_maml.algorithms`): it keeps
+checkpoints, summaries, validation, progress and distribution, and calls
+`algorithm.meta_step(episode, loss_scale, iteration)` for the gradients of
+`algorithm.meta_variables`, which `algorithm.make_optimizer` applies.
 
 `train(config, model_dir)` builds the task family and the model, restores the
 latest checkpoint of `model_dir` if there is one (step, weights, optimizer
@@ -8,69 +13,26 @@ progress lines, TensorBoard summaries, periodic validation on held-out tasks and
 checkpoints. A checkpoint is also written when the loop is interrupted.
 """
 
-import dataclasses
 import os
 import time
 
-import keras
 import tensorflow as tf
 from absl import logging
 
 from tf_maml import config as config_lib
-from tf_maml import core, distribute, evaluation, functional, losses, models
+from tf_maml import distribute, evaluation
+from tf_maml import experiment as experiment_lib
 from tf_maml import tasks as tasks_lib
+from tf_maml.experiment import CHECKPOINT_SUBDIR
 
-__all__ = ["Experiment", "build_experiment", "make_train_step", "make_train_loop",
-           "restore_model", "train", "resolve_jit_compile"]
+__all__ = ["make_train_step", "make_train_loop", "train"]
 
-CHECKPOINT_SUBDIR = "checkpoints"
 NUM_VALIDATION_TASKS = 100
 # The loop runs as many steps per call as fit in about this many seconds:
 # fast steps (sine: ~0.5 ms) are not dominated by Python overhead, and an
 # interrupt (Ctrl-C) is still handled within about this long.
 SECONDS_PER_CALL = 0.5
 MAX_STEPS_PER_CALL = 1000
-
-
-@dataclasses.dataclass
-class Experiment:
-    """What a config builds: the task family, the model and its functional form."""
-    config: config_lib.Config
-    tasks: object
-    model: keras.Model
-    forward: object
-    loss_fn: object
-    metric_fn: object
-    metric_name: str
-
-
-def build_experiment(config, tasks=None):
-    """Builds tasks (unless given), model (seeded by `config.seed`), forward, loss and metric."""
-    config.validate()
-    tasks = tasks if tasks is not None else tasks_lib.build(config)
-    keras.utils.set_random_seed(config.seed)
-    model = models.build(config, tasks.input_shape, tasks.output_size)
-    loss_fn, metric_fn, metric_name = losses.for_tasks(tasks)
-    return Experiment(config, tasks, model, functional.make_forward(model), loss_fn, metric_fn,
-                      metric_name)
-
-
-def resolve_jit_compile(config, model):
-    """XLA on/off for a run.
-
-    "auto" uses XLA except (a) for convolutional models on CPU: measured on TF
-    2.21, XLA makes dense meta-steps ~2.5x faster and convolutional ones 11-16x
-    slower; (b) for second-order training of models with max-pooling, whose
-    second derivative XLA computes only approximately (~2% meta-gradient error).
-    """
-    if config.jit_compile != "auto":
-        return config.jit_compile == "true"
-    layers = list(model._flatten_layers())
-    has_conv = any(isinstance(layer, keras.layers.Conv2D) for layer in layers)
-    has_max_pool = any(isinstance(layer, keras.layers.MaxPooling2D) for layer in layers)
-    if has_max_pool and not config.first_order and config.num_inner_steps > 0:
-        return False
-    return not (has_conv and not tf.config.list_physical_devices("GPU"))
 
 
 def make_train_step(experiment, optimizer, step_counter, jit_compile=False, strategy=None):
@@ -85,7 +47,7 @@ def make_train_step(experiment, optimizer, step_counter, jit_compile=False, stra
 
     Args:
         experiment: an `Experiment`.
-        optimizer: a built Keras optimizer for `model.trainable_variables`
+        optimizer: a built Keras optimizer for `experiment.algorithm.meta_variables`
             (created in `strategy.scope()`).
         step_counter: int64 `tf.Variable`, incremented by each step.
         jit_compile: compile the meta-gradient computation with XLA.
@@ -97,7 +59,8 @@ def make_train_step(experiment, optimizer, step_counter, jit_compile=False, stra
         the query metric after adaptation.
     """
     config = experiment.config
-    variables = experiment.model.trainable_variables
+    algorithm = experiment.algorithm
+    variables = algorithm.meta_variables
     strategy = strategy or tf.distribute.get_strategy()
     counts = distribute.replica_task_counts(config.meta_batch_size, strategy.num_replicas_in_sync)
     offsets = [sum(counts[:r]) for r in range(len(counts))]
@@ -105,21 +68,19 @@ def make_train_step(experiment, optimizer, step_counter, jit_compile=False, stra
     metric = f"query_{experiment.metric_name}"
 
     @tf.function(jit_compile=jit_compile)
-    def compute(episode):
-        meta_loss, grads, outputs = core.meta_gradients(
-            experiment.forward, variables, episode, experiment.loss_fn, config.inner_lr,
-            config.num_inner_steps, first_order=config.first_order, loss_scale=scale)
+    def compute(episode, iteration):
+        meta_loss, grads, outputs = algorithm.meta_step(episode, scale, iteration)
         # Each log is this replica's sum over its tasks / the global task count:
         # summed over replicas, the mean over the meta-batch.
         return grads, {
             "meta_loss": meta_loss,
-            "support_loss_before_adaptation": tf.reduce_sum(outputs["support_losses"]) * scale,
+            "support_loss_before_adaptation": tf.reduce_sum(outputs.support_losses) * scale,
             metric: tf.reduce_sum(
-                experiment.metric_fn(episode.query_y, outputs["query_predictions"])) * scale,
+                experiment.metric_fn(episode.query_y, outputs.query_predictions)) * scale,
         }
 
     def replica_step(episode):
-        grads, logs = compute(episode)
+        grads, logs = compute(episode, step_counter.read_value())
         optimizer.apply_gradients(zip(grads, variables))
         step_counter.assign_add(1)
         return logs
@@ -158,37 +119,6 @@ def make_train_loop(train_step):
         return logs
 
     return train_loop
-
-
-def restore_model(model_dir, overrides=None, tasks=None, checkpoint_path=None):
-    """Loads the config and the latest meta-initialization of a training run.
-
-    Args:
-        model_dir: a directory written by `train`.
-        overrides: dict of `Config` fields replacing the saved ones (e.g. a
-            moved `data_dir`, evaluation settings).
-        tasks: use this task family instead of building the config's.
-        checkpoint_path: a checkpoint (default: the latest in `model_dir`).
-
-    Returns:
-        `(experiment, step)`.
-
-    Raises:
-        FileNotFoundError: no config or no checkpoint in `model_dir`.
-        ValueError: invalid overrides.
-    """
-    config = dataclasses.replace(config_lib.load(model_dir), **(overrides or {})).validate()
-    experiment = build_experiment(config, tasks)
-    step = tf.Variable(0, dtype=tf.int64)
-    checkpoint = tf.train.Checkpoint(model=experiment.model, step=step)
-    path = checkpoint_path or tf.train.latest_checkpoint(
-        os.path.join(model_dir, CHECKPOINT_SUBDIR))
-    if path is None:
-        raise FileNotFoundError(f"no checkpoint in {os.path.join(model_dir, CHECKPOINT_SUBDIR)}")
-    if not tf.io.gfile.exists(path + ".index"):
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    checkpoint.restore(path).expect_partial()
-    return experiment, int(step.numpy())
 
 
 class _Progress:
@@ -246,13 +176,16 @@ def train(config, model_dir):
     output_dir = distribute.worker_dir(model_dir, strategy)
 
     with strategy.scope():
-        experiment = build_experiment(config)
+        experiment = experiment_lib.build_experiment(config)
         model = experiment.model
-        optimizer = keras.optimizers.Adam(config.meta_lr)
-        optimizer.build(model.trainable_variables)
+        algorithm = experiment.algorithm
+        optimizer = algorithm.make_optimizer(config.meta_lr, config.num_iterations)
+        optimizer.build(algorithm.meta_variables)
         step = tf.Variable(0, dtype=tf.int64, name="step",
                            aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
-    checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, step=step)
+    if chief:
+        experiment_lib.save_spec(experiment.spec, model_dir)
+    checkpoint = experiment_lib.make_checkpoint(experiment, optimizer=optimizer, step=step)
     manager = tf.train.CheckpointManager(checkpoint, os.path.join(output_dir, CHECKPOINT_SUBDIR),
                                          max_to_keep=3)
     # Every worker resumes from the chief's checkpoints.
@@ -265,17 +198,18 @@ def train(config, model_dir):
         logging.info("Already trained for %d iterations; nothing to do.", start)
         return experiment, start
 
-    jit = resolve_jit_compile(config, model)
-    logging.info("Meta-training %s on %s: %d iterations, layer-batched forward: %s, XLA: %s, "
-                 "%d replica(s)", config.model_name, config.dataset, config.num_iterations,
-                 experiment.forward.vectorized, jit, strategy.num_replicas_in_sync)
+    jit = experiment_lib.resolve_jit_compile(config, model)
+    logging.info("Meta-training %s with %s on %s: %d iterations, layer-batched forward: %s, "
+                 "XLA: %s, %d replica(s)", config.model_name, algorithm.name, config.dataset,
+                 config.num_iterations, experiment.forward.vectorized, jit,
+                 strategy.num_replicas_in_sync)
     train_step = make_train_step(experiment, optimizer, step, jit_compile=jit, strategy=strategy)
-    curve_fn = evaluation.make_curve_fn(experiment.forward, experiment.loss_fn,
-                                        experiment.metric_fn, config.inner_lr,
+    curve_fn = evaluation.make_curve_fn(algorithm, experiment.metric_fn,
                                         max(config.num_inner_steps, 1), jit_compile=jit)
+    train_k_shot = config.train_k_shot or None
     dataset = tasks_lib.episode_dataset(
-        lambda seed: experiment.tasks.sample(seed, config.meta_batch_size), config.seed, start,
-        config.num_iterations, stream=tasks_lib.TRAIN)
+        lambda seed: experiment.tasks.sample(seed, config.meta_batch_size, k_shot=train_k_shot),
+        config.seed, start, config.num_iterations, stream=tasks_lib.TRAIN)
     writer = (tf.summary.create_file_writer(os.path.join(model_dir, "train")) if chief
               else tf.summary.create_noop_writer())
     progress = _Progress(start, config.num_iterations)
@@ -325,7 +259,7 @@ def _validate(experiment, curve_fn, writer, step):
     """Pre/post-adaptation query metrics on held-out validation tasks."""
     config = experiment.config
     per_task = evaluation.evaluate_model(
-        curve_fn, experiment.model.trainable_variables, experiment.tasks, config.seed,
+        curve_fn, experiment.algorithm.meta_variables, experiment.tasks, config.seed,
         NUM_VALIDATION_TASKS, tasks_lib.VALIDATION, evaluation.batch_size_for(config))
     mean, _ = evaluation.summarize(per_task)
     name = experiment.metric_name

@@ -17,6 +17,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 from tf_maml import config as config_lib  # noqa: E402
+from tf_maml import experiment as experiment_lib  # noqa: E402
 from tf_maml import trainer  # noqa: E402
 from tf_maml.tasks import ImageClassTasks  # noqa: E402
 
@@ -37,11 +38,11 @@ for name in ("single", "mirrored"):
     strategy = (tf.distribute.get_strategy() if name == "single" else
                 tf.distribute.MirroredStrategy([f"/cpu:{i}" for i in range(num_replicas)]))
     with strategy.scope():
-        experiment = trainer.build_experiment(config, tasks)
+        experiment = experiment_lib.build_experiment(config, tasks)
         # SGD: the update is the meta-gradient itself. (Adam's first step is
         # lr * sign(g) for tiny |g|, which turns float noise into lr-sized gaps.)
         optimizer = keras.optimizers.SGD(0.5)
-        optimizer.build(experiment.model.trainable_variables)
+        optimizer.build(experiment.algorithm.meta_variables)
         step = tf.Variable(0, dtype=tf.int64, aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
     train_step = trainer.make_train_step(experiment, optimizer, step, strategy=strategy)
     logs = None
@@ -56,7 +57,7 @@ print(json.dumps({
     "max_weight_gap": max(float(np.max(np.abs(a - b))) for a, b in zip(single[0], mirrored[0])),
     "max_weight_change": max(float(np.max(np.abs(a - b))) for a, b in
                              zip(single[0], [v.numpy() for v in
-                                             trainer.build_experiment(config, tasks)
+                                             experiment_lib.build_experiment(config, tasks)
                                              .model.trainable_variables])),
     "log_gap": max(abs(single[1][k] - mirrored[1][k]) for k in single[1]),
     "steps": [single[2], mirrored[2]],

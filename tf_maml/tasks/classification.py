@@ -72,13 +72,14 @@ class ImageClassTasks:
         self.input_shape = shapes.pop()
         self.output_size = n_way
 
-    def sample(self, seed, meta_batch_size, split="train"):
+    def sample(self, seed, meta_batch_size, split="train", k_shot=None):
         """Samples a meta-batch of N-way K-shot tasks.
 
         Args:
             seed: int64 tensor [2] (see `tf_maml.tasks.step_seed`).
             meta_batch_size: number of tasks.
             split: "train", "val" (falls back to "test" if absent) or "test".
+            k_shot: support examples per class, if not the family's `k_shot`.
 
         Returns:
             An `Episode`: x float32 `[tasks, n_way * k, H, W, C]` in [0, 1], y int32
@@ -90,7 +91,11 @@ class ImageClassTasks:
             raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
         pool = self._pools[split]
         rotations, base_classes, examples = pool.shape[0], pool.shape[1], pool.shape[2]
-        n, per_class = self.n_way, self.k_shot + self.k_query
+        k_shot = self.k_shot if k_shot is None else k_shot
+        n, per_class = self.n_way, k_shot + self.k_query
+        if per_class > examples:
+            raise ValueError(f"{self.name} {split} split has {examples} examples per class, "
+                             f"fewer than k_shot + k_query = {per_class}")
         class_seed, example_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
         # N distinct classes per task (top-k of uniform scores = a random subset in random order).
         scores = tf.random.stateless_uniform([meta_batch_size, base_classes * rotations],
@@ -112,7 +117,7 @@ class ImageClassTasks:
             return t[:, :, start:start + size]
 
         return Episode(
-            tf.reshape(part(images, 0, self.k_shot), shape),
-            tf.reshape(part(labels, 0, self.k_shot), [meta_batch_size, -1]),
-            tf.reshape(part(images, self.k_shot, self.k_query), shape),
-            tf.reshape(part(labels, self.k_shot, self.k_query), [meta_batch_size, -1]))
+            tf.reshape(part(images, 0, k_shot), shape),
+            tf.reshape(part(labels, 0, k_shot), [meta_batch_size, -1]),
+            tf.reshape(part(images, k_shot, self.k_query), shape),
+            tf.reshape(part(labels, k_shot, self.k_query), [meta_batch_size, -1]))

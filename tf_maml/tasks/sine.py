@@ -59,7 +59,7 @@ class SineTasks:
         """Evaluates each task's wave at `x` (`[num_tasks, n, 1]`)."""
         return amplitude[:, None, None] * tf.sin(x - phase[:, None, None])
 
-    def sample(self, seed, meta_batch_size, split="train"):
+    def sample(self, seed, meta_batch_size, split="train", k_shot=None):
         """Samples a meta-batch of tasks as an `Episode`.
 
         Args:
@@ -67,6 +67,7 @@ class SineTasks:
             meta_batch_size: number of tasks.
             split: ignored (every sine task comes from the same distribution;
                 held-out tasks come from other seeds).
+            k_shot: support points per task, if not the family's `k_shot`.
 
         Returns:
             An `Episode` of float32 tensors, x and y of shape `[tasks, points, 1]`.
@@ -75,7 +76,8 @@ class SineTasks:
             tf.random.experimental.stateless_split(seed, 3))
         amplitude, phase = self.sample_parameters(param_seed, meta_batch_size)
         support_x = tf.random.stateless_uniform(
-            [meta_batch_size, self.k_shot, 1], support_seed, *self.input_range)
+            [meta_batch_size, self.k_shot if k_shot is None else k_shot, 1], support_seed,
+            *self.input_range)
         query_x = tf.random.stateless_uniform(
             [meta_batch_size, self.k_query, 1], query_seed, *self.input_range)
         return Episode(support_x, self.function(support_x, amplitude, phase),

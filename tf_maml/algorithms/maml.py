@@ -1,0 +1,199 @@
+"""MAML (Finn et al., 2017): the base algorithm every other one refines.
+
+An algorithm is a short layer over `tf_maml.core`: it says which weights adapt,
+with which update rule, against which task loss, and what the meta-objective
+is. The training loop (`tf_maml.trainer`), evaluation, export and the Keras
+face call only the methods below, so a new algorithm overrides a few of them
+and touches nothing else.
+
+Meta-parameters are a flat list: the model's trainable variables first (the
+initialization θ), then the algorithm's own `extra_variables` (learned rates,
+per-step normalization weights), which are checkpointed and exported with the
+model.
+"""
+
+import collections
+
+import keras
+import tensorflow as tf
+
+from tf_maml import core
+
+__all__ = ["MAML", "MetaStepOutputs"]
+
+
+MetaStepOutputs = collections.namedtuple(
+    "MetaStepOutputs", ["support_losses", "query_losses", "query_predictions"])
+
+
+class MAML:
+    """Model-Agnostic Meta-Learning, second or first order; 0 inner steps is the pretrained baseline.
+
+    Args:
+        model: a built Keras model (its trainable variables are θ).
+        forward: `tf_maml.functional.make_forward(model)`.
+        loss_fn: per-task loss `loss_fn(y_true, y_pred) -> [num_tasks]`.
+        inner_lr: inner step size α.
+        num_inner_steps: inner steps during meta-training (0: train θ on every
+            task jointly, the paper's "pretrained" baseline).
+        first_order: hold inner gradients constant (first-order MAML).
+
+    Example:
+
+    ```python
+    algorithm = MAML(model, make_forward(model), losses.mean_squared_error,
+                     inner_lr=0.01, num_inner_steps=1)
+    loss, grads, _ = algorithm.meta_step(episode)
+    optimizer.apply_gradients(zip(grads, algorithm.meta_variables))
+    ```
+    """
+
+    name = "maml"
+
+    def __init__(self, model, forward, loss_fn, inner_lr, num_inner_steps, first_order=False):
+        self.model = model
+        self.forward = forward
+        self.loss_fn = loss_fn
+        self.inner_lr = inner_lr
+        self.num_inner_steps = num_inner_steps
+        self.first_order = first_order
+        self.num_model_weights = len(model.trainable_variables)
+        # Indices (into the model's trainable variables) of the weights that adapt.
+        self.adapted_indices = list(range(self.num_model_weights))
+        # Checkpointed and exported with the model (see `extra_variables`).
+        self.state = tf.Module(name=f"{self.name}_state")
+
+    # -- meta-parameters ------------------------------------------------------------------------
+
+    @property
+    def extra_variables(self):
+        """The algorithm's own meta-parameters beyond the model's weights (a list)."""
+        return list(getattr(self.state, "meta_parameters", []))
+
+    @property
+    def meta_variables(self):
+        """Everything the outer loop updates: θ, then `extra_variables`."""
+        return list(self.model.trainable_variables) + self.extra_variables
+
+    def _add_extra(self, variables):
+        self.state.meta_parameters = list(self.extra_variables) + list(variables)
+
+    def split(self, meta_params):
+        """`(model_params, extra_params)` of a flat meta-parameter list."""
+        meta_params = list(meta_params)
+        return meta_params[:self.num_model_weights], meta_params[self.num_model_weights:]
+
+    # -- adaptation -------------------------------------------------------------------------------
+
+    def initial_weights(self, meta_params, num_tasks):
+        """The task-batched starting point of the adapted weights (the adapted subset only)."""
+        params, _ = self.split(meta_params)
+        return core.broadcast_to_tasks([params[i] for i in self.adapted_indices], num_tasks)
+
+    def full_weights(self, meta_params, adapted, step):
+        """All model weights, task-batched: the adapted ones and the shared rest."""
+        del step
+        params, _ = self.split(meta_params)
+        if len(adapted) == len(params):
+            return list(adapted)
+        num_tasks = tf.shape(adapted[0])[0]
+        weights = core.broadcast_to_tasks(params, num_tasks)
+        for index, weight in zip(self.adapted_indices, adapted):
+            weights[index] = weight
+        return weights
+
+    def task_inputs(self, meta_params, x, training=True):
+        """What the adapted part of the model reads (ANIL: the body's features)."""
+        del meta_params, training
+        return x
+
+    def predict_from_inputs(self, meta_params, adapted, inputs, step, training=True):
+        """Predictions of the adapted model after `step` inner steps, from `task_inputs`."""
+        return self.forward(self.full_weights(meta_params, adapted, step), inputs, training)
+
+    def predict(self, meta_params, adapted, x, step, training=True):
+        """Predictions of the adapted model for raw inputs `x` `[num_tasks, batch, ...]`."""
+        return self.predict_from_inputs(meta_params, adapted,
+                                        self.task_inputs(meta_params, x, training), step, training)
+
+    def task_loss(self, meta_params, inputs, y, training=True):
+        """The inner loop's task loss closure on a set (`inputs` from `task_inputs`)."""
+        def loss(weights, step):
+            return self.loss_fn(y, self.predict_from_inputs(meta_params, weights, inputs, step,
+                                                            training))
+        return loss
+
+    def inner_update(self, meta_params, inner_lr=None):
+        """The inner update rule; `inner_lr` (a scalar) replaces the algorithm's own rates."""
+        del meta_params
+        return core.SGD(self.inner_lr if inner_lr is None else inner_lr)
+
+    def adapt(self, meta_params, support_x, support_y, num_steps, first_order=True,
+              inner_lr=None, training=True):
+        """Adapts to each task's support set; returns `(adapted, support_losses)`.
+
+        `num_steps` may be a Python int or a scalar integer tensor (graph loop).
+        """
+        inputs = self.task_inputs(meta_params, support_x, training)
+        weights = self.initial_weights(meta_params, tf.shape(support_x)[0])
+        return core.adapt(self.task_loss(meta_params, inputs, support_y, training), weights,
+                          num_steps, self.inner_update(meta_params, inner_lr), first_order)
+
+    # -- meta-objective ---------------------------------------------------------------------------
+
+    def first_order_at(self, iteration):
+        """Whether the meta-step at `iteration` is first order (a Python bool)."""
+        del iteration
+        return self.first_order
+
+    def meta_loss(self, meta_params, episode, loss_scale=None, iteration=0, first_order=None):
+        """The meta-objective of a meta-batch and what it saw.
+
+        Returns:
+            `(loss, MetaStepOutputs)`: `loss` is the sum of the tasks' query
+            losses after adaptation times `loss_scale` (default `1/num_tasks`).
+        """
+        del iteration
+        first_order = self.first_order if first_order is None else first_order
+        num_tasks = tf.shape(episode.support_x)[0]
+        adapted, support_losses = self.adapt(meta_params, episode.support_x, episode.support_y,
+                                             self.num_inner_steps, first_order)
+        predictions = self.predict(meta_params, adapted, episode.query_x, self.num_inner_steps)
+        query_losses = self.loss_fn(episode.query_y, predictions)
+        return (_scaled_sum(query_losses, loss_scale),
+                MetaStepOutputs(_first_or_nan(support_losses, num_tasks, query_losses.dtype),
+                                query_losses, predictions))
+
+    def meta_step(self, episode, loss_scale=None, iteration=None):
+        """The meta-loss and its gradient for every entry of `meta_variables`.
+
+        Args:
+            episode: an `Episode` (support and query sets, task-batched).
+            loss_scale: see `meta_loss`; a distributed step passes
+                `1 / global_num_tasks`.
+            iteration: the meta-iteration (int64 scalar tensor, for schedules).
+
+        Returns:
+            `(loss, grads, MetaStepOutputs)`.
+        """
+        iteration = tf.zeros([], tf.int64) if iteration is None else iteration
+        return core.meta_gradients(
+            lambda params: self.meta_loss(params, episode, loss_scale, iteration),
+            self.meta_variables)
+
+    def make_optimizer(self, meta_lr, num_iterations):
+        """The outer optimizer (Adam with learning rate β)."""
+        del num_iterations
+        return keras.optimizers.Adam(meta_lr)
+
+
+def _scaled_sum(task_values, loss_scale):
+    if loss_scale is None:
+        return tf.reduce_mean(task_values)
+    return tf.reduce_sum(task_values) * tf.cast(loss_scale, task_values.dtype)
+
+
+def _first_or_nan(losses, num_tasks, dtype):
+    if losses:
+        return losses[0]
+    return tf.fill([num_tasks], tf.constant(float("nan"), dtype))

@@ -1,0 +1,107 @@
+"""Reptile (Nichol, Achiam and Schulman, 2018): move θ towards the adapted weights."""
+
+import keras
+import tensorflow as tf
+
+from tf_maml import core
+from tf_maml.algorithms.maml import MAML, MetaStepOutputs
+
+__all__ = ["Reptile"]
+
+
+class Reptile(MAML):
+    """Reptile: k inner steps on mini-batches of the support set, then θ ← θ + ε(φ̄ − θ).
+
+    The outer update is not a gradient: `meta_step` returns θ − φ̄ (the mean
+    over the meta-batch of each task's θ − φ) in place of a gradient, and the
+    outer optimizer is plain SGD with learning rate ε, annealed linearly from
+    `meta_step_size` to `meta_step_size_final` over training; one optimizer
+    step is then exactly θ ← θ + ε(φ̄ − θ).
+
+    Each inner step uses a mini-batch of `inner_batch_size` support examples
+    (0: the whole support set), cycling through a per-task shuffle of the
+    support set as the original code does. The inner optimizer is SGD with
+    `inner_lr`, or Adam with β₁ = 0 (`inner_optimizer="adam"`, the original
+    recipe). Each task starts from fresh Adam moments (the original code
+    carried them across tasks).
+
+    Args:
+        model, forward, loss_fn, inner_lr, num_inner_steps: as `MAML`.
+        inner_optimizer: "sgd" or "adam".
+        inner_batch_size: support examples per inner step (0: all).
+        meta_step_size: ε at the start.
+        meta_step_size_final: ε at the end.
+    """
+
+    name = "reptile"
+
+    def __init__(self, model, forward, loss_fn, inner_lr, num_inner_steps, first_order=True,
+                 inner_optimizer="adam", inner_batch_size=0, meta_step_size=1.0,
+                 meta_step_size_final=0.0):
+        super().__init__(model, forward, loss_fn, inner_lr, num_inner_steps, first_order=True)
+        if num_inner_steps < 1:
+            raise ValueError("Reptile needs num_inner_steps >= 1")
+        if inner_optimizer not in ("sgd", "adam"):
+            raise ValueError(f"inner_optimizer must be 'sgd' or 'adam', got {inner_optimizer!r}")
+        self.inner_optimizer = inner_optimizer
+        self.inner_batch_size = inner_batch_size
+        self.meta_step_size = meta_step_size
+        self.meta_step_size_final = meta_step_size_final
+        self.shuffle_seed = None  # set per meta-step (a pure function of the iteration)
+
+    def inner_update(self, meta_params, inner_lr=None):
+        lr = self.inner_lr if inner_lr is None else inner_lr
+        if self.inner_optimizer == "adam":
+            return core.Adam(lr, beta_1=0.0, beta_2=0.999)
+        return core.SGD(lr)
+
+    def task_loss(self, meta_params, inputs, y, training=True):
+        size = inputs.shape[1]
+        batch = self.inner_batch_size
+        if not batch or size is None or batch >= size:
+            return super().task_loss(meta_params, inputs, y, training)
+        num_tasks = tf.shape(inputs)[0]
+        seed = self.shuffle_seed if self.shuffle_seed is not None else tf.constant([0, 0],
+                                                                                      tf.int64)
+        # One shuffle of each task's support set, read in consecutive mini-batches
+        # (wrapping around), as the original code's mini-batch sampler does.
+        order = tf.argsort(tf.random.stateless_uniform([num_tasks, size], seed), axis=1)
+
+        def loss(weights, step):
+            start = (tf.cast(step, tf.int32) * batch) % size
+            index = (start + tf.range(batch)) % size
+            picked = tf.gather(order, index, axis=1)
+            batch_x = tf.gather(inputs, picked, batch_dims=1)
+            batch_y = tf.gather(y, picked, batch_dims=1)
+            return self.loss_fn(batch_y, self.predict_from_inputs(meta_params, weights, batch_x,
+                                                                 step, training))
+        return loss
+
+    def meta_step(self, episode, loss_scale=None, iteration=None):
+        """Returns `(support_loss, θ − φ̄ scaled like a gradient, outputs)`."""
+        iteration = tf.zeros([], tf.int64) if iteration is None else iteration
+        self.shuffle_seed = tf.stack([tf.constant(7, tf.int64), tf.cast(iteration, tf.int64)])
+        try:
+            params = [tf.convert_to_tensor(v) for v in self.meta_variables]
+            num_tasks = tf.shape(episode.support_x)[0]
+            adapted, support_losses = self.adapt(params, episode.support_x, episode.support_y,
+                                                 self.num_inner_steps, first_order=True)
+        finally:
+            self.shuffle_seed = None
+        scale = (1.0 / tf.cast(num_tasks, params[0].dtype) if loss_scale is None
+                 else tf.cast(loss_scale, params[0].dtype))
+        differences = [tf.reduce_sum(p[None] - w, axis=0) * scale
+                       for p, w in zip(params, adapted)]
+        predictions = self.predict(params, adapted, episode.query_x, self.num_inner_steps)
+        query_losses = self.loss_fn(episode.query_y, predictions)
+        support_loss = tf.reduce_sum(support_losses[0]) * scale
+        return support_loss, differences, MetaStepOutputs(support_losses[0], query_losses,
+                                                          predictions)
+
+    def make_optimizer(self, meta_lr, num_iterations):
+        """SGD with ε annealed linearly from `meta_step_size` to `meta_step_size_final`."""
+        del meta_lr
+        schedule = keras.optimizers.schedules.PolynomialDecay(
+            self.meta_step_size, max(num_iterations, 1),
+            end_learning_rate=self.meta_step_size_final, power=1.0)
+        return keras.optimizers.SGD(schedule)
