@@ -288,3 +288,78 @@ def test_export_cli_writes_a_versioned_model(sine_run, tmp_path):
     again = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     assert again.returncode == 1 and "already exists" in again.stderr
     assert "Traceback" not in again.stderr
+
+
+ALGORITHM_EXPORT_SCRIPT = """
+import json, sys, numpy as np, tensorflow as tf
+inputs = dict(np.load(sys.argv[2]))
+out = {}
+for name, path in json.loads(sys.argv[1]).items():
+    model = tf.saved_model.load(path)
+    for signature in ("serving_default", "adapt", "adapt_custom", "adapted_weights"):
+        sig = model.signatures[signature]
+        names = sig.structured_input_signature[1]
+        args = {k: tf.constant(v) for k, v in inputs.items() if k in names}
+        if signature == "serving_default":
+            args = {"x": tf.constant(inputs["query_x"])}
+        for key, value in sig(**args).items():
+            out[f"{name}/{signature}/{key}"] = value.numpy()
+np.savez(sys.argv[3], **out)
+"""
+
+
+def test_every_algorithm_exports_its_own_adaptation(tmp_path):
+    """Learned rates, per-step batch norm, head-only and Adam adaptation all survive export."""
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, (8, 6, 12, 12, 1), dtype=np.uint8)
+    tasks = ImageClassTasks({"train": images, "test": images}, n_way=3, k_shot=2, k_query=2)
+    settings = {"maml": {}, "anil": {}, "metasgd": {},
+                "mamlpp": dict(num_inner_steps=3),
+                "reptile": dict(inner_optimizer="adam", inner_lr=0.01)}
+    experiments, paths = {}, {}
+    for name, extra in settings.items():
+        values = dict(dataset="omniglot", n_way=3, k_shot=2, k_query=2, inner_lr=0.4,
+                      num_eval_steps=3, algorithm=name)
+        config = config_lib.Config(**{**values, **extra})
+        experiment = experiment_lib.build_experiment(config, tasks)
+        # Learned meta-parameters that differ from their initial values and per element.
+        for variable in experiment.algorithm.extra_variables:
+            variable.assign(variable * rng.uniform(0.5, 1.5, size=variable.shape))
+        experiments[name] = experiment
+        paths[name] = serving.export(experiment, str(tmp_path / name), 1, 3)
+    inputs, episode = _task(experiments["maml"], seed=4)
+    np.savez(tmp_path / "in.npz", **inputs, inner_steps=np.int32(2), inner_lr=np.float32(0.3))
+    script = tmp_path / "load.py"
+    script.write_text(ALGORITHM_EXPORT_SCRIPT)
+    result = subprocess.run([sys.executable, str(script), json.dumps(paths),
+                             str(tmp_path / "in.npz"), str(tmp_path / "out.npz")],
+                            capture_output=True, text=True,
+                            env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"), timeout=300)
+    assert result.returncode == 0, result.stderr
+    out = dict(np.load(tmp_path / "out.npz"))
+    adapted_predictions = {}
+    for name, experiment in experiments.items():
+        algorithm = experiment.algorithm
+        params = algorithm.meta_variables
+        _, own = evaluation.adaptation_curve(algorithm, params, episode, experiment.metric_fn, 3)
+        _, custom = evaluation.adaptation_curve(algorithm, params, episode, experiment.metric_fn,
+                                                2, inner_lr=0.3)
+        np.testing.assert_allclose(out[f"{name}/serving_default/predictions"], own[0][0].numpy(),
+                                   **TOLERANCE)
+        np.testing.assert_allclose(out[f"{name}/adapt/predictions"], own[3][0].numpy(),
+                                   **TOLERANCE)
+        np.testing.assert_allclose(out[f"{name}/adapt_custom/predictions"],
+                                   custom[2][0].numpy(), **TOLERANCE)
+        adapted, _ = algorithm.adapt(params, episode.support_x, episode.support_y, 3)
+        weights = algorithm.full_weights(params, adapted, 3)
+        exported = sorted(k for k in out if k.startswith(f"{name}/adapted_weights/"))
+        assert len(exported) == len(weights)
+        names = serving._weight_names(experiment.model)
+        for weight_name, weight in zip(names, weights):
+            np.testing.assert_allclose(out[f"{name}/adapted_weights/{weight_name}"],
+                                       weight[0].numpy(), **TOLERANCE)
+        assert not np.allclose(own[0][0].numpy(), own[3][0].numpy())
+        adapted_predictions[name] = own[3][0].numpy()
+    # The algorithms really adapt differently (learned rates, head only, Adam).
+    for name in ("anil", "metasgd", "mamlpp", "reptile"):
+        assert not np.allclose(adapted_predictions[name], adapted_predictions["maml"]), name

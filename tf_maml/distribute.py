@@ -14,9 +14,9 @@ import tempfile
 
 import tensorflow as tf
 
-__all__ = ["STRATEGIES", "make_strategy", "replica_task_counts", "is_chief", "worker_dir"]
+from tf_maml.config import STRATEGIES
 
-STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
+__all__ = ["STRATEGIES", "make_strategy", "replica_task_counts", "is_chief", "worker_dir"]
 
 
 def make_strategy(name):
