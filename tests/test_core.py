@@ -10,10 +10,9 @@ from tf_maml.tasks import Episode, SineTasks
 
 
 def maml_meta_gradients(forward, params, episode, loss_fn, inner_lr, num_inner_steps,
-                        first_order=False, model=None):
+                        first_order=False, *, model):
     """MAML's meta-loss and meta-gradient at `params` (through the algorithm over the core)."""
-    algorithm = algorithms.MAML(model or forward.model, forward, loss_fn, inner_lr,
-                                num_inner_steps, first_order)
+    algorithm = algorithms.MAML(model, forward, loss_fn, inner_lr, num_inner_steps, first_order)
     return core.meta_gradients(lambda ps: algorithm.meta_loss(ps, episode), list(params))
 
 
@@ -56,8 +55,8 @@ def _class_episode(num_tasks=3, n=3, dtype=tf.float64):
     return Episode(sx, y, qx, y)
 
 
-def _fd_check(forward, params, episode, loss_fn, inner_lr, steps, first_order=False, seed=0,
-              model=None):
+def _fd_check(forward, params, episode, loss_fn, inner_lr, steps, first_order=False, seed=0, *,
+              model):
     """Returns (analytic, numeric) directional derivatives along random directions."""
     params = [tf.convert_to_tensor(p) for p in params]
 

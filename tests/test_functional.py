@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tf_maml import core, functional, losses, models
+from tf_maml import functional, models
 from tf_maml.tasks import SineTasks
 
 
@@ -20,6 +20,16 @@ def _distinct_task_weights(model, num_tasks, seed=0):
     rng = np.random.default_rng(seed)
     return [tf.constant(v.numpy()[None] + 0.1 * rng.normal(size=(num_tasks,) + tuple(v.shape)),
                         v.dtype) for v in model.trainable_variables]
+
+
+def _distinct_moving_statistics(model):
+    """Per-channel moving statistics that differ between channels (not one constant shift),
+    so that training=False checks the channel order of the grouped layout."""
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            n = layer.moving_mean.shape[0]
+            layer.moving_mean.assign(np.linspace(-0.5, 0.7, n))
+            layer.moving_variance.assign(np.linspace(0.4, 1.9, n)[::-1])
 
 
 def _functional_conv():
@@ -41,28 +51,34 @@ def _sequential_frozen():
 
 
 MODELS = {
-    "conv4_stride": lambda: models.conv4(3, input_shape=(12, 12, 1), filters=6),
-    "conv4_maxpool": lambda: models.conv4(3, input_shape=(16, 16, 3), filters=4, pooling="max"),
-    "fc": lambda: models.fc(3, input_shape=(6, 6, 1), hidden_sizes=(8, 6)),
-    "functional_conv": _functional_conv,
-    "frozen_layer": _sequential_frozen,
+    # name: (builder, tolerance)
+    "conv4_stride": (lambda: models.conv4(3, input_shape=(12, 12, 1), filters=6),
+                     dict(rtol=1e-5, atol=2e-6)),
+    "conv4_maxpool": (lambda: models.conv4(3, input_shape=(16, 16, 3), filters=4, pooling="max"),
+                      dict(rtol=1e-5, atol=2e-6)),
+    "fc": (lambda: models.fc(3, input_shape=(6, 6, 1), hidden_sizes=(8, 6)),
+           dict(rtol=1e-5, atol=2e-6)),
+    "fc_float64": (lambda: models.fc(3, input_shape=(6, 6, 1), hidden_sizes=(8, 6),
+                                     dtype="float64"), dict(rtol=1e-11, atol=1e-12)),
+    "mlp_float64": (lambda: models.mlp(dtype="float64"), dict(rtol=1e-11, atol=1e-12)),
+    "functional_conv": (_functional_conv, dict(rtol=1e-5, atol=2e-6)),
+    "frozen_layer": (_sequential_frozen, dict(rtol=1e-5, atol=2e-6)),
 }
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
 @pytest.mark.parametrize("training", [True, False])
 def test_layer_batched_forward_equals_keras(name, training):
-    model = MODELS[name]()
+    build, tolerance = MODELS[name]
+    model = build()
     forward = functional.make_forward(model)
     assert forward.vectorized, forward.unsupported_reason
-    # Non-default moving statistics, so training=False is a real check.
-    for v in model.non_trainable_variables:
-        v.assign(v.numpy() + 0.3)
-    x = tf.random.normal((3, 4) + tuple(model.input_shape[1:]))
+    _distinct_moving_statistics(model)
+    x = tf.cast(tf.random.normal((3, 4) + tuple(model.input_shape[1:])), model.inputs[0].dtype)
     weights = _distinct_task_weights(model, 3)
     np.testing.assert_allclose(forward(weights, x, training).numpy(),
                                _per_task_reference(model, weights, x, training).numpy(),
-                               rtol=1e-4, atol=1e-5)
+                               **tolerance)
 
 
 class Subclassed(keras.Model):
@@ -103,6 +119,36 @@ def test_subclassed_model_uses_per_task_path_and_matches_keras():
                                _per_task_reference(model, weights, x, True).numpy(), rtol=1e-5)
 
 
+# ---------------------------------------------------------------------------
+# MAML through `forward`, written out with nested tapes (independent of core).
+# ---------------------------------------------------------------------------
+
+def _mse(y, prediction):
+    return tf.reduce_mean(tf.square(prediction - tf.cast(y, prediction.dtype)),
+                          axis=list(range(1, prediction.shape.rank)))
+
+
+def _maml_meta_gradient(forward, params, episode, inner_lr, first_order=False, seeds=(None, None)):
+    """Second-order MAML: one inner SGD step per task on the support loss, then the
+    mean query loss, differentiated with respect to the shared initialization."""
+    sx, sy, qx, qy = episode
+    params = [tf.convert_to_tensor(p) for p in params]
+    num_tasks = tf.shape(sx)[0]
+    with tf.GradientTape() as outer:
+        outer.watch(params)
+        weights = [tf.broadcast_to(p[None], tf.concat([[num_tasks], tf.shape(p)], 0))
+                   for p in params]
+        with tf.GradientTape() as inner:
+            inner.watch(weights)
+            support = tf.reduce_sum(_mse(sy, forward(weights, sx, True, seed=seeds[0])))
+        grads = inner.gradient(support, weights)
+        if first_order:
+            grads = [tf.stop_gradient(g) for g in grads]
+        adapted = [w - inner_lr * g for w, g in zip(weights, grads)]
+        loss = tf.reduce_mean(_mse(qy, forward(adapted, qx, True, seed=seeds[1])))
+    return loss, outer.gradient(loss, params, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+
+
 @pytest.mark.parametrize("build", [models.mlp, _functional_mlp, _subclassed, _sequential_bn],
                          ids=["sequential", "functional", "subclassed", "batch_norm"])
 def test_same_engine_meta_trains_every_kind_of_model(build):
@@ -114,9 +160,9 @@ def test_same_engine_meta_trains_every_kind_of_model(build):
 
     @tf.function
     def step(seed):
-        episode = tasks.sample(seed, 8)
-        loss, grads, _ = core.meta_gradients(forward, model.trainable_variables, episode,
-                                             losses.mean_squared_error, 0.01, 1)
+        e = tasks.sample(seed, 8)
+        episode = (e.support_x, e.support_y, e.query_x, e.query_y)
+        loss, grads = _maml_meta_gradient(forward, model.trainable_variables, episode, 0.01)
         optimizer.apply_gradients(zip(grads, model.trainable_variables))
         return loss
 
@@ -125,6 +171,79 @@ def test_same_engine_meta_trains_every_kind_of_model(build):
     # Adaptation and meta-training never touch the moving statistics.
     for before, v in zip(moving, model.non_trainable_variables):
         np.testing.assert_array_equal(before, v.numpy())
+
+
+# ---------------------------------------------------------------------------
+# Second-order checks of the layer-batched convolution path. Grouped-convolution
+# gradients exist for float32 only (oneDNN), so the float32 meta-gradient of
+# both paths is compared with a float64 per-task reference of the same model.
+# ---------------------------------------------------------------------------
+
+def _conv_model(dtype, pooling, dropout=0.0):
+    layers = [keras.Input((8, 8, 2), dtype=dtype)]
+    for _ in range(2):
+        layers += [keras.layers.Conv2D(4, 3, padding="same", use_bias=False, dtype=dtype),
+                   keras.layers.BatchNormalization(dtype=dtype), keras.layers.ReLU(dtype=dtype)]
+        pool = keras.layers.MaxPooling2D if pooling == "max" else keras.layers.AveragePooling2D
+        layers.append(pool(2, dtype=dtype))
+        if dropout:
+            layers.append(keras.layers.Dropout(dropout, dtype=dtype))
+    layers += [keras.layers.Flatten(dtype=dtype), keras.layers.Dense(3, dtype=dtype)]
+    return keras.Sequential(layers)
+
+
+def _conv_episode(dtype, num_tasks=3):
+    rng = np.random.default_rng(0)
+    shapes = [(num_tasks, 5, 8, 8, 2), (num_tasks, 5, 3)] * 2
+    return [tf.constant(rng.normal(size=s), dtype) for s in shapes]
+
+
+def _normalized_errors(grads, reference):
+    return [float(np.max(np.abs(g.numpy() - r.numpy())) / np.max(np.abs(r.numpy())))
+            for g, r in zip(grads, reference)]
+
+
+@pytest.mark.parametrize("pooling", ["max", "avg"])
+def test_layer_batched_conv_second_order_matches_float64_reference(pooling):
+    model = _conv_model("float32", pooling)
+    forward = functional.make_forward(model)
+    if not forward.vectorized:
+        pytest.skip(forward.unsupported_reason)
+    reference_model = _conv_model("float64", pooling)
+    for v64, v32 in zip(reference_model.variables, model.variables):
+        v64.assign(tf.cast(v32.value, v64.dtype))
+    reference = functional.make_forward(reference_model, vectorize="map_fn")  # Keras per task
+    _, expected = _maml_meta_gradient(reference, reference_model.trainable_variables,
+                                      _conv_episode(tf.float64), 0.3)
+    for vectorize in ("layers", "map_fn"):
+        _, grads = _maml_meta_gradient(functional.make_forward(model, vectorize=vectorize),
+                                       model.trainable_variables, _conv_episode(tf.float32), 0.3)
+        # Observed: <= 1.5e-6 (layers), <= 4.3e-6 (map_fn), relative to each gradient's scale.
+        assert max(_normalized_errors(grads, expected)) < 1e-5, vectorize
+    # The check has teeth: first order is far off.
+    _, first = _maml_meta_gradient(forward, model.trainable_variables, _conv_episode(tf.float32),
+                                   0.3, first_order=True)
+    assert max(_normalized_errors(first, expected)) > 1e-2
+
+
+def test_layer_batched_conv_dropout_second_order_equals_per_task_path():
+    """With the same seeds both paths draw the same masks; their second-order
+    meta-gradients agree to float32 rounding."""
+    model = _conv_model("float32", "max", dropout=0.3)
+    forward = functional.make_forward(model)
+    if not forward.vectorized:
+        pytest.skip(forward.unsupported_reason)
+    results = [_maml_meta_gradient(functional.make_forward(model, vectorize=v),
+                                   model.trainable_variables, _conv_episode(tf.float32), 0.3,
+                                   seeds=(3, 4))
+               for v in ("layers", "map_fn")]
+    np.testing.assert_allclose(results[0][0].numpy(), results[1][0].numpy(), rtol=1e-6)
+    # Observed: <= 2e-6 relative to each gradient's scale.
+    assert max(_normalized_errors(results[0][1], results[1][1])) < 1e-5
+    # Different masks give a different meta-gradient: the seeds matter.
+    _, other = _maml_meta_gradient(forward, model.trainable_variables, _conv_episode(tf.float32),
+                                   0.3, seeds=(5, 6))
+    assert max(_normalized_errors(other, results[1][1])) > 1e-2
 
 
 def test_make_forward_errors_are_clear():

@@ -141,11 +141,6 @@ class MAML:
 
     # -- meta-objective ---------------------------------------------------------------------------
 
-    def first_order_at(self, iteration):
-        """Whether the meta-step at `iteration` is first order (a Python bool)."""
-        del iteration
-        return self.first_order
-
     def meta_loss(self, meta_params, episode, loss_scale=None, iteration=0, first_order=None):
         """The meta-objective of a meta-batch and what it saw.
 

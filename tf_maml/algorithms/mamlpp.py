@@ -125,11 +125,6 @@ class MAMLPlusPlus(MAML):
                 weights[index] = value
         return weights
 
-    def first_order_at(self, iteration):
-        if self.first_order:
-            return True
-        return iteration < self.first_order_epochs * self.iterations_per_epoch
-
     def meta_loss(self, meta_params, episode, loss_scale=None, iteration=0, first_order=None):
         first_order = self.first_order if first_order is None else first_order
         steps = self.num_inner_steps
