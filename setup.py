@@ -19,6 +19,8 @@ setup(
         "matplotlib",
         "pillow",
         "tensorflow-datasets",
+        # TFDS imports it when it downloads a dataset but does not require it.
+        "importlib_resources",
     ],
     extras_require={
         "tf": ["tensorflow>=2.16"],

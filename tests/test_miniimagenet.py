@@ -86,3 +86,65 @@ def test_bad_layouts_give_clear_errors(mini_dir, tmp_path):
         miniimagenet.miniimagenet_tasks(8, 1, 1, mini_dir)
     with pytest.raises(ValueError, match="needs data_dir"):
         config_lib.Config(dataset="miniimagenet").validate()
+
+
+def _counting_decoder(monkeypatch):
+    calls = []
+    decode = miniimagenet._decode
+
+    def counted(path):
+        calls.append(path)
+        return decode(path)
+
+    monkeypatch.setattr(miniimagenet, "_decode", counted)
+    return calls
+
+
+def test_cache_is_read_and_follows_a_changed_image(tmp_path, monkeypatch):
+    root, cache = str(tmp_path / "data"), str(tmp_path / "cache")
+    _write_dataset(root, per_class=2)
+    calls = _counting_decoder(monkeypatch)
+    first = miniimagenet.load_split(root, "train", cache)
+    assert len(calls) == 12 and len(os.listdir(cache)) == 1
+    # A second load reads the cache: nothing is decoded.
+    np.testing.assert_array_equal(miniimagenet.load_split(root, "train", cache), first)
+    assert len(calls) == 12
+    # The CSV is unchanged, but one of its images is replaced (same name): decoded again.
+    image = os.path.join(root, "images", "ntrain00300000001.jpg")
+    Image.fromarray(np.zeros((30, 40, 3), np.uint8)).save(image)
+    changed = miniimagenet.load_split(root, "train", cache)
+    assert len(calls) == 24
+    assert changed[3, 1].max() < 10 and first[3, 1].max() > 10
+    np.testing.assert_array_equal(np.delete(changed.reshape(12, -1), 7, axis=0),
+                                  np.delete(first.reshape(12, -1), 7, axis=0))
+    # A missing image is named, whether the split is cached or not.
+    os.remove(image)
+    with pytest.raises(FileNotFoundError, match="ntrain00300000001.jpg: listed in the split"):
+        miniimagenet.load_split(root, "train", cache)
+
+
+def test_truncated_or_interrupted_cache_is_never_read(tmp_path, monkeypatch):
+    root, cache = str(tmp_path / "data"), str(tmp_path / "cache")
+    _write_dataset(root, per_class=2)
+    savez = np.savez
+
+    def crash(file, **arrays):
+        savez(file, **arrays)
+        file.truncate(100)
+        raise KeyboardInterrupt("power cut")
+
+    monkeypatch.setattr(np, "savez", crash)
+    with pytest.raises(KeyboardInterrupt):
+        miniimagenet.load_split(root, "val", cache)
+    assert os.listdir(cache) == []      # neither a partial cache nor a temporary file
+    monkeypatch.setattr(np, "savez", savez)
+    expected = miniimagenet.load_split(root, "val", cache)
+    (name,) = os.listdir(cache)
+    path = os.path.join(cache, name)
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+    calls = _counting_decoder(monkeypatch)
+    np.testing.assert_array_equal(miniimagenet.load_split(root, "val", cache), expected)
+    assert len(calls) == 10 and os.listdir(cache) == [name]
+    np.testing.assert_array_equal(miniimagenet.load_split(root, "val", cache), expected)
+    assert len(calls) == 10

@@ -4,6 +4,7 @@ Tests on the real archives read their directory from TF_MAML_OMNIGLOT_DIR (.ci/r
 they are skipped when it is unset and fail when it is set but the files are missing.
 """
 
+import glob
 import io
 import os
 import zipfile
@@ -80,9 +81,10 @@ def _png(array):
     return buffer.getvalue()
 
 
-def _fake_archives(root, alphabets=2, characters=3, drawings=20, as_zip=True, bad_name=None):
+def _fake_archives(root, alphabets=2, characters=3, drawings=20, as_zip=True, bad_name=None,
+                   seed=0):
     """Writes a tiny Omniglot in Lake's layout: black strokes on white, 105x105."""
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     for archive in omniglot.ARCHIVES:
         files = {}
         for a in range(alphabets):
@@ -128,16 +130,220 @@ def test_tfds_source_without_network(tmp_path):
     import tensorflow_datasets as tfds
 
     def as_dataset(self, split, **kwargs):
-        labels = range(4) if split == "train" else range(4, 6)
-        images = np.full((len(labels) * 20, 105, 105, 3), 255, np.uint8)
+        labels = np.repeat(range(4) if split == "train" else range(4, 6), 20).astype(np.int64)
+        images = np.full((len(labels), 105, 105, 3), 255, np.uint8)
         images[:, 30:75, 45:60] = 0
         return tf.data.Dataset.from_tensor_slices({
-            "image": images, "label": np.repeat(list(labels), 20).astype(np.int64)})
+            "image": images, "label": labels, "alphabet": labels // 2,
+            "alphabet_char_id": labels % 2})
 
     with tfds.testing.mock_data(as_dataset_fn=as_dataset):
         images, background = omniglot.load_characters(None)
     assert images.shape == (6, 20, 28, 28, 1) and background.tolist() == [True] * 4 + [False] * 2
     assert images[:, :, 14, 14].min() > 200 and images[:, :, 2, 2].max() == 0
+
+
+def _lake_layout(root, seed=0):
+    """A tiny Omniglot exactly as Lake et al. publish it: 1-bit 105x105 PNGs named
+    `<global character number>_<drawing>.png`, numbered in an order that is not the
+    alphabetical order of the alphabets (as in the real archives), as zips in `root/zips`
+    and extracted in `root/extracted/<archive>/<archive>` (what TFDS' download gives)."""
+    rng = np.random.default_rng(seed)
+    layout = {"images_background": ("Zeta", "Alpha"), "images_evaluation": ("Mu", "Beta")}
+    number = 0
+    os.makedirs(os.path.join(root, "zips"))
+    for archive, alphabets in layout.items():
+        with zipfile.ZipFile(os.path.join(root, "zips", archive + ".zip"), "w") as z:
+            for alphabet in alphabets:
+                for character in range(1, 3 if alphabet != "Mu" else 4):
+                    number += 1
+                    for drawing in range(1, 21):
+                        ink = np.zeros((105, 105), bool)
+                        for _ in range(3):   # strokes: distinct for every drawing
+                            r, c = rng.integers(5, 80, 2)
+                            ink[r:r + rng.integers(5, 25), c:c + rng.integers(2, 6)] = True
+                        buffer = io.BytesIO()
+                        Image.fromarray(~ink).save(buffer, format="PNG")   # mode "1", ink black
+                        name = (f"{archive}/{alphabet}/character{character:02d}/"
+                                f"{number:04d}_{drawing:02d}.png")
+                        z.writestr(name, buffer.getvalue())
+                        path = os.path.join(root, "extracted", archive, name)
+                        os.makedirs(os.path.dirname(path), exist_ok=True)
+                        with open(path, "wb") as f:
+                            f.write(buffer.getvalue())
+    return number
+
+
+def test_tfds_source_equals_the_archives(tmp_path, monkeypatch):
+    """TFDS' own `omniglot` builder, run offline on the same archives, gives the same
+    characters in the same order (hence the same "paper" split), with identical pixels."""
+    from unittest import mock
+
+    import tensorflow_datasets as tfds
+    from tensorflow_datasets.image_classification import omniglot as tfds_omniglot
+
+    root = str(tmp_path)
+    num_characters = _lake_layout(root)
+    extracted = {"train": "images_background", "eval": "images_evaluation",
+                 "small1": "images_background", "small2": "images_background"}
+    downloads = mock.MagicMock()
+    downloads.download_and_extract.side_effect = lambda urls: {
+        k: os.path.join(root, "extracted", extracted[k]) for k in urls}
+    # The builder hard-codes the real class and alphabet counts.
+    monkeypatch.setattr(tfds_omniglot, "_NUM_CLASSES", num_characters)
+    monkeypatch.setattr(tfds_omniglot, "_NUM_ALPHABETS", 4)
+    monkeypatch.setattr(tfds.core.DatasetBuilder, "_make_download_manager",
+                        lambda self, **kwargs: downloads)
+    tfds_dir = os.path.join(root, "tfds")
+    tfds.builder("omniglot", data_dir=tfds_dir).download_and_prepare(
+        download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+    load = tfds.load
+    monkeypatch.setattr(tfds, "load", lambda *args, **kwargs: load(
+        *args, data_dir=tfds_dir, download=False, **kwargs))
+
+    from_tfds, tfds_background = omniglot.load_characters(None)
+    from_zip, zip_background = omniglot.load_characters(os.path.join(root, "zips"))
+    assert from_zip.shape == from_tfds.shape == (num_characters, 20, 28, 28, 1)
+    assert zip_background.tolist() == tfds_background.tolist() == [True] * 4 + [False] * 5
+    # Character by character (alphabet by alphabet), the same 20 drawings, pixel for pixel;
+    # TFDS keeps no drawing number, so their order within a character may differ.
+    for i in range(num_characters):
+        assert (sorted(d.tobytes() for d in from_zip[i])
+                == sorted(d.tobytes() for d in from_tfds[i])), f"character {i} differs"
+    # The drawings are distinct, so the comparison above could tell characters apart.
+    assert len({d.tobytes() for d in from_zip.reshape(-1, 28, 28)}) == num_characters * 20
+
+
+def _counting_decoder(monkeypatch):
+    calls = []
+    decode = omniglot._decode
+
+    def counted(data, path):
+        calls.append(path)
+        return decode(data, path)
+
+    monkeypatch.setattr(omniglot, "_decode", counted)
+    return calls
+
+
+def _rewrite_zip_same_size(path):
+    """Different content, same entry names and the same file size: among entries of equal
+    length (stored uncompressed), each gets the next one's PNG bytes."""
+    with zipfile.ZipFile(path) as z:
+        entries = [(info.filename, z.read(info.filename)) for info in z.infolist()]
+    by_length = {}
+    for name, data in entries:
+        by_length.setdefault(len(data), []).append(name)
+    content = dict(entries)
+    for names in by_length.values():
+        content.update(zip(names, [content[n] for n in names[1:] + names[:1]]))
+    assert content != dict(entries)
+    with zipfile.ZipFile(path, "w") as z:
+        for name, _ in entries:
+            z.writestr(name, content[name])
+
+
+def test_cache_is_read_and_follows_changes_of_the_archives(tmp_path, monkeypatch):
+    source, cache = str(tmp_path / "zips"), str(tmp_path / "cache")
+    os.makedirs(source)
+    # Constant images: many PNGs of equal length (see _rewrite_zip_same_size).
+    for archive in omniglot.ARCHIVES:
+        with zipfile.ZipFile(os.path.join(source, archive + ".zip"), "w") as z:
+            for c in range(3):
+                for d in range(20):
+                    z.writestr(f"{archive}/A/character{c + 1:02d}/{c:04d}_{d + 1:02d}.png",
+                               _png(np.full((105, 105), 10 * c + d, np.uint8)))
+    background_zip = os.path.join(source, "images_background.zip")
+    second = 1_700_000_000 * 10**9
+    os.utime(background_zip, ns=(second, second))
+    calls = _counting_decoder(monkeypatch)
+
+    first, _ = omniglot.load_characters(source, cache)
+    assert len(calls) == 120 and len(os.listdir(cache)) == 1
+    # A second load reads the cache: nothing is decoded.
+    again, _ = omniglot.load_characters(source, cache)
+    assert len(calls) == 120
+    np.testing.assert_array_equal(again, first)
+
+    # New content, same name, same size, modified within the same second: decoded again.
+    size = os.path.getsize(background_zip)
+    _rewrite_zip_same_size(background_zip)
+    os.utime(background_zip, ns=(second + 1000, second + 1000))
+    assert os.path.getsize(background_zip) == size
+    changed, _ = omniglot.load_characters(source, cache)
+    assert len(calls) == 240
+    assert not np.array_equal(changed, first)
+    np.testing.assert_array_equal(changed, omniglot.load_characters(source)[0])
+
+    # A different size with the old modification times: decoded again too.
+    times = {p: os.stat(p).st_mtime_ns for p in glob.glob(os.path.join(source, "*.zip"))}
+    _fake_archives(source, alphabets=1, seed=1)
+    for p, time in times.items():
+        os.utime(p, ns=(time, time))
+    assert os.path.getsize(background_zip) != size
+    resized, _ = omniglot.load_characters(source, cache)
+    np.testing.assert_array_equal(resized, omniglot.load_characters(source)[0])
+    assert not np.array_equal(resized, changed)
+    # And each version's cache still serves it.
+    calls.clear()
+    np.testing.assert_array_equal(omniglot.load_characters(source, cache)[0], resized)
+    assert not calls
+
+
+def test_folder_cache_follows_a_changed_drawing(tmp_path, monkeypatch):
+    _fake_archives(str(tmp_path), alphabets=1, characters=1, as_zip=False)
+    cache = str(tmp_path / "cache")
+    first, _ = omniglot.load_characters(str(tmp_path), cache)
+    drawing = tmp_path / "images_evaluation" / "Alpha0" / "character01" / "0000_07.png"
+    drawing.write_bytes(_png(np.zeros((105, 105), np.uint8)))
+    calls = _counting_decoder(monkeypatch)
+    changed, _ = omniglot.load_characters(str(tmp_path), cache)
+    assert len(calls) == 40
+    assert changed[1, 6].min() == 255 and first[1, 6].min() < 255
+    np.testing.assert_array_equal(np.delete(changed, 6, axis=1), np.delete(first, 6, axis=1))
+
+
+def test_truncated_cache_is_rebuilt(tmp_path, monkeypatch):
+    _fake_archives(str(tmp_path), alphabets=1, characters=1)
+    cache = str(tmp_path / "cache")
+    expected, _ = omniglot.load_characters(str(tmp_path), cache)
+    (name,) = os.listdir(cache)
+    path = os.path.join(cache, name)
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+    calls = _counting_decoder(monkeypatch)
+    images, background = omniglot.load_characters(str(tmp_path), cache)
+    assert len(calls) == 40
+    np.testing.assert_array_equal(images, expected)
+    assert background.tolist() == [True, False]
+    # Rebuilt in place: the next load reads it.
+    assert os.listdir(cache) == [name]
+    np.testing.assert_array_equal(omniglot.load_characters(str(tmp_path), cache)[0], expected)
+    assert len(calls) == 40
+
+
+def test_a_crash_while_writing_the_cache_leaves_none_behind(tmp_path, monkeypatch):
+    _fake_archives(str(tmp_path), alphabets=1, characters=1)
+    cache = str(tmp_path / "cache")
+    savez = np.savez
+
+    def crash(file, **arrays):
+        savez(file, **arrays)
+        if hasattr(file, "truncate"):
+            file.truncate(100)
+        else:
+            with open(file if str(file).endswith(".npz") else f"{file}.npz", "r+b") as f:
+                f.truncate(100)
+        raise KeyboardInterrupt("power cut")
+
+    monkeypatch.setattr(np, "savez", crash)
+    with pytest.raises(KeyboardInterrupt):
+        omniglot.load_characters(str(tmp_path), cache)
+    assert os.listdir(cache) == []      # neither a partial cache nor a temporary file
+    monkeypatch.setattr(np, "savez", savez)
+    images, _ = omniglot.load_characters(str(tmp_path), cache)
+    np.testing.assert_array_equal(images, omniglot.load_characters(str(tmp_path))[0])
+    assert len(os.listdir(cache)) == 1
 
 
 def test_bad_data_gives_clear_errors(tmp_path):
@@ -205,6 +411,52 @@ def test_rotations_make_new_training_classes():
     rotations = {k for image in seen for k in range(4)
                  if any(np.array_equal(np.rot90(o, k), image) for o in originals)}
     assert rotations == {0, 1, 2, 3}
+
+
+def test_a_rotated_class_is_rotated_alike_in_support_and_query():
+    """Rotation is a property of the class (per task and label), never of the single image."""
+    classes, drawings, size = 6, 20, 5
+    # One bright pixel in the top-left corner (asymmetric: each rotation moves it to another
+    # corner); its value names (class, drawing), so every image is recognisable after rotating.
+    images = np.zeros((classes, drawings, size, size, 1), np.uint8)
+    images[:, :, 0, 0, 0] = 1 + np.arange(classes * drawings).reshape(classes, drawings)
+    tasks = ImageClassTasks({"train": images, "test": images}, 5, k_shot=3, k_query=4,
+                            rotate_train=True)
+    corners = {(np.argwhere(np.rot90(images[0, 0], k))[0][0],
+                np.argwhere(np.rot90(images[0, 0], k))[0][1]): k for k in range(4)}
+
+    def identify(x):
+        """(class, drawing, rotation) of each image of x [n, H, W, 1] in [0, 1]."""
+        pixels = np.rint(x[..., 0] * 255).astype(int)
+        out = []
+        for image in pixels:
+            (row, col), = np.argwhere(image)
+            code = image[row, col] - 1
+            out.append((code // drawings, code % drawings, corners[(row, col)]))
+        return out
+
+    episode = tasks.sample(tf.constant([3, 4], tf.int64), 40)
+    sx, sy, qx, qy = (t.numpy() for t in episode)
+    rotations_per_task, seen = [], set()
+    for t in range(40):
+        support, query = identify(sx[t]), identify(qx[t])
+        identities = set()
+        for label in range(5):
+            members = ([s for s, y in zip(support, sy[t]) if y == label]
+                       + [q for q, y in zip(query, qy[t]) if y == label])
+            assert len(members) == 3 + 4
+            # One character, one rotation for every support and query image of the label.
+            identity = {(c, k) for c, _, k in members}
+            assert len(identity) == 1, f"task {t} label {label} mixes {sorted(identity)}"
+            # Distinct drawings of it.
+            assert len({d for _, d, _ in members}) == 7
+            identities |= identity
+        assert len(identities) == 5   # labels are distinct (character, rotation) classes
+        rotations_per_task.append({k for _, k in identities})
+        seen |= identities
+    # Every rotation of every character occurs, and tasks mix rotations across labels.
+    assert seen == {(c, k) for c in range(classes) for k in range(4)}
+    assert any(len(r) > 1 for r in rotations_per_task)
 
 
 def test_too_few_classes_or_examples_is_refused():

@@ -7,12 +7,17 @@ Expected layout (the usual one):
       train.csv  val.csv  test.csv      # header "filename,label", one image a line
 
 Images are resized to 84×84 RGB and kept in memory as uint8 (about 1.3 GB for
-all three splits); decoded splits are cached as `.npz` in `cache_dir`.
+all three splits); decoded splits are cached as `.npz` in `cache_dir`, keyed by
+the split CSV and every image it uses (path, size, modification time in
+nanoseconds), so a changed image or CSV is decoded again. The cache is written
+atomically (a temporary file, then a rename), and an unreadable one is ignored
+and rebuilt.
 """
 
 import csv
 import hashlib
 import os
+import uuid
 
 import numpy as np
 from absl import logging
@@ -23,6 +28,8 @@ __all__ = ["load_split", "miniimagenet_tasks", "IMAGE_SIZE", "SPLIT_FILES"]
 
 IMAGE_SIZE = 84
 SPLIT_FILES = {"train": "train.csv", "val": "val.csv", "test": "test.csv"}
+# Part of the cache key: bump when the decoded arrays change for the same source files.
+_CACHE_VERSION = 2
 
 
 def _read_csv(path):
@@ -52,6 +59,51 @@ def _decode(path):
         raise ValueError(f"{path}: not a readable image ({e})") from None
 
 
+def _cache_key(csv_path, image_paths):
+    """The split CSV's path, and the size and modification time (ns) of it and every image."""
+    digest = hashlib.sha1(f"v{_CACHE_VERSION}:{IMAGE_SIZE}:{os.path.abspath(csv_path)};"
+                          .encode())
+    for path in [csv_path] + image_paths:
+        try:
+            stat = os.stat(path)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{path}: listed in the split CSV but missing") from None
+        digest.update(f"{os.path.basename(path)}:{stat.st_size}:{stat.st_mtime_ns};".encode())
+    return digest.hexdigest()[:16]
+
+
+def _read_cache(path):
+    """The images cached at `path`, or None when absent or unreadable."""
+    if not os.path.exists(path):
+        return None
+    try:
+        with np.load(path) as saved:
+            images = saved["images"]
+        if images.dtype != np.uint8 or images.ndim != 5:
+            raise ValueError(f"unexpected array {images.dtype} {images.shape}")
+    except Exception as e:  # a truncated or foreign file: zipfile, EOF, value errors
+        logging.warning("Ignoring the unreadable MiniImagenet cache %s (%s); decoding again",
+                        path, e)
+        return None
+    return images
+
+
+def _write_cache(path, **arrays):
+    """Saves `arrays` to `path` atomically: a crash never leaves a partial file there."""
+    directory = os.path.dirname(path)
+    os.makedirs(directory, exist_ok=True)
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(tmp, "xb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def load_split(data_dir, split, cache_dir=None):
     """Loads one split as uint8 `[classes, images_per_class, 84, 84, 3]`.
 
@@ -68,24 +120,20 @@ def load_split(data_dir, split, cache_dir=None):
             f"MiniImagenet: {csv_path} does not exist; expected {data_dir!r} to hold images/ and "
             "train.csv, val.csv, test.csv (Ravi & Larochelle's split)")
     by_label = _read_csv(csv_path)
+    count = min(len(files) for files in by_label.values())
+    paths = [[os.path.join(data_dir, "images", name) for name in by_label[label][:count]]
+             for label in sorted(by_label)]
     cache = None
     if cache_dir:
-        stat = os.stat(csv_path)
-        key = hashlib.sha1(f"{os.path.abspath(csv_path)}:{stat.st_size}:{int(stat.st_mtime)}"
-                           .encode()).hexdigest()[:16]
+        key = _cache_key(csv_path, [path for row in paths for path in row])
         cache = os.path.join(cache_dir, f"miniimagenet_{split}_{key}.npz")
-        if os.path.exists(cache):
-            with np.load(cache) as saved:
-                return saved["images"]
-    count = min(len(files) for files in by_label.values())
+        cached = _read_cache(cache)
+        if cached is not None:
+            return cached
     logging.info("Decoding MiniImagenet %s: %d classes x %d images", split, len(by_label), count)
-    images = np.stack([
-        np.stack([_decode(os.path.join(data_dir, "images", name)) for name in by_label[label][:count]])
-        for label in sorted(by_label)])
+    images = np.stack([np.stack([_decode(path) for path in row]) for row in paths])
     if cache:
-        os.makedirs(cache_dir, exist_ok=True)
-        np.savez(cache + ".tmp.npz", images=images)
-        os.replace(cache + ".tmp.npz", cache)
+        _write_cache(cache, images=images)
     return images
 
 

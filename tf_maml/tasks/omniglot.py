@@ -5,6 +5,10 @@ Sources, one in-memory result: the archives as Lake et al. publish them
 folders) in `data_dir`, or TensorFlow Datasets' `omniglot` when no
 `data_dir` is given. Every character becomes a uint8 array of its 20 drawings
 at 28×28, ink = 255 (the images are inverted: ink is black in the source).
+Both sources decode alike (same grayscale conversion and Lanczos resize) and
+order characters alike (archive, alphabet, character), so the "paper" split
+picks the same characters from either; only the order of the 20 drawings
+within a character may differ (TFDS does not keep the drawing number).
 
 Splits: "paper" (the MAML paper): the 1623 characters are shuffled with a fixed
 seed, irrespective of alphabet, and the first 1200 are for meta-training, the
@@ -12,13 +16,17 @@ rest for meta-testing; "lake": background alphabets for meta-training,
 evaluation alphabets for meta-testing.
 
 Decoding 32,460 PNGs takes a while; the decoded arrays are cached as `.npz`
-in `cache_dir` (keyed by the source files' names, sizes and times).
+in `cache_dir`, keyed by the source files' names, sizes and modification times
+(nanoseconds), so a changed archive is decoded again. The cache is written
+atomically (a temporary file, then a rename), and an unreadable one (say,
+truncated by a full disk) is ignored and rebuilt.
 """
 
 import hashlib
 import io
 import os
 import re
+import uuid
 import zipfile
 
 import numpy as np
@@ -33,15 +41,23 @@ ARCHIVES = ("images_background", "images_evaluation")
 IMAGE_SIZE = 28
 DRAWINGS_PER_CHARACTER = 20
 NUM_TRAIN_CHARACTERS = 1200
+# Part of the cache key: bump when the decoded arrays change for the same source files.
+_CACHE_VERSION = 2
 _PNG = re.compile(r"^(images_background|images_evaluation)/([^/]+)/(character\d+)/([^/]+\.png)$")
+
+
+def _to_array(image):
+    """A PIL image as the loader keeps it: grayscale, 28×28 (Lanczos), inverted (ink = 255)."""
+    from PIL import Image
+    image = image.convert("L").resize((IMAGE_SIZE, IMAGE_SIZE), Image.LANCZOS)
+    return 255 - np.asarray(image, dtype=np.uint8)
 
 
 def _decode(data, path):
     from PIL import Image
     try:
         with Image.open(io.BytesIO(data)) as image:
-            image = image.convert("L").resize((IMAGE_SIZE, IMAGE_SIZE), Image.LANCZOS)
-            return 255 - np.asarray(image, dtype=np.uint8)
+            return _to_array(image)
     except Exception as e:  # PIL raises many types for bad data
         raise ValueError(f"{path}: not a readable PNG image ({e})") from None
 
@@ -111,7 +127,8 @@ def _read_archive(archive, path, is_zip):
 
 
 def _cache_key(files):
-    digest = hashlib.sha1()
+    """Names, sizes and modification times (ns) of every source file, and the format."""
+    digest = hashlib.sha1(f"v{_CACHE_VERSION}:{IMAGE_SIZE};".encode())
     for archive, path, _ in files:
         paths = [path]
         if os.path.isdir(path):
@@ -119,9 +136,44 @@ def _cache_key(files):
                            for f in names)
         for p in paths:
             stat = os.stat(p)
-            digest.update(f"{os.path.relpath(p, path)}:{stat.st_size}:{int(stat.st_mtime)};".encode())
+            digest.update(f"{os.path.relpath(p, path)}:{stat.st_size}:{stat.st_mtime_ns};"
+                          .encode())
         digest.update(archive.encode())
     return digest.hexdigest()[:16]
+
+
+def _read_cache(path):
+    """`(images, background)` cached at `path`, or None when absent or unreadable."""
+    if not os.path.exists(path):
+        return None
+    try:
+        with np.load(path) as saved:
+            images, background = saved["images"], saved["background"]
+        if (images.dtype != np.uint8 or images.ndim != 5
+                or background.shape != images.shape[:1]):
+            raise ValueError(f"unexpected arrays {images.dtype} {images.shape}, "
+                             f"{background.shape}")
+    except Exception as e:  # a truncated or foreign file: zipfile, EOF, value errors
+        logging.warning("Ignoring the unreadable Omniglot cache %s (%s); decoding again",
+                        path, e)
+        return None
+    return images, background
+
+
+def _write_cache(path, **arrays):
+    """Saves `arrays` to `path` atomically: a crash never leaves a partial file there."""
+    directory = os.path.dirname(path)
+    os.makedirs(directory, exist_ok=True)
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(tmp, "xb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def load_characters(data_dir=None, cache_dir=None):
@@ -148,9 +200,9 @@ def load_characters(data_dir=None, cache_dir=None):
     cache = None
     if cache_dir:
         cache = os.path.join(cache_dir, f"omniglot_{_cache_key(files)}.npz")
-        if os.path.exists(cache):
-            with np.load(cache) as saved:
-                return saved["images"], saved["background"]
+        cached = _read_cache(cache)
+        if cached is not None:
+            return cached
     images, background = [], []
     for archive, path, is_zip in files:
         logging.info("Decoding Omniglot %s (this takes a minute; cached afterwards)", path)
@@ -162,32 +214,36 @@ def load_characters(data_dir=None, cache_dir=None):
     images = np.stack(images)[..., None]
     background = np.array(background)
     if cache:
-        os.makedirs(cache_dir, exist_ok=True)
-        tmp = cache + ".tmp.npz"
-        np.savez(tmp, images=images, background=background)
-        os.replace(tmp, cache)
+        _write_cache(cache, images=images, background=background)
     return images, background
 
 
 def _load_tfds():
-    import tensorflow as tf
+    """Characters of TFDS' `omniglot` ("train": background, "test": evaluation).
+
+    Decoded like the archives (`_to_array`) and ordered like them: by alphabet
+    name, then character number. (TFDS' `label`, Lake's global character
+    number, orders alphabets otherwise, which would change the "paper" split.)
+    """
     import tensorflow_datasets as tfds
+    from PIL import Image
     logging.info("Loading Omniglot from TensorFlow Datasets (downloads on first use)")
     images, background = [], []
     for split, is_background in (("train", True), ("test", False)):
         dataset = tfds.load("omniglot", split=split)
-        by_label = {}
+        by_character = {}
         for example in dataset.as_numpy_iterator():
-            image = tf.image.resize(tf.image.rgb_to_grayscale(example["image"]),
-                                    [IMAGE_SIZE, IMAGE_SIZE], antialias=True)
-            by_label.setdefault(int(example["label"]), []).append(
-                255 - np.clip(np.round(image.numpy()), 0, 255).astype(np.uint8))
-        for label in sorted(by_label):
-            if len(by_label[label]) != DRAWINGS_PER_CHARACTER:
-                raise ValueError(f"TFDS omniglot {split}: character {label} has "
-                                 f"{len(by_label[label])} drawings, expected "
+            # "alphabet" indexes the sorted alphabet names; "alphabet_char_id" is NN - 1 of
+            # the archive's characterNN.
+            key = (int(example["alphabet"]), int(example["alphabet_char_id"]))
+            by_character.setdefault(key, []).append(
+                _to_array(Image.fromarray(example["image"]))[..., None])
+        for key in sorted(by_character):
+            if len(by_character[key]) != DRAWINGS_PER_CHARACTER:
+                raise ValueError(f"TFDS omniglot {split}: character {key[1] + 1} of alphabet "
+                                 f"{key[0]} has {len(by_character[key])} drawings, expected "
                                  f"{DRAWINGS_PER_CHARACTER}")
-            images.append(np.stack(by_label[label]))
+            images.append(np.stack(by_character[key]))
             background.append(is_background)
     return np.stack(images), np.array(background)
 
