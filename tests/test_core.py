@@ -129,8 +129,10 @@ def test_layer_batched_conv_bn_meta_gradient_equals_per_task_path():
                                              model=model)
         results.append((loss, grads))
     np.testing.assert_allclose(results[0][0].numpy(), results[1][0].numpy(), rtol=1e-5)
+    # Observed: at most 5e-7 of each gradient's largest entry (float32 reordering).
     for a, b in zip(results[0][1], results[1][1]):
-        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=2e-3, atol=2e-5)
+        scale = np.max(np.abs(b.numpy()))
+        np.testing.assert_allclose(a.numpy() / scale, b.numpy() / scale, rtol=0, atol=5e-6)
 
 
 def test_stock_keras_moments_would_break_second_order():
