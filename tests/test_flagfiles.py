@@ -47,9 +47,10 @@ RECIPES = {
         num_inner_steps=10, inner_optimizer="adam", inner_lr=0.0005, inner_batch_size=20,
         meta_step_size=1.0, meta_step_size_final=0.0, num_eval_steps=50,
         num_iterations=200000, augment_rotations=True, omniglot_split="paper"),
-    "sine_reptile": dict(algorithm="reptile", dataset="sine", k_shot=10, num_inner_steps=32,
-                         inner_optimizer="sgd", inner_lr=0.02, inner_batch_size=10,
-                         meta_step_size=0.1, num_iterations=30000),
+    "sine_reptile": dict(algorithm="reptile", dataset="sine", k_shot=10, train_k_shot=50,
+                         num_inner_steps=5, num_eval_steps=32, inner_optimizer="sgd",
+                         inner_lr=0.02, inner_batch_size=10, meta_step_size=0.1,
+                         num_iterations=30000),
 }
 ALGORITHM_PREFIXES = ("mamlpp_", "anil_", "metasgd_", "reptile_")
 
