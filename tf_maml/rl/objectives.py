@@ -1,0 +1,86 @@
+"""Policy-gradient losses as task loss closures, per-task surrogate and KL.
+
+The inner loop of MAML-RL is `tf_maml.core.adapt` on `reinforce_loss`: a task
+loss closure like the supervised one, whose data are sampled trajectories.
+"""
+
+import tensorflow as tf
+
+from tf_maml.rl import policy as policy_lib
+
+__all__ = ["masked_task_mean", "flatten_time", "reinforce_loss", "surrogate_and_kl"]
+
+
+def masked_task_mean(values, mask):
+    """Mean of `values` over the valid steps of each task: `[T, ...] -> [T]`."""
+    axes = list(range(1, values.shape.rank))
+    return (tf.reduce_sum(values * mask, axes)
+            / tf.maximum(tf.reduce_sum(mask, axes), tf.ones([], mask.dtype)))
+
+
+def flatten_time(trajectories):
+    """`Trajectories` with `[T, B, H, ...]` fields reshaped to `[T, B·H, ...]`."""
+    def flat(x):
+        if x is None:
+            return None
+        shape = tf.shape(x)
+        return tf.reshape(x, tf.concat([shape[:1], [-1], shape[3:]], 0))
+    return type(trajectories)(*[flat(x) for x in trajectories])
+
+
+def reinforce_loss(policy, trajectories):
+    """The REINFORCE task loss closure: `−mean(log π(a|s) · A)` per task over valid steps.
+
+    Args:
+        policy: a `GaussianPolicy`.
+        trajectories: processed `Trajectories` (with advantages), or a list of
+            them, one per inner step (step `s` reads entry `s`: data sampled
+            with the policy after `s` steps).
+
+    Returns:
+        `task_loss(weights, step) -> [num_tasks]` for `tf_maml.core.adapt`.
+
+    Example:
+
+    ```python
+    adapted, _ = core.adapt(reinforce_loss(policy, batch), weights, 1, core.SGD(0.1))
+    ```
+    """
+    batches = list(trajectories) if isinstance(trajectories, (list, tuple)) and not hasattr(
+        trajectories, "_fields") else [trajectories]
+    batches = [flatten_time(b) for b in batches]
+
+    def task_loss(weights, step):
+        if not isinstance(step, int):
+            raise ValueError("reinforce_loss needs a Python int step (unrolled inner loop)")
+        batch = batches[min(step, len(batches) - 1)]
+        logp = policy.log_prob(weights, batch.observations, batch.actions)
+        return -masked_task_mean(logp * batch.advantages, batch.mask)
+
+    return task_loss
+
+
+def surrogate_and_kl(policy, weights, trajectories, old_mean, old_log_std):
+    """TRPO's per-task surrogate loss and mean KL against the sampling policy.
+
+    `surrogate = −mean(exp(log π(a|s) − log π_old(a|s)) · A)` and
+    `kl = mean KL(π_old(·|s) ‖ π(·|s))`, both over each task's valid steps.
+
+    Args:
+        policy: a `GaussianPolicy`.
+        weights: task-batched weights of π.
+        trajectories: processed `Trajectories`, flattened (`flatten_time`).
+        old_mean, old_log_std: π_old's distribution at the observations
+            (constants).
+
+    Returns:
+        `(surrogate, kl)`, each `[num_tasks]`.
+    """
+    t = trajectories
+    mean, log_std = policy.distribution(weights, t.observations)
+    logp = policy_lib.log_prob(t.actions, mean, log_std)
+    old_logp = policy_lib.log_prob(t.actions, old_mean, old_log_std)
+    ratio = tf.exp(logp - old_logp)
+    surrogate = -masked_task_mean(ratio * t.advantages, t.mask)
+    kl = masked_task_mean(policy_lib.kl_divergence(old_mean, old_log_std, mean, log_std), t.mask)
+    return surrogate, kl

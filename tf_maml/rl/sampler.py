@@ -1,0 +1,98 @@
+"""Rollouts of every task of a meta-batch at once, in a graph loop over time."""
+
+import collections
+
+import tensorflow as tf
+
+__all__ = ["Trajectories", "sample_trajectories", "average_return"]
+
+
+class Trajectories(collections.namedtuple(
+        "Trajectories", ["observations", "actions", "rewards", "mask", "advantages"],
+        defaults=(None,))):
+    """Sampled episodes of every task, laid out `[num_tasks, num_trajectories, horizon, ...]`.
+
+    Fields:
+        observations: `[T, B, H, obs_dim]`, the observation each action was taken at.
+        actions: `[T, B, H, action_dim]`, as sampled (before the environment clips them).
+        rewards: `[T, B, H]`, zero at invalid steps.
+        mask: `[T, B, H]`, 1 at the steps of an episode, 0 after it ended
+            (valid steps always come first within a trajectory).
+        advantages: `[T, B, H]` once processed (`tf_maml.rl.process_trajectories`),
+            else None.
+    """
+
+
+def sample_trajectories(env, policy, weights, tasks, num_trajectories, seed, horizon=None):
+    """Rolls out `num_trajectories` episodes per task with each task's policy, in a graph loop.
+
+    One `tf.while_loop` over time steps every trajectory of every task
+    together: the policy's forward runs once per step on `[num_tasks,
+    num_trajectories, obs_dim]`. Actions are `mean + std · ε` with ε drawn from
+    `seed` (stateless), so the result is a pure function of `(weights, tasks,
+    seed)`. Nothing is differentiated through sampling (`weights` are held
+    constant).
+
+    Args:
+        env: a batched environment (see `tf_maml.rl.navigation`).
+        policy: a `GaussianPolicy` (anything with `distribution(weights, obs)`
+            and `action_dim`, `dtype`).
+        weights: task-batched policy weights (leading axis: the tasks).
+        tasks: the tasks, `[num_tasks, ...]` (e.g. goals).
+        num_trajectories: episodes per task (a Python int).
+        seed: `[2]` integer tensor for the action noise.
+        horizon: steps per episode (default `env.horizon`).
+
+    Returns:
+        `Trajectories` (without advantages). An episode that ends (`done`) at
+        step t keeps steps 0..t; later steps are masked out.
+
+    Example:
+
+    ```python
+    weights = core.broadcast_to_tasks(policy.variables, 20)
+    goals = env.sample_tasks(20, seed)
+    trajectories = sample_trajectories(env, policy, weights, goals, 20, seed)
+    ```
+    """
+    horizon = int(env.horizon if horizon is None else horizon)
+    weights = [tf.stop_gradient(tf.convert_to_tensor(w)) for w in weights]
+    tasks = tf.convert_to_tensor(tasks)
+    num_tasks = tasks.shape[0] if tasks.shape[0] is not None else tf.shape(tasks)[0]
+    dtype = policy.dtype
+    noise = tf.random.stateless_normal(
+        tf.stack([horizon, num_tasks, num_trajectories, policy.action_dim]), seed, dtype=dtype)
+    state = env.reset(tasks, num_trajectories)
+    alive = tf.ones(tf.stack([num_tasks, num_trajectories]), dtype)
+
+    def array():
+        return tf.TensorArray(dtype, size=horizon)
+
+    def body(t, state, alive, observations, actions, rewards, masks):
+        obs = tf.cast(env.observe(state), dtype)
+        mean, log_std = policy.distribution(weights, obs)
+        action = mean + tf.exp(log_std) * noise[t]
+        next_state, reward, done = env.step(tasks, state, action)
+        observations = observations.write(t, obs)
+        actions = actions.write(t, action)
+        rewards = rewards.write(t, tf.cast(reward, dtype) * alive)
+        masks = masks.write(t, alive)
+        alive = alive * (1.0 - tf.cast(done, dtype))
+        return t + 1, next_state, alive, observations, actions, rewards, masks
+
+    _, _, _, observations, actions, rewards, masks = tf.while_loop(
+        lambda t, *_: t < horizon, body,
+        (tf.constant(0), state, alive, array(), array(), array(), array()),
+        maximum_iterations=horizon)
+
+    def batch_major(ta, trailing):
+        value = ta.stack()
+        return tf.transpose(value, [1, 2, 0] + list(range(3, 3 + trailing)))
+
+    return Trajectories(batch_major(observations, 1), batch_major(actions, 1),
+                        batch_major(rewards, 0), batch_major(masks, 0))
+
+
+def average_return(trajectories):
+    """The undiscounted return averaged over tasks and trajectories (a scalar)."""
+    return tf.reduce_mean(tf.reduce_sum(trajectories.rewards * trajectories.mask, -1))
