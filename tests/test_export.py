@@ -1,5 +1,6 @@
 """Export: the SavedModel's signatures equal the in-process model, in every loader, on the wire."""
 
+import base64
 import concurrent.futures
 import http.server
 import importlib.util
@@ -20,6 +21,9 @@ from tf_maml.tasks import ImageClassTasks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOLERANCE = dict(rtol=1e-5, atol=1e-5)  # float32, same kernels; reordering only
+BIG_REQUEST_ROWS = 1_200_000  # sine rows: 4.8 MB of float32, in the request and in the answer
+CLASSIFIER_LIMITS = serving.ServingLimits(max_support_examples=20, max_query_examples=30,
+                                          max_inner_steps=10, max_tasks=4)
 
 
 def _client():
@@ -35,8 +39,10 @@ def sine_run(tmp_path_factory):
     config = config_lib.Config(num_iterations=300, log_every=100, checkpoint_every=300,
                                validate_every=0, num_eval_steps=5)
     experiment, step = trainer.train(config, model_dir)
+    # Room for a >4 MiB request (gRPC's default message limit) in serving_default.
     path = serving.export(experiment, str(tmp_path_factory.mktemp("serving")), step,
-                          config.num_eval_steps, config.inner_lr)
+                          config.num_eval_steps, config.inner_lr,
+                          limits={"max_query_examples": BIG_REQUEST_ROWS})
     return experiment, model_dir, path
 
 
@@ -48,7 +54,8 @@ def classifier(tmp_path_factory):
     config = config_lib.Config(dataset="omniglot", n_way=3, k_shot=2, k_query=2, inner_lr=0.4,
                                num_eval_steps=3)
     experiment = experiment_lib.build_experiment(config, tasks)
-    path = serving.export(experiment, str(tmp_path_factory.mktemp("serving")), 1, 3, 0.4)
+    path = serving.export(experiment, str(tmp_path_factory.mktemp("serving")), 1, 3, 0.4,
+                          limits=CLASSIFIER_LIMITS)
     return experiment, path
 
 
@@ -66,11 +73,15 @@ def _in_process(experiment, episode, steps, inner_lr):
 
 
 LOAD_SCRIPT = """
-import sys, numpy as np, tensorflow as tf
+import json, sys
+# TensorFlow imports Keras when present; here Keras and tf_maml cannot be imported at all.
+for name in ("keras", "tf_keras", "tf_maml"):
+    sys.modules[name] = None
+import numpy as np, tensorflow as tf
 model = tf.saved_model.load(sys.argv[1])
 inputs = dict(np.load(sys.argv[2]))
 out = {}
-for name in ("serving_default", "adapt", "adapt_custom"):
+for name in ("serving_default", "adapt", "adapt_custom", "adapted_weights"):
     sig = model.signatures[name]
     args = {k: tf.constant(v) for k, v in inputs.items() if k in sig.structured_input_signature[1]}
     if name == "serving_default":
@@ -78,6 +89,8 @@ for name in ("serving_default", "adapt", "adapt_custom"):
     for key, value in sig(**args).items():
         out[name + "/" + key] = value.numpy()
 np.savez(sys.argv[3], **out)
+# What loading and running the model imported (the test asserts: no Keras, no tf_maml).
+print(json.dumps(sorted(name for name, module in sys.modules.items() if module is not None)))
 """
 
 
@@ -89,17 +102,32 @@ def test_fresh_process_load_matches_in_process_model(kind, sine_run, classifier,
     np.savez(tmp_path / "in.npz", **inputs, inner_steps=np.int32(2), inner_lr=np.float32(inner_lr))
     script = tmp_path / "load.py"
     script.write_text(LOAD_SCRIPT)
-    # A process that never imports tf_maml or builds a Keras model.
+    # A process that cannot import tf_maml or Keras.
     result = subprocess.run([sys.executable, str(script), path, str(tmp_path / "in.npz"),
                              str(tmp_path / "out.npz")], capture_output=True, text=True,
                             env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"), timeout=300)
     assert result.returncode == 0, result.stderr
+    modules = json.loads(result.stdout.strip().splitlines()[-1])
+    assert "tensorflow" in modules
+    assert not [m for m in modules if m == "keras" or m.startswith(("keras.", "tf_maml"))], (
+        [m for m in modules if m.startswith(("keras", "tf_maml"))][:10])
     out = dict(np.load(tmp_path / "out.npz"))
     expected = _in_process(experiment, episode, steps, inner_lr)
     np.testing.assert_allclose(out["serving_default/predictions"], expected[0], **TOLERANCE)
     np.testing.assert_allclose(out["adapt/predictions"], expected[steps], **TOLERANCE)
     np.testing.assert_allclose(out["adapt_custom/predictions"], expected[2], **TOLERANCE)
     assert not np.allclose(expected[0], expected[steps])  # adaptation changed something
+    # adapted_weights: the in-process adaptation's weights, one output per model weight.
+    algorithm = experiment.algorithm
+    params = algorithm.meta_variables
+    adapted, _ = algorithm.adapt(params, episode.support_x, episode.support_y, steps,
+                                 inner_lr=inner_lr)
+    weights = algorithm.full_weights(params, adapted, steps)
+    names = serving._weight_names(experiment.model)
+    assert sorted(k for k in out if k.startswith("adapted_weights/")) == sorted(
+        f"adapted_weights/{name}" for name in names)
+    for name, weight in zip(names, weights):
+        np.testing.assert_allclose(out[f"adapted_weights/{name}"], weight[0].numpy(), **TOLERANCE)
     if kind == "classifier":
         np.testing.assert_allclose(out["adapt/probabilities"],
                                    tf.nn.softmax(expected[steps]).numpy(), **TOLERANCE)
@@ -132,8 +160,12 @@ def test_bad_requests_fail_clearly_and_the_next_request_works(classifier):
     experiment, path = classifier
     model = tf.saved_model.load(path)
     adapt, custom = model.signatures["adapt"], model.signatures["adapt_custom"]
+    tasks, tasks_custom = model.signatures["adapt_tasks"], model.signatures["adapt_tasks_custom"]
     good, _ = _task(experiment)
     good = {k: tf.constant(v) for k, v in good.items()}
+    good_tasks = {k: tf.stack([v, v]) for k, v in good.items()}
+    before = adapt(**good)["predictions"].numpy()
+    limits = CLASSIFIER_LIMITS
     bad_requests = [
         (adapt, {"support_x": good["support_x"][..., 0]}, "support_x must have shape"),
         (adapt, {"support_x": tf.zeros([6, 12, 11, 1])}, "support_x must have shape"),
@@ -142,19 +174,48 @@ def test_bad_requests_fail_clearly_and_the_next_request_works(classifier):
          "support_x must not be empty"),
         (adapt, {"support_y": good["support_y"] + 3}, "labels must be in \\[0, 3\\)"),
         (adapt, {"support_y": good["support_y"][:2]}, "one label per support_x example"),
+        # A column of labels gets the friendly message, not TF's shape error.
+        (adapt, {"support_y": good["support_y"][:, None]},
+         "support_y must be \\[num_examples\\] integer labels"),
         (adapt, {"support_x": good["support_x"] * np.nan}, "NaN or infinite"),
-        (custom, {"inner_steps": tf.constant(5000), "inner_lr": tf.constant(0.1)},
-         "inner_steps must be in \\[0, 1000\\]"),
+        # The export's limits (recorded in assets.extra).
+        (adapt, {"support_x": tf.zeros([limits.max_support_examples + 1, 12, 12, 1]),
+                 "support_y": tf.zeros([limits.max_support_examples + 1], tf.int32)},
+         "support_x has too many examples: this export accepts at most 20 "
+         "\\(max_support_examples\\)"),
+        (adapt, {"query_x": tf.zeros([limits.max_query_examples + 1, 12, 12, 1])},
+         "query_x has too many examples: this export accepts at most 30"),
+        (custom, {"inner_steps": tf.constant(limits.max_inner_steps + 1),
+                  "inner_lr": tf.constant(0.1)},
+         "inner_steps must be in \\[0, 10\\] \\(max_inner_steps\\)"),
         (custom, {"inner_steps": tf.constant(1), "inner_lr": tf.constant(-1.0)},
          "inner_lr must be finite and >= 0"),
+        # A step size that makes the adaptation diverge: an error, not NaN with status OK.
+        (custom, {"inner_steps": tf.constant(3), "inner_lr": tf.constant(3e38)},
+         "the adaptation diverged: predictions are not finite"),
+        (tasks, {**{k: tf.concat([v] * 3, 0) for k, v in good_tasks.items()}},
+         "support_x has too many tasks: this export accepts at most 4"),
+        (tasks, {"query_x": good_tasks["query_x"][:1]},
+         "query_x must have as many tasks as support_x"),
+        (tasks, {"support_y": good_tasks["support_y"][..., None]},
+         "support_y must be \\[num_tasks, num_examples\\] integer labels"),
+        (tasks_custom, {"inner_steps": tf.constant([1, 1, 1]), "inner_lr": tf.constant([.1, .1])},
+         "inner_steps must have one value per task"),
+        (tasks_custom, {"inner_steps": tf.constant([1, 11]), "inner_lr": tf.constant([.1, .1])},
+         "inner_steps must be in \\[0, 10\\]"),
+        (tasks_custom, {"inner_steps": tf.constant([3, 3]), "inner_lr": tf.constant([.1, 3e38])},
+         "the adaptation diverged: predictions are not finite.*in tasks.*\\[1\\]"),
     ]
-    defaults = {"inner_steps": tf.constant(1), "inner_lr": tf.constant(0.4)}
+    defaults = {custom: {"inner_steps": tf.constant(1), "inner_lr": tf.constant(0.4)},
+                tasks: good_tasks,
+                tasks_custom: {**good_tasks, "inner_steps": tf.constant([1, 1]),
+                               "inner_lr": tf.constant([0.4, 0.4])}}
     for signature, change, message in bad_requests:
-        request = {**good, **(defaults if signature is custom else {}), **change}
+        request = {**good, **defaults.get(signature, {}), **change}
         with pytest.raises(tf.errors.InvalidArgumentError, match=message):
             signature(**request)
-        np.testing.assert_array_equal(adapt(**good)["predictions"].numpy(),
-                                      adapt(**good)["predictions"].numpy())
+        # The server keeps serving: a good request still gets the answer it got before.
+        np.testing.assert_array_equal(adapt(**good)["predictions"].numpy(), before)
 
 
 def test_concurrent_requests_do_not_interfere(sine_run):
@@ -202,15 +263,28 @@ def _fake_grpc_server(path):
                 response.outputs[name].CopyFrom(tf.make_tensor_proto(value.numpy()))
             return response
 
-    server = grpc.server(concurrent.futures.ThreadPoolExecutor(2))
+    # TF Serving's server accepts and sends messages up to 2 GiB - 1 (SetMaxMessageSize(kint32max)).
+    limit = 2**31 - 1
+    server = grpc.server(concurrent.futures.ThreadPoolExecutor(2),
+                         options=[("grpc.max_send_message_length", limit),
+                                  ("grpc.max_receive_message_length", limit)])
     prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(Service(), server)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     return server, port
 
 
+def _from_json(value):
+    """TF Serving's JSON values: {"b64": ...} is binary."""
+    if isinstance(value, dict):
+        return base64.b64decode(value["b64"])
+    if isinstance(value, list):
+        return [_from_json(v) for v in value]
+    return value
+
+
 def _fake_rest_server(path):
-    """TF Serving's REST :predict on loopback, columnar format only, from the SavedModel."""
+    """TF Serving's REST :predict on loopback (columnar and row formats), from the SavedModel."""
     model = tf.saved_model.load(path)
 
     class Handler(http.server.BaseHTTPRequestHandler):
@@ -219,8 +293,18 @@ def _fake_rest_server(path):
             signature = model.signatures[body["signature_name"]]
             specs = signature.structured_input_signature[1]
             try:
-                inputs = {k: tf.constant(v, dtype=specs[k].dtype) for k, v in body["inputs"].items()}
-                payload = {"outputs": {k: v.numpy().tolist() for k, v in signature(**inputs).items()}}
+                if "instances" in body:  # rows: one instance per entry of the first axis
+                    rows = body["instances"]
+                    columns = {k: [_from_json(row[k]) for row in rows] for k in rows[0]}
+                else:
+                    columns = {k: _from_json(v) for k, v in body["inputs"].items()}
+                inputs = {k: tf.constant(v, dtype=specs[k].dtype) for k, v in columns.items()}
+                outputs = {k: v.numpy().tolist() for k, v in signature(**inputs).items()}
+                if "instances" in body:
+                    payload = {"predictions": [{k: v[i] for k, v in outputs.items()}
+                                               for i in range(len(body["instances"]))]}
+                else:
+                    payload = {"outputs": outputs}
                 status = 200
             except tf.errors.InvalidArgumentError as e:
                 payload, status = {"error": e.message}, 400
@@ -271,40 +355,99 @@ def test_client_requests_over_grpc_and_rest(classifier):
         # JSON cannot carry the shape of an empty array: [] arrives as shape [0].
         with pytest.raises(RuntimeError, match="query_x must have shape"):
             client.rest_predict(url, "omniglot", "adapt", {**inputs, "query_x": inputs["query_x"][:0]})
+
+        # Task-major: REST's row format, one instance per task, each task's own steps and rate.
+        other, _ = _task(experiment, seed=6)
+        tasks = {k: np.stack([inputs[k], other[k]]) for k in inputs}
+        custom = {**tasks, "inner_steps": np.array([3, 1], np.int32),
+                  "inner_lr": np.array([0.4, 0.2], np.float32)}
+        assert "instances" in json.loads(client.rest_body("adapt_tasks_custom", custom, rows=True))
+        got = client.rest_predict(url, "omniglot", "adapt_tasks_custom", custom, rows=True)
+        one_task = tf.saved_model.load(path).signatures["adapt_custom"]
+        for i, (steps, lr) in enumerate([(3, 0.4), (1, 0.2)]):
+            alone = one_task(**{k: tf.constant(v[i]) for k, v in tasks.items()},
+                             inner_steps=tf.constant(steps), inner_lr=tf.constant(lr))
+            for name in ("predictions", "probabilities"):
+                np.testing.assert_allclose(got[name][i], alone[name].numpy(), **TOLERANCE)
+        np.testing.assert_allclose(got["predictions"][0], expected, **TOLERANCE)
+
+        # Encoded images ({"b64": ...} in JSON) through adapt_images: Omniglot's convention
+        # (dark ink on a light page) is inverted as in training, giving back the arrays.
+        pngs = {name: [tf.io.encode_png(tf.cast(255 - tf.round(image * 255), tf.uint8)).numpy()
+                       for image in inputs[name]] for name in ("support_x", "query_x")}
+        got = client.rest_predict(url, "omniglot", "adapt_images", {
+            "support_images": pngs["support_x"], "support_y": inputs["support_y"],
+            "query_images": pngs["query_x"]})
+        np.testing.assert_allclose(got["predictions"], expected, **TOLERANCE)
     finally:
         server.shutdown()
+
+
+def test_grpc_client_sends_and_receives_messages_over_4_mib(sine_run):
+    """gRPC's default limit is 4 MiB; TF Serving takes 2 GiB; the client's channel must too."""
+    import grpc
+    client = _client()
+    _, _, path = sine_run
+    x = np.linspace(-5, 5, BIG_REQUEST_ROWS, dtype=np.float32)[:, None]
+    request = client.grpc_request("sine", "serving_default", {"x": x})
+    assert request.ByteSize() > 4 * 2**20
+    server, port = _fake_grpc_server(path)
+    try:
+        got = client.grpc_predict(f"127.0.0.1:{port}", request, timeout=120)
+        assert got["predictions"].shape == (BIG_REQUEST_ROWS, 1)  # a >4 MiB answer, too
+        expected = tf.saved_model.load(path).signatures["serving_default"](
+            x=tf.constant(x[:1000]))["predictions"].numpy()
+        np.testing.assert_allclose(got["predictions"][:1000], expected, **TOLERANCE)
+        # With gRPC's default limit the same call fails: the test exercises the limit.
+        with pytest.raises(grpc.RpcError, match="RESOURCE_EXHAUSTED|larger than max"):
+            client.grpc_predict(f"127.0.0.1:{port}", request, timeout=120,
+                                max_message_bytes=4 * 2**20)
+    finally:
+        server.stop(None)
 
 
 def test_export_cli_writes_a_versioned_model(sine_run, tmp_path):
     _, model_dir, _ = sine_run
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
     command = [sys.executable, "-m", "tf_maml.export", f"--model_dir={model_dir}",
-               f"--export_dir={tmp_path}"]
+               f"--export_dir={tmp_path}", "--max_support_examples=7", "--max_tasks=3"]
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr
     assert os.path.exists(tmp_path / "300" / "saved_model.pb")
     recorded = json.load(open(tmp_path / "300" / "assets.extra" / serving.CONFIG_ASSET))
     assert recorded["num_iterations"] == 300 and recorded["export_num_eval_steps"] == 5
+    # The dataset's default limits, with the flags' replacements.
+    assert recorded["export_limits"] == {**serving.DEFAULT_LIMITS["sine"].to_dict(),
+                                         "max_support_examples": 7, "max_tasks": 3}
+    assert set(recorded["export_signatures"]) == set(serving.SIGNATURES)
     again = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     assert again.returncode == 1 and "already exists" in again.stderr
     assert "Traceback" not in again.stderr
+    # Version 0 is refused (TF Serving would never serve it), not replaced by the step.
+    zero = subprocess.run(command + ["--version=0"], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert zero.returncode == 1 and "--version must be a positive integer" in zero.stderr
+    assert "Traceback" not in zero.stderr and sorted(os.listdir(tmp_path)) == ["300"]
 
 
 ALGORITHM_EXPORT_SCRIPT = """
 import json, sys, numpy as np, tensorflow as tf
 inputs = dict(np.load(sys.argv[2]))
+tasks = dict(np.load(sys.argv[3]))
 out = {}
 for name, path in json.loads(sys.argv[1]).items():
     model = tf.saved_model.load(path)
-    for signature in ("serving_default", "adapt", "adapt_custom", "adapted_weights"):
+    for signature in ("serving_default", "adapt", "adapt_custom", "adapted_weights",
+                      "adapt_tasks_custom"):
         sig = model.signatures[signature]
         names = sig.structured_input_signature[1]
-        args = {k: tf.constant(v) for k, v in inputs.items() if k in names}
+        source = tasks if signature == "adapt_tasks_custom" else inputs
+        args = {k: tf.constant(v) for k, v in source.items() if k in names}
         if signature == "serving_default":
             args = {"x": tf.constant(inputs["query_x"])}
         for key, value in sig(**args).items():
             out[f"{name}/{signature}/{key}"] = value.numpy()
-np.savez(sys.argv[3], **out)
+np.savez(sys.argv[4], **out)
 """
 
 
@@ -326,13 +469,20 @@ def test_every_algorithm_exports_its_own_adaptation(tmp_path):
         for variable in experiment.algorithm.extra_variables:
             variable.assign(variable * rng.uniform(0.5, 1.5, size=variable.shape))
         experiments[name] = experiment
-        paths[name] = serving.export(experiment, str(tmp_path / name), 1, 3)
+        paths[name] = serving.export(experiment, str(tmp_path / name), 1, 3, image_format=None)
     inputs, episode = _task(experiments["maml"], seed=4)
     np.savez(tmp_path / "in.npz", **inputs, inner_steps=np.int32(2), inner_lr=np.float32(0.3))
+    # Three tasks in one adapt_tasks_custom request, each with its own steps and rate.
+    tasks_episode = experiments["maml"].tasks.sample(tf.constant([9, 7], tf.int64), 3, "test")
+    task_steps, task_rates = [3, 0, 2], [0.3, 0.3, 0.3]  # per-task rates: test_serving_limits
+    np.savez(tmp_path / "tasks.npz", **{k: getattr(tasks_episode, k).numpy()
+                                        for k in ("support_x", "support_y", "query_x")},
+             inner_steps=np.int32(task_steps), inner_lr=np.float32(task_rates))
     script = tmp_path / "load.py"
     script.write_text(ALGORITHM_EXPORT_SCRIPT)
     result = subprocess.run([sys.executable, str(script), json.dumps(paths),
-                             str(tmp_path / "in.npz"), str(tmp_path / "out.npz")],
+                             str(tmp_path / "in.npz"), str(tmp_path / "tasks.npz"),
+                             str(tmp_path / "out.npz")],
                             capture_output=True, text=True,
                             env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"), timeout=300)
     assert result.returncode == 0, result.stderr
@@ -360,6 +510,13 @@ def test_every_algorithm_exports_its_own_adaptation(tmp_path):
                                        weight[0].numpy(), **TOLERANCE)
         assert not np.allclose(own[0][0].numpy(), own[3][0].numpy())
         adapted_predictions[name] = own[3][0].numpy()
+        # Per-task step counts: each task as its own adaptation (MAML++'s per-step batch
+        # norm read at each task's own step).
+        _, curve = evaluation.adaptation_curve(algorithm, params, tasks_episode,
+                                               experiment.metric_fn, 3, inner_lr=0.3)
+        for i, steps in enumerate(task_steps):
+            np.testing.assert_allclose(out[f"{name}/adapt_tasks_custom/predictions"][i],
+                                       curve[steps][i].numpy(), **TOLERANCE)
     # The algorithms really adapt differently (learned rates, head only, Adam).
     for name in ("anil", "metasgd", "mamlpp", "reptile"):
         assert not np.allclose(adapted_predictions[name], adapted_predictions["maml"]), name

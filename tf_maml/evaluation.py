@@ -2,6 +2,7 @@
 
 import json
 import math
+import operator
 
 import numpy as np
 import tensorflow as tf
@@ -33,9 +34,74 @@ def _predict_each_alone(algorithm, params, weights, support_x, query_x, step):
     return tf.reshape(last, tf.concat([[num_tasks, num_queries], tf.shape(last)[1:]], 0))
 
 
+def _curve(algorithm, params, episode, metric_fn, num_steps, inner_lr, transductive,
+           keep_predictions):
+    """The metrics (and optionally predictions) after 0..`num_steps` steps, in a graph loop.
+
+    Step 0 is evaluated before the loop; steps 1..`num_steps` run in one
+    `tf.while_loop` (the step index is a tensor there) whose per-step results
+    go to `TensorArray`s, so the graph has the same size for 3 steps or 3000.
+    Nothing differentiates through the steps (first order).
+    """
+    try:
+        num_steps = operator.index(num_steps)
+    except TypeError:
+        raise ValueError(f"num_steps must be a Python int, got {num_steps!r}") from None
+    if num_steps < 0:
+        raise ValueError(f"num_steps must be >= 0, got {num_steps}")
+    num_tasks = tf.shape(episode.support_x)[0]
+    support = algorithm.task_inputs(params, episode.support_x)
+    query = algorithm.task_inputs(params, episode.query_x) if transductive else None
+    weights = algorithm.initial_weights(params, num_tasks)
+    update = algorithm.inner_update(params, inner_lr)
+    task_loss = algorithm.task_loss(params, support, episode.support_y)
+
+    def predict(weights, step):
+        if transductive:
+            return algorithm.predict_from_inputs(params, weights, query, step)
+        return _predict_each_alone(algorithm, params, weights, episode.support_x,
+                                   episode.query_x, step)
+
+    def record(arrays, index, prediction):
+        """Writes the metrics (and the predictions, if kept) of one step at `index`."""
+        values = (metric_fn(episode.query_y, prediction), prediction)
+        return tuple(array.write(index, value) for array, value in zip(arrays, values))
+
+    # Step 0, before the loop, also gives the TensorArrays their dtypes and shapes.
+    prediction = predict(weights, 0)
+    metric = metric_fn(episode.query_y, prediction)
+    arrays = (tf.TensorArray(metric.dtype, size=num_steps + 1, element_shape=metric.shape),)
+    if keep_predictions:
+        arrays += (tf.TensorArray(prediction.dtype, size=num_steps + 1,
+                                  element_shape=prediction.shape),)
+    arrays = tuple(array.write(0, value) for array, value in zip(arrays, (metric, prediction)))
+    if num_steps:
+        state = update.init(weights)
+
+        def body(step, weights, flat_state, arrays):
+            # Inner step `step` (0-based) moves the weights, evaluated as after step + 1.
+            weights, state_now, _ = core.inner_step(
+                task_loss, list(weights), update, tf.nest.pack_sequence_as(state, flat_state),
+                step, first_order=True)
+            return (step + 1, weights, tf.nest.flatten(state_now),
+                    record(arrays, step + 1, predict(weights, step + 1)))
+
+        _, _, _, arrays = tf.while_loop(
+            lambda step, *_: step < num_steps, body,
+            (tf.constant(0), list(weights), tf.nest.flatten(state), arrays))
+    metrics = arrays[0].stack()
+    if not keep_predictions:
+        return metrics, None
+    return metrics, tf.unstack(arrays[1].stack(), num=num_steps + 1)
+
+
 def adaptation_curve(algorithm, params, episode, metric_fn, num_steps, inner_lr=None,
                      transductive=True):
     """Query metrics of every task after 0, 1, ..., `num_steps` inner steps.
+
+    The steps run in a graph loop (`tf.while_loop`, the per-step results in
+    `TensorArray`s): building the graph costs the same for 3 steps or 3000.
+    The results equal those of unrolling the steps one by one.
 
     Args:
         algorithm: a `tf_maml.algorithms` algorithm (how weights adapt and predict).
@@ -52,36 +118,21 @@ def adaptation_curve(algorithm, params, episode, metric_fn, num_steps, inner_lr=
         `(metrics, predictions)`: `metrics` is `[num_steps + 1, num_tasks]`;
         `predictions` is a list of the query predictions after each step.
     """
-    num_tasks = tf.shape(episode.support_x)[0]
-    support = algorithm.task_inputs(params, episode.support_x)
-    query = algorithm.task_inputs(params, episode.query_x) if transductive else None
-    weights = algorithm.initial_weights(params, num_tasks)
-    update = algorithm.inner_update(params, inner_lr)
-    task_loss = algorithm.task_loss(params, support, episode.support_y)
-    state = update.init(weights)
-    metrics, predictions = [], []
-    for step in range(num_steps + 1):
-        if step > 0:
-            weights, state, _ = core.inner_step(task_loss, weights, update, state, step - 1,
-                                                first_order=True)
-        if transductive:
-            prediction = algorithm.predict_from_inputs(params, weights, query, step)
-        else:
-            prediction = _predict_each_alone(algorithm, params, weights, episode.support_x,
-                                             episode.query_x, step)
-        predictions.append(prediction)
-        metrics.append(metric_fn(episode.query_y, prediction))
-    return tf.stack(metrics), predictions
+    return _curve(algorithm, params, episode, metric_fn, num_steps, inner_lr, transductive,
+                  keep_predictions=True)
 
 
 def make_curve_fn(algorithm, metric_fn, num_steps, inner_lr=None, transductive=True,
                   jit_compile=False):
-    """A compiled `fn(params, episode) -> [num_steps + 1, num_tasks]` metrics."""
+    """A compiled `fn(params, episode) -> [num_steps + 1, num_tasks]` metrics.
+
+    The steps are a graph loop (see `adaptation_curve`); predictions are not kept.
+    """
 
     @tf.function(jit_compile=jit_compile, reduce_retracing=True)
     def curve(params, episode):
-        metrics, _ = adaptation_curve(algorithm, params, episode, metric_fn, num_steps,
-                                      inner_lr, transductive)
+        metrics, _ = _curve(algorithm, params, episode, metric_fn, num_steps, inner_lr,
+                            transductive, keep_predictions=False)
         return metrics
 
     return curve
@@ -129,7 +180,8 @@ def summarize(per_task):
     """
     per_task = np.asarray(per_task, dtype=np.float64)
     n = per_task.shape[1]
-    return per_task.mean(axis=1), 1.96 * per_task.std(axis=1) / math.sqrt(n)
+    with np.errstate(invalid="ignore", over="ignore"):  # a diverged model: NaN, not a warning
+        return per_task.mean(axis=1), 1.96 * per_task.std(axis=1) / math.sqrt(n)
 
 
 def format_table(metric_name, results):
@@ -154,13 +206,35 @@ def format_table(metric_name, results):
     return "\n".join(lines)
 
 
+def _json_safe(value):
+    """`value` with every NaN or infinite float replaced by `None` (JSON has no NaN)."""
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    return value
+
+
 def write_json(path, metric_name, results, extra=None):
-    """Writes results (dict name -> (mean, ci95)) as JSON."""
+    """Writes results (dict name -> (mean, ci95)) as JSON.
+
+    The file is strict JSON: a NaN or infinite metric (a diverged model) is
+    written as `null`, and the payload's "non_finite" says so.
+    """
     payload = {"metric": metric_name, **(extra or {})}
     payload["results"] = {name: {"mean": [float(x) for x in mean], "ci95": [float(x) for x in ci]}
                           for name, (mean, ci) in results.items()}
+    non_finite = sorted(name for name, (mean, ci) in results.items()
+                        if not (np.all(np.isfinite(mean)) and np.all(np.isfinite(ci))))
+    if non_finite:
+        payload["non_finite"] = {
+            "models": non_finite,
+            "note": "null: the metric was not finite (NaN or infinite): the model or its "
+                    "adaptation diverged"}
     with open(path, "w") as f:
-        json.dump(payload, f, indent=2)
+        json.dump(_json_safe(payload), f, indent=2, allow_nan=False)
         f.write("\n")
 
 

@@ -1,6 +1,6 @@
 """Exports a meta-initialization as a SavedModel whose signatures adapt per request.
 
-Signatures (one task per request; no task axis in the inputs):
+Signatures, one task per request (no task axis in the inputs):
 
 * `serving_default`: `x` -> `predictions` with the meta-initialization.
 * `adapt`: `support_x`, `support_y`, `query_x` -> `predictions` for the query
@@ -11,81 +11,286 @@ Signatures (one task per request; no task axis in the inputs):
 * `adapted_weights`: `support_x`, `support_y` -> the adapted weights, one
   output per model weight (named after the variable).
 
+Task-major signatures, several tasks per request (a leading task axis on every
+input and output, so TF Serving's request batching and REST's row format
+apply):
+
+* `adapt_tasks`: `support_x` `[tasks, k, ...]`, `support_y` `[tasks, k(, ...)]`,
+  `query_x` `[tasks, q, ...]` -> `predictions` `[tasks, q, ...]` (+
+  `probabilities`), each task as `adapt` would answer it alone.
+* `adapt_tasks_custom`: the same plus `inner_steps` `[tasks]` int32 and
+  `inner_lr` `[tasks]` float32: every task its own step count and step size.
+
+Image models (Omniglot, MiniImagenet exports) also have:
+
+* `decode_images`: `images` `[n]` encoded PNG/JPEG/BMP/GIF -> `x`, the
+  model's input, preprocessed as in training (see `ImageFormat`).
+* `adapt_images`: `support_images` `[k]`, `support_y`, `query_images` `[q]`
+  -> `adapt` on the decoded images.
+
 Every request is stateless: weights are adapted as tensors inside the graph,
 never assigned, so concurrent requests cannot see each other's adaptation.
-Batch sizes are dynamic; the input shape and (for classification) the number
-of classes N are fixed by the model. Malformed requests fail with
-INVALID_ARGUMENT and a message naming the input, and leave nothing behind.
+The inner steps run in a graph loop (`tf.while_loop`): the graph's size does
+not depend on the number of steps. Sizes are dynamic within the export's
+`ServingLimits` (examples per support and query set, inner steps, tasks per
+request); the input shape and (for classification) the number of classes N
+are fixed by the model. Malformed or oversized requests, and requests whose
+adaptation diverges (non-finite predictions, e.g. from a too large
+`inner_lr`), fail with INVALID_ARGUMENT and a message naming the input, and
+leave nothing behind.
 
 With batch normalization using per-task batch statistics (the paper's
 behaviour), predictions for a query example depend on the other examples in
-the same query batch: send a task's whole query set in one request.
+the same query set: send a task's whole query set in one request. Tasks never
+interact (statistics are per task).
 
 The graph uses only standard TensorFlow ops (no `py_function`, no XLA), so TF
 Serving's C++ runtime runs it.
 """
 
+import ctypes
+import dataclasses
+import errno
 import json
 import os
 import re
+import sys
 
 import keras
+import numpy as np
 import tensorflow as tf
 
-__all__ = ["AdaptationSignatures", "build_export_archive", "export", "MAX_INNER_STEPS",
-           "SIGNATURES"]
+from tf_maml import core
 
-SIGNATURES = ("serving_default", "adapt", "adapt_custom", "adapted_weights")
-MAX_INNER_STEPS = 1000
+__all__ = ["AdaptationSignatures", "build_export_archive", "export", "ServingLimits",
+           "ImageFormat", "default_limits", "image_format_for", "check_finite_parameters",
+           "MAX_INNER_STEPS", "SIGNATURES", "IMAGE_SIGNATURES", "DEFAULT_LIMITS"]
+
+SIGNATURES = ("serving_default", "adapt", "adapt_custom", "adapted_weights", "adapt_tasks",
+              "adapt_tasks_custom")
+IMAGE_SIGNATURES = ("decode_images", "adapt_images")
 CONFIG_ASSET = "tf_maml_config.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class ServingLimits:
+    """What one request may ask of an export; larger requests fail with INVALID_ARGUMENT.
+
+    Attributes:
+        max_support_examples: examples in one task's support set (rows of
+            `support_x`; per task in the task-major signatures).
+        max_query_examples: examples in one task's query set (rows of
+            `query_x`, of `serving_default`'s `x`, of `query_images`).
+        max_inner_steps: the largest `inner_steps` of the custom signatures
+            (and the most the export's own `num_eval_steps` may be).
+        max_tasks: tasks in one request of the task-major signatures (with
+            TF Serving's batching, in one merged batch).
+    """
+    max_support_examples: int
+    max_query_examples: int
+    max_inner_steps: int
+    max_tasks: int
+
+    def validate(self):
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if (not isinstance(value, (int, np.integer)) or isinstance(value, bool)
+                    or not 1 <= value <= 2**31 - 1):
+                raise ValueError(f"{field.name} must be a positive integer, got {value!r}")
+        return self
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+
+# Per dataset: one task at all the limits takes seconds on one CPU core (1.2 s
+# for sine, 2.6 s for Omniglot, 5.1 s for MiniImagenet, measured on a busy
+# 2-core machine) and at most about 400 MB (see export/README.md).
+DEFAULT_LIMITS = {
+    "sine": ServingLimits(max_support_examples=1000, max_query_examples=10000,
+                          max_inner_steps=1000, max_tasks=16),
+    "omniglot": ServingLimits(max_support_examples=100, max_query_examples=500,
+                              max_inner_steps=50, max_tasks=8),
+    "miniimagenet": ServingLimits(max_support_examples=50, max_query_examples=100,
+                                  max_inner_steps=20, max_tasks=4),
+}
+# Kept for compatibility: the sine export's (and the largest default) step limit.
+MAX_INNER_STEPS = DEFAULT_LIMITS["sine"].max_inner_steps
+
+
+def default_limits(dataset_or_spec):
+    """The default `ServingLimits` of a dataset name, or guessed from a `TaskSpec`.
+
+    A spec is matched by its input size: at most 16 values per example as
+    sine, up to 28×28×3 as Omniglot, larger as MiniImagenet.
+    """
+    if isinstance(dataset_or_spec, str):
+        if dataset_or_spec not in DEFAULT_LIMITS:
+            raise ValueError(f"no default serving limits for dataset {dataset_or_spec!r}")
+        return DEFAULT_LIMITS[dataset_or_spec]
+    size = int(np.prod(dataset_or_spec.input_shape))
+    if size <= 16:
+        return DEFAULT_LIMITS["sine"]
+    return DEFAULT_LIMITS["omniglot" if size <= 28 * 28 * 3 else "miniimagenet"]
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageFormat:
+    """How encoded images become the model's input, as training decodes them.
+
+    Images are decoded to `channels` (1: the codec's grayscale conversion),
+    resized to the model's input size when they differ (Lanczos-3 with
+    antialiasing; training used PIL's LANCZOS), rounded to 8 bits, inverted
+    when `invert` (Omniglot: ink = 1 on background 0, from dark ink on a light
+    page), and scaled to [0, 1].
+    """
+    channels: int
+    invert: bool
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+
+def image_format_for(dataset):
+    """The `ImageFormat` of a dataset's images, or `None` (not an image dataset)."""
+    return {"omniglot": ImageFormat(channels=1, invert=True),
+            "miniimagenet": ImageFormat(channels=3, invert=False)}.get(dataset)
+
+
+# -- validation ---------------------------------------------------------------------------------
 
 
 def _check(condition, message, data=()):
     return tf.debugging.Assert(condition, [message, *data], summarize=16)
 
 
-def _shape_is(x, shape):
-    """Whether `x` is `[n, *shape]`; evaluates without error for any rank.
+def _dim(x, index):
+    """`tf.shape(x)[index]`, or -1 when `x` has no such axis (never fails, for any rank)."""
+    return tf.concat([tf.shape(x), tf.fill([index + 1], -1)], 0)[index]
+
+
+def _shape_is(x, lead, shape):
+    """Whether `x` is `[*lead free dims, *shape]`; evaluates without error for any rank.
 
     (Graph optimizations may run both branches of a `tf.cond`, so the
     comparison is made on vectors padded to a fixed length instead.)
     """
     k = len(shape)
-    padded = tf.concat([tf.shape(x)[1:], tf.fill([k + 1], -1)], 0)[:k + 1]
-    return tf.logical_and(tf.rank(x) > 0, tf.reduce_all(tf.equal(padded, [*shape, -1])))
+    padded = tf.concat([tf.shape(x)[lead:], tf.fill([k + 1], -1)], 0)[:k + 1]
+    return tf.logical_and(tf.rank(x) >= lead,
+                          tf.reduce_all(tf.equal(padded, [*shape, -1])))
 
 
-def _validated_inputs(name, x, shape):
-    """Asserts `x` is `[n >= 1, *shape]` with finite values; returns it with static shape."""
-    expected = "[num_examples" + "".join(f", {d}" for d in shape) + "]"
-    checks = [_check(_shape_is(x, shape), f"{name} must have shape {expected}; got shape",
-                     [tf.shape(x)])]
+def _gated(x, valid, checks, static_shape):
+    """`x` once `checks` passed, with the static shape `static_shape`.
+
+    `tf.ensure_shape` alone would fail while the graph is instantiated for a
+    request of the wrong rank, before the assertions could say what is wrong;
+    behind a `tf.cond` on `valid` (false when `x` does not have that shape,
+    and then an assertion fails first) the static shape is unknown there, and
+    the assertions report.
+    """
+    with tf.control_dependencies(checks):
+        x, valid = tf.identity(x), tf.identity(valid)
+    empty = tf.zeros([0 if d is None else d for d in static_shape], x.dtype)
+    return tf.ensure_shape(tf.cond(valid, lambda: x, lambda: empty), static_shape)
+
+
+def _shape_text(lead, shape):
+    return "[" + ", ".join([*lead, *(str(d) for d in shape)]) + "]"
+
+
+def _lead_names(task_major, what="num_examples"):
+    return ["num_tasks", what] if task_major else [what]
+
+
+def _validated_examples(name, x, shape, limit, limit_name, task_major, max_tasks=None):
+    """Asserts `x` is `[(tasks,) n, *shape]`, non-empty, finite, within the limits.
+
+    Returns:
+        `x` with its static shape.
+    """
+    lead = 2 if task_major else 1
+    expected = _shape_text(_lead_names(task_major), shape)
+    shape_ok = _shape_is(x, lead, shape) & tf.equal(tf.rank(x), lead + len(shape))
+    checks = [_check(shape_ok, f"{name} must have shape {expected}; got shape", [tf.shape(x)])]
+    count = _dim(x, lead - 1)
+    per_task = " per task" if task_major else ""
     with tf.control_dependencies(checks):
         checks.append(_check(tf.size(x) > 0, f"{name} must not be empty"))
+        checks.append(_check(count <= limit,
+                             f"{name} has too many examples{per_task}: this export accepts at "
+                             f"most {limit} ({limit_name}); got", [count]))
+        if task_major:
+            checks.append(_check(_dim(x, 0) <= max_tasks,
+                                 f"{name} has too many tasks: this export accepts at most "
+                                 f"{max_tasks} per request (max_tasks); got", [_dim(x, 0)]))
+    with tf.control_dependencies(checks):
+        # Only once the size is known to be within the limits.
         checks.append(_check(tf.reduce_all(tf.math.is_finite(x)),
                              f"{name} has NaN or infinite values"))
-    with tf.control_dependencies(checks):
-        return tf.ensure_shape(tf.identity(x), [None, *shape])
+    return _gated(x, shape_ok, checks, [None] * lead + list(shape))
 
 
-def _validated_labels(y, num_examples, classification, output_size):
+def _validated_labels(y, support_x, classification, output_size, task_major):
+    """Asserts `support_y` matches `support_x` (validated) example by example."""
+    lead = 2 if task_major else 1
+    rows = tf.shape(support_x)[:lead]
+    names = _lead_names(task_major)
     if classification:
-        expected = f"[num_examples] integer labels in [0, {output_size})"
-        checks = [_check(tf.equal(tf.rank(y), 1), f"support_y must be {expected}; got shape",
-                         [tf.shape(y)])]
+        expected = f"{_shape_text(names, [])} integer labels in [0, {output_size})"
+        shape_ok = tf.equal(tf.rank(y), lead)
+        checks = [_check(shape_ok, f"support_y must be {expected}; got shape", [tf.shape(y)])]
+        padded = tf.concat([tf.shape(y), tf.fill([lead], -1)], 0)[:lead]
+        same = tf.reduce_all(tf.equal(padded, rows))
         with tf.control_dependencies(checks):
-            count = tf.concat([tf.shape(y), [-1]], 0)[0]
-            checks.append(_check(tf.equal(count, num_examples),
-                                 "support_y must have one label per support_x example; got",
-                                 [count, num_examples]))
+            checks.append(_check(same, "support_y must have one label per support_x example; "
+                                       "got label and example counts", [padded, rows]))
+        with tf.control_dependencies(checks):
             checks.append(_check(tf.reduce_all((y >= 0) & (y < output_size)),
                                  f"support_y labels must be in [0, {output_size}); got", [y]))
-        with tf.control_dependencies(checks):
-            return tf.ensure_shape(tf.identity(y), [None])
-    y = _validated_inputs("support_y", y, [output_size])
-    with tf.control_dependencies([_check(tf.equal(tf.shape(y)[0], num_examples),
-                                         "support_y must have one row per support_x example")]):
-        return tf.identity(y)
+        return _gated(y, shape_ok & same, checks, [None] * lead)
+    expected = _shape_text(names, [output_size])
+    shape_ok = _shape_is(y, lead, [output_size]) & tf.equal(tf.rank(y), lead + 1)
+    checks = [_check(shape_ok, f"support_y must have shape {expected}; got shape", [tf.shape(y)])]
+    padded = tf.concat([tf.shape(y), tf.fill([lead], -1)], 0)[:lead]
+    same = tf.reduce_all(tf.equal(padded, rows))
+    with tf.control_dependencies(checks):
+        checks.append(_check(same, "support_y must have one row per support_x example; got "
+                                   "row and example counts", [padded, rows]))
+    with tf.control_dependencies(checks):
+        checks.append(_check(tf.reduce_all(tf.math.is_finite(y)),
+                             "support_y has NaN or infinite values"))
+    return _gated(y, shape_ok & same, checks, [None] * lead + [output_size])
+
+
+def _same_tasks(query_x, support_x):
+    """Asserts the task-major query set has as many tasks as the support set."""
+    check = _check(tf.equal(tf.shape(query_x)[0], tf.shape(support_x)[0]),
+                   "query_x must have as many tasks as support_x; got", [
+                       tf.shape(query_x)[0], tf.shape(support_x)[0]])
+    with tf.control_dependencies([check]):
+        return tf.identity(query_x)
+
+
+def _validated_per_task(name, value, num_tasks, task_major):
+    """A per-task input: a scalar (one task) or `[num_tasks]`; returns `[num_tasks]`."""
+    if not task_major:
+        return value[None]
+    expected = "[num_tasks]"
+    shape_ok = tf.equal(tf.rank(value), 1)
+    checks = [_check(shape_ok, f"{name} must have shape {expected} (one value per task); got "
+                               "shape", [tf.shape(value)])]
+    same = tf.equal(_dim(value, 0), num_tasks)
+    with tf.control_dependencies(checks):
+        checks.append(_check(same, f"{name} must have one value per task; got values and tasks",
+                             [_dim(value, 0), num_tasks]))
+    return _gated(value, shape_ok & same, checks, [None])
+
+
+def _per_task(value, like):
+    """`[tasks]` values reshaped to broadcast against the task-batched `like`."""
+    return tf.reshape(value, tf.concat([[-1], tf.ones([like.shape.rank - 1], tf.int32)], 0))
 
 
 def _weight_names(model):
@@ -99,8 +304,33 @@ def _weight_names(model):
     return names
 
 
+class _PerTaskRate:
+    """The algorithm's update rule with the step size replaced by one value per task.
+
+    Each weight gets the rule the algorithm uses for a scalar `inner_lr`, built
+    with that weight's `[tasks, 1, ...]` rates, so each task's update is
+    exactly the scalar rule's. Assumes the rule treats weights independently
+    (SGD, Adam).
+    """
+
+    def __init__(self, algorithm, meta_params, inner_lr, weights):
+        self.rules = [algorithm.inner_update(meta_params, _per_task(inner_lr, w))
+                      for w in weights]
+
+    def init(self, weights):
+        return [rule.init([w]) for rule, w in zip(self.rules, weights)]
+
+    def apply(self, weights, grads, state, step):
+        new_weights, new_state = [], []
+        for rule, w, g, s in zip(self.rules, weights, grads, state):
+            (new,), s = rule.apply([w], [g], s, step)
+            new_weights.append(new)
+            new_state.append(s)
+        return new_weights, new_state
+
+
 class AdaptationSignatures:
-    """The serving signatures as plain, testable methods over one task's tensors.
+    """The serving signatures as plain, testable methods over the requests' tensors.
 
     Built from the algorithm (which holds the model, its forward, its loss and
     any learned meta-parameters) and the input/label spec; nothing here knows
@@ -112,9 +342,15 @@ class AdaptationSignatures:
             meta-parameters to export.
         spec: the task family's `TaskSpec` (input shape, output size,
             classification).
-        num_eval_steps: inner steps of `adapt` and `adapted_weights`.
-        inner_lr: a scalar step size for `adapt` replacing the algorithm's own
+        num_eval_steps: inner steps of `adapt`, `adapt_tasks` and
+            `adapted_weights`.
+        inner_lr: a scalar step size for those replacing the algorithm's own
             rates, or `None` to use the algorithm's (learned rates included).
+        limits: `ServingLimits` (default: `default_limits(spec)`).
+        image_format: an `ImageFormat` to add the image signatures, or `None`.
+
+    Raises:
+        ValueError: bad limits, or `num_eval_steps` above `max_inner_steps`.
 
     Example:
 
@@ -124,21 +360,50 @@ class AdaptationSignatures:
     ```
     """
 
-    def __init__(self, algorithm, spec, num_eval_steps, inner_lr=None):
+    def __init__(self, algorithm, spec, num_eval_steps, inner_lr=None, limits=None,
+                 image_format=None):
         self.algorithm = algorithm
         self.model = algorithm.model
         self.classification = spec.is_classification
         self.input_shape = list(spec.input_shape)
         self.output_size = spec.output_size
+        self.limits = (limits or default_limits(spec)).validate()
+        if not isinstance(num_eval_steps, int) or num_eval_steps < 0:
+            raise ValueError(f"num_eval_steps must be a non-negative integer, got "
+                             f"{num_eval_steps!r}")
+        if num_eval_steps > self.limits.max_inner_steps:
+            raise ValueError(f"num_eval_steps ({num_eval_steps}) exceeds max_inner_steps "
+                             f"({self.limits.max_inner_steps}); raise max_inner_steps")
         self.num_eval_steps = num_eval_steps
         self.inner_lr = inner_lr
+        self.image_format = image_format
+        if image_format is not None and (len(self.input_shape) != 3
+                                         or self.input_shape[-1] != image_format.channels):
+            raise ValueError(f"image_format {image_format} does not fit input shape "
+                             f"{self.input_shape}")
         self.dtype = self.model.trainable_variables[0].dtype
         self.label_dtype = tf.int32 if self.classification else self.dtype
         self.weight_names = _weight_names(self.model)
+        # The adaptation itself, task-major, traced once and called (after each
+        # signature's own validation) by the one-task and the task-major signatures.
+        x = tf.TensorSpec([None, None, *self.input_shape], self.dtype)
+        y = tf.TensorSpec([None, None] + ([] if self.classification else [self.output_size]),
+                          self.label_dtype)
+        self._adapted_fn = tf.function(lambda sx, sy: self._adapt_fixed(sx, sy)[0],
+                                       input_signature=[x, y])
+        self._fixed_fn = tf.function(self._predict_fixed, input_signature=[x, y, x])
+        self._custom_fn = tf.function(self._adapt_and_predict, input_signature=[
+            x, y, x, tf.TensorSpec([None], tf.int32), tf.TensorSpec([None], self.dtype)])
 
     @property
     def meta_params(self):
         return self.algorithm.meta_variables
+
+    @property
+    def signature_names(self):
+        return SIGNATURES + (IMAGE_SIGNATURES if self.image_format is not None else ())
+
+    # -- pieces ---------------------------------------------------------------------------------
 
     def _outputs(self, predictions):
         result = {"predictions": predictions}
@@ -146,46 +411,199 @@ class AdaptationSignatures:
             result["probabilities"] = tf.nn.softmax(predictions)
         return result
 
-    def _adapted(self, support_x, support_y, steps, lr):
-        support_x = _validated_inputs("support_x", support_x, self.input_shape)
-        support_y = _validated_labels(support_y, tf.shape(support_x)[0], self.classification,
-                                      self.output_size)
-        adapted, _ = self.algorithm.adapt(self.meta_params, support_x[None], support_y[None],
-                                          steps, first_order=True, inner_lr=lr)
-        return adapted
+    def _support(self, support_x, support_y, task_major):
+        support_x = _validated_examples("support_x", support_x, self.input_shape,
+                                        self.limits.max_support_examples, "max_support_examples",
+                                        task_major, self.limits.max_tasks)
+        support_y = _validated_labels(support_y, support_x, self.classification,
+                                      self.output_size, task_major)
+        if not task_major:
+            support_x, support_y = support_x[None], support_y[None]
+        return support_x, support_y
 
-    def _predict(self, adapted, query_x, step):
-        query_x = _validated_inputs("query_x", query_x, self.input_shape)
-        return self.algorithm.predict(self.meta_params, adapted, query_x[None], step)[0]
+    def _query(self, query_x, support_x, task_major, name="query_x"):
+        query_x = _validated_examples(name, query_x, self.input_shape,
+                                      self.limits.max_query_examples, "max_query_examples",
+                                      task_major, self.limits.max_tasks)
+        if not task_major:
+            return query_x[None]
+        return _same_tasks(query_x, support_x)
 
-    def serve(self, x):
-        """`x` `[n, *input_shape]` -> predictions of the meta-initialization."""
-        initial = self.algorithm.initial_weights(self.meta_params, 1)
-        return self._outputs(self._predict(initial, x, 0))
-
-    def adapt(self, support_x, support_y, query_x):
-        """Adapts to one support set with the export's protocol; predicts the query set."""
-        adapted = self._adapted(support_x, support_y, self.num_eval_steps, self.inner_lr)
-        return self._outputs(self._predict(adapted, query_x, self.num_eval_steps))
-
-    def adapt_custom(self, support_x, support_y, query_x, inner_steps, inner_lr):
-        """`adapt` with the request's step count and scalar step size (plain SGD)."""
+    def _custom_inputs(self, inner_steps, inner_lr, support_x, task_major):
+        num_tasks = tf.shape(support_x)[0]
+        inner_steps = _validated_per_task("inner_steps", inner_steps, num_tasks, task_major)
+        inner_lr = _validated_per_task("inner_lr", inner_lr, num_tasks, task_major)
+        limit = self.limits.max_inner_steps
         checks = [
-            _check((inner_steps >= 0) & (inner_steps <= MAX_INNER_STEPS),
-                   f"inner_steps must be in [0, {MAX_INNER_STEPS}]; got", [inner_steps]),
-            _check(tf.math.is_finite(inner_lr) & (inner_lr >= 0),
+            _check(tf.reduce_all((inner_steps >= 0) & (inner_steps <= limit)),
+                   f"inner_steps must be in [0, {limit}] (max_inner_steps); got", [inner_steps]),
+            _check(tf.reduce_all(tf.math.is_finite(inner_lr) & (inner_lr >= 0)),
                    "inner_lr must be finite and >= 0; got", [inner_lr]),
         ]
         with tf.control_dependencies(checks):
-            steps = tf.identity(inner_steps)
-        adapted = self._adapted(support_x, support_y, steps, tf.cast(inner_lr, self.dtype))
-        return self._outputs(self._predict(adapted, query_x, steps))
+            return tf.identity(inner_steps), tf.identity(inner_lr)
+
+    def _finite(self, values, task_major, message=None):
+        """Asserts `values` `[tasks, ...]` are finite: divergence is an error, not NaN."""
+        message = message or ("the adaptation diverged: predictions are not finite (is inner_lr "
+                              "too large?)")
+        finite = tf.reduce_all(tf.math.is_finite(values), axis=list(range(1, values.shape.rank)))
+        check = _check(tf.reduce_all(finite), message + ("; in tasks" if task_major else ""),
+                       [tf.where(~finite)[:, 0]] if task_major else [])
+        with tf.control_dependencies([check]):
+            return tf.identity(values)
+
+    def _adapt_fixed(self, support_x, support_y):
+        """The export's protocol: `num_eval_steps` steps with its rates, in a graph loop."""
+        steps = tf.constant(self.num_eval_steps, tf.int32)
+        adapted, _ = self.algorithm.adapt(self.meta_params, support_x, support_y, steps,
+                                          first_order=True, inner_lr=self.inner_lr)
+        return adapted, steps
+
+    def _predict_fixed(self, support_x, support_y, query_x):
+        adapted = self._adapted_fn(support_x, support_y)
+        steps = tf.constant(self.num_eval_steps, tf.int32)
+        return self.algorithm.predict(self.meta_params, adapted, query_x, steps)
+
+    def _tasks(self, support_x, support_y, query_x, task_major):
+        support_x, support_y = self._support(support_x, support_y, task_major)
+        query_x = self._query(query_x, support_x, task_major)
+        predictions = self._finite(self._fixed_fn(support_x, support_y, query_x), task_major)
+        return self._outputs(predictions if task_major else predictions[0])
+
+    def _tasks_custom(self, support_x, support_y, query_x, inner_steps, inner_lr, task_major):
+        support_x, support_y = self._support(support_x, support_y, task_major)
+        query_x = self._query(query_x, support_x, task_major)
+        inner_steps, inner_lr = self._custom_inputs(inner_steps, inner_lr, support_x, task_major)
+        predictions = self._custom_fn(support_x, support_y, query_x, inner_steps,
+                                      tf.cast(inner_lr, self.dtype))
+        predictions = self._finite(predictions, task_major)
+        return self._outputs(predictions if task_major else predictions[0])
+
+    def _adapt_and_predict(self, support_x, support_y, query_x, inner_steps, inner_lr):
+        """Adapts every task with its own step count and size; its query predictions.
+
+        One graph loop runs to the largest step count; a task's query set is
+        predicted when the loop reaches the task's own count (with that step
+        index, which per-step parameters such as MAML++'s batch norm read).
+        Tasks never interact, so the steps a task takes after that (for the
+        tasks that need more) change nothing of its answer.
+        """
+        algorithm, params = self.algorithm, self.meta_params
+        num_tasks = tf.shape(support_x)[0]
+        support = algorithm.task_inputs(params, support_x)
+        query = algorithm.task_inputs(params, query_x)
+        weights = algorithm.initial_weights(params, num_tasks)
+        task_loss = algorithm.task_loss(params, support, support_y)
+        update = _PerTaskRate(algorithm, params, inner_lr, weights)
+        state = update.init(weights)
+        predictions = algorithm.predict_from_inputs(params, weights, query, 0)
+
+        def body(step, weights, flat_state, predictions):
+            weights, new_state, _ = core.inner_step(
+                task_loss, list(weights), update, tf.nest.pack_sequence_as(state, flat_state),
+                step, first_order=True)
+            step = step + 1
+            done = tf.equal(inner_steps, step)
+
+            def predict():
+                now = algorithm.predict_from_inputs(params, weights, query, step)
+                return tf.where(_per_task(done, now), now, predictions)
+
+            predictions = tf.cond(tf.reduce_any(done), predict, lambda: predictions)
+            return step, weights, tf.nest.flatten(new_state), predictions
+
+        _, _, _, predictions = tf.while_loop(
+            lambda step, *_: step < tf.reduce_max(inner_steps), body,
+            (tf.constant(0, inner_steps.dtype), list(weights), tf.nest.flatten(state),
+             predictions))
+        return predictions
+
+    def _images(self, name, images, limit, limit_name):
+        """Decodes `[n]` encoded images to `[n, *input_shape]` model inputs."""
+        height, width, channels = self.input_shape
+        invert = self.image_format.invert
+        rank_ok = tf.equal(tf.rank(images), 1)
+        checks = [_check(rank_ok, f"{name} must have shape [num_images] (encoded PNG or JPEG "
+                                  "images); got shape", [tf.shape(images)])]
+        count = _dim(images, 0)
+        with tf.control_dependencies(checks):
+            checks.append(_check(count > 0, f"{name} must not be empty"))
+            checks.append(_check(count <= limit, f"{name} has too many images: this export "
+                                                 f"accepts at most {limit} ({limit_name}); got",
+                                 [count]))
+        images = _gated(images, rank_ok, checks, [None])
+
+        def decode(data):
+            image = tf.io.decode_image(data, channels=channels, expand_animations=False)
+            image = tf.cast(image, tf.float32)
+            same = tf.reduce_all(tf.equal(tf.shape(image)[:2], [height, width]))
+            image = tf.cond(same, lambda: image, lambda: tf.clip_by_value(tf.round(
+                tf.image.resize(image, [height, width], method="lanczos3", antialias=True)),
+                0.0, 255.0))
+            image = tf.ensure_shape(image, [height, width, channels])
+            if invert:
+                image = 255.0 - image
+            return tf.cast(image / 255.0, self.dtype)
+
+        return tf.map_fn(decode, images,
+                         fn_output_signature=tf.TensorSpec([height, width, channels],
+                                                           self.dtype))
+
+    # -- signatures -----------------------------------------------------------------------------
+
+    def serve(self, x):
+        """`x` `[n, *input_shape]` -> predictions of the meta-initialization."""
+        x = self._query(x, None, False, name="x")
+        initial = self.algorithm.initial_weights(self.meta_params, 1)
+        predictions = self.algorithm.predict(self.meta_params, initial, x, 0)
+        message = "predictions are not finite (are the inputs too large?)"
+        return self._outputs(self._finite(predictions, False, message)[0])
+
+    def adapt(self, support_x, support_y, query_x):
+        """Adapts to one support set with the export's protocol; predicts the query set."""
+        return self._tasks(support_x, support_y, query_x, task_major=False)
+
+    def adapt_custom(self, support_x, support_y, query_x, inner_steps, inner_lr):
+        """`adapt` with the request's step count and scalar step size.
+
+        The step size replaces the algorithm's rates (learned ones included)
+        in its own update rule (SGD; Adam for Reptile with Adam).
+        """
+        return self._tasks_custom(support_x, support_y, query_x, inner_steps, inner_lr,
+                                  task_major=False)
 
     def adapted_weights(self, support_x, support_y):
         """The model's weights after `adapt`'s adaptation, one output per weight."""
-        adapted = self._adapted(support_x, support_y, self.num_eval_steps, self.inner_lr)
-        weights = self.algorithm.full_weights(self.meta_params, adapted, self.num_eval_steps)
-        return {name: w[0] for name, w in zip(self.weight_names, weights)}
+        support_x, support_y = self._support(support_x, support_y, False)
+        adapted = self._adapted_fn(support_x, support_y)
+        steps = tf.constant(self.num_eval_steps, tf.int32)
+        weights = self.algorithm.full_weights(self.meta_params, adapted, steps)
+        message = "the adaptation diverged: adapted weights are not finite (is inner_lr too large?)"
+        return {name: self._finite(w, False, message)[0]
+                for name, w in zip(self.weight_names, weights)}
+
+    def adapt_tasks(self, support_x, support_y, query_x):
+        """`adapt` for every task of task-major inputs `[tasks, ...]`."""
+        return self._tasks(support_x, support_y, query_x, task_major=True)
+
+    def adapt_tasks_custom(self, support_x, support_y, query_x, inner_steps, inner_lr):
+        """`adapt_custom` for every task, with per-task `inner_steps` and `inner_lr` `[tasks]`."""
+        return self._tasks_custom(support_x, support_y, query_x, inner_steps, inner_lr,
+                                  task_major=True)
+
+    def decode_images(self, images):
+        """`images` `[n]` encoded images -> `x` `[n, *input_shape]`, as training decodes them."""
+        return {"x": self._images("images", images, self.limits.max_query_examples,
+                                  "max_query_examples")}
+
+    def adapt_images(self, support_images, support_y, query_images):
+        """`adapt` on encoded images (decoded as `decode_images` does)."""
+        support_x = self._images("support_images", support_images,
+                                 self.limits.max_support_examples, "max_support_examples")
+        query_x = self._images("query_images", query_images, self.limits.max_query_examples,
+                               "max_query_examples")
+        return self.adapt(support_x, support_y, query_x)
 
 
 def build_export_archive(signatures):
@@ -212,13 +630,92 @@ def build_export_archive(signatures):
         tf.TensorSpec([], tf.int32, name="inner_steps"),
         tf.TensorSpec([], tf.float32, name="inner_lr")])
     archive.add_endpoint("adapted_weights", signatures.adapted_weights, support)
+    archive.add_endpoint("adapt_tasks", signatures.adapt_tasks, support + query)
+    archive.add_endpoint("adapt_tasks_custom", signatures.adapt_tasks_custom, support + query + [
+        tf.TensorSpec(None, tf.int32, name="inner_steps"),
+        tf.TensorSpec(None, tf.float32, name="inner_lr")])
+    if signatures.image_format is not None:
+        archive.add_endpoint("decode_images", signatures.decode_images,
+                             [tf.TensorSpec(None, tf.string, name="images")])
+        archive.add_endpoint("adapt_images", signatures.adapt_images, [
+            tf.TensorSpec(None, tf.string, name="support_images"),
+            tf.TensorSpec(None, label_dtype, name="support_y"),
+            tf.TensorSpec(None, tf.string, name="query_images")])
     return archive
 
 
-def export(experiment, export_dir, version, num_eval_steps, inner_lr=None, overwrite=False):
+# -- writing a version --------------------------------------------------------------------------
+
+
+def check_finite_parameters(experiment):
+    """Raises `ValueError` naming every variable with NaN or infinite values.
+
+    A run that diverged must not be served: its predictions would all be NaN.
+    """
+    variables = list(experiment.model.weights) + list(experiment.algorithm.extra_variables)
+    bad = [getattr(v, "path", v.name) for v in variables
+           if tf.as_dtype(v.dtype).is_floating and not np.all(np.isfinite(np.asarray(v)))]
+    if bad:
+        raise ValueError(f"refusing to export: NaN or infinite values in {', '.join(bad)} "
+                         "(the run diverged; export an earlier checkpoint with --checkpoint)")
+
+
+def _exchange(a, b):
+    """Atomically swaps two local directories (Linux `renameat2(RENAME_EXCHANGE)`).
+
+    Returns:
+        Whether it did; false where the system or the file system cannot.
+    """
+    if not sys.platform.startswith("linux") or "://" in a or "://" in b:
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
+                          ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    error = ctypes.get_errno()
+    if error in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EXDEV):
+        return False
+    raise OSError(error, f"cannot swap {a} and {b}: {os.strerror(error)}")
+
+
+def _swap_in(new, path):
+    """Puts the complete version at `new` in place of `path`; a complete version stays at `path`.
+
+    Where the file system can swap atomically, `path` holds the old version
+    and then the new one, never nothing. Elsewhere the old version is renamed
+    aside (`<path>.old`), the new one renamed in, and the old one deleted: a
+    crash between the two renames leaves both complete versions on disk
+    (`<path>.old` and `<path>.tmp`).
+    """
+    if not tf.io.gfile.exists(path):
+        tf.io.gfile.rename(new, path)
+        return
+    if _exchange(new, path):
+        tf.io.gfile.rmtree(new)  # now the old version
+        return
+    old = path + ".old"
+    if tf.io.gfile.exists(old):
+        tf.io.gfile.rmtree(old)
+    tf.io.gfile.rename(path, old)
+    tf.io.gfile.rename(new, path)
+    tf.io.gfile.rmtree(old)
+
+
+def export(experiment, export_dir, version, num_eval_steps, inner_lr=None, overwrite=False,
+           limits=None, image_format="auto"):
     """Writes the SavedModel to `<export_dir>/<version>/` (TF Serving's layout).
 
-    The run's config is written to `<version>/assets.extra/tf_maml_config.json`.
+    The run's config, the limits and the signatures are written to
+    `<version>/assets.extra/tf_maml_config.json`. The version is written
+    beside its final place (`<version>.tmp`, which TF Serving ignores) and
+    renamed into place once complete; with `overwrite`, the previous version
+    stays in place until the new one replaces it.
 
     Args:
         experiment: the restored run (`tf_maml.experiment.Experiment`; its
@@ -229,22 +726,36 @@ def export(experiment, export_dir, version, num_eval_steps, inner_lr=None, overw
         inner_lr: scalar step size of `adapt`, or `None` for the algorithm's
             own rates (learned ones included).
         overwrite: replace an existing version.
+        limits: `ServingLimits`, or a dict of some of its fields replacing the
+            dataset's defaults (`DEFAULT_LIMITS`), or `None` for the defaults.
+        image_format: `ImageFormat`, `None` (no image signatures) or "auto"
+            (the dataset's, see `image_format_for`).
 
     Returns:
         The version's path.
 
     Raises:
-        ValueError: bad version, or the version exists and `overwrite` is false.
+        ValueError: bad version or limits, non-finite meta-parameters, or the
+            version exists and `overwrite` is false.
     """
-    if not isinstance(version, int) or version < 1:
-        raise ValueError(f"version must be a positive integer, got {version!r}")
+    if not isinstance(version, (int, np.integer)) or isinstance(version, bool) or version < 1:
+        raise ValueError(f"version must be a positive integer (TF Serving ignores version 0 "
+                         f"and non-numeric names), got {version!r}")
+    version = int(version)
+    config = experiment.config
+    defaults = (DEFAULT_LIMITS.get(config.dataset) or default_limits(experiment.spec))
+    if limits is None or isinstance(limits, dict):
+        limits = dataclasses.replace(defaults, **(limits or {}))
+    limits.validate()
+    if image_format == "auto":
+        image_format = image_format_for(config.dataset)
     path = os.path.join(export_dir, str(version))
-    if tf.io.gfile.exists(path):
-        if not overwrite:
-            raise ValueError(f"{path} already exists; pass another version or overwrite")
-        tf.io.gfile.rmtree(path)
-    archive = build_export_archive(AdaptationSignatures(experiment.algorithm, experiment.spec,
-                                                        num_eval_steps, inner_lr))
+    if tf.io.gfile.exists(path) and not overwrite:
+        raise ValueError(f"{path} already exists; pass another version or overwrite")
+    check_finite_parameters(experiment)
+    signatures = AdaptationSignatures(experiment.algorithm, experiment.spec, num_eval_steps,
+                                      inner_lr, limits, image_format)
+    archive = build_export_archive(signatures)
     tmp = path + ".tmp"
     if tf.io.gfile.exists(tmp):
         tf.io.gfile.rmtree(tmp)
@@ -252,7 +763,10 @@ def export(experiment, export_dir, version, num_eval_steps, inner_lr=None, overw
     extra = os.path.join(tmp, "assets.extra")
     tf.io.gfile.makedirs(extra)
     with tf.io.gfile.GFile(os.path.join(extra, CONFIG_ASSET), "w") as f:
-        f.write(json.dumps({**experiment.config.to_dict(), "export_num_eval_steps": num_eval_steps,
-                            "export_inner_lr": inner_lr}, indent=2, sort_keys=True))
-    tf.io.gfile.rename(tmp, path)  # TF Serving never sees a half-written version
+        f.write(json.dumps({
+            **config.to_dict(), "export_num_eval_steps": num_eval_steps,
+            "export_inner_lr": inner_lr, "export_limits": limits.to_dict(),
+            "export_image_format": image_format.to_dict() if image_format else None,
+            "export_signatures": list(signatures.signature_names)}, indent=2, sort_keys=True))
+    _swap_in(tmp, path)  # TF Serving never sees a half-written version, nor none
     return path

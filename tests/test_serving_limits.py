@@ -1,0 +1,362 @@
+"""Graph loops, serving limits, task-major and image signatures, and safe export writes.
+
+Fast tests on the in-process signatures (no SavedModel written, except by fakes);
+tests/test_export.py checks the same signatures loaded from disk and on the wire.
+"""
+
+import io
+import os
+import threading
+import time
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tf_maml import config as config_lib
+from tf_maml import core, evaluation, serving
+from tf_maml import experiment as experiment_lib
+from tf_maml.tasks import ImageClassTasks
+
+TOLERANCE = dict(rtol=1e-5, atol=1e-5)
+# One task alone against the same task among others: the same arithmetic, but convolutions
+# over a different number of tasks sum in another order, and the inner steps amplify it.
+TASKS_TOLERANCE = dict(rtol=1e-4, atol=1e-4)
+
+
+def _classifier(algorithm="maml", **extra):
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, (8, 6, 12, 12, 1), dtype=np.uint8)
+    tasks = ImageClassTasks({"train": images, "test": images}, n_way=3, k_shot=2, k_query=2)
+    config = config_lib.Config(dataset="omniglot", n_way=3, k_shot=2, k_query=2, inner_lr=0.4,
+                               num_eval_steps=3, algorithm=algorithm, **extra)
+    experiment = experiment_lib.build_experiment(config, tasks)
+    # Learned meta-parameters that differ from their initial values and per element.
+    for variable in experiment.algorithm.extra_variables:
+        variable.assign(variable * rng.uniform(0.5, 1.5, size=variable.shape))
+    return experiment
+
+
+def _sine(algorithm="maml", **extra):
+    return experiment_lib.build_experiment(
+        config_lib.Config(algorithm=algorithm, k_shot=5, k_query=5, **extra))
+
+
+EXPERIMENTS = {
+    "sine_maml": lambda: _sine(),
+    "sine_reptile_adam": lambda: _sine("reptile", inner_optimizer="adam", inner_lr=0.01),
+    "classifier_mamlpp": lambda: _classifier("mamlpp", num_inner_steps=3),
+    "classifier_maml": lambda: _classifier(),
+}
+_BUILT = {}
+
+
+def _experiment(name):
+    if name not in _BUILT:
+        _BUILT[name] = EXPERIMENTS[name]()
+    return _BUILT[name]
+
+
+def _episode(experiment, num_tasks=3, seed=0):
+    return experiment.tasks.sample(tf.constant([seed, 7], tf.int64), num_tasks, "test")
+
+
+def _unrolled_curve(algorithm, params, episode, metric_fn, num_steps, inner_lr=None,
+                    transductive=True):
+    """The reference: the steps unrolled in Python, one after another (the old implementation)."""
+    num_tasks = tf.shape(episode.support_x)[0]
+    support = algorithm.task_inputs(params, episode.support_x)
+    query = algorithm.task_inputs(params, episode.query_x) if transductive else None
+    weights = algorithm.initial_weights(params, num_tasks)
+    update = algorithm.inner_update(params, inner_lr)
+    task_loss = algorithm.task_loss(params, support, episode.support_y)
+    state = update.init(weights)
+    metrics, predictions = [], []
+    for step in range(num_steps + 1):
+        if step > 0:
+            weights, state, _ = core.inner_step(task_loss, weights, update, state, step - 1,
+                                                first_order=True)
+        if transductive:
+            prediction = algorithm.predict_from_inputs(params, weights, query, step)
+        else:
+            prediction = evaluation._predict_each_alone(algorithm, params, weights,
+                                                        episode.support_x, episode.query_x, step)
+        predictions.append(prediction)
+        metrics.append(metric_fn(episode.query_y, prediction))
+    return tf.stack(metrics), predictions
+
+
+def _graph_size(concrete):
+    """Nodes of a traced function and of every function it calls (while bodies included)."""
+    graph_def = concrete.graph.as_graph_def()
+    return len(graph_def.node) + sum(len(f.node_def) for f in graph_def.library.function)
+
+
+# -- C1: graph loops ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name,transductive,inner_lr,eager", [
+    ("sine_maml", True, None, True),
+    ("sine_reptile_adam", True, None, False),     # Adam's state through the loop
+    ("classifier_mamlpp", True, None, False),     # per-step rates and batch norm, steps > rows
+    ("classifier_maml", False, 0.2, False),       # non-transductive, a replaced rate
+])
+def test_adaptation_curve_loop_equals_unrolled_steps(name, transductive, inner_lr, eager):
+    experiment = _experiment(name)
+    algorithm, params = experiment.algorithm, experiment.algorithm.meta_variables
+    episode = _episode(experiment, num_tasks=2)
+    steps = 4
+    if eager:  # as reporting calls it
+        metrics, predictions = evaluation.adaptation_curve(algorithm, params, episode,
+                                                           experiment.metric_fn, steps,
+                                                           inner_lr, transductive)
+        expected_metrics, expected = _unrolled_curve(algorithm, params, episode,
+                                                     experiment.metric_fn, steps, inner_lr,
+                                                     transductive)
+        assert metrics.shape == (steps + 1, 2) and len(predictions) == steps + 1
+        np.testing.assert_array_equal(metrics.numpy(), expected_metrics.numpy())
+        for got, want in zip(predictions, expected):
+            np.testing.assert_array_equal(got.numpy(), want.numpy())
+    # Compiled (evaluate, validation): the graph loop against the unrolled graph.
+    curve = evaluation.make_curve_fn(algorithm, experiment.metric_fn, steps, inner_lr,
+                                     transductive)
+    unrolled = tf.function(lambda p, e: _unrolled_curve(algorithm, p, e, experiment.metric_fn,
+                                                        steps, inner_lr, transductive)[0])
+    got, want = curve(params, episode).numpy(), unrolled(params, episode).numpy()
+    assert got.shape == (steps + 1, 2)
+    np.testing.assert_array_equal(got, want)
+
+
+def test_curve_graph_does_not_grow_with_steps():
+    experiment = _experiment("sine_maml")
+    params = [tf.convert_to_tensor(p) for p in experiment.algorithm.meta_variables]
+    episode = _episode(experiment)
+    sizes = {}
+    for steps in (3, 300):
+        curve = evaluation.make_curve_fn(experiment.algorithm, experiment.metric_fn, steps)
+        start = time.perf_counter()
+        sizes[steps] = _graph_size(curve.get_concrete_function(params, episode))
+        metrics = curve(params, episode)
+        elapsed = time.perf_counter() - start
+        assert metrics.shape == (steps + 1, 3)
+    assert sizes[3] == sizes[300], sizes
+    # Unrolled, 300 steps took minutes to build; the loop builds and runs in about a second.
+    assert elapsed < 30, elapsed
+    # With XLA (training's validation and evaluate use it for dense models) too.
+    compiled = evaluation.make_curve_fn(experiment.algorithm, experiment.metric_fn, 300,
+                                        jit_compile=True)
+    np.testing.assert_allclose(compiled(params, episode).numpy(), metrics.numpy(),
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_export_signature_graphs_do_not_grow_with_steps():
+    experiment = _experiment("classifier_mamlpp")
+    limits = serving.ServingLimits(10, 10, 300, 4)
+    specs = {"adapt": [tf.TensorSpec(None, tf.float32), tf.TensorSpec(None, tf.int32),
+                       tf.TensorSpec(None, tf.float32)],
+             "adapted_weights": [tf.TensorSpec(None, tf.float32), tf.TensorSpec(None, tf.int32)]}
+    sizes = {}
+    for steps in (3, 300):
+        signatures = serving.AdaptationSignatures(experiment.algorithm, experiment.spec, steps,
+                                                  None, limits)
+        for name, spec in specs.items():
+            function = tf.function(getattr(signatures, name), input_signature=spec,
+                                   autograph=False)
+            sizes[steps, name] = _graph_size(function.get_concrete_function())
+    for name in specs:
+        assert sizes[3, name] == sizes[300, name], sizes
+
+
+# -- D2: task-major signatures ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["sine_maml", "sine_reptile_adam", "classifier_mamlpp"])
+def test_task_major_signatures_answer_each_task_as_alone(name):
+    experiment = _experiment(name)
+    signatures = serving.AdaptationSignatures(experiment.algorithm, experiment.spec, 3)
+    episode = _episode(experiment, seed=2)
+    tasks = {"support_x": episode.support_x, "support_y": episode.support_y,
+             "query_x": episode.query_x}
+    lr = experiment.config.inner_lr
+    steps, rates = [2, 0, 3], [lr, 0.5 * lr, 2 * lr]
+    together = signatures.adapt_tasks(**tasks)
+    custom = signatures.adapt_tasks_custom(**tasks, inner_steps=tf.constant(steps),
+                                           inner_lr=tf.constant(rates))
+    for i in range(3):
+        task = {k: v[i] for k, v in tasks.items()}
+        alone = signatures.adapt(**task)
+        alone_custom = signatures.adapt_custom(**task, inner_steps=tf.constant(steps[i]),
+                                               inner_lr=tf.constant(rates[i]))
+        assert set(together) == set(alone) == set(custom)
+        for key in together:
+            np.testing.assert_allclose(together[key][i].numpy(), alone[key].numpy(),
+                                       **TASKS_TOLERANCE)
+            np.testing.assert_allclose(custom[key][i].numpy(), alone_custom[key].numpy(),
+                                       **TASKS_TOLERANCE)
+    # The tasks really differ in what they were asked for.
+    assert not np.allclose(custom["predictions"][0], together["predictions"][0])
+
+
+# -- C2: limits ---------------------------------------------------------------------------------
+
+
+def test_limits_defaults_and_validation():
+    assert serving.default_limits("sine") == serving.DEFAULT_LIMITS["sine"]
+    assert serving.default_limits(_experiment("sine_maml").spec) == serving.DEFAULT_LIMITS["sine"]
+    assert (serving.default_limits(_experiment("classifier_maml").spec)
+            == serving.DEFAULT_LIMITS["omniglot"])
+    for limits in serving.DEFAULT_LIMITS.values():
+        assert limits.validate() is limits
+    with pytest.raises(ValueError, match="max_tasks must be a positive integer"):
+        serving.ServingLimits(1, 1, 1, 0).validate()
+    experiment = _experiment("sine_maml")
+    with pytest.raises(ValueError, match="num_eval_steps \\(20\\) exceeds max_inner_steps "
+                                         "\\(10\\)"):
+        serving.AdaptationSignatures(experiment.algorithm, experiment.spec, 20, None,
+                                     serving.ServingLimits(10, 10, 10, 1))
+
+
+# -- D3: encoded images -------------------------------------------------------------------------
+
+
+def _drawing(rng, size, mode="L"):
+    """A page with dark strokes, as Omniglot's PNGs (ink black on white), PNG-encoded."""
+    from PIL import Image, ImageDraw
+    image = Image.new(mode, (size, size), "white")
+    draw = ImageDraw.Draw(image)
+    for _ in range(4):
+        points = [tuple(int(v) for v in rng.integers(0, size, 2)) for _ in range(3)]
+        draw.line(points, fill="black" if mode == "L" else (20, 40, 90), width=size // 12)
+    out = io.BytesIO()
+    image.save(out, format="PNG")
+    return out.getvalue()
+
+
+@pytest.fixture(scope="module")
+def omniglot_signatures():
+    config = config_lib.Config(dataset="omniglot", n_way=3, inner_lr=0.4)
+    experiment = experiment_lib.build_experiment(config, load_tasks=False)  # 28x28x1, no data
+    return serving.AdaptationSignatures(experiment.algorithm, experiment.spec, 2, 0.4, None,
+                                        serving.image_format_for("omniglot"))
+
+
+def test_image_signatures_preprocess_as_training(omniglot_signatures):
+    from tf_maml.tasks import omniglot
+    rng = np.random.default_rng(0)
+    pages = [_drawing(rng, 105) for _ in range(6)] + [_drawing(rng, 105, "RGB")]
+    decoded = omniglot_signatures.decode_images(tf.constant(pages))["x"].numpy()
+    training = np.stack([omniglot._decode(page, "page") for page in pages])[..., None] / 255.0
+    assert decoded.shape == (7, 28, 28, 1) and decoded.dtype == np.float32
+    # Ink is 1 on a 0 background, as in training; TF's Lanczos resize against PIL's.
+    assert decoded.max() > 0.5 and np.median(decoded) == 0.0
+    assert np.abs(decoded - training).max() < 0.25, np.abs(decoded - training).max()
+    assert np.abs(decoded - training).mean() < 0.01, np.abs(decoded - training).mean()
+    # At the model's size nothing is resampled: exactly the training arrays.
+    small = [_drawing(rng, 28) for _ in range(3)]
+    np.testing.assert_array_equal(
+        omniglot_signatures.decode_images(tf.constant(small))["x"].numpy(),
+        np.stack([omniglot._decode(page, "page") for page in small])[..., None] / np.float32(255))
+
+    labels = tf.constant([0, 1, 2, 0, 1, 2], tf.int32)
+    got = omniglot_signatures.adapt_images(tf.constant(pages[:6]), labels, tf.constant(pages[4:]))
+    want = omniglot_signatures.adapt(decoded[:6], labels, decoded[4:])
+    for key in ("predictions", "probabilities"):
+        np.testing.assert_allclose(got[key].numpy(), want[key].numpy(), **TOLERANCE)
+    with pytest.raises(tf.errors.InvalidArgumentError):
+        omniglot_signatures.decode_images(tf.constant([b"not an image"]))
+
+
+# -- B6: safe writes, no diverged models, no version 0 ------------------------------------------
+
+
+class _FakeArchive:
+    """Writes a marked "version" (and optionally dies half way), as `write_out` would."""
+
+    def __init__(self, mark, crash=False):
+        self.mark, self.crash = mark, crash
+
+    def write_out(self, path, verbose=False):
+        os.makedirs(os.path.join(path, "variables"))
+        with open(os.path.join(path, "saved_model.pb"), "w") as f:
+            f.write(self.mark)
+        if self.crash:
+            raise RuntimeError("killed while writing")
+        with open(os.path.join(path, "variables", "variables.index"), "w") as f:
+            f.write(self.mark)
+
+
+def _version_mark(path):
+    with open(os.path.join(path, "saved_model.pb")) as f:
+        mark = f.read()
+    with open(os.path.join(path, "variables", "variables.index")) as f:
+        assert f.read() == mark  # complete
+    return mark
+
+
+@pytest.mark.parametrize("atomic", [True, False])
+def test_overwrite_keeps_a_complete_version_in_place(atomic, tmp_path, monkeypatch):
+    experiment = _experiment("sine_maml")
+    if not atomic:
+        monkeypatch.setattr(serving, "_exchange", lambda a, b: False)
+    monkeypatch.setattr(serving, "build_export_archive", lambda s: _FakeArchive("old"))
+    path = serving.export(experiment, str(tmp_path), 3, 2)
+    # A crash while the new version is written leaves the old one serving, untouched.
+    monkeypatch.setattr(serving, "build_export_archive", lambda s: _FakeArchive("new", True))
+    with pytest.raises(RuntimeError, match="killed"):
+        serving.export(experiment, str(tmp_path), 3, 2, overwrite=True)
+    assert _version_mark(path) == "old"
+    # A complete new version replaces it; nothing is left beside it.
+    monkeypatch.setattr(serving, "build_export_archive", lambda s: _FakeArchive("new"))
+    assert serving.export(experiment, str(tmp_path), 3, 2, overwrite=True) == path
+    assert _version_mark(path) == "new"
+    assert sorted(os.listdir(tmp_path)) == ["3"]
+
+
+def test_overwrite_never_leaves_the_version_missing(tmp_path, monkeypatch):
+    """TF Serving polls the directory: at no moment may the version be absent."""
+    experiment = _experiment("sine_maml")
+    os.makedirs(tmp_path / "a")
+    os.makedirs(tmp_path / "b")
+    if not serving._exchange(str(tmp_path / "a"), str(tmp_path / "b")):
+        pytest.skip("this file system cannot swap directories atomically")
+    tmp_path = tmp_path / "a"
+    monkeypatch.setattr(serving, "build_export_archive", lambda s: _FakeArchive("v0"))
+    path = serving.export(experiment, str(tmp_path), 1, 2)
+    missing, done = [], threading.Event()
+
+    def watch():
+        while not done.is_set():
+            if not os.path.exists(os.path.join(path, "saved_model.pb")):
+                missing.append(time.perf_counter())
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        for i in range(30):
+            monkeypatch.setattr(serving, "build_export_archive",
+                                lambda s, i=i: _FakeArchive(f"v{i + 1}"))
+            serving.export(experiment, str(tmp_path), 1, 2, overwrite=True)
+    finally:
+        done.set()
+        watcher.join()
+    assert not missing
+    assert _version_mark(path) == "v30"
+
+
+def test_export_refuses_non_finite_parameters_and_bad_versions(tmp_path):
+    experiment = _classifier("metasgd")
+    weight, rate = experiment.model.trainable_variables[0], experiment.algorithm.extra_variables[2]
+    for variable in (weight, rate):
+        saved = variable.numpy()
+        variable.assign(np.where(np.arange(saved.size).reshape(saved.shape) == 1, np.nan,
+                                 saved).astype(saved.dtype))
+        try:
+            with pytest.raises(ValueError, match="refusing to export: NaN or infinite values in "
+                                                 f".*{variable.name}"):
+                serving.export(experiment, str(tmp_path), 1, 3)
+        finally:
+            variable.assign(saved)
+    assert not os.listdir(tmp_path)  # nothing written
+    for version in (0, -3, True, 1.5, "2"):
+        with pytest.raises(ValueError, match="version must be a positive integer"):
+            serving.export(experiment, str(tmp_path), version, 3)
