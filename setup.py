@@ -12,7 +12,7 @@ setup(
     # GPU-capable on Linux) or `tensorflow-cpu` (smaller); pip cannot tell that
     # one satisfies the other, so neither is a hard requirement.
     install_requires=[
-        "keras>=3.0",
+        "keras>=3.0,<4",  # functional.py and compat.py rely on Keras 3 internals
         "numpy",
         "absl-py",
         "tensorboard",
