@@ -56,26 +56,64 @@ def _free_ports(n):
 
 
 def _run_workers(model_dir, num_iterations, tmp_path, tag):
+    """Runs two workers; each gets its own TMPDIR, and the non-chief a umask of 077.
+
+    Returns their final weights and what each reported (multi_worker.py's .json).
+    """
     ports = _free_ports(2)
     cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
     workers = []
     for index in range(2):
-        env = dict(ENV, TF_CONFIG=json.dumps({"cluster": cluster,
-                                              "task": {"type": "worker", "index": index}}))
+        tmpdir = tmp_path / f"{tag}_tmp{index}"
+        tmpdir.mkdir()
+        env = dict(ENV, TMPDIR=str(tmpdir),
+                   TF_CONFIG=json.dumps({"cluster": cluster,
+                                         "task": {"type": "worker", "index": index}}))
         out = str(tmp_path / f"{tag}_worker{index}.npz")
+        # Files the non-chief (worker 1) creates are private (0600/0700): any of them found
+        # in model_dir afterwards was written by the wrong worker.
+        umask = 0o022 if index == 0 else 0o077
         workers.append((subprocess.Popen(
             [sys.executable, os.path.join(SCRIPTS, "multi_worker.py"), model_dir,
              str(num_iterations), out], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            text=True), out))
-    for process, _ in workers:
+            text=True, preexec_fn=lambda umask=umask: os.umask(umask)), out, tmpdir))
+    for process, _, _ in workers:
         try:
             _, stderr = process.communicate(timeout=600)
         except subprocess.TimeoutExpired:
-            for p, _ in workers:
+            for p, _, _ in workers:
                 p.kill()
             raise
         assert process.returncode == 0, stderr[-3000:]
-    return [dict(np.load(out)) for _, out in workers]
+    reports = []
+    for index, (_, out, tmpdir) in enumerate(workers):
+        with open(out + ".json") as f:
+            report = json.load(f)
+        assert report["task"] == ["worker", index]          # compat.cluster_resolver
+        assert report["chief"] == (index == 0)
+        # Nothing is left in either worker's temporary directory.
+        assert os.listdir(tmpdir) == [], (index, os.listdir(tmpdir))
+        reports.append(report)
+    chief, other = reports
+    assert chief["worker_dirs"] in ([], [os.path.abspath(model_dir)])
+    # The non-chief wrote into a temporary directory of its own, outside model_dir, and
+    # removed it.
+    (worker_dir,) = other["worker_dirs"]
+    assert worker_dir.startswith(str(workers[1][2])) and other["worker_dirs_exist"] == [False]
+    _assert_written_by_the_chief_only(model_dir, chief["pid"], other["pid"])
+    return [dict(np.load(out)) for _, out, _ in workers]
+
+
+def _assert_written_by_the_chief_only(model_dir, chief_pid, other_pid):
+    for root, dirs, files in os.walk(model_dir):
+        for name in dirs + files:
+            path = os.path.join(root, name)
+            mode = os.stat(path).st_mode
+            assert mode & 0o044 == 0o044, f"{path} was written by the non-chief ({oct(mode)})"
+    # Summary files are named after the process writing them.
+    events = os.listdir(os.path.join(model_dir, "train"))
+    assert not [name for name in events if f".{other_pid}." in name], events
+    assert [name for name in events if f".{chief_pid}." in name], events
 
 
 def test_two_workers_agree_checkpoint_and_resume(tmp_path):
@@ -84,9 +122,12 @@ def test_two_workers_agree_checkpoint_and_resume(tmp_path):
     assert int(first[0]["step"]) == int(first[1]["step"]) == 6
     for key in first[0]:
         np.testing.assert_array_equal(first[0][key], first[1][key])
-    # Only the chief wrote the run's files.
-    assert sorted(os.listdir(os.path.join(model_dir, "checkpoints")))[0] == "checkpoint"
-    assert os.path.exists(os.path.join(model_dir, "checkpoints", "ckpt-6.index"))
+    # The chief's files only: the checkpoints at 4 and 6, the run's config and spec, its summaries.
+    assert sorted(os.listdir(model_dir)) == ["checkpoints", "config.json", "task_spec.json",
+                                             "train"]
+    assert sorted(os.listdir(os.path.join(model_dir, "checkpoints"))) == [
+        "checkpoint", "ckpt-4.data-00000-of-00001", "ckpt-4.index",
+        "ckpt-6.data-00000-of-00001", "ckpt-6.index"]
     # Resuming continues the same run on both workers...
     resumed = _run_workers(model_dir, 8, tmp_path, "b")
     assert int(resumed[0]["step"]) == 8

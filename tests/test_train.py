@@ -2,8 +2,12 @@
 
 import json
 import os
+import queue
+import signal
 import subprocess
 import sys
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -61,33 +65,152 @@ def test_interrupted_training_keeps_its_progress(tmp_path, monkeypatch):
     assert step == 37
 
 
+class _Child:
+    """A child process whose stderr a thread reads line by line: every wait is bounded.
+
+    All waits share one deadline, so a child that hangs (or never prints what is
+    expected) fails the test after `timeout` seconds instead of hanging CI.
+    """
+
+    def __init__(self, args, timeout):
+        self.deadline = time.monotonic() + timeout
+        self.lines = []
+        self._queue = queue.Queue()
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", *args], env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"),
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self):
+        for line in self.process.stderr:
+            self._queue.put(line)
+        self._queue.put(None)
+
+    def _remaining(self):
+        return max(self.deadline - time.monotonic(), 0)
+
+    def output(self):
+        return "".join(self.lines)
+
+    def wait_for(self, text):
+        """Reads lines until one contains `text`; returns it."""
+        while True:
+            try:
+                line = self._queue.get(timeout=self._remaining())
+            except queue.Empty:
+                raise AssertionError(f"no {text!r} in time:\n{self.output()[-3000:]}") from None
+            if line is None:
+                raise AssertionError(f"exited before {text!r}:\n{self.output()[-3000:]}")
+            self.lines.append(line)
+            if text in line:
+                return line
+
+    def finish(self):
+        """Waits for the exit (and the rest of the output); returns the exit code."""
+        try:
+            self.process.wait(timeout=self._remaining())
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"did not exit in time:\n{self.output()[-3000:]}") from None
+        self._reader.join(timeout=10)
+        while not self._queue.empty():
+            line = self._queue.get()
+            if line is not None:
+                self.lines.append(line)
+        return self.process.returncode
+
+    def kill(self):
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+
 def test_sigterm_saves_a_checkpoint_and_the_run_resumes(tmp_path):
-    import signal
-    import time
     model_dir = str(tmp_path / "run")
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "tf_maml.train", f"--model_dir={model_dir}",
-         "--num_iterations=10000000", "--log_every=200", "--checkpoint_every=10000000",
-         "--validate_every=0", "--noevaluate"],
-        env=env, stderr=subprocess.PIPE, text=True)
+    child = _Child(["tf_maml.train", f"--model_dir={model_dir}", "--num_iterations=10000000",
+                    "--log_every=200", "--checkpoint_every=10000000", "--validate_every=0",
+                    "--noevaluate"], timeout=240)
     try:
-        for line in process.stderr:  # wait until training is under way
-            if "steps/s" in line:
-                break
-        time.sleep(0.5)
-        process.send_signal(signal.SIGTERM)
-        rest = process.communicate(timeout=120)[1]
+        child.wait_for("steps/s")  # step 200 is done: a checkpoint is due at SIGTERM
+        child.process.send_signal(signal.SIGTERM)
+        code = child.finish()
+        assert code == 130, child.output()[-5000:]
     finally:
-        process.kill()
-    assert process.returncode == 130
-    assert "Rerun the same command to resume" in rest and "Traceback" not in rest
+        child.kill()
+    output = child.output()
+    assert "Traceback" not in output
     _, step = experiment_lib.restore(model_dir)
     assert step >= 200
+    assert f"Interrupted at step {step}; saved checkpoint" in output
+    assert "Rerun the same command to resume" in output
     config = config_lib.load(model_dir)
     config.num_iterations = step + 5
     _, resumed = trainer.train(config, model_dir)
     assert resumed == step + 5
+
+
+def test_sigterm_before_the_first_step_says_nothing_was_saved(tmp_path):
+    model_dir = str(tmp_path / "run")
+    child = _Child(["tf_maml.train", f"--model_dir={model_dir}", "--num_iterations=10000000",
+                    "--log_every=200", "--validate_every=0", "--noevaluate"], timeout=240)
+    try:
+        child.wait_for("Meta-training")  # logged before the loop is traced and compiled
+        child.process.send_signal(signal.SIGTERM)
+        code = child.finish()
+        assert code == 130, child.output()[-5000:]
+    finally:
+        child.kill()
+    output = child.output()
+    assert "Traceback" not in output and "checkpointed" not in output
+    checkpoints = experiment_lib.checkpoint_paths(os.path.join(model_dir, "checkpoints"))
+    if checkpoints:  # the signal came late (a slow machine): then it must say which
+        _, step = experiment_lib.restore(model_dir)
+        assert f"saved checkpoint {checkpoints[0]}" in output and step > 0
+    else:
+        assert ("Interrupted; no checkpoint has been written in" in output
+                or "Interrupted at step 0; no checkpoint has been written" in output), output
+
+
+def test_interrupt_reports_what_is_saved(tmp_path, monkeypatch):
+    config = config_lib.Config(num_iterations=20, checkpoint_every=10, log_every=10,
+                               validate_every=0, meta_batch_size=5)
+    real_loop = trainer.make_train_loop
+
+    def interrupted_loop(train_step):
+        def loop(iterator, num_steps):
+            raise KeyboardInterrupt
+        return loop
+
+    monkeypatch.setattr(trainer, "make_train_loop", interrupted_loop)
+    with pytest.raises(trainer.Interrupted) as info:
+        trainer.train(config, str(tmp_path))
+    assert (info.value.step, info.value.saved, info.value.latest) == (0, None, None)
+    assert "no checkpoint has been written" in str(info.value)
+    monkeypatch.setattr(trainer, "make_train_loop", real_loop)
+    trainer.train(config_lib.Config(**{**config.to_dict(), "num_iterations": 10}), str(tmp_path))
+    monkeypatch.setattr(trainer, "make_train_loop", interrupted_loop)
+    with pytest.raises(trainer.Interrupted) as info:
+        trainer.train(config, str(tmp_path))
+    assert info.value.step == 10 and info.value.saved is None
+    assert info.value.latest.endswith("ckpt-10")
+    assert "no new checkpoint written, the latest is" in str(info.value)
+
+
+def test_sigterm_during_the_evaluation_after_training_exits_cleanly(tmp_path):
+    model_dir = str(tmp_path / "run")
+    child = _Child(["tf_maml.train", f"--model_dir={model_dir}", "--num_iterations=20",
+                    "--log_every=10", "--validate_every=0", "--num_eval_tasks=600"], timeout=240)
+    try:
+        child.wait_for("evaluating MAML")
+        child.process.send_signal(signal.SIGTERM)
+        code = child.finish()
+        assert code == 130, child.output()[-5000:]
+    finally:
+        child.kill()
+    output = child.output()
+    assert "Traceback" not in output
+    assert "Interrupted during the evaluation; training is complete (step 20" in output
+    assert experiment_lib.restore(model_dir)[1] == 20
 
 
 def test_training_loop_traces_once():

@@ -7,6 +7,7 @@ pass the `Config` on.
 import dataclasses
 import sys
 
+import tensorflow as tf
 from absl import app, flags
 
 from tf_maml import config as config_lib
@@ -119,6 +120,17 @@ def no_positional_arguments(argv):
     """Rejects positional arguments (absl passes them in `argv[1:]`)."""
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+
+
+# What an entry point reports in one line (`fail(describe(e))`) rather than a traceback:
+# bad input (ValueError), filesystem errors (OSError), TensorFlow's I/O errors.
+USER_ERRORS = (ValueError, OSError, tf.errors.OpError)
+
+
+def describe(error):
+    """An exception as one line: its message's first line (OS errors name their path)."""
+    from tf_maml import experiment  # noqa: PLC0415 -- heavy; only when reporting an error
+    return experiment.error_text(error, limit=2000)
 
 
 def fail(message):

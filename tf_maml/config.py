@@ -208,8 +208,12 @@ def save(config, model_dir):
     return path
 
 
-def load(model_dir):
+def load(model_dir, flag="--model_dir"):
     """Reads the `Config` saved in `model_dir`.
+
+    Args:
+        model_dir: a directory written by `tf_maml.train`.
+        flag: the flag that named the directory, for the error message.
 
     Raises:
         FileNotFoundError: `model_dir` holds no `config.json` (not a training directory).
@@ -217,8 +221,9 @@ def load(model_dir):
     """
     path = os.path.join(model_dir, CONFIG_FILENAME)
     if not os.path.exists(path):
+        what = "does not exist" if not os.path.exists(model_dir) else "holds no " + CONFIG_FILENAME
         raise FileNotFoundError(
-            f"{path} does not exist: --model_dir must be a directory written by tf_maml.train")
+            f"{model_dir} {what}: {flag} must be a directory written by tf_maml.train")
     try:
         with open(path) as f:
             values = json.load(f)

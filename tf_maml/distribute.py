@@ -14,6 +14,7 @@ import tempfile
 
 import tensorflow as tf
 
+from tf_maml import compat
 from tf_maml.config import STRATEGIES
 
 __all__ = ["STRATEGIES", "make_strategy", "replica_task_counts", "is_chief", "worker_dir"]
@@ -68,7 +69,7 @@ def replica_task_counts(num_tasks, num_replicas):
 
 def is_chief(strategy):
     """Whether this worker writes checkpoints, summaries and results."""
-    resolver = getattr(strategy.extended, "_cluster_resolver", None)
+    resolver = compat.cluster_resolver(strategy)
     if resolver is None or not resolver.cluster_spec().as_dict():
         return True
     task_type, task_id = resolver.task_type, resolver.task_id

@@ -29,8 +29,12 @@ def main(argv):
     try:
         reporting.evaluate_and_report(FLAGS.model_dir, baseline_dir=FLAGS.baseline_dir,
                                       output_dir=FLAGS.output_dir, **overrides)
-    except (ValueError, FileNotFoundError) as e:
-        cli.fail(e)
+    except KeyboardInterrupt:
+        logging.warning("Interrupted; the evaluation was not finished and no results were "
+                        "written.")
+        raise SystemExit(130)
+    except cli.USER_ERRORS as e:
+        cli.fail(cli.describe(e))
 
 
 def run():

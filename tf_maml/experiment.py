@@ -9,16 +9,20 @@ family is loaded only when asked for (evaluation).
 import dataclasses
 import json
 import os
+import re
 
 import keras
 import tensorflow as tf
+from absl import logging
 
 from tf_maml import algorithms, functional, losses, models
 from tf_maml import config as config_lib
 from tf_maml import tasks as tasks_lib
 
 __all__ = ["Experiment", "build_experiment", "restore", "make_checkpoint", "save_spec", "load_spec",
-           "resolve_jit_compile", "CHECKPOINT_SUBDIR"]
+           "resolve_jit_compile", "checkpoint_paths", "restore_latest", "check_readable",
+           "indexed_checkpoint", "check_writable", "error_text", "CheckpointError",
+           "CHECKPOINT_SUBDIR"]
 
 CHECKPOINT_SUBDIR = "checkpoints"
 SPEC_FILENAME = "task_spec.json"
@@ -110,8 +114,153 @@ def make_checkpoint(experiment, **extra):
     return tf.train.Checkpoint(**items)
 
 
+class CheckpointError(ValueError):
+    """Checkpoints exist but none can be restored (truncated, corrupt, or another model's)."""
+
+
+_NUMBERED = re.compile(r"-(\d+)$")
+
+
+def checkpoint_paths(checkpoint_dir):
+    """The checkpoints in `checkpoint_dir`, newest (highest number) first.
+
+    Found from the `<prefix>-<N>.index` files on disk, not from the `checkpoint`
+    index file, which may be missing (only the `ckpt-*` files were copied),
+    garbled or stale.
+
+    Returns:
+        list of checkpoint prefixes (paths without `.index`).
+    """
+    if not tf.io.gfile.isdir(checkpoint_dir):
+        return []
+    found = []
+    for path in tf.io.gfile.glob(os.path.join(checkpoint_dir, "*.index")):
+        prefix = path[:-len(".index")]
+        match = _NUMBERED.search(prefix)
+        if match:
+            found.append((int(match.group(1)), prefix))
+    return [prefix for _, prefix in sorted(found, reverse=True)]
+
+
+def error_text(error, limit=300):
+    """An exception's message in one line, without TensorFlow's `{{function_node ...}}` noise."""
+    text = getattr(error, "message", None) if isinstance(error, tf.errors.OpError) else None
+    text = (text or str(error)).strip()
+    text = re.sub(r"^\{\{[^}]*\}\}\s*", "", text)
+    text = text.splitlines()[0].strip() if text else ""
+    text = re.sub(r"\s*\[Op:\w+\]$", "", text) or type(error).__name__
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def check_readable(path):
+    """Why the checkpoint `path` cannot be read, or `None` if every tensor reads back intact.
+
+    Reads every tensor (TensorFlow checks each one's CRC32C): finds truncated or
+    corrupt files before anything is restored from them. Checkpoints here are
+    small (the meta-parameters and the optimizer state).
+    """
+    try:
+        reader = tf.train.load_checkpoint(path)
+        for name in reader.get_variable_to_dtype_map():
+            reader.get_tensor(name)
+    except Exception as e:  # noqa: BLE001 -- TF raises OpError, IndexError, ... for bad files
+        return error_text(e)
+    return None
+
+
+def indexed_checkpoint(checkpoint_dir):
+    """The latest checkpoint the `checkpoint` index file names, or `None` (missing, garbled)."""
+    try:
+        state = tf.train.get_checkpoint_state(checkpoint_dir)
+    except Exception:  # noqa: BLE001 -- a garbled file can raise parse errors
+        return None
+    if state is None or not state.model_checkpoint_path:
+        return None
+    path = state.model_checkpoint_path
+    return path if os.path.isabs(path) else os.path.join(checkpoint_dir, path)
+
+
+def restore_latest(checkpoint, checkpoint_dir, partial=False):
+    """Restores the newest readable checkpoint of `checkpoint_dir` into `checkpoint`.
+
+    The one restore path of training, evaluation and export. Checkpoints are
+    found from their files (a missing or garbled `checkpoint` index file does
+    not hide them); a truncated or corrupt one is skipped, with a warning naming
+    it, for the next older one.
+
+    Args:
+        checkpoint: a `tf.train.Checkpoint`.
+        checkpoint_dir: the run's checkpoint directory.
+        partial: allow the checkpoint to hold objects `checkpoint` lacks (the
+            optimizer state, when restoring for evaluation); otherwise every
+            object of `checkpoint` must be restored.
+
+    Returns:
+        `(path, skipped)`: the restored checkpoint (`None` if the directory
+        holds none) and the list of `(path, reason)` of newer ones skipped.
+
+    Raises:
+        CheckpointError: there are checkpoints but none can be restored.
+    """
+    candidates = checkpoint_paths(checkpoint_dir)
+    if not candidates:
+        return None, []
+    if indexed_checkpoint(checkpoint_dir) is None:
+        logging.warning("%s is missing or unreadable; using the checkpoint files found there "
+                        "(newest: %s)", os.path.join(checkpoint_dir, "checkpoint"),
+                        os.path.basename(candidates[0]))
+    skipped = []
+    for path in candidates:
+        problem = check_readable(path)
+        if problem is None:
+            try:
+                status = checkpoint.restore(path)
+                if partial:
+                    status.expect_partial()
+                else:
+                    status.assert_existing_objects_matched()
+            except (tf.errors.OpError, AssertionError, ValueError) as e:
+                problem = error_text(e)
+        if problem is None:
+            if skipped:
+                logging.warning("restored %s instead of the newer %s", path,
+                                ", ".join(p for p, _ in skipped))
+            return path, skipped
+        logging.warning("skipping checkpoint %s: it cannot be restored (%s)", path, problem)
+        skipped.append((path, problem))
+    raise CheckpointError(
+        f"none of the {len(candidates)} checkpoint(s) in {checkpoint_dir} can be restored ("
+        + "; ".join(f"{os.path.basename(p)}: {why}" for p, why in skipped) + ")")
+
+
+def check_writable(path, name):
+    """Raises `PermissionError` (or `NotADirectoryError`) naming `path` if it cannot be written.
+
+    `path` is a directory that is written later; if it does not exist yet, the
+    nearest existing parent must be a writable directory (nothing is created).
+    Remote paths (`gs://...`) are not checked.
+
+    Args:
+        path: the directory.
+        name: what it is, for the message (e.g. "--model_dir").
+    """
+    if "://" in path:
+        return
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise NotADirectoryError(f"{name} {path}: {existing} is not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        where = "" if existing == os.path.abspath(path) else f" (it would be created in {existing})"
+        raise PermissionError(f"{name} {path} is not writable{where}")
+
+
 def restore(model_dir, overrides=None, tasks=None, load_tasks=False, checkpoint_path=None):
     """Loads the config and the latest meta-parameters of a training run.
+
+    The newest readable checkpoint is used: a truncated or corrupt latest one is
+    skipped with a warning (see `restore_latest`).
 
     Args:
         model_dir: a directory written by `tf_maml.train`.
@@ -120,27 +269,34 @@ def restore(model_dir, overrides=None, tasks=None, load_tasks=False, checkpoint_
         tasks: use this task family instead of building the config's.
         load_tasks: load the config's task family (evaluation needs it; export
             does not).
-        checkpoint_path: a checkpoint (default: the latest in `model_dir`).
+        checkpoint_path: a checkpoint (default: the newest readable one in `model_dir`).
 
     Returns:
         `(experiment, step)`.
 
     Raises:
         FileNotFoundError: no config or no checkpoint in `model_dir`.
+        CheckpointError: (a `ValueError`) the checkpoint(s) cannot be read.
         ValueError: invalid overrides.
     """
     config = dataclasses.replace(config_lib.load(model_dir), **(overrides or {})).validate()
+    checkpoint_dir = os.path.join(model_dir, CHECKPOINT_SUBDIR)
+    if checkpoint_path is None and not checkpoint_paths(checkpoint_dir):
+        raise FileNotFoundError(f"no checkpoint in {checkpoint_dir}")
+    if checkpoint_path is not None:
+        if not tf.io.gfile.exists(checkpoint_path + ".index"):
+            raise FileNotFoundError(f"checkpoint {checkpoint_path} does not exist")
+        problem = check_readable(checkpoint_path)
+        if problem:
+            raise CheckpointError(f"checkpoint {checkpoint_path} cannot be read ({problem})")
     experiment = build_experiment(config, tasks, load_tasks=load_tasks,
                                   spec=load_spec(model_dir, config))
     step = tf.Variable(0, dtype=tf.int64)
     checkpoint = make_checkpoint(experiment, step=step)
-    path = checkpoint_path or tf.train.latest_checkpoint(
-        os.path.join(model_dir, CHECKPOINT_SUBDIR))
-    if path is None:
-        raise FileNotFoundError(f"no checkpoint in {os.path.join(model_dir, CHECKPOINT_SUBDIR)}")
-    if not tf.io.gfile.exists(path + ".index"):
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    checkpoint.restore(path).expect_partial()
+    if checkpoint_path is not None:
+        checkpoint.restore(checkpoint_path).expect_partial()
+    else:
+        restore_latest(checkpoint, checkpoint_dir, partial=True)
     return experiment, int(step.numpy())
 
 

@@ -6,6 +6,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
+from tf_maml import config as config_lib
 from tf_maml import evaluation
 from tf_maml import experiment as experiment_lib
 from tf_maml import tasks as tasks_lib
@@ -49,11 +50,30 @@ def evaluate_and_report(model_dir, baseline_dir=None, output_dir=None, **overrid
         dict label -> (mean, ci95) arrays over steps 0..num_eval_steps.
 
     Raises:
-        FileNotFoundError: a directory has no config or checkpoint.
-        ValueError: invalid overrides, or the baseline's architecture differs.
+        FileNotFoundError: a directory has no config or checkpoint (the
+            message names the flag: --model_dir or --baseline_dir).
+        PermissionError: the results cannot be written (checked before the
+            evaluation runs).
+        ValueError: invalid overrides, unreadable checkpoints, or the
+            baseline's architecture differs.
     """
-    output_dir = output_dir or model_dir
-    os.makedirs(output_dir, exist_ok=True)
+    # Everything that can be checked cheaply is, before data is loaded; nothing is
+    # created until then (a mistyped --model_dir must not become a directory).
+    config_lib.load(model_dir, "--model_dir")
+    if baseline_dir:
+        config_lib.load(baseline_dir, "--baseline_dir")
+    if output_dir:
+        experiment_lib.check_writable(output_dir, "--output_dir")
+    else:
+        output_dir = model_dir
+        try:
+            experiment_lib.check_writable(output_dir, "--model_dir")
+        except PermissionError as e:
+            raise PermissionError(f"{e}: give --output_dir for the results") from None
+    for name in (RESULTS_FILENAME, CURVE_FILENAME, TRAINING_CURVE_FILENAME, SINE_FIT_FILENAME):
+        path = os.path.join(output_dir, name)
+        if os.path.exists(path) and not os.access(path, os.W_OK):
+            raise PermissionError(f"{path} is not writable")
     experiment, step = experiment_lib.restore(model_dir, overrides, load_tasks=True)
     config = experiment.config
     runs = {_label(config, model_dir, ()): (experiment, step)}
@@ -64,12 +84,15 @@ def evaluate_and_report(model_dir, baseline_dir=None, output_dir=None, **overrid
         if [tuple(v.shape) for v in baseline.model.trainable_variables] != shapes:
             raise ValueError(f"{baseline_dir} holds a different architecture than {model_dir}")
         runs[_label(baseline.config, baseline_dir, runs)] = (baseline, baseline_step)
+    os.makedirs(output_dir, exist_ok=True)
 
     jit = experiment_lib.resolve_jit_compile(config, experiment.model)
     # An --inner_lr given at evaluation replaces the algorithms' own (learned) rates.
     inner_lr = overrides.get("inner_lr")
     results, curve_fns = {}, {}
     for label, (run, run_step) in runs.items():
+        logging.info("evaluating %s (step %d) on %d held-out tasks", label, run_step,
+                     config.num_eval_tasks)
         curve_fns[label] = evaluation.make_curve_fn(run.algorithm, experiment.metric_fn,
                                                     config.num_eval_steps, inner_lr,
                                                     config.transductive, jit_compile=jit)
@@ -78,8 +101,6 @@ def evaluate_and_report(model_dir, baseline_dir=None, output_dir=None, **overrid
                                              config.num_eval_tasks, tasks_lib.TEST,
                                              evaluation.batch_size_for(config))
         results[label] = evaluation.summarize(per_task)
-        logging.info("evaluated %s (step %d) on %d held-out tasks", label, run_step,
-                     config.num_eval_tasks)
 
     name = experiment.metric_name
     task = f"{config.n_way}-way " if experiment.tasks.is_classification else ""
@@ -87,7 +108,7 @@ def evaluate_and_report(model_dir, baseline_dir=None, output_dir=None, **overrid
     protocol = "" if config.transductive else ", non-transductive"
     print(f"\n{name} on {config.num_eval_tasks} held-out {config.dataset} {task}tasks "
           f"(K={config.k_shot}, inner_lr={inner_lr or config.inner_lr}{protocol}), "
-          f"mean ± 95% CI:\n{table}\n")
+          f"mean ± 95% CI:\n{table}\n{_non_finite_note(name, results)}")
     extra = {"num_tasks": config.num_eval_tasks, "inner_lr": config.inner_lr,
              "algorithm": config.algorithm, "transductive": config.transductive,
              "k_shot": config.k_shot, "dataset": config.dataset, "model": config.model_name,
@@ -107,6 +128,25 @@ def evaluate_and_report(model_dir, baseline_dir=None, output_dir=None, **overrid
                                 config))
     print("wrote " + ", ".join([os.path.join(output_dir, RESULTS_FILENAME)] + paths))
     return results
+
+
+def _non_finite_note(metric_name, results):
+    """A note under the table for metrics that are NaN or infinite (empty if none)."""
+    lines = []
+    for label, (mean, _) in results.items():
+        steps = [step for step, value in enumerate(mean) if not np.isfinite(value)]
+        if steps:
+            lines.append(f"note: {label} {metric_name} is not finite (nan/inf) after "
+                         f"{_steps_text(steps)} inner step(s): the adaptation or the model "
+                         "diverged (a lower inner_lr may help); eval_results.json records "
+                         "these values as null.")
+    return "\n".join(lines) + "\n" if lines else ""
+
+
+def _steps_text(steps):
+    if steps == list(range(steps[0], steps[-1] + 1)) and len(steps) > 1:
+        return f"{steps[0]}-{steps[-1]}"
+    return ", ".join(str(s) for s in steps)
 
 
 def validation_history(model_dir):

@@ -4,11 +4,13 @@ Rerunning the same command resumes from the latest checkpoint in DIR. Unless
 --noevaluate, the final model is then evaluated (table and plots in DIR).
 """
 
+import os
 import signal
 
 from absl import app, flags, logging
 
 from tf_maml import cli, reporting, trainer
+from tf_maml import experiment as experiment_lib
 
 flags.DEFINE_string("model_dir", None, "Directory for checkpoints, config and summaries.")
 flags.DEFINE_boolean("evaluate", True, "Evaluate on held-out tasks after training.")
@@ -17,8 +19,31 @@ cli.define_config_flags()
 FLAGS = flags.FLAGS
 
 
+_SIGNALS = []
+
+
 def _interrupt(signum, frame):
+    _SIGNALS.append(signum)
     raise KeyboardInterrupt(f"received signal {signum}")
+
+
+def _interrupted_message(error, model_dir):
+    """What an interrupt left behind, in one line (only what is true)."""
+    if isinstance(error, trainer.Interrupted):
+        text = error.describe()
+        text = text[0].upper() + text[1:]
+        if error.saved or error.latest:
+            return f"{text}. Rerun the same command to resume."
+        return f"{text} in {model_dir}. Rerun the same command to start again."
+    # Outside the training loop (or a signal that TensorFlow turned into another
+    # error): say what is on disk.
+    checkpoints = experiment_lib.checkpoint_paths(
+        os.path.join(model_dir, experiment_lib.CHECKPOINT_SUBDIR))
+    if checkpoints:
+        return (f"Interrupted; the latest checkpoint is {checkpoints[0]}. Rerun the same command "
+                "to resume.")
+    return (f"Interrupted; no checkpoint has been written in {model_dir}. Rerun the same "
+            "command to start again.")
 
 
 def main(argv):
@@ -29,15 +54,29 @@ def main(argv):
     signal.signal(signal.SIGTERM, _interrupt)
     config = cli.config_from_flags()
     try:
-        trainer.train(config, FLAGS.model_dir)
-    except (ValueError, FileNotFoundError) as e:
-        cli.fail(e)
-    except KeyboardInterrupt:
-        logging.warning("Interrupted; the last step is checkpointed in %s. Rerun the same "
-                        "command to resume.", FLAGS.model_dir)
-        raise SystemExit(130)
+        _, step = trainer.train(config, FLAGS.model_dir)
+    except Exception as e:  # noqa: BLE001 -- sorted below; anything else is re-raised
+        if _SIGNALS:
+            logging.warning(_interrupted_message(e, FLAGS.model_dir))
+            raise SystemExit(130) from None
+        if isinstance(e, cli.USER_ERRORS):
+            cli.fail(cli.describe(e))
+        raise
+    except KeyboardInterrupt as e:
+        logging.warning(_interrupted_message(e, FLAGS.model_dir))
+        raise SystemExit(130) from None
     if FLAGS.evaluate:
-        reporting.evaluate_and_report(FLAGS.model_dir)
+        try:
+            reporting.evaluate_and_report(FLAGS.model_dir)
+        except (KeyboardInterrupt, Exception) as e:
+            if not (_SIGNALS or isinstance(e, KeyboardInterrupt)):
+                if isinstance(e, cli.USER_ERRORS):
+                    cli.fail(cli.describe(e))
+                raise
+            logging.warning("Interrupted during the evaluation; training is complete (step %d, "
+                            "checkpointed in %s). Evaluate with: python -m tf_maml.evaluate "
+                            "--model_dir=%s", step, FLAGS.model_dir, FLAGS.model_dir)
+            raise SystemExit(130) from None
 
 
 def run():

@@ -11,8 +11,13 @@ state; the episodes are a pure function of (seed, step), so a resumed run sees
 exactly the tasks an uninterrupted one would), then runs meta-iterations with
 progress lines, TensorBoard summaries, periodic validation on held-out tasks and
 checkpoints. A checkpoint is also written when the loop is interrupted.
+
+Nothing is written into `model_dir` before the run can start, and training
+stops with `TrainingDiverged` when the meta-loss or the meta-parameters stop
+being finite: a checkpoint never holds non-finite weights.
 """
 
+import math
 import os
 import time
 
@@ -25,7 +30,8 @@ from tf_maml import experiment as experiment_lib
 from tf_maml import tasks as tasks_lib
 from tf_maml.experiment import CHECKPOINT_SUBDIR
 
-__all__ = ["make_train_step", "make_train_loop", "train"]
+__all__ = ["make_train_step", "make_train_loop", "train", "TrainingDiverged", "Interrupted",
+           "CheckpointSaveError"]
 
 NUM_VALIDATION_TASKS = 100
 # The loop runs as many steps per call as fit in about this many seconds:
@@ -145,8 +151,107 @@ def _duration(seconds):
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m{seconds % 60:02d}s"
 
 
+class TrainingDiverged(ValueError):
+    """The meta-loss or the meta-parameters became non-finite (NaN or infinity).
+
+    Training stops at once; no checkpoint with non-finite weights is written,
+    so the run's last checkpoint stays the last good one.
+    """
+
+
+class CheckpointSaveError(OSError):
+    """A checkpoint could not be written (disk full, permissions changed during the run)."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Training was interrupted (Ctrl-C, SIGTERM); says what is saved.
+
+    Attributes:
+        step: the step reached.
+        saved: the checkpoint written on the way out, or `None`.
+        latest: the run's newest checkpoint now (`saved`, an earlier one, or `None`).
+    """
+
+    def __init__(self, step, saved, latest):
+        self.step, self.saved, self.latest = step, saved, latest
+        super().__init__(self.describe())
+
+    def describe(self):
+        if self.saved:
+            return f"interrupted at step {self.step}; saved checkpoint {self.saved}"
+        if self.latest:
+            return (f"interrupted at step {self.step}; no new checkpoint written, the latest is "
+                    f"{self.latest}")
+        return f"interrupted at step {self.step}; no checkpoint has been written"
+
+
+def _make_finite_check(variables):
+    """A compiled `() -> bool tensor`: whether every float variable is finite (one call)."""
+    variables = [v for v in variables if tf.as_dtype(v.dtype).is_floating]
+
+    @tf.function
+    def all_finite():
+        return tf.reduce_all(tf.stack([tf.reduce_all(tf.math.is_finite(v)) for v in variables]))
+
+    return all_finite
+
+
+def _non_finite_meta_loss(logs):
+    """`{"meta_loss": value}` if the meta-loss is NaN or infinite, else `{}`.
+
+    Only the meta-loss: other logs may be NaN by design (a pretrained baseline
+    has no support loss before adaptation).
+    """
+    value = float(logs["meta_loss"])
+    return {} if math.isfinite(value) else {"meta_loss": value}
+
+
+def _rates(config):
+    outer = ("meta_step_size", config.meta_step_size) if config.algorithm == "reptile" else (
+        "meta_lr", config.meta_lr)
+    return f"inner_lr (now {config.inner_lr:g}) or {outer[0]} (now {outer[1]:g})"
+
+
+def _divergence_message(config, bad_logs, first, last, latest):
+    where = f"at step {last}" if first == last else f"between steps {first} and {last}"
+    if bad_logs:
+        what = "the meta-loss is not finite (" + ", ".join(
+            f"{name}={value}" for name, value in bad_logs.items()) + ")"
+    else:
+        what = "the meta-gradient is not finite (the meta-parameters became NaN or infinite)"
+    if latest:
+        return (f"training diverged {where}: {what}; the last checkpoint, {latest}, is kept. "
+                f"Lower {_rates(config)} and train again in a new model_dir")
+    return (f"training diverged {where}: {what}; no checkpoint was written. Lower "
+            f"{_rates(config)} and rerun")
+
+
+def _check_run_dir(config, model_dir, checkpoint_dir):
+    """Refuses a `model_dir` holding another run, or checkpoints without their config."""
+    has_checkpoints = bool(experiment_lib.checkpoint_paths(checkpoint_dir))
+    if os.path.exists(os.path.join(model_dir, config_lib.CONFIG_FILENAME)):
+        try:
+            config_lib.check_resumable(config_lib.load(model_dir), config)
+        except ValueError:
+            if has_checkpoints:
+                raise
+            # A run that stopped before its first checkpoint: nothing to resume.
+            logging.warning("%s holds a different config.json but no checkpoint; replacing it",
+                            model_dir)
+    elif has_checkpoints:
+        raise ValueError(
+            f"{checkpoint_dir} holds checkpoints but {model_dir} has no "
+            f"{config_lib.CONFIG_FILENAME}, so they cannot be checked against this "
+            "configuration: put the run's config.json back, or use a new model_dir")
+
+
 def train(config, model_dir):
     """Meta-trains a model as `config` says, resuming from `model_dir` if possible.
+
+    Nothing is written into `model_dir` until the run can start (config valid,
+    data loaded, model built, checkpoint restored). Training stops with
+    `TrainingDiverged` as soon as the meta-loss or the meta-parameters stop
+    being finite; checkpoints with non-finite weights are never written.
 
     Args:
         config: a `Config`.
@@ -157,7 +262,14 @@ def train(config, model_dir):
         meta-initialization) and the final step.
 
     Raises:
-        ValueError: invalid config, or `model_dir` holds a different run.
+        ValueError: invalid config, bad data, or `model_dir` holds a different run.
+        experiment.CheckpointError: (a `ValueError`) `model_dir` holds
+            checkpoints but none can be read; training does not start over
+            on top of them.
+        TrainingDiverged: (a `ValueError`) non-finite meta-loss or meta-gradient.
+        PermissionError, NotADirectoryError: `model_dir` cannot be written.
+        Interrupted: (a `KeyboardInterrupt`) Ctrl-C or SIGTERM; a checkpoint of
+            the current step was written if it is new and finite.
 
     Example:
 
@@ -169,11 +281,12 @@ def train(config, model_dir):
     config.validate()
     strategy = distribute.make_strategy(config.strategy)
     chief = distribute.is_chief(strategy)
-    if os.path.exists(os.path.join(model_dir, config_lib.CONFIG_FILENAME)):
-        config_lib.check_resumable(config_lib.load(model_dir), config)
+    checkpoint_dir = os.path.join(model_dir, CHECKPOINT_SUBDIR)
+    _check_run_dir(config, model_dir, checkpoint_dir)
     if chief:
-        config_lib.save(config, model_dir)
-    output_dir = distribute.worker_dir(model_dir, strategy)
+        experiment_lib.check_writable(model_dir, "model_dir")
+        experiment_lib.check_writable(checkpoint_dir, "checkpoint directory")
+        experiment_lib.check_writable(os.path.join(model_dir, "train"), "summary directory")
 
     with strategy.scope():
         experiment = experiment_lib.build_experiment(config)
@@ -183,16 +296,26 @@ def train(config, model_dir):
         optimizer.build(algorithm.meta_variables)
         step = tf.Variable(0, dtype=tf.int64, name="step",
                            aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
-    if chief:
-        experiment_lib.save_spec(experiment.spec, model_dir)
     checkpoint = experiment_lib.make_checkpoint(experiment, optimizer=optimizer, step=step)
-    manager = tf.train.CheckpointManager(checkpoint, os.path.join(output_dir, CHECKPOINT_SUBDIR),
-                                         max_to_keep=3)
-    # Every worker resumes from the chief's checkpoints.
-    latest = tf.train.latest_checkpoint(os.path.join(model_dir, CHECKPOINT_SUBDIR))
+    all_finite = _make_finite_check(algorithm.meta_variables)
+    # Every worker resumes from the chief's checkpoints: the newest readable one.
+    try:
+        latest, _ = experiment_lib.restore_latest(checkpoint, checkpoint_dir)
+    except experiment_lib.CheckpointError as e:
+        raise experiment_lib.CheckpointError(
+            f"{e}. Training does not start over on top of them: move them away to start from "
+            "step 0, or use a new model_dir") from None
     if latest:
-        checkpoint.restore(latest).assert_existing_objects_matched()
         logging.info("Resumed from %s at step %d", latest, int(step.numpy()))
+        if not bool(all_finite()):
+            raise TrainingDiverged(
+                f"{latest} holds non-finite weights (the run diverged before this version "
+                f"refused to save them). Lower {_rates(config)} and train again in a new "
+                "model_dir")
+    # The run can start: only now is anything written.
+    if chief:
+        config_lib.save(config, model_dir)
+        experiment_lib.save_spec(experiment.spec, model_dir)
     start = int(step.numpy())
     if start >= config.num_iterations:
         logging.info("Already trained for %d iterations; nothing to do.", start)
@@ -210,14 +333,28 @@ def train(config, model_dir):
     dataset = tasks_lib.episode_dataset(
         lambda seed: experiment.tasks.sample(seed, config.meta_batch_size, k_shot=train_k_shot),
         config.seed, start, config.num_iterations, stream=tasks_lib.TRAIN)
+    output_dir = distribute.worker_dir(model_dir, strategy)
+    manager = tf.train.CheckpointManager(checkpoint, os.path.join(output_dir, CHECKPOINT_SUBDIR),
+                                         max_to_keep=3)
     writer = (tf.summary.create_file_writer(os.path.join(model_dir, "train")) if chief
               else tf.summary.create_noop_writer())
     progress = _Progress(start, config.num_iterations)
-    saved_step = start
+    saved = {"step": start, "path": latest}
     current = start
     train_loop = make_train_loop(train_step)
     iterator = iter(dataset)
     steps_per_call = 1
+
+    def save(number):  # every worker takes part (the variables are shared)
+        try:
+            path = manager.save(checkpoint_number=number)
+        except (tf.errors.OpError, OSError) as e:
+            raise CheckpointSaveError(
+                f"could not write the checkpoint of step {number} into {manager.directory}: "
+                f"{experiment_lib.error_text(e)}") from e
+        saved.update(step=number, path=path if chief else None)
+        return path
+
     try:
         while current < config.num_iterations:
             events = [config.num_iterations, current + config.log_every - current % config.log_every,
@@ -231,7 +368,13 @@ def train(config, model_dir):
             if current > start:  # the first call includes tracing and compilation
                 steps_per_call = int(min(MAX_STEPS_PER_CALL, max(
                     1, SECONDS_PER_CALL * num_steps / max(elapsed, 1e-9))))
-            current += num_steps
+            previous, current = current, current + num_steps
+            # A non-finite step anywhere in the call leaves non-finite weights (and
+            # losses) behind: checking once per call costs microseconds.
+            bad_logs = _non_finite_meta_loss(logs)
+            if bad_logs or not bool(all_finite()):
+                raise TrainingDiverged(_divergence_message(config, bad_logs, previous + 1,
+                                                           current, saved["path"]))
             if chief and (current % config.log_every == 0 or current == config.num_iterations):
                 logs = {k: float(v) for k, v in logs.items()}
                 logging.info(progress.line(current, logs))
@@ -242,13 +385,29 @@ def train(config, model_dir):
                                                     or current == config.num_iterations):
                 _validate(experiment, curve_fn, writer, current)
             if current % config.checkpoint_every == 0:
-                manager.save(checkpoint_number=current)
-                saved_step = current
-    finally:
+                save(current)
+        if current != saved["step"]:
+            save(current)
+    except TrainingDiverged:
+        raise
+    except BaseException as e:
+        # Keep the progress (Ctrl-C, SIGTERM, an error): a checkpoint of the
+        # current step, unless it is already saved or not finite.
         current = int(step.numpy())
-        if current != saved_step:
-            manager.save(checkpoint_number=current)
-            logging.info("Saved checkpoint at step %d", current)
+        saved_now = None
+        if current != saved["step"] and not isinstance(e, CheckpointSaveError):
+            try:
+                if bool(all_finite()):
+                    saved_now = save(current)
+                    logging.info("Saved checkpoint at step %d", current)
+                else:
+                    logging.warning("Not saving step %d: its weights are not finite", current)
+            except Exception as save_error:  # noqa: BLE001 -- report the original error
+                logging.warning("Could not save a checkpoint at step %d: %s", current, save_error)
+        if isinstance(e, KeyboardInterrupt):
+            raise Interrupted(current, saved_now if chief else None, saved["path"]) from None
+        raise
+    finally:
         writer.flush()
         if not chief:
             tf.io.gfile.rmtree(output_dir)

@@ -1,0 +1,392 @@
+"""What users hit when things go wrong: divergence, damaged checkpoints, failed first runs,
+unwritable directories. Every failure must leave the run's good files alone and end in one line
+(no traceback) from the command line.
+"""
+
+import ctypes
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+from tf_maml import compat, evaluation, reporting, trainer
+from tf_maml import config as config_lib
+from tf_maml import experiment as experiment_lib
+from tf_maml import tasks as tasks_lib
+
+TINY = dict(meta_batch_size=5, log_every=10, checkpoint_every=10, validate_every=0,
+            num_eval_tasks=10, num_eval_steps=1)
+ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+
+
+def _cli(*args, timeout=300, preexec_fn=None):
+    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True,
+                          env=ENV, timeout=timeout, preexec_fn=preexec_fn)
+
+
+def _checkpoints(model_dir):
+    """Checkpoint names, newest first."""
+    return [os.path.basename(p) for p in experiment_lib.checkpoint_paths(
+        os.path.join(model_dir, "checkpoints"))]
+
+
+def _stats(model_dir):
+    """(name, mtime, inode) of every file under `model_dir`: any rewrite shows."""
+    out = {}
+    for root, _, files in os.walk(model_dir):
+        for name in files:
+            path = os.path.join(root, name)
+            st = os.stat(path)
+            out[os.path.relpath(path, model_dir)] = (st.st_mtime_ns, st.st_ino, st.st_size)
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """A 30-step sine run with checkpoints at 10, 20 and 30; copy it before damaging it."""
+    model_dir = str(tmp_path_factory.mktemp("faults") / "run")
+    trainer.train(config_lib.Config(num_iterations=30, **TINY), model_dir)
+    assert _checkpoints(model_dir) == ["ckpt-30", "ckpt-20", "ckpt-10"]
+    return model_dir
+
+
+@pytest.fixture
+def run_copy(trained_run, tmp_path):
+    model_dir = str(tmp_path / "run")
+    shutil.copytree(trained_run, model_dir)
+    return model_dir
+
+
+@pytest.fixture
+def start_steps(monkeypatch):
+    """The step each `trainer.train` call starts (or resumes) training from."""
+    starts = []
+    real = tasks_lib.episode_dataset
+
+    def spy(sample_fn, seed, start_step, num_steps, stream=0):
+        starts.append(start_step)
+        return real(sample_fn, seed, start_step, num_steps, stream)
+
+    monkeypatch.setattr(tasks_lib, "episode_dataset", spy)
+    return starts
+
+
+# B1: divergence.
+
+def test_non_finite_meta_loss_stops_training_at_once(tmp_path):
+    model_dir = str(tmp_path / "run")
+    config = config_lib.Config(inner_lr=1e6, num_iterations=300, **TINY)
+    with pytest.raises(trainer.TrainingDiverged,
+                       match=r"diverged at step 1: the meta-loss is not finite.*no checkpoint "
+                             r"was written.*Lower inner_lr \(now 1e\+06\) or meta_lr"):
+        trainer.train(config, model_dir)
+    assert _checkpoints(model_dir) == []
+    # Nothing to resume, so the corrected command may reuse the directory.
+    _, step = trainer.train(config_lib.Config(num_iterations=10, **TINY), model_dir)
+    assert step == 10
+
+
+def test_non_finite_weights_are_never_checkpointed(tmp_path, monkeypatch):
+    """A step leaving NaN weights (finite logs: a non-finite gradient) stops training; the last
+    good checkpoint survives the rotation."""
+    captured = {}
+    real_step, real_loop = trainer.make_train_step, trainer.make_train_loop
+
+    def make_train_step(experiment, optimizer, step_counter, **kwargs):
+        captured.update(variables=experiment.algorithm.meta_variables, step=step_counter)
+        return real_step(experiment, optimizer, step_counter, **kwargs)
+
+    def make_train_loop(train_step):
+        loop = real_loop(train_step)
+
+        def poisoned(iterator, num_steps):
+            logs = loop(iterator, num_steps)
+            if int(captured["step"].numpy()) > 25:
+                weights = captured["variables"][0]
+                weights.assign(tf.fill(weights.shape, float("nan")))
+            return logs
+
+        return poisoned
+
+    monkeypatch.setattr(trainer, "make_train_step", make_train_step)
+    monkeypatch.setattr(trainer, "make_train_loop", make_train_loop)
+    model_dir = str(tmp_path / "run")
+    config = config_lib.Config(num_iterations=60, **dict(TINY, checkpoint_every=5))
+    with pytest.raises(trainer.TrainingDiverged,
+                       match=r"(at step|between steps 2\d and) 30: the meta-gradient is not "
+                             r"finite.*the last checkpoint, "
+                             r".*ckpt-25, is kept.*Lower inner_lr"):
+        trainer.train(config, model_dir)
+    assert _checkpoints(model_dir) == ["ckpt-25", "ckpt-20", "ckpt-15"]
+    experiment, step = experiment_lib.restore(model_dir)
+    assert step == 25
+    assert all(np.isfinite(v.numpy()).all() for v in experiment.model.trainable_variables)
+
+
+def test_results_json_is_strict_json_when_metrics_are_nan(tmp_path):
+    path = str(tmp_path / "eval_results.json")
+    results = {"MAML": (np.array([1.0, np.nan, np.inf]), np.array([0.1, np.nan, np.nan])),
+               "pretrained": (np.array([1.0, 2.0, 3.0]), np.array([0.1, 0.2, 0.3]))}
+    evaluation.write_json(path, "mse", results, {"num_tasks": 3})
+
+    def no_constants(name):
+        raise AssertionError(f"bare {name} in the JSON")
+
+    with open(path) as f:
+        saved = json.loads(f.read(), parse_constant=no_constants)
+    assert saved["results"]["MAML"]["mean"] == [1.0, None, None]
+    assert saved["results"]["pretrained"]["mean"] == [1.0, 2.0, 3.0]
+    assert saved["non_finite"]["models"] == ["MAML"]
+
+
+def test_evaluation_that_diverges_says_so(run_copy, capsys):
+    results = reporting.evaluate_and_report(run_copy, inner_lr=1e9, num_eval_steps=2,
+                                            num_eval_tasks=10)
+    assert not np.isfinite(results["MAML"][0][-1])
+    out = capsys.readouterr().out
+    assert "note: MAML mse is not finite" in out and "as null" in out
+    with open(os.path.join(run_copy, reporting.RESULTS_FILENAME)) as f:
+        json.loads(f.read(), parse_constant=lambda name: pytest.fail(f"bare {name}"))
+
+
+def test_cli_divergence_is_one_line_and_exits_non_zero(tmp_path):
+    model_dir = str(tmp_path / "run")
+    result = _cli("tf_maml.train", f"--model_dir={model_dir}", "--inner_lr=1e6",
+                  "--num_iterations=300", "--log_every=50", "--checkpoint_every=100",
+                  "--num_eval_tasks=10")
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "error: training diverged at step 1" in result.stderr
+    assert "Traceback" not in result.stderr and "mse on" not in result.stdout
+    assert _checkpoints(model_dir) == []
+    assert not os.path.exists(os.path.join(model_dir, reporting.RESULTS_FILENAME))
+
+
+# B2, B3: missing or garbled index file, damaged checkpoints.
+
+def _damage(model_dir, how):
+    checkpoints = os.path.join(model_dir, "checkpoints")
+    if how == "missing index":
+        os.remove(os.path.join(checkpoints, "checkpoint"))
+    elif how == "garbled index":
+        with open(os.path.join(checkpoints, "checkpoint"), "w") as f:
+            f.write("model_checkpoint_path: {{{ \x00 garbage\n")
+
+
+@pytest.mark.parametrize("how", ["missing index", "garbled index"])
+def test_a_lost_index_file_does_not_restart_the_run(run_copy, how, start_steps):
+    _damage(run_copy, how)
+    before = _stats(run_copy)
+    assert experiment_lib.restore(run_copy)[1] == 30
+    _, step = trainer.train(config_lib.Config(num_iterations=30, **TINY), run_copy)
+    assert step == 30 and start_steps == []      # found finished: nothing retrained
+    _, step = trainer.train(config_lib.Config(num_iterations=40, **TINY), run_copy)
+    assert step == 40 and start_steps == [30]    # resumed, not restarted
+    after = _stats(run_copy)
+    for name in ("checkpoints/ckpt-10.index", "checkpoints/ckpt-20.index",
+                 "checkpoints/ckpt-30.index", "checkpoints/ckpt-30.data-00000-of-00001"):
+        assert after[name] == before[name], f"{name} was rewritten"
+
+
+def test_a_truncated_latest_checkpoint_falls_back_to_the_previous_one(run_copy, start_steps,
+                                                                     caplog):
+    data = os.path.join(run_copy, "checkpoints", "ckpt-30.data-00000-of-00001")
+    with open(data, "r+b") as f:
+        f.truncate(1000)
+    experiment, step = experiment_lib.restore(run_copy)
+    assert step == 20
+    assert "skipping checkpoint" in caplog.text and "ckpt-30" in caplog.text
+    _, step = trainer.train(config_lib.Config(num_iterations=40, **TINY), run_copy)
+    assert step == 40 and start_steps == [20]
+    assert experiment_lib.check_readable(os.path.join(run_copy, "checkpoints", "ckpt-30")) is None
+
+
+def test_a_corrupt_checkpoint_is_detected_by_its_checksum(run_copy):
+    data = os.path.join(run_copy, "checkpoints", "ckpt-30.data-00000-of-00001")
+    with open(data, "r+b") as f:
+        f.seek(200)
+        byte = f.read(1)
+        f.seek(200)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    assert "Checksum does not match" in experiment_lib.check_readable(data[:-len(
+        ".data-00000-of-00001")])
+    assert experiment_lib.restore(run_copy)[1] == 20
+
+
+def test_unreadable_checkpoints_are_refused_not_overwritten(run_copy, start_steps):
+    for path in experiment_lib.checkpoint_paths(os.path.join(run_copy, "checkpoints")):
+        with open(path + ".index", "r+b") as f:
+            f.truncate(50)
+    before = _stats(run_copy)
+    with pytest.raises(experiment_lib.CheckpointError,
+                       match=r"none of the 3 checkpoint\(s\) .* can be restored \(ckpt-30: .*"
+                             r"does not start over"):
+        trainer.train(config_lib.Config(num_iterations=40, **TINY), run_copy)
+    assert start_steps == [] and _stats(run_copy) == before
+    with pytest.raises(experiment_lib.CheckpointError, match="can be restored"):
+        experiment_lib.restore(run_copy)
+    explicit = os.path.join(run_copy, "checkpoints", "ckpt-20")
+    with pytest.raises(experiment_lib.CheckpointError, match="ckpt-20 cannot be read"):
+        experiment_lib.restore(run_copy, checkpoint_path=explicit)
+
+
+def test_checkpoints_without_their_config_are_refused(run_copy, start_steps):
+    os.remove(os.path.join(run_copy, config_lib.CONFIG_FILENAME))
+    with pytest.raises(ValueError, match="holds checkpoints but .* has no config.json"):
+        trainer.train(config_lib.Config(num_iterations=40, **TINY), run_copy)
+    assert start_steps == []
+
+
+def test_cli_evaluate_skips_a_truncated_checkpoint_without_a_traceback(run_copy, tmp_path):
+    os.remove(os.path.join(run_copy, "checkpoints", "checkpoint"))
+    with open(os.path.join(run_copy, "checkpoints", "ckpt-30.data-00000-of-00001"), "r+b") as f:
+        f.truncate(100)
+    result = _cli("tf_maml.evaluate", f"--model_dir={run_copy}", "--num_eval_tasks=5",
+                  "--num_eval_steps=1", f"--output_dir={tmp_path / 'out'}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "skipping checkpoint" in result.stderr and "ckpt-30" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert json.loads((tmp_path / "out" / "eval_results.json").read_text())[
+        "steps_trained"] == {"MAML": 20}
+
+
+# B4: a first run that fails writes nothing.
+
+def _tiny_miniimagenet(root, classes=3, per_class=3):
+    os.makedirs(os.path.join(root, "images"))
+    for split in ("train", "val", "test"):
+        lines = ["filename,label"]
+        for c in range(classes):
+            for i in range(per_class):
+                name = f"n{split}{c}_{i}.jpg"
+                Image.new("RGB", (8, 8), (40 * c, 10 * i, 0)).save(
+                    os.path.join(root, "images", name))
+                lines.append(f"{name},n{split}{c}")
+        with open(os.path.join(root, f"{split}.csv"), "w") as f:
+            f.write("\n".join(lines) + "\n")
+
+
+def test_a_failed_first_run_writes_nothing_and_the_corrected_one_runs(tmp_path):
+    data_dir, model_dir = str(tmp_path / "data"), str(tmp_path / "run")
+    _tiny_miniimagenet(data_dir)
+    config = config_lib.Config(
+        dataset="miniimagenet", data_dir=data_dir, cache_dir="", n_way=5, k_shot=1, k_query=1,
+        meta_batch_size=1, num_inner_steps=1, first_order=True, num_iterations=1,
+        validate_every=0, jit_compile="false")
+    with pytest.raises(ValueError, match="fewer than n_way=5"):
+        trainer.train(config, model_dir)
+    assert not os.path.exists(model_dir)
+    with pytest.raises(FileNotFoundError):
+        trainer.train(config_lib.Config(**{**config.to_dict(), "data_dir": str(tmp_path / "x")}),
+                      model_dir)
+    assert not os.path.exists(model_dir)
+    _, step = trainer.train(config_lib.Config(**{**config.to_dict(), "n_way": 2}), model_dir)
+    assert step == 1 and config_lib.load(model_dir).n_way == 2
+
+
+def test_a_config_left_by_a_run_without_checkpoints_is_replaced(tmp_path):
+    model_dir = str(tmp_path / "run")
+    config_lib.save(config_lib.Config(num_iterations=10, inner_lr=0.5, **TINY), model_dir)
+    _, step = trainer.train(config_lib.Config(num_iterations=10, **TINY), model_dir)
+    assert step == 10 and config_lib.load(model_dir).inner_lr == 0.01
+
+
+# B5 and E: directories.
+
+def test_evaluate_never_creates_a_missing_directory_and_names_the_flag(trained_run, tmp_path):
+    missing = str(tmp_path / "nothing")
+    with pytest.raises(FileNotFoundError, match="nothing does not exist: --model_dir"):
+        reporting.evaluate_and_report(missing)
+    assert not os.path.exists(missing)
+    with pytest.raises(FileNotFoundError, match="nothing does not exist: --baseline_dir"):
+        reporting.evaluate_and_report(trained_run, baseline_dir=missing,
+                                      output_dir=str(tmp_path / "out"))
+    assert not os.path.exists(missing) and not os.path.exists(tmp_path / "out")
+
+
+def test_paths_under_a_file_are_reported(tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(NotADirectoryError, match="file is not a directory"):
+        trainer.train(config_lib.Config(num_iterations=1, **TINY), str(tmp_path / "file" / "run"))
+
+
+def _without_root_privileges():
+    """A `preexec_fn` under which permission bits apply (root ignores them), or None."""
+    if os.geteuid() != 0:
+        return None
+    libc = ctypes.CDLL(None, use_errno=True)
+    pr_capbset_drop, cap_dac_override, cap_dac_read_search = 24, 1, 2
+
+    def drop():
+        for cap in (cap_dac_override, cap_dac_read_search):
+            if libc.prctl(pr_capbset_drop, cap, 0, 0, 0) != 0:
+                raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
+
+    return drop
+
+
+def _skip_unless_permissions_apply(path, preexec_fn):
+    """Skips if a child process could still write into the read-only `path`."""
+    try:
+        probe = subprocess.run(
+            [sys.executable, "-c", f"import os; print(os.access({str(path)!r}, os.W_OK))"],
+            capture_output=True, text=True, preexec_fn=preexec_fn, timeout=60)
+    except subprocess.SubprocessError:
+        pytest.skip("cannot drop root's file-permission override here")
+    if probe.stdout.strip() != "False":
+        pytest.skip("permission bits do not apply to this user")
+
+
+def test_unwritable_directories_are_reported_up_front_in_one_line(trained_run, tmp_path):
+    readonly = tmp_path / "readonly"
+    readonly.mkdir()
+    run = str(tmp_path / "run")
+    shutil.copytree(trained_run, run)
+    os.chmod(os.path.join(run, "checkpoints"), 0o555)
+    os.chmod(readonly, 0o555)
+    unprivileged = _without_root_privileges()
+    try:
+        _skip_unless_permissions_apply(readonly, unprivileged)
+        cases = [
+            (("tf_maml.train", f"--model_dir={readonly}", "--num_iterations=5"),
+             f"error: model_dir {readonly} is not writable"),
+            (("tf_maml.train", f"--model_dir={readonly / 'new'}", "--num_iterations=5"),
+             f"is not writable (it would be created in {readonly})"),
+            # The checkpoint directory would only fail at the first checkpoint.
+            (("tf_maml.train", f"--model_dir={run}", "--num_iterations=50",
+              "--meta_batch_size=5", "--checkpoint_every=10", "--validate_every=0",
+              "--noevaluate"),
+             f"error: checkpoint directory {run}/checkpoints is not writable"),
+            (("tf_maml.evaluate", f"--model_dir={run}", f"--output_dir={readonly / 'out'}"),
+             f"error: --output_dir {readonly / 'out'} is not writable"),
+        ]
+        before = _stats(run)
+        for args, message in cases:
+            result = _cli(*args, preexec_fn=unprivileged, timeout=120)
+            assert result.returncode == 1, (args, result.stderr[-3000:])
+            assert message in result.stderr, (args, result.stderr[-3000:])
+            assert "Traceback" not in result.stderr
+        assert _stats(run) == before
+        os.chmod(os.path.join(run, "checkpoints"), 0o755)
+        os.chmod(run, 0o555)
+        result = _cli("tf_maml.evaluate", f"--model_dir={run}", preexec_fn=unprivileged,
+                      timeout=120)
+        assert result.returncode == 1 and "Traceback" not in result.stderr
+        assert f"error: --model_dir {run} is not writable: give --output_dir" in result.stderr
+    finally:
+        os.chmod(readonly, 0o755)
+        os.chmod(run, 0o755)
+        os.chmod(os.path.join(run, "checkpoints"), 0o755)
+
+
+# compat: what the private-API shims return.
+
+def test_cluster_resolver_of_single_worker_strategies_is_none():
+    # (A multi-worker strategy's resolver is checked in tests/scripts/multi_worker.py.)
+    assert compat.cluster_resolver(tf.distribute.get_strategy()) is None
+    assert compat.cluster_resolver(tf.distribute.MirroredStrategy(["/cpu:0"])) is None
