@@ -14,7 +14,11 @@ Add a function here (with a test of what it returns) rather than reaching into
 `_private` attributes elsewhere.
 """
 
-__all__ = ["cluster_resolver"]
+import contextlib
+
+__all__ = ["cluster_resolver", "keras_moments_replaced", "functional_model_class", "all_layers",
+           "seed_generators", "inbound_node_count", "dropout_noise_shape", "dropout_seed",
+           "eager_device_name"]
 
 
 def cluster_resolver(strategy):
@@ -33,3 +37,89 @@ def cluster_resolver(strategy):
         TensorFlow no longer has the attribute.
     """
     return getattr(strategy.extended, "_cluster_resolver", None)
+
+
+@contextlib.contextmanager
+def keras_moments_replaced(moments_fn):
+    """Makes Keras' TF backend compute batch moments with `moments_fn` inside the context.
+
+    Relies on `keras.src.backend.tensorflow.nn._compute_moments` (Keras 3), the function
+    Keras' normalization layers call; `tf_maml.functional.exact_moments` swaps in a version
+    whose second derivative is exact.
+
+    Args:
+        moments_fn: `moments_fn(x, axes, keepdims=False) -> (mean, variance)`.
+
+    Raises:
+        ImportError / AttributeError: Keras no longer has the function (a Keras upgrade;
+            the test of this function names it).
+    """
+    from keras.src.backend.tensorflow import nn  # noqa: PLC0415
+
+    original = nn._compute_moments
+    nn._compute_moments = moments_fn
+    try:
+        yield
+    finally:
+        nn._compute_moments = original
+
+
+def functional_model_class():
+    """Keras' class of functional models (`keras.Model(inputs, outputs)`), to tell them apart.
+
+    Relies on `keras.src.models.functional.Functional` (Keras 3; not exported publicly).
+    """
+    from keras.src.models.functional import Functional  # noqa: PLC0415
+    return Functional
+
+
+def all_layers(model):
+    """Every layer of `model`, nested ones included, the model itself first.
+
+    Relies on `Layer._flatten_layers(include_self=True, recursive=True)` (Keras 3).
+    """
+    return list(model._flatten_layers(include_self=True, recursive=True))
+
+
+def seed_generators(layer):
+    """The `keras.random.SeedGenerator`s a layer draws from (Dropout's, for example).
+
+    Relies on `Layer._seed_generators` (Keras 3); an empty list if absent.
+    """
+    return list(getattr(layer, "_seed_generators", ()))
+
+
+def inbound_node_count(layer):
+    """How many times a layer is called in the functional graphs built so far (1: not shared).
+
+    Relies on `Layer._inbound_nodes` (Keras 3).
+    """
+    return len(layer._inbound_nodes)
+
+
+def dropout_noise_shape(x, noise_shape):
+    """The concrete noise shape Keras' TF-backend dropout uses for `x`.
+
+    Relies on `keras.src.backend.tensorflow.random._get_concrete_noise_shape` (Keras 3).
+    """
+    from keras.src.backend.tensorflow import random  # noqa: PLC0415
+    return random._get_concrete_noise_shape(x, noise_shape)
+
+
+def dropout_seed(state):
+    """The int32 seed Keras' TF-backend dropout derives from a `SeedGenerator` state.
+
+    Relies on `keras.src.backend.tensorflow.random._cast_seed` (Keras 3).
+    """
+    from keras.src.backend.tensorflow import random  # noqa: PLC0415
+    return random._cast_seed(state)
+
+
+def eager_device_name():
+    """The device of the current eager context ("" when not executing eagerly).
+
+    Relies on `tensorflow.python.eager.context.context().device_name` (TF 2.x).
+    """
+    import tensorflow as tf  # noqa: PLC0415
+    from tensorflow.python.eager import context  # noqa: PLC0415
+    return context.context().device_name if tf.executing_eagerly() else ""

@@ -66,8 +66,8 @@ def main(argv):
         version = FLAGS.version if FLAGS.version is not None else max(step, 1)
         path = serving.export(experiment, FLAGS.export_dir, version, config.num_eval_steps,
                               inner_lr, overwrite=FLAGS.overwrite, limits=limits)
-    except (ValueError, FileNotFoundError) as e:
-        cli.fail(e)
+    except cli.USER_ERRORS as e:
+        cli.fail(cli.describe(e))
     rates = inner_lr if inner_lr is not None else f"the {config.algorithm} rates"
     print(f"exported step {step} of {FLAGS.model_dir} to {path} "
           f"(adapt: {config.num_eval_steps} steps with {rates}; limits in "

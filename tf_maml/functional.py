@@ -39,11 +39,8 @@ import threading
 import keras
 import numpy as np
 import tensorflow as tf
-from tensorflow.python.eager import context as _tf_context
 
-from keras.src.backend.tensorflow import nn as _keras_tf_nn
-from keras.src.backend.tensorflow import random as _keras_tf_random
-from keras.src.models.functional import Functional as _Functional
+from tf_maml import compat
 
 __all__ = ["make_forward", "exact_moments"]
 
@@ -76,12 +73,8 @@ def exact_moments():
         y = model.stateless_call(weights, non_trainable, x, training=True)[0]
     ```
     """
-    original = _keras_tf_nn._compute_moments
-    _keras_tf_nn._compute_moments = _exact_moments_impl
-    try:
+    with compat.keras_moments_replaced(_exact_moments_impl):
         yield
-    finally:
-        _keras_tf_nn._compute_moments = original
 
 
 # ----------------------------------------------------------------------------
@@ -103,8 +96,8 @@ _SEED_MODULUS = 2**31 - 2
 def _seed_state_variables(model):
     """The model's `SeedGenerator` state variables, in `non_trainable_variables` order."""
     states = set()
-    for layer in model._flatten_layers(include_self=True, recursive=True):
-        for generator in getattr(layer, "_seed_generators", ()):
+    for layer in compat.all_layers(model):
+        for generator in compat.seed_generators(layer):
             states.add(id(generator.state))
     return [v for v in model.non_trainable_variables if id(v) in states]
 
@@ -285,7 +278,7 @@ def _grouped_conv_differentiable(dtype, strided=False, dilated=False, padding="S
         True if the first and second derivatives of a grouped convolution
         exist and equal those of per-group convolutions.
     """
-    device = _tf_context.context().device_name if tf.executing_eagerly() else ""
+    device = compat.eager_device_name()
     key = (tf.as_dtype(dtype).name, bool(strided), bool(dilated), padding, device or "")
     with _GROUPED_CONV_LOCK:
         if key not in _GROUPED_CONV_SUPPORT:
@@ -479,8 +472,8 @@ def _plan_dropout(layer, layout, seed_index):
         h, state = args
         # Exactly `keras.src.backend.tensorflow.random.dropout` seeded by `state`.
         return tf.nn.experimental.stateless_dropout(
-            h, rate=rate, noise_shape=_keras_tf_random._get_concrete_noise_shape(h, noise_shape),
-            seed=_keras_tf_random._cast_seed(state))
+            h, rate=rate, noise_shape=compat.dropout_noise_shape(h, noise_shape),
+            seed=compat.dropout_seed(state))
 
     def dropout(h, ctx):
         # Always to the tasks layout, so the layout after this step is static.
@@ -554,11 +547,11 @@ def _layer_chain(model):
     """The model's layers if they form a single chain, else raises _Unsupported."""
     if type(model) is keras.Sequential:
         layers = list(model.layers)
-    elif type(model) is _Functional:
+    elif type(model) is compat.functional_model_class():
         layers = list(model.layers)
         previous = None
         for layer in layers:
-            if len(layer._inbound_nodes) != 1:
+            if compat.inbound_node_count(layer) != 1:
                 raise _Unsupported("shared layer")
             if previous is not None and layer.input is not previous.output:
                 raise _Unsupported("non-sequential topology")
