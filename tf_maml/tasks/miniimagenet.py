@@ -17,11 +17,11 @@ and rebuilt.
 import csv
 import hashlib
 import os
-import uuid
 
 import numpy as np
 from absl import logging
 
+from tf_maml.tasks import cache as cache_lib
 from tf_maml.tasks.classification import ImageClassTasks
 
 __all__ = ["load_split", "miniimagenet_tasks", "IMAGE_SIZE", "SPLIT_FILES"]
@@ -88,22 +88,6 @@ def _read_cache(path):
     return images
 
 
-def _write_cache(path, **arrays):
-    """Saves `arrays` to `path` atomically: a crash never leaves a partial file there."""
-    directory = os.path.dirname(path)
-    os.makedirs(directory, exist_ok=True)
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "xb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def load_split(data_dir, split, cache_dir=None):
     """Loads one split as uint8 `[classes, images_per_class, 84, 84, 3]`.
 
@@ -133,7 +117,7 @@ def load_split(data_dir, split, cache_dir=None):
     logging.info("Decoding MiniImagenet %s: %d classes x %d images", split, len(by_label), count)
     images = np.stack([np.stack([_decode(path) for path in row]) for row in paths])
     if cache:
-        _write_cache(cache, images=images)
+        cache_lib.write_npz(cache, images=images)
     return images
 
 

@@ -26,12 +26,12 @@ import hashlib
 import io
 import os
 import re
-import uuid
 import zipfile
 
 import numpy as np
 from absl import logging
 
+from tf_maml.tasks import cache as cache_lib
 from tf_maml.tasks.classification import ImageClassTasks
 
 __all__ = ["load_characters", "split_characters", "omniglot_tasks", "ARCHIVES", "IMAGE_SIZE",
@@ -160,22 +160,6 @@ def _read_cache(path):
     return images, background
 
 
-def _write_cache(path, **arrays):
-    """Saves `arrays` to `path` atomically: a crash never leaves a partial file there."""
-    directory = os.path.dirname(path)
-    os.makedirs(directory, exist_ok=True)
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "xb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def load_characters(data_dir=None, cache_dir=None):
     """Loads every Omniglot character, decoded to 28×28, ink = 255.
 
@@ -214,7 +198,7 @@ def load_characters(data_dir=None, cache_dir=None):
     images = np.stack(images)[..., None]
     background = np.array(background)
     if cache:
-        _write_cache(cache, images=images, background=background)
+        cache_lib.write_npz(cache, images=images, background=background)
     return images, background
 
 
