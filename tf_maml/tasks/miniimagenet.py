@@ -74,18 +74,8 @@ def _cache_key(csv_path, image_paths):
 
 def _read_cache(path):
     """The images cached at `path`, or None when absent or unreadable."""
-    if not os.path.exists(path):
-        return None
-    try:
-        with np.load(path) as saved:
-            images = saved["images"]
-        if images.dtype != np.uint8 or images.ndim != 5:
-            raise ValueError(f"unexpected array {images.dtype} {images.shape}")
-    except Exception as e:  # a truncated or foreign file: zipfile, EOF, value errors
-        logging.warning("Ignoring the unreadable MiniImagenet cache %s (%s); decoding again",
-                        path, e)
-        return None
-    return images
+    cached = cache_lib.read_npz(path, ["images"], "MiniImagenet")
+    return None if cached is None else cached[0]
 
 
 def load_split(data_dir, split, cache_dir=None):

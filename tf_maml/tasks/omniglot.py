@@ -144,20 +144,8 @@ def _cache_key(files):
 
 def _read_cache(path):
     """`(images, background)` cached at `path`, or None when absent or unreadable."""
-    if not os.path.exists(path):
-        return None
-    try:
-        with np.load(path) as saved:
-            images, background = saved["images"], saved["background"]
-        if (images.dtype != np.uint8 or images.ndim != 5
-                or background.shape != images.shape[:1]):
-            raise ValueError(f"unexpected arrays {images.dtype} {images.shape}, "
-                             f"{background.shape}")
-    except Exception as e:  # a truncated or foreign file: zipfile, EOF, value errors
-        logging.warning("Ignoring the unreadable Omniglot cache %s (%s); decoding again",
-                        path, e)
-        return None
-    return images, background
+    cached = cache_lib.read_npz(path, ["images", "background"], "Omniglot")
+    return None if cached is None else tuple(cached)
 
 
 def load_characters(data_dir=None, cache_dir=None):
