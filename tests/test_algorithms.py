@@ -348,3 +348,34 @@ def test_every_algorithm_meta_learns_and_checkpoints_its_meta_parameters(name, t
     # What only meta-learning gives: adapting the learned initialization on K=10
     # points cuts the query error well below that of the initialization itself.
     assert mean[-1] < largest_ratio * mean[0], mean
+
+
+def test_non_transductive_evaluation_hides_the_other_query_examples():
+    """Without batch norm both protocols agree; with it, each query example is predicted
+    with statistics of the support set and itself only, so the answer for one example does
+    not change when the other query examples do."""
+    episode = _class_episode(num_tasks=2)
+    plain = _smooth_mlp()
+    sine = _sine_episode(num_tasks=2)
+    maml = algorithms.MAML(plain, functional.make_forward(plain), losses.mean_squared_error,
+                           0.05, 1)
+    _, alone = evaluation.adaptation_curve(maml, maml.meta_variables, sine,
+                                           losses.mean_squared_error, 2, transductive=False)
+    _, together = evaluation.adaptation_curve(maml, maml.meta_variables, sine,
+                                              losses.mean_squared_error, 2)
+    np.testing.assert_allclose(alone[2].numpy(), together[2].numpy(), rtol=1e-9, atol=1e-12)
+
+    model = _dense_bn()
+    bn = algorithms.MAML(model, functional.make_forward(model),
+                         losses.sparse_softmax_cross_entropy, 0.3, 1)
+    changed = episode._replace(query_x=tf.concat([episode.query_x[:, :1],
+                                                  3.0 * episode.query_x[:, 1:]], axis=1))
+    results = {}
+    for name, e in (("original", episode), ("changed", changed)):
+        for transductive in (True, False):
+            _, predictions = evaluation.adaptation_curve(
+                bn, bn.meta_variables, e, losses.accuracy, 1, transductive=transductive)
+            results[name, transductive] = predictions[1][:, 0].numpy()
+    np.testing.assert_allclose(results["original", False], results["changed", False],
+                               rtol=1e-9, atol=1e-12)
+    assert not np.allclose(results["original", True], results["changed", True])
