@@ -85,10 +85,11 @@ def supervised_loss(forward, loss_fn, x, y, training=True):
 
 
 def _as_dtype(value, dtype):
-    # tf.cast of a Python float would round it to float32 first.
-    if isinstance(value, (tf.Tensor, tf.Variable)):
-        return tf.cast(value, dtype)
-    return tf.constant(value, dtype)
+    # tf.cast of a Python float would round it to float32 first; anything else
+    # (tensors, tf.Variables, Keras variables, numpy values) is cast.
+    if isinstance(value, (int, float)):
+        return tf.constant(value, dtype)
+    return tf.cast(value, dtype)
 
 
 def _at_step(value, step):

@@ -1,0 +1,64 @@
+"""Runs `MetaLearner.fit` on sine in a process of its own; prints the final weights' checksum.
+
+usage: keras_face_run.py MODE OUT_JSON [BACKUP_DIR]
+  MODE: single        one device
+        mirrored:N    MirroredStrategy over N logical CPUs
+        backup        BackupAndRestore in BACKUP_DIR; if KILL_AT=epoch,batch is set, the
+                      process kills itself (SIGKILL) at that batch
+"""
+
+import json
+import os
+import signal
+import sys
+
+import tensorflow as tf
+
+mode, out = sys.argv[1], sys.argv[2]
+replicas = int(mode.split(":")[1]) if mode.startswith("mirrored") else 1
+if replicas > 1:
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(
+        cpu, [tf.config.LogicalDeviceConfiguration()] * replicas)
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
+import tf_maml  # noqa: E402
+
+EPOCHS, STEPS, META_BATCH = 3, 4, 5  # 5 tasks: uneven over 2 replicas on purpose
+
+
+class KillAt(keras.callbacks.Callback):
+    def __init__(self, epoch, batch):
+        super().__init__()
+        self.at = (epoch, batch)
+        self.epoch = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        if (self.epoch, batch) == self.at:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+strategy = (tf.distribute.MirroredStrategy([f"/cpu:{i}" for i in range(replicas)])
+            if replicas > 1 else tf.distribute.get_strategy())
+with strategy.scope():
+    keras.utils.set_random_seed(0)
+    learner = tf_maml.MetaLearner(tf_maml.models.mlp(), algorithm=os.environ.get("ALGO", "maml"),
+                                  inner_lr=0.01, num_inner_steps=1)
+    learner.compile(optimizer=keras.optimizers.Adam(1e-3), loss="mse", metrics=["mse"],
+                    jit_compile=False)
+callbacks = []
+if mode == "backup":
+    callbacks.append(keras.callbacks.BackupAndRestore(sys.argv[3]))
+    if os.environ.get("KILL_AT"):
+        callbacks.append(KillAt(*map(int, os.environ["KILL_AT"].split(","))))
+history = learner.fit(tf_maml.Episodes(tf_maml.tasks.SineTasks(), META_BATCH), epochs=EPOCHS,
+                      steps_per_epoch=STEPS, callbacks=callbacks, verbose=0)
+with open(out, "w") as f:
+    json.dump({"weights": [w.tolist() for w in learner.get_weights()],
+               "iterations": int(learner.optimizer.iterations.numpy()),
+               "loss": history.history["loss"]}, f)

@@ -1,0 +1,306 @@
+"""The Keras face: `MetaLearner` with compile / fit / evaluate / save / export.
+
+Behaviour, not shapes: `fit` equals the CLI trainer step for step; a run killed
+and resumed by `BackupAndRestore` equals an uninterrupted one; two replicas
+equal one device; `.keras` round trips continue training identically; the
+export answers as the learner does in process; meta-learning beats joint
+training; Keras' standard callbacks do their jobs.
+"""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import tf_maml
+from tf_maml import config as config_lib
+from tf_maml import models, trainer
+from tf_maml.keras_face import Episodes, MetaLearner, keras_task_loss
+from tf_maml.tasks import ImageClassTasks, SineTasks
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "tests", "scripts", "keras_face_run.py")
+
+
+def _sine_learner(algorithm="maml", seed=0, **options):
+    keras.utils.set_random_seed(seed)
+    options = {"inner_lr": 0.01, "num_inner_steps": 1, **options}
+    learner = MetaLearner(models.mlp(), algorithm=algorithm, **options)
+    learner.compile(optimizer=keras.optimizers.Adam(1e-3), loss="mse", metrics=["mse"])
+    return learner
+
+
+def _image_tasks(n_way=3):
+    rng = np.random.default_rng(0)
+    # Class c's images are bright in a class-specific block: learnable, small.
+    images = np.zeros((12, 6, 8, 8, 1), np.uint8)
+    for c in range(12):
+        images[c, :, (c % 4) * 2:(c % 4) * 2 + 2, (c // 4) * 2:(c // 4) * 2 + 3] = 200
+    images = np.clip(images + rng.integers(0, 60, images.shape), 0, 255).astype(np.uint8)
+    return ImageClassTasks({"train": images[:8], "val": images[8:], "test": images[8:]},
+                           n_way, 1, 2)
+
+
+def _conv_learner(algorithm="maml", **options):
+    keras.utils.set_random_seed(0)
+    model = models.conv4(3, input_shape=(8, 8, 1), filters=4)
+    learner = MetaLearner(model, algorithm=algorithm, inner_lr=0.4, num_inner_steps=1,
+                          **options)
+    learner.compile(optimizer=keras.optimizers.Adam(1e-3),
+                    loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                    metrics=["accuracy"])
+    return learner
+
+
+def _run(args, env=None):
+    result = subprocess.run([sys.executable, SCRIPT, *args], cwd=ROOT, capture_output=True,
+                            text=True, timeout=600, env={**os.environ, **(env or {})})
+    return result
+
+
+@pytest.mark.parametrize("algorithm", ["maml", "metasgd"])
+def test_fit_equals_the_cli_trainer(tmp_path, algorithm):
+    """N steps of `fit` give the CLI trainer's weights for the same config and seed."""
+    steps = 20
+    config = config_lib.Config(algorithm=algorithm, num_iterations=steps, meta_batch_size=5,
+                               log_every=steps, checkpoint_every=steps, validate_every=0,
+                               jit_compile="false")
+    experiment, _ = trainer.train(config, str(tmp_path / "cli"))
+    expected = experiment.algorithm.meta_variables
+
+    keras.utils.set_random_seed(config.seed)
+    learner = MetaLearner(models.build(config, (1,), 1), algorithm=algorithm,
+                          inner_lr=config.inner_lr, num_inner_steps=config.num_inner_steps)
+    learner.compile(optimizer=keras.optimizers.Adam(config.meta_lr), loss="mse",
+                    jit_compile=False)
+    learner.fit(Episodes(SineTasks(), config.meta_batch_size, seed=config.seed), epochs=2,
+                steps_per_epoch=steps // 2, verbose=0)
+    got = learner.algorithm.meta_variables
+    assert len(got) == len(expected)
+    before = [v.numpy() for v in models.build(config, (1,), 1).trainable_variables]
+    for g, e in zip(got, expected):
+        # Keras' mean-squared error and the library's differ only in float32 rounding.
+        np.testing.assert_allclose(g.numpy(), e.numpy(), rtol=0, atol=2e-6)
+    assert max(np.abs(g.numpy() - b).max() for g, b in zip(got, before)) > 1e-3  # it trained
+
+
+def test_meta_learning_beats_joint_training_and_adaptation_helps():
+    learner = _sine_learner()
+    pretrained = _sine_learner(num_inner_steps=0)
+    for each in (learner, pretrained):
+        each.fit(Episodes(SineTasks(), 25), epochs=1, steps_per_epoch=1500, verbose=0)
+    curve = learner.evaluate_tasks(SineTasks(), num_tasks=200, num_steps=5)
+    baseline = pretrained.evaluate_tasks(SineTasks(), num_tasks=200, num_steps=5)
+    assert curve["metric"] == "mse" and curve["steps"] == [0, 1, 2, 3, 4, 5]
+    assert curve["mean"][1] < 0.6 * curve["mean"][0]
+    assert curve["mean"][1] < 0.7 * baseline["mean"][1]
+    # Keras' evaluate reports the query loss after num_eval_steps steps.
+    logs = learner.evaluate(Episodes(SineTasks(), 25, split="test"), return_dict=True,
+                            verbose=0)
+    assert logs["loss"] == pytest.approx(logs["mse"], rel=1e-5)
+    assert logs["loss"] < 0.6 * curve["mean"][0]
+
+
+def test_classification_metrics_are_post_adaptation_accuracy():
+    learner = _conv_learner(num_eval_steps=3)
+    tasks = _image_tasks()
+    history = learner.fit(Episodes(tasks, 8), epochs=2, steps_per_epoch=40,
+                          validation_data=Episodes(tasks, 8, split="val", num_batches=3),
+                          verbose=0)
+    assert set(history.history) == {"loss", "accuracy", "val_loss", "val_accuracy"}
+    # The query accuracy the learner reports equals the CLI's evaluation of the same tasks.
+    logs = learner.evaluate(Episodes(tasks, 10, split="test", num_batches=2), return_dict=True,
+                            verbose=0)
+    curve = learner.evaluate_tasks(tasks, num_tasks=20, batch_size=10)
+    assert curve["steps"] == [0, 1, 2, 3]
+    assert logs["accuracy"] == pytest.approx(curve["mean"][-1], abs=1e-6)
+    assert curve["mean"][3] > curve["mean"][0] + 0.15
+    assert logs["accuracy"] > 0.55  # 3-way: chance is 1/3
+
+
+def test_episode_datasets_are_accepted_as_well():
+    tasks = SineTasks()
+    episodes = tf.data.Dataset.range(10).map(
+        lambda i: tasks.sample(tf_maml.tasks.step_seed(0, i), 5))
+    learner = _sine_learner()
+    history = learner.fit(episodes.repeat(), epochs=1, steps_per_epoch=10, verbose=0)
+    assert np.isfinite(history.history["loss"][0])
+    as_dicts = episodes.map(lambda e: e._asdict())
+    assert np.isfinite(learner.evaluate(as_dicts, return_dict=True, verbose=0)["loss"])
+
+
+def test_keras_save_and_load_round_trip_continues_identically(tmp_path):
+    learner = _sine_learner(algorithm="metasgd")
+    train = Episodes(SineTasks(), 5)
+    learner.fit(train, epochs=1, steps_per_epoch=5, verbose=0)
+    path = str(tmp_path / "learner.keras")
+    learner.save(path)
+    loaded = keras.models.load_model(path)
+    assert isinstance(loaded, MetaLearner) and loaded.meta_config == learner.meta_config
+    assert int(loaded.optimizer.iterations) == 5
+    for a, b in zip(learner.get_weights(), loaded.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    # Learned rates are weights of the learner, and they moved.
+    rates = loaded.algorithm.extra_variables
+    assert rates and not np.allclose(rates[0].numpy(), 0.01)
+    # Optimizer state came back: both continue to the same weights.
+    for each in (learner, loaded):
+        each.fit(train, epochs=2, initial_epoch=1, steps_per_epoch=5, verbose=0)
+    for a, b in zip(learner.get_weights(), loaded.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-7)
+
+
+def test_export_answers_as_the_learner_does(tmp_path):
+    learner = _conv_learner(algorithm="metasgd", num_eval_steps=3)
+    tasks = _image_tasks()
+    learner.fit(Episodes(tasks, 4), epochs=1, steps_per_epoch=5, verbose=0)
+    path = learner.export(str(tmp_path / "export"))
+    assert path.endswith(os.path.join("export", "1"))
+    episode = tasks.sample(tf_maml.tasks.step_seed(3, 0), 1, "test")
+    expected = learner.adapt_and_predict(episode.support_x[0], episode.support_y[0],
+                                         episode.query_x[0])
+    loaded = tf.saved_model.load(path)
+    got = loaded.signatures["adapt"](support_x=episode.support_x[0],
+                                     support_y=episode.support_y[0],
+                                     query_x=episode.query_x[0])["predictions"].numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    with open(os.path.join(path, "assets.extra", "tf_maml_config.json")) as f:
+        saved = json.load(f)
+    assert saved["algorithm"] == "metasgd" and saved["export_num_eval_steps"] == 3
+    # Adaptation moved the predictions (the learned rates are used).
+    assert np.abs(expected - learner.predict(episode.query_x[0], verbose=0)).max() > 1e-4
+
+
+def test_standard_callbacks_do_their_jobs(tmp_path):
+    learner = _conv_learner()
+    tasks = _image_tasks()
+    best = str(tmp_path / "best.keras")
+    log = str(tmp_path / "log.csv")
+    stopped = keras.callbacks.EarlyStopping(monitor="loss", patience=0, min_delta=10.0)
+    history = learner.fit(
+        Episodes(tasks, 4), epochs=6, steps_per_epoch=3,
+        validation_data=Episodes(tasks, 4, split="val", num_batches=2),
+        callbacks=[
+            keras.callbacks.ModelCheckpoint(best, monitor="val_accuracy", mode="max",
+                                            save_best_only=True),
+            keras.callbacks.CSVLogger(log),
+            keras.callbacks.TensorBoard(str(tmp_path / "tb")),
+            keras.callbacks.ReduceLROnPlateau(monitor="loss", factor=0.5, patience=0,
+                                              min_delta=10.0),
+            stopped,
+        ], verbose=0)
+    # EarlyStopping with an impossible min_delta stops after patience + 2 epochs.
+    assert len(history.history["loss"]) == 2 and stopped.stopped_epoch == 1
+    # ReduceLROnPlateau halved the meta-optimizer's learning rate after the second epoch.
+    assert float(learner.optimizer.learning_rate) == pytest.approx(1e-3 / 2)
+    with open(log) as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 and {"accuracy", "loss", "val_accuracy", "val_loss"} <= set(rows[0])
+    best_epoch = int(np.argmax(history.history["val_accuracy"]))
+    restored = keras.models.load_model(best)
+    assert isinstance(restored, MetaLearner)
+    if best_epoch == len(rows) - 1:  # the best is the last: the weights match
+        for a, b in zip(learner.get_weights(), restored.get_weights()):
+            np.testing.assert_array_equal(a, b)
+    assert any(name.startswith("events") for _, _, files in os.walk(tmp_path / "tb")
+               for name in files)
+
+
+def test_learning_rate_schedules_drive_the_meta_optimizer():
+    learner = _sine_learner()
+    schedule = keras.optimizers.schedules.PiecewiseConstantDecay([3], [1e-3, 0.0])
+    learner.compile(optimizer=keras.optimizers.SGD(schedule), loss="mse")
+    learner.fit(Episodes(SineTasks(), 5), epochs=1, steps_per_epoch=4, verbose=0)
+    after_four = [w.copy() for w in learner.get_weights()]
+    learner.fit(Episodes(SineTasks(), 5), epochs=1, steps_per_epoch=3, verbose=0)
+    for a, b in zip(after_four, learner.get_weights()):  # the rate is 0 from step 4 on
+        np.testing.assert_array_equal(a, b)
+
+
+def test_killed_fit_resumes_with_backup_and_restore_exactly(tmp_path):
+    reference, resumed = str(tmp_path / "reference.json"), str(tmp_path / "resumed.json")
+    backup = str(tmp_path / "backup")
+    assert _run(["single", reference]).returncode == 0
+    killed = _run(["backup", resumed, backup], env={"KILL_AT": "1,2"})
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert not os.path.exists(resumed)
+    again = _run(["backup", resumed, backup])
+    assert again.returncode == 0, again.stderr[-2000:]
+    with open(reference) as f, open(resumed) as g:
+        ref, res = json.load(f), json.load(g)
+    assert res["iterations"] == ref["iterations"] == 12
+    for a, b in zip(ref["weights"], res["weights"]):
+        np.testing.assert_array_equal(np.array(a), np.array(b))
+
+
+def test_two_replicas_equal_one_device(tmp_path):
+    single, mirrored = str(tmp_path / "single.json"), str(tmp_path / "mirrored.json")
+    for mode, out in (("single", single), ("mirrored:2", mirrored)):
+        result = _run([mode, out])
+        assert result.returncode == 0, result.stderr[-3000:]
+    with open(single) as f, open(mirrored) as g:
+        one, two = json.load(f), json.load(g)
+    np.testing.assert_allclose(two["loss"], one["loss"], rtol=1e-5)
+    for a, b in zip(one["weights"], two["weights"]):
+        np.testing.assert_allclose(np.array(b), np.array(a), rtol=0, atol=1e-6)
+
+
+def test_adapt_and_predict_takes_one_task_or_many():
+    learner = _sine_learner()
+    learner.fit(Episodes(SineTasks(), 25), epochs=1, steps_per_epoch=300, verbose=0)
+    episode = SineTasks().sample(tf_maml.tasks.step_seed(5, 0), 3, "test")
+    many = learner.adapt_and_predict(episode.support_x, episode.support_y, episode.query_x,
+                                     num_steps=2)
+    one = learner.adapt_and_predict(episode.support_x[1], episode.support_y[1],
+                                    episode.query_x[1], num_steps=2)
+    assert many.shape == (3, 10, 1) and one.shape == (10, 1)
+    np.testing.assert_allclose(one, many[1], rtol=1e-5, atol=1e-6)
+    before = learner.predict(episode.query_x[1], verbose=0)
+    error = lambda p: float(np.mean((p - episode.query_y[1].numpy()) ** 2))  # noqa: E731
+    assert error(one) < error(before)
+    with pytest.raises(ValueError, match="support_x must be"):
+        learner.adapt_and_predict(np.zeros((2, 3, 4, 1)), np.zeros((2, 3)), np.zeros((2, 3, 1)))
+
+
+def test_user_mistakes_get_clear_errors():
+    with pytest.raises(ValueError, match="must be built"):
+        MetaLearner(keras.Sequential([keras.layers.Dense(1)]))
+    with pytest.raises(ValueError, match="algorithm must be one of"):
+        MetaLearner(models.mlp(), algorithm="mamll")
+    with pytest.raises(ValueError, match="unknown MetaLearner options: inner_learning_rate"):
+        MetaLearner(models.mlp(), inner_learning_rate=0.1)
+    learner = MetaLearner(models.mlp())
+    with pytest.raises(ValueError, match="compile the MetaLearner first"):
+        learner.fit(Episodes(SineTasks(), 5), steps_per_epoch=1)
+    learner.compile(optimizer="adam")
+    with pytest.raises(ValueError, match="needs a loss"):
+        learner.fit(Episodes(SineTasks(), 5), steps_per_epoch=1)
+    learner.compile(optimizer="adam", loss="mse")
+    with pytest.raises(ValueError, match="y must be None"):
+        learner.fit(np.zeros((4, 1)), np.zeros((4, 1)))
+    with pytest.raises(ValueError, match="expects meta-batches"):
+        learner.fit(tf.data.Dataset.from_tensors(np.zeros((4, 1), np.float32)),
+                    steps_per_epoch=1, verbose=0)
+    with pytest.raises(ValueError, match="split="):
+        learner.fit(Episodes(SineTasks(), 5, split="val"), steps_per_epoch=1)
+    with pytest.raises(ValueError, match="task family"):
+        Episodes([1, 2, 3], 5)
+
+
+def test_keras_losses_become_per_task_losses():
+    y_true = tf.constant([[0, 1], [2, 2]])
+    logits = tf.random.normal([2, 2, 3])
+    got = keras_task_loss(keras.losses.SparseCategoricalCrossentropy(from_logits=True))(
+        y_true, logits)
+    expected = tf_maml.losses.sparse_softmax_cross_entropy(y_true, logits)
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
+    y = tf.random.normal([3, 4, 1])
+    p = tf.random.normal([3, 4, 1])
+    np.testing.assert_allclose(keras_task_loss("mse")(y, p),
+                               tf_maml.losses.mean_squared_error(y, p), rtol=1e-6)

@@ -1,0 +1,617 @@
+"""A Keras face for meta-learning: `compile`, `fit`, `evaluate`, `save`, `export`.
+
+`MetaLearner` is a `keras.Model` around any built Keras model. Its
+`train_step` is the algorithm's meta-step (`tf_maml.algorithms`, the same code
+the CLI trainer runs: there is no second copy of MAML here), so everything a
+Keras user expects of `fit()` applies: callbacks (`TensorBoard`,
+`ModelCheckpoint`, `EarlyStopping`, `BackupAndRestore`, `CSVLogger`,
+`ReduceLROnPlateau`), learning-rate schedules on the meta-optimizer, the
+progress bar, `tf.distribute` strategy scopes, `save()` / `keras.models.load_model`.
+
+What `fit` and `evaluate` take:
+
+* `Episodes(tasks, meta_batch_size, split)`: meta-batches sampled from a task
+  family (`tf_maml.tasks`: Omniglot, sine, your arrays, folders, TFDS, ...).
+  Training episodes are a pure function of `(seed, iteration)` (the optimizer's
+  iteration counter): a run resumed by `BackupAndRestore` sees exactly the tasks
+  an uninterrupted one would, and `fit` for N steps equals the CLI trainer's N
+  steps on the same config. Evaluation episodes are a fixed set, the same at
+  every call.
+* Any `tf.data.Dataset` of `Episode`s (or of 4-tuples / dicts with the keys
+  `support_x`, `support_y`, `query_x`, `query_y`), each a meta-batch.
+
+The logs: `loss` is the meta-loss (the query loss after adaptation, MAML++'s
+multi-step loss, Reptile's support loss); the compiled metrics are measured on
+the query sets *after* adaptation (`num_inner_steps` steps in `fit`,
+`num_eval_steps` in `evaluate`).
+"""
+
+import dataclasses
+import math
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from tf_maml import algorithms, distribute, evaluation, functional, serving
+from tf_maml import config as config_lib
+from tf_maml import experiment as experiment_lib
+from tf_maml import tasks as tasks_lib
+from tf_maml.tasks import Episode
+
+__all__ = ["MetaLearner", "Episodes", "keras_task_loss"]
+
+# Config fields a `MetaLearner` takes as keyword arguments (the algorithm's
+# options and the evaluation protocol); the rest of `Config` is the CLI's.
+LEARNER_FIELDS = (
+    "algorithm", "inner_lr", "num_inner_steps", "num_eval_steps", "first_order", "meta_lr",
+    "num_iterations", "msl_epochs", "first_order_epochs", "iterations_per_epoch", "per_step_bn",
+    "learn_inner_lr", "min_meta_lr", "inner_optimizer", "inner_batch_size", "meta_step_size",
+    "meta_step_size_final", "train_k_shot", "transductive", "seed", "meta_batch_size",
+)
+_SOURCE_KEY = "tf_maml_episode_index_"
+
+
+class Episodes:
+    """Meta-batches of a task family, for `MetaLearner.fit` and `MetaLearner.evaluate`.
+
+    Args:
+        tasks: a task family (`sample(seed, n, split, k_shot=None)`, e.g.
+            `tf_maml.tasks.SineTasks()` or `tf_maml.tasks.array_tasks(...)`).
+        meta_batch_size: tasks per meta-batch.
+        split: "train", "val" or "test".
+        seed: seeds every sampled task (with the training iteration, or the
+            episode's index for evaluation).
+        num_batches: meta-batches per pass, for evaluation (default: enough
+            for 100 tasks); training episodes never run out (pass
+            `steps_per_epoch` to `fit`).
+        k_shot: support examples per class, if not the family's (training
+            with more shots than evaluation, as Reptile's recipe does).
+
+    Raises:
+        ValueError: a bad split, size or count.
+
+    Example:
+
+    ```python
+    train = Episodes(tasks, meta_batch_size=32, split="train")
+    val = Episodes(tasks, meta_batch_size=32, split="val", num_batches=4)
+    learner.fit(train, epochs=10, steps_per_epoch=100, validation_data=val)
+    ```
+    """
+
+    def __init__(self, tasks, meta_batch_size, split="train", seed=0, num_batches=None,
+                 k_shot=None):
+        if not hasattr(tasks, "sample"):
+            raise ValueError(f"tasks must be a task family with a sample() method (see "
+                             f"tf_maml.tasks), got {type(tasks).__name__}")
+        if split not in ("train", "val", "test"):
+            raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
+        for name, value in (("meta_batch_size", meta_batch_size), ("num_batches", num_batches)):
+            if value is not None and (not isinstance(value, (int, np.integer)) or value < 1):
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        self.tasks, self.meta_batch_size, self.split = tasks, int(meta_batch_size), split
+        self.seed, self.k_shot = int(seed), k_shot
+        if num_batches is None and split != "train":
+            num_batches = math.ceil(100 / self.meta_batch_size)
+        self.num_batches = num_batches
+
+    @property
+    def stream(self):
+        return {"train": tasks_lib.TRAIN, "val": tasks_lib.VALIDATION,
+                "test": tasks_lib.TEST}[self.split]
+
+    def sample(self, index):
+        """The meta-batch of `index` (the iteration, in training), a pure function of it."""
+        return self.tasks.sample(tasks_lib.step_seed(self.seed, index, self.stream),
+                                 self.meta_batch_size, self.split, k_shot=self.k_shot)
+
+
+def keras_task_loss(loss):
+    """A Keras loss as a per-task loss `fn(y_true, y_pred) -> [num_tasks]` (the core's shape).
+
+    Args:
+        loss: a Keras loss: a name ("mse", "sparse_categorical_crossentropy"),
+            a `keras.losses.Loss` (its reduction is ignored: each task's mean
+            over its examples is taken) or a function returning per-example
+            losses.
+
+    Returns:
+        A function of task-batched `[num_tasks, batch, ...]` tensors.
+
+    Raises:
+        ValueError: `loss` is not a Keras loss.
+    """
+    if loss is None:
+        raise ValueError("MetaLearner needs a loss: compile(loss=...), e.g. keras.losses."
+                         "SparseCategoricalCrossentropy(from_logits=True) for a model that "
+                         "outputs logits, or 'mse'")
+    if isinstance(loss, (list, tuple, dict)):
+        raise ValueError(f"MetaLearner takes one loss for its model's one output, got {loss!r}")
+    try:
+        fn = keras.losses.get(loss)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"unknown loss {loss!r}: {e}") from None
+    call = fn.call if isinstance(fn, keras.losses.Loss) else fn
+
+    def task_loss(y_true, y_pred):
+        num_tasks = tf.shape(y_pred)[0]
+
+        def flat(t):
+            return tf.reshape(t, tf.concat([[-1], tf.shape(t)[2:]], 0))
+
+        values = tf.convert_to_tensor(call(flat(y_true), flat(y_pred)))
+        values = tf.cast(values, y_pred.dtype)
+        return tf.reduce_mean(tf.reshape(values, [num_tasks, -1]), axis=1)
+
+    return task_loss
+
+
+def _as_episode(data):
+    if isinstance(data, Episode):
+        return data
+    if isinstance(data, dict) and set(Episode._fields) <= set(data):
+        return Episode(*[data[name] for name in Episode._fields])
+    if isinstance(data, (tuple, list)) and len(data) == 4:
+        return Episode(*data)
+    raise ValueError(
+        "MetaLearner expects meta-batches: tf_maml.Episodes(tasks, meta_batch_size), or a "
+        "tf.data.Dataset of Episode (support_x, support_y, query_x, query_y, each with a "
+        f"leading task axis); got an element of type {type(data).__name__}")
+
+
+@keras.saving.register_keras_serializable(package="tf_maml")
+class MetaLearner(keras.Model):
+    """Meta-learns the initialization of a Keras model with `compile()` and `fit()`.
+
+    The wrapped model's weights are the meta-initialization θ; algorithms with
+    meta-parameters of their own (Meta-SGD's and MAML++'s learned rates,
+    MAML++'s per-step batch norm) add them as weights of the learner, so they
+    are trained, saved, restored and exported with θ.
+
+    Args:
+        model: a built Keras model with one input and one output (the
+            predictions, e.g. logits).
+        algorithm: "maml", "anil", "metasgd", "mamlpp" or "reptile".
+        inner_lr: inner step size α (the initial learned rate for Meta-SGD
+            and MAML++).
+        num_inner_steps: inner steps in meta-training (0 with `algorithm="maml"`
+            trains the "pretrained" baseline).
+        num_eval_steps: inner steps in `evaluate`, `adapt_and_predict` and
+            the export (default `num_inner_steps`, at least 1).
+        first_order: first-order meta-gradients.
+        **options: other fields of `tf_maml.config.Config` with the same
+            meaning as the CLI's flags: `msl_epochs`, `first_order_epochs`,
+            `iterations_per_epoch`, `per_step_bn`, `learn_inner_lr`,
+            `min_meta_lr` (MAML++), `inner_optimizer`, `inner_batch_size`,
+            `meta_step_size`, `meta_step_size_final` (Reptile),
+            `train_k_shot`, `transductive`, `seed`, `meta_batch_size` (the
+            default for task families passed without `Episodes`),
+            `meta_lr` and `num_iterations` (for `default_optimizer`).
+
+    Raises:
+        ValueError: an unbuilt or multi-input model, or a bad option.
+
+    Example:
+
+    ```python
+    learner = tf_maml.MetaLearner(tf_maml.models.mlp(), inner_lr=0.01, num_inner_steps=1)
+    learner.compile(optimizer=keras.optimizers.Adam(1e-3), loss="mse")
+    learner.fit(tf_maml.Episodes(tf_maml.tasks.SineTasks(), 25), epochs=2, steps_per_epoch=100)
+    ```
+    """
+
+    def __init__(self, model, algorithm="maml", inner_lr=0.4, num_inner_steps=1,
+                 num_eval_steps=None, first_order=False, name="meta_learner", **options):
+        unknown = sorted(set(options) - set(LEARNER_FIELDS) - {"trainable", "dtype"})
+        if unknown:
+            raise ValueError(f"unknown MetaLearner options: {', '.join(unknown)} (expected "
+                             f"some of {', '.join(LEARNER_FIELDS)})")
+        base_options = {k: options.pop(k) for k in ("trainable", "dtype") if k in options}
+        super().__init__(name=name, **base_options)
+        if not isinstance(model, keras.Model):
+            raise ValueError(f"model must be a keras.Model, got {type(model).__name__}")
+        if not model.built:
+            raise ValueError("model must be built (call it on a batch, or give it an Input) "
+                             "before wrapping it in a MetaLearner")
+        if num_eval_steps is None:
+            num_eval_steps = max(num_inner_steps, 1)
+        values = dict(dataset="custom", algorithm=algorithm, inner_lr=inner_lr,
+                      num_inner_steps=num_inner_steps, num_eval_steps=num_eval_steps,
+                      first_order=first_order, **options)
+        try:
+            self.meta_config = config_lib.Config(**values).validate()
+        except TypeError as e:
+            raise ValueError(str(e)) from None
+        self.model = model
+        self.forward = functional.make_forward(model)
+        self.algorithm = algorithms.build(self.meta_config, model, self.forward,
+                                          self._task_loss)
+        # The algorithm's own meta-parameters become weights of this layer: Keras
+        # trains, saves and distributes them like any weight.
+        extras = self.algorithm.extra_variables
+        if extras:
+            self.algorithm.state.meta_parameters = [
+                self.add_weight(shape=tuple(v.shape), dtype=v.dtype.name,
+                                initializer=keras.initializers.Constant(v.numpy()),
+                                name=v.name.split(":")[0], trainable=True)
+                for v in extras]
+        self.is_classification = None
+        self._sources = {}
+        self._loss_cache = (None, None)
+        self.built = True
+
+    # -- configuration --------------------------------------------------------------------------
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(model=keras.saving.serialize_keras_object(self.model),
+                      is_classification=self.is_classification,
+                      **{k: v for k, v in self.meta_config.to_dict().items()
+                         if k in LEARNER_FIELDS})
+        return config
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        model = keras.saving.deserialize_keras_object(config.pop("model"))
+        is_classification = config.pop("is_classification", None)
+        learner = cls(model, **config)
+        learner.is_classification = is_classification
+        return learner
+
+    def default_optimizer(self):
+        """The algorithm's own outer optimizer (the CLI's): Adam(meta_lr); MAML++'s cosine
+        schedule; Reptile's SGD with ε annealed over `num_iterations`."""
+        return self.algorithm.make_optimizer(self.meta_config.meta_lr,
+                                             self.meta_config.num_iterations)
+
+    def _resolve_auto_jit_compile(self):
+        # Keras' "auto" turns XLA on for GPUs; the CLI's rule (XLA off for convolutions
+        # on CPU, where it is slower, and for second-order max-pooling, where it is
+        # inexact) decides here too.
+        return experiment_lib.resolve_jit_compile(
+            dataclasses.replace(self.meta_config, jit_compile="auto"), self.model)
+
+    # -- the loss -------------------------------------------------------------------------------
+
+    def _task_loss(self, y_true, y_pred):
+        loss = getattr(self, "loss", None)
+        if self._loss_cache[0] is not loss or self._loss_cache[1] is None:
+            self._loss_cache = (loss, keras_task_loss(loss))
+        return self._loss_cache[1](y_true, y_pred)
+
+    # -- data -----------------------------------------------------------------------------------
+
+    def _as_dataset(self, data, training):
+        """`Episodes` (or a bare task family) become a dataset of episode indices."""
+        if data is not None and not isinstance(data, Episodes) and hasattr(data, "sample") \
+                and not isinstance(data, tf.data.Dataset):
+            data = Episodes(data, self.meta_config.meta_batch_size,
+                            "train" if training else "val", seed=self.meta_config.seed)
+        if not isinstance(data, Episodes):
+            return data
+        if training and data.split != "train":
+            raise ValueError(f"fit() trains on Episodes(split='train'), got split={data.split!r}")
+        key = _SOURCE_KEY + str(len(self._sources))
+        self._sources[key] = data
+        self._note_task_kind(data.tasks)
+        replicas = self.distribute_strategy.num_replicas_in_sync
+        if training or data.num_batches is None:
+            # Training reads the iteration counter, not the index (exact resumes).
+            count = 2**62
+        else:
+            # Every replica evaluates whole meta-batches of its own: one index each.
+            count = math.ceil(data.num_batches / replicas) * replicas
+        indices = tf.data.Dataset.range(count).batch(replicas)
+        return indices.map(lambda i: {key: i})
+
+    def _note_task_kind(self, tasks):
+        kind = getattr(tasks, "is_classification", None)
+        if kind is not None:
+            self.is_classification = bool(kind)
+
+    def _episode(self, data, training):
+        """The local (this replica's) meta-batch of a step, and the global task count."""
+        source_key = next((k for k in data if k.startswith(_SOURCE_KEY)), None) if isinstance(
+            data, dict) else None
+        replica = tf.distribute.get_replica_context()
+        replicas = replica.num_replicas_in_sync if replica else 1
+        if source_key is None:
+            episode = _as_episode(data)
+            local = tf.shape(episode.support_x)[0]
+            return episode, local * replicas, local
+        source = self._sources[source_key]
+        if not training:
+            index = tf.reshape(data[source_key], [-1])[0]
+            episode = source.sample(index)
+            local = tf.shape(episode.support_x)[0]
+            return episode, local * replicas, local
+        # Training: the meta-batch of this iteration, as the CLI trainer samples it;
+        # each replica adapts its own slice of its tasks.
+        episode = source.sample(self.optimizer.iterations)
+        total = source.meta_batch_size
+        if replicas == 1:
+            return episode, total, total
+        counts = distribute.replica_task_counts(total, replicas)
+        offsets = tf.constant([sum(counts[:r]) for r in range(replicas)], tf.int32)
+        sizes = tf.constant(counts, tf.int32)
+        r = replica.replica_id_in_sync_group
+        start, size = offsets[r], sizes[r]
+        episode = Episode(*[t[start:start + size] for t in episode])
+        return episode, total, size
+
+    # -- steps ----------------------------------------------------------------------------------
+
+    def _meta_variables_order(self):
+        """Where each of `trainable_variables` sits in `algorithm.meta_variables`."""
+        index = {id(v): i for i, v in enumerate(self.algorithm.meta_variables)}
+        return [index[id(v)] for v in self.trainable_variables]
+
+    def train_step(self, data):
+        episode, global_tasks, local_tasks = self._episode(data, training=True)
+        dtype = self.algorithm.meta_variables[0].dtype
+        scale = 1.0 / tf.cast(global_tasks, dtype)
+        loss, grads, outputs = self.algorithm.meta_step(episode, scale,
+                                                        tf.cast(self.optimizer.iterations,
+                                                                tf.int64))
+        order = self._meta_variables_order()
+        self.optimizer.apply([grads[i] for i in order], self.trainable_variables)
+        return self._logs(loss * tf.cast(global_tasks, loss.dtype), local_tasks, episode.query_y,
+                          outputs.query_predictions)
+
+    def _logs(self, replica_mean_loss_times_replicas, local_tasks, query_y, predictions):
+        # `loss` is this replica's share of the global meta-loss times the global task
+        # count, i.e. the sum of its tasks' losses: weight it by its task count.
+        local = tf.cast(local_tasks, replica_mean_loss_times_replicas.dtype)
+        self._loss_tracker.update_state(replica_mean_loss_times_replicas / local,
+                                        sample_weight=local)
+        return self.compute_metrics(None, _flat(query_y), _flat(predictions), None)
+
+    def test_step(self, data):
+        episode, global_tasks, local_tasks = self._episode(data, training=False)
+        predictions = self._adapt_predict(episode.support_x, episode.support_y, episode.query_x,
+                                          self.meta_config.num_eval_steps)
+        query_losses = self._task_loss(episode.query_y, predictions)
+        self._loss_tracker.update_state(tf.reduce_mean(query_losses),
+                                        sample_weight=tf.cast(local_tasks, query_losses.dtype))
+        return self.compute_metrics(None, _flat(episode.query_y), _flat(predictions), None)
+
+    def predict_step(self, data):
+        if isinstance(data, (tuple, list)) and len(data) == 1:
+            data = data[0]
+        if isinstance(data, dict) and {"support_x", "support_y", "query_x"} <= set(data):
+            return self._adapt_predict(data["support_x"], data["support_y"], data["query_x"],
+                                       self.meta_config.num_eval_steps)
+        return self(data, training=False)
+
+    def call(self, x, training=False):
+        """The meta-initialization's predictions (no adaptation)."""
+        return self.model(x, training=training)
+
+    # -- adaptation -----------------------------------------------------------------------------
+
+    def _adapt_predict(self, support_x, support_y, query_x, num_steps, inner_lr=None):
+        """Query predictions after `num_steps` first-order inner steps (a graph loop)."""
+        params = [tf.convert_to_tensor(v) for v in self.algorithm.meta_variables]
+        steps = tf.convert_to_tensor(num_steps, tf.int32)
+        adapted, _ = self.algorithm.adapt(params, support_x, support_y, steps, first_order=True,
+                                          inner_lr=inner_lr)
+        return self.algorithm.predict(params, adapted, query_x, steps)
+
+    def adapt_and_predict(self, support_x, support_y, query_x, num_steps=None, inner_lr=None):
+        """Adapts to support sets and predicts their query inputs.
+
+        Args:
+            support_x: one task's support inputs `[k, ...]`, or tasks'
+                `[num_tasks, k, ...]`.
+            support_y: their labels/targets.
+            query_x: the query inputs `[q, ...]` (or `[num_tasks, q, ...]`).
+            num_steps: inner steps (default `num_eval_steps`).
+            inner_lr: a scalar step size replacing the algorithm's own rates
+                (default: the algorithm's, learned ones included).
+
+        Returns:
+            A numpy array of query predictions, with a task axis iff the
+            inputs had one.
+
+        Raises:
+            ValueError: inputs that do not fit the model.
+        """
+        input_rank = len(self.model.input_shape)  # batch axis included
+        dtype = self.algorithm.meta_variables[0].dtype
+        support_x = tf.convert_to_tensor(support_x, dtype)
+        query_x = tf.convert_to_tensor(query_x, dtype)
+        single = support_x.shape.rank == input_rank
+        if not single and support_x.shape.rank != input_rank + 1:
+            raise ValueError(f"support_x must be [k, {', '.join(map(str, self.model.input_shape[1:]))}]"
+                             f" or have a leading task axis, got shape {support_x.shape}")
+        support_y = tf.convert_to_tensor(support_y)
+        if single:
+            support_x, support_y, query_x = support_x[None], support_y[None], query_x[None]
+        if query_x.shape.rank != support_x.shape.rank:
+            raise ValueError(f"query_x has shape {query_x.shape}, support_x {support_x.shape}: "
+                             "they must have the same rank")
+        steps = self.meta_config.num_eval_steps if num_steps is None else int(num_steps)
+        if steps < 0:
+            raise ValueError(f"num_steps must be >= 0, got {steps}")
+        predictions = _compiled_adapt(self, inner_lr is not None)(
+            support_x, support_y, query_x, tf.constant(steps, tf.int32),
+            tf.constant(0.0 if inner_lr is None else inner_lr, dtype))
+        predictions = predictions.numpy()
+        return predictions[0] if single else predictions
+
+    # -- evaluation with the CLI's protocol -----------------------------------------------------
+
+    def evaluate_tasks(self, tasks, num_tasks=600, split="test", num_steps=None, metric=None,
+                       seed=None, batch_size=None):
+        """The CLI's evaluation: the metric after 0..`num_steps` inner steps on held-out tasks.
+
+        Args:
+            tasks: a task family.
+            num_tasks: held-out tasks (600 in the paper).
+            split: "test" or "val".
+            num_steps: inner steps (default `num_eval_steps`).
+            metric: "accuracy", "mse" or a per-task function `(y_true, y_pred)
+                -> [num_tasks]` (default: accuracy for classification, else mse).
+            seed: default: the learner's `seed` (so every model evaluated with
+                one seed sees the same tasks, as in the CLI).
+            batch_size: tasks per call (default 100).
+
+        Returns:
+            A dict: `steps` (0..num_steps), `mean` and `ci95` (1.96·std/√n) of
+            the metric after each step, and `metric` (its name).
+        """
+        from tf_maml import losses  # noqa: PLC0415
+
+        if split not in ("val", "test"):
+            raise ValueError(f"split must be 'val' or 'test', got {split!r}")
+        if metric is None:
+            metric = "accuracy" if getattr(tasks, "is_classification", False) else "mse"
+        names = {"accuracy": losses.accuracy, "mse": losses.mean_squared_error}
+        if isinstance(metric, str):
+            if metric not in names:
+                raise ValueError(f"metric must be 'accuracy', 'mse' or a function, got {metric!r}")
+            metric_name, metric_fn = metric, names[metric]
+        else:
+            metric_name, metric_fn = getattr(metric, "__name__", "metric"), metric
+        num_steps = self.meta_config.num_eval_steps if num_steps is None else num_steps
+        curve = evaluation.make_curve_fn(self.algorithm, metric_fn, num_steps,
+                                         transductive=self.meta_config.transductive)
+        stream = tasks_lib.VALIDATION if split == "val" else tasks_lib.TEST
+        per_task = evaluation.evaluate_model(
+            curve, self.algorithm.meta_variables, tasks,
+            self.meta_config.seed if seed is None else seed, num_tasks, stream, batch_size)
+        mean, ci95 = evaluation.summarize(per_task)
+        return {"metric": metric_name, "steps": list(range(num_steps + 1)),
+                "mean": [float(m) for m in mean], "ci95": [float(c) for c in ci95]}
+
+    # -- fit / evaluate: task families become episode indices -----------------------------------
+
+    def fit(self, x=None, y=None, validation_data=None, **kwargs):
+        """`keras.Model.fit` over meta-batches (`Episodes`, or a dataset of `Episode`s).
+
+        `y` must be `None`: labels are inside the episodes. Everything else is
+        Keras' (`epochs`, `steps_per_epoch`, `callbacks`, `initial_epoch`, ...).
+        """
+        if y is not None:
+            raise ValueError("MetaLearner.fit takes meta-batches (the labels are inside them); "
+                             "y must be None")
+        self._check_compiled()
+        x = self._as_dataset(x, training=True)
+        if validation_data is not None:
+            validation_data = self._as_dataset(validation_data, training=False)
+        self._build_metrics(x)
+        kwargs.setdefault("shuffle", False)  # episodes are sampled, never shuffled
+        return super().fit(x, validation_data=validation_data, **kwargs)
+
+    def evaluate(self, x=None, y=None, **kwargs):
+        """`keras.Model.evaluate`: the loss and compiled metrics after `num_eval_steps` steps."""
+        if y is not None:
+            raise ValueError("MetaLearner.evaluate takes meta-batches; y must be None")
+        if not kwargs.get("_use_cached_eval_dataset"):
+            self._check_compiled()
+            x = self._as_dataset(x, training=False)
+            self._build_metrics(x)
+        return super().evaluate(x, **kwargs)
+
+    def _build_metrics(self, dataset):
+        """Builds the compiled metrics from one meta-batch's query set.
+
+        Keras builds them from the first element of the data, which it takes
+        for `(x, y)`; here an element is a meta-batch (or an episode index),
+        so the query labels and the model's predictions build them instead.
+        """
+        metrics, loss = self._compile_metrics, self._compile_loss
+        if (metrics is None or metrics.built) and (loss is None or loss.built):
+            return
+        element = next(iter(dataset)) if isinstance(dataset, tf.data.Dataset) else dataset
+        if isinstance(element, dict) and any(k.startswith(_SOURCE_KEY) for k in element):
+            key = next(k for k in element if k.startswith(_SOURCE_KEY))
+            episode = self._sources[key].sample(0)
+        else:
+            episode = _as_episode(element)
+        y_true = _flat(episode.query_y)
+        with self.distribute_strategy.scope():
+            y_pred = self.model(_flat(episode.query_x)[:1], training=False)
+            y_pred = tf.zeros(tf.concat([tf.shape(y_true)[:1], tf.shape(y_pred)[1:]], 0),
+                              y_pred.dtype)
+            for each in (metrics, loss):
+                if each is not None and not each.built:
+                    each.build(y_true, y_pred)
+
+    def _check_compiled(self):
+        if not self.compiled:
+            raise ValueError("compile the MetaLearner first: learner.compile(optimizer=..., "
+                             "loss=..., metrics=[...])")
+        keras_task_loss(getattr(self, "loss", None))  # a clear error for a missing/bad loss
+
+    # -- saving ---------------------------------------------------------------------------------
+
+    def experiment(self, input_shape=None, output_size=None, is_classification=None):
+        """The learner as a `tf_maml.experiment.Experiment` (for `tf_maml.serving`)."""
+        from tf_maml import losses  # noqa: PLC0415
+
+        if is_classification is None:
+            is_classification = self.is_classification
+        if is_classification is None:
+            raise ValueError("say whether the model classifies: export(..., "
+                             "is_classification=True/False) (it is known after fit or "
+                             "evaluate on a task family)")
+        spec = tasks_lib.TaskSpec(input_shape or tuple(self.model.input_shape[1:]),
+                                  output_size or self.model.output_shape[-1],
+                                  bool(is_classification))
+        _, metric_fn, metric_name = losses.for_tasks(spec)
+        return experiment_lib.Experiment(self.meta_config, None, spec, self.model, self.forward,
+                                         self._task_loss, metric_fn, metric_name, self.algorithm)
+
+    def export(self, export_dir, version=1, num_eval_steps=None, inner_lr=None, overwrite=False,
+               limits=None, is_classification=None, image_format=None):
+        """Writes the SavedModel the export CLI writes, to `<export_dir>/<version>/`.
+
+        The signatures (`serving_default`, `adapt`, `adapt_custom`,
+        `adapted_weights`, `adapt_tasks`, `adapt_tasks_custom`; see
+        `tf_maml.serving`) adapt with the learner's algorithm (learned rates
+        included) for `num_eval_steps` steps.
+
+        Args:
+            export_dir: TF Serving's base path for the model.
+            version: positive integer.
+            num_eval_steps: inner steps of `adapt` (default the learner's).
+            inner_lr: a scalar step size replacing the algorithm's rates.
+            overwrite: replace an existing version.
+            limits: a dict of `tf_maml.serving.ServingLimits` fields.
+            is_classification: needed only if no task family has been seen.
+            image_format: a `tf_maml.serving.ImageFormat` to add the image
+                signatures.
+
+        Returns:
+            The version's path.
+
+        Raises:
+            ValueError: non-finite weights, bad limits, or the version exists.
+        """
+        if self.compiled:
+            keras_task_loss(getattr(self, "loss", None))
+        else:
+            raise ValueError("compile the MetaLearner (its loss is the adaptation's loss) "
+                             "before exporting it")
+        steps = self.meta_config.num_eval_steps if num_eval_steps is None else num_eval_steps
+        return serving.export(self.experiment(is_classification=is_classification), export_dir,
+                              version, steps, inner_lr, overwrite=overwrite, limits=limits,
+                              image_format=image_format)
+
+
+def _compiled_adapt(learner, use_lr):
+    cache = learner.__dict__.setdefault("_adapt_fns", {})
+    if use_lr not in cache:
+        def fn(support_x, support_y, query_x, steps, inner_lr):
+            return learner._adapt_predict(support_x, support_y, query_x, steps,
+                                          inner_lr if use_lr else None)
+        cache[use_lr] = tf.function(fn, reduce_retracing=True)
+    return cache[use_lr]
+
+
+def _flat(t):
+    """`[num_tasks, batch, ...]` -> `[num_tasks * batch, ...]` (what Keras metrics read)."""
+    return tf.reshape(t, tf.concat([[-1], tf.shape(t)[2:]], 0))
