@@ -15,16 +15,25 @@ from tf_maml.config import Config
 
 _DEFAULTS = Config()
 _HELP = {
-    "dataset": f"Task family: {', '.join(config_lib.DATASETS)}.",
-    "data_dir": "Local data: Omniglot archives/folders, or MiniImagenet images/ + split CSVs. "
-                "Empty: Omniglot from TFDS.",
+    "dataset": f"Task family: {', '.join(config_lib.DATASETS)}, or {config_lib.TFDS_PREFIX}NAME "
+               "(a TensorFlow Datasets image-classification data set, e.g. "
+               "tfds:emnist/balanced). folder: your images in --data_dir, one sub-folder per "
+               "class; custom: tasks given in code (not from the command line).",
+    "data_dir": "Local data: Omniglot archives/folders, MiniImagenet images/ + split CSVs, the "
+                "class sub-folders of --dataset=folder, or TFDS' data directory. Empty: "
+                "Omniglot from TFDS.",
     "cache_dir": "Cache for decoded images (empty: none).",
     "n_way": "Classes per task (classification).",
+    "image_size": "folder/tfds: resize images to this many pixels square (0: keep their size).",
+    "image_channels": "folder: 1 (grayscale) or 3 (RGB); 0: 1 if all images are grayscale.",
+    "class_split": "folder/tfds: fractions of the classes for meta-train,val,test (shuffled "
+                   "with --split_seed; val may be 0).",
     "omniglot_split": "paper (1200 random characters to meta-train) or lake (background/"
                       "evaluation alphabets).",
-    "split_seed": "Seed of Omniglot's paper split.",
+    "split_seed": "Seed of Omniglot's paper split and of the class split of folder/tfds data.",
     "augment_rotations": "Omniglot: training classes rotated by 90/180/270 degrees as new classes.",
-    "model": f"Network: {', '.join(config_lib.MODELS)} (auto: the paper's for the dataset).",
+    "model": f"Network: {', '.join(config_lib.MODELS)} (auto: the paper's for the dataset; "
+             "conv4 for folder/tfds images).",
     "num_iterations": "Meta-training iterations.",
     "meta_batch_size": "Tasks per meta-batch.",
     "k_shot": "Support examples per task (per class for classification).",

@@ -5,11 +5,16 @@ import json
 import os
 
 __all__ = ["Config", "CONFIG_FILENAME", "DATASETS", "MODELS", "STRATEGIES", "ALGORITHMS", "load",
-           "save"]
+           "save", "TFDS_PREFIX", "DEFAULT_CLASS_SPLIT", "parse_class_split", "is_known_dataset"]
 
 CONFIG_FILENAME = "config.json"
 # The one list of each choice; flags' help, validation and the builders use these.
-DATASETS = ("sine", "omniglot", "miniimagenet")
+# "folder": the user's images, one sub-folder per class, in data_dir; "custom": a task family
+# given in code (the Keras face); and any "tfds:NAME" (TFDS_PREFIX + a TensorFlow Datasets name).
+DATASETS = ("sine", "omniglot", "miniimagenet", "folder", "custom")
+TFDS_PREFIX = "tfds:"
+# The user's data (folder, tfds:NAME): fractions of its classes for meta-train, -val and -test.
+DEFAULT_CLASS_SPLIT = "0.64,0.16,0.2"
 MODELS = ("auto", "mlp", "conv4", "conv4_maxpool", "fc")
 STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
 ALGORITHMS = ("maml", "anil", "metasgd", "mamlpp", "reptile")
@@ -23,6 +28,32 @@ RESUMABLE_FIELDS = frozenset({
 })
 
 
+def is_known_dataset(name):
+    """Whether `name` is one of `DATASETS` or "tfds:NAME"."""
+    return isinstance(name, str) and (
+        name in DATASETS or (name.startswith(TFDS_PREFIX) and len(name) > len(TFDS_PREFIX)))
+
+
+def parse_class_split(class_split):
+    """The fractions (train, val, test) of a class split: "0.64,0.16,0.2" or 3 numbers.
+
+    Raises:
+        ValueError: not 3 non-negative numbers summing to 1 with train and test > 0.
+    """
+    problem = (f"class_split must be 3 fractions of the classes for train, val and test, "
+               f"summing to 1 (train and test > 0), like {DEFAULT_CLASS_SPLIT!r}; got "
+               f"{class_split!r}")
+    try:
+        parts = class_split.split(",") if isinstance(class_split, str) else list(class_split)
+        fractions = tuple(float(part) for part in parts)
+    except (TypeError, ValueError):
+        raise ValueError(problem) from None
+    if (len(fractions) != 3 or not all(0 <= f <= 1 for f in fractions)
+            or abs(sum(fractions) - 1) > 1e-6 or fractions[0] == 0 or fractions[2] == 0):
+        raise ValueError(problem)
+    return fractions
+
+
 @dataclasses.dataclass
 class Config:
     """Everything that defines a MAML run.
@@ -30,18 +61,35 @@ class Config:
     Defaults reproduce the paper's sine-regression experiment (section 5.1).
 
     Attributes:
-        dataset: task family: "sine", "omniglot" or "miniimagenet".
+        dataset: task family: "sine", "omniglot", "miniimagenet", "folder"
+            (your images in `data_dir`, one sub-folder per class), "tfds:NAME"
+            (a TensorFlow Datasets image-classification data set, e.g.
+            "tfds:emnist/balanced") or "custom" (a task family given in code;
+            `tf_maml.tasks.build` cannot build it).
         data_dir: local data (Omniglot: Lake's archives or folders; MiniImagenet:
-            `images/` and the split CSVs). Empty: Omniglot comes from TFDS.
+            `images/` and the split CSVs; folder: the class sub-folders;
+            tfds: TFDS' data directory, empty for its default). Empty: Omniglot
+            comes from TFDS.
         cache_dir: cache for decoded images (empty: no cache).
         n_way: classes per task (classification).
+        image_size: folder and tfds: resize images to image_size ×
+            image_size (0: keep the data's size; a folder's images must then
+            share one size).
+        image_channels: folder: 1 (grayscale) or 3 (RGB); 0: 1 if every image
+            is grayscale, else 3.
+        class_split: folder and tfds: fractions of the classes for
+            meta-training, meta-validation and meta-test, "train,val,test"
+            (classes shuffled with `split_seed`; val may be 0, then validation
+            uses the test classes).
         omniglot_split: "paper" (1200 random characters for meta-training, the
             rest for meta-test) or "lake" (background / evaluation alphabets).
-        split_seed: seed of the paper split of Omniglot's characters.
+        split_seed: seed of the paper split of Omniglot's characters, and of
+            the class split of folder and tfds data.
         augment_rotations: Omniglot training classes also rotated by 90°, 180°
             and 270°, each a new class (the paper's augmentation).
         model: network: "mlp", "conv4", "conv4_maxpool" or "fc"; "auto" picks
-            the paper's network for the dataset.
+            the paper's network for the dataset, conv4 for folder and tfds
+            images, and for custom tasks conv4 (image inputs) or mlp.
         num_iterations: meta-training iterations (outer steps).
         meta_batch_size: tasks per meta-batch.
         k_shot: support examples per task (per class for classification).
@@ -93,6 +141,9 @@ class Config:
     data_dir: str = ""
     cache_dir: str = "~/.cache/tf_maml"
     n_way: int = 5
+    image_size: int = 0
+    image_channels: int = 0
+    class_split: str = DEFAULT_CLASS_SPLIT
     omniglot_split: str = "paper"
     split_seed: int = 0
     augment_rotations: bool = True
@@ -135,8 +186,21 @@ class Config:
             if not condition:
                 problems.append(message)
 
-        need(self.dataset in DATASETS,
-             f"dataset must be one of {', '.join(DATASETS)}, got {self.dataset!r}")
+        need(is_known_dataset(self.dataset),
+             f"dataset must be one of {', '.join(DATASETS)} or {TFDS_PREFIX}NAME (a TensorFlow "
+             f"Datasets name), got {self.dataset!r}")
+        need(self.dataset != "folder" or self.data_dir,
+             "dataset folder needs data_dir (a directory with one sub-folder of images per "
+             "class)")
+        need(isinstance(self.image_size, int) and self.image_size >= 0,
+             f"image_size must be a non-negative integer (0: keep the data's size), got "
+             f"{self.image_size!r}")
+        need(self.image_channels in (0, 1, 3),
+             f"image_channels must be 0 (from the images), 1 or 3, got {self.image_channels!r}")
+        try:
+            parse_class_split(self.class_split)
+        except ValueError as e:
+            problems.append(str(e))
         need(self.omniglot_split in ("paper", "lake"),
              f"omniglot_split must be 'paper' or 'lake', got {self.omniglot_split!r}")
         need(self.dataset != "miniimagenet" or self.data_dir,
@@ -179,9 +243,24 @@ class Config:
     @property
     def model_name(self):
         """The concrete model: resolves "auto" for the dataset."""
+        return self.model_for()
+
+    def model_for(self, input_shape=None):
+        """The concrete model for inputs of `input_shape`: resolves "auto".
+
+        "auto" is the paper's network for its datasets, conv4 for the user's
+        images (folder, tfds) and, for "custom" tasks, conv4 for image inputs
+        `(H, W, C)` and mlp otherwise ("auto" while `input_shape` is unknown).
+        """
         if self.model != "auto":
             return self.model
-        return {"sine": "mlp", "omniglot": "conv4", "miniimagenet": "conv4_maxpool"}[self.dataset]
+        paper = {"sine": "mlp", "omniglot": "conv4", "miniimagenet": "conv4_maxpool",
+                 "folder": "conv4"}
+        if self.dataset in paper:
+            return paper[self.dataset]
+        if input_shape is not None:
+            return "conv4" if len(input_shape) == 3 else "mlp"
+        return "conv4" if self.dataset.startswith(TFDS_PREFIX) else "auto"
 
     def to_dict(self):
         return dataclasses.asdict(self)

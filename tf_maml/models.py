@@ -122,7 +122,7 @@ def build(config, input_shape, output_size):
     Raises:
         ValueError: unknown `config.model`.
     """
-    name = config.model_name
+    name = config.model_for(input_shape)
     if name == "mlp":
         return mlp(input_shape, output_size)
     if name == "conv4":

@@ -109,13 +109,14 @@ def evaluate_and_report(model_dir, baseline_dir=None, output_dir=None, **overrid
     print(f"\n{name} on {config.num_eval_tasks} held-out {config.dataset} {task}tasks "
           f"(K={config.k_shot}, inner_lr={inner_lr or config.inner_lr}{protocol}), "
           f"mean ± 95% CI:\n{table}\n{_non_finite_note(name, results)}")
+    model_name = config.model_for(experiment.spec.input_shape)
     extra = {"num_tasks": config.num_eval_tasks, "inner_lr": config.inner_lr,
              "algorithm": config.algorithm, "transductive": config.transductive,
-             "k_shot": config.k_shot, "dataset": config.dataset, "model": config.model_name,
+             "k_shot": config.k_shot, "dataset": config.dataset, "model": model_name,
              "n_way": config.n_way if experiment.tasks.is_classification else None,
              "steps_trained": {label: s for label, (_, s) in runs.items()}}
     evaluation.write_json(os.path.join(output_dir, RESULTS_FILENAME), name, results, extra)
-    title = f"{config.dataset} {task}K={config.k_shot}, {config.model_name}"
+    title = f"{config.dataset} {task}K={config.k_shot}, {model_name}"
     paths = [evaluation.plot_curves(os.path.join(output_dir, CURVE_FILENAME), name, results,
                                     title)]
     history = validation_history(model_dir)

@@ -21,7 +21,7 @@ apply):
 * `adapt_tasks_custom`: the same plus `inner_steps` `[tasks]` int32 and
   `inner_lr` `[tasks]` float32: every task its own step count and step size.
 
-Image models (Omniglot, MiniImagenet exports) also have:
+Image models (Omniglot, MiniImagenet, image folder and TFDS exports) also have:
 
 * `decode_images`: `images` `[n]` encoded PNG/JPEG/BMP/GIF -> `x`, the
   model's input, preprocessed as in training (see `ImageFormat`).
@@ -151,10 +151,24 @@ class ImageFormat:
         return dataclasses.asdict(self)
 
 
-def image_format_for(dataset):
-    """The `ImageFormat` of a dataset's images, or `None` (not an image dataset)."""
-    return {"omniglot": ImageFormat(channels=1, invert=True),
-            "miniimagenet": ImageFormat(channels=3, invert=False)}.get(dataset)
+def image_format_for(dataset, input_shape=None):
+    """The `ImageFormat` of a dataset's images, or `None` (not an image dataset).
+
+    Args:
+        dataset: a `Config.dataset`.
+        input_shape: the model's input shape; the user's images ("folder",
+            "tfds:NAME") are recognized from it: `(H, W, 1)` or `(H, W, 3)`,
+            decoded as training decoded them (grayscale or RGB, not inverted).
+    """
+    known = {"omniglot": ImageFormat(channels=1, invert=True),
+             "miniimagenet": ImageFormat(channels=3, invert=False)}
+    if dataset in known:
+        return known[dataset]
+    own_images = dataset == "folder" or dataset.startswith("tfds:")
+    if own_images and input_shape is not None and len(input_shape) == 3 and \
+            input_shape[-1] in (1, 3):
+        return ImageFormat(channels=int(input_shape[-1]), invert=False)
+    return None
 
 
 # -- validation ---------------------------------------------------------------------------------
@@ -748,7 +762,7 @@ def export(experiment, export_dir, version, num_eval_steps, inner_lr=None, overw
         limits = dataclasses.replace(defaults, **(limits or {}))
     limits.validate()
     if image_format == "auto":
-        image_format = image_format_for(config.dataset)
+        image_format = image_format_for(config.dataset, experiment.spec.input_shape)
     path = os.path.join(export_dir, str(version))
     if tf.io.gfile.exists(path) and not overwrite:
         raise ValueError(f"{path} already exists; pass another version or overwrite")

@@ -245,7 +245,7 @@ def _check_run_dir(config, model_dir, checkpoint_dir):
             "configuration: put the run's config.json back, or use a new model_dir")
 
 
-def train(config, model_dir):
+def train(config, model_dir, tasks=None):
     """Meta-trains a model as `config` says, resuming from `model_dir` if possible.
 
     Nothing is written into `model_dir` until the run can start (config valid,
@@ -256,6 +256,9 @@ def train(config, model_dir):
     Args:
         config: a `Config`.
         model_dir: where checkpoints, `config.json` and summaries go.
+        tasks: a task family to train on instead of the config's (needed for
+            `dataset="custom"`); its spec is recorded, so the run restores and
+            exports without it.
 
     Returns:
         `(experiment, step)`: the trained experiment (its model holds the
@@ -289,7 +292,7 @@ def train(config, model_dir):
         experiment_lib.check_writable(os.path.join(model_dir, "train"), "summary directory")
 
     with strategy.scope():
-        experiment = experiment_lib.build_experiment(config)
+        experiment = experiment_lib.build_experiment(config, tasks)
         model = experiment.model
         algorithm = experiment.algorithm
         optimizer = algorithm.make_optimizer(config.meta_lr, config.num_iterations)
@@ -323,9 +326,9 @@ def train(config, model_dir):
 
     jit = experiment_lib.resolve_jit_compile(config, model)
     logging.info("Meta-training %s with %s on %s: %d iterations, layer-batched forward: %s, "
-                 "XLA: %s, %d replica(s)", config.model_name, algorithm.name, config.dataset,
-                 config.num_iterations, experiment.forward.vectorized, jit,
-                 strategy.num_replicas_in_sync)
+                 "XLA: %s, %d replica(s)", config.model_for(experiment.spec.input_shape),
+                 algorithm.name, config.dataset, config.num_iterations,
+                 experiment.forward.vectorized, jit, strategy.num_replicas_in_sync)
     train_step = make_train_step(experiment, optimizer, step, jit_compile=jit, strategy=strategy)
     curve_fn = evaluation.make_curve_fn(algorithm, experiment.metric_fn,
                                         max(config.num_inner_steps, 1), jit_compile=jit)

@@ -2,12 +2,17 @@
 
 import os
 
+from tf_maml import config as config_lib
+
 from tf_maml.tasks.episodes import Episode, episode_dataset, step_seed
 from tf_maml.tasks.classification import ImageClassTasks
 from tf_maml.tasks.sine import SineTasks
+from tf_maml.tasks.sources import (ClassPoolTasks, FunctionTasks, array_tasks, folder_tasks,
+                                   split_classes, tfds_tasks)
 
 __all__ = ["Episode", "episode_dataset", "step_seed", "SineTasks", "ImageClassTasks", "TaskSpec",
-           "spec", "build", "TRAIN", "VALIDATION", "TEST"]
+           "ClassPoolTasks", "FunctionTasks", "array_tasks", "folder_tasks", "tfds_tasks",
+           "split_classes", "spec", "build", "TRAIN", "VALIDATION", "TEST"]
 
 # Sampling streams: disjoint random sequences for training, validation and test,
 # and the data split each samples from.
@@ -30,13 +35,22 @@ class TaskSpec:
         self.is_classification = is_classification
 
 
-def spec(config):
+def spec(config, input_shape=None, output_size=None, is_classification=None):
     """The `TaskSpec` of a `Config`'s task family, known without loading any data.
 
-    Export and restoring a model use it, so they never need the data set.
+    Export and restoring a model use it, so they never need the data set. The
+    input shape of the user's data (folder, tfds:NAME, custom) is known only
+    from the data: pass it (a trained run records its spec in
+    `task_spec.json`, which restoring uses instead).
+
+    Args:
+        config: a `Config`.
+        input_shape: folder, tfds and custom: the shape of one input example.
+        output_size: custom: outputs or classes (default: `config.n_way`).
+        is_classification: custom: whether the tasks are classification (required).
 
     Raises:
-        ValueError: unknown dataset.
+        ValueError: unknown dataset, or the shape is known only from the data.
     """
     if config.dataset == "sine":
         return TaskSpec(SineTasks.input_shape, SineTasks.output_size, False)
@@ -46,14 +60,32 @@ def spec(config):
     if config.dataset == "miniimagenet":
         from tf_maml.tasks import miniimagenet
         return TaskSpec((miniimagenet.IMAGE_SIZE, miniimagenet.IMAGE_SIZE, 3), config.n_way, True)
+    if _is_own_data(config.dataset):
+        if input_shape is None:
+            raise ValueError(
+                f"dataset {config.dataset}: the input shape is known only from the data; build "
+                "the task family (tasks.build) or pass input_shape (a trained run's "
+                "task_spec.json records it)")
+        if config.dataset == "custom":
+            if is_classification is None:
+                raise ValueError("dataset custom: pass is_classification (and output_size) to "
+                                 "tasks.spec, or give the task family itself")
+            return TaskSpec(input_shape, output_size or config.n_way, is_classification)
+        return TaskSpec(input_shape, config.n_way, True)
     raise ValueError(f"unknown dataset {config.dataset!r}")
 
 
+def _is_own_data(dataset):
+    return dataset in ("folder", "custom") or dataset.startswith(config_lib.TFDS_PREFIX)
+
+
 def build(config):
-    """The task family a `Config` names.
+    """The task family a `Config` names, with its data loaded.
 
     Raises:
-        ValueError: unknown dataset.
+        ValueError: unknown dataset, "custom" (its tasks are given in code,
+            not built from the config), or bad data.
+        FileNotFoundError: missing data.
     """
     if config.dataset == "sine":
         return SineTasks(k_shot=config.k_shot, k_query=config.k_query)
@@ -68,4 +100,21 @@ def build(config):
         from tf_maml.tasks import miniimagenet
         return miniimagenet.miniimagenet_tasks(config.n_way, config.k_shot, config.k_query,
                                                config.data_dir, cache_dir=cache_dir)
-    raise ValueError(f"unknown dataset {config.dataset!r}")
+    if config.dataset == "folder":
+        family = folder_tasks(config.data_dir, config.n_way, config.k_shot, config.k_query,
+                              image_size=config.image_size or None,
+                              channels=config.image_channels or None, cache_dir=cache_dir,
+                              class_split=config.class_split, seed=config.split_seed)
+    elif config.dataset.startswith(config_lib.TFDS_PREFIX):
+        family = tfds_tasks(config.dataset[len(config_lib.TFDS_PREFIX):], config.n_way,
+                            config.k_shot, config.k_query, image_size=config.image_size or None,
+                            data_dir=os.path.expanduser(config.data_dir) if config.data_dir
+                            else None, class_split=config.class_split, seed=config.split_seed)
+    elif config.dataset == "custom":
+        raise ValueError("dataset custom: the task family is given in code (e.g. "
+                         "tasks=array_tasks(...)); it cannot be built from the config")
+    else:
+        raise ValueError(f"unknown dataset {config.dataset!r}")
+    if config.train_k_shot:
+        family.check_k_shot(config.train_k_shot, "train")
+    return family

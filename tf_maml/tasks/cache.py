@@ -9,16 +9,19 @@ from absl import logging
 __all__ = ["read_npz", "write_npz"]
 
 
-def read_npz(path, names, what):
+def read_npz(path, names, what, layout="classes"):
     """The arrays `names` of the cache at `path`, or `None` when it is absent or unreadable.
 
-    The first array must be uint8 images `[classes, examples, H, W, C]`. A truncated or
-    foreign file is logged and ignored (the caller decodes again and rewrites it).
+    The first array must be uint8 images: `[classes, examples, H, W, C]` (layout
+    "classes"), or `[examples, H, W, C]` (layout "flat", classes of different sizes;
+    the caller checks the other arrays). A truncated or foreign file is logged and
+    ignored (the caller decodes again and rewrites it).
 
     Args:
         path: the cache file.
         names: the arrays to read: images first, then any per-class vectors.
         what: the data set's name, for the log line.
+        layout: "classes" or "flat" (see above).
 
     Returns:
         A list of numpy arrays in the order of `names`, or `None`.
@@ -29,9 +32,9 @@ def read_npz(path, names, what):
         with np.load(path) as saved:
             arrays = [saved[name] for name in names]
         images = arrays[0]
-        if images.dtype != np.uint8 or images.ndim != 5:
+        if images.dtype != np.uint8 or images.ndim != (5 if layout == "classes" else 4):
             raise ValueError(f"unexpected images {images.dtype} {images.shape}")
-        for name, array in zip(names[1:], arrays[1:]):
+        for name, array in zip(names[1:], arrays[1:] if layout == "classes" else []):
             if array.shape != images.shape[:1]:  # one value per class
                 raise ValueError(f"{name} {array.shape} does not match images {images.shape}")
     except Exception as e:  # a truncated or foreign file: zipfile, EOF, value errors

@@ -1,0 +1,455 @@
+"""Meta-training on the user's own data: arrays, image folders, TFDS data sets, functions.
+
+Folder tests use a few characters of the real Omniglot archive when TF_MAML_OMNIGLOT_DIR
+names its directory (.ci/run sets it), otherwise PNGs drawn with PIL.
+"""
+
+import io
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tf_maml import config as config_lib
+from tf_maml import tasks as tasks_lib
+from tf_maml.tasks import sources
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OMNIGLOT_ENV = "TF_MAML_OMNIGLOT_DIR"
+
+
+def _seed(a, b=0):
+    return tf.constant([a, b], tf.int64)
+
+
+def _features(counts):
+    """Examples whose features name them: x = [class, index in class, 7]; labels = class."""
+    x, y = [], []
+    for c, count in enumerate(counts):
+        for i in range(count):
+            x.append([c, i, 7.0])
+            y.append(c)
+    return np.array(x, np.float32), np.array(y, np.int64)
+
+
+# Classes of unequal sizes: 3 to 9 examples.
+COUNTS = [3 + (c * 5) % 7 for c in range(20)]
+
+
+def _check_episode(episode, n_way, k_shot, k_query, counts):
+    """Every task: n_way distinct classes, consistent labels, disjoint support and query."""
+    sx, sy, qx, qy = (t.numpy() for t in episode)
+    assert sx.shape[1:] == (n_way * k_shot, 3) and qx.shape[1:] == (n_way * k_query, 3)
+    assert sy.dtype == np.int32 and sx.dtype == np.float32
+    used = []
+    for t in range(len(sx)):
+        assert sorted(np.bincount(sy[t], minlength=n_way)) == [k_shot] * n_way
+        assert sorted(np.bincount(qy[t], minlength=n_way)) == [k_query] * n_way
+        classes = {}
+        for x, y in zip(np.concatenate([sx[t], qx[t]]), np.concatenate([sy[t], qy[t]])):
+            assert classes.setdefault(int(y), int(x[0])) == int(x[0])  # one class per label
+            assert 0 <= x[1] < counts[int(x[0])]  # an example of that class's own
+        assert len(set(classes.values())) == n_way
+        examples = [tuple(x[:2]) for x in np.concatenate([sx[t], qx[t]])]
+        assert len(set(examples)) == len(examples)  # support and query disjoint, no repeats
+        used.extend(classes.values())
+    return set(used)
+
+
+def test_array_tasks_sample_valid_seeded_episodes_from_unequal_classes():
+    x, y = _features(COUNTS)
+    tasks = tasks_lib.array_tasks(x, y, n_way=3, k_shot=2, k_query=1, seed=3)
+    assert tasks.input_shape == (3,) and tasks.output_size == 3 and tasks.is_classification
+    assert {s: len(c) for s, c in tasks.class_names.items()} == {"train": 13, "val": 3, "test": 4}
+    splits = {s: set(c) for s, c in tasks.class_names.items()}
+    assert not (splits["train"] & splits["val"] or splits["train"] & splits["test"]
+                or splits["val"] & splits["test"])
+    for split in ("train", "val", "test"):
+        used = set()
+        for step in range(4):
+            used |= _check_episode(tasks.sample(_seed(step, 5), 16, split), 3, 2, 1, COUNTS)
+        assert used <= splits[split]  # held-out classes never appear in training tasks
+    assert used == splits["test"]
+
+    first = tasks.sample(_seed(1), 4)
+    for a, b in zip(first, tasks.sample(_seed(1), 4)):
+        np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(first.support_x, tasks.sample(_seed(2), 4).support_x)
+    # Traceable: the same episode in a tf.function and a tf.data map.
+    traced = tf.function(lambda s: tasks.sample(s, 4))(_seed(1))
+    mapped = next(iter(tf.data.Dataset.from_tensors(_seed(1)).map(lambda s: tasks.sample(s, 4))))
+    for a, b, c in zip(first, traced, mapped):
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(a, c)
+    # A larger k_shot than the family's (train_k_shot): checked against the class sizes.
+    _check_episode(tasks.sample(_seed(3), 4, k_shot=2), 3, 2, 1, COUNTS)
+    with pytest.raises(ValueError, match=r"fewer than k_shot \+ k_query = 11"):
+        tasks.sample(_seed(3), 4, k_shot=10)
+
+
+def test_array_tasks_images_and_explicit_class_split():
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (60, 4, 4, 1), dtype=np.uint8)
+    y = np.repeat(np.arange(6), 10)
+    tasks = tasks_lib.array_tasks(x, y, 2, 1, 3, class_split={"train": [0, 1, 2], "test": [4, 5]})
+    assert tasks.input_shape == (4, 4, 1) and "val" not in tasks.class_names
+    episode = tasks.sample(_seed(0), 3, "val")  # falls back to the test classes
+    values = np.concatenate([episode.support_x.numpy().ravel(), episode.query_x.numpy().ravel()])
+    assert values.dtype == np.float32 and 0 <= values.min() and values.max() <= 1
+    pool = {tuple(image.ravel()): label for image, label in zip(x, y)}
+    seen = {pool[tuple(np.round(image.ravel() * 255).astype(np.uint8))]
+            for image in episode.query_x.numpy().reshape(-1, 4, 4, 1)}
+    assert seen == {4, 5}
+    tasks = tasks_lib.array_tasks(x, y, 2, 1, 3, class_split=([0, 1], [2, 3], [4, 5]))
+    assert tasks.class_names == {"train": [0, 1], "val": [2, 3], "test": [4, 5]}
+
+
+def test_split_classes():
+    parts = tasks_lib.split_classes(range(50), "0.64,0.16,0.2", seed=1)
+    assert [len(parts[s]) for s in ("train", "val", "test")] == [32, 8, 10]
+    assert sorted(np.concatenate(list(parts.values()))) == list(range(50))
+    again = tasks_lib.split_classes(range(50), (0.64, 0.16, 0.2), seed=1)
+    assert all(np.array_equal(parts[s], again[s]) for s in parts)
+    other = tasks_lib.split_classes(range(50), (0.64, 0.16, 0.2), seed=2)
+    assert not np.array_equal(parts["train"], other["train"])
+    assert "val" not in tasks_lib.split_classes(range(10), "0.5,0,0.5")
+    with pytest.raises(ValueError, match="class_split must be 3 fractions"):
+        tasks_lib.split_classes(range(10), "0.5,0.6,0.2")
+    with pytest.raises(ValueError, match="not in the data: 99"):
+        tasks_lib.split_classes(range(10), {"train": [1, 99], "test": [2]})
+    with pytest.raises(ValueError, match="more than one split"):
+        tasks_lib.split_classes(range(10), {"train": [1, 2], "test": [2, 3]})
+
+
+def test_array_tasks_errors_name_the_problem(caplog):
+    x, y = _features(COUNTS)
+    with pytest.raises(ValueError, match="x has 50 examples but y has 49 labels"):
+        tasks_lib.array_tasks(x[:50], y[:49], 3, 1, 1)
+    with pytest.raises(ValueError, match="labels must be integer class ids, got float32"):
+        tasks_lib.array_tasks(x, y.astype(np.float32), 3, 1, 1)
+    with pytest.raises(ValueError, match=r"the val split has 3 classes \(of 20, class_split "
+                                         r"'0.64,0.16,0.2'\), fewer than n_way=4"):
+        tasks_lib.array_tasks(x, y, 4, 1, 1)
+    # Classes with fewer than k_shot + k_query examples are named, or left out on request.
+    small = [f"{c} ({n})" for c, n in enumerate(COUNTS) if n < 5][:3]
+    with pytest.raises(ValueError, match=r"6 class\(es\) have fewer than k_shot \+ k_query = 5 "
+                                         r"examples: " + ", ".join(small).replace("(", r"\(")
+                                         .replace(")", r"\)")):
+        tasks_lib.array_tasks(x, y, 2, 2, 3)
+    tasks = tasks_lib.array_tasks(x, y, 2, 2, 3, drop_small_classes=True)
+    assert sum(len(c) for c in tasks.class_names.values()) == 14
+    assert min(min(c) for c in tasks.counts.values()) >= 5
+    assert "leaving out 6 class(es)" in caplog.text
+
+
+# -- folders ------------------------------------------------------------------------------------
+
+
+def _omniglot_pngs(count):
+    """PNG bytes of `count` Omniglot characters (lists of drawings), or None without the data."""
+    data_dir = os.environ.get(OMNIGLOT_ENV)
+    if not data_dir:
+        return None
+    with zipfile.ZipFile(os.path.join(data_dir, "images_background.zip")) as z:
+        names = sorted(n for n in z.namelist() if n.endswith(".png"))
+        by_character = {}
+        for name in names:
+            by_character.setdefault(os.path.dirname(name), []).append(name)
+        characters = sorted(by_character)[:count]
+        return [[z.read(n) for n in by_character[c]] for c in characters]
+
+
+def _drawn_pngs(count, size=(40, 40)):
+    from PIL import Image, ImageDraw
+    rng = np.random.default_rng(0)
+    classes = []
+    for c in range(count):
+        drawings = []
+        for _ in range(20):
+            image = Image.new("L", size, 255)
+            draw = ImageDraw.Draw(image)
+            for _ in range(3):
+                draw.line([tuple(rng.integers(0, size[0], 2)) for _ in range(2)], fill=c * 10,
+                          width=3)
+            buffer = io.BytesIO()
+            image.save(buffer, "PNG")
+            drawings.append(buffer.getvalue())
+        classes.append(drawings)
+    return classes
+
+
+def _make_folder(path, num_classes=8, sizes=None):
+    """`path/char_NN/NN.png`: classes of unequal sizes (sizes[c] images, default 6..12)."""
+    pngs = _omniglot_pngs(num_classes) or _drawn_pngs(num_classes)
+    for c, drawings in enumerate(pngs):
+        folder = path / f"char_{c:02d}"
+        folder.mkdir(parents=True)
+        for i, data in enumerate(drawings[:sizes[c] if sizes else 6 + c % 7]):
+            (folder / f"{i:02d}.png").write_bytes(data)
+    return path
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    return _make_folder(tmp_path_factory.mktemp("own") / "images")
+
+
+def test_folder_tasks_decode_split_and_cache(image_folder, tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    tasks = tasks_lib.folder_tasks(str(image_folder), n_way=2, k_shot=1, k_query=2,
+                                   image_size=14, cache_dir=str(cache),
+                                   class_split="0.5,0.25,0.25", seed=1)
+    assert tasks.input_shape == (14, 14, 1) and tasks.output_size == 2
+    names = {s: set(c) for s, c in tasks.class_names.items()}
+    assert set().union(*names.values()) == {f"char_{c:02d}" for c in range(8)}
+    assert [len(names[s]) for s in ("train", "val", "test")] == [4, 2, 2]
+    assert sorted(np.concatenate(list(tasks.counts.values()))) == sorted(6 + c % 7
+                                                                        for c in range(8))
+    episode = tasks.sample(_seed(0), 3)
+    assert episode.support_x.shape == (3, 2, 14, 14, 1) and episode.query_y.shape == (3, 4)
+    assert 0 <= episode.query_x.numpy().min() and episode.query_x.numpy().max() <= 1
+    assert len(os.listdir(cache)) == 1
+
+    # The cache is used: no decoding the second time, same arrays.
+    images, counts, _ = sources.load_folder(str(image_folder), 14, cache_dir=str(cache))
+
+    def no_decoding(*args):
+        raise AssertionError("decoded again")
+
+    with monkeypatch.context() as m:
+        m.setattr(sources, "_decode_folder", no_decoding)
+        cached, cached_counts, names = sources.load_folder(str(image_folder), 14,
+                                                           cache_dir=str(cache))
+    np.testing.assert_array_equal(images, cached)
+    np.testing.assert_array_equal(counts, cached_counts)
+    assert names == [f"char_{c:02d}" for c in range(8)] and images.shape[1:] == (14, 14, 1)
+    # Unresized, the images keep their size.
+    full, _, _ = sources.load_folder(str(image_folder))
+    assert full.shape[1:3] in {(105, 105), (40, 40)} and full.shape[3] == 1
+
+    # A changed file is decoded again (new key), and its new content is used.
+    changed = image_folder / "char_00" / "00.png"
+    original = changed.read_bytes()
+    try:
+        shutil.copyfile(image_folder / "char_01" / "00.png", changed)
+        st = os.stat(changed)
+        os.utime(changed, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+        again, _, _ = sources.load_folder(str(image_folder), 14, cache_dir=str(cache))
+    finally:
+        changed.write_bytes(original)
+    assert len(os.listdir(cache)) == 2  # the old key and the new one
+    np.testing.assert_array_equal(again[0], images[counts[0]])
+
+
+def test_folder_errors_are_clear(image_folder, tmp_path):
+    with pytest.raises(FileNotFoundError, match="image folder data_dir .*nowhere.* does not "
+                                                "exist; expected one sub-folder per class"):
+        tasks_lib.folder_tasks(str(tmp_path / "nowhere"), 2, 1, 1)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "stray.png").write_bytes(b"")
+    with pytest.raises(ValueError, match="has no class sub-folders"):
+        tasks_lib.folder_tasks(str(tmp_path / "empty"), 2, 1, 1)
+
+    bad = tmp_path / "bad"
+    shutil.copytree(image_folder, bad)
+    (bad / "char_03" / "broken.jpg").write_bytes(b"not an image")
+    with pytest.raises(ValueError, match=r"char_03/broken.jpg: not a readable image"):
+        tasks_lib.folder_tasks(str(bad), 2, 1, 1, image_size=14)
+    os.remove(bad / "char_03" / "broken.jpg")
+
+    from PIL import Image
+    Image.new("L", (30, 20)).save(bad / "char_05" / "wide.png")
+    with pytest.raises(ValueError, match=r"mixed image sizes in .*char_05/wide.png is 30x20.*"
+                                         r"pass image_size"):
+        tasks_lib.folder_tasks(str(bad), 2, 1, 1)
+    tasks = tasks_lib.folder_tasks(str(bad), 2, 1, 1, image_size=(12, 10), channels=3,
+                                   class_split="0.5,0.25,0.25")
+    assert tasks.input_shape == (12, 10, 3)
+
+    with pytest.raises(ValueError, match=r"the val split has 1 classes \(of 8, class_split "
+                                         r"'0.64,0.16,0.2'\), fewer than n_way=2"):
+        tasks_lib.folder_tasks(str(image_folder), 2, 1, 1, image_size=14)
+    with pytest.raises(ValueError, match=r"8 classes, fewer than n_way=9"):
+        tasks_lib.folder_tasks(str(image_folder), 9, 1, 1, image_size=14)
+    with pytest.raises(ValueError, match=r"class\(es\) have fewer than k_shot \+ k_query = 8 "
+                                         r"examples: char_00 \(6\), char_01 \(7\), char_07 \(6\)"):
+        tasks_lib.folder_tasks(str(image_folder), 2, 4, 4, image_size=14)
+
+
+# -- TFDS ---------------------------------------------------------------------------------------
+
+
+def test_tfds_tasks_from_mock_data(tmp_path):
+    tfds = pytest.importorskip("tensorflow_datasets")
+    with tfds.testing.mock_data(num_examples=100):
+        tasks = tasks_lib.tfds_tasks("mnist", n_way=2, k_shot=1, k_query=2,
+                                     data_dir=str(tmp_path), class_split="0.6,0.2,0.2", seed=4)
+        assert tasks.input_shape == (28, 28, 1) and tasks.output_size == 2
+        assert [len(tasks.class_names[s]) for s in ("train", "val", "test")] == [6, 2, 2]
+        assert sum(c.sum() for c in tasks.counts.values()) == 200  # train and test pooled
+        episode = tasks.sample(_seed(0), 3, "test")
+        assert episode.support_x.shape == (3, 2, 28, 28, 1)
+        small = tasks_lib.tfds_tasks("mnist", 2, 1, 2, image_size=14, data_dir=str(tmp_path),
+                                     class_split="0.6,0.2,0.2")
+        assert small.input_shape == (14, 14, 1)
+    with pytest.raises(ValueError, match="unknown TFDS dataset 'no_such_dataset_xyz'"):
+        tasks_lib.tfds_tasks("no_such_dataset_xyz", 2, 1, 1)
+    with pytest.raises(FileNotFoundError, match="TFDS mnist: .*could not find data in"):
+        tasks_lib.tfds_tasks("mnist", 2, 1, 1, data_dir=str(tmp_path), download=False)
+
+
+def test_config_tfds_reaches_the_loader(tmp_path):
+    tfds = pytest.importorskip("tensorflow_datasets")
+    config = config_lib.Config(dataset="tfds:mnist", data_dir=str(tmp_path), n_way=3, k_shot=1,
+                               k_query=1, image_size=8, class_split="0.4,0.3,0.3").validate()
+    assert config.model_name == "conv4"
+    with tfds.testing.mock_data(num_examples=60):
+        tasks = tasks_lib.build(config)
+    assert tasks.input_shape == (8, 8, 1)
+    assert [len(tasks.class_names[s]) for s in ("train", "val", "test")] == [4, 3, 3]
+
+
+# -- functions ----------------------------------------------------------------------------------
+
+
+def _line(seed):
+    rng = np.random.default_rng(seed)
+    x = rng.uniform(-1, 1, (12, 2))
+    return x, x @ rng.normal(size=(2, 1)) + seed % 3
+
+
+def test_function_tasks():
+    tasks = tasks_lib.FunctionTasks(_line, k_shot=4, k_query=6)
+    assert tasks.input_shape == (2,) and tasks.output_size == 1 and not tasks.is_classification
+    episode = tasks.sample(_seed(7), 5)
+    assert [tuple(t.shape) for t in episode] == [(5, 4, 2), (5, 4, 1), (5, 6, 2), (5, 6, 1)]
+    sx, sy, qx, qy = (t.numpy() for t in episode)
+    for t in range(5):  # one function per task: support and query rows of the same line
+        w, *_ = np.linalg.lstsq(np.c_[sx[t], np.ones(4)], sy[t], rcond=None)
+        np.testing.assert_allclose(np.c_[qx[t], np.ones(6)] @ w, qy[t], atol=1e-4)
+    mapped = next(iter(tf.data.Dataset.from_tensors(_seed(7)).map(lambda s: tasks.sample(s, 5))))
+    for a, b in zip(episode, mapped):
+        np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(sx, tasks.sample(_seed(8), 5).support_x)
+    assert tasks.sample(_seed(7), 2, k_shot=6).support_x.shape == (2, 6, 2)
+    # Eagerly the function's own ValueError; in a graph, TensorFlow's error with its message.
+    with pytest.raises((ValueError, tf.errors.OpError),
+                       match=r"returned 12 rows, fewer than k_shot \+ k_query = 13"):
+        tasks.sample(_seed(7), 2, k_shot=7)
+    with pytest.raises(ValueError, match=r"_line\(0\) returned 12 rows, fewer than k_shot \+ "
+                                         "k_query = 20"):
+        tasks_lib.FunctionTasks(_line, k_shot=10, k_query=10)
+
+    splits = []
+
+    def by_split(seed, split):
+        splits.append(split)
+        return _line(seed)
+
+    tasks = tasks_lib.FunctionTasks(by_split, k_shot=2, k_query=2)
+    tasks.sample(_seed(1), 2, "test")
+    assert splits == ["train", "test", "test"]
+
+
+# -- config and command line --------------------------------------------------------------------
+
+
+def test_config_own_data_fields():
+    config_lib.Config(dataset="tfds:emnist/balanced").validate()
+    config_lib.Config(dataset="folder", data_dir="/x", image_size=32, class_split="0.7,0,0.3",
+                      image_channels=3).validate()
+    config_lib.Config(dataset="custom").validate()
+    for bad, message in ((dict(dataset="tfds:"), "dataset must be one of"),
+                         (dict(dataset="folder"), "dataset folder needs data_dir"),
+                         (dict(class_split="0.5,0.5"), "class_split must be 3 fractions"),
+                         (dict(class_split="0,0.5,0.5"), "class_split must be 3 fractions"),
+                         (dict(image_size=-1), "image_size must be a non-negative integer"),
+                         (dict(image_channels=2), "image_channels must be 0")):
+        with pytest.raises(ValueError, match=message):
+            config_lib.Config(**bad).validate()
+    folder = config_lib.Config(dataset="folder", data_dir="/x")
+    with pytest.raises(ValueError, match="the input shape is known only from the data"):
+        tasks_lib.spec(folder)
+    assert tasks_lib.spec(folder, input_shape=(8, 8, 1)).output_size == 5
+    custom = config_lib.Config(dataset="custom")
+    with pytest.raises(ValueError, match="dataset custom: the task family is given in code"):
+        tasks_lib.build(custom)
+    with pytest.raises(ValueError, match="pass is_classification"):
+        tasks_lib.spec(custom, input_shape=(3,))
+    assert tasks_lib.spec(custom, (3,), 1, False).output_size == 1
+    assert custom.model_for((3,)) == "mlp" and custom.model_for((8, 8, 3)) == "conv4"
+    assert folder.model_name == "conv4"
+    assert config_lib.Config(dataset="custom", model="fc").model_for((3,)) == "fc"
+
+
+def _run(*args):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True,
+                          cwd=ROOT, env=env, timeout=600)
+
+
+def test_cli_trains_on_a_folder_and_exports_without_it(image_folder, tmp_path):
+    data = shutil.copytree(image_folder, tmp_path / "data")
+    model_dir = tmp_path / "run"
+    common = ["--dataset=folder", f"--cache_dir={tmp_path / 'cache'}", "--image_size=14",
+              "--n_way=2", "--k_shot=1", "--k_query=1", "--class_split=0.5,0.25,0.25"]
+    # Bad data first: one line, exit 1, nothing written to model_dir.
+    (data / "char_02" / "broken.png").write_bytes(b"\x89PNG broken")
+    result = _run("tf_maml.train", f"--data_dir={data}", f"--model_dir={model_dir}", *common,
+                  "--num_iterations=2")
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert "char_02/broken.png: not a readable image" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not model_dir.exists() or not os.listdir(model_dir)
+    os.remove(data / "char_02" / "broken.png")
+
+    result = _run("tf_maml.train", f"--data_dir={data}", f"--model_dir={model_dir}", *common,
+                  "--num_iterations=2", "--meta_batch_size=2", "--log_every=1",
+                  "--checkpoint_every=2", "--validate_every=0", "--noevaluate")
+    assert result.returncode == 0, result.stderr
+    spec = tasks_lib.TaskSpec((14, 14, 1), 2, True)
+    from tf_maml import experiment as experiment_lib
+    assert vars(experiment_lib.load_spec(str(model_dir), None)) == vars(spec)
+
+    pngs = [(data / f"char_0{c}" / "00.png").read_bytes() for c in range(3)]
+    shutil.rmtree(data)  # export needs no data
+    export_dir = tmp_path / "export"
+    result = _run("tf_maml.export", f"--model_dir={model_dir}", f"--export_dir={export_dir}")
+    assert result.returncode == 0, result.stderr
+    assert "exported step 2" in result.stdout
+    loaded = tf.saved_model.load(str(export_dir / "2"))
+    rng = np.random.default_rng(0)
+    out = loaded.signatures["adapt"](
+        support_x=tf.constant(rng.uniform(size=(2, 14, 14, 1)), tf.float32),
+        support_y=tf.constant([0, 1], tf.int32),
+        query_x=tf.constant(rng.uniform(size=(3, 14, 14, 1)), tf.float32))
+    assert out["probabilities"].shape == (3, 2)
+    # Image signatures: encoded images decoded (and resized to 14x14) as training did.
+    out = loaded.signatures["adapt_images"](support_images=tf.constant(pngs[:2]),
+                                            support_y=tf.constant([0, 1], tf.int32),
+                                            query_images=tf.constant(pngs))
+    assert out["probabilities"].shape == (3, 2)
+
+
+def test_custom_tasks_train_and_restore_without_them(tmp_path):
+    from tf_maml import experiment as experiment_lib
+    from tf_maml import trainer
+    config = config_lib.Config(dataset="custom", k_shot=4, k_query=6, num_iterations=3,
+                               meta_batch_size=2, log_every=1, checkpoint_every=3,
+                               validate_every=0, num_eval_steps=1)
+    tasks = tasks_lib.FunctionTasks(_line, k_shot=4, k_query=6)
+    with pytest.raises(ValueError, match="dataset custom: the task family is given in code"):
+        trainer.train(config, str(tmp_path / "none"))
+    assert not (tmp_path / "none").exists()
+    experiment, step = trainer.train(config, str(tmp_path / "run"), tasks=tasks)
+    assert step == 3 and experiment.spec.input_shape == (2,)
+    restored, step = experiment_lib.restore(str(tmp_path / "run"))
+    assert step == 3 and restored.spec.input_shape == (2,) and not restored.spec.is_classification
+    for a, b in zip(experiment.model.weights, restored.model.weights):
+        np.testing.assert_array_equal(a, b)
