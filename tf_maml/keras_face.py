@@ -297,14 +297,37 @@ class MetaLearner(keras.Model):
         self._sources[key] = data
         self._note_task_kind(data.tasks)
         replicas = self.distribute_strategy.num_replicas_in_sync
+        if replicas == 1:
+            # One device: the episodes come sampled and prefetched by tf.data, beside the
+            # meta-step. Training starts at the optimizer's iteration counter, read when
+            # Keras creates the iterator (after BackupAndRestore has restored it): a
+            # resumed run sees the episodes of an uninterrupted one.
+            if training:
+                start = self._data_start_variable()
+                steps = tf.data.Dataset.from_tensors(0).flat_map(
+                    lambda _: tf.data.Dataset.range(start.read_value(), 2**62))
+            else:
+                steps = tf.data.Dataset.range(data.num_batches or 2**62)
+            return steps.map(data.sample, num_parallel_calls=tf.data.AUTOTUNE,
+                             deterministic=True).prefetch(tf.data.AUTOTUNE)
+        # Several replicas: every replica samples the step's meta-batch inside the step
+        # (from the iteration counter when training) and takes its own slice of tasks.
         if training or data.num_batches is None:
-            # Training reads the iteration counter, not the index (exact resumes).
             count = 2**62
         else:
             # Every replica evaluates whole meta-batches of its own: one index each.
             count = math.ceil(data.num_batches / replicas) * replicas
         indices = tf.data.Dataset.range(count).batch(replicas)
         return indices.map(lambda i: {key: i})
+
+    def _data_start_variable(self):
+        """Where a training pass over `Episodes` starts: set to the optimizer's iteration
+        counter when training begins (after `BackupAndRestore` restored it)."""
+        if getattr(self, "_data_start", None) is None:
+            with tf.init_scope():
+                self._data_start = tf.Variable(0, dtype=tf.int64, trainable=False,
+                                               name="episodes_start")
+        return self._data_start
 
     def _note_task_kind(self, tasks):
         kind = getattr(tasks, "is_classification", None)
@@ -320,7 +343,10 @@ class MetaLearner(keras.Model):
         if source_key is None:
             episode = _as_episode(data)
             local = tf.shape(episode.support_x)[0]
-            return episode, local * replicas, local
+            if replicas == 1:
+                return episode, local, local
+            # Keras split the meta-batch over the replicas, maybe unevenly.
+            return episode, replica.all_reduce(tf.distribute.ReduceOp.SUM, local), local
         source = self._sources[source_key]
         if not training:
             index = tf.reshape(data[source_key], [-1])[0]
@@ -503,6 +529,8 @@ class MetaLearner(keras.Model):
             validation_data = self._as_dataset(validation_data, training=False)
         self._build_metrics(x)
         kwargs.setdefault("shuffle", False)  # episodes are sampled, never shuffled
+        # Last, so that it runs after BackupAndRestore has restored the counter.
+        kwargs["callbacks"] = list(kwargs.get("callbacks") or []) + [_StartAtIteration()]
         return super().fit(x, validation_data=validation_data, **kwargs)
 
     def evaluate(self, x=None, y=None, **kwargs):
@@ -600,6 +628,15 @@ class MetaLearner(keras.Model):
         return serving.export(self.experiment(is_classification=is_classification), export_dir,
                               version, steps, inner_lr, overwrite=overwrite, limits=limits,
                               image_format=image_format)
+
+
+class _StartAtIteration(keras.callbacks.Callback):
+    """Points the training episodes at the optimizer's iteration when training begins."""
+
+    def on_train_begin(self, logs=None):
+        start = getattr(self.model, "_data_start", None)
+        if start is not None:
+            start.assign(tf.cast(self.model.optimizer.iterations, tf.int64))
 
 
 def _compiled_adapt(learner, use_lr):
