@@ -74,3 +74,23 @@ def test_eager_device_name():
         return compat.eager_device_name()
 
     assert traced() == ""
+
+
+def test_keras_jit_support_and_trainer_hooks():
+    from keras.src.trainers.trainer import Trainer
+
+    from tf_maml import models
+
+    assert compat.model_supports_jit(models.mlp())
+
+    class NoXLA(keras.layers.Layer):
+        def __init__(self):
+            super().__init__()
+            self.supports_jit = False
+
+        def call(self, x):
+            return x
+
+    assert not compat.model_supports_jit(keras.Sequential([keras.Input((2,)), NoXLA()]))
+    for hook in compat.keras_trainer_hooks:
+        assert callable(getattr(Trainer, hook, None)), hook

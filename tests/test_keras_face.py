@@ -156,8 +156,10 @@ def test_keras_save_and_load_round_trip_continues_identically(tmp_path):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-7)
 
 
-def test_export_answers_as_the_learner_does(tmp_path):
-    learner = _conv_learner(algorithm="metasgd", num_eval_steps=3)
+@pytest.mark.parametrize("algorithm,options", [
+    ("metasgd", {}), ("reptile", {"inner_optimizer": "sgd", "inner_batch_size": 2})])
+def test_export_answers_as_the_learner_does(tmp_path, algorithm, options):
+    learner = _conv_learner(algorithm=algorithm, num_eval_steps=3, **options)
     tasks = _image_tasks()
     learner.fit(Episodes(tasks, 4), epochs=1, steps_per_epoch=5, verbose=0)
     path = learner.export(str(tmp_path / "export"))
@@ -172,7 +174,7 @@ def test_export_answers_as_the_learner_does(tmp_path):
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
     with open(os.path.join(path, "assets.extra", "tf_maml_config.json")) as f:
         saved = json.load(f)
-    assert saved["algorithm"] == "metasgd" and saved["export_num_eval_steps"] == 3
+    assert saved["algorithm"] == algorithm and saved["export_num_eval_steps"] == 3
     # Adaptation moved the predictions (the learned rates are used).
     assert np.abs(expected - learner.predict(episode.query_x[0], verbose=0)).max() > 1e-4
 
@@ -247,6 +249,9 @@ def test_two_replicas_equal_one_device(tmp_path):
     with open(single) as f, open(mirrored) as g:
         one, two = json.load(f), json.load(g)
     np.testing.assert_allclose(two["loss"], one["loss"], rtol=1e-5)
+    for name in ("loss", "mse"):  # the same 3 evaluation meta-batches, padding excluded
+        assert two["evaluation"][name] == pytest.approx(one["evaluation"][name], rel=1e-5)
+    assert one["auto_jit"] is True and two["auto_jit"] is False
     for a, b in zip(one["weights"], two["weights"]):
         np.testing.assert_allclose(np.array(b), np.array(a), rtol=0, atol=1e-6)
 
@@ -304,3 +309,58 @@ def test_keras_losses_become_per_task_losses():
     p = tf.random.normal([3, 4, 1])
     np.testing.assert_allclose(keras_task_loss("mse")(y, p),
                                tf_maml.losses.mean_squared_error(y, p), rtol=1e-6)
+
+
+def test_adapt_and_predict_takes_what_users_pass():
+    learner = _conv_learner()
+    tasks = _image_tasks()
+    learner.fit(Episodes(tasks, 4), epochs=1, steps_per_epoch=2, verbose=0)
+    episode = tasks.sample(tf_maml.tasks.step_seed(1, 0), 1, "test")
+    sx, sy, qx = episode.support_x[0], episode.support_y[0], episode.query_x[0]
+    expected = learner.adapt_and_predict(sx, sy, qx)
+    # Raw uint8 images are scaled as the task families scale them; float64 is cast.
+    as_uint8 = [np.round(t.numpy() * 255).astype(np.uint8) for t in (sx, qx)]
+    np.testing.assert_allclose(learner.adapt_and_predict(as_uint8[0], sy, as_uint8[1]),
+                               expected, atol=1e-5)
+    np.testing.assert_allclose(
+        learner.adapt_and_predict(tf.cast(sx, tf.float64), sy, tf.cast(qx, tf.float64)),
+        expected, atol=1e-5)
+    # Regression labels of either rank, one after the other.
+    sine = _sine_learner()
+    task = SineTasks().sample(tf_maml.tasks.step_seed(2, 0), 1, "test")
+    with_axis = sine.adapt_and_predict(task.support_x[0], task.support_y[0], task.query_x[0])
+    without = sine.adapt_and_predict(task.support_x[0], task.support_y[0][:, 0],
+                                     task.query_x[0])
+    np.testing.assert_allclose(with_axis, without, atol=1e-6)
+
+
+def test_models_we_did_not_design_and_their_mistakes():
+    class NoTraining(keras.Model):  # `call` without a `training` argument
+        def __init__(self):
+            super().__init__()
+            self.hidden = keras.layers.Dense(16, activation="relu")
+            self.out = keras.layers.Dense(1)
+
+        def call(self, x):
+            return self.out(self.hidden(x))
+
+    model = NoTraining()
+    model(np.zeros((1, 1), np.float32))
+    learner = MetaLearner(model, inner_lr=0.01)
+    learner.compile(optimizer="adam", loss="mse")
+    history = learner.fit(Episodes(SineTasks(), 5), epochs=1, steps_per_epoch=2, verbose=0)
+    assert np.isfinite(history.history["loss"][0])
+    # Evaluation episodes of the training split end (100 tasks by default).
+    assert np.isfinite(learner.evaluate(Episodes(SineTasks(), 25), return_dict=True,
+                                        verbose=0)["loss"])
+
+    learner = _conv_learner()
+    learner.model.layers[0].trainable = False
+    with pytest.raises(ValueError, match="set `trainable` on layers before wrapping"):
+        learner.fit(Episodes(_image_tasks(), 4), steps_per_epoch=1, verbose=0)
+    with pytest.raises(ValueError, match="the tasks are 4-way"):
+        _conv_learner().fit(Episodes(_image_tasks(n_way=4), 4), steps_per_epoch=1, verbose=0)
+    small = tf_maml.tasks.array_tasks(np.random.rand(60, 3), np.repeat(np.arange(12), 5),
+                                      n_way=2, k_shot=1, k_query=1)
+    with pytest.raises(ValueError, match="fewer than"):
+        Episodes(small, 4, k_shot=10)

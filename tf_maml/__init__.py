@@ -12,6 +12,7 @@ __version__ = "0.2.0"
 
 __all__ = [
     "adapt", "broadcast_to_tasks", "inner_step", "meta_gradients", "supervised_loss", "SGD", "Adam",
-    "make_forward", "Episode", "MetaLearner", "Episodes", "MAML", "ANIL", "MetaSGD", "MAMLPlusPlus", "Reptile",
+    "make_forward", "Episode", "MetaLearner", "Episodes", "MAML", "ANIL", "MetaSGD",
+    "MAMLPlusPlus", "Reptile",
     "algorithms", "core", "functional", "losses", "models", "tasks",
 ]

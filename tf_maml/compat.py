@@ -18,7 +18,7 @@ import contextlib
 
 __all__ = ["cluster_resolver", "keras_moments_replaced", "functional_model_class", "all_layers",
            "seed_generators", "inbound_node_count", "dropout_noise_shape", "dropout_seed",
-           "eager_device_name"]
+           "eager_device_name", "model_supports_jit", "keras_trainer_hooks"]
 
 
 def cluster_resolver(strategy):
@@ -79,6 +79,21 @@ def all_layers(model):
     Relies on `Layer._flatten_layers(include_self=True, recursive=True)` (Keras 3).
     """
     return list(model._flatten_layers(include_self=True, recursive=True))
+
+
+def model_supports_jit(model):
+    """Whether Keras would compile `model` with XLA: every layer's `supports_jit`.
+
+    Relies on the `supports_jit` attribute of Keras 3 layers (public, but not
+    documented); a layer without it counts as supporting XLA.
+    """
+    return all(getattr(layer, "supports_jit", True) for layer in all_layers(model))
+
+
+# Keras hooks that `tf_maml.keras_face.MetaLearner` overrides (Keras 3 `Trainer` methods with
+# no public equivalent): `_resolve_auto_jit_compile` decides `compile(jit_compile="auto")`.
+# tests/test_compat.py checks they still exist.
+keras_trainer_hooks = ("_resolve_auto_jit_compile",)
 
 
 def seed_generators(layer):

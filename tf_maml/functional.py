@@ -34,6 +34,7 @@ for how masks are drawn).
 """
 
 import contextlib
+import inspect
 import threading
 
 import keras
@@ -606,6 +607,15 @@ def _check_single_input_output(model):
             "model that takes and returns a single tensor.")
 
 
+def _call_takes_training(model):
+    """Whether `model.call` accepts a `training` argument (or any keyword)."""
+    try:
+        parameters = inspect.signature(model.call).parameters.values()
+    except (TypeError, ValueError):
+        return True
+    return any(p.name == "training" or p.kind == p.VAR_KEYWORD for p in parameters)
+
+
 def make_forward(model, vectorize="auto"):
     """Turns a built Keras model into a task-batched function of its weights.
 
@@ -706,6 +716,8 @@ def make_forward(model, vectorize="auto"):
             return _to_tasks(h, final_layout, num_tasks)
     else:
         non_trainable = list(model.non_trainable_variables)
+        # As Keras: `training` is passed only to a `call` that takes it.
+        takes_training = _call_takes_training(model)
         position_of = {id(v): i for i, v in enumerate(non_trainable)}
         seed_positions = [position_of[id(v)] for v in _seed_state_variables(model)]
         try:
@@ -729,8 +741,8 @@ def make_forward(model, vectorize="auto"):
                     # Updated non-trainable values (moving statistics, seed
                     # states) are discarded: adaptation never changes the
                     # model's state.
-                    y, _ = model.stateless_call(list(task_weights), values, task_x,
-                                                training=training)
+                    kwargs = {"training": training} if takes_training else {}
+                    y, _ = model.stateless_call(list(task_weights), values, task_x, **kwargs)
                 flat = tf.nest.flatten(y)
                 if len(flat) != 1:
                     raise ValueError(

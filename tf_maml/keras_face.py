@@ -33,7 +33,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tf_maml import algorithms, distribute, evaluation, functional, serving
+from tf_maml import algorithms, compat, distribute, evaluation, functional, serving
 from tf_maml import config as config_lib
 from tf_maml import experiment as experiment_lib
 from tf_maml import tasks as tasks_lib
@@ -61,7 +61,7 @@ class Episodes:
         meta_batch_size: tasks per meta-batch.
         split: "train", "val" or "test".
         seed: seeds every sampled task (with the training iteration, or the
-            episode's index for evaluation).
+            episode's index for evaluation); default: the learner's `seed`.
         num_batches: meta-batches per pass, for evaluation (default: enough
             for 100 tasks); training episodes never run out (pass
             `steps_per_epoch` to `fit`).
@@ -80,7 +80,7 @@ class Episodes:
     ```
     """
 
-    def __init__(self, tasks, meta_batch_size, split="train", seed=0, num_batches=None,
+    def __init__(self, tasks, meta_batch_size, split="train", seed=None, num_batches=None,
                  k_shot=None):
         if not hasattr(tasks, "sample"):
             raise ValueError(f"tasks must be a task family with a sample() method (see "
@@ -90,11 +90,22 @@ class Episodes:
         for name, value in (("meta_batch_size", meta_batch_size), ("num_batches", num_batches)):
             if value is not None and (not isinstance(value, (int, np.integer)) or value < 1):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if k_shot is not None and hasattr(tasks, "check_k_shot"):
+            tasks.check_k_shot(k_shot, split)  # too few examples: say so now, not in tf.data
         self.tasks, self.meta_batch_size, self.split = tasks, int(meta_batch_size), split
-        self.seed, self.k_shot = int(seed), k_shot
-        if num_batches is None and split != "train":
-            num_batches = math.ceil(100 / self.meta_batch_size)
+        self.seed, self.k_shot = None if seed is None else int(seed), k_shot
         self.num_batches = num_batches
+
+    def evaluation_batches(self):
+        """Meta-batches of one evaluation pass (`num_batches`, default enough for 100 tasks)."""
+        return self.num_batches or math.ceil(100 / self.meta_batch_size)
+
+    def with_seed(self, seed):
+        """These episodes with `seed` filled in if none was given."""
+        if self.seed is not None:
+            return self
+        return Episodes(self.tasks, self.meta_batch_size, self.split, seed, self.num_batches,
+                        self.k_shot)
 
     @property
     def stream(self):
@@ -103,7 +114,7 @@ class Episodes:
 
     def sample(self, index):
         """The meta-batch of `index` (the iteration, in training), a pure function of it."""
-        return self.tasks.sample(tasks_lib.step_seed(self.seed, index, self.stream),
+        return self.tasks.sample(tasks_lib.step_seed(self.seed or 0, index, self.stream),
                                  self.meta_batch_size, self.split, k_shot=self.k_shot)
 
 
@@ -237,7 +248,8 @@ class MetaLearner(keras.Model):
                                 name=v.name.split(":")[0], trainable=True)
                 for v in extras]
         self.is_classification = None
-        self._sources = {}
+        self._sources, self._source_count, self._validation_key = {}, 0, None
+        self._task_input_shape = None
         self._loss_cache = (None, None)
         self.built = True
 
@@ -267,9 +279,12 @@ class MetaLearner(keras.Model):
                                              self.meta_config.num_iterations)
 
     def _resolve_auto_jit_compile(self):
-        # Keras' "auto" turns XLA on for GPUs; the CLI's rule (XLA off for convolutions
-        # on CPU, where it is slower, and for second-order max-pooling, where it is
-        # inexact) decides here too.
+        # Keras' "auto" never uses XLA on CPU-only machines, under a distribution
+        # strategy, or for layers that do not support it. The CLI's rule uses it where
+        # it is faster (dense models, also on CPU) and not for convolutions on CPU
+        # (slower) or second-order max-pooling (inexact); both sets of exclusions apply.
+        if self._distribute_strategy or not compat.model_supports_jit(self):
+            return False
         return experiment_lib.resolve_jit_compile(
             dataclasses.replace(self.meta_config, jit_compile="auto"), self.model)
 
@@ -288,13 +303,12 @@ class MetaLearner(keras.Model):
         if data is not None and not isinstance(data, Episodes) and hasattr(data, "sample") \
                 and not isinstance(data, tf.data.Dataset):
             data = Episodes(data, self.meta_config.meta_batch_size,
-                            "train" if training else "val", seed=self.meta_config.seed)
+                            "train" if training else "val")
         if not isinstance(data, Episodes):
             return data
         if training and data.split != "train":
             raise ValueError(f"fit() trains on Episodes(split='train'), got split={data.split!r}")
-        key = _SOURCE_KEY + str(len(self._sources))
-        self._sources[key] = data
+        data = data.with_seed(self.meta_config.seed)
         self._note_task_kind(data.tasks)
         replicas = self.distribute_strategy.num_replicas_in_sync
         if replicas == 1:
@@ -307,18 +321,18 @@ class MetaLearner(keras.Model):
                 steps = tf.data.Dataset.from_tensors(0).flat_map(
                     lambda _: tf.data.Dataset.range(start.read_value(), 2**62))
             else:
-                steps = tf.data.Dataset.range(data.num_batches or 2**62)
+                steps = tf.data.Dataset.range(data.evaluation_batches())
             return steps.map(data.sample, num_parallel_calls=tf.data.AUTOTUNE,
                              deterministic=True).prefetch(tf.data.AUTOTUNE)
         # Several replicas: every replica samples the step's meta-batch inside the step
         # (from the iteration counter when training) and takes its own slice of tasks.
-        if training or data.num_batches is None:
-            count = 2**62
-        else:
-            # Every replica evaluates whole meta-batches of its own: one index each.
-            count = math.ceil(data.num_batches / replicas) * replicas
-        indices = tf.data.Dataset.range(count).batch(replicas)
-        return indices.map(lambda i: {key: i})
+        self._source_count += 1
+        key = _SOURCE_KEY + str(self._source_count)
+        self._sources = {key: data, **{k: v for k, v in self._sources.items()
+                                       if k == self._validation_key}}
+        # Evaluation: every replica gets the index of the step's meta-batch.
+        indices = tf.data.Dataset.range(2**62 if training else data.evaluation_batches())
+        return indices.map(lambda i: {key: tf.fill([replicas], i)})
 
     def _data_start_variable(self):
         """Where a training pass over `Episodes` starts: set to the optimizer's iteration
@@ -333,6 +347,12 @@ class MetaLearner(keras.Model):
         kind = getattr(tasks, "is_classification", None)
         if kind is not None:
             self.is_classification = bool(kind)
+        if getattr(tasks, "input_shape", None) is not None:
+            self._task_input_shape = tuple(tasks.input_shape)
+        outputs, size = _output_size(self.model), getattr(tasks, "output_size", None)
+        if kind and size is not None and outputs is not None and size != outputs:
+            raise ValueError(f"the model outputs {outputs} values but the tasks are "
+                             f"{size}-way: give the model {size} outputs (one logit per class)")
 
     def _episode(self, data, training):
         """The local (this replica's) meta-batch of a step, and the global task count."""
@@ -348,14 +368,12 @@ class MetaLearner(keras.Model):
             # Keras split the meta-batch over the replicas, maybe unevenly.
             return episode, replica.all_reduce(tf.distribute.ReduceOp.SUM, local), local
         source = self._sources[source_key]
-        if not training:
-            index = tf.reshape(data[source_key], [-1])[0]
-            episode = source.sample(index)
-            local = tf.shape(episode.support_x)[0]
-            return episode, local * replicas, local
         # Training: the meta-batch of this iteration, as the CLI trainer samples it;
-        # each replica adapts its own slice of its tasks.
-        episode = source.sample(self.optimizer.iterations)
+        # evaluation: the meta-batch of the step's index. Each replica adapts its own
+        # slice of the tasks.
+        index = (self.optimizer.iterations if training
+                 else tf.reshape(data[source_key], [-1])[0])
+        episode = source.sample(index)
         total = source.meta_batch_size
         if replicas == 1:
             return episode, total, total
@@ -395,12 +413,12 @@ class MetaLearner(keras.Model):
         return self.compute_metrics(None, _flat(query_y), _flat(predictions), None)
 
     def test_step(self, data):
-        episode, global_tasks, local_tasks = self._episode(data, training=False)
+        episode, _, local_tasks = self._episode(data, training=False)
         predictions = self._adapt_predict(episode.support_x, episode.support_y, episode.query_x,
                                           self.meta_config.num_eval_steps)
         query_losses = self._task_loss(episode.query_y, predictions)
-        self._loss_tracker.update_state(tf.reduce_mean(query_losses),
-                                        sample_weight=tf.cast(local_tasks, query_losses.dtype))
+        weight = tf.cast(local_tasks, query_losses.dtype)
+        self._loss_tracker.update_state(tf.reduce_mean(query_losses), sample_weight=weight)
         return self.compute_metrics(None, _flat(episode.query_y), _flat(predictions), None)
 
     def predict_step(self, data):
@@ -444,15 +462,21 @@ class MetaLearner(keras.Model):
         Raises:
             ValueError: inputs that do not fit the model.
         """
-        input_rank = len(self.model.input_shape)  # batch axis included
+        input_shape = _input_shape(self.model) or self._task_input_shape
+        if input_shape is None:
+            raise ValueError("the model's input shape is unknown (a subclassed model): fit or "
+                             "evaluate it on a task family first")
+        input_rank = len(input_shape) + 1  # batch axis included
         dtype = self.algorithm.meta_variables[0].dtype
-        support_x = tf.convert_to_tensor(support_x, dtype)
-        query_x = tf.convert_to_tensor(query_x, dtype)
+        support_x, query_x = _model_input(support_x, dtype), _model_input(query_x, dtype)
         single = support_x.shape.rank == input_rank
         if not single and support_x.shape.rank != input_rank + 1:
-            raise ValueError(f"support_x must be [k, {', '.join(map(str, self.model.input_shape[1:]))}]"
-                             f" or have a leading task axis, got shape {support_x.shape}")
+            shape = ", ".join(map(str, input_shape))
+            raise ValueError(f"support_x must be [k, {shape}] or have a leading task axis, got "
+                             f"shape {support_x.shape}")
         support_y = tf.convert_to_tensor(support_y)
+        if not self.is_classification and support_y.dtype != dtype:
+            support_y = tf.cast(support_y, dtype)
         if single:
             support_x, support_y, query_x = support_x[None], support_y[None], query_x[None]
         if query_x.shape.rank != support_x.shape.rank:
@@ -524,9 +548,14 @@ class MetaLearner(keras.Model):
             raise ValueError("MetaLearner.fit takes meta-batches (the labels are inside them); "
                              "y must be None")
         self._check_compiled()
-        x = self._as_dataset(x, training=True)
+        self._check_variables()
+        self._validation_key = None
         if validation_data is not None:
             validation_data = self._as_dataset(validation_data, training=False)
+            self._validation_key = (next(iter(self._sources), None)
+                                    if self.distribute_strategy.num_replicas_in_sync > 1
+                                    else None)
+        x = self._as_dataset(x, training=True)
         self._build_metrics(x)
         kwargs.setdefault("shuffle", False)  # episodes are sampled, never shuffled
         # Last, so that it runs after BackupAndRestore has restored the counter.
@@ -539,6 +568,7 @@ class MetaLearner(keras.Model):
             raise ValueError("MetaLearner.evaluate takes meta-batches; y must be None")
         if not kwargs.get("_use_cached_eval_dataset"):
             self._check_compiled()
+            self._validation_key = None
             x = self._as_dataset(x, training=False)
             self._build_metrics(x)
         return super().evaluate(x, **kwargs)
@@ -568,6 +598,13 @@ class MetaLearner(keras.Model):
                 if each is not None and not each.built:
                     each.build(y_true, y_pred)
 
+    def _check_variables(self):
+        if len(self.model.trainable_variables) != self.algorithm.num_model_weights:
+            raise ValueError(
+                f"the model has {len(self.model.trainable_variables)} trainable weights now but "
+                f"had {self.algorithm.num_model_weights} when the MetaLearner was built: set "
+                "`trainable` on layers before wrapping the model")
+
     def _check_compiled(self):
         if not self.compiled:
             raise ValueError("compile the MetaLearner first: learner.compile(optimizer=..., "
@@ -586,9 +623,12 @@ class MetaLearner(keras.Model):
             raise ValueError("say whether the model classifies: export(..., "
                              "is_classification=True/False) (it is known after fit or "
                              "evaluate on a task family)")
-        spec = tasks_lib.TaskSpec(input_shape or tuple(self.model.input_shape[1:]),
-                                  output_size or self.model.output_shape[-1],
-                                  bool(is_classification))
+        input_shape = input_shape or _input_shape(self.model) or self._task_input_shape
+        output_size = output_size or _output_size(self.model)
+        if input_shape is None or output_size is None:
+            raise ValueError("the model's input shape or output size is unknown (a subclassed "
+                             "model): fit it on a task family first")
+        spec = tasks_lib.TaskSpec(input_shape, output_size, bool(is_classification))
         _, metric_fn, metric_name = losses.for_tasks(spec)
         return experiment_lib.Experiment(self.meta_config, None, spec, self.model, self.forward,
                                          self._task_loss, metric_fn, metric_name, self.algorithm)
@@ -645,8 +685,32 @@ def _compiled_adapt(learner, use_lr):
         def fn(support_x, support_y, query_x, steps, inner_lr):
             return learner._adapt_predict(support_x, support_y, query_x, steps,
                                           inner_lr if use_lr else None)
-        cache[use_lr] = tf.function(fn, reduce_retracing=True)
+        cache[use_lr] = tf.function(fn)
     return cache[use_lr]
+
+
+def _input_shape(model):
+    """One example's input shape, or `None` where Keras does not know it (subclassed)."""
+    try:
+        return tuple(model.input_shape[1:])
+    except (AttributeError, ValueError):
+        return None
+
+
+def _output_size(model):
+    """The model's output size (last axis), or `None` where Keras does not know it."""
+    try:
+        return model.output_shape[-1]
+    except (AttributeError, ValueError):
+        return None
+
+
+def _model_input(x, dtype):
+    """Inputs as the model's dtype; uint8 images scaled to [0, 1] as the task families do."""
+    x = tf.convert_to_tensor(x)
+    if x.dtype == tf.uint8:
+        return tf.cast(x, dtype) / 255
+    return tf.cast(x, dtype)
 
 
 def _flat(t):

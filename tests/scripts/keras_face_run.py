@@ -22,7 +22,6 @@ if replicas > 1:
         cpu, [tf.config.LogicalDeviceConfiguration()] * replicas)
 
 import keras  # noqa: E402
-import numpy as np  # noqa: E402
 
 import tf_maml  # noqa: E402
 
@@ -58,7 +57,21 @@ if mode == "backup":
         callbacks.append(KillAt(*map(int, os.environ["KILL_AT"].split(","))))
 history = learner.fit(tf_maml.Episodes(tf_maml.tasks.SineTasks(), META_BATCH), epochs=EPOCHS,
                       steps_per_epoch=STEPS, callbacks=callbacks, verbose=0)
+result = {"weights": [w.tolist() for w in learner.get_weights()],
+          "iterations": int(learner.optimizer.iterations.numpy()),
+          "loss": history.history["loss"]}
+if mode != "backup":
+    # Evaluation: 3 meta-batches, whatever the number of replicas.
+    result["evaluation"] = learner.evaluate(
+        tf_maml.Episodes(tf_maml.tasks.SineTasks(), META_BATCH, split="test", num_batches=3),
+        return_dict=True, verbose=0)
+    # Keras' jit_compile="auto": XLA off under a strategy (it cannot place the optimizer's
+    # replica variables), on for a dense model on one device (the CLI's rule).
+    with strategy.scope():
+        auto = tf_maml.MetaLearner(tf_maml.models.mlp(), inner_lr=0.01)
+        auto.compile(optimizer=keras.optimizers.Adam(1e-3), loss="mse")
+    auto.fit(tf_maml.Episodes(tf_maml.tasks.SineTasks(), META_BATCH), epochs=1,
+             steps_per_epoch=2, verbose=0)
+    result["auto_jit"] = bool(auto.jit_compile)
 with open(out, "w") as f:
-    json.dump({"weights": [w.tolist() for w in learner.get_weights()],
-               "iterations": int(learner.optimizer.iterations.numpy()),
-               "loss": history.history["loss"]}, f)
+    json.dump(result, f)

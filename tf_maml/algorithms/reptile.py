@@ -56,10 +56,15 @@ class Reptile(MAML):
         return core.SGD(lr)
 
     def task_loss(self, meta_params, inputs, y, training=True):
-        size = inputs.shape[1]
+        static_size = inputs.shape[1]
         batch = self.inner_batch_size
-        if not batch or size is None or batch >= size:
+        if not batch or (static_size is not None and batch >= static_size):
             return super().task_loss(meta_params, inputs, y, training)
+        # The support size may be known only at run time (a serving request): the
+        # same mini-batches then, and a set no larger than a batch is taken whole
+        # (in shuffled order: the same mean loss).
+        size = static_size if static_size is not None else tf.shape(inputs)[1]
+        batch = batch if static_size is not None else tf.minimum(batch, size)
         num_tasks = tf.shape(inputs)[0]
         seed = self.shuffle_seed if self.shuffle_seed is not None else tf.constant([0, 0],
                                                                                       tf.int64)
