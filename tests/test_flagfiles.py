@@ -51,6 +51,12 @@ RECIPES = {
                          num_inner_steps=5, num_eval_steps=32, inner_optimizer="sgd",
                          inner_lr=0.02, inner_batch_size=10, meta_step_size=0.1,
                          num_iterations=30000),
+    # Section 5.3: 2D navigation with MAML-TRPO (the original rllab recipe).
+    "rl_navigation": dict(dataset="navigation2d", meta_batch_size=20, fast_batch_size=20,
+                          horizon=100, inner_lr=0.1, outer_optimizer="trpo",
+                          max_kl=0.01, cg_iterations=10, cg_damping=1e-5, backtrack_ratio=0.8,
+                          max_backtracks=15, gamma=0.99, gae_lambda=1.0, num_eval_steps=3,
+                          num_eval_tasks=40, eval_step_size_decay=0.5, num_iterations=500),
 }
 ALGORITHM_PREFIXES = ("mamlpp_", "anil_", "metasgd_", "reptile_")
 
@@ -77,6 +83,7 @@ def test_there_are_flagfiles_for_every_paper_setting():
                 name = f"{dataset}_{n_way}way_{k_shot}shot"
                 assert {name, name + "_first_order"} <= names
     assert {"sine", "sine_first_order", "sine_pretrained"} <= names
+    assert {"rl_navigation", "rl_navigation_pretrained"} <= names
 
 
 @pytest.mark.parametrize("path", FLAGFILES, ids=os.path.basename)
@@ -106,9 +113,9 @@ def test_flagfile_is_a_valid_config_with_the_paper_recipe(path):
         assert config.model == "fc"
     elif "omniglot" in family:
         assert config.model == "conv4"
-    if name == "sine_pretrained":
+    if name in ("sine_pretrained", "rl_navigation_pretrained"):
         assert config.num_inner_steps == 0
-    elif name in ("sine", "sine_first_order", "sine_anil", "sine_metasgd"):
+    elif name in ("sine", "sine_first_order", "sine_anil", "sine_metasgd", "rl_navigation"):
         assert config.num_inner_steps == 1
 
 

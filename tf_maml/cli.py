@@ -18,7 +18,8 @@ _HELP = {
     "dataset": f"Task family: {', '.join(config_lib.DATASETS)}, or {config_lib.TFDS_PREFIX}NAME "
                "(a TensorFlow Datasets image-classification data set, e.g. "
                "tfds:emnist/balanced). folder: your images in --data_dir, one sub-folder per "
-               "class; custom: tasks given in code (not from the command line).",
+               "class; custom: tasks given in code (not from the command line); navigation2d: "
+               "meta-RL (2D point navigation, the paper's section 5.3).",
     "data_dir": "Local data: Omniglot archives/folders, MiniImagenet images/ + split CSVs, the "
                 "class sub-folders of --dataset=folder, or TFDS' data directory. Empty: "
                 "Omniglot from TFDS.",
@@ -66,6 +67,19 @@ _HELP = {
     "checkpoint_every": "Steps between checkpoints.",
     "validate_every": "Steps between validations on held-out tasks (0: never).",
     "num_eval_tasks": "Held-out tasks for evaluation.",
+    "fast_batch_size": "RL: episodes per task and per sampling.",
+    "horizon": "RL: steps per episode (0: the environment's, 100 for navigation2d).",
+    "outer_optimizer": f"RL: meta-update, {', '.join(config_lib.OUTER_OPTIMIZERS)} (adam uses "
+                       "--meta_lr).",
+    "max_kl": "RL, TRPO: trust region on the mean KL divergence.",
+    "cg_iterations": "RL, TRPO: conjugate-gradient iterations.",
+    "cg_damping": "RL, TRPO: damping added to the KL's Hessian.",
+    "backtrack_ratio": "RL, TRPO: line-search shrink factor per backtracking step.",
+    "max_backtracks": "RL, TRPO: line-search steps before the update is rejected.",
+    "gamma": "RL: discount factor.",
+    "gae_lambda": "RL: GAE lambda (1: return minus the linear baseline).",
+    "eval_step_size_decay": "RL evaluation: steps after the first use inner_lr times this "
+                            "(0.5: the paper's alpha, then alpha/2).",
 }
 
 _FIELD_NAMES = [field.name for field in dataclasses.fields(Config)]

@@ -4,14 +4,18 @@ import dataclasses
 import json
 import os
 
-__all__ = ["Config", "CONFIG_FILENAME", "DATASETS", "MODELS", "STRATEGIES", "ALGORITHMS", "load",
-           "save", "TFDS_PREFIX", "DEFAULT_CLASS_SPLIT", "parse_class_split", "is_known_dataset"]
+__all__ = ["Config", "CONFIG_FILENAME", "DATASETS", "RL_DATASETS", "MODELS", "STRATEGIES",
+           "ALGORITHMS", "OUTER_OPTIMIZERS", "load", "save", "TFDS_PREFIX", "DEFAULT_CLASS_SPLIT",
+           "parse_class_split", "is_known_dataset"]
 
 CONFIG_FILENAME = "config.json"
 # The one list of each choice; flags' help, validation and the builders use these.
 # "folder": the user's images, one sub-folder per class, in data_dir; "custom": a task family
 # given in code (the Keras face); and any "tfds:NAME" (TFDS_PREFIX + a TensorFlow Datasets name).
-DATASETS = ("sine", "omniglot", "miniimagenet", "folder", "custom")
+# "navigation2d": meta-reinforcement learning (the paper's section 5.3), trained with
+# `tf_maml.rl.MAMLRL`; the RL fields below (fast_batch_size, outer_optimizer, ...) apply to it.
+DATASETS = ("sine", "omniglot", "miniimagenet", "folder", "custom", "navigation2d")
+RL_DATASETS = ("navigation2d",)
 TFDS_PREFIX = "tfds:"
 # The user's data (folder, tfds:NAME): fractions of its classes for meta-train, -val and -test.
 DEFAULT_CLASS_SPLIT = "0.64,0.16,0.2"
@@ -19,12 +23,14 @@ MODELS = ("auto", "mlp", "conv4", "conv4_maxpool", "fc")
 STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
 ALGORITHMS = ("maml", "anil", "metasgd", "mamlpp", "reptile")
 INNER_OPTIMIZERS = ("sgd", "adam")
+OUTER_OPTIMIZERS = ("trpo", "adam")
 
 # Fields that may change when a run is resumed (they do not change what the
 # run computes, or they extend it).
 RESUMABLE_FIELDS = frozenset({
     "num_iterations", "log_every", "checkpoint_every", "validate_every", "num_eval_tasks",
     "num_eval_steps", "jit_compile", "data_dir", "cache_dir", "strategy", "transductive",
+    "eval_step_size_decay",
 })
 
 
@@ -64,8 +70,9 @@ class Config:
         dataset: task family: "sine", "omniglot", "miniimagenet", "folder"
             (your images in `data_dir`, one sub-folder per class), "tfds:NAME"
             (a TensorFlow Datasets image-classification data set, e.g.
-            "tfds:emnist/balanced") or "custom" (a task family given in code;
-            `tf_maml.tasks.build` cannot build it).
+            "tfds:emnist/balanced"), "custom" (a task family given in code;
+            `tf_maml.tasks.build` cannot build it) or "navigation2d" (meta-RL:
+            2D point navigation, the paper's section 5.3, with `tf_maml.rl`).
         data_dir: local data (Omniglot: Lake's archives or folders; MiniImagenet:
             `images/` and the split CSVs; folder: the class sub-folders;
             tfds: TFDS' data directory, empty for its default). Empty: Omniglot
@@ -135,6 +142,21 @@ class Config:
         checkpoint_every: steps between checkpoints.
         validate_every: steps between validation on held-out tasks (0: never).
         num_eval_tasks: held-out tasks for evaluation.
+        fast_batch_size: RL: episodes per task and per sampling (paper: 20).
+        horizon: RL: steps per episode (0: the environment's, 100 for
+            navigation2d).
+        outer_optimizer: RL: "trpo" (the paper's) or "adam" (with `meta_lr`)
+            for the meta-update.
+        max_kl: RL, TRPO: the trust region δ on the mean KL.
+        cg_iterations: RL, TRPO: conjugate-gradient iterations.
+        cg_damping: RL, TRPO: damping added to the KL's Hessian.
+        backtrack_ratio: RL, TRPO: line-search step shrink factor.
+        max_backtracks: RL, TRPO: line-search steps before giving up.
+        gamma: RL: discount.
+        gae_lambda: RL: GAE's λ (1: return minus the linear baseline).
+        eval_step_size_decay: RL evaluation: the first gradient step uses
+            `inner_lr`, later ones `inner_lr * eval_step_size_decay` (the
+            paper's α, then α/2).
     """
 
     dataset: str = "sine"
@@ -177,6 +199,22 @@ class Config:
     checkpoint_every: int = 5000
     validate_every: int = 5000
     num_eval_tasks: int = 600
+    fast_batch_size: int = 20
+    horizon: int = 0
+    outer_optimizer: str = "trpo"
+    max_kl: float = 0.01
+    cg_iterations: int = 10
+    cg_damping: float = 1e-5
+    backtrack_ratio: float = 0.8
+    max_backtracks: int = 15
+    gamma: float = 0.99
+    gae_lambda: float = 1.0
+    eval_step_size_decay: float = 0.5
+
+    @property
+    def is_rl(self):
+        """Whether the dataset is a reinforcement-learning environment (`RL_DATASETS`)."""
+        return self.dataset in RL_DATASETS
 
     def validate(self):
         """Checks every field; raises `ValueError` naming the first bad one."""
@@ -236,6 +274,38 @@ class Config:
              f"strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
         need(self.jit_compile in ("auto", "true", "false"),
              f"jit_compile must be auto, true or false, got {self.jit_compile!r}")
+        need(self.outer_optimizer in OUTER_OPTIMIZERS,
+             f"outer_optimizer must be one of {', '.join(OUTER_OPTIMIZERS)}, got "
+             f"{self.outer_optimizer!r}")
+        for name in ("fast_batch_size", "cg_iterations"):
+            need(isinstance(getattr(self, name), int) and getattr(self, name) >= 1,
+                 f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        for name in ("horizon", "max_backtracks"):
+            need(isinstance(getattr(self, name), int) and getattr(self, name) >= 0,
+                 f"{name} must be a non-negative integer, got {getattr(self, name)!r}")
+        for name in ("max_kl", "eval_step_size_decay"):
+            value = getattr(self, name)
+            need(isinstance(value, (int, float)) and 0 < value < float("inf"),
+                 f"{name} must be a positive number, got {value!r}")
+        need(isinstance(self.cg_damping, (int, float)) and 0 <= self.cg_damping < float("inf"),
+             f"cg_damping must be a non-negative number, got {self.cg_damping!r}")
+        for name in ("backtrack_ratio", "gamma", "gae_lambda"):
+            value = getattr(self, name)
+            need(isinstance(value, (int, float)) and 0 < value <= 1
+                 and (name != "backtrack_ratio" or value < 1),
+                 f"{name} must be in (0, 1{')' if name == 'backtrack_ratio' else ']'}, got "
+                 f"{value!r}")
+        if self.is_rl:
+            need(self.algorithm == "maml",
+                 f"dataset {self.dataset} (reinforcement learning) trains with algorithm=maml "
+                 f"(MAML-RL, or num_inner_steps=0 for the pretrained baseline), got "
+                 f"{self.algorithm!r}")
+            need(self.model in ("auto", "mlp"),
+                 f"dataset {self.dataset}: the policy is an mlp (model auto or mlp), got "
+                 f"{self.model!r}")
+            need(self.strategy == "default",
+                 f"dataset {self.dataset} trains on one device (strategy=default), got "
+                 f"{self.strategy!r}")
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -255,7 +325,7 @@ class Config:
         if self.model != "auto":
             return self.model
         paper = {"sine": "mlp", "omniglot": "conv4", "miniimagenet": "conv4_maxpool",
-                 "folder": "conv4"}
+                 "folder": "conv4", "navigation2d": "mlp"}
         if self.dataset in paper:
             return paper[self.dataset]
         if input_shape is not None:

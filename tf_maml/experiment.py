@@ -34,12 +34,16 @@ class Experiment:
 
     Attributes:
         config: the `Config`.
-        tasks: the task family (`None` when built without data).
-        spec: the `TaskSpec` (input shape, output size, classification).
+        tasks: the task family (`None` when built without data); for RL
+            datasets, the environment (e.g. `tf_maml.rl.Navigation2D`).
+        spec: the `TaskSpec` (input shape, output size, classification);
+            `None` for RL datasets.
         model: the Keras model; its weights are the meta-initialization θ.
         forward: its task-batched functional forward.
-        loss_fn, metric_fn, metric_name: per-task loss and reported metric.
-        algorithm: the algorithm (`tf_maml.algorithms`), which owns any
+        loss_fn, metric_fn, metric_name: per-task loss and reported metric
+            (RL: `None`, `None`, "return").
+        algorithm: the algorithm (`tf_maml.algorithms`, or `tf_maml.rl.MAMLRL`
+            whose model is the policy's mean network), which owns any
             meta-parameters beyond the model's weights.
     """
     config: config_lib.Config
@@ -71,6 +75,8 @@ def build_experiment(config, tasks=None, load_tasks=True, spec=None):
         ValueError: invalid config, or bad data.
     """
     config.validate()
+    if config.is_rl:
+        return _build_rl_experiment(config)
     if tasks is None and load_tasks:
         tasks = tasks_lib.build(config)
     if tasks is not None:
@@ -86,6 +92,25 @@ def build_experiment(config, tasks=None, load_tasks=True, spec=None):
                       algorithm)
 
 
+def _build_rl_experiment(config):
+    """The meta-RL run of a config: environment, Gaussian MLP policy, `MAMLRL`."""
+    from tf_maml import rl  # noqa: PLC0415 -- only RL runs need it
+
+    env = rl.Navigation2D()
+    keras.utils.set_random_seed(config.seed)
+    model = rl.gaussian_mlp_policy(env.observation_dim, env.action_dim)
+    algorithm = rl.MAMLRL(
+        env, model, meta_batch_size=config.meta_batch_size,
+        fast_batch_size=config.fast_batch_size, inner_lr=config.inner_lr,
+        num_inner_steps=config.num_inner_steps, first_order=config.first_order,
+        gamma=config.gamma, gae_lambda=config.gae_lambda, outer=config.outer_optimizer,
+        max_kl=config.max_kl, cg_iterations=config.cg_iterations, cg_damping=config.cg_damping,
+        backtrack_ratio=config.backtrack_ratio, max_backtracks=config.max_backtracks,
+        meta_lr=config.meta_lr, horizon=config.horizon or None, seed=config.seed)
+    return Experiment(config, env, None, model, algorithm.forward, None, None, "return",
+                      algorithm)
+
+
 def save_spec(spec, model_dir):
     """Records the model's input shape and output size beside the config (for restoring)."""
     path = os.path.join(model_dir, SPEC_FILENAME)
@@ -96,7 +121,9 @@ def save_spec(spec, model_dir):
 
 
 def load_spec(model_dir, config):
-    """The `TaskSpec` a run was trained with (recorded, or derived from its config)."""
+    """The `TaskSpec` a run was trained with (recorded, or derived from its config; RL: None)."""
+    if config.is_rl:
+        return None
     path = os.path.join(model_dir, SPEC_FILENAME)
     if os.path.exists(path):
         with open(path) as f:
@@ -310,6 +337,14 @@ def _layers(model):
     return out
 
 
+_CONVOLUTIONS = (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D,
+                 keras.layers.SeparableConv1D, keras.layers.SeparableConv2D,
+                 keras.layers.DepthwiseConv1D, keras.layers.DepthwiseConv2D,
+                 keras.layers.Conv1DTranspose, keras.layers.Conv2DTranspose,
+                 keras.layers.Conv3DTranspose)
+_MAX_POOLING = (keras.layers.MaxPooling1D, keras.layers.MaxPooling2D, keras.layers.MaxPooling3D)
+
+
 def resolve_jit_compile(config, model):
     """XLA on/off for a run.
 
@@ -320,9 +355,11 @@ def resolve_jit_compile(config, model):
     """
     if config.jit_compile != "auto":
         return config.jit_compile == "true"
+    if config.is_rl:  # rollouts are graph loops of tiny ops: not measured with XLA
+        return False
     layers = _layers(model)
-    has_conv = any(isinstance(layer, keras.layers.Conv2D) for layer in layers)
-    has_max_pool = any(isinstance(layer, keras.layers.MaxPooling2D) for layer in layers)
+    has_conv = any(isinstance(layer, _CONVOLUTIONS) for layer in layers)
+    has_max_pool = any(isinstance(layer, _MAX_POOLING) for layer in layers)
     second_order = not config.first_order and config.algorithm != "reptile"
     if has_max_pool and second_order and config.num_inner_steps > 0:
         return False

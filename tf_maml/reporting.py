@@ -38,6 +38,12 @@ def evaluate_and_report(model_dir, baseline_dir=None, output_dir=None, **overrid
     distribution, `inner_lr`, `num_eval_steps`, `num_eval_tasks`), on the same
     held-out tasks.
 
+    An RL run (`dataset="navigation2d"`) is evaluated as the MAML paper's
+    Fig. 5: average return after 0..`num_eval_steps` policy-gradient steps
+    (`inner_lr`, then `inner_lr * eval_step_size_decay`) on `num_eval_tasks`
+    held-out goals, for the run, the baseline, the random initialization
+    and the oracle that sees the goal.
+
     Args:
         model_dir: a directory written by `tf_maml.train`.
         baseline_dir: optional second run with the same architecture.
@@ -76,6 +82,8 @@ def evaluate_and_report(model_dir, baseline_dir=None, output_dir=None, **overrid
             raise PermissionError(f"{path} is not writable")
     experiment, step = experiment_lib.restore(model_dir, overrides, load_tasks=True)
     config = experiment.config
+    if config.is_rl:
+        return _evaluate_rl(model_dir, baseline_dir, output_dir, experiment, step)
     runs = {_label(config, model_dir, ()): (experiment, step)}
     if baseline_dir:
         # The baseline is evaluated on this run's tasks: its own data is not loaded.
@@ -195,3 +203,63 @@ def _plot_sine(path, runs, experiment, config):
     return evaluation.plot_sine_fits(path, panels, episode.support_x.numpy()[0, :, 0],
                                      episode.support_y.numpy()[0, :, 0], grid,
                                      truth.numpy()[0, :, 0], shown)
+
+
+RL_METRIC = "return"
+
+
+def _evaluate_rl(model_dir, baseline_dir, output_dir, experiment, step):
+    """The paper's Fig. 5 protocol for a meta-RL run: returns after 0..num_eval_steps steps."""
+    from tf_maml import trainer  # noqa: PLC0415 -- the seed of the test goals
+
+    config = experiment.config
+    runs = {_label(config, model_dir, ()): (experiment, step)}
+    if baseline_dir:
+        baseline, baseline_step = experiment_lib.restore(baseline_dir)
+        if not baseline.config.is_rl or baseline.config.dataset != config.dataset:
+            raise ValueError(f"--baseline_dir {baseline_dir} holds a {baseline.config.dataset} "
+                             f"run, not {config.dataset}")
+        runs[_label(baseline.config, baseline_dir, runs)] = (baseline, baseline_step)
+    # The random initialization: the run's policy before meta-training.
+    runs["random init"] = (experiment_lib.build_experiment(config), 0)
+    os.makedirs(output_dir, exist_ok=True)
+
+    algorithm = experiment.algorithm
+    tasks = algorithm.evaluation_tasks(trainer.RL_TEST_SEED, config.num_eval_tasks)
+    num_steps = config.num_eval_steps
+    sizes = [config.inner_lr] + [config.inner_lr * config.eval_step_size_decay] * (
+        max(num_steps, 1) - 1)
+    results = {}
+    for label, (run, run_step) in runs.items():
+        logging.info("evaluating %s (step %d) on %d held-out goals", label, run_step,
+                     config.num_eval_tasks)
+        per_task = run.algorithm.evaluate(trainer.RL_TEST_SEED, tasks=tasks, num_steps=num_steps,
+                                          step_sizes=sizes,
+                                          num_trajectories=config.fast_batch_size,
+                                          per_task=True)
+        results[label] = evaluation.summarize(per_task)
+    oracle = np.asarray(experiment.tasks.oracle_returns(tasks, algorithm.horizon))
+    results["oracle"] = evaluation.summarize(np.tile(oracle, (num_steps + 1, 1)))
+
+    table = evaluation.format_table(RL_METRIC, results)
+    steps_text = ", ".join(f"{s:g}" for s in sizes[:max(num_steps, 1)])
+    print(f"\naverage return on {config.num_eval_tasks} held-out {config.dataset} goals "
+          f"({config.fast_batch_size} episodes x {algorithm.horizon} steps per gradient step, "
+          f"step sizes {steps_text}), mean ± 95% CI:\n{table}\n"
+          f"{_non_finite_note(RL_METRIC, results)}")
+    extra = {"num_tasks": config.num_eval_tasks, "inner_lr": config.inner_lr,
+             "step_sizes": sizes[:max(num_steps, 1)], "algorithm": config.algorithm,
+             "dataset": config.dataset, "fast_batch_size": config.fast_batch_size,
+             "horizon": algorithm.horizon, "outer_optimizer": config.outer_optimizer,
+             "steps_trained": {label: s for label, (_, s) in runs.items()}}
+    evaluation.write_json(os.path.join(output_dir, RESULTS_FILENAME), RL_METRIC, results, extra)
+    title = f"{config.dataset}: {config.outer_optimizer.upper()}, inner_lr={config.inner_lr:g}"
+    paths = [evaluation.plot_curves(os.path.join(output_dir, CURVE_FILENAME), "average return",
+                                    results, title)]
+    history = validation_history(model_dir)
+    if history:
+        paths.append(evaluation.plot_validation_history(
+            os.path.join(output_dir, TRAINING_CURVE_FILENAME), RL_METRIC, history,
+            f"{title}: validation during meta-training"))
+    print("wrote " + ", ".join([os.path.join(output_dir, RESULTS_FILENAME)] + paths))
+    return results

@@ -749,14 +749,18 @@ def export(experiment, export_dir, version, num_eval_steps, inner_lr=None, overw
         The version's path.
 
     Raises:
-        ValueError: bad version or limits, non-finite meta-parameters, or the
-            version exists and `overwrite` is false.
+        ValueError: bad version or limits, non-finite meta-parameters, the
+            version exists and `overwrite` is false, or an RL run (not
+            exportable yet).
     """
     if not isinstance(version, (int, np.integer)) or isinstance(version, bool) or version < 1:
         raise ValueError(f"version must be a positive integer (TF Serving ignores version 0 "
                          f"and non-numeric names), got {version!r}")
     version = int(version)
     config = experiment.config
+    if config.is_rl:
+        raise ValueError(f"dataset {config.dataset}: exporting a meta-RL policy is not supported "
+                         "yet; restore it with tf_maml.experiment.restore(model_dir) instead")
     defaults = (DEFAULT_LIMITS.get(config.dataset) or default_limits(experiment.spec))
     if limits is None or isinstance(limits, dict):
         limits = dataclasses.replace(defaults, **(limits or {}))

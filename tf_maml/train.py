@@ -2,6 +2,10 @@
 
 Rerunning the same command resumes from the latest checkpoint in DIR. Unless
 --noevaluate, the final model is then evaluated (table and plots in DIR).
+
+`--dataset=navigation2d` (e.g. `--flagfile=flags/rl_navigation.flags`) meta-trains
+a Gaussian policy with MAML-RL (REINFORCE inner step, TRPO or Adam outer step),
+with the same checkpoints, resume and interrupt handling.
 """
 
 import os

@@ -30,10 +30,16 @@ from tf_maml import experiment as experiment_lib
 from tf_maml import tasks as tasks_lib
 from tf_maml.experiment import CHECKPOINT_SUBDIR
 
-__all__ = ["make_train_step", "make_train_loop", "train", "TrainingDiverged", "Interrupted",
+__all__ = ["make_train_step", "make_train_loop", "make_rl_train_step", "train", "TrainingDiverged",
+           "Interrupted",
            "CheckpointSaveError"]
 
 NUM_VALIDATION_TASKS = 100
+# RL: goals of the validation during training, and the `MAMLRL.evaluate` seed index of
+# validation and of the final evaluation (disjoint streams, neither used in training).
+NUM_RL_VALIDATION_TASKS = 20
+RL_VALIDATION_SEED = 1
+RL_TEST_SEED = 0
 # The loop runs as many steps per call as fit in about this many seconds:
 # fast steps (sine: ~0.5 ms) are not dominated by Python overhead, and an
 # interrupt (Ctrl-C) is still handled within about this long.
@@ -128,10 +134,20 @@ def make_train_loop(train_step):
 
 
 class _Progress:
-    """Progress lines with steps/s and ETA."""
+    """Progress lines with steps/s and ETA.
 
-    def __init__(self, start_step, total):
+    Args:
+        start_step: the step training starts from.
+        total: the last step.
+        units: optional `(log_name, label)`: the log `log_name` counts units of
+            work per step (e.g. "env_steps"); lines also give units/s, and
+            `scalars` holds it as "<log_name>_per_second" for the summaries.
+    """
+
+    def __init__(self, start_step, total, units=None):
         self.total = total
+        self.units = units
+        self.scalars = {}
         self.last_step, self.last_time = start_step, time.perf_counter()
 
     def line(self, step, logs):
@@ -139,9 +155,17 @@ class _Progress:
         rate = (step - self.last_step) / max(now - self.last_time, 1e-9)
         self.last_step, self.last_time = step, now
         eta = (self.total - step) / rate if rate > 0 else float("inf")
-        values = " ".join(f"{k}={v:.4f}" for k, v in logs.items())
+        counted = self.units[0] if self.units else None
+        values = " ".join(f"{k}={v:.0f}" if k == counted else f"{k}={v:.4f}"
+                          for k, v in logs.items())
+        rate_text = f"{rate:.1f}" if rate >= 1 else f"{rate:.3g}"
+        throughput = ""
+        if self.units and self.units[0] in logs:
+            per_second = rate * logs[self.units[0]]
+            self.scalars = {f"{self.units[0]}_per_second": per_second}
+            throughput = f" | {per_second:,.0f} {self.units[1]}/s"
         return (f"step {step}/{self.total} ({100 * step / self.total:.1f}%) {values} "
-                f"| {rate:.1f} steps/s | ETA {_duration(eta)}")
+                f"| {rate_text} steps/s{throughput} | ETA {_duration(eta)}")
 
 
 def _duration(seconds):
@@ -207,6 +231,10 @@ def _non_finite_meta_loss(logs):
 
 
 def _rates(config):
+    if config.is_rl:
+        outer = (("max_kl", config.max_kl) if config.outer_optimizer == "trpo"
+                 else ("meta_lr", config.meta_lr))
+        return f"inner_lr (now {config.inner_lr:g}) or {outer[0]} (now {outer[1]:g})"
     outer = ("meta_step_size", config.meta_step_size) if config.algorithm == "reptile" else (
         "meta_lr", config.meta_lr)
     return f"inner_lr (now {config.inner_lr:g}) or {outer[0]} (now {outer[1]:g})"
@@ -253,6 +281,11 @@ def train(config, model_dir, tasks=None):
     `TrainingDiverged` as soon as the meta-loss or the meta-parameters stop
     being finite; checkpoints with non-finite weights are never written.
 
+    An RL dataset (`config.is_rl`, e.g. "navigation2d") trains `tf_maml.rl.MAMLRL`
+    with the same loop: checkpoints (policy, log-std, outer optimizer state,
+    step), exact resume (a meta-iteration is a pure function of (seed,
+    iteration) and θ), divergence checks and interrupts.
+
     Args:
         config: a `Config`.
         model_dir: where checkpoints, `config.json` and summaries go.
@@ -282,14 +315,15 @@ def train(config, model_dir, tasks=None):
     ```
     """
     config.validate()
+    if config.is_rl:
+        if tasks is not None:
+            raise ValueError(f"dataset {config.dataset} is an environment: it takes no task "
+                             "family")
+        return _train_rl(config, model_dir)
     strategy = distribute.make_strategy(config.strategy)
     chief = distribute.is_chief(strategy)
     checkpoint_dir = os.path.join(model_dir, CHECKPOINT_SUBDIR)
-    _check_run_dir(config, model_dir, checkpoint_dir)
-    if chief:
-        experiment_lib.check_writable(model_dir, "model_dir")
-        experiment_lib.check_writable(checkpoint_dir, "checkpoint directory")
-        experiment_lib.check_writable(os.path.join(model_dir, "train"), "summary directory")
+    _prepare_run_dir(config, model_dir, checkpoint_dir, chief)
 
     with strategy.scope():
         experiment = experiment_lib.build_experiment(config, tasks)
@@ -302,19 +336,7 @@ def train(config, model_dir, tasks=None):
     checkpoint = experiment_lib.make_checkpoint(experiment, optimizer=optimizer, step=step)
     all_finite = _make_finite_check(algorithm.meta_variables)
     # Every worker resumes from the chief's checkpoints: the newest readable one.
-    try:
-        latest, _ = experiment_lib.restore_latest(checkpoint, checkpoint_dir)
-    except experiment_lib.CheckpointError as e:
-        raise experiment_lib.CheckpointError(
-            f"{e}. Training does not start over on top of them: move them away to start from "
-            "step 0, or use a new model_dir") from None
-    if latest:
-        logging.info("Resumed from %s at step %d", latest, int(step.numpy()))
-        if not bool(all_finite()):
-            raise TrainingDiverged(
-                f"{latest} holds non-finite weights (the run diverged before this version "
-                f"refused to save them). Lower {_rates(config)} and train again in a new "
-                "model_dir")
+    latest = _restore(config, checkpoint, checkpoint_dir, step, all_finite)
     # The run can start: only now is anything written.
     if chief:
         config_lib.save(config, model_dir)
@@ -341,11 +363,75 @@ def train(config, model_dir, tasks=None):
                                          max_to_keep=3)
     writer = (tf.summary.create_file_writer(os.path.join(model_dir, "train")) if chief
               else tf.summary.create_noop_writer())
-    progress = _Progress(start, config.num_iterations)
-    saved = {"step": start, "path": latest}
-    current = start
     train_loop = make_train_loop(train_step)
     iterator = iter(dataset)
+    try:
+        current = _run_loop(
+            config, step, all_finite, manager, writer, start, latest,
+            lambda num_steps: train_loop(iterator, tf.constant(num_steps, tf.int64)),
+            lambda current: _validate(experiment, curve_fn, writer, current), chief=chief)
+    finally:
+        writer.flush()
+        if not chief:
+            tf.io.gfile.rmtree(output_dir)
+    return experiment, current
+
+
+def _prepare_run_dir(config, model_dir, checkpoint_dir, chief=True):
+    """Checks, before anything is built or written, that `model_dir` can hold this run."""
+    _check_run_dir(config, model_dir, checkpoint_dir)
+    if chief:
+        experiment_lib.check_writable(model_dir, "model_dir")
+        experiment_lib.check_writable(checkpoint_dir, "checkpoint directory")
+        experiment_lib.check_writable(os.path.join(model_dir, "train"), "summary directory")
+
+
+def _restore(config, checkpoint, checkpoint_dir, step, all_finite):
+    """Restores the newest readable checkpoint (if any); returns its path or `None`."""
+    try:
+        latest, _ = experiment_lib.restore_latest(checkpoint, checkpoint_dir)
+    except experiment_lib.CheckpointError as e:
+        raise experiment_lib.CheckpointError(
+            f"{e}. Training does not start over on top of them: move them away to start from "
+            "step 0, or use a new model_dir") from None
+    if latest:
+        logging.info("Resumed from %s at step %d", latest, int(step.numpy()))
+        if not bool(all_finite()):
+            raise TrainingDiverged(
+                f"{latest} holds non-finite weights (the run diverged before this version "
+                f"refused to save them). Lower {_rates(config)} and train again in a new "
+                "model_dir")
+    return latest
+
+
+def _run_loop(config, step, all_finite, manager, writer, start, latest, run_steps, validate=None,
+              chief=True, progress=None):
+    """The meta-training loop shared by every kind of run: logs, validation, checkpoints.
+
+    Args:
+        config: the `Config` (`num_iterations`, `log_every`, `checkpoint_every`,
+            `validate_every`).
+        step: the int64 step variable that `run_steps` advances.
+        all_finite: `() -> bool tensor`, whether the meta-parameters are finite.
+        manager: the `tf.train.CheckpointManager`.
+        writer: the summary writer.
+        start: the step the loop starts from.
+        latest: the checkpoint restored (or `None`).
+        run_steps: `run_steps(num_steps) -> logs`: runs that many meta-iterations,
+            returns the last one's logs (with "meta_loss").
+        validate: `validate(step)`, called every `validate_every` steps (chief only).
+        chief: whether this worker writes logs and summaries.
+        progress: a `_Progress` (default: steps/s and ETA only).
+
+    Returns:
+        The final step.
+
+    Raises:
+        TrainingDiverged, CheckpointSaveError, Interrupted: see `train`.
+    """
+    progress = progress or _Progress(start, config.num_iterations)
+    saved = {"step": start, "path": latest}
+    current = start
     steps_per_call = 1
 
     def save(number):  # every worker takes part (the variables are shared)
@@ -360,13 +446,14 @@ def train(config, model_dir, tasks=None):
 
     try:
         while current < config.num_iterations:
-            events = [config.num_iterations, current + config.log_every - current % config.log_every,
+            events = [config.num_iterations,
+                      current + config.log_every - current % config.log_every,
                       current + config.checkpoint_every - current % config.checkpoint_every]
             if config.validate_every:
                 events.append(current + config.validate_every - current % config.validate_every)
             num_steps = min(steps_per_call, min(events) - current)
             started = time.perf_counter()
-            logs = train_loop(iterator, tf.constant(num_steps, tf.int64))
+            logs = run_steps(num_steps)
             elapsed = time.perf_counter() - started
             if current > start:  # the first call includes tracing and compilation
                 steps_per_call = int(min(MAX_STEPS_PER_CALL, max(
@@ -382,11 +469,11 @@ def train(config, model_dir, tasks=None):
                 logs = {k: float(v) for k, v in logs.items()}
                 logging.info(progress.line(current, logs))
                 with writer.as_default(step=current):
-                    for name, value in logs.items():
+                    for name, value in {**logs, **progress.scalars}.items():
                         tf.summary.scalar(name, value)
-            if chief and config.validate_every and (current % config.validate_every == 0
-                                                    or current == config.num_iterations):
-                _validate(experiment, curve_fn, writer, current)
+            if chief and validate and config.validate_every and (
+                    current % config.validate_every == 0 or current == config.num_iterations):
+                validate(current)
             if current % config.checkpoint_every == 0:
                 save(current)
         if current != saved["step"]:
@@ -410,11 +497,7 @@ def train(config, model_dir, tasks=None):
         if isinstance(e, KeyboardInterrupt):
             raise Interrupted(current, saved_now if chief else None, saved["path"]) from None
         raise
-    finally:
-        writer.flush()
-        if not chief:
-            tf.io.gfile.rmtree(output_dir)
-    return experiment, current
+    return current
 
 
 def _validate(experiment, curve_fn, writer, step):
@@ -430,3 +513,97 @@ def _validate(experiment, curve_fn, writer, step):
         tf.summary.scalar(f"validation/{name}_after_adaptation", mean[-1])
     logging.info("validation at step %d: %s before adaptation %.4f, after %d step(s) %.4f",
                  step, name, mean[0], len(mean) - 1, mean[-1])
+
+
+# -- meta-reinforcement learning -------------------------------------------------------------
+
+
+def make_rl_train_step(algorithm, optimizer, step_counter, jit_compile=False):
+    """A compiled `train_step() -> logs`: the meta-iteration `step_counter`, then the increment.
+
+    Args:
+        algorithm: a `tf_maml.rl.MAMLRL`.
+        optimizer: a built `algorithm.make_optimizer(...)` (TRPO: SGD(1) applying
+            the step; Adam: the meta-gradient).
+        step_counter: int64 `tf.Variable`; the iteration to run (with the
+            run's seed, it determines the tasks and every action noise).
+        jit_compile: compile the meta-iteration with XLA.
+
+    Returns:
+        A `tf.function` without arguments; its logs are `MAMLRL.meta_step`'s,
+        with the surrogate loss as "meta_loss".
+    """
+    variables = algorithm.meta_variables
+
+    @tf.function(jit_compile=jit_compile)
+    def compute(iteration):
+        _, update, logs = algorithm.meta_step(iteration)
+        return update, logs
+
+    @tf.function
+    def train_step():
+        update, logs = compute(step_counter.read_value())
+        optimizer.apply_gradients(zip(update, variables))
+        step_counter.assign_add(1)
+        logs = dict(logs)
+        logs["meta_loss"] = logs.pop("loss")
+        return logs
+
+    return train_step
+
+
+def _train_rl(config, model_dir):
+    """`train` for an RL dataset: MAML-RL (or the pretrained baseline) with the same loop."""
+    checkpoint_dir = os.path.join(model_dir, CHECKPOINT_SUBDIR)
+    _prepare_run_dir(config, model_dir, checkpoint_dir)
+    experiment = experiment_lib.build_experiment(config)
+    algorithm = experiment.algorithm
+    optimizer = algorithm.make_optimizer(config.meta_lr)
+    optimizer.build(algorithm.meta_variables)
+    step = tf.Variable(0, dtype=tf.int64, name="step")
+    checkpoint = experiment_lib.make_checkpoint(experiment, optimizer=optimizer, step=step)
+    all_finite = _make_finite_check(algorithm.meta_variables)
+    latest = _restore(config, checkpoint, checkpoint_dir, step, all_finite)
+    # The run can start: only now is anything written.
+    config_lib.save(config, model_dir)
+    start = int(step.numpy())
+    if start >= config.num_iterations:
+        logging.info("Already trained for %d iterations; nothing to do.", start)
+        return experiment, start
+
+    jit = experiment_lib.resolve_jit_compile(config, experiment.model)
+    what = ("the pretrained baseline (no inner loop)" if config.num_inner_steps == 0 else
+            f"MAML-RL ({config.num_inner_steps} inner step(s), "
+            f"{'first' if config.first_order else 'second'} order)")
+    logging.info("Meta-training %s on %s with %s: %d iterations, meta-batch %d x %d episodes "
+                 "x %d steps, XLA: %s", what, config.dataset, config.outer_optimizer.upper(),
+                 config.num_iterations, config.meta_batch_size, config.fast_batch_size,
+                 algorithm.horizon, jit)
+    train_step = make_rl_train_step(algorithm, optimizer, step, jit_compile=jit)
+    manager = tf.train.CheckpointManager(checkpoint, checkpoint_dir, max_to_keep=3)
+    writer = tf.summary.create_file_writer(os.path.join(model_dir, "train"))
+
+    def run_steps(num_steps):
+        for _ in range(num_steps):
+            logs = train_step()
+        return logs
+
+    progress = _Progress(start, config.num_iterations, units=("env_steps", "env steps"))
+    try:
+        current = _run_loop(config, step, all_finite, manager, writer, start, latest, run_steps,
+                            lambda current: _validate_rl(algorithm, writer, current),
+                            progress=progress)
+    finally:
+        writer.flush()
+    return experiment, current
+
+
+def _validate_rl(algorithm, writer, step):
+    """Average return before and after one gradient step on held-out goals."""
+    before, after = algorithm.evaluate(RL_VALIDATION_SEED, num_tasks=NUM_RL_VALIDATION_TASKS,
+                                       num_steps=1)
+    with writer.as_default(step=step):
+        tf.summary.scalar("validation/return_before_adaptation", before)
+        tf.summary.scalar("validation/return_after_adaptation", after)
+    logging.info("validation at step %d: return before adaptation %.2f, after 1 step %.2f",
+                 step, before, after)

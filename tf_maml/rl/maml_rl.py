@@ -67,8 +67,11 @@ class MAMLRL:
         fast_batch_size: episodes per task and per sampling (paper: 20).
         inner_lr: the inner step size α (the MAML paper's text gives 0.1 for
             navigation; the original launch script uses 0.5).
-        num_inner_steps: inner policy-gradient steps (≥ 1), each on episodes
-            sampled with the policy after the previous steps.
+        num_inner_steps: inner policy-gradient steps, each on episodes
+            sampled with the policy after the previous steps; 0 trains the
+            paper's "pretrained" baseline: one policy on all tasks jointly,
+            with the same outer optimizer (its episodes are the "validation"
+            ones).
         first_order: hold the inner gradients constant (first-order MAML).
         gamma: discount.
         gae_lambda: GAE's λ (1: return minus baseline, the original's).
@@ -107,8 +110,8 @@ class MAMLRL:
                  meta_lr=1e-3, horizon=None, seed=0):
         if outer not in ("trpo", "adam"):
             raise ValueError(f"outer must be 'trpo' or 'adam', got {outer!r}")
-        if num_inner_steps < 1:
-            raise ValueError(f"num_inner_steps must be >= 1, got {num_inner_steps}")
+        if num_inner_steps < 0:
+            raise ValueError(f"num_inner_steps must be >= 0, got {num_inner_steps}")
         if not isinstance(policy, GaussianPolicy):
             policy = GaussianPolicy(policy)
         self.env = env
@@ -132,6 +135,9 @@ class MAMLRL:
         self.horizon = int(env.horizon if horizon is None else horizon)
         self.seed = int(seed)
         self._evaluators = {}
+        # Checkpointed beside the model (as the supervised algorithms' `state`).
+        self.state = tf.Module(name=f"{self.name}_state")
+        self.state.meta_parameters = [self.policy.log_std]
 
     # -- meta-parameters ------------------------------------------------------------------------
 
@@ -218,10 +224,16 @@ class MAMLRL:
                                                 self.inner_update())
         return MetaBatch(tasks, batches[:-1], batches[-1], adapted)
 
-    def adapt(self, params, train, first_order=None):
-        """Adapts θ (`params`, differentiably) on fixed training episodes; returns adapted weights."""
+    def adapt(self, params, train, first_order=None, num_tasks=None):
+        """Adapts θ (`params`, differentiably) on fixed training episodes; returns adapted weights.
+
+        With no training episodes (`num_inner_steps=0`), returns θ broadcast to
+        `num_tasks` tasks.
+        """
         first_order = self.first_order if first_order is None else first_order
-        weights = core.broadcast_to_tasks(params, tf.shape(train[0].mask)[0])
+        if num_tasks is None:
+            num_tasks = tf.shape(train[0].mask)[0]
+        weights = core.broadcast_to_tasks(params, num_tasks)
         adapted, _ = core.adapt(objectives.reinforce_loss(self.policy, train), weights,
                                 len(train), self.inner_update(), first_order)
         return adapted
@@ -244,7 +256,8 @@ class MAMLRL:
         old_mean, old_log_std = tf.stop_gradient(old_mean), tf.stop_gradient(old_log_std)
 
         def objective(params):
-            adapted = self.adapt(list(params), meta_batch.train, first_order)
+            adapted = self.adapt(list(params), meta_batch.train, first_order,
+                                 tf.shape(meta_batch.tasks)[0])
             surrogate, kl = objectives.surrogate_and_kl(self.policy, adapted, valid, old_mean,
                                                         old_log_std)
             return tf.reduce_mean(surrogate), tf.reduce_mean(kl), {"task_surrogate": surrogate}
@@ -275,7 +288,8 @@ class MAMLRL:
         objective = self.outer_objective(meta_batch)
         dtype = params[0].dtype
         steps = sum(tf.reduce_sum(b.mask) for b in meta_batch.train + [meta_batch.valid])
-        logs = {"return_before": average_return(meta_batch.train[0]),
+        before = meta_batch.train[0] if meta_batch.train else meta_batch.valid
+        logs = {"return_before": average_return(before),
                 "return_after": average_return(meta_batch.valid),
                 "env_steps": tf.cast(steps, tf.int64)}
         if self.outer == "trpo":
@@ -334,8 +348,13 @@ class MAMLRL:
             return sizes[:max(num_steps, 1)]
         return [self.inner_lr] + [self.inner_lr / 2] * (max(num_steps, 1) - 1)
 
+    def evaluation_tasks(self, seed=0, num_tasks=40):
+        """The tasks `evaluate(seed, num_tasks=num_tasks)` samples (never used in training)."""
+        return self.env.sample_tasks(num_tasks, tf.random.experimental.stateless_fold_in(
+            self._seed(1, seed), 0))
+
     def evaluate(self, seed=0, tasks=None, num_tasks=40, num_steps=3, step_sizes=None,
-                 num_trajectories=None):
+                 num_trajectories=None, per_task=False):
         """Average return after 0, 1, ..., `num_steps` policy-gradient steps on new tasks.
 
         Each step samples `num_trajectories` episodes per task with the current
@@ -350,9 +369,11 @@ class MAMLRL:
             num_steps: gradient steps.
             step_sizes: the step size of each step (default α, then α/2).
             num_trajectories: episodes per task and step (default `fast_batch_size`).
+            per_task: return every task's average return rather than the mean.
 
         Returns:
-            A numpy array `[num_steps + 1]` of average undiscounted returns.
+            A numpy array `[num_steps + 1]` of average undiscounted returns
+            (`[num_steps + 1, num_tasks]` with `per_task`).
 
         Example:
 
@@ -362,7 +383,7 @@ class MAMLRL:
         """
         num_trajectories = self.fast_batch_size if num_trajectories is None else num_trajectories
         sizes = tuple(float(s) for s in self.step_sizes(num_steps, step_sizes))
-        key = (num_steps, sizes, int(num_trajectories))
+        key = (num_steps, sizes, int(num_trajectories), bool(per_task))
         if key not in self._evaluators:
             update = self.inner_update(tf.constant(sizes, self.policy.dtype), per_step=True)
 
@@ -371,13 +392,15 @@ class MAMLRL:
                 params = [tf.convert_to_tensor(v) for v in self.meta_variables]
                 batches, _ = self.sample_adapting(params, tasks, seed, num_steps, update,
                                                   num_trajectories)
+                if per_task:
+                    return tf.stack([tf.reduce_mean(tf.reduce_sum(b.rewards * b.mask, -1), -1)
+                                     for b in batches])
                 return tf.stack([average_return(b) for b in batches])
 
             self._evaluators[key] = run
-        seed = self._seed(1, seed)
         if tasks is None:
-            tasks = self.env.sample_tasks(num_tasks, tf.random.experimental.stateless_fold_in(
-                seed, 0))
+            tasks = self.evaluation_tasks(seed, num_tasks)
+        seed = self._seed(1, seed)
         rollout_seed = tf.random.experimental.stateless_fold_in(seed, 1)
         return np.asarray(self._evaluators[key](tf.convert_to_tensor(tasks, self.env.dtype),
                                                 rollout_seed))

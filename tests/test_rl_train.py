@@ -1,0 +1,160 @@
+"""Meta-RL from the command line: training, exact resume, errors, the Fig. 5 evaluation."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tf_maml import config as config_lib
+from tf_maml import experiment as experiment_lib
+from tf_maml import reporting, serving, trainer
+from tf_maml.rl import MAMLRL, Navigation2D, gaussian_mlp_policy
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# A tiny run of the paper's recipe: a few seconds per meta-iteration at most.
+TINY = dict(meta_batch_size=3, fast_batch_size=2, horizon=5, log_every=1, num_eval_tasks=6,
+            num_eval_steps=2, validate_every=0, inner_lr=0.1)
+TINY_FLAGS = [f"--{name}={value}" for name, value in TINY.items()]
+
+
+def _run(*args):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True,
+                          cwd=ROOT, env=env, timeout=600)
+
+
+def _state(model_dir):
+    """Every variable of a run's latest checkpoint (policy, log-std, optimizer, step)."""
+    checkpoints = experiment_lib.checkpoint_paths(
+        os.path.join(model_dir, experiment_lib.CHECKPOINT_SUBDIR))
+    reader = tf.train.load_checkpoint(checkpoints[0])
+    return {name: reader.get_tensor(name) for name in reader.get_variable_to_dtype_map()
+            if "save_counter" not in name and name != "_CHECKPOINTABLE_OBJECT_GRAPH"}
+
+
+def _assert_same_state(dir_a, dir_b):
+    a, b = _state(dir_a), _state(dir_b)
+    assert sorted(a) == sorted(b)
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+def test_cli_trains_rl_and_a_rerun_resumes_exactly(tmp_path):
+    resumed, straight = str(tmp_path / "resumed"), str(tmp_path / "straight")
+    common = ["tf_maml.train", "--flagfile=flags/rl_navigation.flags", f"--model_dir={resumed}",
+              "--checkpoint_every=2", "--noevaluate", *TINY_FLAGS]
+    first = _run(*common, "--num_iterations=2")
+    assert first.returncode == 0, first.stderr
+    assert "env steps/s" in first.stderr and "ETA" in first.stderr
+    assert "return_after=" in first.stderr and "kl=" in first.stderr
+    second = _run(*common, "--num_iterations=4")
+    assert second.returncode == 0, second.stderr
+    assert "Resumed from" in second.stderr
+    config = config_lib.load(resumed)
+    assert config.dataset == "navigation2d" and config.outer_optimizer == "trpo"
+    assert config.max_kl == 0.01 and config.num_iterations == 4
+    # The same config, uninterrupted, in this process: bit-identical state.
+    _, step = trainer.train(config, straight)
+    assert step == 4
+    _assert_same_state(resumed, straight)
+    # TensorBoard scalars of the RL loop.
+    tags = set()
+    for path in tf.io.gfile.glob(os.path.join(resumed, "train", "events.out.tfevents.*")):
+        for record in tf.data.TFRecordDataset(path):
+            event = tf.compat.v1.Event.FromString(record.numpy())
+            tags.update(value.tag for value in event.summary.value)
+    assert {"return_before", "return_after", "kl", "backtracks", "env_steps_per_second",
+            "meta_loss"} <= tags
+
+
+def test_interrupted_rl_run_with_adam_resumes_exactly(tmp_path, monkeypatch):
+    config = config_lib.Config(dataset="navigation2d", num_iterations=4, checkpoint_every=100,
+                               outer_optimizer="adam", meta_lr=0.01,
+                               **{**TINY, "validate_every": 3})
+    trainer.train(config, str(tmp_path / "straight"))
+
+    def interrupt(*args):
+        raise KeyboardInterrupt
+
+    real_validate = trainer._validate_rl
+    monkeypatch.setattr(trainer, "_validate_rl", interrupt)
+    with pytest.raises(trainer.Interrupted) as info:
+        trainer.train(config, str(tmp_path / "resumed"))
+    assert info.value.step == 3 and info.value.saved
+    monkeypatch.setattr(trainer, "_validate_rl", real_validate)
+    _, step = trainer.train(config, str(tmp_path / "resumed"))
+    assert step == 4
+    # Adam's moments are restored too.
+    assert any("optimizer" in name for name in _state(str(tmp_path / "straight")))
+    _assert_same_state(str(tmp_path / "resumed"), str(tmp_path / "straight"))
+
+
+def test_bad_rl_flags_are_one_line_errors_and_write_nothing(tmp_path):
+    model_dir = tmp_path / "run"
+    bad = _run("tf_maml.train", "--flagfile=flags/rl_navigation.flags",
+               f"--model_dir={model_dir}", "--outer_optimizer=sgd")
+    assert bad.returncode != 0 and "outer_optimizer must be one of trpo, adam" in bad.stderr
+    assert "Traceback" not in bad.stderr
+    assert not model_dir.exists()
+    base = dict(dataset="navigation2d")
+    for field, value, message in [("max_kl", 0.0, "max_kl must be a positive number"),
+                                  ("gamma", 1.5, "gamma must be in"),
+                                  ("backtrack_ratio", 1.0, "backtrack_ratio must be in"),
+                                  ("fast_batch_size", 0, "fast_batch_size must be a positive"),
+                                  ("horizon", -1, "horizon must be a non-negative"),
+                                  ("algorithm", "reptile", "trains with algorithm=maml"),
+                                  ("model", "conv4", "the policy is an mlp")]:
+        with pytest.raises(ValueError, match=message):
+            config_lib.Config(**base, **{field: value}).validate()
+    with pytest.raises(ValueError, match="takes no task family"):
+        trainer.train(config_lib.Config(**base), str(model_dir), tasks=object())
+    assert not model_dir.exists()
+    # Not exportable yet: said in one line, nothing written.
+    experiment = experiment_lib.build_experiment(config_lib.Config(**base))
+    with pytest.raises(ValueError, match="exporting a meta-RL policy is not supported"):
+        serving.export(experiment, str(model_dir), 1, 3)
+    assert not model_dir.exists()
+
+
+def test_evaluate_reports_the_run_baseline_random_init_and_oracle(tmp_path):
+    maml_dir, base_dir = str(tmp_path / "maml"), str(tmp_path / "pretrained")
+    trainer.train(config_lib.Config(dataset="navigation2d", num_iterations=2, **TINY), maml_dir)
+    trainer.train(config_lib.Config(dataset="navigation2d", num_iterations=1, num_inner_steps=0,
+                                    **TINY), base_dir)
+    out = tmp_path / "eval"
+    result = _run("tf_maml.evaluate", f"--model_dir={maml_dir}", f"--baseline_dir={base_dir}",
+                  f"--output_dir={out}", "--num_eval_steps=3")
+    assert result.returncode == 0, result.stderr
+    assert "average return on 6 held-out navigation2d goals" in result.stdout
+    saved = json.load(open(out / reporting.RESULTS_FILENAME))
+    assert list(saved["results"]) == ["MAML", "pretrained", "random init", "oracle"]
+    for row in saved["results"].values():
+        assert len(row["mean"]) == 4 and len(row["ci95"]) == 4
+        assert all(-10 < value < 0 for value in row["mean"])
+    assert saved["step_sizes"] == pytest.approx([0.1, 0.05, 0.05])
+    oracle = saved["results"]["oracle"]["mean"]
+    assert oracle[0] == oracle[-1] and oracle[0] > saved["results"]["random init"]["mean"][0]
+    assert saved["steps_trained"] == {"MAML": 2, "pretrained": 1, "random init": 0}
+    assert os.path.getsize(out / reporting.CURVE_FILENAME) > 10_000
+    # The same goals and noise for every run: evaluating again gives the same numbers.
+    again = reporting.evaluate_and_report(maml_dir, output_dir=str(tmp_path / "again"),
+                                          num_eval_steps=3)
+    np.testing.assert_allclose(again["MAML"][0], saved["results"]["MAML"]["mean"], rtol=1e-6)
+
+
+def test_pretrained_baseline_and_the_oracle():
+    env = Navigation2D(horizon=5)
+    algorithm = MAMLRL(env, gaussian_mlp_policy(2, 2, (8,)), meta_batch_size=2,
+                       fast_batch_size=2, num_inner_steps=0)
+    logs = algorithm.make_train_step()(tf.constant(0, tf.int64))
+    # No inner loop: the episodes before and after "adaptation" are the same ones.
+    assert float(logs["return_before"]) == float(logs["return_after"])
+    assert int(logs["env_steps"]) == 2 * 2 * 5
+    goals = Navigation2D().sample_tasks(2000, tf.constant([5, 6], tf.int64))
+    # Straight to the goal: about -0.505 over U[-0.5, 0.5]^2 goals (test_rl's greedy policy).
+    assert float(tf.reduce_mean(Navigation2D().oracle_returns(goals))) == pytest.approx(
+        -0.5, abs=0.05)
