@@ -414,8 +414,10 @@ def test_cli_trains_on_a_folder_and_exports_without_it(image_folder, tmp_path):
                   "--checkpoint_every=2", "--validate_every=0", "--noevaluate")
     assert result.returncode == 0, result.stderr
     spec = tasks_lib.TaskSpec((14, 14, 1), 2, True)
+    from tf_maml import config as config_lib
     from tf_maml import experiment as experiment_lib
-    assert vars(experiment_lib.load_spec(str(model_dir), None)) == vars(spec)
+    saved = config_lib.load(str(model_dir))
+    assert vars(experiment_lib.load_spec(str(model_dir), saved)) == vars(spec)
 
     pngs = [(data / f"char_0{c}" / "00.png").read_bytes() for c in range(3)]
     shutil.rmtree(data)  # export needs no data
