@@ -113,9 +113,15 @@ def test_bad_rl_flags_are_one_line_errors_and_write_nothing(tmp_path):
     with pytest.raises(ValueError, match="takes no task family"):
         trainer.train(config_lib.Config(**base), str(model_dir), tasks=object())
     assert not model_dir.exists()
-    # Not exportable yet: said in one line, nothing written.
+    # Exporting the policy (tests/test_rl_export.py): bad arguments and a diverged policy are
+    # refused in one line, before anything is written.
     experiment = experiment_lib.build_experiment(config_lib.Config(**base))
-    with pytest.raises(ValueError, match="exporting a meta-RL policy is not supported"):
+    with pytest.raises(ValueError, match="max_support_examples: not a limit of this export"):
+        serving.export(experiment, str(model_dir), 1, 3, limits={"max_support_examples": 5})
+    with pytest.raises(ValueError, match="version must be a positive integer"):
+        serving.export(experiment, str(model_dir), 0, 3)
+    experiment.algorithm.policy.log_std.assign([np.nan, 0.0])
+    with pytest.raises(ValueError, match="refusing to export: NaN or infinite values in log_std"):
         serving.export(experiment, str(model_dir), 1, 3)
     assert not model_dir.exists()
 

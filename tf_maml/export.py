@@ -9,6 +9,12 @@ for image datasets, `decode_images` and `adapt_images`; see `tf_maml.serving`).
 Requests are limited (examples per support and query set, inner steps, tasks
 per request): the dataset's defaults, or --max_support_examples,
 --max_query_examples, --max_inner_steps, --max_tasks.
+
+A meta-RL run (--dataset=navigation2d) exports its policy instead
+(`tf_maml.rl.serving`): `serving_default` (action means of the
+meta-initialization), `adapt` (one policy-gradient step of --inner_lr, default
+the run's, on a request's episodes) and `adapt_custom` (the request's
+inner_lr), limited by --max_episodes, --max_horizon, --max_query_observations.
 """
 
 from absl import app, flags, logging
@@ -31,7 +37,13 @@ LIMIT_FLAGS = {
     "max_tasks": "Most tasks in one request of adapt_tasks and adapt_tasks_custom (default: the "
                  "dataset's).",
 }
-for _name, _help in LIMIT_FLAGS.items():
+POLICY_LIMIT_FLAGS = {
+    "max_episodes": "Meta-RL runs: most episodes in one adapt request (default 100).",
+    "max_horizon": "Meta-RL runs: most steps per episode in one adapt request (default 1000).",
+    "max_query_observations": "Meta-RL runs: most rows of query_observations, and of "
+                              "serving_default's observations (default 10000).",
+}
+for _name, _help in {**LIMIT_FLAGS, **POLICY_LIMIT_FLAGS}.items():
     flags.DEFINE_integer(_name, None, _help)
 flags.mark_flags_as_required(["model_dir", "export_dir"])
 OVERRIDABLE = ("num_eval_steps", "inner_lr")
@@ -44,7 +56,8 @@ def _checked_flags():
     if FLAGS.version is not None and FLAGS.version < 1:
         raise ValueError(f"--version must be a positive integer (TF Serving ignores version "
                              f"0), got {FLAGS.version}")
-    limits = {name: FLAGS[name].value for name in LIMIT_FLAGS if FLAGS[name].value is not None}
+    limits = {name: FLAGS[name].value for name in {**LIMIT_FLAGS, **POLICY_LIMIT_FLAGS}
+              if FLAGS[name].value is not None}
     for name, value in limits.items():
         if value < 1:
             raise ValueError(f"--{name} must be a positive integer, got {value}")
@@ -61,6 +74,13 @@ def main(argv):
         experiment, step = experiment_lib.restore(FLAGS.model_dir, overrides,
                                                   checkpoint_path=FLAGS.checkpoint)
         config = experiment.config
+        wrong = sorted(set(limits) & set(LIMIT_FLAGS if config.is_rl else POLICY_LIMIT_FLAGS))
+        if wrong:
+            kind, own = (("a meta-RL policy", POLICY_LIMIT_FLAGS) if config.is_rl else
+                         ("a supervised run", LIMIT_FLAGS))
+            raise ValueError(f"{', '.join('--' + name for name in wrong)}: not a limit of "
+                             f"{kind}'s export (its limits: "
+                             f"{', '.join('--' + name for name in own)})")
         # The algorithm's own rates (learned ones included) unless --inner_lr is given.
         inner_lr = overrides.get("inner_lr")
         version = FLAGS.version if FLAGS.version is not None else max(step, 1)
@@ -68,10 +88,15 @@ def main(argv):
                               inner_lr, overwrite=FLAGS.overwrite, limits=limits)
     except cli.USER_ERRORS as e:
         cli.fail(cli.describe(e))
+    where = f"limits in {path}/assets.extra/{serving.CONFIG_ASSET}"
+    if config.is_rl:
+        rate = inner_lr if inner_lr is not None else config.inner_lr
+        print(f"exported the policy of step {step} of {FLAGS.model_dir} to {path} (adapt: one "
+              f"policy-gradient step with inner_lr {rate} on the request's episodes; {where})")
+        return
     rates = inner_lr if inner_lr is not None else f"the {config.algorithm} rates"
     print(f"exported step {step} of {FLAGS.model_dir} to {path} "
-          f"(adapt: {config.num_eval_steps} steps with {rates}; limits in "
-          f"{path}/assets.extra/{serving.CONFIG_ASSET})")
+          f"(adapt: {config.num_eval_steps} steps with {rates}; {where})")
 
 
 def run():

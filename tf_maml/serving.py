@@ -46,6 +46,10 @@ interact (statistics are per task).
 
 The graph uses only standard TensorFlow ops (no `py_function`, no XLA), so TF
 Serving's C++ runtime runs it.
+
+Meta-RL runs export a policy instead (`serving_default` for action means,
+`adapt` and `adapt_custom` for one policy-gradient step on a request's
+episodes): see `tf_maml.rl.serving`; `export` dispatches to it.
 """
 
 import ctypes
@@ -64,12 +68,42 @@ from tf_maml import core
 
 __all__ = ["AdaptationSignatures", "build_export_archive", "export", "ServingLimits",
            "ImageFormat", "default_limits", "image_format_for", "check_finite_parameters",
-           "MAX_INNER_STEPS", "SIGNATURES", "IMAGE_SIGNATURES", "DEFAULT_LIMITS"]
+           "MAX_INNER_STEPS", "SIGNATURES", "IMAGE_SIGNATURES", "DEFAULT_LIMITS",
+           "validate_limits", "limits_from", "check_version", "version_path", "write_version"]
 
 SIGNATURES = ("serving_default", "adapt", "adapt_custom", "adapted_weights", "adapt_tasks",
               "adapt_tasks_custom")
 IMAGE_SIGNATURES = ("decode_images", "adapt_images")
 CONFIG_ASSET = "tf_maml_config.json"
+
+
+def validate_limits(limits):
+    """Raises `ValueError` unless every field of the limits dataclass is a positive int32."""
+    for field in dataclasses.fields(limits):
+        value = getattr(limits, field.name)
+        if (not isinstance(value, (int, np.integer)) or isinstance(value, bool)
+                or not 1 <= value <= 2**31 - 1):
+            raise ValueError(f"{field.name} must be a positive integer, got {value!r}")
+    return limits
+
+
+def limits_from(defaults, limits):
+    """`limits` (a limits dataclass, a dict of some of `defaults`' fields, or None), validated.
+
+    Raises:
+        ValueError: a field `defaults` does not have, a non-positive value, or
+            limits of another kind than `defaults`.
+    """
+    if limits is None or isinstance(limits, dict):
+        unknown = sorted(set(limits or {}) - {f.name for f in dataclasses.fields(defaults)})
+        if unknown:
+            raise ValueError(f"{', '.join(unknown)}: not a limit of this export (its limits: "
+                             f"{', '.join(f.name for f in dataclasses.fields(defaults))})")
+        limits = dataclasses.replace(defaults, **(limits or {}))
+    if type(limits) is not type(defaults):
+        raise ValueError(f"this export takes {type(defaults).__name__}, got "
+                         f"{type(limits).__name__}")
+    return validate_limits(limits)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,12 +126,7 @@ class ServingLimits:
     max_tasks: int
 
     def validate(self):
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            if (not isinstance(value, (int, np.integer)) or isinstance(value, bool)
-                    or not 1 <= value <= 2**31 - 1):
-                raise ValueError(f"{field.name} must be a positive integer, got {value!r}")
-        return self
+        return validate_limits(self)
 
     def to_dict(self):
         return dataclasses.asdict(self)
@@ -218,14 +247,17 @@ def _lead_names(task_major, what="num_examples"):
     return ["num_tasks", what] if task_major else [what]
 
 
-def _validated_examples(name, x, shape, limit, limit_name, task_major, max_tasks=None):
+def _validated_examples(name, x, shape, limit, limit_name, task_major, max_tasks=None,
+                        what="examples"):
     """Asserts `x` is `[(tasks,) n, *shape]`, non-empty, finite, within the limits.
+
+    `what` names the rows in the messages ("examples", "observations").
 
     Returns:
         `x` with its static shape.
     """
     lead = 2 if task_major else 1
-    expected = _shape_text(_lead_names(task_major), shape)
+    expected = _shape_text(_lead_names(task_major, f"num_{what}"), shape)
     shape_ok = _shape_is(x, lead, shape) & tf.equal(tf.rank(x), lead + len(shape))
     checks = [_check(shape_ok, f"{name} must have shape {expected}; got shape", [tf.shape(x)])]
     count = _dim(x, lead - 1)
@@ -233,7 +265,7 @@ def _validated_examples(name, x, shape, limit, limit_name, task_major, max_tasks
     with tf.control_dependencies(checks):
         checks.append(_check(tf.size(x) > 0, f"{name} must not be empty"))
         checks.append(_check(count <= limit,
-                             f"{name} has too many examples{per_task}: this export accepts at "
+                             f"{name} has too many {what}{per_task}: this export accepts at "
                              f"most {limit} ({limit_name}); got", [count]))
         if task_major:
             checks.append(_check(_dim(x, 0) <= max_tasks,
@@ -748,32 +780,63 @@ def export(experiment, export_dir, version, num_eval_steps, inner_lr=None, overw
     Returns:
         The version's path.
 
+    Meta-RL runs (`config.is_rl`) are exported as a policy by
+    `tf_maml.rl.serving.export_policy` (signatures `serving_default`, `adapt`,
+    `adapt_custom`; `adapt` takes one policy-gradient step, so
+    `num_eval_steps` is not used; `limits` are `PolicyServingLimits`;
+    `image_format` does not apply).
+
     Raises:
         ValueError: bad version or limits, non-finite meta-parameters, the
-            version exists and `overwrite` is false, or an RL run (not
-            exportable yet).
+            version exists and `overwrite` is false.
     """
-    if not isinstance(version, (int, np.integer)) or isinstance(version, bool) or version < 1:
-        raise ValueError(f"version must be a positive integer (TF Serving ignores version 0 "
-                         f"and non-numeric names), got {version!r}")
-    version = int(version)
     config = experiment.config
     if config.is_rl:
-        raise ValueError(f"dataset {config.dataset}: exporting a meta-RL policy is not supported "
-                         "yet; restore it with tf_maml.experiment.restore(model_dir) instead")
+        from tf_maml.rl import serving as rl_serving  # noqa: PLC0415 -- only RL runs need it
+        return rl_serving.export_policy(experiment, export_dir, version, inner_lr, overwrite,
+                                        limits)
+    version = check_version(version)
     defaults = (DEFAULT_LIMITS.get(config.dataset) or default_limits(experiment.spec))
-    if limits is None or isinstance(limits, dict):
-        limits = dataclasses.replace(defaults, **(limits or {}))
-    limits.validate()
+    limits = limits_from(defaults, limits)
     if image_format == "auto":
         image_format = image_format_for(config.dataset, experiment.spec.input_shape)
-    path = os.path.join(export_dir, str(version))
-    if tf.io.gfile.exists(path) and not overwrite:
-        raise ValueError(f"{path} already exists; pass another version or overwrite")
+    path = version_path(export_dir, version, overwrite)
     check_finite_parameters(experiment)
     signatures = AdaptationSignatures(experiment.algorithm, experiment.spec, num_eval_steps,
                                       inner_lr, limits, image_format)
     archive = build_export_archive(signatures)
+    return write_version(archive, path, {
+        **config.to_dict(), "export_num_eval_steps": num_eval_steps,
+        "export_inner_lr": inner_lr, "export_limits": limits.to_dict(),
+        "export_image_format": image_format.to_dict() if image_format else None,
+        "export_signatures": list(signatures.signature_names)})
+
+
+def check_version(version):
+    """The version as an int; `ValueError` unless it is a positive integer."""
+    if not isinstance(version, (int, np.integer)) or isinstance(version, bool) or version < 1:
+        raise ValueError(f"version must be a positive integer (TF Serving ignores version 0 "
+                         f"and non-numeric names), got {version!r}")
+    return int(version)
+
+
+def version_path(export_dir, version, overwrite):
+    """`<export_dir>/<version>`; `ValueError` if it exists and not `overwrite`."""
+    path = os.path.join(export_dir, str(version))
+    if tf.io.gfile.exists(path) and not overwrite:
+        raise ValueError(f"{path} already exists; pass another version or overwrite")
+    return path
+
+
+def write_version(archive, path, record):
+    """Writes `archive` and `record` (`assets.extra/tf_maml_config.json`) to `path`, atomically.
+
+    The version is written to `<path>.tmp` and swapped into place once
+    complete (`_swap_in`).
+
+    Returns:
+        `path`.
+    """
     tmp = path + ".tmp"
     if tf.io.gfile.exists(tmp):
         tf.io.gfile.rmtree(tmp)
@@ -781,10 +844,6 @@ def export(experiment, export_dir, version, num_eval_steps, inner_lr=None, overw
     extra = os.path.join(tmp, "assets.extra")
     tf.io.gfile.makedirs(extra)
     with tf.io.gfile.GFile(os.path.join(extra, CONFIG_ASSET), "w") as f:
-        f.write(json.dumps({
-            **config.to_dict(), "export_num_eval_steps": num_eval_steps,
-            "export_inner_lr": inner_lr, "export_limits": limits.to_dict(),
-            "export_image_format": image_format.to_dict() if image_format else None,
-            "export_signatures": list(signatures.signature_names)}, indent=2, sort_keys=True))
+        f.write(json.dumps(record, indent=2, sort_keys=True))
     _swap_in(tmp, path)  # TF Serving never sees a half-written version, nor none
     return path

@@ -9,6 +9,7 @@
 | `objectives`    | `reinforce_loss` (a `core` task loss closure), TRPO surrogate and KL |
 | `trpo`          | generic TRPO: one-forward Hessian-vector products, CG, line search   |
 | `maml_rl`       | `MAMLRL`: a whole meta-iteration in one `tf.function`, evaluation    |
+| `serving`       | the policy export (`tf_maml.rl.serving`, imported on its own)        |
 
 The inner loop is `tf_maml.core.adapt` on the REINFORCE loss closure; nothing
 here re-implements it.

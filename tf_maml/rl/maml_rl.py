@@ -179,14 +179,23 @@ class MAMLRL:
         """The inner update rule: `core.SGD(α)`."""
         return core.SGD(self.inner_lr if inner_lr is None else inner_lr, per_step=per_step)
 
+    def process(self, trajectories):
+        """Adds the run's advantages to `Trajectories` (returns, baseline, GAE, normalization).
+
+        `process_trajectories` with the run's γ, GAE λ, baseline ridge
+        coefficient and normalization: what training does to every sampled
+        batch, and what the policy export does to a request's episodes.
+        """
+        return process_trajectories(trajectories, self.gamma, self.gae_lambda, self.baseline_reg,
+                                    self.normalize_advantages)
+
     def sample_batch(self, weights, tasks, seed, num_trajectories=None):
         """Episodes of every task with task-batched `weights`, with advantages."""
         trajectories = sample_trajectories(
             self.env, self.policy, weights, tasks,
             self.fast_batch_size if num_trajectories is None else num_trajectories, seed,
             self.horizon)
-        return process_trajectories(trajectories, self.gamma, self.gae_lambda, self.baseline_reg,
-                                    self.normalize_advantages)
+        return self.process(trajectories)
 
     def sample_adapting(self, params, tasks, seed, num_steps, update, num_trajectories=None):
         """Samples, adapts and samples again, `num_steps` times, through `core.adapt`.
@@ -224,18 +233,26 @@ class MAMLRL:
                                                 self.inner_update())
         return MetaBatch(tasks, batches[:-1], batches[-1], adapted)
 
-    def adapt(self, params, train, first_order=None, num_tasks=None):
+    def adapt(self, params, train, first_order=None, num_tasks=None, inner_lr=None):
         """Adapts θ (`params`, differentiably) on fixed training episodes; returns adapted weights.
 
-        With no training episodes (`num_inner_steps=0`), returns θ broadcast to
-        `num_tasks` tasks.
+        One REINFORCE step per entry of `train` (processed `Trajectories`),
+        through `core.adapt` with `inner_update(inner_lr)`. With no training
+        episodes (`num_inner_steps=0`), returns θ broadcast to `num_tasks` tasks.
+
+        Args:
+            params: the meta-parameters (`meta_variables` or tensors in their order).
+            train: list of processed `Trajectories`, one per inner step.
+            first_order: hold the inner gradients constant (default: the run's).
+            num_tasks: tasks (default: read from `train`).
+            inner_lr: the step size (default: the run's α); a float or scalar tensor.
         """
         first_order = self.first_order if first_order is None else first_order
         if num_tasks is None:
             num_tasks = tf.shape(train[0].mask)[0]
         weights = core.broadcast_to_tasks(params, num_tasks)
         adapted, _ = core.adapt(objectives.reinforce_loss(self.policy, train), weights,
-                                len(train), self.inner_update(), first_order)
+                                len(train), self.inner_update(inner_lr), first_order)
         return adapted
 
     # -- meta-objective -------------------------------------------------------------------------
