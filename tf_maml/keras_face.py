@@ -299,7 +299,12 @@ class MetaLearner(keras.Model):
     # -- data -----------------------------------------------------------------------------------
 
     def _as_dataset(self, data, training):
-        """`Episodes` (or a bare task family) become a dataset of episode indices."""
+        """`Episodes` (or a bare task family) as a dataset for Keras' loop.
+
+        One device: a prefetching dataset of meta-batches. Several replicas: a
+        dataset of episode indices, sampled inside the step (see `_episode`).
+        Anything else (a dataset of `Episode`s) is returned as it is.
+        """
         if data is not None and not isinstance(data, Episodes) and hasattr(data, "sample") \
                 and not isinstance(data, tf.data.Dataset):
             data = Episodes(data, self.meta_config.meta_batch_size,
@@ -404,12 +409,11 @@ class MetaLearner(keras.Model):
         return self._logs(loss * tf.cast(global_tasks, loss.dtype), local_tasks, episode.query_y,
                           outputs.query_predictions)
 
-    def _logs(self, replica_mean_loss_times_replicas, local_tasks, query_y, predictions):
-        # `loss` is this replica's share of the global meta-loss times the global task
-        # count, i.e. the sum of its tasks' losses: weight it by its task count.
-        local = tf.cast(local_tasks, replica_mean_loss_times_replicas.dtype)
-        self._loss_tracker.update_state(replica_mean_loss_times_replicas / local,
-                                        sample_weight=local)
+    def _logs(self, replica_loss_sum, local_tasks, query_y, predictions):
+        # `replica_loss_sum` is the sum of this replica's task losses (its share of the
+        # meta-loss times the global task count): its mean, weighted by its task count.
+        local = tf.cast(local_tasks, replica_loss_sum.dtype)
+        self._loss_tracker.update_state(replica_loss_sum / local, sample_weight=local)
         return self.compute_metrics(None, _flat(query_y), _flat(predictions), None)
 
     def test_step(self, data):
