@@ -56,7 +56,8 @@ RECIPES = {
                           horizon=100, inner_lr=0.1, outer_optimizer="trpo",
                           max_kl=0.01, cg_iterations=10, cg_damping=1e-5, backtrack_ratio=0.8,
                           max_backtracks=15, gamma=0.99, gae_lambda=1.0, num_eval_steps=3,
-                          num_eval_tasks=40, eval_step_size_decay=0.5, num_iterations=500),
+                          num_eval_tasks=40, eval_step_size_decay=0.5, num_iterations=500,
+                          policy_output="tanh", goal_radius=0.01),
 }
 ALGORITHM_PREFIXES = ("mamlpp_", "anil_", "metasgd_", "reptile_")
 

@@ -1,5 +1,6 @@
 """Meta-RL from the command line: training, exact resume, errors, the Fig. 5 evaluation."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -164,3 +165,18 @@ def test_pretrained_baseline_and_the_oracle():
     # Straight to the goal: about -0.505 over U[-0.5, 0.5]^2 goals (test_rl's greedy policy).
     assert float(tf.reduce_mean(Navigation2D().oracle_returns(goals))) == pytest.approx(
         -0.5, abs=0.05)
+
+
+def test_bounded_policy_mean_and_goal_radius_reach_the_run():
+    config = config_lib.Config(dataset="navigation2d", inner_lr=0.1, policy_output="tanh",
+                               goal_radius=0.01).validate()
+    experiment = experiment_lib.build_experiment(config)
+    far = np.array([[50.0, -50.0], [0.3, 0.2], [-80.0, 3.0]], np.float32)
+    means = experiment.model(far).numpy()
+    assert np.all(np.abs(means) <= 0.1 + 1e-7)  # inside the action clip, however far away
+    assert experiment.algorithm.env.goal_radius == 0.01
+    linear = experiment_lib.build_experiment(dataclasses.replace(config, policy_output="linear",
+                                                                 goal_radius=0.0))
+    assert linear.algorithm.env.goal_radius is None
+    with pytest.raises(ValueError, match="policy_output must be linear or tanh"):
+        dataclasses.replace(config, policy_output="sigmoid").validate()

@@ -80,6 +80,10 @@ _HELP = {
     "gae_lambda": "RL: GAE lambda (1: return minus the linear baseline).",
     "eval_step_size_decay": "RL evaluation: steps after the first use inner_lr times this "
                             "(0.5: the paper's alpha, then alpha/2).",
+    "policy_output": "RL: the policy's mean head, linear (the original code's) or tanh (bounded "
+                     "by the environment's action clip).",
+    "goal_radius": "RL, navigation2d: end an episode within this distance of the goal (0: "
+                   "fixed-length episodes).",
 }
 
 _FIELD_NAMES = [field.name for field in dataclasses.fields(Config)]

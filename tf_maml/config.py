@@ -157,6 +157,13 @@ class Config:
         eval_step_size_decay: RL evaluation: the first gradient step uses
             `inner_lr`, later ones `inner_lr * eval_step_size_decay` (the
             paper's α, then α/2).
+        policy_output: RL: the policy's mean head, "linear" (the original
+            code's) or "tanh" (the environment's action bound times tanh: the
+            mean cannot drift outside the action clip, where adaptation stops
+            working).
+        goal_radius: RL, navigation2d: an episode ends once the point is
+            within this distance of the goal in each coordinate (0: fixed-length
+            episodes; the reference implementations use 0.01).
     """
 
     dataset: str = "sine"
@@ -210,6 +217,8 @@ class Config:
     gamma: float = 0.99
     gae_lambda: float = 1.0
     eval_step_size_decay: float = 0.5
+    policy_output: str = "linear"
+    goal_radius: float = 0.0
 
     @property
     def is_rl(self):
@@ -289,6 +298,10 @@ class Config:
                  f"{name} must be a positive number, got {value!r}")
         need(isinstance(self.cg_damping, (int, float)) and 0 <= self.cg_damping < float("inf"),
              f"cg_damping must be a non-negative number, got {self.cg_damping!r}")
+        need(self.policy_output in ("linear", "tanh"),
+             f"policy_output must be linear or tanh, got {self.policy_output!r}")
+        need(isinstance(self.goal_radius, (int, float)) and 0 <= self.goal_radius < float("inf"),
+             f"goal_radius must be a non-negative number, got {self.goal_radius!r}")
         for name in ("backtrack_ratio", "gamma", "gae_lambda"):
             value = getattr(self, name)
             need(isinstance(value, (int, float)) and 0 < value <= 1

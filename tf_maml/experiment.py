@@ -96,9 +96,11 @@ def _build_rl_experiment(config):
     """The meta-RL run of a config: environment, Gaussian MLP policy, `MAMLRL`."""
     from tf_maml import rl  # noqa: PLC0415 -- only RL runs need it
 
-    env = rl.Navigation2D()
+    env = rl.Navigation2D(goal_radius=config.goal_radius or None)
     keras.utils.set_random_seed(config.seed)
-    model = rl.gaussian_mlp_policy(env.observation_dim, env.action_dim)
+    model = rl.gaussian_mlp_policy(
+        env.observation_dim, env.action_dim,
+        output_bound=env.max_action if config.policy_output == "tanh" else None)
     algorithm = rl.MAMLRL(
         env, model, meta_batch_size=config.meta_batch_size,
         fast_batch_size=config.fast_batch_size, inner_lr=config.inner_lr,

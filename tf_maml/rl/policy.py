@@ -17,7 +17,7 @@ __all__ = ["gaussian_mlp_policy", "GaussianPolicy", "log_prob", "kl_divergence",
 
 
 def gaussian_mlp_policy(obs_dim, action_dim, hidden=(100, 100), activation="relu", dtype=None,
-                        name="gaussian_mlp_policy"):
+                        output_bound=None, name="gaussian_mlp_policy"):
     """The mean network of the MAML paper's policy: obs → 100 → 100 → action mean, ReLU.
 
     The log-std is not part of the model: `GaussianPolicy` adds it (initial 0).
@@ -28,6 +28,9 @@ def gaussian_mlp_policy(obs_dim, action_dim, hidden=(100, 100), activation="relu
         hidden: width of each hidden layer.
         activation: hidden activation (the original code's ReLU).
         dtype: Keras dtype policy or name (e.g. "float64"), default float32.
+        output_bound: None (a linear mean, the original code's) or b: the mean
+            is `b * tanh(dense)`, e.g. the environment's action bound, so that
+            the mean stays where the clipped action still depends on it.
         name: model name.
 
     Returns:
@@ -41,7 +44,11 @@ def gaussian_mlp_policy(obs_dim, action_dim, hidden=(100, 100), activation="relu
     """
     layers = [keras.Input((obs_dim,), dtype=dtype)]
     layers += [keras.layers.Dense(size, activation=activation, dtype=dtype) for size in hidden]
-    layers.append(keras.layers.Dense(action_dim, dtype=dtype))
+    if output_bound is None:
+        layers.append(keras.layers.Dense(action_dim, dtype=dtype))
+    else:
+        layers.append(keras.layers.Dense(action_dim, activation="tanh", dtype=dtype))
+        layers.append(keras.layers.Rescaling(output_bound, dtype=dtype))
     return keras.Sequential(layers, name=name)
 
 
