@@ -33,7 +33,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tf_maml import algorithms, compat, distribute, evaluation, functional, serving
+from tf_maml import algorithms, compat, distribute, evaluation, functional, losses, serving
 from tf_maml import config as config_lib
 from tf_maml import experiment as experiment_lib
 from tf_maml import tasks as tasks_lib
@@ -516,8 +516,6 @@ class MetaLearner(keras.Model):
             A dict: `steps` (0..num_steps), `mean` and `ci95` (1.96·std/√n) of
             the metric after each step, and `metric` (its name).
         """
-        from tf_maml import losses  # noqa: PLC0415
-
         if split not in ("val", "test"):
             raise ValueError(f"split must be 'val' or 'test', got {split!r}")
         if metric is None:
@@ -619,8 +617,6 @@ class MetaLearner(keras.Model):
 
     def experiment(self, input_shape=None, output_size=None, is_classification=None):
         """The learner as a `tf_maml.experiment.Experiment` (for `tf_maml.serving`)."""
-        from tf_maml import losses  # noqa: PLC0415
-
         if is_classification is None:
             is_classification = self.is_classification
         if is_classification is None:
