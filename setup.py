@@ -26,6 +26,9 @@ setup(
         "tf": ["tensorflow>=2.16"],
         "cpu": ["tensorflow-cpu>=2.16"],
         "test": ["pytest"],
+        # Meta-RL locomotion (HalfCheetah goal velocity/direction): Gymnasium's MuJoCo
+        # environments, the maintained successors of the rllab ones the paper used.
+        "rl": ["gymnasium[mujoco]>=1.0,<2"],
     },
     entry_points={
         "console_scripts": [

@@ -74,6 +74,27 @@ def test_navigation_standing_still_greedy_clipping_and_masks():
                                rtol=1e-6)
 
 
+def test_normalized_actions_scale_a_unit_policy_action_to_the_clip():
+    """rllab's `normalize` (the original launch script): policy actions live in [-1, 1]²."""
+    env = Navigation2D(normalized_actions=True)
+    assert env.action_bound == 1.0 and Navigation2D().action_bound == 0.1
+    goals = env.sample_tasks(500, tf.constant([5, 6], tf.int64))
+    # Action 0.5 moves by 0.05, an action beyond 1 by exactly 0.1: scaled after clipping.
+    pushed = _rollout(env, _Scripted(lambda obs: tf.ones_like(obs) * tf.constant([5.0, -0.5])),
+                      goals[:3])
+    np.testing.assert_allclose(pushed.observations[:, 0, :3].numpy(),
+                               np.tile([[0, 0], [0.1, -0.05], [0.2, -0.1]], (3, 1, 1)),
+                               atol=1e-6)
+    # The same trajectory as the unnormalized environment given ten times smaller actions.
+    plain = _rollout(Navigation2D(), _Scripted(lambda obs: tf.ones_like(obs)
+                                                * tf.constant([0.5, -0.05])), goals[:3])
+    np.testing.assert_allclose(pushed.rewards.numpy(), plain.rewards.numpy(), rtol=1e-6)
+    # The oracle acts in policy units too: the same best return as without normalization.
+    np.testing.assert_allclose(env.oracle_returns(goals).numpy(),
+                               Navigation2D().oracle_returns(goals).numpy(), rtol=1e-5)
+    assert float(tf.reduce_mean(env.oracle_returns(goals))) == pytest.approx(-0.5, abs=0.05)
+
+
 def test_sampler_is_a_pure_function_of_the_seed_and_follows_the_dynamics():
     env = Navigation2D(horizon=7)
     policy = GaussianPolicy(keras.Sequential([keras.Input((2,)), keras.layers.Dense(2)]))

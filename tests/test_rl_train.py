@@ -178,5 +178,12 @@ def test_bounded_policy_mean_and_goal_radius_reach_the_run():
     linear = experiment_lib.build_experiment(dataclasses.replace(config, policy_output="linear",
                                                                  goal_radius=0.0))
     assert linear.algorithm.env.goal_radius is None
+    assert not linear.algorithm.env.normalized_actions
+    # rllab's normalize: the bounded mean spans the unit box the environment scales by 0.1.
+    normalized = experiment_lib.build_experiment(dataclasses.replace(config,
+                                                                     normalized_actions=True))
+    assert normalized.algorithm.env.normalized_actions
+    means = normalized.model(far).numpy()
+    assert np.all(np.abs(means) <= 1.0 + 1e-6) and np.max(np.abs(means)) > 0.1
     with pytest.raises(ValueError, match="policy_output must be linear or tanh"):
         dataclasses.replace(config, policy_output="sigmoid").validate()

@@ -18,8 +18,9 @@ _HELP = {
     "dataset": f"Task family: {', '.join(config_lib.DATASETS)}, or {config_lib.TFDS_PREFIX}NAME "
                "(a TensorFlow Datasets image-classification data set, e.g. "
                "tfds:emnist/balanced). folder: your images in --data_dir, one sub-folder per "
-               "class; custom: tasks given in code (not from the command line); navigation2d: "
-               "meta-RL (2D point navigation, the paper's section 5.3).",
+               "class; custom: tasks given in code (not from the command line); navigation2d, "
+               "halfcheetah_velocity, halfcheetah_direction: meta-RL (the paper's section 5.3; "
+               "HalfCheetah needs pip install -e '.[rl]').",
     "data_dir": "Local data: Omniglot archives/folders, MiniImagenet images/ + split CSVs, the "
                 "class sub-folders of --dataset=folder, or TFDS' data directory. Empty: "
                 "Omniglot from TFDS.",
@@ -68,7 +69,10 @@ _HELP = {
     "validate_every": "Steps between validations on held-out tasks (0: never).",
     "num_eval_tasks": "Held-out tasks for evaluation.",
     "fast_batch_size": "RL: episodes per task and per sampling.",
-    "horizon": "RL: steps per episode (0: the environment's, 100 for navigation2d).",
+    "eval_fast_batch_size": "RL evaluation: episodes per task and gradient step (0: "
+                            "fast_batch_size; the original evaluation used 40).",
+    "horizon": "RL: steps per episode (0: the environment's, 100 for navigation2d, 200 for "
+               "HalfCheetah).",
     "outer_optimizer": f"RL: meta-update, {', '.join(config_lib.OUTER_OPTIMIZERS)} (adam uses "
                        "--meta_lr).",
     "max_kl": "RL, TRPO: trust region on the mean KL divergence.",
@@ -84,6 +88,8 @@ _HELP = {
                      "by the environment's action clip).",
     "goal_radius": "RL, navigation2d: end an episode within this distance of the goal (0: "
                    "fixed-length episodes).",
+    "normalized_actions": "RL, navigation2d: the policy acts in [-1, 1], scaled by the "
+                          "environment to its 0.1 clip (the original code's rllab normalize).",
 }
 
 _FIELD_NAMES = [field.name for field in dataclasses.fields(Config)]
@@ -150,8 +156,9 @@ def no_positional_arguments(argv):
 
 
 # What an entry point reports in one line (`fail(describe(e))`) rather than a traceback:
-# bad input (ValueError), filesystem errors (OSError), TensorFlow's I/O errors.
-USER_ERRORS = (ValueError, OSError, tf.errors.OpError)
+# bad input (ValueError), filesystem errors (OSError), a missing optional extra (ImportError,
+# with its install line), TensorFlow's I/O errors.
+USER_ERRORS = (ValueError, OSError, ImportError, tf.errors.OpError)
 
 
 def describe(error):

@@ -12,10 +12,11 @@ CONFIG_FILENAME = "config.json"
 # The one list of each choice; flags' help, validation and the builders use these.
 # "folder": the user's images, one sub-folder per class, in data_dir; "custom": a task family
 # given in code (the Keras face); and any "tfds:NAME" (TFDS_PREFIX + a TensorFlow Datasets name).
-# "navigation2d": meta-reinforcement learning (the paper's section 5.3), trained with
-# `tf_maml.rl.MAMLRL`; the RL fields below (fast_batch_size, outer_optimizer, ...) apply to it.
-DATASETS = ("sine", "omniglot", "miniimagenet", "folder", "custom", "navigation2d")
-RL_DATASETS = ("navigation2d",)
+# "navigation2d", "halfcheetah_velocity", "halfcheetah_direction": meta-reinforcement learning
+# (the paper's section 5.3), trained with `tf_maml.rl.MAMLRL`; the RL fields below
+# (fast_batch_size, outer_optimizer, ...) apply to them. The HalfCheetah ones need the "rl" extra.
+RL_DATASETS = ("navigation2d", "halfcheetah_velocity", "halfcheetah_direction")
+DATASETS = ("sine", "omniglot", "miniimagenet", "folder", "custom") + RL_DATASETS
 TFDS_PREFIX = "tfds:"
 # The user's data (folder, tfds:NAME): fractions of its classes for meta-train, -val and -test.
 DEFAULT_CLASS_SPLIT = "0.64,0.16,0.2"
@@ -143,6 +144,9 @@ class Config:
         validate_every: steps between validation on held-out tasks (0: never).
         num_eval_tasks: held-out tasks for evaluation.
         fast_batch_size: RL: episodes per task and per sampling (paper: 20).
+        eval_fast_batch_size: RL evaluation: episodes per task and gradient
+            step (0: `fast_batch_size`; the original evaluation sampled 4000
+            steps, 40 episodes of 100).
         horizon: RL: steps per episode (0: the environment's, 100 for
             navigation2d).
         outer_optimizer: RL: "trpo" (the paper's) or "adam" (with `meta_lr`)
@@ -164,6 +168,10 @@ class Config:
         goal_radius: RL, navigation2d: an episode ends once the point is
             within this distance of the goal in each coordinate (0: fixed-length
             episodes; the reference implementations use 0.01).
+        normalized_actions: RL, navigation2d: the policy acts in [-1, 1] and
+            the environment scales its (clipped) action by 0.1, as the original
+            code's rllab `normalize` wrapper; otherwise actions are clipped to
+            [-0.1, 0.1] unscaled (pytorch-maml-rl's convention).
     """
 
     dataset: str = "sine"
@@ -207,6 +215,7 @@ class Config:
     validate_every: int = 5000
     num_eval_tasks: int = 600
     fast_batch_size: int = 20
+    eval_fast_batch_size: int = 0
     horizon: int = 0
     outer_optimizer: str = "trpo"
     max_kl: float = 0.01
@@ -219,6 +228,13 @@ class Config:
     eval_step_size_decay: float = 0.5
     policy_output: str = "linear"
     goal_radius: float = 0.0
+    normalized_actions: bool = False
+
+    @property
+    def episodes_per_evaluation_step(self):
+        """RL: episodes per task and gradient step in evaluation (`eval_fast_batch_size` or
+        `fast_batch_size`)."""
+        return self.eval_fast_batch_size or self.fast_batch_size
 
     @property
     def is_rl(self):
@@ -283,13 +299,16 @@ class Config:
              f"strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
         need(self.jit_compile in ("auto", "true", "false"),
              f"jit_compile must be auto, true or false, got {self.jit_compile!r}")
+        need(not (self.dataset.startswith("halfcheetah") and self.jit_compile == "true"),
+             "jit_compile=true is not possible with the HalfCheetah environments: their "
+             "MuJoCo simulations step in Python, which XLA cannot compile")
         need(self.outer_optimizer in OUTER_OPTIMIZERS,
              f"outer_optimizer must be one of {', '.join(OUTER_OPTIMIZERS)}, got "
              f"{self.outer_optimizer!r}")
         for name in ("fast_batch_size", "cg_iterations"):
             need(isinstance(getattr(self, name), int) and getattr(self, name) >= 1,
                  f"{name} must be a positive integer, got {getattr(self, name)!r}")
-        for name in ("horizon", "max_backtracks"):
+        for name in ("horizon", "max_backtracks", "eval_fast_batch_size"):
             need(isinstance(getattr(self, name), int) and getattr(self, name) >= 0,
                  f"{name} must be a non-negative integer, got {getattr(self, name)!r}")
         for name in ("max_kl", "eval_step_size_decay"):
@@ -338,7 +357,7 @@ class Config:
         if self.model != "auto":
             return self.model
         paper = {"sine": "mlp", "omniglot": "conv4", "miniimagenet": "conv4_maxpool",
-                 "folder": "conv4", "navigation2d": "mlp"}
+                 "folder": "conv4", **{name: "mlp" for name in RL_DATASETS}}
         if self.dataset in paper:
             return paper[self.dataset]
         if input_shape is not None:

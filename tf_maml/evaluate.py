@@ -18,7 +18,7 @@ flags.DEFINE_string("baseline_dir", None,
 flags.DEFINE_string("output_dir", None, "Where results and plots go (default: --model_dir).")
 flags.mark_flag_as_required("model_dir")
 OVERRIDABLE = ("num_eval_steps", "num_eval_tasks", "inner_lr", "transductive", "data_dir",
-               "cache_dir", "eval_step_size_decay")
+               "cache_dir", "eval_step_size_decay", "eval_fast_batch_size")
 cli.define_config_flags(OVERRIDABLE)
 FLAGS = flags.FLAGS
 

@@ -96,11 +96,15 @@ def _build_rl_experiment(config):
     """The meta-RL run of a config: environment, Gaussian MLP policy, `MAMLRL`."""
     from tf_maml import rl  # noqa: PLC0415 -- only RL runs need it
 
-    env = rl.Navigation2D(goal_radius=config.goal_radius or None)
+    if config.dataset == "navigation2d":
+        env = rl.Navigation2D(horizon=config.horizon or 100, goal_radius=config.goal_radius or None,
+                              normalized_actions=config.normalized_actions)
+    else:   # halfcheetah_velocity, halfcheetah_direction (Gymnasium + MuJoCo)
+        env = rl.HalfCheetahGoals(config.dataset.split("_")[1], horizon=config.horizon or 200)
     keras.utils.set_random_seed(config.seed)
     model = rl.gaussian_mlp_policy(
         env.observation_dim, env.action_dim,
-        output_bound=env.max_action if config.policy_output == "tanh" else None)
+        output_bound=getattr(env, "action_bound", 1.0) if config.policy_output == "tanh" else None)
     algorithm = rl.MAMLRL(
         env, model, meta_batch_size=config.meta_batch_size,
         fast_batch_size=config.fast_batch_size, inner_lr=config.inner_lr,

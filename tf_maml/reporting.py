@@ -42,7 +42,7 @@ def evaluate_and_report(model_dir, baseline_dir=None, output_dir=None, **overrid
     Fig. 5: average return after 0..`num_eval_steps` policy-gradient steps
     (`inner_lr`, then `inner_lr * eval_step_size_decay`) on `num_eval_tasks`
     held-out goals, for the run, the baseline, the random initialization
-    and the oracle that sees the goal.
+    and (navigation) the oracle that sees the goal.
 
     Args:
         model_dir: a directory written by `tf_maml.train`.
@@ -229,27 +229,30 @@ def _evaluate_rl(model_dir, baseline_dir, output_dir, experiment, step):
     num_steps = config.num_eval_steps
     sizes = [config.inner_lr] + [config.inner_lr * config.eval_step_size_decay] * (
         max(num_steps, 1) - 1)
+    episodes = config.episodes_per_evaluation_step
     results = {}
     for label, (run, run_step) in runs.items():
         logging.info("evaluating %s (step %d) on %d held-out goals", label, run_step,
                      config.num_eval_tasks)
         per_task = run.algorithm.evaluate(trainer.RL_TEST_SEED, tasks=tasks, num_steps=num_steps,
                                           step_sizes=sizes,
-                                          num_trajectories=config.fast_batch_size,
+                                          num_trajectories=episodes,
                                           per_task=True)
         results[label] = evaluation.summarize(per_task)
-    oracle = np.asarray(experiment.tasks.oracle_returns(tasks, algorithm.horizon))
-    results["oracle"] = evaluation.summarize(np.tile(oracle, (num_steps + 1, 1)))
+    if hasattr(experiment.tasks, "oracle_returns"):   # navigation: the analytic best policy
+        oracle = np.asarray(experiment.tasks.oracle_returns(tasks, algorithm.horizon))
+        results["oracle"] = evaluation.summarize(np.tile(oracle, (num_steps + 1, 1)))
 
     table = evaluation.format_table(RL_METRIC, results)
     steps_text = ", ".join(f"{s:g}" for s in sizes[:max(num_steps, 1)])
     print(f"\naverage return on {config.num_eval_tasks} held-out {config.dataset} goals "
-          f"({config.fast_batch_size} episodes x {algorithm.horizon} steps per gradient step, "
+          f"({episodes} episodes x {algorithm.horizon} steps per gradient step, "
           f"step sizes {steps_text}), mean ± 95% CI:\n{table}\n"
           f"{_non_finite_note(RL_METRIC, results)}")
     extra = {"num_tasks": config.num_eval_tasks, "inner_lr": config.inner_lr,
              "step_sizes": sizes[:max(num_steps, 1)], "algorithm": config.algorithm,
              "dataset": config.dataset, "fast_batch_size": config.fast_batch_size,
+             "eval_fast_batch_size": episodes,
              "horizon": algorithm.horizon, "outer_optimizer": config.outer_optimizer,
              "steps_trained": {label: s for label, (_, s) in runs.items()}}
     evaluation.write_json(os.path.join(output_dir, RESULTS_FILENAME), RL_METRIC, results, extra)

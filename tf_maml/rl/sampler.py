@@ -6,6 +6,8 @@ import tensorflow as tf
 
 __all__ = ["Trajectories", "sample_trajectories", "average_return"]
 
+RESET_SEED_SALT = 0x5EED
+
 
 class Trajectories(collections.namedtuple(
         "Trajectories", ["observations", "actions", "rewards", "mask", "advantages"],
@@ -40,7 +42,8 @@ def sample_trajectories(env, policy, weights, tasks, num_trajectories, seed, hor
         weights: task-batched policy weights (leading axis: the tasks).
         tasks: the tasks, `[num_tasks, ...]` (e.g. goals).
         num_trajectories: episodes per task (a Python int).
-        seed: `[2]` integer tensor for the action noise.
+        seed: `[2]` integer tensor for the action noise (and, folded, the
+            environment's initial states).
         horizon: steps per episode (default `env.horizon`).
 
     Returns:
@@ -62,7 +65,9 @@ def sample_trajectories(env, policy, weights, tasks, num_trajectories, seed, hor
     dtype = policy.dtype
     noise = tf.random.stateless_normal(
         tf.stack([horizon, num_tasks, num_trajectories, policy.action_dim]), seed, dtype=dtype)
-    state = env.reset(tasks, num_trajectories)
+    # Environments with random initial states (MuJoCo) draw them from their own seed.
+    state = env.reset(tasks, num_trajectories,
+                      seed=tf.random.experimental.stateless_fold_in(seed, RESET_SEED_SALT))
     alive = tf.ones(tf.stack([num_tasks, num_trajectories]), dtype)
 
     def array():

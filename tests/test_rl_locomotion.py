@@ -1,0 +1,144 @@
+"""HalfCheetah goal velocity / direction on Gymnasium + MuJoCo (the "rl" extra)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+gym = pytest.importorskip("gymnasium", reason='needs the "rl" extra: pip install -e ".[rl]"')
+pytest.importorskip("mujoco")
+
+from tf_maml import config as config_lib  # noqa: E402
+from tf_maml import core, reporting, trainer  # noqa: E402
+from tf_maml.rl import GaussianPolicy, HalfCheetahGoals, gaussian_mlp_policy  # noqa: E402
+from tf_maml.rl import locomotion, sample_trajectories  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = dict(meta_batch_size=2, fast_batch_size=2, horizon=8, log_every=1, num_eval_tasks=3,
+            num_eval_steps=2, validate_every=0)
+
+
+_POLICY = []
+
+
+def _rollout(env, num_tasks, num_trajectories, seed, goals=None):
+    if not _POLICY:   # one policy for every rollout of this module
+        _POLICY.append(GaussianPolicy(gaussian_mlp_policy(17, 6, hidden=(8,))))
+    policy = _POLICY[0]
+    weights = core.broadcast_to_tasks(policy.variables, num_tasks)
+    if goals is None:
+        goals = env.sample_tasks(num_tasks, tf.constant([4, 2], tf.int64))
+    return goals, sample_trajectories(env, policy, weights, goals, num_trajectories,
+                                      tf.constant(seed, tf.int64))
+
+
+@pytest.mark.parametrize("task", ["velocity", "direction"])
+def test_rewards_are_the_goal_rewards_of_an_independent_gymnasium_rollout(task):
+    env = HalfCheetahGoals(task, horizon=12)
+    goals, batch = _rollout(env, 2, 3, (1, 2))
+    if task == "velocity":
+        assert np.all((goals.numpy() >= 0) & (goals.numpy() <= 2))
+    else:
+        assert set(np.unique(env.sample_tasks(64, tf.constant([0, 3], tf.int64)))) == {-1, 1}
+    assert batch.observations.shape == (2, 3, 12, 17) and float(tf.reduce_min(batch.mask)) == 1
+    # Replay trajectory (1, 2)'s actions in a fresh HalfCheetah-v5 with the same initial state.
+    # The simulation steps 0.01 s per action (frame_skip 1: the rllab model's time step).
+    with locomotion._mujoco_warnings_to_log():   # no MUJOCO_LOG.TXT in the working directory
+        cheetah = gym.make("HalfCheetah-v5", frame_skip=1)
+    assert cheetah.unwrapped.dt == pytest.approx(0.01)
+    cheetah.reset()
+    first = batch.observations[1, 2, 0].numpy().astype(np.float64)
+    qpos = np.concatenate([[0.0], first[:8]])   # the x coordinate is not observed
+    cheetah.unwrapped.set_state(qpos, first[8:])
+    goal = float(goals[1])
+    for t in range(12):
+        action = np.clip(batch.actions[1, 2, t].numpy(), -1, 1)
+        observation, _, _, _, info = cheetah.step(action)
+        forward = (-abs(info["x_velocity"] - goal) if task == "velocity"
+                   else goal * info["x_velocity"])
+        expected = forward - 0.05 * np.sum(np.square(action))
+        assert float(batch.rewards[1, 2, t]) == pytest.approx(expected, rel=1e-4, abs=1e-4)
+        if t < 11:
+            np.testing.assert_allclose(batch.observations[1, 2, t + 1].numpy(), observation,
+                                       rtol=1e-4, atol=1e-4)
+
+
+def test_rollouts_are_a_pure_function_of_the_seed(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    env = HalfCheetahGoals("velocity", horizon=6)
+    goals, a = _rollout(env, 2, 2, (3, 4))
+    # MuJoCo's model warning goes to the log once, not into MUJOCO_LOG.TXT in the working dir.
+    assert os.listdir(tmp_path) == []
+    _, b = _rollout(env, 2, 2, (3, 4), goals)
+    _, c = _rollout(env, 2, 2, (3, 5), goals)
+    np.testing.assert_array_equal(a.observations.numpy(), b.observations.numpy())
+    np.testing.assert_array_equal(a.rewards.numpy(), b.rewards.numpy())
+    # Another seed: other initial states (reset noise) and other actions.
+    assert not np.allclose(a.observations[:, :, 0].numpy(), c.observations[:, :, 0].numpy())
+    # Every simulation starts from its own random state.
+    initial = a.observations[:, :, 0].numpy().reshape(4, 17)
+    assert len({tuple(row) for row in initial.round(6)}) == 4
+
+
+def test_an_unstable_simulation_is_a_clear_error(monkeypatch):
+    env = HalfCheetahGoals("velocity", horizon=3)
+    _rollout(env, 1, 2, (0, 0))
+    vector = env._vectors[2]
+    step = vector.step
+
+    def broken(actions):
+        observations, *rest = step(actions)
+        return (observations * np.nan, *rest)
+
+    monkeypatch.setattr(vector, "step", broken)
+    with pytest.raises(RuntimeError, match="HalfCheetah-v5 simulation became unstable"):
+        _rollout(env, 1, 2, (0, 0))
+    # Inside a graph, as in training, it surfaces as an OpError with the same message.
+    with pytest.raises(tf.errors.OpError, match="HalfCheetah-v5 simulation became unstable"):
+        tf.function(lambda: _rollout(env, 1, 2, (0, 0))[1].rewards)()
+
+
+def test_missing_gymnasium_and_xla_are_one_line_errors(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "gymnasium", None)
+    with pytest.raises(ImportError, match=r'pip install -e "\.\[rl\]"'):
+        HalfCheetahGoals("velocity")
+    with pytest.raises(ValueError, match="task must be one of velocity, direction"):
+        HalfCheetahGoals("sideways")
+    with pytest.raises(ValueError, match="jit_compile=true is not possible"):
+        config_lib.Config(dataset="halfcheetah_direction", jit_compile="true").validate()
+
+
+def test_cli_trains_evaluates_and_exports_a_cheetah_policy(tmp_path):
+    model_dir, export_dir = str(tmp_path / "run"), str(tmp_path / "export")
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    flags = [f"--{name}={value}" for name, value in TINY.items()]
+    result = subprocess.run(
+        [sys.executable, "-m", "tf_maml.train", "--flagfile=flags/rl_cheetah_dir.flags",
+         f"--model_dir={model_dir}", "--num_iterations=2", "--noevaluate", *flags],
+        capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert "halfcheetah_direction" in result.stderr and "env steps/s" in result.stderr
+    # Resuming in this process continues from the checkpoint.
+    config = config_lib.load(model_dir)
+    assert config.horizon == 8 and config.inner_lr == 0.1
+    _, step = trainer.train(config_lib.Config(**{**config.__dict__, "num_iterations": 3}),
+                            model_dir)
+    assert step == 3
+    results = reporting.evaluate_and_report(model_dir, output_dir=str(tmp_path / "eval"))
+    assert list(results) == ["MAML", "random init"]   # no analytic oracle for locomotion
+    saved = json.load(open(tmp_path / "eval" / reporting.RESULTS_FILENAME))
+    assert saved["dataset"] == "halfcheetah_direction" and saved["eval_fast_batch_size"] == 20
+    assert all(np.isfinite(saved["results"]["MAML"]["mean"]))
+    result = subprocess.run(
+        [sys.executable, "-m", "tf_maml.export", f"--model_dir={model_dir}",
+         f"--export_dir={export_dir}"], capture_output=True, text=True, cwd=ROOT, env=env,
+        timeout=600)
+    assert result.returncode == 0, result.stderr
+    versions = os.listdir(export_dir)
+    loaded = tf.saved_model.load(os.path.join(export_dir, versions[0]))
+    out = loaded.signatures["serving_default"](observations=tf.zeros([3, 17]))
+    assert out["action_mean"].shape == (3, 6)

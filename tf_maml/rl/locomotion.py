@@ -1,0 +1,233 @@
+"""HalfCheetah goal velocity and goal direction (MAML paper §5.3) on Gymnasium and MuJoCo.
+
+The locomotion tasks of the paper, as batched environments for
+`tf_maml.rl.sample_trajectories`: every trajectory of every task is one
+Gymnasium `HalfCheetah-v5` in a `gymnasium.vector.SyncVectorEnv`, stepped
+from inside the graph loop through `tf.numpy_function`. The reward is computed
+here, in TensorFlow, from the forward velocity MuJoCo reports and the action,
+with each task's own goal:
+
+* velocity: `-|forward velocity - v| - 0.05 ‖a‖²`, v ~ U[0, 2] per task,
+* direction: `d · forward velocity - 0.05 ‖a‖²`, d = ±1 per task,
+
+as the original code's rllab environments (`HalfCheetahEnvRand`,
+`HalfCheetahEnvRandDirec`). Actions are clipped to [-1, 1]⁶ (rllab's
+`normalize` over the same action box). Returns are not comparable with the
+paper's: see "Meta-RL" in the README for how the dynamics differ from rllab's.
+
+Needs the optional extra: `pip install -e ".[rl]"` (gymnasium[mujoco]).
+"""
+
+import contextlib
+
+import numpy as np
+import tensorflow as tf
+from absl import logging
+
+__all__ = ["HalfCheetahGoals", "LOCOMOTION_TASKS"]
+
+LOCOMOTION_TASKS = ("velocity", "direction")
+INSTALL_HINT = 'the HalfCheetah environments need Gymnasium and MuJoCo: pip install -e ".[rl]"'
+
+
+@contextlib.contextmanager
+def _mujoco_warnings_to_log():
+    """Sends MuJoCo's warnings to the log, once per message, while models are built.
+
+    MuJoCo's default handler prints every warning and appends it to
+    `MUJOCO_LOG.TXT` in the working directory; building hundreds of
+    HalfCheetah models would repeat the model's deprecation warning hundreds of
+    times. Afterwards the default handler is back (warnings while simulating,
+    e.g. instabilities, are shown as MuJoCo shows them).
+    """
+    import mujoco  # noqa: PLC0415 -- the optional extra
+
+    def warn(message):
+        if message not in _SEEN_WARNINGS:
+            _SEEN_WARNINGS.add(message)
+            logging.warning("MuJoCo: %s", message)
+
+    mujoco.set_mju_user_warning(warn)
+    try:
+        yield
+    finally:
+        mujoco.set_mju_user_warning(None)
+
+
+_SEEN_WARNINGS = set()
+
+
+class HalfCheetahGoals:
+    """HalfCheetah with a goal velocity or direction per task, many episodes at once.
+
+    Implements the batched-environment interface of `tf_maml.rl.navigation`:
+    the state of a trajectory lives in its MuJoCo simulation; the tensor the
+    sampler carries is the observation (17 numbers: joint positions without
+    the x coordinate, and velocities). One vector environment per batch size
+    (tasks × episodes) is created on first use and kept.
+
+    Args:
+        task: "velocity" (goal velocity ~ U[`velocity_low`, `velocity_high`])
+            or "direction" (forward or backward, ±1).
+        horizon: steps per episode (the paper: 200).
+        frame_skip: MuJoCo steps of 0.01 s per action. 1 (default) is the
+            time step of the original rllab model, 0.01 s per action;
+            Gymnasium's own default is 5.
+        velocity_low, velocity_high: range of goal velocities.
+        control_cost: weight of ‖a‖² in the reward (the original's 0.05).
+        env_id: the Gymnasium environment (default "HalfCheetah-v5").
+        dtype: dtype of observations and rewards.
+
+    Raises:
+        ImportError: Gymnasium or MuJoCo is missing (with the install line).
+        ValueError: an unknown task or a non-positive horizon.
+
+    Example:
+
+    ```python
+    env = HalfCheetahGoals("velocity")
+    goals = env.sample_tasks(4, tf.constant([0, 1], tf.int64))       # [4] velocities
+    obs = env.reset(goals, 2, tf.constant([0, 2], tf.int64))         # [4, 2, 17]
+    obs, reward, done = env.step(goals, obs, tf.zeros([4, 2, 6]))
+    ```
+    """
+
+    observation_dim = 17
+    action_dim = 6
+
+    def __init__(self, task="velocity", horizon=200, frame_skip=1, velocity_low=0.0,
+                 velocity_high=2.0, control_cost=0.05, env_id="HalfCheetah-v5",
+                 dtype=tf.float32):
+        if task not in LOCOMOTION_TASKS:
+            raise ValueError(f"task must be one of {', '.join(LOCOMOTION_TASKS)}, got {task!r}")
+        if horizon < 1:
+            raise ValueError(f"horizon must be >= 1, got {horizon}")
+        try:
+            import gymnasium  # noqa: F401, PLC0415 -- the optional extra
+            import mujoco  # noqa: F401, PLC0415
+        except ImportError as e:
+            raise ImportError(f"{INSTALL_HINT} ({e})") from None
+        self.task = task
+        self.horizon = int(horizon)
+        self.frame_skip = int(frame_skip)
+        self.velocity_low, self.velocity_high = float(velocity_low), float(velocity_high)
+        self.control_cost = float(control_cost)
+        self.env_id = env_id
+        self.dtype = tf.as_dtype(dtype)
+        self._vectors = {}
+
+    # -- tasks ---------------------------------------------------------------------------------
+
+    def sample_tasks(self, num_tasks, seed):
+        """Goals `[num_tasks]` (velocities or ±1 directions), a pure function of `seed`."""
+        if self.task == "velocity":
+            return tf.random.stateless_uniform([num_tasks], seed, self.velocity_low,
+                                               self.velocity_high, dtype=self.dtype)
+        coin = tf.random.stateless_uniform([num_tasks], seed, dtype=self.dtype)
+        return tf.where(coin < 0.5, tf.constant(-1.0, self.dtype), tf.constant(1.0, self.dtype))
+
+    # -- the simulations ---------------------------------------------------------------------
+
+    def _vector(self, size):
+        """The vector environment of `size` simulations (created once per size)."""
+        vector = self._vectors.get(size)
+        if vector is None:
+            import gymnasium as gym  # noqa: PLC0415
+
+            def make():
+                return gym.make(self.env_id, frame_skip=self.frame_skip,
+                                max_episode_steps=self.horizon, disable_env_checker=True)
+
+            with _mujoco_warnings_to_log():
+                envs = [make() for _ in range(size)]
+            vector = gym.vector.SyncVectorEnv([lambda env=env: env for env in envs])
+            self._vectors[size] = vector
+        return vector
+
+    def _check(self, observations, where):
+        if not np.all(np.isfinite(observations)):
+            raise RuntimeError(
+                f"the {self.env_id} simulation became unstable during {where} (non-finite "
+                "observations); the policy's actions or the model are at fault")
+        return observations.astype(self.dtype.as_numpy_dtype)
+
+    def _py_reset(self, size, seed):
+        vector = self._vector(int(size))
+        seeds = np.random.SeedSequence([int(s) % 2**63 for s in seed]).generate_state(int(size))
+        try:
+            observations, _ = vector.reset(seed=[int(s) for s in seeds])
+        except Exception as e:   # a crashed simulation: say which, never hang
+            raise RuntimeError(f"{self.env_id} failed to reset: {e}") from e
+        return self._check(observations, "reset")
+
+    def _py_step(self, actions):
+        vector = self._vectors[actions.shape[0]]
+        try:
+            observations, _, _, _, info = vector.step(actions.astype(np.float64))
+        except Exception as e:
+            raise RuntimeError(f"{self.env_id} failed to step: {e}") from e
+        velocity = np.asarray(info["x_velocity"], self.dtype.as_numpy_dtype)
+        return self._check(observations, "a step"), velocity
+
+    # -- the interface ------------------------------------------------------------------------
+
+    def reset(self, tasks, num_trajectories, seed=None):
+        """Resets `num_tasks × num_trajectories` simulations; returns their observations.
+
+        Args:
+            tasks: goals `[num_tasks]`.
+            num_trajectories: episodes per task.
+            seed: `[2]` integer tensor; each simulation's initial noise is a pure
+                function of it (default: a fixed seed).
+
+        Returns:
+            Observations `[num_tasks, num_trajectories, 17]`.
+        """
+        tasks = tf.convert_to_tensor(tasks)
+        seed = tf.constant([0, 0], tf.int64) if seed is None else tf.cast(seed, tf.int64)
+        shape = tf.stack([tf.shape(tasks)[0], num_trajectories])
+        size = tf.reduce_prod(shape)
+        observations = tf.numpy_function(self._py_reset, [size, seed], self.dtype,
+                                         name="halfcheetah_reset")
+        observations = tf.reshape(observations, tf.concat([shape, [self.observation_dim]], 0))
+        trajectories = num_trajectories if isinstance(num_trajectories, int) else None
+        observations.set_shape([tasks.shape[0], trajectories, self.observation_dim])
+        return observations
+
+    def observe(self, state):
+        """The observation of a state (the state the sampler carries is the observation)."""
+        return state
+
+    def step(self, tasks, state, action):
+        """One step of every simulation; the reward is each task's goal reward.
+
+        Args:
+            tasks: goals `[num_tasks]`.
+            state: observations `[num_tasks, num_trajectories, 17]`.
+            action: `[num_tasks, num_trajectories, 6]`, clipped to [-1, 1] here.
+
+        Returns:
+            `(observations, reward, done)`; `reward` and `done` (never true:
+            episodes last the horizon) are `[num_tasks, num_trajectories]`.
+        """
+        action = tf.clip_by_value(tf.cast(action, self.dtype), -1.0, 1.0)
+        batch_shape = tf.shape(action)[:2]
+        flat = tf.reshape(action, [-1, self.action_dim])
+        observations, velocity = tf.numpy_function(self._py_step, [flat],
+                                                   (self.dtype, self.dtype),
+                                                   name="halfcheetah_step")
+        observations = tf.reshape(observations,
+                                  tf.concat([batch_shape, [self.observation_dim]], 0))
+        observations.set_shape(action.shape[:2].concatenate([self.observation_dim]))
+        velocity = tf.reshape(velocity, batch_shape)
+        velocity.set_shape(action.shape[:2])
+        goal = tf.cast(tasks, self.dtype)[:, None]
+        forward = -tf.abs(velocity - goal) if self.task == "velocity" else goal * velocity
+        reward = forward - self.control_cost * tf.reduce_sum(tf.square(action), -1)
+        return observations, reward, tf.zeros(tf.shape(reward), tf.bool)
+
+    def close(self):
+        """Closes every simulation."""
+        for vector in self._vectors.values():
+            vector.close()
+        self._vectors.clear()
