@@ -15,6 +15,10 @@ FLAGFILES = sorted(glob.glob(os.path.join(FLAGS_DIR, "*.flags")))
 FIELDS = {field.name: field for field in dataclasses.fields(Config)}
 
 # The paper's hyperparameters (section 5 and appendix A.1), per experiment family.
+_CHEETAH = dict(outer_optimizer="trpo", cg_iterations=10, cg_damping=1e-5, backtrack_ratio=0.8,
+                max_backtracks=15, gamma=0.99, gae_lambda=1.0, num_eval_steps=3,
+                num_eval_tasks=40, eval_step_size_decay=0.5, eval_fast_batch_size=20,
+                policy_output="linear")
 RECIPES = {
     "omniglot_5way": dict(dataset="omniglot", n_way=5, meta_batch_size=32, num_inner_steps=1,
                           inner_lr=0.4, meta_lr=1e-3, num_iterations=60000,
@@ -59,12 +63,15 @@ RECIPES = {
                           num_eval_tasks=40, eval_step_size_decay=0.5, num_iterations=100,
                           policy_output="linear", goal_radius=0.01, normalized_actions=True,
                           eval_fast_batch_size=40),
-    # Section 5.3: HalfCheetah goal velocity / direction (the evaluated original checkpoint's).
-    "rl_cheetah": dict(meta_batch_size=40, fast_batch_size=10, horizon=200, inner_lr=0.1,
-                       outer_optimizer="trpo", max_kl=0.01, cg_iterations=10, cg_damping=1e-5,
-                       backtrack_ratio=0.8, max_backtracks=15, gamma=0.99, gae_lambda=1.0,
-                       num_eval_steps=3, num_eval_tasks=40, eval_step_size_decay=0.5,
-                       eval_fast_batch_size=20, num_iterations=500, policy_output="linear"),
+    # Section 5.3: HalfCheetah goal velocity / direction, the settings of the checkpoints the
+    # original evaluation scripts loaded (velocity: fbs10_mbs40 itr 475; direction:
+    # fbs20_mbs40_mlr0.02 itr 100).
+    "rl_cheetah_vel": dict(dataset="halfcheetah_velocity", meta_batch_size=40,
+                           fast_batch_size=10, horizon=200, inner_lr=0.1, max_kl=0.01,
+                           num_iterations=500, **_CHEETAH),
+    "rl_cheetah_dir": dict(dataset="halfcheetah_direction", meta_batch_size=40,
+                           fast_batch_size=20, horizon=200, inner_lr=0.1, max_kl=0.02,
+                           num_iterations=100, **_CHEETAH),
 }
 ALGORITHM_PREFIXES = ("mamlpp_", "anil_", "metasgd_", "reptile_")
 

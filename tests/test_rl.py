@@ -95,6 +95,17 @@ def test_normalized_actions_scale_a_unit_policy_action_to_the_clip():
     assert float(tf.reduce_mean(env.oracle_returns(goals))) == pytest.approx(-0.5, abs=0.05)
 
 
+def test_environments_whose_reset_takes_no_seed_still_work():
+    class NoSeed(Navigation2D):
+        def reset(self, tasks, num_trajectories):   # the interface before reset seeds
+            return super().reset(tasks, num_trajectories)
+
+    goals = Navigation2D().sample_tasks(3, tf.constant([1, 1], tf.int64))
+    a = _rollout(NoSeed(horizon=4), _Scripted(tf.zeros_like), goals)
+    b = _rollout(Navigation2D(horizon=4), _Scripted(tf.zeros_like), goals)
+    np.testing.assert_array_equal(a.rewards.numpy(), b.rewards.numpy())
+
+
 def test_sampler_is_a_pure_function_of_the_seed_and_follows_the_dynamics():
     env = Navigation2D(horizon=7)
     policy = GaussianPolicy(keras.Sequential([keras.Input((2,)), keras.layers.Dense(2)]))

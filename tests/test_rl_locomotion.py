@@ -13,7 +13,7 @@ gym = pytest.importorskip("gymnasium", reason='needs the "rl" extra: pip install
 pytest.importorskip("mujoco")
 
 from tf_maml import config as config_lib  # noqa: E402
-from tf_maml import core, reporting, trainer  # noqa: E402
+from tf_maml import core, experiment, reporting, trainer  # noqa: E402
 from tf_maml.rl import GaussianPolicy, HalfCheetahGoals, gaussian_mlp_policy  # noqa: E402
 from tf_maml.rl import locomotion, sample_trajectories  # noqa: E402
 
@@ -47,8 +47,8 @@ def test_rewards_are_the_goal_rewards_of_an_independent_gymnasium_rollout(task):
     assert batch.observations.shape == (2, 3, 12, 17) and float(tf.reduce_min(batch.mask)) == 1
     # Replay trajectory (1, 2)'s actions in a fresh HalfCheetah-v5 with the same initial state.
     # The simulation steps 0.01 s per action (frame_skip 1: the rllab model's time step).
-    with locomotion._mujoco_warnings_to_log():   # no MUJOCO_LOG.TXT in the working directory
-        cheetah = gym.make("HalfCheetah-v5", frame_skip=1)
+    locomotion._log_mujoco_warnings_once()   # no MUJOCO_LOG.TXT in the working directory
+    cheetah = gym.make("HalfCheetah-v5", frame_skip=1)
     assert cheetah.unwrapped.dt == pytest.approx(0.01)
     cheetah.reset()
     first = batch.observations[1, 2, 0].numpy().astype(np.float64)
@@ -69,6 +69,8 @@ def test_rewards_are_the_goal_rewards_of_an_independent_gymnasium_rollout(task):
 
 def test_rollouts_are_a_pure_function_of_the_seed(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    import mujoco
+    mujoco.set_mju_user_warning(None)   # MuJoCo's default: print and append to MUJOCO_LOG.TXT
     env = HalfCheetahGoals("velocity", horizon=6)
     goals, a = _rollout(env, 2, 2, (3, 4))
     # MuJoCo's model warning goes to the log once, not into MUJOCO_LOG.TXT in the working dir.
@@ -98,8 +100,36 @@ def test_an_unstable_simulation_is_a_clear_error(monkeypatch):
     with pytest.raises(RuntimeError, match="HalfCheetah-v5 simulation became unstable"):
         _rollout(env, 1, 2, (0, 0))
     # Inside a graph, as in training, it surfaces as an OpError with the same message.
-    with pytest.raises(tf.errors.OpError, match="HalfCheetah-v5 simulation became unstable"):
+    with pytest.raises(tf.errors.OpError, match="HalfCheetah-v5 simulation became unstable") as e:
         tf.function(lambda: _rollout(env, 1, 2, (0, 0))[1].rewards)()
+    # The command line's one-line error names the simulation, not "Graph execution error:".
+    assert experiment.error_text(e.value).startswith(
+        "RuntimeError: the HalfCheetah-v5 simulation became unstable")
+
+
+def test_a_real_mujoco_instability_is_caught_although_mujoco_resets_the_simulation():
+    env = HalfCheetahGoals("velocity", horizon=3)
+    goals, _ = _rollout(env, 1, 1, (0, 0))
+    data = env._vectors[1].envs[0].unwrapped.data
+    step = env._py_step
+
+    def blow_up(actions):   # MuJoCo detects the bad state, warns and resets it: finite obs
+        data.qvel[:] = 1e40
+        return step(actions)
+
+    env._py_step = blow_up
+    with pytest.raises(RuntimeError, match="simulation became unstable"):
+        _rollout(env, 1, 1, (0, 0), goals)
+
+
+def test_a_sampling_horizon_longer_than_the_environments_runs_on():
+    env = HalfCheetahGoals("direction", horizon=2)
+    policy_goals = env.sample_tasks(2, tf.constant([1, 1], tf.int64))
+    policy = GaussianPolicy(gaussian_mlp_policy(17, 6, hidden=(4,)))
+    batch = sample_trajectories(env, policy, core.broadcast_to_tasks(policy.variables, 2),
+                                policy_goals, 1, tf.constant([0, 1], tf.int64), horizon=1005)
+    assert batch.rewards.shape == (2, 1, 1005)   # past Gymnasium's 1000-step limit, no reset
+    assert np.all(np.isfinite(batch.rewards.numpy()))
 
 
 def test_missing_gymnasium_and_xla_are_one_line_errors(tmp_path, monkeypatch):
@@ -110,6 +140,23 @@ def test_missing_gymnasium_and_xla_are_one_line_errors(tmp_path, monkeypatch):
         HalfCheetahGoals("sideways")
     with pytest.raises(ValueError, match="jit_compile=true is not possible"):
         config_lib.Config(dataset="halfcheetah_direction", jit_compile="true").validate()
+    for flag in (dict(normalized_actions=True), dict(goal_radius=0.5)):
+        with pytest.raises(ValueError, match="applies to navigation2d only"):
+            config_lib.Config(dataset="halfcheetah_velocity", **flag).validate()
+    # From the command line: one line with the install hint, nothing written.
+    blocker = tmp_path / "sitecustomize.py"
+    blocker.write_text("import sys\nsys.modules['gymnasium'] = None\n")
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3",
+               PYTHONPATH=f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    result = subprocess.run(
+        [sys.executable, "-m", "tf_maml.train", "--dataset=halfcheetah_velocity",
+         f"--model_dir={tmp_path / 'run'}"], capture_output=True, text=True, cwd=ROOT, env=env,
+        timeout=300)
+    assert result.returncode == 1
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert last_line.startswith("error: the HalfCheetah environments need Gymnasium and MuJoCo: "
+                                'pip install -e ".[rl]"')
+    assert "Traceback" not in result.stderr and not (tmp_path / "run").exists()
 
 
 def test_cli_trains_evaluates_and_exports_a_cheetah_policy(tmp_path):

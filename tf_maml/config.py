@@ -31,8 +31,12 @@ OUTER_OPTIMIZERS = ("trpo", "adam")
 RESUMABLE_FIELDS = frozenset({
     "num_iterations", "log_every", "checkpoint_every", "validate_every", "num_eval_tasks",
     "num_eval_steps", "jit_compile", "data_dir", "cache_dir", "strategy", "transductive",
-    "eval_step_size_decay",
+    "eval_step_size_decay", "eval_fast_batch_size",
 })
+
+
+class MissingExtraError(ImportError):
+    """An optional extra is not installed (the message gives its install line)."""
 
 
 def is_known_dataset(name):
@@ -148,7 +152,7 @@ class Config:
             step (0: `fast_batch_size`; the original evaluation sampled 4000
             steps, 40 episodes of 100).
         horizon: RL: steps per episode (0: the environment's, 100 for
-            navigation2d).
+            navigation2d, 200 for HalfCheetah).
         outer_optimizer: RL: "trpo" (the paper's) or "adam" (with `meta_lr`)
             for the meta-update.
         max_kl: RL, TRPO: the trust region δ on the mean KL.
@@ -299,6 +303,10 @@ class Config:
              f"strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
         need(self.jit_compile in ("auto", "true", "false"),
              f"jit_compile must be auto, true or false, got {self.jit_compile!r}")
+        if self.dataset != "navigation2d":
+            for name in ("normalized_actions", "goal_radius"):
+                need(not getattr(self, name), f"{name} applies to navigation2d only, not to "
+                                              f"{self.dataset!r}")
         need(not (self.dataset.startswith("halfcheetah") and self.jit_compile == "true"),
              "jit_compile=true is not possible with the HalfCheetah environments: their "
              "MuJoCo simulations step in Python, which XLA cannot compile")

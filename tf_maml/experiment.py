@@ -180,6 +180,12 @@ def error_text(error, limit=300):
     text = getattr(error, "message", None) if isinstance(error, tf.errors.OpError) else None
     text = (text or str(error)).strip()
     text = re.sub(r"^\{\{[^}]*\}\}\s*", "", text)
+    # A Python error raised inside a graph (tf.numpy_function, e.g. a crashed simulation): its
+    # own line says what happened; the first line only says "Graph execution error:".
+    raised = (re.search(r"^\s*(?:\w+\.)*\w*(?:Error|Exception): .+$", text, re.MULTILINE)
+              if text.startswith("Graph execution error") else None)
+    if raised:
+        text = raised.group(0).strip()
     text = text.splitlines()[0].strip() if text else ""
     text = re.sub(r"\s*\[Op:\w+\]$", "", text) or type(error).__name__
     return text if len(text) <= limit else text[:limit - 3] + "..."

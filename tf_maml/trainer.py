@@ -595,6 +595,8 @@ def _train_rl(config, model_dir):
                             progress=progress)
     finally:
         writer.flush()
+        if hasattr(algorithm.env, "close"):   # simulations (re-created if used again)
+            algorithm.env.close()
     return experiment, current
 
 

@@ -18,27 +18,30 @@ paper's: see "Meta-RL" in the README for how the dynamics differ from rllab's.
 Needs the optional extra: `pip install -e ".[rl]"` (gymnasium[mujoco]).
 """
 
-import contextlib
-
 import numpy as np
 import tensorflow as tf
 from absl import logging
 
-__all__ = ["HalfCheetahGoals", "LOCOMOTION_TASKS"]
+from tf_maml.config import MissingExtraError
+
+__all__ = ["HalfCheetahGoals", "LOCOMOTION_TASKS", "MissingExtraError"]
 
 LOCOMOTION_TASKS = ("velocity", "direction")
 INSTALL_HINT = 'the HalfCheetah environments need Gymnasium and MuJoCo: pip install -e ".[rl]"'
 
 
-@contextlib.contextmanager
-def _mujoco_warnings_to_log():
-    """Sends MuJoCo's warnings to the log, once per message, while models are built.
+_SEEN_WARNINGS = set()
+
+
+def _log_mujoco_warnings_once():
+    """Sends MuJoCo's warnings to the log, once per distinct message, from now on.
 
     MuJoCo's default handler prints every warning and appends it to
     `MUJOCO_LOG.TXT` in the working directory; building hundreds of
     HalfCheetah models would repeat the model's deprecation warning hundreds of
-    times. Afterwards the default handler is back (warnings while simulating,
-    e.g. instabilities, are shown as MuJoCo shows them).
+    times, in the user's repository. This replaces MuJoCo's process-wide
+    warning handler (`mujoco.set_mju_user_warning`); instabilities are not
+    missed: `HalfCheetahGoals` checks every simulation's warning counters.
     """
     import mujoco  # noqa: PLC0415 -- the optional extra
 
@@ -48,13 +51,6 @@ def _mujoco_warnings_to_log():
             logging.warning("MuJoCo: %s", message)
 
     mujoco.set_mju_user_warning(warn)
-    try:
-        yield
-    finally:
-        mujoco.set_mju_user_warning(None)
-
-
-_SEEN_WARNINGS = set()
 
 
 class HalfCheetahGoals:
@@ -64,7 +60,12 @@ class HalfCheetahGoals:
     the state of a trajectory lives in its MuJoCo simulation; the tensor the
     sampler carries is the observation (17 numbers: joint positions without
     the x coordinate, and velocities). One vector environment per batch size
-    (tasks × episodes) is created on first use and kept.
+    (tasks × episodes) is created on first use and kept (about 1 MB per
+    simulation; `close()` frees them).
+
+    Not thread-safe: rollouts of the same batch size share simulations, so
+    run one rollout at a time per environment object (as training and
+    evaluation do); give each thread its own `HalfCheetahGoals`.
 
     Args:
         task: "velocity" (goal velocity ~ U[`velocity_low`, `velocity_high`])
@@ -79,7 +80,8 @@ class HalfCheetahGoals:
         dtype: dtype of observations and rewards.
 
     Raises:
-        ImportError: Gymnasium or MuJoCo is missing (with the install line).
+        MissingExtraError: Gymnasium or MuJoCo is missing (an `ImportError`
+            with the install line).
         ValueError: an unknown task or a non-positive horizon.
 
     Example:
@@ -106,7 +108,7 @@ class HalfCheetahGoals:
             import gymnasium  # noqa: F401, PLC0415 -- the optional extra
             import mujoco  # noqa: F401, PLC0415
         except ImportError as e:
-            raise ImportError(f"{INSTALL_HINT} ({e})") from None
+            raise MissingExtraError(f"{INSTALL_HINT} ({e})") from None
         self.task = task
         self.horizon = int(horizon)
         self.frame_skip = int(frame_skip)
@@ -134,21 +136,38 @@ class HalfCheetahGoals:
         if vector is None:
             import gymnasium as gym  # noqa: PLC0415
 
-            def make():
-                return gym.make(self.env_id, frame_skip=self.frame_skip,
-                                max_episode_steps=self.horizon, disable_env_checker=True)
-
-            with _mujoco_warnings_to_log():
-                envs = [make() for _ in range(size)]
-            vector = gym.vector.SyncVectorEnv([lambda env=env: env for env in envs])
+            _log_mujoco_warnings_once()
+            # Episodes end when the sampler stops (any horizon): no time limit wrapper, and
+            # the vector never resets a simulation behind its back.
+            envs = [gym.make(self.env_id, frame_skip=self.frame_skip,
+                             disable_env_checker=True).unwrapped for _ in range(size)]
+            vector = gym.vector.SyncVectorEnv([lambda env=env: env for env in envs],
+                                              autoreset_mode=gym.vector.AutoresetMode.DISABLED)
             self._vectors[size] = vector
         return vector
 
-    def _check(self, observations, where):
-        if not np.all(np.isfinite(observations)):
+    def _check(self, vector, observations, where):
+        """Observations as `dtype`; raises if any simulation went unstable.
+
+        MuJoCo resets an unstable simulation itself (and counts a warning), so
+        finite observations alone do not prove a step was sound.
+        """
+        import mujoco  # noqa: PLC0415
+
+        kinds = [int(kind) for kind in (mujoco.mjtWarning.mjWARN_BADQPOS,
+                                        mujoco.mjtWarning.mjWARN_BADQVEL,
+                                        mujoco.mjtWarning.mjWARN_BADQACC)]
+        unstable = not np.all(np.isfinite(observations))
+        for env in vector.envs:
+            warning = env.unwrapped.data.warning
+            if any(warning[kind].number for kind in kinds):
+                unstable = True
+                break
+        if unstable:
             raise RuntimeError(
-                f"the {self.env_id} simulation became unstable during {where} (non-finite "
-                "observations); the policy's actions or the model are at fault")
+                f"the {self.env_id} simulation became unstable during {where} (MuJoCo's "
+                "accelerations, velocities or positions blew up); the policy's actions or the "
+                "model are at fault")
         return observations.astype(self.dtype.as_numpy_dtype)
 
     def _py_reset(self, size, seed):
@@ -158,7 +177,7 @@ class HalfCheetahGoals:
             observations, _ = vector.reset(seed=[int(s) for s in seeds])
         except Exception as e:   # a crashed simulation: say which, never hang
             raise RuntimeError(f"{self.env_id} failed to reset: {e}") from e
-        return self._check(observations, "reset")
+        return self._check(vector, observations, "reset")
 
     def _py_step(self, actions):
         vector = self._vectors[actions.shape[0]]
@@ -167,7 +186,7 @@ class HalfCheetahGoals:
         except Exception as e:
             raise RuntimeError(f"{self.env_id} failed to step: {e}") from e
         velocity = np.asarray(info["x_velocity"], self.dtype.as_numpy_dtype)
-        return self._check(observations, "a step"), velocity
+        return self._check(vector, observations, "a step"), velocity
 
     # -- the interface ------------------------------------------------------------------------
 

@@ -1,6 +1,7 @@
 """Rollouts of every task of a meta-batch at once, in a graph loop over time."""
 
 import collections
+import inspect
 
 import tensorflow as tf
 
@@ -65,9 +66,13 @@ def sample_trajectories(env, policy, weights, tasks, num_trajectories, seed, hor
     dtype = policy.dtype
     noise = tf.random.stateless_normal(
         tf.stack([horizon, num_tasks, num_trajectories, policy.action_dim]), seed, dtype=dtype)
-    # Environments with random initial states (MuJoCo) draw them from their own seed.
-    state = env.reset(tasks, num_trajectories,
-                      seed=tf.random.experimental.stateless_fold_in(seed, RESET_SEED_SALT))
+    # Environments with random initial states (MuJoCo) draw them from their own seed;
+    # environments whose reset takes no seed (deterministic starts) are called without one.
+    reset_seed = tf.random.experimental.stateless_fold_in(seed, RESET_SEED_SALT)
+    if "seed" in inspect.signature(env.reset).parameters:
+        state = env.reset(tasks, num_trajectories, seed=reset_seed)
+    else:
+        state = env.reset(tasks, num_trajectories)
     alive = tf.ones(tf.stack([num_tasks, num_trajectories]), dtype)
 
     def array():
