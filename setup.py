@@ -26,6 +26,10 @@ setup(
         "tf": ["tensorflow>=2.16"],
         "cpu": ["tensorflow-cpu>=2.16"],
         "test": ["pytest"],
+        # The peers of bench/meta_step.py and bench/serving_latency.py. learn2learn is
+        # built by hand (its sdist does not build on Python >= 3.11): see bench/peers.py.
+        # It imports gym and torchvision.
+        "peers": ["torch", "torchvision", "gym", "higher", "jax"],
         # Meta-RL locomotion (HalfCheetah goal velocity/direction): Gymnasium's MuJoCo
         # environments, the maintained successors of the rllab ones the paper used.
         "rl": ["gymnasium[mujoco]>=1.0,<2"],

@@ -1,20 +1,31 @@
-"""Benchmark: milliseconds per meta-step, tasks/s and peak memory, for every algorithm.
+"""Benchmark: milliseconds per meta-step, tasks/s and peak memory, against the peers.
 
     python bench/meta_step.py                       # MAML: every workload, order and XLA setting
     python bench/meta_step.py --workloads=sine --xla=false
+    python bench/meta_step.py --peers=jax           # only JAX as the peer; --peers= for none
     python bench/meta_step.py --algorithms=maml,anil,metasgd,mamlpp,reptile --xla=false
-
-Every algorithm runs the same workload side by side; the last column is its
-speed-up over second-order MAML on that workload measured in the same run
-(ANIL's and first-order MAML's speed-ups are the figures to read there).
 
 A meta-step is what `tf_maml.trainer` runs each iteration: the meta-gradient
 of a meta-batch (inner loop included) and the Adam update, compiled as one
 `tf.function`, on a fixed synthetic episode (input pipeline excluded). Each
-configuration runs in its own process, so its peak RSS is its own. The peer
-columns are the figures the project measured for learn2learn, higher and JAX
-on the same workloads on a 2-core CPU machine (issue #2); goal: at most half
-the best peer (sine: within 1.5x of JAX).
+configuration runs in its own process, so its peak RSS is its own.
+
+The peers (learn2learn, higher and JAX: `bench/peers.py`, which says how each
+one is written, how `--check` verifies that their meta-gradients equal ours,
+and how to install them) run the same MAML workloads in the same invocation,
+each in its own process, timed the same way (`peers.timed`). Their rows come
+just before tf_maml's MAML rows of the same workload and order; `ratio` is
+tf_maml's milliseconds over the fastest peer's in this run (goal, issue #14: at most 0.25)
+and, for sine, `vs JAX` is the ratio to JAX (goal: at most 1.0). A peer that is
+not installed is skipped with a line saying how to install it; with no peer
+there is no ratio. torch runs with its default threads, one per core
+(`--peer_torch_threads` sets them); the line after the table names the
+peers' versions and torch's threads. On a machine busy with other work
+torch's threads wait on each other and its figures inflate many times over
+(see bench/peers.py): compare on an idle machine. Every algorithm runs the
+same workloads; the last column is its speed-up over second-order MAML on that
+workload measured in the same run (ANIL's and first-order MAML's speed-ups are
+the figures to read there).
 """
 
 import json
@@ -22,40 +33,46 @@ import os
 import resource
 import subprocess
 import sys
-import time
 
 from absl import app, flags
+
+import peers  # bench/peers.py: the workloads, the timing and the peer processes
 
 flags.DEFINE_list("workloads", ["sine", "omniglot_5way", "omniglot_20way"], "Workloads to run.")
 flags.DEFINE_list("orders", ["second", "first"], "second and/or first.")
 flags.DEFINE_list("algorithms", ["maml"], "Algorithms: maml, anil, metasgd, mamlpp, reptile "
                   "(reptile runs first order only).")
 flags.DEFINE_list("xla", ["false", "true"], "XLA settings to run (false, true).")
+flags.DEFINE_list("peers", None, "Peers to run next to MAML: learn2learn, higher, jax "
+                  "(default: every installed one; --peers= runs none).")
+flags.DEFINE_string("peer_python", None, "Python interpreter for the peer processes (default: "
+                    "this one), for peers installed in another environment.")
+flags.DEFINE_integer("peer_torch_threads", 0, "torch's intra-op threads in the learn2learn and "
+                     "higher processes (0: torch's default, one per core).")
 flags.DEFINE_integer("repeats", 7, "Timed repetitions (median reported).")
 flags.DEFINE_float("min_seconds", 1.0, "Each repetition runs at least this long.")
-flags.DEFINE_string("json", None, "Also write results to this JSON file.")
+flags.DEFINE_string("json", None, "Also write results (tf_maml's and the peers' rows) to this "
+                    "JSON file.")
 flags.DEFINE_string("_child", None, "Internal: run one configuration and print JSON.")
 FLAGS = flags.FLAGS
 
-WORKLOADS = {
-    # name: (description, meta_batch, n_way, k_shot, k_query, steps, inner_lr)
-    "sine": ("sine, mb 25, K=10, 1 step", 25, None, 10, 10, 1, 0.01),
-    "omniglot_5way": ("Omniglot 5-way 1-shot, mb 32, 1 step", 32, 5, 1, 1, 1, 0.4),
-    "omniglot_20way": ("Omniglot 20-way 1-shot, mb 16, 5 steps", 16, 20, 1, 1, 5, 0.1),
-}
-# ms per meta-step measured for the peers (learn2learn 0.2.0, higher 0.2.1, JAX 0.10.2 vmap+jit).
-PEERS = {
-    ("sine", "second"): {"learn2learn": 30.3, "higher": 57.8, "jax": 0.68},
-    ("sine", "first"): {"learn2learn": 22.3, "higher": 43.4, "jax": 0.46},
-    ("omniglot_5way", "second"): {"learn2learn": 464, "higher": 657, "jax": 5459},
-    ("omniglot_5way", "first"): {"learn2learn": 217, "higher": 363, "jax": 2445},
-    ("omniglot_20way", "second"): {"learn2learn": 2065, "higher": 2680, "jax": 29299},
-    ("omniglot_20way", "first"): {"learn2learn": 649, "higher": 861, "jax": 3877},
-}
+WORKLOADS = peers.WORKLOADS
 
 
 def run_one(workload, order, xla, repeats, min_seconds, algorithm="maml"):
-    """Times one configuration in this process; returns a dict of figures."""
+    """Times one tf_maml configuration in this process.
+
+    Args:
+        workload: a key of `WORKLOADS`.
+        order: "second" or "first".
+        xla: compile the meta-step with XLA.
+        repeats: timed repetitions (median reported).
+        min_seconds: each repetition runs at least this long.
+        algorithm: a `tf_maml.algorithms` name.
+
+    Returns:
+        A dict of figures: `ms`, `tasks_per_s`, `compile_s`, `peak_rss_mb`, ...
+    """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     import keras
     import tensorflow as tf
@@ -98,31 +115,58 @@ def run_one(workload, order, xla, repeats, min_seconds, algorithm="maml"):
         return loss
 
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    start = time.perf_counter()
-    float(meta_step(episode))
-    compile_s = time.perf_counter() - start
-    # Calibrate how many steps make one repetition.
-    start = time.perf_counter()
-    float(meta_step(episode))
-    one = time.perf_counter() - start
-    per_repeat = max(1, int(min_seconds / max(one, 1e-6)))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(per_repeat):
-            loss = meta_step(episode)
-        float(loss)
-        times.append((time.perf_counter() - start) / per_repeat)
-    times.sort()
-    ms = 1e3 * times[len(times) // 2]
+    ms, compile_s = peers.timed(lambda: meta_step(episode), repeats, min_seconds)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"workload": workload, "algorithm": algorithm, "order": order, "xla": xla, "ms": ms,
+    return {"workload": workload, "algorithm": algorithm, "impl": "tf_maml", "order": order,
+            "xla": xla, "ms": ms,
             "tasks_per_s": meta_batch / (ms / 1e3), "compile_s": compile_s,
             "peak_rss_mb": rss / 1024, "step_rss_mb": (rss - rss_before) / 1024,
             "layer_batched": forward.vectorized}
 
 
+def _choose_peers():
+    """The peers to run and the lines to print about the others."""
+    if FLAGS.peers is not None and not FLAGS.peers:
+        return [], ["no peer run (--peers= given)"]
+    try:
+        return peers.available(FLAGS.peers, FLAGS.peer_python)
+    except ValueError as e:
+        raise app.UsageError(str(e))
+
+
+def _peer_rows(workload, order, names):
+    """Runs every peer on one workload and order; returns the rows that succeeded."""
+    rows = []
+    for name in names:
+        row = peers.run_peer(name, workload, order, FLAGS.repeats, FLAGS.min_seconds,
+                             FLAGS.peer_python, FLAGS.peer_torch_threads)
+        if "error" in row:
+            print(f"{workload} {name} {order} failed:\n{row['error']}")
+            continue
+        rows.append(row)
+        print(f"{WORKLOADS[workload][0]:<40} {name:<11} {order:<6} "
+              f"{'jit' if name == 'jax' else '-':<5} {row['ms']:>9.2f} "
+              f"{row['tasks_per_s']:>9.0f} {row['peak_rss_mb']:>8.0f}", flush=True)
+    return rows
+
+
+def _describe_peers(rows):
+    """One line naming the peers' versions and torch's threads."""
+    seen = {}
+    for row in rows:
+        seen.setdefault(row["impl"], row["versions"])
+    parts = []
+    for name, versions in seen.items():
+        details = ", ".join(f"{k} {v}" for k, v in versions.items()
+                            if k not in (name, "torch_threads"))
+        if "torch_threads" in versions:
+            details += f", torch threads: {versions['torch_threads']}"
+        parts.append(f"{name} {versions.get(name, '')} ({details})")
+    return "peers: " + "; ".join(parts)
+
+
 def main(argv):
+    """Runs the benchmark (see the module docstring), or one configuration with `--_child`."""
     del argv
     if FLAGS._child:
         workload, order, xla, algorithm = FLAGS._child.split(",")
@@ -131,16 +175,27 @@ def main(argv):
         return
     import platform
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs; "
-          f"median of {FLAGS.repeats} repetitions of >= {FLAGS.min_seconds}s each\n")
-    header = (f"{'workload':<40} {'algorithm':<9} {'order':<6} {'XLA':<5} {'ms/step':>9} "
-              f"{'tasks/s':>9} {'peak MB':>8} {'peer*':>10} {'ratio':>6} {'vs MAML2':>8}")
+          f"median of {FLAGS.repeats} repetitions of >= {FLAGS.min_seconds}s each")
+    peer_names, notes = _choose_peers()
+    for note in notes:
+        print(note)
+    print()
+    header = (f"{'workload':<40} {'algorithm':<11} {'order':<6} {'XLA':<5} {'ms/step':>9} "
+              f"{'tasks/s':>9} {'peak MB':>8} {'best peer':>16} {'ratio':>6} {'vs JAX':>6} "
+              f"{'vs MAML2':>8}")
     print(header)
     print("-" * len(header))
-    rows, maml_second = [], {}
+    rows, peer_rows, maml_second = [], {}, {}
     for workload in FLAGS.workloads:
         for algorithm in FLAGS.algorithms:
             orders = ["first"] if algorithm == "reptile" else FLAGS.orders
             for order in orders:
+                if algorithm == "maml" and peer_names and (workload, order) not in peer_rows:
+                    peer_rows[(workload, order)] = _peer_rows(workload, order, peer_names)
+                    rows += peer_rows[(workload, order)]
+                measured = peer_rows.get((workload, order), []) if algorithm == "maml" else []
+                best = min(measured, key=lambda r: r["ms"]) if measured else None
+                jax_ms = next((r["ms"] for r in measured if r["impl"] == "jax"), None)
                 for xla in FLAGS.xla:
                     child = subprocess.run(
                         [sys.executable, __file__, f"--_child={workload},{order},{xla},{algorithm}",
@@ -156,20 +211,32 @@ def main(argv):
                     reference_ms = maml_second.get((workload, xla))
                     row["speedup_over_second_order_maml"] = (
                         reference_ms / row["ms"] if reference_ms else None)
-                    peers = PEERS[(workload, order)]
-                    best_name, best = min(peers.items(), key=lambda kv: kv[1])
-                    reference = peers["jax"] if workload == "sine" else best
-                    row["ratio_to_reference"] = row["ms"] / reference
+                    row["best_peer"] = best["impl"] if best else None
+                    row["best_peer_ms"] = best["ms"] if best else None
+                    row["ratio_to_best_peer"] = row["ms"] / best["ms"] if best else None
+                    row["ratio_to_jax"] = (row["ms"] / jax_ms
+                                           if jax_ms and workload == "sine" else None)
                     rows.append(row)
                     speedup = row["speedup_over_second_order_maml"]
-                    print(f"{WORKLOADS[workload][0]:<40} {algorithm:<9} {order:<6} {xla:<5} "
+                    best_text = f"{best['impl']} {best['ms']:.2f}" if best else "-"
+                    ratio, vs_jax = row["ratio_to_best_peer"], row["ratio_to_jax"]
+                    print(f"{WORKLOADS[workload][0]:<40} {algorithm:<11} {order:<6} {xla:<5} "
                           f"{row['ms']:>9.2f} {row['tasks_per_s']:>9.0f} "
-                          f"{row['peak_rss_mb']:>8.0f} {best:>7.2f} {best_name[:2]:<2} "
-                          f"{row['ratio_to_reference']:>6.2f} "
+                          f"{row['peak_rss_mb']:>8.0f} {best_text:>16} "
+                          f"{(f'{ratio:.2f}' if ratio else '-'):>6} "
+                          f"{(f'{vs_jax:.2f}' if vs_jax else '-'):>6} "
                           f"{(f'{speedup:.2f}x' if speedup else '-'):>8}", flush=True)
-    print("\n*peer: the best peer's ms typed in from an earlier measurement on another machine "
-          "(MAML only; not comparable across machines). vs MAML2: speed-up over second-order "
-          "MAML on the same workload in this run.")
+    print()
+    if any(peer_rows.values()):
+        print(_describe_peers(r for measured in peer_rows.values() for r in measured))
+        print("Peer rows (learn2learn, higher, jax) run MAML. best peer: the fastest peer's ms on "
+              "the same workload and order in this run; ratio: ms / best peer's ms (MAML rows; "
+              "goal <= 0.25); vs JAX: ms / JAX's ms (sine; goal <= 1.0).")
+    elif "maml" in FLAGS.algorithms:
+        print("No ratio: no peer was measured in this run ("
+              + ("; ".join(notes) if notes else "every peer failed") + ").")
+    print("vs MAML2: speed-up over second-order MAML on the same workload and XLA setting in "
+          "this run.")
     if FLAGS.json:
         with open(FLAGS.json, "w") as f:
             json.dump(rows, f, indent=2)
