@@ -414,7 +414,7 @@ def _jax_adapt(forward, loss_fn, inner_lr, steps, first_order):
     return task_loss, adapt
 
 
-def _jax_peer(workload, order, weights, data):
+def _jax_peer(workload, order, weights, data, steps_per_call=1):
     """`(step, meta_gradient)` of JAX (see `make_peer`)."""
     import jax
     import jax.numpy as jnp
@@ -441,13 +441,22 @@ def _jax_peer(workload, order, weights, data):
         params = [p - lr * mi / (jnp.sqrt(vi) + eps) for p, mi, vi in zip(params, m, v)]
         return params, m, v, t, loss
 
+    @jax.jit
+    def meta_steps(params, m, v, t, batch):
+        # `steps_per_call` meta-steps in one call, as tf_maml's trainer runs its steps.
+        def body(_, carry):
+            return meta_step(*carry[:4], batch)
+
+        return jax.lax.fori_loop(0, steps_per_call, body,
+                                 (params, m, v, t, jnp.zeros([], jnp.float32)))
+
     batch = tuple(jnp.asarray(data[k]) for k in ("sx", "sy", "qx", "qy"))
     params = [jnp.asarray(w) for w in weights]
     zeros = [jnp.zeros_like(p) for p in params]
     state = [params, zeros, list(zeros), jnp.zeros([], jnp.float32)]
 
     def step():
-        params, m, v, t, loss = meta_step(*state, batch)
+        params, m, v, t, loss = (meta_step if steps_per_call == 1 else meta_steps)(*state, batch)
         state[:] = [params, m, v, t]
         return loss
 
@@ -458,7 +467,7 @@ def _jax_peer(workload, order, weights, data):
     return step, meta_gradient
 
 
-def make_peer(peer, workload, order, weights, data):
+def make_peer(peer, workload, order, weights, data, steps_per_call=1):
     """One peer's meta-step and meta-gradient on fixed data.
 
     Args:
@@ -467,15 +476,19 @@ def make_peer(peer, workload, order, weights, data):
         order: "second" or "first".
         weights: initial weights in Keras' order and layouts (`init_weights`).
         data: the meta-batch (`make_data`).
+        steps_per_call: JAX runs this many meta-steps per jitted call (a
+            `fori_loop`); torch has no graph call to amortize, so its `step()`
+            is always one meta-step.
 
     Returns:
         `(step, meta_gradient)`: `step()` runs a meta-step (meta-gradient and
-        Adam update) and returns the loss; `meta_gradient()` returns
+        Adam update; `steps_per_call` of them for JAX) and returns the loss;
+        `meta_gradient()` returns
         `(loss, grads)` at the current weights, grads in Keras' layouts,
         without updating anything.
     """
     if peer == "jax":
-        return _jax_peer(workload, order, weights, data)
+        return _jax_peer(workload, order, weights, data, steps_per_call)
     return _torch_peer(peer, workload, order, weights, data)
 
 
@@ -498,13 +511,16 @@ def _set_torch_threads(peer, threads):
         torch.set_num_threads(threads)
 
 
-def _run_child(peer, workload, order, repeats, min_seconds, torch_threads=0):
+def _run_child(peer, workload, order, repeats, min_seconds, torch_threads=0,
+               steps_per_call=1):
     """Times one peer configuration in this process; returns a dict of figures."""
     _set_torch_threads(peer, torch_threads)
     weights = init_weights(WORKLOADS[workload][2])
-    step, _ = make_peer(peer, workload, order, weights, make_data(workload))
+    step, _ = make_peer(peer, workload, order, weights, make_data(workload), steps_per_call)
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     ms, compile_s = timed(step, repeats, min_seconds)
+    if peer == "jax":
+        ms /= steps_per_call
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     meta_batch = WORKLOADS[workload][1]
     return {"workload": workload, "algorithm": "maml", "impl": peer, "order": order,
@@ -620,7 +636,8 @@ def available(names=None, python=None):
     return found, skipped
 
 
-def run_peer(peer, workload, order, repeats, min_seconds, python=None, torch_threads=0):
+def run_peer(peer, workload, order, repeats, min_seconds, python=None, torch_threads=0,
+             steps_per_call=1):
     """Times one peer on one workload in its own process.
 
     Args:
@@ -632,6 +649,7 @@ def run_peer(peer, workload, order, repeats, min_seconds, python=None, torch_thr
         python: the peer interpreter (default: this one).
         torch_threads: torch's intra-op threads (0: torch's default, one per
             core).
+        steps_per_call: meta-steps per jitted call (JAX; `ms` stays per step).
 
     Returns:
         A dict of figures (`ms`, `tasks_per_s`, `compile_s`, `peak_rss_mb`,
@@ -639,7 +657,8 @@ def run_peer(peer, workload, order, repeats, min_seconds, python=None, torch_thr
     """
     child = subprocess.run(
         _child_command(python, f"--_child={peer},{workload},{order}", f"--repeats={repeats}",
-                       f"--min_seconds={min_seconds}", f"--torch_threads={torch_threads}"),
+                       f"--min_seconds={min_seconds}", f"--torch_threads={torch_threads}",
+                       f"--steps_per_call={steps_per_call}"),
         capture_output=True, text=True)
     if child.returncode != 0:
         return {"error": child.stderr[-2000:]}
@@ -846,6 +865,8 @@ def _parse_args(argv):
                         help="--check: largest acceptable relative error in float64.")
     parser.add_argument("--torch_threads", type=int, default=0,
                         help="torch's intra-op threads (0: torch's default, one per core).")
+    parser.add_argument("--steps_per_call", type=int, default=1,
+                        help="Meta-steps per jitted JAX call (figures stay per step).")
     parser.add_argument("--peer_python", default=None,
                         help="Interpreter for the peer processes (default: this one).")
     parser.add_argument("--_available", action="store_true", help=argparse.SUPPRESS)
@@ -873,7 +894,7 @@ def main(argv=None):
     if args._child:
         peer, workload, order = args._child.split(",")
         print(json.dumps(_run_child(peer, workload, order, args.repeats, args.min_seconds,
-                                    args.torch_threads)))
+                                    args.torch_threads, args.steps_per_call)))
         return 0
     if args._check:
         peer, cases_dir = args._check.split(",", 1)
@@ -907,7 +928,7 @@ def main(argv=None):
         for order in orders:
             for peer in names:
                 row = run_peer(peer, workload, order, args.repeats, args.min_seconds,
-                               args.peer_python, args.torch_threads)
+                               args.peer_python, args.torch_threads, args.steps_per_call)
                 if "error" in row:
                     print(f"{workload} {peer} {order} failed:\n{row['error']}")
                     continue

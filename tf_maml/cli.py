@@ -45,6 +45,9 @@ _HELP = {
     "inner_lr": "Inner-loop step size (alpha).",
     "meta_lr": "Meta (Adam) learning rate (beta).",
     "first_order": "First-order MAML (no second derivatives).",
+    "recompute_inner_steps": "Second order: recompute the inner steps' activations in the "
+                             "backward pass instead of keeping them (memory for many inner "
+                             "steps, at about one more support pass per step).",
     "algorithm": f"Meta-learning algorithm: {', '.join(config_lib.ALGORITHMS)}.",
     "msl_epochs": "MAML++: epochs over which the multi-step loss anneals to the last step.",
     "first_order_epochs": "MAML++: first-order meta-gradients for this many epochs, then second "

@@ -31,7 +31,7 @@ OUTER_OPTIMIZERS = ("trpo", "adam")
 RESUMABLE_FIELDS = frozenset({
     "num_iterations", "log_every", "checkpoint_every", "validate_every", "num_eval_tasks",
     "num_eval_steps", "jit_compile", "data_dir", "cache_dir", "strategy", "transductive",
-    "eval_step_size_decay", "eval_fast_batch_size",
+    "eval_step_size_decay", "eval_fast_batch_size", "recompute_inner_steps",
 })
 
 
@@ -113,6 +113,11 @@ class Config:
         inner_lr: inner-loop step size α.
         meta_lr: Adam learning rate β of the meta-update.
         first_order: first-order MAML (no second derivatives).
+        recompute_inner_steps: second order: recompute each inner step's
+            activations when the meta-gradient needs them instead of keeping
+            them, so memory no longer grows with each step's activations (for
+            many inner steps), at the cost of about one more forward and
+            backward pass of the support set per step. Same meta-gradients.
         algorithm: "maml" (with `first_order` and `num_inner_steps=0` for the
             pretrained baseline), "anil" (adapt the head only), "metasgd"
             (learned per-parameter inner rates), "mamlpp" (MAML++) or
@@ -198,6 +203,7 @@ class Config:
     inner_lr: float = 0.01
     meta_lr: float = 0.001
     first_order: bool = False
+    recompute_inner_steps: bool = False
     algorithm: str = "maml"
     msl_epochs: int = 10
     first_order_epochs: int = 0
@@ -283,6 +289,12 @@ class Config:
              "inner_optimizer=adam is for algorithm=reptile")
         need(self.algorithm not in ("mamlpp", "reptile") or self.num_inner_steps >= 1,
              f"algorithm={self.algorithm} needs num_inner_steps >= 1")
+        if self.recompute_inner_steps:
+            need(not self.first_order and self.algorithm != "reptile",
+                 "recompute_inner_steps applies to second-order meta-gradients only (first "
+                 "order and Reptile keep no activations of the inner steps)")
+            need(self.dataset not in RL_DATASETS,
+                 "recompute_inner_steps is not available for reinforcement learning")
         for name in ("num_iterations", "meta_batch_size", "k_shot", "k_query", "num_eval_tasks",
                      "log_every", "checkpoint_every", "n_way", "iterations_per_epoch"):
             need(isinstance(getattr(self, name), int) and getattr(self, name) >= 1,

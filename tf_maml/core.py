@@ -182,7 +182,8 @@ class Adam:
         return new, (m, v, t)
 
 
-def inner_step(task_loss, weights, update, state=None, step=0, first_order=False):
+def inner_step(task_loss, weights, update, state=None, step=0, first_order=False,
+               recompute=False, differentiable_inputs=()):
     """Takes one inner step on every task's loss.
 
     Args:
@@ -194,6 +195,17 @@ def inner_step(task_loss, weights, update, state=None, step=0, first_order=False
         step: the inner-step index, passed to `task_loss` and `update`.
         first_order: hold the inner gradient constant (`stop_gradient`), so an
             enclosing tape does not differentiate through it.
+        recompute: second order only (ignored for first order, which keeps no
+            activations for an enclosing tape anyway): an enclosing tape keeps
+            only the step's inputs and outputs, and the step runs again when
+            it is differentiated. Memory then no longer grows with each step's
+            activations, for about one more forward and backward pass of the
+            step's loss.
+        differentiable_inputs: with `recompute`, every tensor other than
+            `weights` and `state` that `task_loss` or `update` reads and that
+            an enclosing tape must differentiate (learned rates, shared
+            meta-parameters, features computed from them). One left out would
+            get no gradient through this step.
 
     Returns:
         `(new_weights, new_state, task_losses)`: the loss of every task is the
@@ -201,6 +213,8 @@ def inner_step(task_loss, weights, update, state=None, step=0, first_order=False
     """
     if state is None:
         state = update.init(weights)
+    if recompute and not first_order:
+        return _recomputed_step(task_loss, weights, update, state, step, differentiable_inputs)
     with tf.GradientTape() as tape:
         tape.watch(weights)
         task_losses = task_loss(weights, step)
@@ -212,7 +226,59 @@ def inner_step(task_loss, weights, update, state=None, step=0, first_order=False
     return new_weights, state, task_losses
 
 
-def adapt(task_loss, weights, num_steps, update, first_order=False):
+def _recomputed_step(task_loss, weights, update, state, step, differentiable_inputs):
+    """`inner_step` (second order) whose intermediate tensors are recomputed when differentiated.
+
+    The forward pass keeps only the step's inputs and outputs; the backward
+    pass runs the step again under a tape (after the incoming gradients exist,
+    so that graph optimizations cannot merge the two copies) and
+    differentiates that copy. `differentiable_inputs` are the tensors other
+    than `weights` and `state` that `task_loss` or `update` read and that an
+    enclosing tape differentiates (learned rates, shared meta-parameters,
+    features computed from them): they get their gradients through here too.
+    """
+    weights = [tf.convert_to_tensor(w) for w in weights]
+    flat_state = [tf.convert_to_tensor(s) for s in tf.nest.flatten(state)]
+    extra = [tf.convert_to_tensor(t) for t in differentiable_inputs]
+    num_weights, num_state = len(weights), len(flat_state)
+
+    def run(ws, st):
+        new, new_state, losses = inner_step(task_loss, list(ws), update,
+                                            tf.nest.pack_sequence_as(state, list(st)), step)
+        return new + tf.nest.flatten(new_state) + [losses]
+
+    @tf.custom_gradient
+    def recomputed(*inputs):
+        outputs = run(inputs[:num_weights], inputs[num_weights:num_weights + num_state])
+
+        def grad(*output_grads, variables=None):
+            # `variables`: any tf.Variable the step read directly (rather than
+            # through its inputs); they get their gradients too.
+            variables = list(variables or [])
+            output_grads = [tf.zeros_like(o) if g is None else g
+                            for o, g in zip(outputs, output_grads)]
+            with tf.control_dependencies(output_grads):
+                copies = [tf.identity(t) for t in inputs[:num_weights + num_state]]
+            with tf.GradientTape() as tape:
+                tape.watch(copies + extra)
+                again = run(copies[:num_weights], copies[num_weights:])
+            grads = tape.gradient(again, copies + extra + variables,
+                                  output_gradients=output_grads,
+                                  unconnected_gradients=tf.UnconnectedGradients.ZERO)
+            if not variables:
+                return grads
+            return grads[:len(inputs)], grads[len(inputs):]
+
+        return outputs, grad
+
+    outputs = recomputed(*(weights + flat_state + extra))
+    new_weights = list(outputs[:num_weights])
+    new_state = tf.nest.pack_sequence_as(state, list(outputs[num_weights:-1]))
+    return new_weights, new_state, outputs[-1]
+
+
+def adapt(task_loss, weights, num_steps, update, first_order=False, recompute=False,
+          differentiable_inputs=()):
     """Adapts task-batched weights with `num_steps` inner steps.
 
     θ'ᵢ = θ − α ∇θ Lᵢ(θ), repeated, for all tasks at once.
@@ -226,6 +292,9 @@ def adapt(task_loss, weights, num_steps, update, first_order=False):
             since nothing may differentiate through it).
         update: the update rule (e.g. `SGD(0.01)`).
         first_order: hold the inner gradients constant.
+        recompute, differentiable_inputs: see `inner_step` (each unrolled step
+            is recomputed when differentiated; a tensor `num_steps` is first
+            order and ignores them).
 
     Returns:
         `(adapted_weights, support_losses)`: the weights after the last step
@@ -266,7 +335,7 @@ def adapt(task_loss, weights, num_steps, update, first_order=False):
     losses = []
     for step in range(num_steps):
         weights, state, step_losses = inner_step(task_loss, weights, update, state, step,
-                                                 first_order)
+                                                 first_order, recompute, differentiable_inputs)
         losses.append(step_losses)
     return weights, losses
 

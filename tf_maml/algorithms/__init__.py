@@ -29,6 +29,8 @@ def build(config, model, forward, loss_fn):
     """
     common = dict(inner_lr=config.inner_lr, num_inner_steps=config.num_inner_steps,
                   first_order=config.first_order)
+    if config.recompute_inner_steps:  # Config.validate refuses it for Reptile
+        common["recompute_inner_steps"] = True
     name = config.algorithm
     if name == "mamlpp":
         return MAMLPlusPlus(model, forward, loss_fn, **common, msl_epochs=config.msl_epochs,

@@ -67,8 +67,10 @@ class ANIL(MAML):
 
     name = "anil"
 
-    def __init__(self, model, forward, loss_fn, inner_lr, num_inner_steps, first_order=False):
-        super().__init__(model, forward, loss_fn, inner_lr, num_inner_steps, first_order)
+    def __init__(self, model, forward, loss_fn, inner_lr, num_inner_steps, first_order=False,
+                 recompute_inner_steps=False):
+        super().__init__(model, forward, loss_fn, inner_lr, num_inner_steps, first_order,
+                         recompute_inner_steps)
         split = split_head(model)
         if split is None:
             layers = [layer for layer in model.layers if layer.trainable_variables]

@@ -37,6 +37,11 @@ class MAML:
         num_inner_steps: inner steps during meta-training (0: train θ on every
             task jointly, the paper's "pretrained" baseline).
         first_order: hold inner gradients constant (first-order MAML).
+        recompute_inner_steps: second order: recompute each inner step's
+            activations when the meta-gradient needs them instead of keeping
+            them (`core.inner_step`'s `recompute`): memory stops growing with
+            each step's activations, at the cost of about one more forward and
+            backward pass of the support set per step.
 
     Example:
 
@@ -50,8 +55,10 @@ class MAML:
 
     name = "maml"
 
-    def __init__(self, model, forward, loss_fn, inner_lr, num_inner_steps, first_order=False):
+    def __init__(self, model, forward, loss_fn, inner_lr, num_inner_steps, first_order=False,
+                 recompute_inner_steps=False):
         self.model = model
+        self.recompute_inner_steps = recompute_inner_steps
         self.forward = forward
         self.loss_fn = loss_fn
         self.inner_lr = inner_lr
@@ -137,7 +144,19 @@ class MAML:
         inputs = self.task_inputs(meta_params, support_x, training)
         weights = self.initial_weights(meta_params, tf.shape(support_x)[0])
         return core.adapt(self.task_loss(meta_params, inputs, support_y, training), weights,
-                          num_steps, self.inner_update(meta_params, inner_lr), first_order)
+                          num_steps, self.inner_update(meta_params, inner_lr), first_order,
+                          self.recompute_inner_steps,
+                          self.differentiable_inputs(meta_params, inputs, support_x))
+
+    def differentiable_inputs(self, meta_params, inputs, x):
+        """What an inner step reads besides the adapted weights, for `recompute_inner_steps`.
+
+        Every meta-parameter (shared weights, learned rates, per-step
+        normalization weights) and, when `task_inputs` computed them from
+        meta-parameters (ANIL's features), the step's inputs; never the raw
+        data `x`.
+        """
+        return list(meta_params) + ([] if inputs is x else [inputs])
 
     # -- meta-objective ---------------------------------------------------------------------------
 

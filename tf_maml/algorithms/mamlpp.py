@@ -67,7 +67,8 @@ class MAMLPlusPlus(MAML):
       moving statistics in meta-training), so they are per step by construction.
 
     Args:
-        model, forward, loss_fn, inner_lr, num_inner_steps, first_order: as `MAML`.
+        model, forward, loss_fn, inner_lr, num_inner_steps, first_order,
+            recompute_inner_steps: as `MAML`.
         msl_epochs: epochs over which the multi-step loss anneals (0: off).
         first_order_epochs: epochs of first-order meta-gradients at the start.
         iterations_per_epoch: meta-iterations per epoch (schedules' unit).
@@ -81,8 +82,10 @@ class MAMLPlusPlus(MAML):
 
     def __init__(self, model, forward, loss_fn, inner_lr, num_inner_steps, first_order=False,
                  msl_epochs=10, first_order_epochs=0, iterations_per_epoch=500,
-                 per_step_bn=True, learn_inner_lr=True, min_meta_lr=1e-5):
-        super().__init__(model, forward, loss_fn, inner_lr, num_inner_steps, first_order)
+                 per_step_bn=True, learn_inner_lr=True, min_meta_lr=1e-5,
+                 recompute_inner_steps=False):
+        super().__init__(model, forward, loss_fn, inner_lr, num_inner_steps, first_order,
+                         recompute_inner_steps)
         if num_inner_steps < 1:
             raise ValueError("MAML++ needs num_inner_steps >= 1")
         self.msl_epochs = msl_epochs
@@ -137,8 +140,9 @@ class MAMLPlusPlus(MAML):
         task_loss = self.task_loss(meta_params, inputs, episode.support_y)
         state, total, support_losses = update.init(weights), 0.0, None
         for step in range(steps):
-            weights, state, losses = core.inner_step(task_loss, weights, update, state, step,
-                                                     first_order)
+            weights, state, losses = core.inner_step(
+                task_loss, weights, update, state, step, first_order, self.recompute_inner_steps,
+                self.differentiable_inputs(meta_params, inputs, episode.support_x))
             support_losses = losses if support_losses is None else support_losses
             predictions = self.predict_from_inputs(meta_params, weights, query, step + 1)
             query_losses = self.loss_fn(episode.query_y, predictions)

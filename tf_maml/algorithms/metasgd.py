@@ -28,8 +28,10 @@ class MetaSGD(MAML):
 
     name = "metasgd"
 
-    def __init__(self, model, forward, loss_fn, inner_lr, num_inner_steps, first_order=False):
-        super().__init__(model, forward, loss_fn, inner_lr, num_inner_steps, first_order)
+    def __init__(self, model, forward, loss_fn, inner_lr, num_inner_steps, first_order=False,
+                 recompute_inner_steps=False):
+        super().__init__(model, forward, loss_fn, inner_lr, num_inner_steps, first_order,
+                         recompute_inner_steps)
         self._add_extra([
             tf.Variable(tf.fill(v.shape, tf.constant(inner_lr, v.dtype)),
                         name=f"inner_lr_{i}")
