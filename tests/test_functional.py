@@ -264,3 +264,38 @@ def test_exact_moments_context_restores_keras():
     with functional.exact_moments():
         assert nn._compute_moments is not original
     assert nn._compute_moments is original
+
+
+@pytest.mark.parametrize("used", ["all", "dx_only"])
+def test_fused_batch_norm_second_derivative_equals_the_composite_formula(used):
+    # The closed-form derivative of the fused gradient kernel against autodiff of
+    # the textbook formula in float64, for a nonlinear use of every output of the
+    # gradient (dx, dγ, dβ), or of dx alone (the other cotangents arrive as None).
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(6, 5, 5, 8)) * 2 + 1
+    gamma, beta = rng.normal(size=8) + 1, rng.normal(size=8)
+    weights = rng.normal(size=(6, 5, 5, 8))
+
+    def composite(x, gamma, beta):
+        mean = tf.reduce_mean(x, [0, 1, 2])
+        variance = tf.reduce_mean(tf.square(x - mean), [0, 1, 2])
+        return (x - mean) * tf.math.rsqrt(variance + 1e-3) * gamma + beta
+
+    def derivatives(normalize, dtype):
+        inputs = [tf.constant(v, dtype) for v in (x, gamma, beta)]
+        w = tf.constant(weights, dtype)
+        with tf.GradientTape() as outer:
+            outer.watch(inputs)
+            with tf.GradientTape() as inner:
+                inner.watch(inputs)
+                loss = tf.reduce_sum(tf.sin(normalize(*inputs)) * w)
+            dx, dgamma, dbeta = inner.gradient(loss, inputs)
+            meta = tf.reduce_sum(tf.cos(dx) * w)
+            if used == "all":
+                meta += tf.reduce_sum(dgamma ** 2) + tf.reduce_sum(tf.sin(dbeta))
+        return [dx, dgamma, dbeta] + outer.gradient(meta, inputs)
+
+    expected = derivatives(composite, tf.float64)
+    got = derivatives(lambda *a: functional._fused_batch_norm_training(*a, 1e-3), tf.float32)
+    errors = _normalized_errors(got, expected)
+    assert max(errors) < 1e-5, errors

@@ -56,6 +56,104 @@ def _exact_moments_impl(x, axes, keepdims=False):
     return mean, variance
 
 
+def _fused_batch_norm_training(x, scale, offset, epsilon):
+    """Training-mode batch norm (NHWC): fused kernels, second derivative in closed form.
+
+    The value and the first derivative are TensorFlow's fused kernels
+    (`FusedBatchNormV3`, `FusedBatchNormGradV3`), as `tf.nn.fused_batch_norm`
+    computes them. TensorFlow differentiates the gradient kernel by building
+    the batch-norm gradient out of about forty elementwise ops and reductions
+    and differentiating those, which took a quarter of a second-order
+    Omniglot meta-step; here its derivative is the closed form below (about
+    twenty), equal up to round-off (tests compare both with finite
+    differences).
+
+    With x̂ = (x − μ)·r, r = (σ² + ε)^-½ per channel, mean(·) over the channel's
+    N elements and P(z) = z − mean(z) − x̂·mean(z·x̂), the gradient kernel maps
+    (x, γ, g) to dx = γ·r·P(g), dγ = Σ g·x̂, dβ = Σ g; for cotangents (a, c, e)
+    of (dx, dγ, dβ) its vector-Jacobian product is
+
+        ∂g = γ·r·P(a) + c·x̂ + e
+        ∂γ = r·⟨a, P(g)⟩
+        ∂x = r·P(u) − (r²·γ·⟨a, P(g)⟩ / N)·x̂,  u = c·g − γ·r·(mean(a·x̂)·g + mean(g·x̂)·a)
+
+    (P is self-adjoint, and the Jacobian of x̂ with respect to x is r·P).
+
+    Args:
+        x: `[batch, height, width, channels]` float32.
+        scale, offset: `[channels]`.
+        epsilon: float (raised to 1.001e-5, as `tf.nn.fused_batch_norm` does).
+
+    Returns:
+        The normalized `x`, scaled and offset.
+    """
+    epsilon = max(float(epsilon), 1.001e-5)
+
+    @tf.custom_gradient
+    def normalize(x, scale, offset):
+        empty = tf.constant([], x.dtype)
+        y, _, _, reserve_1, reserve_2, reserve_3 = tf.raw_ops.FusedBatchNormV3(
+            x=x, scale=scale, offset=offset, mean=empty, variance=empty, epsilon=epsilon,
+            exponential_avg_factor=1.0, data_format="NHWC", is_training=True)
+
+        def grad(dy):
+            return _fused_batch_norm_gradient(x, scale, dy, (reserve_1, reserve_2, reserve_3),
+                                              epsilon)
+
+        return y, grad
+
+    return normalize(x, scale, offset)
+
+
+def _fused_batch_norm_gradient(x, scale, dy, reserve, epsilon):
+    """`(dx, dscale, doffset)` of `_fused_batch_norm_training`, with its closed-form derivative."""
+    @tf.custom_gradient
+    def gradient(x, scale, g):
+        dx, dscale, doffset, _, _ = tf.raw_ops.FusedBatchNormGradV3(
+            y_backprop=g, x=x, scale=scale, reserve_space_1=reserve[0],
+            reserve_space_2=reserve[1], reserve_space_3=reserve[2], epsilon=epsilon,
+            data_format="NHWC", is_training=True)
+
+        def grad(a, c, e):
+            a = tf.zeros_like(x) if a is None else a
+            c = tf.zeros_like(scale) if c is None else c
+            e = tf.zeros_like(scale) if e is None else e
+            channels = tf.shape(x)[-1]
+            n_int = tf.reduce_prod(tf.shape(x)[:3])
+            n = tf.cast(n_int, x.dtype)
+            ones = tf.ones(tf.stack([1, n_int]), x.dtype) / n
+
+            def mean(z):
+                # A matrix product with a row of 1/N: several times faster on CPU
+                # than reduce_mean over the leading axes (measured 0.33 vs 2.1 ms
+                # on [20, 14, 14, 1024]).
+                return tf.linalg.matmul(ones, tf.reshape(z, tf.stack([n_int, channels])))[0]
+
+            # Per-channel coefficients are combined first, so that each term
+            # costs one pass over the activations.
+            centered = x - mean(x)
+            r = tf.math.rsqrt(mean(tf.square(centered)) + epsilon)
+            xhat = centered * r
+            mean_a, mean_g = mean(a), mean(g)
+            a_xhat, g_xhat = mean(a * xhat), mean(g * xhat)
+            a_dot_pg = n * (mean(a * g) - mean_a * mean_g - a_xhat * g_xhat)
+            scale_r = scale * r
+            xhat_coefficient = c - scale_r * a_xhat
+            # ∂g = γr·a + (c − γr·mean(a·x̂))·x̂ + (e − γr·mean(a))
+            d_g = scale_r * a + xhat_coefficient * xhat + (e - scale_r * mean_a)
+            d_scale = r * a_dot_pg
+            # u = (c − γr·mean(a·x̂))·g − γr·mean(g·x̂)·a
+            u = xhat_coefficient * g - (scale_r * g_xhat) * a
+            # ∂x = r·(u − mean(u)) − (r·mean(u·x̂) + r·γr·⟨a, P(g)⟩ / N)·x̂
+            d_x = (r * (u - mean(u))
+                   - (r * mean(u * xhat) + r * scale_r * a_dot_pg / n) * xhat)
+            return d_x, d_scale, d_g
+
+        return (dx, dscale, doffset), grad
+
+    return gradient(x, scale, dy)
+
+
 @contextlib.contextmanager
 def exact_moments():
     """Makes Keras normalization layers compute exactly differentiable moments.
@@ -396,16 +494,15 @@ def _plan_batch_norm(layer, layout, dtype, rank):
         if ctx.training and batch_statistics and fused:
             # One fused kernel per layer for every task (tasks are channel
             # blocks). Its first and second derivatives are exact (the
-            # gradient kernels keep the mean's term); ~30% faster
-            # first-order steps on CPU than the composite form below.
+            # gradient kernels keep the mean's term; the second derivative is
+            # in closed form); ~30% faster first-order steps on CPU than the
+            # composite form below.
             channels = tf.shape(h)[-1]
             scale = (tf.reshape(ctx.get(gamma), [-1]) if gamma is not None
                      else tf.ones([channels], h.dtype))
             offset = (tf.reshape(ctx.get(beta), [-1]) if beta is not None
                       else tf.zeros([channels], h.dtype))
-            y, _, _ = tf.compat.v1.nn.fused_batch_norm(
-                h, scale, offset, epsilon=layer.epsilon, is_training=True)
-            return y
+            return _fused_batch_norm_training(h, scale, offset, layer.epsilon)
         if ctx.training and batch_statistics:
             mean, variance = _exact_moments_impl(h, axes, keepdims=True)
         else:
