@@ -8,14 +8,16 @@ one meta-step and prints achieved GFLOP/s next to `matmul_peak`: the
 would take if every FLOP ran at large-matmul speed.
 
 What is counted: the multiply-adds of convolutions (forward and both
-backward kernels, grouped ones included), matrix products and fused batch
-norm, as 2 FLOPs each, from the static shapes of the traced graph, including
-the graphs of functions it calls (gradient functions, `tf.cond` branches).
-Elementwise work (activations, Adam, the batch-norm formula) is counted
-separately as one FLOP per output element: it runs at memory speed, not at
-matmul speed, so it is reported apart. A `tf.while_loop` body is counted once
-(its trip count is not in the graph); the meta-steps of the benchmarks unroll
-their inner steps in Python, so they have none.
+backward kernels, grouped ones included) and matrix products, as 2 FLOPs
+each, from the static shapes of the traced graph, including the graphs of
+the functions it calls, at every call site (of a `tf.cond`'s branches only
+the costliest, since one runs). Elementwise work (activations, Adam, batch
+norm, the fused batch-norm kernels included) is counted separately as one
+FLOP per output element: it runs at memory speed, not at matmul speed, so it
+is reported apart. A `tf.while_loop` body is counted once (its trip count is
+not in the graph); the meta-steps of the benchmarks unroll their inner steps
+in Python, so they have none (with `--steps_per_call` the loop's body is one
+meta-step, which is what is reported).
 """
 
 import time
@@ -75,6 +77,9 @@ def _dense_flops(op):
     return None
 
 
+_BRANCHING = ("If", "StatelessIf", "Case", "StatelessCase")
+
+
 def _called_functions(op, graph):
     """The FuncGraphs an op calls (PartitionedCall, If, While, ...)."""
     graphs = []
@@ -91,8 +96,23 @@ def _called_functions(op, graph):
     return graphs
 
 
+def _empty_totals():
+    return {"dense": 0, "elementwise": 0, "by_op": {}, "unknown": 0, "while_loops": 0}
+
+
+def _add(totals, other):
+    for key in ("dense", "elementwise", "unknown", "while_loops"):
+        totals[key] += other[key]
+    for kind, value in other["by_op"].items():
+        totals["by_op"][kind] = totals["by_op"].get(kind, 0) + value
+
+
 def graph_flops(graph):
     """Counts the FLOPs of one run of a traced graph.
+
+    A function the graph calls is counted at every call site; of the branches
+    of a `tf.cond` (`If`, `Case`) only the costliest, since one runs; a
+    `tf.while_loop` body once.
 
     Args:
         graph: a `tf.Graph`, e.g. `tf_function.get_concrete_function(...).graph`.
@@ -104,10 +124,12 @@ def graph_flops(graph):
         were not static; their FLOPs are missing from `dense`) and
         `while_loops` (loops whose bodies were counted once).
     """
-    totals = {"dense": 0, "elementwise": 0, "by_op": {}, "unknown": 0, "while_loops": 0}
-    seen = set()
+    cache = {}
 
-    def walk(g):
+    def count(g, active):
+        if id(g) in cache:
+            return cache[id(g)]
+        totals = _empty_totals()
         for op in g.get_operations():
             if op.type in _DENSE:
                 flops = _dense_flops(op)
@@ -122,13 +144,18 @@ def graph_flops(graph):
                     totals["elementwise"] += int(np.prod(shape))
             if op.type in ("While", "StatelessWhile"):
                 totals["while_loops"] += 1
-            for called in _called_functions(op, g):
-                if id(called) not in seen:
-                    seen.add(id(called))
-                    walk(called)
+            called = [c for c in _called_functions(op, g) if id(c) not in active]
+            counted = [count(c, active | {id(c)}) for c in called]
+            if op.type in _BRANCHING and counted:
+                _add(totals, max(counted, key=lambda t: (t["dense"], t["elementwise"])))
+            else:
+                for other in counted:
+                    _add(totals, other)
+        cache[id(g)] = totals
+        return totals
 
-    walk(graph)
-    return totals
+    result = count(graph, {id(graph)})
+    return {**result, "by_op": dict(result["by_op"])}
 
 
 def matmul_peak(threads=0, size=1024, seconds=1.0):

@@ -6,16 +6,16 @@
 Runs a few calls under TensorFlow's profiler (after warm-up) and reads its
 trace: for each op type, the kernel time per call (summed over the threads
 that ran it) and how many times it ran per call. The summary says how many
-op executions one call makes (per inner step for `adapt`), how much of the
-wall time kernels account for, and the median kernel time of the ops that
-are not convolutions or matrix products (their kernel time per op on
-average): on these small graphs the op count times the per-op cost is the
-part of the time that does no arithmetic. The time between kernels (the
-executor's own work) is wall time minus kernel time, where the graph runs on
-one thread.
+op executions one call makes (and per inner step), how much kernel time the
+convolutions and matrix products take, and the mean kernel time of the other
+ops: on these small graphs the op count times the per-op cost is the part of
+the time that does no arithmetic. The time between kernels (the executor's
+own work) is wall time minus kernel time, where the graph runs on one
+thread.
 
 `--target=meta_step` profiles `bench/meta_step.py`'s meta-step (gradient and
-Adam update, `--algorithm`, `--order`, `--num_inner_steps`); `--target=adapt`
+Adam update, `--algorithm`, `--order`, `--num_inner_steps`,
+`--recompute_inner_steps`; one meta-step per call); `--target=adapt`
 profiles the `adapt` signature of an exported untrained model loaded from
 disk, as `bench/serving_latency.py` times it (one task per request, one
 intra-op thread unless `--intra_op_threads` says otherwise).
@@ -84,12 +84,12 @@ def _profile(call, calls):
     for _ in range(3):
         call()
     logdir = tempfile.mkdtemp(prefix="tf_maml_profile_")
-    start = time.perf_counter()
     tf.profiler.experimental.start(logdir)
+    start = time.perf_counter()
     for _ in range(calls):
         call()
-    tf.profiler.experimental.stop()
     wall_ms = (time.perf_counter() - start) * 1e3 / calls
+    tf.profiler.experimental.stop()
     # Unprofiled wall time too: the profiler itself adds to every op.
     start = time.perf_counter()
     for _ in range(calls):
@@ -99,10 +99,11 @@ def _profile(call, calls):
 
 
 def _meta_step_call():
-    meta_step, episode, _ = meta_step_bench.build(FLAGS.workload, FLAGS.order, False,
-                                                  FLAGS.algorithm)
+    meta_step, episode, _ = meta_step_bench.build(
+        FLAGS.workload, FLAGS.order, False, FLAGS.algorithm, FLAGS.num_inner_steps,
+        recompute_inner_steps=FLAGS.recompute_inner_steps)
     counted = flops.graph_flops(meta_step.get_concrete_function(episode).graph)
-    steps = meta_step_bench.WORKLOADS[FLAGS.workload][5]
+    steps = FLAGS.num_inner_steps or meta_step_bench.WORKLOADS[FLAGS.workload][5]
     return (lambda: meta_step(episode).numpy()), counted["dense"], steps
 
 
@@ -141,6 +142,8 @@ def main(argv):
     import numpy as np
     import tensorflow as tf
 
+    if FLAGS.steps_per_call != 1:
+        raise app.UsageError("--steps_per_call: the profile is of one meta-step per call")
     threads = FLAGS.intra_op_threads
     if threads is None:
         threads = 1 if FLAGS.target == "adapt" else 0
@@ -157,7 +160,7 @@ def main(argv):
     dense_ms = sum(ms for kind, ms in events if any(k in kind for k in _DENSE_KERNELS))
     other = [ms for kind, ms in events if not any(k in kind for k in _DENSE_KERNELS)]
 
-    label = meta_step_bench.WORKLOADS[FLAGS.workload][0]
+    label = meta_step_bench._label(FLAGS.workload)
     if FLAGS.target == "adapt":
         label = label.split(",")[0] + ", one task"  # the training meta-batch does not apply
     print(f"{FLAGS.target} of {label}"
@@ -167,8 +170,10 @@ def main(argv):
     print(f"wall ms per call: {plain_ms:.2f} unprofiled, {wall_ms:.2f} profiled")
     print(f"op executions per call: {executions:.0f}"
           + (f" ({executions / steps:.0f} per inner step)" if steps else ""))
+    conv_ms = sum(ms for kind, ms in events if "Conv" in kind)
     print(f"kernel ms per call, summed over threads: {total_kernel / FLAGS.calls:.2f} "
-          f"(convolutions and matrix products {dense_ms / FLAGS.calls:.2f}, "
+          f"(convolutions and matrix products {dense_ms / FLAGS.calls:.2f}, of which "
+          f"convolutions {conv_ms / FLAGS.calls:.2f} ({conv_ms / total_kernel:.0%} of all); "
           f"everything else {sum(other) / FLAGS.calls:.2f} in {len(other) / FLAGS.calls:.0f} ops, "
           f"{1e3 * float(np.mean(other)) if other else 0:.1f} us each on average)")
     if dense_flops:

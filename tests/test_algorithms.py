@@ -496,3 +496,36 @@ def test_recomputed_step_differentiates_variables_it_reads_directly(in_graph):
     plain, recomputed = run(False), run(True)
     assert abs(float(plain)) > 1e-3
     np.testing.assert_allclose(float(recomputed), float(plain), rtol=1e-10)
+
+
+def test_recompute_inner_steps_refuses_models_with_random_layers():
+    # The recomputed step would draw new dropout masks: the meta-gradient would be
+    # that of masks the forward pass never used. Refused when the model is planned.
+    model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(8, activation="relu"),
+                              keras.layers.Dropout(0.5), keras.layers.Dense(1)])
+    config = config_lib.Config(recompute_inner_steps=True)
+    with pytest.raises(ValueError, match="without random layers"):
+        algorithms.build(config, model, functional.make_forward(model),
+                         losses.mean_squared_error)
+    # Without the option the same model builds.
+    algorithms.build(config_lib.Config(), model, functional.make_forward(model),
+                     losses.mean_squared_error)
+
+
+def test_recompute_inner_steps_turns_xla_off_and_refuses_forcing_it():
+    model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(8), keras.layers.Dense(1)])
+    assert experiment_lib.resolve_jit_compile(config_lib.Config(), model)  # dense: XLA
+    assert not experiment_lib.resolve_jit_compile(
+        config_lib.Config(recompute_inner_steps=True), model)
+    with pytest.raises(ValueError, match="jit_compile=true"):
+        config_lib.Config(recompute_inner_steps=True, jit_compile="true").validate()
+
+
+def test_metalearner_accepts_recompute_inner_steps():
+    from tf_maml import keras_face
+
+    model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(8, activation="tanh"),
+                              keras.layers.Dense(1)])
+    learner = keras_face.MetaLearner(model, inner_lr=0.1, num_inner_steps=2,
+                                     recompute_inner_steps=True)
+    assert learner.algorithm.recompute_inner_steps

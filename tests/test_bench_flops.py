@@ -1,4 +1,4 @@
-"""bench/flops.py counts the FLOPs that the benchmarks' "GFLOP/s" and "x floor" columns divide by."""
+"""bench/flops.py counts the FLOPs behind the benchmarks' "GFLOP/s" and "x floor" columns."""
 
 import os
 import sys
@@ -54,3 +54,20 @@ def test_functions_called_by_the_graph_are_counted():
 
     graph = outer.get_concrete_function(a, b, tf.constant(True)).graph
     assert flops.graph_flops(graph)["dense"] == 2 * 4 * 6 * 3
+
+
+def test_a_function_called_twice_counts_twice_and_a_cond_counts_one_branch():
+    a = tf.random.normal([4, 6])
+    b = tf.random.normal([6, 3])
+    inner = tf.function(lambda a, b: tf.linalg.matmul(a, b))
+    one = 2 * 4 * 6 * 3
+
+    twice = tf.function(lambda a, b: inner(a, b) + inner(a, b))
+    assert flops.graph_flops(twice.get_concrete_function(a, b).graph)["dense"] == 2 * one
+
+    @tf.function
+    def either(a, b, flag):
+        return tf.cond(flag, lambda: tf.linalg.matmul(a, b), lambda: tf.linalg.matmul(a, b) * 2)
+
+    graph = either.get_concrete_function(a, b, tf.constant(True)).graph
+    assert flops.graph_flops(graph)["dense"] == one

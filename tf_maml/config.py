@@ -118,6 +118,9 @@ class Config:
             them, so memory no longer grows with each step's activations (for
             many inner steps), at the cost of about one more forward and
             backward pass of the support set per step. Same meta-gradients.
+            Not with models that draw random numbers (dropout: the recomputed
+            step would draw new masks) nor with `jit_compile="true"` (XLA
+            merges the recomputation back; "auto" turns XLA off for it).
         algorithm: "maml" (with `first_order` and `num_inner_steps=0` for the
             pretrained baseline), "anil" (adapt the head only), "metasgd"
             (learned per-parameter inner rates), "mamlpp" (MAML++) or
@@ -295,6 +298,10 @@ class Config:
                  "order and Reptile keep no activations of the inner steps)")
             need(self.dataset not in RL_DATASETS,
                  "recompute_inner_steps is not available for reinforcement learning")
+            need(self.jit_compile != "true",
+                 "recompute_inner_steps does not work with jit_compile=true: XLA merges the "
+                 "recomputed steps back into the forward pass, so no memory is saved (auto "
+                 "turns XLA off for it)")
         for name in ("num_iterations", "meta_batch_size", "k_shot", "k_query", "num_eval_tasks",
                      "log_every", "checkpoint_every", "n_way", "iterations_per_epoch"):
             need(isinstance(getattr(self, name), int) and getattr(self, name) >= 1,

@@ -200,7 +200,8 @@ def inner_step(task_loss, weights, update, state=None, step=0, first_order=False
             only the step's inputs and outputs, and the step runs again when
             it is differentiated. Memory then no longer grows with each step's
             activations, for about one more forward and backward pass of the
-            step's loss.
+            step's loss. The step must be deterministic (no random ops), and
+            under XLA nothing is saved (XLA merges the two copies).
         differentiable_inputs: with `recompute`, every tensor other than
             `weights` and `state` that `task_loss` or `update` reads and that
             an enclosing tape must differentiate (learned rates, shared
@@ -231,11 +232,14 @@ def _recomputed_step(task_loss, weights, update, state, step, differentiable_inp
 
     The forward pass keeps only the step's inputs and outputs; the backward
     pass runs the step again under a tape (after the incoming gradients exist,
-    so that graph optimizations cannot merge the two copies) and
-    differentiates that copy. `differentiable_inputs` are the tensors other
-    than `weights` and `state` that `task_loss` or `update` read and that an
-    enclosing tape differentiates (learned rates, shared meta-parameters,
-    features computed from them): they get their gradients through here too.
+    a control dependency that keeps TensorFlow's graph optimizations from
+    merging the two copies; XLA ignores it and merges them, so no memory is
+    saved under `jit_compile`) and differentiates that copy. The step must be
+    deterministic: random ops in it would draw new numbers when recomputed.
+    `differentiable_inputs` are the tensors other than `weights` and `state`
+    that `task_loss` or `update` read and that an enclosing tape
+    differentiates (learned rates, shared meta-parameters, features computed
+    from them): they get their gradients through here too.
     """
     weights = [tf.convert_to_tensor(w) for w in weights]
     flat_state = [tf.convert_to_tensor(s) for s in tf.nest.flatten(state)]

@@ -363,10 +363,15 @@ def resolve_jit_compile(config, model):
     "auto" uses XLA except (a) for convolutional models on CPU: measured on TF
     2.21, XLA makes dense meta-steps ~2.5x faster and convolutional ones 11-16x
     slower; (b) for second-order training of models with max-pooling, whose
-    second derivative XLA computes only approximately (~2% meta-gradient error).
+    second derivative XLA computes only approximately (~2% meta-gradient error);
+    (c) with `recompute_inner_steps`, whose recomputation XLA's common
+    subexpression elimination would merge back into the forward pass (no
+    memory saved).
     """
     if config.jit_compile != "auto":
         return config.jit_compile == "true"
+    if config.recompute_inner_steps:
+        return False
     if config.is_rl:  # rollouts are graph loops of tiny ops: not measured with XLA
         return False
     layers = _layers(model)

@@ -43,7 +43,7 @@ import tensorflow as tf
 
 from tf_maml import compat
 
-__all__ = ["make_forward", "exact_moments"]
+__all__ = ["make_forward", "exact_moments", "has_random_layers"]
 
 
 def _exact_moments_impl(x, axes, keepdims=False):
@@ -65,8 +65,8 @@ def _fused_batch_norm_training(x, scale, offset, epsilon):
     the batch-norm gradient out of about forty elementwise ops and reductions
     and differentiating those, which took a quarter of a second-order
     Omniglot meta-step; here its derivative is the closed form below (about
-    twenty), equal up to round-off (tests compare both with finite
-    differences).
+    twenty), equal up to round-off (a test compares it with autodiff of
+    the textbook formula in float64).
 
     With x̂ = (x − μ)·r, r = (σ² + ε)^-½ per channel, mean(·) over the channel's
     N elements and P(z) = z − mean(z) − x̂·mean(z·x̂), the gradient kernel maps
@@ -87,6 +87,8 @@ def _fused_batch_norm_training(x, scale, offset, epsilon):
     Returns:
         The normalized `x`, scaled and offset.
     """
+    if x.dtype != tf.float32:
+        raise ValueError(f"the fused batch norm path takes float32 inputs, got {x.dtype.name}")
     epsilon = max(float(epsilon), 1.001e-5)
 
     @tf.custom_gradient
@@ -199,6 +201,18 @@ def _seed_state_variables(model):
         for generator in compat.seed_generators(layer):
             states.add(id(generator.state))
     return [v for v in model.non_trainable_variables if id(v) in states]
+
+
+def has_random_layers(model):
+    """Whether the model draws random numbers in training (dropout and other seeded layers).
+
+    Args:
+        model: a Keras model.
+
+    Returns:
+        True if any of its layers owns a Keras `SeedGenerator`.
+    """
+    return any(compat.seed_generators(layer) for layer in compat.all_layers(model))
 
 
 def _base_seed(seed):

@@ -48,6 +48,7 @@ LEARNER_FIELDS = (
     "num_iterations", "msl_epochs", "first_order_epochs", "iterations_per_epoch", "per_step_bn",
     "learn_inner_lr", "min_meta_lr", "inner_optimizer", "inner_batch_size", "meta_step_size",
     "meta_step_size_final", "train_k_shot", "transductive", "seed", "meta_batch_size",
+    "recompute_inner_steps",
 )
 _SOURCE_KEY = "tf_maml_episode_index_"
 
@@ -198,7 +199,9 @@ class MetaLearner(keras.Model):
             `meta_step_size`, `meta_step_size_final` (Reptile),
             `train_k_shot`, `transductive`, `seed`, `meta_batch_size` (the
             default for task families passed without `Episodes`),
-            `meta_lr` and `num_iterations` (for `default_optimizer`).
+            `meta_lr` and `num_iterations` (for `default_optimizer`),
+            `recompute_inner_steps` (memory for many second-order inner
+            steps).
 
     Raises:
         ValueError: an unbuilt or multi-input model, or a bad option.

@@ -17,7 +17,7 @@ import collections
 import keras
 import tensorflow as tf
 
-from tf_maml import core
+from tf_maml import core, functional
 
 __all__ = ["MAML", "MetaStepOutputs"]
 
@@ -41,7 +41,11 @@ class MAML:
             activations when the meta-gradient needs them instead of keeping
             them (`core.inner_step`'s `recompute`): memory stops growing with
             each step's activations, at the cost of about one more forward and
-            backward pass of the support set per step.
+            backward pass of the support set per step. Not for models with
+            random layers (dropout).
+
+    Raises:
+        ValueError: `recompute_inner_steps` with a model that has random layers.
 
     Example:
 
@@ -58,6 +62,11 @@ class MAML:
     def __init__(self, model, forward, loss_fn, inner_lr, num_inner_steps, first_order=False,
                  recompute_inner_steps=False):
         self.model = model
+        if recompute_inner_steps and functional.has_random_layers(model):
+            raise ValueError(
+                "recompute_inner_steps needs a model without random layers (dropout and the "
+                "like): the recomputed inner step would draw new random numbers, and the "
+                "meta-gradient would be that of masks the step never used")
         self.recompute_inner_steps = recompute_inner_steps
         self.forward = forward
         self.loss_fn = loss_fn
