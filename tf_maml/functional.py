@@ -63,10 +63,11 @@ def _fused_batch_norm_training(x, scale, offset, epsilon):
     (`FusedBatchNormV3`, `FusedBatchNormGradV3`), as `tf.nn.fused_batch_norm`
     computes them. TensorFlow differentiates the gradient kernel by building
     the batch-norm gradient out of about forty elementwise ops and reductions
-    and differentiating those, which took a quarter of a second-order
-    Omniglot meta-step; here its derivative is the closed form below (about
-    twenty), equal up to round-off (a test compares it with autodiff of
-    the textbook formula in float64).
+    and differentiating those, which took about a quarter of the kernel time
+    of a second-order Omniglot 20-way meta-step; here its derivative is the
+    closed form below (about twenty passes over the activations), equal up to
+    round-off (a test compares it with autodiff of the textbook formula in
+    float64).
 
     With x̂ = (x − μ)·r, r = (σ² + ε)^-½ per channel, mean(·) over the channel's
     N elements and P(z) = z − mean(z) − x̂·mean(z·x̂), the gradient kernel maps
