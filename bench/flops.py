@@ -42,26 +42,26 @@ def _shape(tensor):
     return shape.as_list()
 
 
+# Convolution op -> (the tensor shaped like the convolution's output, the
+# tensor shaped like its kernel), as (is_output, index) pairs.
+_CONVOLUTION_SHAPES = {
+    "Conv2D": ((True, 0), (False, 1)),
+    "Conv2DBackpropInput": ((False, 2), (False, 1)),  # input_sizes, filter, out_backprop
+    "Conv2DBackpropFilter": ((False, 2), (True, 0)),  # input, filter_sizes, out_backprop
+}
+
+
 def _dense_flops(op):
     """2 × multiply-adds of one convolution / matmul op, or None if shapes are unknown."""
     kind = op.type
-    if kind == "Conv2D":
-        out, kernel = _shape(op.outputs[0]), _shape(op.inputs[1])
+    if kind in _CONVOLUTION_SHAPES:
+        # All three kernels do one multiply-add per output element and kernel
+        # tap of one group's input channels.
+        out, kernel = (_shape(op.outputs[i] if is_output else op.inputs[i])
+                       for is_output, i in _CONVOLUTION_SHAPES[kind])
         if out is None or kernel is None:
             return None
         return 2 * int(np.prod(out)) * kernel[0] * kernel[1] * kernel[2]
-    if kind == "Conv2DBackpropInput":
-        # inputs: input_sizes, filter, out_backprop
-        kernel, grad = _shape(op.inputs[1]), _shape(op.inputs[2])
-        if grad is None or kernel is None:
-            return None
-        return 2 * int(np.prod(grad)) * kernel[0] * kernel[1] * kernel[2]
-    if kind == "Conv2DBackpropFilter":
-        # inputs: input, filter_sizes, out_backprop; output: the filter gradient
-        kernel, grad = _shape(op.outputs[0]), _shape(op.inputs[2])
-        if grad is None or kernel is None:
-            return None
-        return 2 * int(np.prod(grad)) * kernel[0] * kernel[1] * kernel[2]
     if kind == "DepthwiseConv2dNative":
         out, kernel = _shape(op.outputs[0]), _shape(op.inputs[1])
         if out is None or kernel is None:

@@ -22,6 +22,7 @@ intra-op thread unless `--intra_op_threads` says otherwise).
 """
 
 import collections
+import contextlib
 import glob
 import os
 import sys
@@ -30,6 +31,7 @@ import time
 
 from absl import app, flags
 
+import exported  # bench/exported.py
 import flops  # bench/flops.py
 import meta_step as meta_step_bench  # bench/meta_step.py
 
@@ -78,27 +80,29 @@ def _op_events(logdir):
 
 
 def _profile(call, calls):
-    """Wall ms per call and the op events of `calls` profiled calls."""
+    """Wall ms per call (profiled and not) and the op events of `calls` profiled calls."""
     import tensorflow as tf
 
     for _ in range(3):
         call()
-    logdir = tempfile.mkdtemp(prefix="tf_maml_profile_")
-    tf.profiler.experimental.start(logdir)
-    start = time.perf_counter()
-    for _ in range(calls):
-        call()
-    wall_ms = (time.perf_counter() - start) * 1e3 / calls
-    tf.profiler.experimental.stop()
+    with tempfile.TemporaryDirectory(prefix="tf_maml_profile_") as logdir:
+        tf.profiler.experimental.start(logdir)
+        start = time.perf_counter()
+        for _ in range(calls):
+            call()
+        wall_ms = (time.perf_counter() - start) * 1e3 / calls
+        tf.profiler.experimental.stop()
+        events = _op_events(logdir)
     # Unprofiled wall time too: the profiler itself adds to every op.
     start = time.perf_counter()
     for _ in range(calls):
         call()
     plain_ms = (time.perf_counter() - start) * 1e3 / calls
-    return wall_ms, plain_ms, _op_events(logdir)
+    return wall_ms, plain_ms, events
 
 
-def _meta_step_call():
+def _meta_step_call(stack):
+    del stack
     meta_step, episode, _ = meta_step_bench.build(
         FLAGS.workload, FLAGS.order, False, FLAGS.algorithm, FLAGS.num_inner_steps,
         recompute_inner_steps=FLAGS.recompute_inner_steps)
@@ -107,29 +111,10 @@ def _meta_step_call():
     return (lambda: meta_step(episode).numpy()), counted["dense"], steps
 
 
-def _adapt_call():
-    import numpy as np
-    import tensorflow as tf
-
-    from tf_maml import config as config_lib
-    from tf_maml import experiment as experiment_lib
-    from tf_maml import serving
-    from tf_maml.tasks import ImageClassTasks
-
+def _adapt_call(stack):
     _, _, n_way, k_shot, k_query, _, inner_lr = meta_step_bench.WORKLOADS[FLAGS.workload]
-    tasks = None
-    if n_way is not None:
-        images = np.random.default_rng(0).integers(0, 255, (n_way + 1, 20, 28, 28, 1), np.uint8)
-        tasks = ImageClassTasks({"train": images, "test": images}, n_way, k_shot, k_query)
-    config = config_lib.Config(dataset="omniglot" if n_way else "sine", n_way=n_way or 5,
-                               k_shot=k_shot, k_query=k_query, inner_lr=inner_lr)
-    experiment = experiment_lib.build_experiment(config, tasks)
-    export_dir = tempfile.mkdtemp(prefix="tf_maml_profile_export_")
-    path = serving.export(experiment, export_dir, 1, FLAGS.num_eval_steps, inner_lr)
-    adapt = tf.saved_model.load(path).signatures["adapt"]
-    episode = experiment.tasks.sample(tf.constant([0, 0], tf.int64), 1, "test")
-    request = {"support_x": episode.support_x[0], "support_y": episode.support_y[0],
-               "query_x": episode.query_x[0]}
+    adapt, request = stack.enter_context(exported.exported_adapt(
+        n_way, k_shot, k_query, inner_lr, FLAGS.num_eval_steps))
     # No FLOP count: the inner steps run in a graph loop whose trip count (and
     # which branch of the query-prediction `tf.cond` runs) is not in the graph.
     return (lambda: adapt(**request)["predictions"].numpy()), None, FLAGS.num_eval_steps
@@ -149,8 +134,10 @@ def main(argv):
         threads = 1 if FLAGS.target == "adapt" else 0
     if threads:
         tf.config.threading.set_intra_op_parallelism_threads(threads)
-    call, dense_flops, steps = (_adapt_call if FLAGS.target == "adapt" else _meta_step_call)()
-    wall_ms, plain_ms, events = _profile(call, FLAGS.calls)
+    with contextlib.ExitStack() as stack:
+        make = _adapt_call if FLAGS.target == "adapt" else _meta_step_call
+        call, dense_flops, steps = make(stack)
+        wall_ms, plain_ms, events = _profile(call, FLAGS.calls)
 
     by_type = collections.defaultdict(list)
     for kind, ms in events:

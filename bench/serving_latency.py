@@ -24,11 +24,11 @@ on 2 cores; --intra_op_threads=0 shows it). The peers get one thread too.
 
 import os
 import sys
-import tempfile
 import time
 
 from absl import app, flags, logging
 
+import exported  # bench/exported.py: the exported model and one request
 import peers  # bench/peers.py: the peers' adaptation, each in its own process
 
 flags.DEFINE_integer("requests", 200, "Timed requests per workload.")
@@ -60,10 +60,6 @@ def main(argv):
 
     tf.config.threading.set_intra_op_parallelism_threads(FLAGS.intra_op_threads)
     tf.config.threading.set_inter_op_parallelism_threads(FLAGS.inter_op_threads)
-    from tf_maml import config as config_lib
-    from tf_maml import experiment as experiment_lib
-    from tf_maml import serving
-    from tf_maml.tasks import ImageClassTasks
 
     print(f"{FLAGS.requests} requests each, {FLAGS.num_eval_steps} inner steps, "
           f"{os.cpu_count()} CPUs")
@@ -83,19 +79,9 @@ def main(argv):
     print("-" * len(header))
     versions = {}
     for name, (dataset, n_way, k_shot, k_query, inner_lr, shape) in WORKLOADS.items():
-        tasks = None
-        if dataset != "sine":
-            images = np.random.default_rng(0).integers(0, 255, (n_way + 1, 20) + shape, np.uint8)
-            tasks = ImageClassTasks({"train": images, "test": images}, n_way, k_shot, k_query)
-        config = config_lib.Config(dataset=dataset, n_way=n_way or 5, k_shot=k_shot,
-                                   k_query=k_query, inner_lr=inner_lr)
-        experiment = experiment_lib.build_experiment(config, tasks)
-        with tempfile.TemporaryDirectory() as export_dir:
-            path = serving.export(experiment, export_dir, 1, FLAGS.num_eval_steps, inner_lr)
-            adapt = tf.saved_model.load(path).signatures["adapt"]
-            episode = experiment.tasks.sample(tf.constant([0, 0], tf.int64), 1, "test")
-            request = {"support_x": episode.support_x[0], "support_y": episode.support_y[0],
-                       "query_x": episode.query_x[0]}
+        del dataset, shape  # n_way None is sine
+        with exported.exported_adapt(n_way, k_shot, k_query, inner_lr,
+                                     FLAGS.num_eval_steps) as (adapt, request):
             start = time.perf_counter()
             adapt(**request)["predictions"].numpy()
             first = time.perf_counter() - start

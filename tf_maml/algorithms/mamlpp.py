@@ -139,10 +139,11 @@ class MAMLPlusPlus(MAML):
         update = self.inner_update(meta_params)
         task_loss = self.task_loss(meta_params, inputs, episode.support_y)
         state, total, support_losses = update.init(weights), 0.0, None
+        differentiable = self.differentiable_inputs(meta_params, inputs, episode.support_x)
         for step in range(steps):
             weights, state, losses = core.inner_step(
                 task_loss, weights, update, state, step, first_order, self.recompute_inner_steps,
-                self.differentiable_inputs(meta_params, inputs, episode.support_x))
+                differentiable)
             support_losses = losses if support_losses is None else support_losses
             predictions = self.predict_from_inputs(meta_params, weights, query, step + 1)
             query_losses = self.loss_fn(episode.query_y, predictions)
