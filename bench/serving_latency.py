@@ -7,7 +7,7 @@ Exports untrained models of each workload (latency does not depend on the
 weights), loads each SavedModel with `tf.saved_model.load` and times single
 requests (one task: support and query set) through the `adapt` signature with
 the paper's number of evaluation steps. Prints median and p90 milliseconds.
-Target: Omniglot 5-way 1-shot under 20 ms.
+Goals (issue 14): Omniglot 5-way 1-shot at most 10 ms, 20-way at most 20 ms.
 
 Next to it, in the same invocation and each in its own process, the same
 adaptation in the peers (`bench/peers.py`): learn2learn (`clone()`, the inner
