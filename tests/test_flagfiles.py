@@ -98,7 +98,8 @@ def test_there_are_flagfiles_for_every_paper_setting():
                 name = f"{dataset}_{n_way}way_{k_shot}shot"
                 assert {name, name + "_first_order"} <= names
     assert {"sine", "sine_first_order", "sine_pretrained"} <= names
-    assert {"rl_navigation", "rl_navigation_pretrained"} <= names
+    for task in ("navigation", "cheetah_vel", "cheetah_dir"):
+        assert {f"rl_{task}", f"rl_{task}_pretrained", f"rl_{task}_oracle"} <= names
 
 
 @pytest.mark.parametrize("path", FLAGFILES, ids=os.path.basename)
@@ -128,10 +129,13 @@ def test_flagfile_is_a_valid_config_with_the_paper_recipe(path):
         assert config.model == "fc"
     elif "omniglot" in family:
         assert config.model == "conv4"
-    if name in ("sine_pretrained", "rl_navigation_pretrained"):
+    if name == "sine_pretrained" or name.endswith(("_pretrained", "_oracle")):
         assert config.num_inner_steps == 0
-    elif name in ("sine", "sine_first_order", "sine_anil", "sine_metasgd", "rl_navigation"):
+    elif name in ("sine", "sine_first_order", "sine_anil", "sine_metasgd") or (
+            name.startswith("rl_")):
         assert config.num_inner_steps == 1
+    # Only the oracles see the goal.
+    assert config.goal_observed == name.endswith("_oracle")
 
 
 def test_every_algorithm_has_flagfiles_on_sine_and_omniglot():

@@ -86,6 +86,43 @@ def test_rollouts_are_a_pure_function_of_the_seed(tmp_path, monkeypatch):
     assert len({tuple(row) for row in initial.round(6)}) == 4
 
 
+def test_the_oracle_sees_the_goal_velocity_and_the_same_simulation():
+    from tf_maml.rl import GoalObserved
+    env = HalfCheetahGoals("velocity", horizon=5)
+    observed = GoalObserved(env)
+    assert observed.observation_dim == 18 and observed.action_dim == 6
+    policy = GaussianPolicy(gaussian_mlp_policy(18, 6, hidden=(8,)))
+    goals = env.sample_tasks(2, tf.constant([4, 2], tf.int64))
+    seen = sample_trajectories(observed, policy, core.broadcast_to_tasks(policy.variables, 2),
+                               goals, 2, tf.constant([3, 4], tf.int64))
+    np.testing.assert_array_equal(seen.observations[..., 17].numpy(),
+                                  np.broadcast_to(goals.numpy()[:, None, None], (2, 2, 5)))
+    # The simulations are the wrapped environment's: replaying the oracle's actions on the
+    # plain environment from the same seed gives the same states and rewards.
+    replay = sample_trajectories(env, _Replay(seen.actions), [tf.zeros([2, 1])], goals, 2,
+                                 tf.constant([3, 4], tf.int64))
+    np.testing.assert_allclose(replay.observations.numpy(), seen.observations[..., :17].numpy(),
+                               rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(replay.rewards.numpy(), seen.rewards.numpy(), rtol=1e-6,
+                               atol=1e-6)
+
+
+class _Replay:
+    """Replays recorded actions (noise-free: a tiny std) whatever it observes."""
+
+    action_dim = 6
+    dtype = tf.float32
+
+    def __init__(self, actions):
+        self.actions, self.step = actions, 0
+
+    def distribution(self, weights, observations):
+        del weights
+        t = self.step   # one call per time step, in order
+        self.step += 1
+        return self.actions[:, :, t], tf.fill([2, 1, 6], -30.0)
+
+
 def test_an_unstable_simulation_is_a_clear_error(monkeypatch):
     env = HalfCheetahGoals("velocity", horizon=3)
     _rollout(env, 1, 2, (0, 0))

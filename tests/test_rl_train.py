@@ -153,6 +153,41 @@ def test_evaluate_reports_the_run_baseline_random_init_and_oracle(tmp_path):
     np.testing.assert_allclose(again["MAML"][0], saved["results"]["MAML"]["mean"], rtol=1e-6)
 
 
+def test_evaluate_reports_a_trained_oracle_beside_the_run(tmp_path):
+    maml_dir, oracle_dir = str(tmp_path / "maml"), str(tmp_path / "oracle")
+    trainer.train(config_lib.Config(dataset="navigation2d", num_iterations=1, **TINY), maml_dir)
+    result = _run("tf_maml.train", "--flagfile=flags/rl_navigation_oracle.flags",
+                  f"--model_dir={oracle_dir}", "--num_iterations=1", "--noevaluate", *TINY_FLAGS)
+    assert result.returncode == 0, result.stderr
+    out = tmp_path / "eval"
+    result = _run("tf_maml.evaluate", f"--model_dir={maml_dir}", f"--oracle_dir={oracle_dir}",
+                  f"--output_dir={out}")
+    assert result.returncode == 0, result.stderr
+    saved = json.load(open(out / reporting.RESULTS_FILENAME))
+    assert list(saved["results"]) == ["MAML", "random init", "oracle", "oracle (trained)"]
+    trained = saved["results"]["oracle (trained)"]["mean"]
+    assert len(trained) == 3 and trained[0] == trained[-1] and all(v < 0 for v in trained)
+    assert saved["steps_trained"]["oracle (trained)"] == 1
+    # The oracle's policy reads the goal: 2 more inputs than the run's.
+    oracle = experiment_lib.restore(oracle_dir)[0]
+    assert oracle.model.inputs[0].shape[-1] == 4
+    # Its export takes observations with the goal appended.
+    exported = _run("tf_maml.export", f"--model_dir={oracle_dir}",
+                    f"--export_dir={tmp_path / 'export'}")
+    assert exported.returncode == 0, exported.stderr
+    version = os.listdir(tmp_path / "export")[0]
+    serve = tf.saved_model.load(str(tmp_path / "export" / version)).signatures["serving_default"]
+    assert serve(observations=tf.zeros([3, 4]))["action_mean"].shape == (3, 2)
+
+    # Mistakes are one-line errors: a run that does not see the goal, a supervised run.
+    bad = _run("tf_maml.evaluate", f"--model_dir={maml_dir}", f"--oracle_dir={maml_dir}",
+               f"--output_dir={tmp_path / 'bad'}")
+    assert bad.returncode != 0 and "must hold a run trained with --goal_observed" in bad.stderr
+    assert "Traceback" not in bad.stderr and not (tmp_path / "bad").exists()
+    with pytest.raises(ValueError, match="goal_observed applies to the reinforcement-learning"):
+        config_lib.Config(dataset="sine", goal_observed=True).validate()
+
+
 def test_pretrained_baseline_and_the_oracle():
     env = Navigation2D(horizon=5)
     algorithm = MAMLRL(env, gaussian_mlp_policy(2, 2, (8,)), meta_batch_size=2,

@@ -94,6 +94,8 @@ _HELP = {
                    "fixed-length episodes).",
     "normalized_actions": "RL, navigation2d: the policy acts in [-1, 1], scaled by the "
                           "environment to its 0.1 clip (the original code's rllab normalize).",
+    "goal_observed": "RL: observations end with the task's goal; with --num_inner_steps=0 this "
+                     "trains the oracle (evaluate --oracle_dir).",
 }
 
 _FIELD_NAMES = [field.name for field in dataclasses.fields(Config)]

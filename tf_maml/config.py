@@ -184,6 +184,9 @@ class Config:
             the environment scales its (clipped) action by 0.1, as the original
             code's rllab `normalize` wrapper; otherwise actions are clipped to
             [-0.1, 0.1] unscaled (pytorch-maml-rl's convention).
+        goal_observed: RL: observations end with the task's goal
+            (`tf_maml.rl.GoalObserved`); with `num_inner_steps=0` this trains
+            the paper's oracle, evaluated with `evaluate --oracle_dir`.
     """
 
     dataset: str = "sine"
@@ -242,6 +245,7 @@ class Config:
     policy_output: str = "linear"
     goal_radius: float = 0.0
     normalized_actions: bool = False
+    goal_observed: bool = False
 
     @property
     def episodes_per_evaluation_step(self):
@@ -322,6 +326,9 @@ class Config:
              f"strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
         need(self.jit_compile in ("auto", "true", "false"),
              f"jit_compile must be auto, true or false, got {self.jit_compile!r}")
+        need(self.is_rl or not self.goal_observed,
+             f"goal_observed applies to the reinforcement-learning datasets only, not to "
+             f"{self.dataset!r}")
         if self.dataset != "navigation2d":
             for name in ("normalized_actions", "goal_radius"):
                 need(not getattr(self, name), f"{name} applies to navigation2d only, not to "

@@ -4,7 +4,8 @@ Prints the query metric after 0..num_eval_steps inner steps on held-out tasks
 (mean ± 95% CI) and writes `eval_results.json` and plots into --output_dir
 (default: --model_dir). A meta-RL run (--dataset=navigation2d) reports the
 average return after 0..num_eval_steps policy-gradient steps (the paper's
-Fig. 5) for the run, the baseline, the random initialization and the oracle.
+Fig. 5) for the run, the baseline, the random initialization and the oracle
+(`--oracle_dir`: a policy trained with the goal in its observations).
 """
 
 from absl import app, flags, logging
@@ -15,6 +16,9 @@ flags.DEFINE_string("model_dir", None, "A directory written by tf_maml.train.")
 flags.DEFINE_string("baseline_dir", None,
                     "Optional second run (e.g. a pretrained baseline trained with "
                     "--num_inner_steps=0) evaluated on the same tasks with the same protocol.")
+flags.DEFINE_string("oracle_dir", None,
+                    "RL: a run trained with --goal_observed (flags/rl_*_oracle.flags), reported "
+                    "as the oracle row on the same goals.")
 flags.DEFINE_string("output_dir", None, "Where results and plots go (default: --model_dir).")
 flags.mark_flag_as_required("model_dir")
 OVERRIDABLE = ("num_eval_steps", "num_eval_tasks", "inner_lr", "transductive", "data_dir",
@@ -30,7 +34,8 @@ def main(argv):
     overrides = cli.overrides_from_flags(OVERRIDABLE)
     try:
         reporting.evaluate_and_report(FLAGS.model_dir, baseline_dir=FLAGS.baseline_dir,
-                                      output_dir=FLAGS.output_dir, **overrides)
+                                      output_dir=FLAGS.output_dir,
+                                      oracle_dir=FLAGS.oracle_dir, **overrides)
     except KeyboardInterrupt:
         logging.warning("Interrupted; the evaluation was not finished and no results were "
                         "written.")

@@ -101,6 +101,8 @@ def _build_rl_experiment(config):
                               normalized_actions=config.normalized_actions)
     else:   # halfcheetah_velocity, halfcheetah_direction (Gymnasium + MuJoCo)
         env = rl.HalfCheetahGoals(config.dataset.split("_")[1], horizon=config.horizon or 200)
+    if config.goal_observed:
+        env = rl.GoalObserved(env)
     keras.utils.set_random_seed(config.seed)
     model = rl.gaussian_mlp_policy(
         env.observation_dim, env.action_dim,

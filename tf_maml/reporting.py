@@ -31,7 +31,8 @@ def _label(config, model_dir, taken):
     return label if label not in taken else os.path.basename(os.path.normpath(model_dir))
 
 
-def evaluate_and_report(model_dir, baseline_dir=None, output_dir=None, **overrides):
+def evaluate_and_report(model_dir, baseline_dir=None, output_dir=None, oracle_dir=None,
+                        **overrides):
     """Evaluates a run (and optionally a baseline run on the same tasks), prints and saves results.
 
     Both runs are evaluated with the protocol of `model_dir`'s config (task
@@ -42,12 +43,16 @@ def evaluate_and_report(model_dir, baseline_dir=None, output_dir=None, **overrid
     Fig. 5: average return after 0..`num_eval_steps` policy-gradient steps
     (`inner_lr`, then `inner_lr * eval_step_size_decay`) on `num_eval_tasks`
     held-out goals, for the run, the baseline, the random initialization
-    and (navigation) the oracle that sees the goal.
+    and the oracle that sees the goal: navigation's analytic best policy, and
+    the policy trained with `goal_observed=True` in `oracle_dir` if given.
 
     Args:
         model_dir: a directory written by `tf_maml.train`.
         baseline_dir: optional second run with the same architecture.
         output_dir: where to write results (default `model_dir`).
+        oracle_dir: RL: a run trained with `goal_observed=True` on the same
+            dataset (`flags/rl_*_oracle.flags`); its return without adaptation
+            is the "oracle (trained)" row.
         **overrides: `Config` fields that change the protocol
             (`num_eval_steps`, `num_eval_tasks`, `inner_lr`) or say where the
             data is now (`data_dir`, `cache_dir`).
@@ -57,17 +62,26 @@ def evaluate_and_report(model_dir, baseline_dir=None, output_dir=None, **overrid
 
     Raises:
         FileNotFoundError: a directory has no config or checkpoint (the
-            message names the flag: --model_dir or --baseline_dir).
+            message names the flag: --model_dir, --baseline_dir or --oracle_dir).
         PermissionError: the results cannot be written (checked before the
             evaluation runs).
-        ValueError: invalid overrides, unreadable checkpoints, or the
-            baseline's architecture differs.
+        ValueError: invalid overrides, unreadable checkpoints, the
+            baseline's architecture differs, or `oracle_dir` is not a
+            goal-observed run of the same RL dataset.
     """
     # Everything that can be checked cheaply is, before data is loaded; nothing is
     # created until then (a mistyped --model_dir must not become a directory).
     config_lib.load(model_dir, "--model_dir")
     if baseline_dir:
         config_lib.load(baseline_dir, "--baseline_dir")
+    if oracle_dir:
+        oracle_config = config_lib.load(oracle_dir, "--oracle_dir")
+        run_config = config_lib.load(model_dir, "--model_dir")
+        if not run_config.is_rl:
+            raise ValueError("--oracle_dir applies to reinforcement-learning runs only")
+        if not oracle_config.goal_observed or oracle_config.dataset != run_config.dataset:
+            raise ValueError(f"--oracle_dir {oracle_dir} must hold a run trained with "
+                             f"--goal_observed on {run_config.dataset} (flags/rl_*_oracle.flags)")
     if output_dir:
         experiment_lib.check_writable(output_dir, "--output_dir")
     else:
@@ -83,7 +97,7 @@ def evaluate_and_report(model_dir, baseline_dir=None, output_dir=None, **overrid
     experiment, step = experiment_lib.restore(model_dir, overrides, load_tasks=True)
     config = experiment.config
     if config.is_rl:
-        return _evaluate_rl(model_dir, baseline_dir, output_dir, experiment, step)
+        return _evaluate_rl(model_dir, baseline_dir, output_dir, experiment, step, oracle_dir)
     runs = {_label(config, model_dir, ()): (experiment, step)}
     if baseline_dir:
         # The baseline is evaluated on this run's tasks: its own data is not loaded.
@@ -208,9 +222,9 @@ def _plot_sine(path, runs, experiment, config):
 RL_METRIC = "return"
 
 
-def _evaluate_rl(model_dir, baseline_dir, output_dir, experiment, step):
+def _evaluate_rl(model_dir, baseline_dir, output_dir, experiment, step, oracle_dir=None):
     """The paper's Fig. 5 protocol for a meta-RL run: returns after 0..num_eval_steps steps."""
-    from tf_maml import trainer  # noqa: PLC0415 -- the seed of the test goals
+    from tf_maml import rl, trainer  # noqa: PLC0415 -- RL only; the seed of the test goals
 
     config = experiment.config
     runs = {_label(config, model_dir, ()): (experiment, step)}
@@ -222,13 +236,16 @@ def _evaluate_rl(model_dir, baseline_dir, output_dir, experiment, step):
         runs[_label(baseline.config, baseline_dir, runs)] = (baseline, baseline_step)
     # The random initialization: the run's policy before meta-training.
     runs["random init"] = (experiment_lib.build_experiment(config), 0)
+    oracle_run = experiment_lib.restore(oracle_dir) if oracle_dir else None
     os.makedirs(output_dir, exist_ok=True)
 
     algorithm = experiment.algorithm
     # One environment for every run (it does not depend on the policy): simulated
     # environments hold one simulation per episode, about 1 MB each for HalfCheetah.
+    base_env = getattr(algorithm.env, "env", algorithm.env)   # unwrapped if goal-observed
     for run, _ in runs.values():
-        run.algorithm.env = algorithm.env
+        run.algorithm.env = (rl.GoalObserved(base_env) if run.config.goal_observed
+                             else base_env)
     tasks = algorithm.evaluation_tasks(trainer.RL_TEST_SEED, config.num_eval_tasks)
     num_steps = config.num_eval_steps
     sizes = [config.inner_lr] + [config.inner_lr * config.eval_step_size_decay] * (
@@ -243,9 +260,18 @@ def _evaluate_rl(model_dir, baseline_dir, output_dir, experiment, step):
                                           num_trajectories=episodes,
                                           per_task=True)
         results[label] = evaluation.summarize(per_task)
-    if hasattr(experiment.tasks, "oracle_returns"):   # navigation: the analytic best policy
-        oracle = np.asarray(experiment.tasks.oracle_returns(tasks, algorithm.horizon))
+    if hasattr(base_env, "oracle_returns"):   # navigation: the analytic best policy
+        oracle = np.asarray(base_env.oracle_returns(tasks, algorithm.horizon))
         results["oracle"] = evaluation.summarize(np.tile(oracle, (num_steps + 1, 1)))
+    if oracle_run is not None:   # the trained oracle: sees the goal, never adapts
+        oracle, oracle_step = oracle_run
+        oracle.algorithm.env = rl.GoalObserved(base_env)
+        logging.info("evaluating the trained oracle (step %d)", oracle_step)
+        returns = oracle.algorithm.evaluate(trainer.RL_TEST_SEED, tasks=tasks, num_steps=0,
+                                            num_trajectories=episodes, per_task=True)
+        results["oracle (trained)"] = evaluation.summarize(np.tile(returns,
+                                                                   (num_steps + 1, 1)))
+        runs["oracle (trained)"] = oracle_run
 
     table = evaluation.format_table(RL_METRIC, results)
     steps_text = ", ".join(f"{s:g}" for s in sizes[:max(num_steps, 1)])

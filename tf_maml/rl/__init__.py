@@ -4,6 +4,7 @@
 |-----------------|----------------------------------------------------------------------|
 | `navigation`    | `Navigation2D`: batched 2D point navigation (goal per task)          |
 | `locomotion`    | `HalfCheetahGoals`: goal velocity/direction on Gymnasium + MuJoCo    |
+| `goal_observed` | `GoalObserved`: the oracle's view, observations ending with the goal |
 | `policy`        | `gaussian_mlp_policy`, `GaussianPolicy`, Gaussian log-prob and KL    |
 | `sampler`       | `sample_trajectories`: every task's rollouts in one graph loop       |
 | `advantages`    | returns, the linear feature baseline, GAE, per-task normalization    |
@@ -16,10 +17,12 @@ The inner loop is `tf_maml.core.adapt` on the REINFORCE loss closure; nothing
 here re-implements it.
 """
 
-from tf_maml.rl import advantages, locomotion, navigation, objectives, policy, sampler, trpo
+from tf_maml.rl import (advantages, goal_observed, locomotion, navigation, objectives, policy,
+                        sampler, trpo)
 from tf_maml.rl.advantages import (discount_cumsum, discounted_returns, fit_linear_baseline,
                                    gae_advantages, normalize_advantages,
                                    predict_linear_baseline, process_trajectories)
+from tf_maml.rl.goal_observed import GoalObserved
 from tf_maml.rl.locomotion import HalfCheetahGoals
 from tf_maml.rl.maml_rl import MAMLRL, MetaBatch
 from tf_maml.rl.navigation import Navigation2D
@@ -29,11 +32,11 @@ from tf_maml.rl.sampler import Trajectories, average_return, sample_trajectories
 from tf_maml.rl.trpo import conjugate_gradient, line_search, second_order, trpo_step
 
 __all__ = [
-    "MAMLRL", "MetaBatch", "Navigation2D", "HalfCheetahGoals", "GaussianPolicy",
+    "MAMLRL", "MetaBatch", "Navigation2D", "HalfCheetahGoals", "GoalObserved", "GaussianPolicy",
     "gaussian_mlp_policy", "log_prob",
     "kl_divergence", "Trajectories", "sample_trajectories", "average_return", "discount_cumsum",
     "discounted_returns", "gae_advantages", "fit_linear_baseline", "predict_linear_baseline",
     "normalize_advantages", "process_trajectories", "reinforce_loss", "surrogate_and_kl",
     "conjugate_gradient", "line_search", "second_order", "trpo_step",
-    "advantages", "locomotion", "navigation", "objectives", "policy", "sampler", "trpo",
+    "advantages", "goal_observed", "locomotion", "navigation", "objectives", "policy", "sampler", "trpo",
 ]
