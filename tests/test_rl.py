@@ -111,8 +111,8 @@ def test_a_policy_that_sees_the_goal_learns_what_a_blind_joint_policy_cannot():
             train_step(tf.constant(iteration, tf.int64))
         returns[observed] = float(algorithm.evaluate(seed=3, num_tasks=20, num_steps=0,
                                                      num_trajectories=10)[0])
-    # Measured: -8.4 blind, -0.8 seeing the goal after 30 iterations.
-    assert returns[True] > 3 * returns[False], returns
+    # Measured: -8.4 blind, -0.9 seeing the goal (an untrained policy: about -10).
+    assert returns[True] > -2.5 and returns[False] < -5.0, returns
 
 
 def test_normalized_actions_scale_a_unit_policy_action_to_the_clip():

@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -155,35 +156,72 @@ def test_evaluate_reports_the_run_baseline_random_init_and_oracle(tmp_path):
 
 def test_evaluate_reports_a_trained_oracle_beside_the_run(tmp_path):
     maml_dir, oracle_dir = str(tmp_path / "maml"), str(tmp_path / "oracle")
-    trainer.train(config_lib.Config(dataset="navigation2d", num_iterations=1, **TINY), maml_dir)
-    result = _run("tf_maml.train", "--flagfile=flags/rl_navigation_oracle.flags",
-                  f"--model_dir={oracle_dir}", "--num_iterations=1", "--noevaluate", *TINY_FLAGS)
-    assert result.returncode == 0, result.stderr
+    for flagfile, model_dir in (("rl_navigation", maml_dir), ("rl_navigation_oracle", oracle_dir)):
+        result = _run("tf_maml.train", f"--flagfile=flags/{flagfile}.flags",
+                      f"--model_dir={model_dir}", "--num_iterations=1", "--noevaluate",
+                      *TINY_FLAGS)
+        assert result.returncode == 0, result.stderr
     out = tmp_path / "eval"
     result = _run("tf_maml.evaluate", f"--model_dir={maml_dir}", f"--oracle_dir={oracle_dir}",
                   f"--output_dir={out}")
     assert result.returncode == 0, result.stderr
     saved = json.load(open(out / reporting.RESULTS_FILENAME))
     assert list(saved["results"]) == ["MAML", "random init", "oracle", "oracle (trained)"]
-    trained = saved["results"]["oracle (trained)"]["mean"]
-    assert len(trained) == 3 and trained[0] == trained[-1] and all(v < 0 for v in trained)
     assert saved["steps_trained"]["oracle (trained)"] == 1
-    # The oracle's policy reads the goal: 2 more inputs than the run's.
-    oracle = experiment_lib.restore(oracle_dir)[0]
-    assert oracle.model.inputs[0].shape[-1] == 4
-    # Its export takes observations with the goal appended.
+    # The row is the oracle's own return without adaptation on the same goals: evaluating the
+    # oracle run itself gives it as its step-0 figure.
+    alone = reporting.evaluate_and_report(oracle_dir, output_dir=str(tmp_path / "alone"))
+    assert list(alone) == ["oracle (trained)", "random init", "oracle"]
+    np.testing.assert_allclose(saved["results"]["oracle (trained)"]["mean"],
+                               [alone["oracle (trained)"][0][0]] * 3, rtol=1e-6)
+
+    # The oracle's policy reads the goal, and so does its export: changing the goal columns
+    # changes the action, and the metadata says how many there are.
     exported = _run("tf_maml.export", f"--model_dir={oracle_dir}",
                     f"--export_dir={tmp_path / 'export'}")
     assert exported.returncode == 0, exported.stderr
-    version = os.listdir(tmp_path / "export")[0]
-    serve = tf.saved_model.load(str(tmp_path / "export" / version)).signatures["serving_default"]
-    assert serve(observations=tf.zeros([3, 4]))["action_mean"].shape == (3, 2)
+    version = tmp_path / "export" / os.listdir(tmp_path / "export")[0]
+    serve = tf.saved_model.load(str(version)).signatures["serving_default"]
+    position = tf.constant([[0.1, -0.2, 0.3, 0.3], [0.1, -0.2, -0.4, 0.2]])
+    actions = serve(observations=position)["action_mean"].numpy()
+    assert not np.allclose(actions[0], actions[1])
+    metadata = json.load(open(version / "assets.extra" / "tf_maml_config.json"))
+    assert metadata["export_goal_dim"] == 2 and metadata["export_observation_dim"] == 4
 
-    # Mistakes are one-line errors: a run that does not see the goal, a supervised run.
+    # Mistakes are one-line errors that write nothing.
+    def edited(name, **changes):
+        path = tmp_path / name
+        os.makedirs(path / "checkpoints")
+        config = json.load(open(os.path.join(oracle_dir, "config.json")))
+        json.dump({**config, **changes}, open(path / "config.json", "w"))
+        return str(path)
+
+    cases = {
+        maml_dir: "must hold a run trained with --goal_observed",
+        str(tmp_path / "missing"): "--oracle_dir",
+        edited("cheetah", dataset="halfcheetah_velocity", normalized_actions=False,
+               goal_radius=0.0): "holds a halfcheetah_velocity run, not navigation2d",
+        edited("longer", horizon=50): "was trained with horizon=50",
+        edited("no_checkpoint"): "--oracle_dir: ",
+    }
+    for bad_dir, message in cases.items():
+        with pytest.raises((ValueError, FileNotFoundError), match=re.escape(message)):
+            reporting.evaluate_and_report(maml_dir, oracle_dir=bad_dir,
+                                          output_dir=str(tmp_path / "bad"))
+        assert not (tmp_path / "bad").exists()
+    with pytest.raises(ValueError, match="give it as --oracle_dir"):
+        reporting.evaluate_and_report(maml_dir, baseline_dir=oracle_dir,
+                                      output_dir=str(tmp_path / "bad"))
+    # From the command line, one line and no traceback.
     bad = _run("tf_maml.evaluate", f"--model_dir={maml_dir}", f"--oracle_dir={maml_dir}",
                f"--output_dir={tmp_path / 'bad'}")
     assert bad.returncode != 0 and "must hold a run trained with --goal_observed" in bad.stderr
     assert "Traceback" not in bad.stderr and not (tmp_path / "bad").exists()
+    sine_dir = str(tmp_path / "sine")
+    trainer.train(config_lib.Config(dataset="sine", num_iterations=1, validate_every=0),
+                  sine_dir)
+    with pytest.raises(ValueError, match="applies to reinforcement-learning runs only"):
+        reporting.evaluate_and_report(sine_dir, oracle_dir=oracle_dir)
     with pytest.raises(ValueError, match="goal_observed applies to the reinforcement-learning"):
         config_lib.Config(dataset="sine", goal_observed=True).validate()
 

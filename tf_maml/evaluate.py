@@ -17,8 +17,8 @@ flags.DEFINE_string("baseline_dir", None,
                     "Optional second run (e.g. a pretrained baseline trained with "
                     "--num_inner_steps=0) evaluated on the same tasks with the same protocol.")
 flags.DEFINE_string("oracle_dir", None,
-                    "RL: a run trained with --goal_observed (flags/rl_*_oracle.flags), reported "
-                    "as the oracle row on the same goals.")
+                    "RL: a run trained with --goal_observed (flags/rl_*_oracle.flags) in the "
+                    "same environment, reported as the 'oracle (trained)' row on the same goals.")
 flags.DEFINE_string("output_dir", None, "Where results and plots go (default: --model_dir).")
 flags.mark_flag_as_required("model_dir")
 OVERRIDABLE = ("num_eval_steps", "num_eval_tasks", "inner_lr", "transductive", "data_dir",

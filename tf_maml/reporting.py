@@ -24,8 +24,18 @@ ALGORITHM_LABELS = {"maml": "MAML", "anil": "ANIL", "metasgd": "Meta-SGD", "maml
                     "reptile": "Reptile"}
 
 
+# What defines a meta-RL environment beyond its dataset: runs evaluated side by side (on one
+# shared environment) must agree on these.
+RL_ENVIRONMENT_FIELDS = ("horizon", "normalized_actions", "goal_radius")
+
+
 def _label(config, model_dir, taken):
-    label = ALGORITHM_LABELS[config.algorithm] if config.num_inner_steps > 0 else "pretrained"
+    if config.goal_observed:
+        label = "oracle (trained)"
+    elif config.num_inner_steps > 0:
+        label = ALGORITHM_LABELS[config.algorithm]
+    else:
+        label = "pretrained"
     if config.num_inner_steps > 0 and config.first_order and config.algorithm == "maml":
         label = "FOMAML"
     return label if label not in taken else os.path.basename(os.path.normpath(model_dir))
@@ -75,13 +85,8 @@ def evaluate_and_report(model_dir, baseline_dir=None, output_dir=None, oracle_di
     if baseline_dir:
         config_lib.load(baseline_dir, "--baseline_dir")
     if oracle_dir:
-        oracle_config = config_lib.load(oracle_dir, "--oracle_dir")
-        run_config = config_lib.load(model_dir, "--model_dir")
-        if not run_config.is_rl:
-            raise ValueError("--oracle_dir applies to reinforcement-learning runs only")
-        if not oracle_config.goal_observed or oracle_config.dataset != run_config.dataset:
-            raise ValueError(f"--oracle_dir {oracle_dir} must hold a run trained with "
-                             f"--goal_observed on {run_config.dataset} (flags/rl_*_oracle.flags)")
+        _check_oracle(config_lib.load(model_dir, "--model_dir"),
+                      config_lib.load(oracle_dir, "--oracle_dir"), oracle_dir)
     if output_dir:
         experiment_lib.check_writable(output_dir, "--output_dir")
     else:
@@ -222,6 +227,37 @@ def _plot_sine(path, runs, experiment, config):
 RL_METRIC = "return"
 
 
+def _check_oracle(config, oracle_config, oracle_dir):
+    """Raises ValueError unless `oracle_dir` holds a goal-observed run of `config`'s dataset."""
+    if not config.is_rl:
+        raise ValueError("--oracle_dir applies to reinforcement-learning runs only, not to "
+                         f"{config.dataset!r}")
+    if oracle_config.dataset != config.dataset:
+        raise ValueError(f"--oracle_dir {oracle_dir} holds a {oracle_config.dataset} run, not "
+                         f"{config.dataset}")
+    if not oracle_config.goal_observed:
+        raise ValueError(f"--oracle_dir {oracle_dir} must hold a run trained with "
+                         f"--goal_observed (flags/rl_*_oracle.flags)")
+
+
+def _check_same_environment(config, other, flag, other_dir):
+    """Raises ValueError unless `other`'s environment is `config`'s (`RL_ENVIRONMENT_FIELDS`)."""
+    for field in RL_ENVIRONMENT_FIELDS:
+        if getattr(other, field) != getattr(config, field):
+            raise ValueError(
+                f"{flag} {other_dir} was trained with {field}={getattr(other, field)!r}, the "
+                f"evaluated run with {field}={getattr(config, field)!r}: runs are compared in "
+                "one environment")
+
+
+def _restore_named(model_dir, flag):
+    """`experiment.restore`, with a missing or bad checkpoint's message naming the flag."""
+    try:
+        return experiment_lib.restore(model_dir)
+    except (FileNotFoundError, ValueError) as e:
+        raise type(e)(f"{flag}: {e}") from None
+
+
 def _evaluate_rl(model_dir, baseline_dir, output_dir, experiment, step, oracle_dir=None):
     """The paper's Fig. 5 protocol for a meta-RL run: returns after 0..num_eval_steps steps."""
     from tf_maml import rl, trainer  # noqa: PLC0415 -- RL only; the seed of the test goals
@@ -229,20 +265,30 @@ def _evaluate_rl(model_dir, baseline_dir, output_dir, experiment, step, oracle_d
     config = experiment.config
     runs = {_label(config, model_dir, ()): (experiment, step)}
     if baseline_dir:
-        baseline, baseline_step = experiment_lib.restore(baseline_dir)
-        if not baseline.config.is_rl or baseline.config.dataset != config.dataset:
-            raise ValueError(f"--baseline_dir {baseline_dir} holds a {baseline.config.dataset} "
+        baseline_config = config_lib.load(baseline_dir, "--baseline_dir")
+        if not baseline_config.is_rl or baseline_config.dataset != config.dataset:
+            raise ValueError(f"--baseline_dir {baseline_dir} holds a {baseline_config.dataset} "
                              f"run, not {config.dataset}")
+        if baseline_config.goal_observed:
+            raise ValueError(f"--baseline_dir {baseline_dir} holds a goal-observed run (an "
+                             "oracle): give it as --oracle_dir")
+        _check_same_environment(config, baseline_config, "--baseline_dir", baseline_dir)
+    if oracle_dir:
+        _check_same_environment(config, config_lib.load(oracle_dir, "--oracle_dir"),
+                                "--oracle_dir", oracle_dir)
+    if baseline_dir:
+        baseline, baseline_step = _restore_named(baseline_dir, "--baseline_dir")
         runs[_label(baseline.config, baseline_dir, runs)] = (baseline, baseline_step)
+    oracle_run = _restore_named(oracle_dir, "--oracle_dir") if oracle_dir else None
+    oracle_label = _label(oracle_run[0].config, oracle_dir, runs) if oracle_run else None
     # The random initialization: the run's policy before meta-training.
     runs["random init"] = (experiment_lib.build_experiment(config), 0)
-    oracle_run = experiment_lib.restore(oracle_dir) if oracle_dir else None
     os.makedirs(output_dir, exist_ok=True)
 
     algorithm = experiment.algorithm
     # One environment for every run (it does not depend on the policy): simulated
     # environments hold one simulation per episode, about 1 MB each for HalfCheetah.
-    base_env = getattr(algorithm.env, "env", algorithm.env)   # unwrapped if goal-observed
+    base_env = algorithm.env.env if isinstance(algorithm.env, rl.GoalObserved) else algorithm.env
     for run, _ in runs.values():
         run.algorithm.env = (rl.GoalObserved(base_env) if run.config.goal_observed
                              else base_env)
@@ -269,9 +315,8 @@ def _evaluate_rl(model_dir, baseline_dir, output_dir, experiment, step, oracle_d
         logging.info("evaluating the trained oracle (step %d)", oracle_step)
         returns = oracle.algorithm.evaluate(trainer.RL_TEST_SEED, tasks=tasks, num_steps=0,
                                             num_trajectories=episodes, per_task=True)
-        results["oracle (trained)"] = evaluation.summarize(np.tile(returns,
-                                                                   (num_steps + 1, 1)))
-        runs["oracle (trained)"] = oracle_run
+        results[oracle_label] = evaluation.summarize(np.tile(returns, (num_steps + 1, 1)))
+        runs[oracle_label] = oracle_run
 
     table = evaluation.format_table(RL_METRIC, results)
     steps_text = ", ".join(f"{s:g}" for s in sizes[:max(num_steps, 1)])

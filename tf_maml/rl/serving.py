@@ -27,6 +27,12 @@ baseline fitted on its episodes, GAE with the run's γ and λ, per-task
 normalization), and `MAMLRL.adapt` takes the step through `core.adapt` on
 `objectives.reinforce_loss` with `core.SGD(inner_lr)`.
 
+A policy trained with `goal_observed` (the oracle) reads the task's goal in
+the last `export_goal_dim` columns of every observation (metadata: 2 for
+navigation's goal position, 1 for the cheetah's goal velocity or
+direction); it was trained without adaptation, so only `serving_default` is
+meaningful for it.
+
 Steps after an episode's length are ignored (zeroed before anything reads
 them); send them padded with any finite value. Validation and limits follow
 `tf_maml.serving`: malformed, oversized or non-finite requests, and
@@ -323,6 +329,10 @@ def export_policy(experiment, export_dir, version, inner_lr=None, overwrite=Fals
                               "baseline_reg": algorithm.baseline_reg,
                               "normalize_advantages": bool(algorithm.normalize_advantages)},
         "export_observation_dim": signatures.obs_dim,
+        # A goal-observed policy (the oracle) reads each task's goal in the observations'
+        # last `export_goal_dim` columns.
+        "export_goal_dim": getattr(algorithm.env, "task_dim", 0) if getattr(
+            experiment.config, "goal_observed", False) else 0,
         "export_action_dim": signatures.action_dim,
         "export_limits": limits.to_dict(),
         "export_signatures": list(signatures.signature_names)})
