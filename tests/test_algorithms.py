@@ -381,6 +381,32 @@ def test_non_transductive_evaluation_hides_the_other_query_examples():
     assert not np.allclose(results["original", True], results["changed", True])
 
 
+def test_transductive_with_the_support_set_is_one_batch_of_support_and_query():
+    """Reptile's transductive protocol: batch norm sees the support and query sets together,
+    so the query predictions are those of the model on their concatenation."""
+    episode = _class_episode(num_tasks=2)
+    model = _dense_bn()
+    bn = algorithms.MAML(model, functional.make_forward(model),
+                         losses.sparse_softmax_cross_entropy, 0.3, 1)
+    _, with_support = evaluation.adaptation_curve(bn, bn.meta_variables, episode,
+                                                  losses.accuracy, 0, transductive_support=True)
+    _, query_alone = evaluation.adaptation_curve(bn, bn.meta_variables, episode,
+                                                 losses.accuracy, 0)
+    support_k = episode.support_x.shape[1]
+    for task in range(2):   # Keras itself, on the concatenated batch, in training mode
+        both = tf.concat([episode.support_x[task], episode.query_x[task]], 0)
+        expected = model(both, training=True).numpy()[support_k:]
+        np.testing.assert_allclose(with_support[0][task].numpy(), expected, rtol=1e-5,
+                                   atol=1e-6)
+    assert not np.allclose(with_support[0].numpy(), query_alone[0].numpy())
+    # Without `transductive` it is ignored: the non-transductive protocol, unchanged.
+    _, alone = evaluation.adaptation_curve(bn, bn.meta_variables, episode, losses.accuracy, 0,
+                                           transductive=False)
+    _, alone_too = evaluation.adaptation_curve(bn, bn.meta_variables, episode, losses.accuracy,
+                                               0, transductive=False, transductive_support=True)
+    np.testing.assert_array_equal(alone[0].numpy(), alone_too[0].numpy())
+
+
 # -- recomputed inner steps (memory for many inner steps) ----------------------------------------
 
 def _meta_gradient(name, model, episode, loss_fn, recompute, **options):

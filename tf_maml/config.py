@@ -31,6 +31,7 @@ OUTER_OPTIMIZERS = ("trpo", "adam")
 RESUMABLE_FIELDS = frozenset({
     "num_iterations", "log_every", "checkpoint_every", "validate_every", "num_eval_tasks",
     "num_eval_steps", "jit_compile", "data_dir", "cache_dir", "strategy", "transductive",
+    "transductive_support",
     "eval_step_size_decay", "eval_fast_batch_size", "recompute_inner_steps",
 })
 
@@ -146,6 +147,11 @@ class Config:
             (batch norm sees all query examples); false predicts every query
             example alone with the support set beside it (Reptile's
             non-transductive protocol).
+        transductive_support: evaluation, with `transductive`: the batch also
+            holds the support set, so batch norm sees support and query
+            examples together (Reptile's transductive protocol; the MAML
+            paper's predicts the query set alone). Ignored without
+            `transductive`.
         seed: seeds the initialization and every sampled task.
         jit_compile: "auto" (XLA for dense-only models, where it is faster on
             CPU; not for convolutions), "true" or "false".
@@ -223,6 +229,7 @@ class Config:
     meta_step_size_final: float = 0.0
     train_k_shot: int = 0
     transductive: bool = True
+    transductive_support: bool = False
     seed: int = 0
     jit_compile: str = "auto"
     strategy: str = "default"

@@ -21,8 +21,9 @@ flags.DEFINE_string("oracle_dir", None,
                     "same environment, reported as the 'oracle (trained)' row on the same goals.")
 flags.DEFINE_string("output_dir", None, "Where results and plots go (default: --model_dir).")
 flags.mark_flag_as_required("model_dir")
-OVERRIDABLE = ("num_eval_steps", "num_eval_tasks", "inner_lr", "transductive", "data_dir",
-               "cache_dir", "eval_step_size_decay", "eval_fast_batch_size")
+OVERRIDABLE = ("num_eval_steps", "num_eval_tasks", "inner_lr", "transductive",
+               "transductive_support", "data_dir", "cache_dir", "eval_step_size_decay",
+               "eval_fast_batch_size")
 cli.define_config_flags(OVERRIDABLE)
 FLAGS = flags.FLAGS
 

@@ -35,7 +35,7 @@ def _predict_each_alone(algorithm, params, weights, support_x, query_x, step):
 
 
 def _curve(algorithm, params, episode, metric_fn, num_steps, inner_lr, transductive,
-           keep_predictions):
+           keep_predictions, with_support=False):
     """The metrics (and optionally predictions) after 0..`num_steps` steps, in a graph loop.
 
     Step 0 is evaluated before the loop; steps 1..`num_steps` run in one
@@ -57,6 +57,10 @@ def _curve(algorithm, params, episode, metric_fn, num_steps, inner_lr, transduct
     task_loss = algorithm.task_loss(params, support, episode.support_y)
 
     def predict(weights, step):
+        if transductive and with_support:
+            # Reptile's transductive protocol: one batch of the support and query sets.
+            both = tf.concat([episode.support_x, episode.query_x], 1)
+            return algorithm.predict(params, weights, both, step)[:, episode.support_x.shape[1]:]
         if transductive:
             return algorithm.predict_from_inputs(params, weights, query, step)
         return _predict_each_alone(algorithm, params, weights, episode.support_x,
@@ -96,7 +100,7 @@ def _curve(algorithm, params, episode, metric_fn, num_steps, inner_lr, transduct
 
 
 def adaptation_curve(algorithm, params, episode, metric_fn, num_steps, inner_lr=None,
-                     transductive=True):
+                     transductive=True, transductive_support=False):
     """Query metrics of every task after 0, 1, ..., `num_steps` inner steps.
 
     The steps run in a graph loop (`tf.while_loop`, the per-step results in
@@ -113,17 +117,20 @@ def adaptation_curve(algorithm, params, episode, metric_fn, num_steps, inner_lr=
             (`None`: the algorithm's, learned ones included).
         transductive: predict each task's query set as one batch; false
             predicts every query example alone beside the support set.
+        transductive_support: with `transductive`, the batch also holds the
+            support set (Reptile's transductive protocol: batch normalization
+            sees the support and query sets together).
 
     Returns:
         `(metrics, predictions)`: `metrics` is `[num_steps + 1, num_tasks]`;
         `predictions` is a list of the query predictions after each step.
     """
     return _curve(algorithm, params, episode, metric_fn, num_steps, inner_lr, transductive,
-                  keep_predictions=True)
+                  keep_predictions=True, with_support=transductive_support)
 
 
 def make_curve_fn(algorithm, metric_fn, num_steps, inner_lr=None, transductive=True,
-                  jit_compile=False):
+                  jit_compile=False, transductive_support=False):
     """A compiled `fn(params, episode) -> [num_steps + 1, num_tasks]` metrics.
 
     The steps are a graph loop (see `adaptation_curve`); predictions are not kept.
@@ -132,7 +139,8 @@ def make_curve_fn(algorithm, metric_fn, num_steps, inner_lr=None, transductive=T
     @tf.function(jit_compile=jit_compile, reduce_retracing=True)
     def curve(params, episode):
         metrics, _ = _curve(algorithm, params, episode, metric_fn, num_steps, inner_lr,
-                            transductive, keep_predictions=False)
+                            transductive, keep_predictions=False,
+                            with_support=transductive_support)
         return metrics
 
     return curve

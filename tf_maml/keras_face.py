@@ -47,7 +47,8 @@ LEARNER_FIELDS = (
     "algorithm", "inner_lr", "num_inner_steps", "num_eval_steps", "first_order", "meta_lr",
     "num_iterations", "msl_epochs", "first_order_epochs", "iterations_per_epoch", "per_step_bn",
     "learn_inner_lr", "min_meta_lr", "inner_optimizer", "inner_batch_size", "meta_step_size",
-    "meta_step_size_final", "train_k_shot", "transductive", "seed", "meta_batch_size",
+    "meta_step_size_final", "train_k_shot", "transductive", "transductive_support", "seed",
+    "meta_batch_size",
     "recompute_inner_steps",
 )
 _SOURCE_KEY = "tf_maml_episode_index_"
@@ -531,8 +532,9 @@ class MetaLearner(keras.Model):
         else:
             metric_name, metric_fn = getattr(metric, "__name__", "metric"), metric
         num_steps = self.meta_config.num_eval_steps if num_steps is None else num_steps
-        curve = evaluation.make_curve_fn(self.algorithm, metric_fn, num_steps,
-                                         transductive=self.meta_config.transductive)
+        curve = evaluation.make_curve_fn(
+            self.algorithm, metric_fn, num_steps, transductive=self.meta_config.transductive,
+            transductive_support=self.meta_config.transductive_support)
         stream = tasks_lib.VALIDATION if split == "val" else tasks_lib.TEST
         per_task = evaluation.evaluate_model(
             curve, self.algorithm.meta_variables, tasks,

@@ -122,7 +122,9 @@ def evaluate_and_report(model_dir, baseline_dir=None, output_dir=None, oracle_di
                      config.num_eval_tasks)
         curve_fns[label] = evaluation.make_curve_fn(run.algorithm, experiment.metric_fn,
                                                     config.num_eval_steps, inner_lr,
-                                                    config.transductive, jit_compile=jit)
+                                                    config.transductive, jit_compile=jit,
+                                                    transductive_support=(
+                                                        config.transductive_support))
         per_task = evaluation.evaluate_model(curve_fns[label], run.algorithm.meta_variables,
                                              experiment.tasks, config.seed,
                                              config.num_eval_tasks, tasks_lib.TEST,
@@ -132,13 +134,16 @@ def evaluate_and_report(model_dir, baseline_dir=None, output_dir=None, oracle_di
     name = experiment.metric_name
     task = f"{config.n_way}-way " if experiment.tasks.is_classification else ""
     table = evaluation.format_table(name, results)
-    protocol = "" if config.transductive else ", non-transductive"
+    protocol = ("" if config.transductive and not config.transductive_support
+                else ", transductive with the support set" if config.transductive
+                else ", non-transductive")
     print(f"\n{name} on {config.num_eval_tasks} held-out {config.dataset} {task}tasks "
           f"(K={config.k_shot}, inner_lr={inner_lr or config.inner_lr}{protocol}), "
           f"mean ± 95% CI:\n{table}\n{_non_finite_note(name, results)}")
     model_name = config.model_for(experiment.spec.input_shape)
     extra = {"num_tasks": config.num_eval_tasks, "inner_lr": config.inner_lr,
              "algorithm": config.algorithm, "transductive": config.transductive,
+             "transductive_support": config.transductive_support,
              "k_shot": config.k_shot, "dataset": config.dataset, "model": model_name,
              "n_way": config.n_way if experiment.tasks.is_classification else None,
              "steps_trained": {label: s for label, (_, s) in runs.items()}}
