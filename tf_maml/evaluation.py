@@ -60,7 +60,8 @@ def _curve(algorithm, params, episode, metric_fn, num_steps, inner_lr, transduct
         if transductive and with_support:
             # Reptile's transductive protocol: one batch of the support and query sets.
             both = tf.concat([episode.support_x, episode.query_x], 1)
-            return algorithm.predict(params, weights, both, step)[:, episode.support_x.shape[1]:]
+            support_size = tf.shape(episode.support_x)[1]
+            return algorithm.predict(params, weights, both, step)[:, support_size:]
         if transductive:
             return algorithm.predict_from_inputs(params, weights, query, step)
         return _predict_each_alone(algorithm, params, weights, episode.support_x,
