@@ -5,6 +5,29 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras  # noqa: E402
 import pytest  # noqa: E402
 
+# The real Omniglot archives (.ci/run sets it): tests that need them are skipped when it is
+# unset and fail when it is set but the files are missing.
+OMNIGLOT_ENV = "TF_MAML_OMNIGLOT_DIR"
+
+
+@pytest.fixture(scope="session")
+def omniglot_dir():
+    """The directory of the real Omniglot archives, from TF_MAML_OMNIGLOT_DIR."""
+    path = os.environ.get(OMNIGLOT_ENV)
+    if not path:
+        pytest.skip(f"{OMNIGLOT_ENV} is not set")
+    for name in ("images_background.zip", "images_evaluation.zip"):
+        if not os.path.isfile(os.path.join(path, name)):
+            pytest.fail(f"{OMNIGLOT_ENV}={path} but {name} is missing there")
+    return path
+
+
+@pytest.fixture(scope="session")
+def omniglot_characters(omniglot_dir, tmp_path_factory):
+    """`omniglot.load_characters` of the real archives: `(images, background)`."""
+    from tf_maml.tasks import omniglot
+    return omniglot.load_characters(omniglot_dir, str(tmp_path_factory.mktemp("cache")))
+
 
 @pytest.fixture(autouse=True)
 def _seed():

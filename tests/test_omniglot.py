@@ -1,7 +1,8 @@
 """Omniglot: the real archives, the folder layout, TFDS, episodes, bad data, and learning.
 
-Tests on the real archives read their directory from TF_MAML_OMNIGLOT_DIR (.ci/run sets it);
-they are skipped when it is unset and fail when it is set but the files are missing.
+Tests on the real archives read their directory from TF_MAML_OMNIGLOT_DIR (.ci/run sets it;
+the `omniglot_dir` and `omniglot_characters` fixtures in conftest.py); they are skipped when it
+is unset and fail when it is set but the files are missing.
 """
 
 import glob
@@ -18,27 +19,9 @@ from tf_maml import config as config_lib
 from tf_maml import reporting, trainer
 from tf_maml.tasks import ImageClassTasks, omniglot
 
-ENV = "TF_MAML_OMNIGLOT_DIR"
 
-
-@pytest.fixture(scope="module")
-def omniglot_dir():
-    path = os.environ.get(ENV)
-    if not path:
-        pytest.skip(f"{ENV} is not set")
-    for name in ("images_background.zip", "images_evaluation.zip"):
-        if not os.path.isfile(os.path.join(path, name)):
-            pytest.fail(f"{ENV}={path} but {name} is missing there")
-    return path
-
-
-@pytest.fixture(scope="module")
-def real_characters(omniglot_dir, tmp_path_factory):
-    return omniglot.load_characters(omniglot_dir, str(tmp_path_factory.mktemp("cache")))
-
-
-def test_real_archives_decode_to_the_paper_format(real_characters):
-    images, background = real_characters
+def test_real_archives_decode_to_the_paper_format(omniglot_characters):
+    images, background = omniglot_characters
     assert images.shape == (1623, 20, 28, 28, 1) and images.dtype == np.uint8
     assert background.sum() == 964
     # Inverted: ink is bright, the page dark; every drawing has some ink.
@@ -46,8 +29,8 @@ def test_real_archives_decode_to_the_paper_format(real_characters):
     assert (images.reshape(1623 * 20, -1).max(axis=1) > 128).all()
 
 
-def test_paper_and_lake_splits(real_characters):
-    _, background = real_characters
+def test_paper_and_lake_splits(omniglot_characters):
+    _, background = omniglot_characters
     train, test = omniglot.split_characters(background, "paper", seed=0)
     assert len(train) == 1200 and len(test) == 423 and not set(train) & set(test)
     again, _ = omniglot.split_characters(background, "paper", seed=0)

@@ -3,7 +3,8 @@
 `export/models/models.json` lists each shipped model with the commands that made it and its
 meta-test figure; every listed model must be there, and every model there must be listed.
 Omniglot models are checked on the real archives' held-out characters (TF_MAML_OMNIGLOT_DIR,
-which .ci/run sets): skipped when it is unset, failed when it is set but the files are missing.
+which .ci/run sets; conftest.py's `omniglot_characters`): skipped when it is unset, failed when
+it is set but the files are missing.
 """
 
 import glob
@@ -19,7 +20,6 @@ from tf_maml.tasks import ImageClassTasks, SineTasks, omniglot
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODELS = os.path.join(ROOT, "export", "models")
 MANIFEST = json.load(open(os.path.join(MODELS, "models.json")))
-OMNIGLOT_ENV = "TF_MAML_OMNIGLOT_DIR"
 
 
 def _path(name):
@@ -64,17 +64,6 @@ def test_shipped_sine_model_adapts_to_new_sine_tasks(name):
     # 20 tasks' sampling error.
     figure = MANIFEST[name]["meta_test"]["mean"]
     assert np.mean(after) < 4 * figure and np.mean(before) > 1.0, (np.mean(after), np.mean(before))
-
-
-@pytest.fixture(scope="module")
-def omniglot_characters(tmp_path_factory):
-    path = os.environ.get(OMNIGLOT_ENV)
-    if not path:
-        pytest.skip(f"{OMNIGLOT_ENV} is not set")
-    for archive in ("images_background.zip", "images_evaluation.zip"):
-        if not os.path.isfile(os.path.join(path, archive)):
-            pytest.fail(f"{OMNIGLOT_ENV}={path} but {archive} is missing there")
-    return omniglot.load_characters(path, str(tmp_path_factory.mktemp("cache")))
 
 
 @pytest.mark.parametrize("name", _names("omniglot"))
