@@ -314,6 +314,149 @@ def test_reptile_mini_batches_cover_the_support_set():
                                    np.sort(episode.support_y[t, :, 0].numpy()))
 
 
+def _sequential_reptile_reference(forward, theta, episodes, inner_lr, num_steps, epsilon):
+    """The original code's Reptile, written out: one task at a time on one Adam(β₁=0) whose
+    moments and step count carry from task to task and across meta-iterations."""
+    theta = [x.numpy() for x in theta]
+    v = [np.zeros_like(x) for x in theta]
+    t = 0
+    for episode in episodes:
+        adapted = []
+        for task in range(episode.support_x.shape[0]):
+            w = list(theta)
+            for _ in range(num_steps):
+                t += 1
+                ws = [tf.constant(x) for x in w]
+                with tf.GradientTape() as tape:
+                    tape.watch(ws)
+                    loss = losses.mean_squared_error(
+                        episode.support_y[task:task + 1],
+                        forward([x[None] for x in ws], episode.support_x[task:task + 1]))[0]
+                grads = [g.numpy() for g in tape.gradient(loss, ws)]
+                v = [0.999 * a + 0.001 * g * g for a, g in zip(v, grads)]
+                lr = inner_lr * np.sqrt(1 - 0.999 ** t)
+                w = [x - lr * g / (np.sqrt(a) + 1e-8) for x, g, a in zip(w, grads, v)]
+            adapted.append(w)
+        mean = [np.mean(ws, axis=0) for ws in zip(*adapted)]
+        theta = [x + epsilon * (m - x) for x, m in zip(theta, mean)]
+    return theta, v, t
+
+
+def _carried_reptile(model, num_steps, inner_lr=0.01, epsilon=0.5):
+    reptile = algorithms.Reptile(model, functional.make_forward(model),
+                                 losses.mean_squared_error, inner_lr, num_steps,
+                                 inner_optimizer="adam", meta_step_size=epsilon,
+                                 meta_step_size_final=epsilon, carry_inner_state=True)
+    optimizer = reptile.make_optimizer(1e-3, num_iterations=100)
+    optimizer.build(reptile.meta_variables)
+
+    def step(episode, iteration):
+        _, direction, outputs = reptile.meta_step(episode, iteration=tf.constant(iteration,
+                                                                                 tf.int64))
+        optimizer.apply_gradients(zip(direction, reptile.meta_variables))
+        for variable, value in zip(reptile.state_variables, outputs.state_updates):
+            variable.assign(value)
+    return reptile, step
+
+
+def test_reptile_carried_adam_state_is_the_original_sequential_algorithm():
+    """One task per meta-batch: the carried state makes it exactly the original code's Reptile,
+    whose Adam moments are never reset; fresh moments would not be."""
+    model = _smooth_mlp()
+    theta = _values(model.trainable_variables)
+    reptile, step = _carried_reptile(model, num_steps=3)
+    episodes = [Episode(*[t[i:i + 1] for t in _sine_episode(num_tasks=4)]) for i in range(4)]
+    for i, episode in enumerate(episodes):
+        step(episode, i)
+    expected, v, t = _sequential_reptile_reference(reptile.forward, theta, episodes, 0.01, 3,
+                                                   0.5)
+    for a, b in zip(model.trainable_variables, expected):
+        np.testing.assert_allclose(a.numpy(), b, rtol=1e-9, atol=1e-12)
+    _, carried_v, carried_t = reptile.carried_state()
+    assert float(carried_t) == t == 12
+    for a, b in zip(carried_v, v):
+        np.testing.assert_allclose(a.numpy(), b, rtol=1e-9, atol=1e-15)
+    # Fresh moments for every task (the default) is another algorithm: it differs.
+    fresh_model = _smooth_mlp()
+    fresh = algorithms.Reptile(fresh_model, reptile.forward, losses.mean_squared_error, 0.01, 3,
+                               inner_optimizer="adam", meta_step_size=0.5,
+                               meta_step_size_final=0.5)
+    for variable, value in zip(fresh_model.trainable_variables, theta):
+        variable.assign(value)
+    optimizer = fresh.make_optimizer(1e-3, num_iterations=100)
+    for i, episode in enumerate(episodes):
+        _, direction, _ = fresh.meta_step(episode, iteration=tf.constant(i, tf.int64))
+        optimizer.apply_gradients(zip(direction, fresh.meta_variables))
+    gap = max(float(np.max(np.abs(a.numpy() - b)))
+              for a, b in zip(fresh_model.trainable_variables, expected))
+    assert gap > 1e-4, gap
+
+
+def test_reptile_carried_state_over_a_meta_batch_composes_the_tasks_in_sequence():
+    """n tasks side by side: the state becomes what the n tasks' accumulations, applied one after
+    another, make of it (task i's v_i − β₂^k·v decayed by β₂^k for each later task; the mean
+    accumulation stands for each, as the tasks' order is arbitrary)."""
+    model = _smooth_mlp()
+    reptile, step = _carried_reptile(model, num_steps=2)
+    step(_sine_episode(num_tasks=3), 0)  # a non-zero state to start from
+    _, v0, t0 = reptile.carried_state()
+    v0 = [x.numpy() for x in v0]
+    episode = _sine_episode(num_tasks=3, k=6)
+    _, _, (_, final_v, _) = reptile.adapt(_values(reptile.meta_variables), episode.support_x,
+                                          episode.support_y, 2, return_state=True)
+    increments = [[x[i].numpy() - 0.999 ** 2 * x0 for x, x0 in zip(final_v, v0)]
+                  for i in range(3)]
+    sequential = [0.999 ** 6 * x0 for x0 in v0]
+    for i in range(3):  # task i is followed by 2 - i others
+        sequential = [e + 0.999 ** (2 * (2 - i)) * a for e, a in zip(sequential, increments[i])]
+    step(episode, 1)
+    _, v, t = reptile.carried_state()
+    assert float(t) == float(t0) + 6 == 12
+    for a, b, x0 in zip(v, sequential, v0):
+        assert np.all(a.numpy() > 0)
+        # Far from the state it started from, within the order's effect (β₂^4 ≈ 0.996).
+        assert np.max(np.abs(a.numpy() - x0) / x0) > 0.1
+        np.testing.assert_allclose(a.numpy(), b, rtol=5e-3)
+
+
+def test_reptile_carried_state_is_checkpointed_resumed_and_adapted_from(tmp_path):
+    settings = dict(algorithm="reptile", inner_optimizer="adam", inner_lr=0.01,
+                    num_inner_steps=3, carry_inner_state=True, meta_batch_size=4,
+                    checkpoint_every=10, log_every=10, validate_every=0,
+                    # ε constant: its annealing depends on num_iterations, which differs.
+                    meta_step_size=0.5, meta_step_size_final=0.5)
+    straight, _ = trainer.train(config_lib.Config(num_iterations=40, **settings),
+                                str(tmp_path / "straight"))
+    trainer.train(config_lib.Config(num_iterations=20, **settings), str(tmp_path / "resumed"))
+    trainer.train(config_lib.Config(num_iterations=40, **settings), str(tmp_path / "resumed"))
+    resumed, step = experiment_lib.restore(str(tmp_path / "resumed"), load_tasks=True)
+    assert step == 40
+    carried = resumed.algorithm.state_variables
+    assert float(carried[-1]) == 40 * 4 * 3  # t: every inner step of every task
+    for a, b in zip(straight.algorithm.meta_variables + straight.algorithm.state_variables,
+                    resumed.algorithm.meta_variables + carried):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-7)
+    # Evaluation adapts from the carried state: zero it and the adapted predictions change.
+    episode = resumed.tasks.sample(tf.constant([5, 5], tf.int64), 2, tasks_lib.TEST)
+    params = resumed.algorithm.meta_variables
+
+    def adapted_predictions():
+        adapted, _ = resumed.algorithm.adapt(params, episode.support_x, episode.support_y, 3)
+        return resumed.algorithm.predict(params, adapted, episode.query_x, 3).numpy()
+    carried_predictions = adapted_predictions()
+    for variable in carried:
+        variable.assign(tf.zeros_like(variable))
+    assert np.max(np.abs(carried_predictions - adapted_predictions())) > 1e-3
+
+
+@pytest.mark.parametrize("options", [dict(algorithm="reptile", inner_optimizer="sgd"),
+                                     dict(algorithm="maml")])
+def test_carry_inner_state_needs_reptile_with_adam(options):
+    with pytest.raises(ValueError, match="carry_inner_state is for algorithm=reptile with "
+                                         "inner_optimizer=adam"):
+        config_lib.Config(carry_inner_state=True, **options).validate()
+
+
 # -- every algorithm end to end -----------------------------------------------------------------
 
 # name: (settings, the largest query-error ratio after/before adaptation we accept). Joint

@@ -25,7 +25,8 @@ def _python(*args, env=None, timeout=600):
 
 
 @pytest.mark.parametrize("replicas,order,kind", [
-    (2, "second", "sine"), (2, "first", "sine"), (4, "second", "conv"), (2, "first", "conv")])
+    (2, "second", "sine"), (2, "first", "sine"), (4, "second", "conv"), (2, "first", "conv"),
+    (2, "first", "reptile")])
 def test_mirrored_meta_step_equals_single_device(replicas, order, kind):
     result = _python(os.path.join(SCRIPTS, "mirrored_step.py"), str(replicas), order, kind)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -36,6 +37,9 @@ def test_mirrored_meta_step_equals_single_device(replicas, order, kind):
     # other batch shapes): the weights agree to 5e-4 of the update's size.
     assert gaps["max_weight_gap"] < 5e-4 * gaps["max_weight_change"], gaps
     assert gaps["log_gap"] < 1e-4, gaps
+    if kind == "reptile":  # the replicas' shares of the carried Adam state add up
+        assert gaps["state_step_counts"] == [2 * 5 * 3] * 2, gaps
+        assert max(gaps["state_gaps"]) < 1e-4, gaps
 
 
 def test_replica_task_counts():

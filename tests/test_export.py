@@ -458,16 +458,24 @@ def test_every_algorithm_exports_its_own_adaptation(tmp_path):
     tasks = ImageClassTasks({"train": images, "test": images}, n_way=3, k_shot=2, k_query=2)
     settings = {"maml": {}, "anil": {}, "metasgd": {},
                 "mamlpp": dict(num_inner_steps=3),
-                "reptile": dict(inner_optimizer="adam", inner_lr=0.01)}
+                "reptile": dict(inner_optimizer="adam", inner_lr=0.01),
+                "reptile_carried": dict(algorithm="reptile", inner_optimizer="adam",
+                                        inner_lr=0.01, carry_inner_state=True)}
     experiments, paths = {}, {}
     for name, extra in settings.items():
         values = dict(dataset="omniglot", n_way=3, k_shot=2, k_query=2, inner_lr=0.4,
-                      num_eval_steps=3, algorithm=name)
+                      num_eval_steps=3, algorithm=name.split("_")[0])
         config = config_lib.Config(**{**values, **extra})
         experiment = experiment_lib.build_experiment(config, tasks)
         # Learned meta-parameters that differ from their initial values and per element.
         for variable in experiment.algorithm.extra_variables:
             variable.assign(variable * rng.uniform(0.5, 1.5, size=variable.shape))
+        # A carried Adam state as training leaves it (second moments, step count).
+        if experiment.algorithm.state_variables:
+            *moments, count = experiment.algorithm.state_variables
+            for variable in moments:
+                variable.assign(rng.uniform(1e-4, 1e-2, size=variable.shape))
+            count.assign(250.0)
         experiments[name] = experiment
         paths[name] = serving.export(experiment, str(tmp_path / name), 1, 3, image_format=None)
     inputs, episode = _task(experiments["maml"], seed=4)
@@ -517,6 +525,7 @@ def test_every_algorithm_exports_its_own_adaptation(tmp_path):
         for i, steps in enumerate(task_steps):
             np.testing.assert_allclose(out[f"{name}/adapt_tasks_custom/predictions"][i],
                                        curve[steps][i].numpy(), **TOLERANCE)
-    # The algorithms really adapt differently (learned rates, head only, Adam).
+    # The algorithms really adapt differently (learned rates, head only, Adam, carried Adam).
+    assert not np.allclose(adapted_predictions["reptile_carried"], adapted_predictions["reptile"])
     for name in ("anil", "metasgd", "mamlpp", "reptile"):
         assert not np.allclose(adapted_predictions[name], adapted_predictions["maml"]), name

@@ -64,24 +64,30 @@ def _run(args, env=None):
     return result
 
 
-@pytest.mark.parametrize("algorithm", ["maml", "metasgd"])
-def test_fit_equals_the_cli_trainer(tmp_path, algorithm):
-    """N steps of `fit` give the CLI trainer's weights for the same config and seed."""
+@pytest.mark.parametrize("algorithm,options", [
+    ("maml", {}), ("metasgd", {}),
+    ("reptile", dict(inner_optimizer="adam", inner_lr=0.01, num_inner_steps=3,
+                     carry_inner_state=True, meta_step_size=0.5, meta_step_size_final=0.5))])
+def test_fit_equals_the_cli_trainer(tmp_path, algorithm, options):
+    """N steps of `fit` give the CLI trainer's weights (and state) for the same config and seed."""
     steps = 20
     config = config_lib.Config(algorithm=algorithm, num_iterations=steps, meta_batch_size=5,
                                log_every=steps, checkpoint_every=steps, validate_every=0,
-                               jit_compile="false")
+                               jit_compile="false", **options)
     experiment, _ = trainer.train(config, str(tmp_path / "cli"))
-    expected = experiment.algorithm.meta_variables
+    expected = experiment.algorithm.meta_variables + experiment.algorithm.state_variables
 
     keras.utils.set_random_seed(config.seed)
+    learner_options = {k: v for k, v in options.items() if k not in ("inner_lr",
+                                                                       "num_inner_steps")}
     learner = MetaLearner(models.build(config, (1,), 1), algorithm=algorithm,
-                          inner_lr=config.inner_lr, num_inner_steps=config.num_inner_steps)
-    learner.compile(optimizer=keras.optimizers.Adam(config.meta_lr), loss="mse",
-                    jit_compile=False)
+                          inner_lr=config.inner_lr, num_inner_steps=config.num_inner_steps,
+                          num_iterations=steps, **learner_options)
+    # The CLI's outer optimizer: Adam(meta_lr), Reptile's SGD(ε).
+    learner.compile(optimizer=learner.default_optimizer(), loss="mse", jit_compile=False)
     learner.fit(Episodes(SineTasks(), config.meta_batch_size, seed=config.seed), epochs=2,
                 steps_per_epoch=steps // 2, verbose=0)
-    got = learner.algorithm.meta_variables
+    got = learner.algorithm.meta_variables + learner.algorithm.state_variables
     assert len(got) == len(expected)
     before = [v.numpy() for v in models.build(config, (1,), 1).trainable_variables]
     for g, e in zip(got, expected):
@@ -157,7 +163,8 @@ def test_keras_save_and_load_round_trip_continues_identically(tmp_path):
 
 
 @pytest.mark.parametrize("algorithm,options", [
-    ("metasgd", {}), ("reptile", {"inner_optimizer": "sgd", "inner_batch_size": 2})])
+    ("metasgd", {}), ("reptile", {"inner_optimizer": "sgd", "inner_batch_size": 2}),
+    ("reptile", {"inner_optimizer": "adam", "carry_inner_state": True})])
 def test_export_answers_as_the_learner_does(tmp_path, algorithm, options):
     learner = _conv_learner(algorithm=algorithm, num_eval_steps=3, **options)
     tasks = _image_tasks()

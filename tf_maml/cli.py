@@ -58,6 +58,9 @@ _HELP = {
     "min_meta_lr": "MAML++: the meta learning rate is cosine-annealed down to this.",
     "inner_optimizer": "Reptile: inner optimizer, sgd or adam (beta_1 = 0).",
     "inner_batch_size": "Reptile: support examples per inner step (0: all).",
+    "carry_inner_state": "Reptile with adam: carry Adam's moments across tasks and "
+                         "meta-iterations and adapt from them at evaluation and in the export, "
+                         "as the original code (default: fresh moments per task).",
     "meta_step_size": "Reptile: outer step size epsilon at the start.",
     "meta_step_size_final": "Reptile: outer step size at the end (linear annealing).",
     "train_k_shot": "Support examples per class in meta-training tasks, if not k_shot (0).",

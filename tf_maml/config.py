@@ -138,6 +138,10 @@ class Config:
             `meta_lr` to this.
         inner_optimizer: Reptile: "sgd" or "adam" (β₁ = 0) in the inner loop.
         inner_batch_size: Reptile: support examples per inner step (0: all).
+        carry_inner_state: Reptile with Adam: carry Adam's moments and step
+            count from task to task and across meta-iterations, and adapt
+            from them at evaluation and in the export, as the original code
+            does (default: fresh moments for every task).
         meta_step_size: Reptile: ε at the start of training.
         meta_step_size_final: Reptile: ε at the end (linear annealing).
         train_k_shot: support examples per class in meta-training tasks when
@@ -225,6 +229,7 @@ class Config:
     min_meta_lr: float = 1e-5
     inner_optimizer: str = "sgd"
     inner_batch_size: int = 0
+    carry_inner_state: bool = False
     meta_step_size: float = 1.0
     meta_step_size_final: float = 0.0
     train_k_shot: int = 0
@@ -301,6 +306,9 @@ class Config:
              f"got {self.inner_optimizer!r}")
         need(self.inner_optimizer == "sgd" or self.algorithm == "reptile",
              "inner_optimizer=adam is for algorithm=reptile")
+        need(not self.carry_inner_state
+             or (self.algorithm == "reptile" and self.inner_optimizer == "adam"),
+             "carry_inner_state is for algorithm=reptile with inner_optimizer=adam")
         need(self.algorithm not in ("mamlpp", "reptile") or self.num_inner_steps >= 1,
              f"algorithm={self.algorithm} needs num_inner_steps >= 1")
         if self.recompute_inner_steps:

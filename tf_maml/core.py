@@ -152,21 +152,54 @@ class SGD:
 class Adam:
     """Adam as an inner optimizer (Reptile uses it with `beta_1=0`).
 
-    Its moments carry the task axis like the weights: each task starts from
-    zero moments (a fresh optimizer per task).
+    Its moments carry the task axis like the weights. Each task starts from
+    zero moments (a fresh optimizer per task), or from `initial_state`, one
+    state shared by every task (Reptile's original code carries Adam's moments
+    from task to task; see `Reptile`).
 
     Args:
         learning_rate: float or scalar tensor.
         beta_1, beta_2, epsilon: Adam's constants.
+        initial_state: `(m, v, t)` without the task axis: the first and second
+            moments (lists, one tensor per adapted weight, of its shape) and
+            the step count `t` (a scalar) every task starts from; default
+            zeros.
+
+    Example:
+
+    ```python
+    update = Adam(0.001, beta_1=0.0)
+    adapted, _ = adapt(loss, weights, num_steps=5, update=update)
+    ```
     """
 
-    def __init__(self, learning_rate, beta_1=0.0, beta_2=0.999, epsilon=1e-8):
+    def __init__(self, learning_rate, beta_1=0.0, beta_2=0.999, epsilon=1e-8,
+                 initial_state=None):
         self.learning_rate = learning_rate
         self.beta_1, self.beta_2, self.epsilon = beta_1, beta_2, epsilon
+        self.initial_state = initial_state
+
+    def for_weights(self, indices):
+        """The same rule over a subset of the weights (their entries of `initial_state`)."""
+        if self.initial_state is None:
+            return self
+        m, v, t = self.initial_state
+        return Adam(self.learning_rate, self.beta_1, self.beta_2, self.epsilon,
+                    ([m[i] for i in indices], [v[i] for i in indices], t))
 
     def init(self, weights):
-        zeros = [tf.zeros_like(w) for w in weights]
-        return (zeros, list(zeros), tf.zeros([], weights[0].dtype))
+        """Every task's starting state: `(m, v, t)`, the moments task-batched."""
+        if self.initial_state is None:
+            zeros = [tf.zeros_like(w) for w in weights]
+            return (zeros, list(zeros), tf.zeros([], weights[0].dtype))
+        m, v, t = self.initial_state
+        if len(m) != len(weights) or len(v) != len(weights):
+            raise ValueError(f"initial_state has moments for {len(m)} and {len(v)} weights but "
+                             f"there are {len(weights)} adapted weights")
+        num_tasks = tf.shape(weights[0])[0]
+        m = [tf.cast(x, w.dtype) for x, w in zip(broadcast_to_tasks(m, num_tasks), weights)]
+        v = [tf.cast(x, w.dtype) for x, w in zip(broadcast_to_tasks(v, num_tasks), weights)]
+        return (m, v, tf.cast(t, weights[0].dtype))
 
     def apply(self, weights, grads, state, step):
         del step
@@ -282,7 +315,7 @@ def _recomputed_step(task_loss, weights, update, state, step, differentiable_inp
 
 
 def adapt(task_loss, weights, num_steps, update, first_order=False, recompute=False,
-          differentiable_inputs=()):
+          differentiable_inputs=(), return_state=False):
     """Adapts task-batched weights with `num_steps` inner steps.
 
     θ'ᵢ = θ − α ∇θ Lᵢ(θ), repeated, for all tasks at once.
@@ -299,11 +332,13 @@ def adapt(task_loss, weights, num_steps, update, first_order=False, recompute=Fa
         recompute, differentiable_inputs: see `inner_step` (each unrolled step
             is recomputed when differentiated; a tensor `num_steps` is first
             order and ignores them).
+        return_state: also return the update rule's state after the last step.
 
     Returns:
         `(adapted_weights, support_losses)`: the weights after the last step
         and, for a Python `num_steps`, a list of each step's `[num_tasks]`
-        losses before that step (empty for a tensor `num_steps`).
+        losses before that step (empty for a tensor `num_steps`). With
+        `return_state`, `(adapted_weights, support_losses, state)`.
 
     Raises:
         ValueError: `num_steps` is negative.
@@ -328,19 +363,23 @@ def adapt(task_loss, weights, num_steps, update, first_order=False, recompute=Fa
             return step + 1, new, tf.nest.flatten(st)
 
         step0 = tf.zeros([], num_steps.dtype)
-        _, weights, _ = tf.while_loop(
+        _, weights, flat_state = tf.while_loop(
             lambda step, ws, st: step < num_steps, body, (step0, list(weights), flat_state),
             shape_invariants=(step0.shape, [w.shape for w in weights],
                               [s.shape for s in flat_state]))
+        if return_state:
+            return list(weights), [], tf.nest.pack_sequence_as(state, list(flat_state))
         return list(weights), []
     if num_steps < 0:
         raise ValueError(f"num_steps must be >= 0, got {num_steps}")
-    state = update.init(weights) if num_steps else None
+    state = update.init(weights) if num_steps or return_state else None
     losses = []
     for step in range(num_steps):
         weights, state, step_losses = inner_step(task_loss, weights, update, state, step,
                                                  first_order, recompute, differentiable_inputs)
         losses.append(step_losses)
+    if return_state:
+        return weights, losses, state
     return weights, losses
 
 

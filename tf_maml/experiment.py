@@ -144,7 +144,7 @@ def load_spec(model_dir, config):
 def make_checkpoint(experiment, **extra):
     """The `tf.train.Checkpoint` of a run: model, the algorithm's meta-parameters, and `extra`."""
     items = dict(model=experiment.model, **extra)
-    if experiment.algorithm.extra_variables:
+    if experiment.algorithm.saved_variables:
         items["algorithm"] = experiment.algorithm.state
     return tf.train.Checkpoint(**items)
 

@@ -46,7 +46,8 @@ __all__ = ["MetaLearner", "Episodes", "keras_task_loss"]
 LEARNER_FIELDS = (
     "algorithm", "inner_lr", "num_inner_steps", "num_eval_steps", "first_order", "meta_lr",
     "num_iterations", "msl_epochs", "first_order_epochs", "iterations_per_epoch", "per_step_bn",
-    "learn_inner_lr", "min_meta_lr", "inner_optimizer", "inner_batch_size", "meta_step_size",
+    "learn_inner_lr", "min_meta_lr", "inner_optimizer", "inner_batch_size",
+    "carry_inner_state", "meta_step_size",
     "meta_step_size_final", "train_k_shot", "transductive", "transductive_support", "seed",
     "meta_batch_size",
     "recompute_inner_steps",
@@ -251,6 +252,15 @@ class MetaLearner(keras.Model):
                                 initializer=keras.initializers.Constant(v.numpy()),
                                 name=v.name.split(":")[0], trainable=True)
                 for v in extras]
+        # Its state (Reptile's carried Adam moments): non-trainable weights that
+        # each replica's train step assigns its share of (summed over replicas).
+        carried = self.algorithm.state_variables
+        if carried:
+            self.algorithm.state.carried = [
+                self.add_weight(shape=tuple(v.shape), dtype=v.dtype.name,
+                                initializer=keras.initializers.Constant(v.numpy()),
+                                name=v.name.split(":")[0], trainable=False, aggregation="sum")
+                for v in carried]
         self.is_classification = None
         self._sources, self._source_count, self._validation_key = {}, 0, None
         self._task_input_shape = None
@@ -410,6 +420,8 @@ class MetaLearner(keras.Model):
                                                                 tf.int64))
         order = self._meta_variables_order()
         self.optimizer.apply([grads[i] for i in order], self.trainable_variables)
+        for variable, value in zip(self.algorithm.state_variables, outputs.state_updates or []):
+            variable.assign(value)
         return self._logs(loss * tf.cast(global_tasks, loss.dtype), local_tasks, episode.query_y,
                           outputs.query_predictions)
 

@@ -356,12 +356,17 @@ class _PerTaskRate:
     Each weight gets the rule the algorithm uses for a scalar `inner_lr`, built
     with that weight's `[tasks, 1, ...]` rates, so each task's update is
     exactly the scalar rule's. Assumes the rule treats weights independently
-    (SGD, Adam).
+    (SGD, Adam); a rule with per-weight state to start from (Reptile's carried
+    Adam state) gives each weight its own part through `for_weights`.
     """
 
     def __init__(self, algorithm, meta_params, inner_lr, weights):
-        self.rules = [algorithm.inner_update(meta_params, _per_task(inner_lr, w))
-                      for w in weights]
+        self.rules = []
+        for index, w in enumerate(weights):
+            rule = algorithm.inner_update(meta_params, _per_task(inner_lr, w))
+            if hasattr(rule, "for_weights"):
+                rule = rule.for_weights([index])
+            self.rules.append(rule)
 
     def init(self, weights):
         return [rule.init([w]) for rule, w in zip(self.rules, weights)]
@@ -663,7 +668,7 @@ def build_export_archive(signatures):
     """
     archive = keras.export.ExportArchive()
     archive.track(signatures.model)
-    if signatures.algorithm.extra_variables:
+    if signatures.algorithm.saved_variables:
         archive.track(signatures.algorithm.state)
     dtype, label_dtype = signatures.dtype, signatures.label_dtype
     archive.add_endpoint("serving_default", signatures.serve,
@@ -698,7 +703,7 @@ def check_finite_parameters(experiment):
 
     A run that diverged must not be served: its predictions would all be NaN.
     """
-    variables = list(experiment.model.weights) + list(experiment.algorithm.extra_variables)
+    variables = list(experiment.model.weights) + list(experiment.algorithm.saved_variables)
     bad = [getattr(v, "path", v.name) for v in variables
            if tf.as_dtype(v.dtype).is_floating and not np.all(np.isfinite(np.asarray(v)))]
     if bad:

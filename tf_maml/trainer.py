@@ -73,6 +73,7 @@ def make_train_step(experiment, optimizer, step_counter, jit_compile=False, stra
     config = experiment.config
     algorithm = experiment.algorithm
     variables = algorithm.meta_variables
+    state_variables = algorithm.state_variables
     strategy = strategy or tf.distribute.get_strategy()
     counts = distribute.replica_task_counts(config.meta_batch_size, strategy.num_replicas_in_sync)
     offsets = [sum(counts[:r]) for r in range(len(counts))]
@@ -84,7 +85,7 @@ def make_train_step(experiment, optimizer, step_counter, jit_compile=False, stra
         meta_loss, grads, outputs = algorithm.meta_step(episode, scale, iteration)
         # Each log is this replica's sum over its tasks / the global task count:
         # summed over replicas, the mean over the meta-batch.
-        return grads, {
+        return grads, outputs.state_updates or [], {
             "meta_loss": meta_loss,
             "support_loss_before_adaptation": tf.reduce_sum(outputs.support_losses) * scale,
             metric: tf.reduce_sum(
@@ -92,8 +93,12 @@ def make_train_step(experiment, optimizer, step_counter, jit_compile=False, stra
         }
 
     def replica_step(episode):
-        grads, logs = compute(episode, step_counter.read_value())
+        grads, state_updates, logs = compute(episode, step_counter.read_value())
         optimizer.apply_gradients(zip(grads, variables))
+        # The algorithm's state (Reptile's carried Adam moments): each replica
+        # assigns its share, summed over replicas by the variables' aggregation.
+        for variable, value in zip(state_variables, state_updates):
+            variable.assign(value)
         step_counter.assign_add(1)
         return logs
 

@@ -1,6 +1,9 @@
 """Runs meta-steps on one device and under MirroredStrategy over N logical CPUs; prints the gap.
 
-usage: mirrored_step.py NUM_REPLICAS first|second sine|conv
+usage: mirrored_step.py NUM_REPLICAS first|second sine|conv|reptile
+
+reptile: Reptile on sine with Adam's state carried across tasks (the replicas
+each assign their share of the new state).
 """
 
 import json
@@ -26,6 +29,11 @@ if kind == "sine":
     tasks = None
     config = config_lib.Config(meta_batch_size=META_BATCH, first_order=order == "first",
                                jit_compile="false")
+elif kind == "reptile":
+    tasks = None
+    config = config_lib.Config(meta_batch_size=META_BATCH, algorithm="reptile",
+                               inner_optimizer="adam", inner_lr=0.01, num_inner_steps=3,
+                               carry_inner_state=True, jit_compile="false")
 else:
     images = np.random.default_rng(0).integers(0, 255, (6, 4, 12, 12, 1), dtype=np.uint8)
     tasks = ImageClassTasks({"train": images, "test": images}, 3, 1, 2)
@@ -50,7 +58,8 @@ for name in ("single", "mirrored"):
         episode = experiment.tasks.sample(tf.constant([7, i], tf.int64), META_BATCH)
         logs = train_step(episode)
     results[name] = ([v.numpy() for v in experiment.model.trainable_variables],
-                     {k: float(v) for k, v in logs.items()}, int(step.numpy()))
+                     {k: float(v) for k, v in logs.items()}, int(step.numpy()),
+                     [v.numpy() for v in experiment.algorithm.state_variables])
 
 single, mirrored = results["single"], results["mirrored"]
 print(json.dumps({
@@ -61,4 +70,8 @@ print(json.dumps({
                                              .model.trainable_variables])),
     "log_gap": max(abs(single[1][k] - mirrored[1][k]) for k in single[1]),
     "steps": [single[2], mirrored[2]],
+    # The algorithm's state (Reptile's carried Adam moments and step count), relative.
+    "state_gaps": [float(np.max(np.abs(a - b)) / max(np.max(np.abs(a)), 1e-30))
+                   for a, b in zip(single[3], mirrored[3])],
+    "state_step_counts": [float(single[3][-1]), float(mirrored[3][-1])] if single[3] else [],
 }))

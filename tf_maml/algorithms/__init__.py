@@ -42,7 +42,8 @@ def build(config, model, forward, loss_fn):
         return Reptile(model, forward, loss_fn, **common, inner_optimizer=config.inner_optimizer,
                        inner_batch_size=config.inner_batch_size,
                        meta_step_size=config.meta_step_size,
-                       meta_step_size_final=config.meta_step_size_final)
+                       meta_step_size_final=config.meta_step_size_final,
+                       carry_inner_state=config.carry_inner_state)
     if name not in ALGORITHMS:
         raise ValueError(f"algorithm must be one of {', '.join(ALGORITHMS)}, got {name!r}")
     return ALGORITHMS[name](model, forward, loss_fn, **common)

@@ -23,7 +23,14 @@ __all__ = ["MAML", "MetaStepOutputs"]
 
 
 MetaStepOutputs = collections.namedtuple(
-    "MetaStepOutputs", ["support_losses", "query_losses", "query_predictions"])
+    "MetaStepOutputs", ["support_losses", "query_losses", "query_predictions", "state_updates"],
+    defaults=(None,))
+MetaStepOutputs.__doc__ = """What a meta-step saw, and the algorithm's state updates.
+
+`state_updates`: `None`, or this replica's share of the new value of every
+entry of `state_variables` (the training loop assigns them after the step; a
+variable aggregated by summation, so the replicas' shares add up).
+"""
 
 
 class MAML:
@@ -87,6 +94,21 @@ class MAML:
         return list(getattr(self.state, "meta_parameters", []))
 
     @property
+    def state_variables(self):
+        """The algorithm's state that is not meta-learned (a list; Reptile's carried Adam state).
+
+        Checkpointed and exported with the model, like `extra_variables`, but
+        updated by assignment (`MetaStepOutputs.state_updates`), not by the
+        outer optimizer.
+        """
+        return list(getattr(self.state, "carried", []))
+
+    @property
+    def saved_variables(self):
+        """What is checkpointed and exported besides the model: extra and state variables."""
+        return self.extra_variables + self.state_variables
+
+    @property
     def meta_variables(self):
         """Everything the outer loop updates: θ, then `extra_variables`."""
         return list(self.model.trainable_variables) + self.extra_variables
@@ -145,17 +167,20 @@ class MAML:
         return core.SGD(self.inner_lr if inner_lr is None else inner_lr)
 
     def adapt(self, meta_params, support_x, support_y, num_steps, first_order=True,
-              inner_lr=None, training=True):
+              inner_lr=None, training=True, return_state=False):
         """Adapts to each task's support set; returns `(adapted, support_losses)`.
 
         `num_steps` may be a Python int or a scalar integer tensor (graph loop).
+        With `return_state`, also the inner update rule's final state (as
+        `core.adapt`).
         """
         inputs = self.task_inputs(meta_params, support_x, training)
         weights = self.initial_weights(meta_params, tf.shape(support_x)[0])
         return core.adapt(self.task_loss(meta_params, inputs, support_y, training), weights,
                           num_steps, self.inner_update(meta_params, inner_lr), first_order,
                           self.recompute_inner_steps,
-                          self.differentiable_inputs(meta_params, inputs, support_x))
+                          self.differentiable_inputs(meta_params, inputs, support_x),
+                          return_state=return_state)
 
     def differentiable_inputs(self, meta_params, inputs, x):
         """What an inner step reads besides the adapted weights, for `recompute_inner_steps`.

@@ -22,8 +22,23 @@ class Reptile(MAML):
     (0: the whole support set), cycling through a per-task shuffle of the
     support set as the original code does. The inner optimizer is SGD with
     `inner_lr`, or Adam with β₁ = 0 (`inner_optimizer="adam"`, the original
-    recipe). Each task starts from fresh Adam moments (the original code
-    carried them across tasks).
+    recipe).
+
+    Adam's state: by default each task starts from fresh (zero) moments. The
+    original code never resets them: it runs the meta-batch's tasks one after
+    another on one TensorFlow Adam optimizer, whose moments and step count
+    carry from task to task and from one meta-iteration to the next, and
+    evaluation adapts from the state training left. With
+    `carry_inner_state=True` the state `(m, v, t)` is kept in
+    `state_variables` (checkpointed and exported with the model): every task
+    of a meta-batch starts from it (tasks run side by side here, not one after
+    another), and after the meta-step it becomes what running the tasks in
+    sequence would have made of it, each task contributing its own
+    accumulation: `v ← β₂^{nk}·v + (1 − β₂^{nk}) / (1 − β₂^k) · mean_i(v_i −
+    β₂^k·v)` for n tasks of k steps (the same for `m` with β₁), `t ← t + nk`.
+    With one task per meta-batch this is exactly the original's update.
+    Evaluation and the exported `adapt` start every task from the carried
+    state, as the original's evaluation does.
 
     Args:
         model, forward, loss_fn, inner_lr, num_inner_steps: as `MAML`.
@@ -31,29 +46,78 @@ class Reptile(MAML):
         inner_batch_size: support examples per inner step (0: all).
         meta_step_size: ε at the start.
         meta_step_size_final: ε at the end.
+        carry_inner_state: carry Adam's state across tasks and meta-iterations
+            (the original code's behaviour); needs `inner_optimizer="adam"`.
+
+    Raises:
+        ValueError: `num_inner_steps < 1`, an unknown `inner_optimizer`, or
+            `carry_inner_state` without Adam.
     """
 
     name = "reptile"
 
     def __init__(self, model, forward, loss_fn, inner_lr, num_inner_steps, first_order=True,
                  inner_optimizer="adam", inner_batch_size=0, meta_step_size=1.0,
-                 meta_step_size_final=0.0):
+                 meta_step_size_final=0.0, carry_inner_state=False):
         super().__init__(model, forward, loss_fn, inner_lr, num_inner_steps, first_order=True)
         if num_inner_steps < 1:
             raise ValueError("Reptile needs num_inner_steps >= 1")
         if inner_optimizer not in ("sgd", "adam"):
             raise ValueError(f"inner_optimizer must be 'sgd' or 'adam', got {inner_optimizer!r}")
+        if carry_inner_state and inner_optimizer != "adam":
+            raise ValueError("carry_inner_state needs inner_optimizer='adam' (SGD has no state)")
         self.inner_optimizer = inner_optimizer
         self.inner_batch_size = inner_batch_size
         self.meta_step_size = meta_step_size
         self.meta_step_size_final = meta_step_size_final
+        self.carry_inner_state = carry_inner_state
+        self.beta_1, self.beta_2 = 0.0, 0.999
         self.shuffle_seed = None  # set per meta-step (a pure function of the iteration)
+        if carry_inner_state:
+            # Summed over replicas when assigned: each replica assigns its share.
+            sum_over_replicas = dict(trainable=False, aggregation=tf.VariableAggregation.SUM)
+            adapted = [model.trainable_variables[i] for i in self.adapted_indices]
+            names = [v.name.split(":")[0].replace("/", "_") for v in adapted]
+            self.state.carried = (
+                [tf.Variable(tf.zeros(v.shape, v.dtype), name=f"inner_adam_m_{name}",
+                             **sum_over_replicas) for v, name in zip(adapted, names)]
+                + [tf.Variable(tf.zeros(v.shape, v.dtype), name=f"inner_adam_v_{name}",
+                               **sum_over_replicas) for v, name in zip(adapted, names)]
+                + [tf.Variable(tf.zeros([], adapted[0].dtype), name="inner_adam_t",
+                               **sum_over_replicas)])
+
+    def carried_state(self):
+        """The carried Adam state `(m, v, t)` as tensors (`carry_inner_state` only)."""
+        carried = [tf.convert_to_tensor(v) for v in self.state_variables]
+        n = len(self.adapted_indices)
+        return carried[:n], carried[n:2 * n], carried[2 * n]
 
     def inner_update(self, meta_params, inner_lr=None):
         lr = self.inner_lr if inner_lr is None else inner_lr
         if self.inner_optimizer == "adam":
-            return core.Adam(lr, beta_1=0.0, beta_2=0.999)
+            initial = self.carried_state() if self.carry_inner_state else None
+            return core.Adam(lr, beta_1=self.beta_1, beta_2=self.beta_2, initial_state=initial)
         return core.SGD(lr)
+
+    def _carried_update(self, final_state, num_tasks, scale):
+        """This replica's share of the carried state after a meta-step (see the class doc)."""
+        m0, v0, t0 = self.carried_state()
+        m, v, _ = final_state
+        dtype = t0.dtype
+        steps = float(self.num_inner_steps)
+        global_tasks = 1.0 / scale
+        share = tf.cast(num_tasks, dtype) * scale  # this replica's fraction of the tasks
+
+        def carry(beta, initial, final):
+            per_task = beta ** steps
+            per_batch = tf.pow(tf.constant(beta, dtype), global_tasks * steps)
+            factor = (1.0 - per_batch) / (1.0 - per_task)
+            return [share * per_batch * x0
+                    + factor * scale * tf.reduce_sum(x - per_task * x0[None], axis=0)
+                    for x0, x in zip(initial, final)]
+
+        return (carry(self.beta_1, m0, m) + carry(self.beta_2, v0, v)
+                + [share * (t0 + global_tasks * steps)])
 
     def task_loss(self, meta_params, inputs, y, training=True):
         static_size = inputs.shape[1]
@@ -83,25 +147,32 @@ class Reptile(MAML):
         return loss
 
     def meta_step(self, episode, loss_scale=None, iteration=None):
-        """Returns `(support_loss, θ − φ̄ scaled like a gradient, outputs)`."""
+        """Returns `(support_loss, θ − φ̄ scaled like a gradient, outputs)`.
+
+        With `carry_inner_state`, `outputs.state_updates` holds this replica's
+        share of the new carried Adam state.
+        """
         iteration = tf.zeros([], tf.int64) if iteration is None else iteration
         self.shuffle_seed = tf.stack([tf.constant(7, tf.int64), tf.cast(iteration, tf.int64)])
         try:
             params = [tf.convert_to_tensor(v) for v in self.meta_variables]
             num_tasks = tf.shape(episode.support_x)[0]
-            adapted, support_losses = self.adapt(params, episode.support_x, episode.support_y,
-                                                 self.num_inner_steps, first_order=True)
+            adapted, support_losses, final_state = self.adapt(
+                params, episode.support_x, episode.support_y, self.num_inner_steps,
+                first_order=True, return_state=True)
         finally:
             self.shuffle_seed = None
         scale = (1.0 / tf.cast(num_tasks, params[0].dtype) if loss_scale is None
                  else tf.cast(loss_scale, params[0].dtype))
+        state_updates = (self._carried_update(final_state, num_tasks, scale)
+                         if self.carry_inner_state else None)
         differences = [tf.reduce_sum(p[None] - w, axis=0) * scale
                        for p, w in zip(params, adapted)]
         predictions = self.predict(params, adapted, episode.query_x, self.num_inner_steps)
         query_losses = self.loss_fn(episode.query_y, predictions)
         support_loss = tf.reduce_sum(support_losses[0]) * scale
         return support_loss, differences, MetaStepOutputs(support_losses[0], query_losses,
-                                                          predictions)
+                                                          predictions, state_updates)
 
     def make_optimizer(self, meta_lr, num_iterations):
         """SGD with ε annealed linearly from `meta_step_size` to `meta_step_size_final`."""
