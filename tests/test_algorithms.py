@@ -392,31 +392,48 @@ def test_reptile_carried_adam_state_is_the_original_sequential_algorithm():
     assert gap > 1e-4, gap
 
 
-def test_reptile_carried_state_over_a_meta_batch_composes_the_tasks_in_sequence():
+@pytest.mark.parametrize("beta_2", [0.5, 0.999])
+def test_reptile_carried_state_over_a_meta_batch_composes_the_tasks_in_sequence(beta_2):
     """n tasks side by side: the state becomes what the n tasks' accumulations, applied one after
-    another, make of it (task i's v_i − β₂^k·v decayed by β₂^k for each later task; the mean
-    accumulation stands for each, as the tasks' order is arbitrary)."""
+    another, make of it: v ← β₂^{nk}·v + (1 − β₂^{nk}) / (1 − β₂^k) · mean_i(v_i − β₂^k·v),
+    the mean accumulation standing for each task's (the tasks' order is arbitrary)."""
+    num_tasks, k = 7, 2  # 7: 1 / fl(1/7) is not 7 in float arithmetic
     model = _smooth_mlp()
-    reptile, step = _carried_reptile(model, num_steps=2)
-    step(_sine_episode(num_tasks=3), 0)  # a non-zero state to start from
+    reptile, step = _carried_reptile(model, num_steps=k)
+    reptile.beta_2 = beta_2
+    step(_sine_episode(num_tasks=num_tasks), 0)  # a non-zero state to start from
     _, v0, t0 = reptile.carried_state()
     v0 = [x.numpy() for x in v0]
-    episode = _sine_episode(num_tasks=3, k=6)
+    assert float(t0) == num_tasks * k
+    episode = _sine_episode(num_tasks=num_tasks, k=6)
     _, _, (_, final_v, _) = reptile.adapt(_values(reptile.meta_variables), episode.support_x,
-                                          episode.support_y, 2, return_state=True)
-    increments = [[x[i].numpy() - 0.999 ** 2 * x0 for x, x0 in zip(final_v, v0)]
-                  for i in range(3)]
-    sequential = [0.999 ** 6 * x0 for x0 in v0]
-    for i in range(3):  # task i is followed by 2 - i others
-        sequential = [e + 0.999 ** (2 * (2 - i)) * a for e, a in zip(sequential, increments[i])]
+                                          episode.support_y, k, return_state=True)
+    increments = [[x[i].numpy() - beta_2 ** k * x0 for x, x0 in zip(final_v, v0)]
+                  for i in range(num_tasks)]
+    mean = [np.mean(a, axis=0) for a in zip(*increments)]
+    n_k = num_tasks * k
+    closed_form = [beta_2 ** n_k * x0 + (1 - beta_2 ** n_k) / (1 - beta_2 ** k) * a
+                   for x0, a in zip(v0, mean)]
+    sequential = [beta_2 ** n_k * x0 for x0 in v0]
+    for i in range(num_tasks):  # task i is followed by num_tasks - 1 - i others
+        sequential = [e + beta_2 ** (k * (num_tasks - 1 - i)) * a
+                      for e, a in zip(sequential, increments[i])]
+    # Plausible mistakes the formula must not equal: the start state decayed by one task's
+    # steps only; n times the mean accumulation.
+    mistakes = [[beta_2 ** k * x0 + (1 - beta_2 ** n_k) / (1 - beta_2 ** k) * a
+                 for x0, a in zip(v0, mean)],
+                [beta_2 ** n_k * x0 + num_tasks * a for x0, a in zip(v0, mean)]]
     step(episode, 1)
     _, v, t = reptile.carried_state()
-    assert float(t) == float(t0) + 6 == 12
-    for a, b, x0 in zip(v, sequential, v0):
-        assert np.all(a.numpy() > 0)
-        # Far from the state it started from, within the order's effect (β₂^4 ≈ 0.996).
-        assert np.max(np.abs(a.numpy() - x0) / x0) > 0.1
-        np.testing.assert_allclose(a.numpy(), b, rtol=5e-3)
+    assert float(t) == 2 * num_tasks * k
+    for j, a in enumerate(v):
+        np.testing.assert_allclose(a.numpy(), closed_form[j], rtol=1e-9, atol=1e-15)
+        for mistake in mistakes:
+            assert np.max(np.abs(a.numpy() - mistake[j]) / np.abs(mistake[j])) > 1e-3
+    if beta_2 > 0.99:
+        # Adam's β₂: within the order's effect of running the tasks in sequence.
+        for a, b in zip(v, sequential):
+            np.testing.assert_allclose(a.numpy(), b, rtol=2e-2)
 
 
 def test_reptile_carried_state_is_checkpointed_resumed_and_adapted_from(tmp_path):

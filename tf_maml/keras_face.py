@@ -198,7 +198,8 @@ class MetaLearner(keras.Model):
             meaning as the CLI's flags: `msl_epochs`, `first_order_epochs`,
             `iterations_per_epoch`, `per_step_bn`, `learn_inner_lr`,
             `min_meta_lr` (MAML++), `inner_optimizer`, `inner_batch_size`,
-            `meta_step_size`, `meta_step_size_final` (Reptile),
+            `meta_step_size`, `meta_step_size_final`, `carry_inner_state`
+            (Reptile),
             `train_k_shot`, `transductive`, `seed`, `meta_batch_size` (the
             default for task families passed without `Episodes`),
             `meta_lr` and `num_iterations` (for `default_optimizer`),
@@ -252,14 +253,18 @@ class MetaLearner(keras.Model):
                                 initializer=keras.initializers.Constant(v.numpy()),
                                 name=v.name.split(":")[0], trainable=True)
                 for v in extras]
-        # Its state (Reptile's carried Adam moments): non-trainable weights that
-        # each replica's train step assigns its share of (summed over replicas).
+        # Its state (Reptile's carried Adam moments): non-trainable weights that each
+        # replica's train step assigns, aggregated as the algorithm's own variables are
+        # (moments: each replica's share, summed; the step count: the first replica's).
         carried = self.algorithm.state_variables
         if carried:
+            aggregation = {tf.VariableAggregation.SUM: "sum",
+                           tf.VariableAggregation.ONLY_FIRST_REPLICA: "only_first_replica"}
             self.algorithm.state.carried = [
                 self.add_weight(shape=tuple(v.shape), dtype=v.dtype.name,
                                 initializer=keras.initializers.Constant(v.numpy()),
-                                name=v.name.split(":")[0], trainable=False, aggregation="sum")
+                                name=v.name.split(":")[0], trainable=False,
+                                aggregation=aggregation[v.aggregation])
                 for v in carried]
         self.is_classification = None
         self._sources, self._source_count, self._validation_key = {}, 0, None

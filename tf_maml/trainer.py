@@ -339,7 +339,7 @@ def train(config, model_dir, tasks=None):
         step = tf.Variable(0, dtype=tf.int64, name="step",
                            aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
     checkpoint = experiment_lib.make_checkpoint(experiment, optimizer=optimizer, step=step)
-    all_finite = _make_finite_check(algorithm.meta_variables)
+    all_finite = _make_finite_check(algorithm.meta_variables + algorithm.state_variables)
     # Every worker resumes from the chief's checkpoints: the newest readable one.
     latest = _restore(config, checkpoint, checkpoint_dir, step, all_finite)
     # The run can start: only now is anything written.
@@ -567,7 +567,7 @@ def _train_rl(config, model_dir):
     optimizer.build(algorithm.meta_variables)
     step = tf.Variable(0, dtype=tf.int64, name="step")
     checkpoint = experiment_lib.make_checkpoint(experiment, optimizer=optimizer, step=step)
-    all_finite = _make_finite_check(algorithm.meta_variables)
+    all_finite = _make_finite_check(algorithm.meta_variables + algorithm.state_variables)
     latest = _restore(config, checkpoint, checkpoint_dir, step, all_finite)
     # The run can start: only now is anything written.
     config_lib.save(config, model_dir)

@@ -74,17 +74,21 @@ class Reptile(MAML):
         self.beta_1, self.beta_2 = 0.0, 0.999
         self.shuffle_seed = None  # set per meta-step (a pure function of the iteration)
         if carry_inner_state:
-            # Summed over replicas when assigned: each replica assigns its share.
+            # The moments are summed over replicas when assigned (each replica assigns
+            # its share); the step count, the same on every replica, is taken from the
+            # first, and kept in at least float32 (exact integers up to 2^24).
             sum_over_replicas = dict(trainable=False, aggregation=tf.VariableAggregation.SUM)
             adapted = [model.trainable_variables[i] for i in self.adapted_indices]
-            names = [v.name.split(":")[0].replace("/", "_") for v in adapted]
+            names = [getattr(v, "path", v.name).split(":")[0].replace("/", "_")
+                     for v in adapted]
+            count_dtype = tf.float64 if adapted[0].dtype == tf.float64 else tf.float32
             self.state.carried = (
                 [tf.Variable(tf.zeros(v.shape, v.dtype), name=f"inner_adam_m_{name}",
                              **sum_over_replicas) for v, name in zip(adapted, names)]
                 + [tf.Variable(tf.zeros(v.shape, v.dtype), name=f"inner_adam_v_{name}",
                                **sum_over_replicas) for v, name in zip(adapted, names)]
-                + [tf.Variable(tf.zeros([], adapted[0].dtype), name="inner_adam_t",
-                               **sum_over_replicas)])
+                + [tf.Variable(tf.zeros([], count_dtype), name="inner_adam_t", trainable=False,
+                               aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)])
 
     def carried_state(self):
         """The carried Adam state `(m, v, t)` as tensors (`carry_inner_state` only)."""
@@ -103,9 +107,10 @@ class Reptile(MAML):
         """This replica's share of the carried state after a meta-step (see the class doc)."""
         m0, v0, t0 = self.carried_state()
         m, v, _ = final_state
-        dtype = t0.dtype
+        dtype = v0[0].dtype
+        scale = tf.cast(scale, dtype)
         steps = float(self.num_inner_steps)
-        global_tasks = 1.0 / scale
+        global_tasks = tf.round(1.0 / scale)  # an integer: 1 / fl(1/n) may miss n
         share = tf.cast(num_tasks, dtype) * scale  # this replica's fraction of the tasks
 
         def carry(beta, initial, final):
@@ -116,8 +121,9 @@ class Reptile(MAML):
                     + factor * scale * tf.reduce_sum(x - per_task * x0[None], axis=0)
                     for x0, x in zip(initial, final)]
 
-        return (carry(self.beta_1, m0, m) + carry(self.beta_2, v0, v)
-                + [share * (t0 + global_tasks * steps)])
+        # The step count is the whole meta-batch's on every replica (the first one's is kept).
+        count = t0 + tf.cast(global_tasks, t0.dtype) * tf.cast(steps, t0.dtype)
+        return carry(self.beta_1, m0, m) + carry(self.beta_2, v0, v) + [count]
 
     def task_loss(self, meta_params, inputs, y, training=True):
         static_size = inputs.shape[1]

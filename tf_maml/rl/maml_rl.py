@@ -157,6 +157,16 @@ class MAMLRL:
         return [self.policy.log_std]
 
     @property
+    def state_variables(self):
+        """State that is not meta-learned: none (as `MAML.state_variables`)."""
+        return []
+
+    @property
+    def saved_variables(self):
+        """What is checkpointed and exported besides the model (as `MAML.saved_variables`)."""
+        return self.extra_variables
+
+    @property
     def meta_variables(self):
         """Everything the outer loop updates: the model's weights, then the log-std."""
         return self.policy.variables
