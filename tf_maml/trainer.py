@@ -96,7 +96,7 @@ def make_train_step(experiment, optimizer, step_counter, jit_compile=False, stra
         grads, state_updates, logs = compute(episode, step_counter.read_value())
         optimizer.apply_gradients(zip(grads, variables))
         # The algorithm's state (Reptile's carried Adam moments): each replica
-        # assigns its share, summed over replicas by the variables' aggregation.
+        # assigns its value, combined over replicas by the variables' aggregation.
         for variable, value in zip(state_variables, state_updates):
             variable.assign(value)
         step_counter.assign_add(1)

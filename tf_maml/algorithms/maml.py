@@ -27,9 +27,10 @@ MetaStepOutputs = collections.namedtuple(
     defaults=(None,))
 MetaStepOutputs.__doc__ = """What a meta-step saw, and the algorithm's state updates.
 
-`state_updates`: `None`, or this replica's share of the new value of every
-entry of `state_variables` (the training loop assigns them after the step; a
-variable aggregated by summation, so the replicas' shares add up).
+`state_updates`: `None`, or the new value of every entry of
+`state_variables` as this replica assigns it after the step: its share of a
+variable aggregated by summation (the replicas' shares add up), or the whole
+value of one that keeps the first replica's.
 """
 
 

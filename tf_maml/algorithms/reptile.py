@@ -155,8 +155,9 @@ class Reptile(MAML):
     def meta_step(self, episode, loss_scale=None, iteration=None):
         """Returns `(support_loss, θ − φ̄ scaled like a gradient, outputs)`.
 
-        With `carry_inner_state`, `outputs.state_updates` holds this replica's
-        share of the new carried Adam state.
+        With `carry_inner_state`, `outputs.state_updates` holds the new carried
+        Adam state as this replica assigns it (its share of the moments, the
+        step count whole).
         """
         iteration = tf.zeros([], tf.int64) if iteration is None else iteration
         self.shuffle_seed = tf.stack([tf.constant(7, tf.int64), tf.cast(iteration, tf.int64)])
