@@ -248,10 +248,11 @@ def test_killed_fit_resumes_with_backup_and_restore_exactly(tmp_path):
         np.testing.assert_array_equal(np.array(a), np.array(b))
 
 
-def test_two_replicas_equal_one_device(tmp_path):
+@pytest.mark.parametrize("algorithm", ["maml", "reptile_carried"])
+def test_two_replicas_equal_one_device(tmp_path, algorithm):
     single, mirrored = str(tmp_path / "single.json"), str(tmp_path / "mirrored.json")
     for mode, out in (("single", single), ("mirrored:2", mirrored)):
-        result = _run([mode, out])
+        result = _run([mode, out], env={"ALGO": algorithm})
         assert result.returncode == 0, result.stderr[-3000:]
     with open(single) as f, open(mirrored) as g:
         one, two = json.load(f), json.load(g)
@@ -259,8 +260,13 @@ def test_two_replicas_equal_one_device(tmp_path):
     for name in ("loss", "mse"):  # the same 3 evaluation meta-batches, padding excluded
         assert two["evaluation"][name] == pytest.approx(one["evaluation"][name], rel=1e-5)
     assert one["auto_jit"] is True and two["auto_jit"] is False
-    for a, b in zip(one["weights"], two["weights"]):
+    for a, b in zip(one["weights"], two["weights"]):  # Reptile's carried state included
         np.testing.assert_allclose(np.array(b), np.array(a), rtol=0, atol=1e-6)
+    if algorithm == "reptile_carried":
+        # The step count is every task's steps (12 iterations x 5 tasks x 3), not a sum of
+        # the replicas' counts; the summed moment shares equal the single device's.
+        assert one["state"][-1] == two["state"][-1] == 12 * 5 * 3
+        np.testing.assert_allclose(two["state"], one["state"], rtol=1e-5)
 
 
 def test_adapt_and_predict_takes_one_task_or_many():

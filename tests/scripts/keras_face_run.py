@@ -5,6 +5,7 @@ usage: keras_face_run.py MODE OUT_JSON [BACKUP_DIR]
         mirrored:N    MirroredStrategy over N logical CPUs
         backup        BackupAndRestore in BACKUP_DIR; if KILL_AT=epoch,batch is set, the
                       process kills itself (SIGKILL) at that batch
+  ALGO=reptile_carried: Reptile with Adam's state carried across tasks (default: maml)
 """
 
 import json
@@ -46,10 +47,17 @@ strategy = (tf.distribute.MirroredStrategy([f"/cpu:{i}" for i in range(replicas)
             if replicas > 1 else tf.distribute.get_strategy())
 with strategy.scope():
     keras.utils.set_random_seed(0)
-    learner = tf_maml.MetaLearner(tf_maml.models.mlp(), algorithm=os.environ.get("ALGO", "maml"),
-                                  inner_lr=0.01, num_inner_steps=1)
-    learner.compile(optimizer=keras.optimizers.Adam(1e-3), loss="mse", metrics=["mse"],
-                    jit_compile=False)
+    algorithm = os.environ.get("ALGO", "maml")
+    options = {}
+    if algorithm == "reptile_carried":
+        algorithm, options = "reptile", dict(inner_optimizer="adam", carry_inner_state=True,
+                                             num_inner_steps=3, meta_step_size=0.5,
+                                             meta_step_size_final=0.5)
+    learner = tf_maml.MetaLearner(tf_maml.models.mlp(), algorithm=algorithm,
+                                  inner_lr=0.01, **{"num_inner_steps": 1, **options})
+    learner.compile(optimizer=(learner.default_optimizer() if options
+                               else keras.optimizers.Adam(1e-3)),
+                    loss="mse", metrics=["mse"], jit_compile=False)
 callbacks = []
 if mode == "backup":
     callbacks.append(keras.callbacks.BackupAndRestore(sys.argv[3]))
@@ -59,7 +67,8 @@ history = learner.fit(tf_maml.Episodes(tf_maml.tasks.SineTasks(), META_BATCH), e
                       steps_per_epoch=STEPS, callbacks=callbacks, verbose=0)
 result = {"weights": [w.tolist() for w in learner.get_weights()],
           "iterations": int(learner.optimizer.iterations.numpy()),
-          "loss": history.history["loss"]}
+          "loss": history.history["loss"],
+          "state": [float(v.numpy().sum()) for v in learner.algorithm.state_variables]}
 if mode != "backup":
     # Evaluation: 3 meta-batches, whatever the number of replicas.
     result["evaluation"] = learner.evaluate(
