@@ -314,6 +314,40 @@ def test_reptile_mini_batches_cover_the_support_set():
                                    np.sort(episode.support_y[t, :, 0].numpy()))
 
 
+def test_reptile_adapts_outside_meta_training_with_eval_inner_batch_size():
+    model = _smooth_mlp()
+    forward = functional.make_forward(model)
+    episode = _sine_episode(num_tasks=2, k=6)
+    params = _values(model.trainable_variables)
+
+    def reptile(**batches):
+        return algorithms.Reptile(model, forward, losses.mean_squared_error, 0.05, 3,
+                                  inner_optimizer="sgd", **batches)
+
+    def adapted(learner):
+        weights, _ = learner.adapt(params, episode.support_x, episode.support_y, 3)
+        return np.concatenate([w.numpy().ravel() for w in weights])
+
+    def direction(learner):
+        return np.concatenate([d.numpy().ravel() for d in learner.meta_step(episode)[1]])
+
+    both = reptile(inner_batch_size=3, eval_inner_batch_size=2)
+    # Evaluation, `adapt` and the export use mini-batches of 2 ...
+    np.testing.assert_allclose(adapted(both), adapted(reptile(inner_batch_size=2)), rtol=1e-12)
+    assert not np.allclose(adapted(both), adapted(reptile(inner_batch_size=3)))
+    # ... the meta-step mini-batches of 3.
+    np.testing.assert_allclose(direction(both), direction(reptile(inner_batch_size=3)),
+                               rtol=1e-12)
+    assert not np.allclose(direction(both), direction(reptile(inner_batch_size=2)))
+    # -1 (the flag's default) and None mean the training size.
+    np.testing.assert_allclose(adapted(reptile(inner_batch_size=3, eval_inner_batch_size=-1)),
+                               adapted(reptile(inner_batch_size=3)), rtol=1e-12)
+    with pytest.raises(ValueError, match="eval_inner_batch_size"):
+        reptile(inner_batch_size=3, eval_inner_batch_size=-2)
+    with pytest.raises(ValueError, match="eval_inner_batch_size"):
+        config_lib.Config(algorithm="reptile", eval_inner_batch_size=-2).validate()
+
+
 def _sequential_reptile_reference(forward, theta, episodes, inner_lr, num_steps, epsilon):
     """The original code's Reptile, written out: one task at a time on one Adam(β₁=0) whose
     moments and step count carry from task to task and across meta-iterations."""

@@ -44,12 +44,14 @@ RECIPES = {
     "reptile_omniglot_5way": dict(
         algorithm="reptile", n_way=5, k_shot=1, train_k_shot=10, meta_batch_size=5,
         num_inner_steps=5, inner_optimizer="adam", inner_lr=0.001, inner_batch_size=10,
+        eval_inner_batch_size=5,
         meta_step_size=1.0, meta_step_size_final=0.0, num_eval_steps=50,
         num_iterations=100000, augment_rotations=True, omniglot_split="paper",
         transductive=True, transductive_support=True),
     "reptile_omniglot_20way": dict(
         algorithm="reptile", n_way=20, k_shot=1, train_k_shot=10, meta_batch_size=5,
         num_inner_steps=10, inner_optimizer="adam", inner_lr=0.0005, inner_batch_size=20,
+        eval_inner_batch_size=10,
         meta_step_size=1.0, meta_step_size_final=0.0, num_eval_steps=50,
         num_iterations=200000, augment_rotations=True, omniglot_split="paper",
         transductive=True, transductive_support=True),

@@ -33,6 +33,7 @@ RESUMABLE_FIELDS = frozenset({
     "num_eval_steps", "jit_compile", "data_dir", "cache_dir", "strategy", "transductive",
     "transductive_support",
     "eval_step_size_decay", "eval_fast_batch_size", "recompute_inner_steps",
+    "eval_inner_batch_size",
 })
 
 
@@ -137,7 +138,11 @@ class Config:
         min_meta_lr: MAML++: the meta learning rate is cosine-annealed from
             `meta_lr` to this.
         inner_optimizer: Reptile: "sgd" or "adam" (β₁ = 0) in the inner loop.
-        inner_batch_size: Reptile: support examples per inner step (0: all).
+        inner_batch_size: Reptile: support examples per inner step in
+            meta-training (0: all).
+        eval_inner_batch_size: Reptile: support examples per inner step at
+            evaluation and in the export (-1: `inner_batch_size`; 0: all); the
+            original recipes evaluate 20-way 1-shot with 10.
         carry_inner_state: Reptile with Adam: carry Adam's moments and step
             count from task to task and across meta-iterations, and adapt
             from them at evaluation and in the export, as the original code
@@ -229,6 +234,7 @@ class Config:
     min_meta_lr: float = 1e-5
     inner_optimizer: str = "sgd"
     inner_batch_size: int = 0
+    eval_inner_batch_size: int = -1
     carry_inner_state: bool = False
     meta_step_size: float = 1.0
     meta_step_size_final: float = 0.0
@@ -354,6 +360,9 @@ class Config:
         need(self.outer_optimizer in OUTER_OPTIMIZERS,
              f"outer_optimizer must be one of {', '.join(OUTER_OPTIMIZERS)}, got "
              f"{self.outer_optimizer!r}")
+        need(isinstance(self.eval_inner_batch_size, int) and self.eval_inner_batch_size >= -1,
+             f"eval_inner_batch_size must be -1 (inner_batch_size) or a non-negative integer, "
+             f"got {self.eval_inner_batch_size!r}")
         for name in ("fast_batch_size", "cg_iterations"):
             need(isinstance(getattr(self, name), int) and getattr(self, name) >= 1,
                  f"{name} must be a positive integer, got {getattr(self, name)!r}")

@@ -23,7 +23,7 @@ flags.DEFINE_string("output_dir", None, "Where results and plots go (default: --
 flags.mark_flag_as_required("model_dir")
 OVERRIDABLE = ("num_eval_steps", "num_eval_tasks", "inner_lr", "transductive",
                "transductive_support", "data_dir", "cache_dir", "eval_step_size_decay",
-               "eval_fast_batch_size")
+               "eval_fast_batch_size", "eval_inner_batch_size")
 cli.define_config_flags(OVERRIDABLE)
 FLAGS = flags.FLAGS
 

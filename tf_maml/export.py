@@ -46,7 +46,7 @@ POLICY_LIMIT_FLAGS = {
 for _name, _help in {**LIMIT_FLAGS, **POLICY_LIMIT_FLAGS}.items():
     flags.DEFINE_integer(_name, None, _help)
 flags.mark_flags_as_required(["model_dir", "export_dir"])
-OVERRIDABLE = ("num_eval_steps", "inner_lr")
+OVERRIDABLE = ("num_eval_steps", "inner_lr", "eval_inner_batch_size")
 cli.define_config_flags(OVERRIDABLE)
 FLAGS = flags.FLAGS
 

@@ -47,6 +47,7 @@ LEARNER_FIELDS = (
     "algorithm", "inner_lr", "num_inner_steps", "num_eval_steps", "first_order", "meta_lr",
     "num_iterations", "msl_epochs", "first_order_epochs", "iterations_per_epoch", "per_step_bn",
     "learn_inner_lr", "min_meta_lr", "inner_optimizer", "inner_batch_size",
+    "eval_inner_batch_size",
     "carry_inner_state", "meta_step_size",
     "meta_step_size_final", "train_k_shot", "transductive", "transductive_support", "seed",
     "meta_batch_size",
@@ -198,7 +199,7 @@ class MetaLearner(keras.Model):
             meaning as the CLI's flags: `msl_epochs`, `first_order_epochs`,
             `iterations_per_epoch`, `per_step_bn`, `learn_inner_lr`,
             `min_meta_lr` (MAML++), `inner_optimizer`, `inner_batch_size`,
-            `meta_step_size`, `meta_step_size_final`, `carry_inner_state`
+            `eval_inner_batch_size`, `meta_step_size`, `meta_step_size_final`, `carry_inner_state`
             (Reptile),
             `train_k_shot`, `transductive`, `seed`, `meta_batch_size` (the
             default for task families passed without `Episodes`),

@@ -41,6 +41,7 @@ def build(config, model, forward, loss_fn):
     if name == "reptile":
         return Reptile(model, forward, loss_fn, **common, inner_optimizer=config.inner_optimizer,
                        inner_batch_size=config.inner_batch_size,
+                       eval_inner_batch_size=config.eval_inner_batch_size,
                        meta_step_size=config.meta_step_size,
                        meta_step_size_final=config.meta_step_size_final,
                        carry_inner_state=config.carry_inner_state)

@@ -155,8 +155,14 @@ class MAML:
         return self.predict_from_inputs(meta_params, adapted,
                                         self.task_inputs(meta_params, x, training), step, training)
 
-    def task_loss(self, meta_params, inputs, y, training=True):
-        """The inner loop's task loss closure on a set (`inputs` from `task_inputs`)."""
+    def task_loss(self, meta_params, inputs, y, training=True, meta_training=False):
+        """The inner loop's task loss closure on a set (`inputs` from `task_inputs`).
+
+        `meta_training` says whether the closure adapts inside a meta-step or
+        outside one (evaluation, serving); Reptile's mini-batch size differs
+        between the two, the other algorithms ignore it.
+        """
+        del meta_training
         def loss(weights, step):
             return self.loss_fn(y, self.predict_from_inputs(meta_params, weights, inputs, step,
                                                             training))
@@ -168,16 +174,17 @@ class MAML:
         return core.SGD(self.inner_lr if inner_lr is None else inner_lr)
 
     def adapt(self, meta_params, support_x, support_y, num_steps, first_order=True,
-              inner_lr=None, training=True, return_state=False):
+              inner_lr=None, training=True, return_state=False, meta_training=False):
         """Adapts to each task's support set; returns `(adapted, support_losses)`.
 
         `num_steps` may be a Python int or a scalar integer tensor (graph loop).
         With `return_state`, also the inner update rule's final state (as
-        `core.adapt`).
+        `core.adapt`). `meta_training`: inside a meta-step (see `task_loss`).
         """
         inputs = self.task_inputs(meta_params, support_x, training)
         weights = self.initial_weights(meta_params, tf.shape(support_x)[0])
-        return core.adapt(self.task_loss(meta_params, inputs, support_y, training), weights,
+        return core.adapt(self.task_loss(meta_params, inputs, support_y, training, meta_training),
+                          weights,
                           num_steps, self.inner_update(meta_params, inner_lr), first_order,
                           self.recompute_inner_steps,
                           self.differentiable_inputs(meta_params, inputs, support_x),
@@ -206,7 +213,8 @@ class MAML:
         first_order = self.first_order if first_order is None else first_order
         num_tasks = tf.shape(episode.support_x)[0]
         adapted, support_losses = self.adapt(meta_params, episode.support_x, episode.support_y,
-                                             self.num_inner_steps, first_order)
+                                             self.num_inner_steps, first_order,
+                                             meta_training=True)
         predictions = self.predict(meta_params, adapted, episode.query_x, self.num_inner_steps)
         query_losses = self.loss_fn(episode.query_y, predictions)
         return (_scaled_sum(query_losses, loss_scale),

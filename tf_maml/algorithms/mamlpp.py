@@ -137,7 +137,7 @@ class MAMLPlusPlus(MAML):
         query = self.task_inputs(meta_params, episode.query_x)
         weights = self.initial_weights(meta_params, tf.shape(episode.support_x)[0])
         update = self.inner_update(meta_params)
-        task_loss = self.task_loss(meta_params, inputs, episode.support_y)
+        task_loss = self.task_loss(meta_params, inputs, episode.support_y, meta_training=True)
         state, total, support_losses = update.init(weights), 0.0, None
         differentiable = self.differentiable_inputs(meta_params, inputs, episode.support_x)
         for step in range(steps):

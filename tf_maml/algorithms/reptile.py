@@ -20,7 +20,9 @@ class Reptile(MAML):
 
     Each inner step uses a mini-batch of `inner_batch_size` support examples
     (0: the whole support set), cycling through a per-task shuffle of the
-    support set as the original code does. The inner optimizer is SGD with
+    support set as the original code does. Evaluation, `adapt` and the
+    exported signatures use `eval_inner_batch_size` (the original's
+    `--eval-batch`: 10 for 20-way 1-shot, trained with 20). The inner optimizer is SGD with
     `inner_lr`, or Adam with β₁ = 0 (`inner_optimizer="adam"`, the original
     recipe).
 
@@ -43,7 +45,11 @@ class Reptile(MAML):
     Args:
         model, forward, loss_fn, inner_lr, num_inner_steps: as `MAML`.
         inner_optimizer: "sgd" or "adam".
-        inner_batch_size: support examples per inner step (0: all).
+        inner_batch_size: support examples per inner step in meta-training
+            (0: all).
+        eval_inner_batch_size: support examples per inner step when adapting
+            outside meta-training (evaluation, `adapt`, the export); None or
+            -1: `inner_batch_size`; 0: all.
         meta_step_size: ε at the start.
         meta_step_size_final: ε at the end.
         carry_inner_state: carry Adam's state across tasks and meta-iterations
@@ -51,14 +57,14 @@ class Reptile(MAML):
 
     Raises:
         ValueError: `num_inner_steps < 1`, an unknown `inner_optimizer`, or
-            `carry_inner_state` without Adam.
+            `carry_inner_state` without Adam, a bad batch size.
     """
 
     name = "reptile"
 
     def __init__(self, model, forward, loss_fn, inner_lr, num_inner_steps, first_order=True,
                  inner_optimizer="adam", inner_batch_size=0, meta_step_size=1.0,
-                 meta_step_size_final=0.0, carry_inner_state=False):
+                 meta_step_size_final=0.0, carry_inner_state=False, eval_inner_batch_size=None):
         super().__init__(model, forward, loss_fn, inner_lr, num_inner_steps, first_order=True)
         if num_inner_steps < 1:
             raise ValueError("Reptile needs num_inner_steps >= 1")
@@ -66,8 +72,17 @@ class Reptile(MAML):
             raise ValueError(f"inner_optimizer must be 'sgd' or 'adam', got {inner_optimizer!r}")
         if carry_inner_state and inner_optimizer != "adam":
             raise ValueError("carry_inner_state needs inner_optimizer='adam' (SGD has no state)")
+        if not isinstance(inner_batch_size, int) or inner_batch_size < 0:
+            raise ValueError(f"inner_batch_size must be a non-negative integer, got "
+                             f"{inner_batch_size!r}")
+        if eval_inner_batch_size is not None and (not isinstance(eval_inner_batch_size, int)
+                                                  or eval_inner_batch_size < -1):
+            raise ValueError(f"eval_inner_batch_size must be None, -1 or a non-negative "
+                             f"integer, got {eval_inner_batch_size!r}")
         self.inner_optimizer = inner_optimizer
         self.inner_batch_size = inner_batch_size
+        self.eval_inner_batch_size = (inner_batch_size if eval_inner_batch_size in (None, -1)
+                                      else eval_inner_batch_size)
         self.meta_step_size = meta_step_size
         self.meta_step_size_final = meta_step_size_final
         self.carry_inner_state = carry_inner_state
@@ -125,11 +140,11 @@ class Reptile(MAML):
         count = t0 + tf.cast(global_tasks, t0.dtype) * tf.cast(steps, t0.dtype)
         return carry(self.beta_1, m0, m) + carry(self.beta_2, v0, v) + [count]
 
-    def task_loss(self, meta_params, inputs, y, training=True):
+    def task_loss(self, meta_params, inputs, y, training=True, meta_training=False):
         static_size = inputs.shape[1]
-        batch = self.inner_batch_size
+        batch = self.inner_batch_size if meta_training else self.eval_inner_batch_size
         if not batch or (static_size is not None and batch >= static_size):
-            return super().task_loss(meta_params, inputs, y, training)
+            return super().task_loss(meta_params, inputs, y, training, meta_training)
         # The support size may be known only at run time (a serving request): the
         # same mini-batches then, and a set no larger than a batch is taken whole
         # (in shuffled order: the same mean loss).
@@ -166,7 +181,7 @@ class Reptile(MAML):
             num_tasks = tf.shape(episode.support_x)[0]
             adapted, support_losses, final_state = self.adapt(
                 params, episode.support_x, episode.support_y, self.num_inner_steps,
-                first_order=True, return_state=True)
+                first_order=True, return_state=True, meta_training=True)
         finally:
             self.shuffle_seed = None
         scale = (1.0 / tf.cast(num_tasks, params[0].dtype) if loss_scale is None
