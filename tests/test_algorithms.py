@@ -240,11 +240,30 @@ def test_anil_runs_the_body_once_per_set_not_per_task_or_step():
     forward = functional.make_forward(model)
     anil = algorithms.ANIL(model, forward, losses.sparse_softmax_cross_entropy, 0.3, 5)
     episode = _class_episode(num_tasks=4)
+    # Count the body's runs when the graph executes (a counter the body's output depends
+    # on), not when it is traced: a body inside the inner steps' graph loop would run once
+    # per step however often it was traced.
+    runs, seen_shapes, body = tf.Variable(0), [], anil.body_forward
+
+    def counted_body(params, x, training):
+        seen_shapes.append(tuple(x.shape))
+        with tf.control_dependencies([runs.assign_add(1)]):
+            return tf.identity(body(params, x, training))
+
+    anil.body_forward = counted_body
     step = tf.function(lambda e: anil.meta_step(e)[0])
     step(episode)
-    # Traced once: the body ran for the support set and the query set of the
-    # whole meta-batch (two calls), not once per task or per inner step.
-    assert anil.body_call_count == 2
+    # The body ran for the support set and the query set of the whole meta-batch
+    # (two runs, each on all 4 tasks at once), not once per task or per inner step.
+    assert int(runs.numpy()) == 2
+    assert [shape[0] for shape in seen_shapes] == [4, 4]
+    # Evaluation adapts in a graph loop of 5 steps: still two runs.
+    runs.assign(0)
+    curve = tf.function(lambda e: evaluation.adaptation_curve(
+        anil, _values(model.trainable_variables), e,
+        lambda y, p: -losses.sparse_softmax_cross_entropy(y, p), 5)[0])
+    curve(episode)
+    assert int(runs.numpy()) == 2
 
 
 # -- Reptile -------------------------------------------------------------------------------------

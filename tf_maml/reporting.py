@@ -6,6 +6,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
+from tf_maml import algorithms
 from tf_maml import config as config_lib
 from tf_maml import evaluation
 from tf_maml import experiment as experiment_lib
@@ -20,8 +21,7 @@ CURVE_FILENAME = "eval_curve.png"
 SINE_FIT_FILENAME = "sine_fit.png"
 
 
-ALGORITHM_LABELS = {"maml": "MAML", "anil": "ANIL", "metasgd": "Meta-SGD", "mamlpp": "MAML++",
-                    "reptile": "Reptile"}
+ALGORITHM_LABELS = {name: cls.label for name, cls in algorithms.ALGORITHMS.items()}
 
 
 # What defines a meta-RL environment beyond its dataset: runs evaluated side by side (on one
@@ -265,7 +265,8 @@ def _restore_named(model_dir, flag):
 
 def _evaluate_rl(model_dir, baseline_dir, output_dir, experiment, step, oracle_dir=None):
     """The paper's Fig. 5 protocol for a meta-RL run: returns after 0..num_eval_steps steps."""
-    from tf_maml import rl, trainer  # noqa: PLC0415 -- RL only; the seed of the test goals
+    from tf_maml import rl  # noqa: PLC0415 -- RL only
+    from tf_maml.rl.maml_rl import TEST_SEED  # noqa: PLC0415
 
     config = experiment.config
     runs = {_label(config, model_dir, ()): (experiment, step)}
@@ -297,7 +298,7 @@ def _evaluate_rl(model_dir, baseline_dir, output_dir, experiment, step, oracle_d
     for run, _ in runs.values():
         run.algorithm.env = (rl.GoalObserved(base_env) if run.config.goal_observed
                              else base_env)
-    tasks = algorithm.evaluation_tasks(trainer.RL_TEST_SEED, config.num_eval_tasks)
+    tasks = algorithm.evaluation_tasks(TEST_SEED, config.num_eval_tasks)
     num_steps = config.num_eval_steps
     sizes = [config.inner_lr] + [config.inner_lr * config.eval_step_size_decay] * (
         max(num_steps, 1) - 1)
@@ -306,7 +307,7 @@ def _evaluate_rl(model_dir, baseline_dir, output_dir, experiment, step, oracle_d
     for label, (run, run_step) in runs.items():
         logging.info("evaluating %s (step %d) on %d held-out goals", label, run_step,
                      config.num_eval_tasks)
-        per_task = run.algorithm.evaluate(trainer.RL_TEST_SEED, tasks=tasks, num_steps=num_steps,
+        per_task = run.algorithm.evaluate(TEST_SEED, tasks=tasks, num_steps=num_steps,
                                           step_sizes=sizes,
                                           num_trajectories=episodes,
                                           per_task=True)
@@ -318,7 +319,7 @@ def _evaluate_rl(model_dir, baseline_dir, output_dir, experiment, step, oracle_d
         oracle, oracle_step = oracle_run
         oracle.algorithm.env = rl.GoalObserved(base_env)
         logging.info("evaluating the trained oracle (step %d)", oracle_step)
-        returns = oracle.algorithm.evaluate(trainer.RL_TEST_SEED, tasks=tasks, num_steps=0,
+        returns = oracle.algorithm.evaluate(TEST_SEED, tasks=tasks, num_steps=0,
                                             num_trajectories=episodes, per_task=True)
         results[oracle_label] = evaluation.summarize(np.tile(returns, (num_steps + 1, 1)))
         runs[oracle_label] = oracle_run

@@ -35,11 +35,8 @@ __all__ = ["make_train_step", "make_train_loop", "make_rl_train_step", "train", 
            "CheckpointSaveError"]
 
 NUM_VALIDATION_TASKS = 100
-# RL: goals of the validation during training, and the `MAMLRL.evaluate` seed index of
-# validation and of the final evaluation (disjoint streams, neither used in training).
+# RL: goals of the validation during training (seeded by `rl.maml_rl.VALIDATION_SEED`).
 NUM_RL_VALIDATION_TASKS = 20
-RL_VALIDATION_SEED = 1
-RL_TEST_SEED = 0
 # The loop runs as many steps per call as fit in about this many seconds:
 # fast steps (sine: ~0.5 ms) are not dominated by Python overhead, and an
 # interrupt (Ctrl-C) is still handled within about this long.
@@ -607,7 +604,8 @@ def _train_rl(config, model_dir):
 
 def _validate_rl(algorithm, writer, step):
     """Average return before and after one gradient step on held-out goals."""
-    before, after = algorithm.evaluate(RL_VALIDATION_SEED, num_tasks=NUM_RL_VALIDATION_TASKS,
+    from tf_maml.rl import maml_rl  # noqa: PLC0415 -- RL only
+    before, after = algorithm.evaluate(maml_rl.VALIDATION_SEED, num_tasks=NUM_RL_VALIDATION_TASKS,
                                        num_steps=1)
     with writer.as_default(step=step):
         tf.summary.scalar("validation/return_before_adaptation", before)

@@ -9,6 +9,7 @@
 | `reptile` | every weight, SGD or Adam(β₁=0) on batches| θ ← θ + ε(φ̄ − θ)              |
 """
 
+from tf_maml import config as config_lib
 from tf_maml.algorithms.anil import ANIL
 from tf_maml.algorithms.maml import MAML, MetaStepOutputs
 from tf_maml.algorithms.mamlpp import MAMLPlusPlus
@@ -19,6 +20,11 @@ __all__ = ["ALGORITHMS", "MAML", "ANIL", "MetaSGD", "MAMLPlusPlus", "Reptile", "
            "build"]
 
 ALGORITHMS = {cls.name: cls for cls in (MAML, ANIL, MetaSGD, MAMLPlusPlus, Reptile)}
+# `config.ALGORITHMS` (the names, for validating a Config without importing TensorFlow code)
+# must list the same algorithms.
+if tuple(ALGORITHMS) != config_lib.ALGORITHMS:
+    raise ImportError(f"tf_maml.config.ALGORITHMS {config_lib.ALGORITHMS} does not list the "
+                      f"algorithms of tf_maml.algorithms {tuple(ALGORITHMS)}")
 
 
 def build(config, model, forward, loss_fn):

@@ -66,6 +66,7 @@ class ANIL(MAML):
     """
 
     name = "anil"
+    label = "ANIL"  # in evaluation tables and plots
 
     def __init__(self, model, forward, loss_fn, inner_lr, num_inner_steps, first_order=False,
                  recompute_inner_steps=False):

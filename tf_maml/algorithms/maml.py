@@ -66,6 +66,7 @@ class MAML:
     """
 
     name = "maml"
+    label = "MAML"  # in evaluation tables and plots
 
     def __init__(self, model, forward, loss_fn, inner_lr, num_inner_steps, first_order=False,
                  recompute_inner_steps=False):

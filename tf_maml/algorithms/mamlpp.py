@@ -79,6 +79,7 @@ class MAMLPlusPlus(MAML):
     """
 
     name = "mamlpp"
+    label = "MAML++"  # in evaluation tables and plots
 
     def __init__(self, model, forward, loss_fn, inner_lr, num_inner_steps, first_order=False,
                  msl_epochs=10, first_order_epochs=0, iterations_per_epoch=500,

@@ -27,6 +27,7 @@ class MetaSGD(MAML):
     """
 
     name = "metasgd"
+    label = "Meta-SGD"  # in evaluation tables and plots
 
     def __init__(self, model, forward, loss_fn, inner_lr, num_inner_steps, first_order=False,
                  recompute_inner_steps=False):

@@ -61,6 +61,7 @@ class Reptile(MAML):
     """
 
     name = "reptile"
+    label = "Reptile"  # in evaluation tables and plots
 
     def __init__(self, model, forward, loss_fn, inner_lr, num_inner_steps, first_order=True,
                  inner_optimizer="adam", inner_batch_size=0, meta_step_size=1.0,

@@ -29,7 +29,12 @@ from tf_maml.rl.advantages import process_trajectories
 from tf_maml.rl.policy import GaussianPolicy
 from tf_maml.rl.sampler import average_return, sample_trajectories
 
-__all__ = ["MAMLRL", "MetaBatch"]
+__all__ = ["MAMLRL", "MetaBatch", "VALIDATION_SEED", "TEST_SEED"]
+
+# `MAMLRL.evaluate` seed indices of the validation during training and of the final evaluation
+# (disjoint streams, neither used in training); evaluation needs them without the trainer.
+VALIDATION_SEED = 1
+TEST_SEED = 0
 
 
 class MetaBatch(collections.namedtuple("MetaBatch", ["tasks", "train", "valid", "adapted"])):
