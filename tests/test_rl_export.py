@@ -195,6 +195,8 @@ def test_bad_requests_fail_clearly_and_the_next_request_works(rl_export):
         (adapt, {"observations": obs[..., :1]}, "observations must have shape"),
         (adapt, {"observations": obs[:, :0], "actions": actions[:, :0],
                  "rewards": rewards[:, :0]}, "observations must not be empty"),
+        (adapt, {"observations": obs[:0], "actions": actions[:0], "rewards": rewards[:0],
+                 "lengths": good["lengths"][:0]}, "observations must not be empty"),
         (adapt, {"actions": actions[..., :1]}, "actions must have shape \\[num_episodes, "
                                                "horizon, 2\\]"),
         (adapt, {"actions": actions[:, :5]}, "actions must have the episodes and steps of "

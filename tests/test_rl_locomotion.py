@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 
 gym = pytest.importorskip("gymnasium", reason='needs the "rl" extra: pip install -e ".[rl]"')
-pytest.importorskip("mujoco")
+pytest.importorskip("mujoco", reason='needs the "rl" extra (MuJoCo): pip install -e ".[rl]"')
 
 from tf_maml import config as config_lib  # noqa: E402
 from tf_maml import core, experiment, reporting, trainer  # noqa: E402
