@@ -268,7 +268,7 @@ def main(argv):
               f"{'vs MAML2':>8} {'GFLOP':>7} {'GFLOP/s':>8} {'x floor':>7}")
     print(header)
     print("-" * len(header))
-    rows, peer_rows, maml_second = [], {}, {}
+    rows, peer_rows, maml_second, failed = [], {}, {}, []
     for workload in FLAGS.workloads:
         for algorithm in FLAGS.algorithms:
             orders = ["first"] if algorithm == "reptile" else FLAGS.orders
@@ -290,6 +290,7 @@ def main(argv):
                     if child.returncode != 0:
                         print(f"{workload} {algorithm} {order} xla={xla} failed:\n"
                               f"{child.stderr[-2000:]}")
+                        failed.append(f"{workload} {algorithm} {order} xla={xla}")
                         continue
                     row = json.loads(child.stdout.strip().splitlines()[-1])
                     if algorithm == "maml" and order == "second":
@@ -332,6 +333,8 @@ def main(argv):
     if FLAGS.json:
         with open(FLAGS.json, "w") as f:
             json.dump(rows, f, indent=2)
+    if failed:  # peers may fail (reported above); our own rows may not
+        sys.exit(f"{len(failed)} tf_maml configuration(s) failed: {', '.join(failed)}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,41 @@
+"""The benchmarks run and report what they measured (figures are never asserted: see bench/)."""
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_meta_step_bench_without_peers_reports_our_rows_and_no_ratio(tmp_path):
+    out = tmp_path / "rows.json"
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "bench", "meta_step.py"), "--workloads=sine",
+         "--algorithms=maml,anil", "--orders=second,first", "--xla=false", "--peers=",
+         "--repeats=1", "--min_seconds=0.05", f"--json={out}"],
+        capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert "failed" not in result.stdout
+    # Without peers there is no ratio, and the bench says why rather than printing old figures.
+    assert "No ratio: no peer was measured in this run" in result.stdout
+    rows = json.loads(out.read_text())
+    assert {(r["algorithm"], r["order"]) for r in rows} == {
+        ("maml", "second"), ("maml", "first"), ("anil", "second"), ("anil", "first")}
+    for row in rows:
+        assert row["impl"] == "tf_maml" and row["ms"] > 0 and row["gflop"] > 0
+        assert row["ratio_to_best_peer"] is None and row["best_peer"] is None
+    # Speed-ups are relative to second-order MAML measured in the same run.
+    maml = next(r for r in rows if (r["algorithm"], r["order"]) == ("maml", "second"))
+    for row in rows:
+        assert abs(row["speedup_over_second_order_maml"] - maml["ms"] / row["ms"]) < 1e-9
+
+
+def test_meta_step_bench_fails_when_one_of_its_configurations_fails(tmp_path):
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "bench", "meta_step.py"), "--workloads=sine",
+         "--algorithms=no_such_algorithm", "--orders=first", "--xla=false", "--peers=",
+         "--repeats=1", "--min_seconds=0.05"],
+        capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert result.returncode != 0
+    assert "1 tf_maml configuration(s) failed: sine no_such_algorithm first" in result.stderr
