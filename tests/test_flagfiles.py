@@ -26,6 +26,10 @@ RECIPES = {
     "omniglot_20way": dict(dataset="omniglot", n_way=20, meta_batch_size=16, num_inner_steps=5,
                            inner_lr=0.1, meta_lr=1e-3, num_iterations=60000,
                            augment_rotations=True, omniglot_split="paper"),
+    "omniglot_20way_1shot_lake": dict(dataset="omniglot", n_way=20, meta_batch_size=16,
+                                      num_inner_steps=5, inner_lr=0.1, meta_lr=1e-3,
+                                      num_iterations=60000, augment_rotations=True,
+                                      omniglot_split="lake"),
     "miniimagenet_5way": dict(dataset="miniimagenet", n_way=5, meta_batch_size=4,
                               num_inner_steps=5, inner_lr=0.01, k_query=15, num_eval_steps=10,
                               model="conv4_maxpool"),
@@ -129,6 +133,8 @@ def test_flagfile_is_a_valid_config_with_the_paper_recipe(path):
         k_shot = int(name.split("way_")[1].split("shot")[0])
         assert config.k_shot == k_shot
     assert config.first_order == name.endswith("_first_order")
+    if config.dataset == "omniglot":
+        assert (config.omniglot_split == "lake") == name.endswith("_lake"), name
     if name.endswith("_fc"):
         assert config.model == "fc"
     elif "omniglot" in family:
