@@ -41,6 +41,39 @@ def test_paper_and_lake_splits(omniglot_characters):
     assert 0 < background[train].sum() < 1200
     train, test = omniglot.split_characters(background, "lake")
     assert len(train) == 964 and len(test) == 659
+    # The original code's validation: 100 of the 1200 training characters held out.
+    paper_train, paper_test = omniglot.split_characters(background, "paper", seed=0)
+    train, val = omniglot.hold_out_validation(paper_train, 100, seed=0)
+    assert len(train) == 1100 and len(val) == 100
+    assert sorted(set(train) | set(val)) == sorted(paper_train) and not set(val) & set(paper_test)
+
+
+def test_validation_characters_are_held_out_of_meta_training(tmp_path):
+    _fake_archives(str(tmp_path))   # 6 background and 6 evaluation characters
+    images, _ = omniglot.load_characters(str(tmp_path))
+    tasks = omniglot.omniglot_tasks(2, 1, 1, data_dir=str(tmp_path), split="lake",
+                                    validation_characters=2, rotate_train=False)
+    assert tasks.num_classes == {"train": 4, "val": 2, "test": 6}
+
+    def characters(split):
+        episode = tasks.sample(tf.constant([3, 4], tf.int64), 40, split)
+        drawings = np.rint(episode.support_x.numpy() * 255).astype(np.uint8).reshape(-1, 28, 28)
+        return {c for drawing in drawings for c in range(len(images))
+                if any(np.array_equal(drawing, d[..., 0]) for d in images[c])}
+
+    train, val, test = characters("train"), characters("val"), characters("test")
+    assert len(val) == 2 and train <= set(range(6)) - val and test <= set(range(6, 12))
+    # Without held-out characters validation falls back to the meta-test characters.
+    plain = omniglot.omniglot_tasks(2, 1, 1, data_dir=str(tmp_path), split="lake",
+                                    rotate_train=False)
+    assert plain.num_classes == {"train": 6, "test": 6}
+    with pytest.raises(ValueError, match="fewer than n_way=3"):
+        omniglot.omniglot_tasks(3, 1, 1, data_dir=str(tmp_path), split="lake",
+                                validation_characters=2)
+    with pytest.raises(ValueError, match="must be in \\[0, 6\\)"):
+        omniglot.hold_out_validation(np.arange(6), 6)
+    again, _ = omniglot.hold_out_validation(np.arange(50), 10, seed=4)
+    np.testing.assert_array_equal(again, omniglot.hold_out_validation(np.arange(50), 10, 4)[0])
 
 
 def test_meta_training_learns_real_omniglot(omniglot_dir, tmp_path):

@@ -34,6 +34,9 @@ _HELP = {
                       "evaluation alphabets).",
     "split_seed": "Seed of Omniglot's paper split and of the class split of folder/tfds data.",
     "augment_rotations": "Omniglot: training classes rotated by 90/180/270 degrees as new classes.",
+    "omniglot_validation_characters": "Omniglot: meta-training characters held out (with "
+                                      "--split_seed) for the validation during training; 0: "
+                                      "validation samples the meta-test characters.",
     "model": f"Network: {', '.join(config_lib.MODELS)} (auto: the paper's for the dataset; "
              "conv4 for folder/tfds images).",
     "num_iterations": "Meta-training iterations.",

@@ -101,6 +101,10 @@ class Config:
             the class split of folder and tfds data.
         augment_rotations: Omniglot training classes also rotated by 90°, 180°
             and 270°, each a new class (the paper's augmentation).
+        omniglot_validation_characters: Omniglot: meta-training characters
+            held out for the validation during training (the original code
+            holds out 100 of its 1200); 0: validation samples the meta-test
+            characters (monitoring only; the paper's 1200 all train).
         model: network: "mlp", "conv4", "conv4_maxpool" or "fc"; "auto" picks
             the paper's network for the dataset, conv4 for folder and tfds
             images, and for custom tasks conv4 (image inputs) or mlp.
@@ -214,6 +218,7 @@ class Config:
     omniglot_split: str = "paper"
     split_seed: int = 0
     augment_rotations: bool = True
+    omniglot_validation_characters: int = 0
     model: str = "auto"
     num_iterations: int = 70000
     meta_batch_size: int = 25
@@ -363,6 +368,13 @@ class Config:
         need(isinstance(self.eval_inner_batch_size, int) and self.eval_inner_batch_size >= -1,
              f"eval_inner_batch_size must be -1 (inner_batch_size) or a non-negative integer, "
              f"got {self.eval_inner_batch_size!r}")
+        need(isinstance(self.omniglot_validation_characters, int)
+             and self.omniglot_validation_characters >= 0,
+             f"omniglot_validation_characters must be a non-negative integer, got "
+             f"{self.omniglot_validation_characters!r}")
+        need(self.dataset == "omniglot" or not self.omniglot_validation_characters,
+             f"omniglot_validation_characters applies to omniglot only, not to "
+             f"{self.dataset!r} (folder and tfds data: the val fraction of --class_split)")
         for name in ("fast_batch_size", "cg_iterations"):
             need(isinstance(getattr(self, name), int) and getattr(self, name) >= 1,
                  f"{name} must be a positive integer, got {getattr(self, name)!r}")

@@ -353,6 +353,13 @@ def train(config, model_dir, tasks=None):
                  "XLA: %s, %d replica(s)", config.model_for(experiment.spec.input_shape),
                  algorithm.name, config.dataset, config.num_iterations,
                  experiment.forward.vectorized, jit, strategy.num_replicas_in_sync)
+    classes = getattr(experiment.tasks, "num_classes", None)
+    if config.validate_every and isinstance(classes, dict):
+        logging.info("Validation every %d iterations: %d tasks of the %s", config.validate_every,
+                     NUM_VALIDATION_TASKS,
+                     f"{classes['val']} validation classes" if "val" in classes else
+                     f"{classes['test']} meta-test classes (monitoring only: no validation "
+                     f"classes held out)")
     train_step = make_train_step(experiment, optimizer, step, jit_compile=jit, strategy=strategy)
     curve_fn = evaluation.make_curve_fn(algorithm, experiment.metric_fn,
                                         max(config.num_inner_steps, 1), jit_compile=jit)

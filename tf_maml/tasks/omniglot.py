@@ -34,7 +34,7 @@ from absl import logging
 from tf_maml.tasks import cache as cache_lib
 from tf_maml.tasks.classification import ImageClassTasks
 
-__all__ = ["load_characters", "split_characters", "omniglot_tasks", "ARCHIVES", "IMAGE_SIZE",
+__all__ = ["load_characters", "split_characters", "hold_out_validation", "omniglot_tasks", "ARCHIVES", "IMAGE_SIZE",
            "NUM_TRAIN_CHARACTERS"]
 
 ARCHIVES = ("images_background", "images_evaluation")
@@ -247,8 +247,35 @@ def split_characters(background, split="paper", seed=0):
     return np.sort(order[:NUM_TRAIN_CHARACTERS]), np.sort(order[NUM_TRAIN_CHARACTERS:])
 
 
+def hold_out_validation(train, count, seed=0):
+    """Moves `count` characters of the meta-training set into a validation set.
+
+    The original MAML code trains on 1100 of its 1200 training characters and
+    validates on the other 100, so that nothing watched during training comes
+    from the meta-test characters.
+
+    Args:
+        train: indices of the meta-training characters (from `split_characters`).
+        count: characters to hold out (0: none).
+        seed: the shuffle seed (the run's `split_seed`).
+
+    Returns:
+        `(train_indices, validation_indices)`, sorted numpy int arrays, disjoint.
+
+    Raises:
+        ValueError: `count` negative or not below the number of training characters.
+    """
+    train = np.asarray(train)
+    if not 0 <= count < len(train):
+        raise ValueError(f"omniglot_validation_characters must be in [0, {len(train)}) (the "
+                         f"split has {len(train)} meta-training characters), got {count}")
+    # A stream of its own (seed + 1): the paper split's permutation stays as it was.
+    order = np.random.RandomState(seed + 1).permutation(len(train))
+    return np.sort(train[order[count:]]), np.sort(train[order[:count]])
+
+
 def omniglot_tasks(n_way, k_shot, k_query, data_dir=None, cache_dir=None, split="paper",
-                   split_seed=0, rotate_train=True):
+                   split_seed=0, rotate_train=True, validation_characters=0):
     """Omniglot N-way K-shot tasks with the paper's protocol.
 
     Args:
@@ -258,11 +285,25 @@ def omniglot_tasks(n_way, k_shot, k_query, data_dir=None, cache_dir=None, split=
         split: "paper" or "lake" (see `split_characters`).
         split_seed: seed of the paper split.
         rotate_train: rotations by 90°, 180°, 270° as extra training classes.
+        validation_characters: meta-training characters held out (unrotated)
+            for the validation during training (`hold_out_validation`); 0:
+            validation samples the meta-test characters.
 
     Returns:
         An `ImageClassTasks`.
+
+    Raises:
+        ValueError: bad split or counts, or fewer validation characters than `n_way`.
     """
     images, background = load_characters(data_dir, cache_dir)
     train, test = split_characters(background, split, split_seed)
-    return ImageClassTasks({"train": images[train], "test": images[test]}, n_way, k_shot,
-                           k_query, rotate_train=rotate_train, name="omniglot")
+    splits = {"test": images[test]}
+    if validation_characters:
+        train, val = hold_out_validation(train, validation_characters, split_seed)
+        if len(val) < n_way:
+            raise ValueError(f"omniglot_validation_characters={validation_characters} is fewer "
+                             f"than n_way={n_way}: a validation task needs n_way characters")
+        splits["val"] = images[val]
+    splits["train"] = images[train]
+    return ImageClassTasks(splits, n_way, k_shot, k_query, rotate_train=rotate_train,
+                           name="omniglot")
