@@ -39,3 +39,22 @@ def test_meta_step_bench_fails_when_one_of_its_configurations_fails(tmp_path):
         capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert result.returncode != 0
     assert "1 tf_maml configuration(s) failed: sine no_such_algorithm first" in result.stderr
+
+
+def test_rl_bench_builds_the_flagfiles_run_and_times_its_parts():
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "bench", "rl_meta_iteration.py"),
+         "--flagfile=flags/rl_navigation.flags", "--meta_batch_size=2", "--fast_batch_size=2",
+         "--repeats=1"],
+        capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    out = result.stdout
+    # The flagfile's recipe with the command line's overrides, as the trainer builds it.
+    assert ("MAML-TRPO navigation2d (second order): meta-batch 2, 2 episodes x 100 steps, "
+            "1 inner step(s), inner_lr 0.5") in out
+    assert "(800 steps per iteration)" in out
+    for part in ("meta-iteration:", "sampling alone:", "trpo step alone:"):
+        assert part in out
+    missing = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "rl_meta_iteration.py")],
+                             capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert missing.returncode != 0 and "give a recipe: --flagfile=" in missing.stderr
