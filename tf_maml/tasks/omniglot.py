@@ -34,8 +34,8 @@ from absl import logging
 from tf_maml.tasks import cache as cache_lib
 from tf_maml.tasks.classification import ImageClassTasks
 
-__all__ = ["load_characters", "split_characters", "hold_out_validation", "omniglot_tasks", "ARCHIVES", "IMAGE_SIZE",
-           "NUM_TRAIN_CHARACTERS"]
+__all__ = ["load_characters", "split_characters", "hold_out_validation", "omniglot_tasks",
+           "ARCHIVES", "IMAGE_SIZE", "NUM_TRAIN_CHARACTERS"]
 
 ARCHIVES = ("images_background", "images_evaluation")
 IMAGE_SIZE = 28
