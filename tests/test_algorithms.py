@@ -358,6 +358,18 @@ def test_reptile_adapts_outside_meta_training_with_eval_inner_batch_size():
     np.testing.assert_allclose(direction(both), direction(reptile(inner_batch_size=3)),
                                rtol=1e-12)
     assert not np.allclose(direction(both), direction(reptile(inner_batch_size=2)))
+    # Outside meta-training a task adapts the same alone as in a batch (every task is
+    # shuffled alike), also across passes over its support set (5 steps of 2 from 6), and
+    # evaluation's graph loop takes the same mini-batches as `adapt`.
+    in_batch, _ = both.adapt(params, episode.support_x, episode.support_y, 5)
+    alone, _ = both.adapt(params, episode.support_x[1:], episode.support_y[1:], 5)
+    for a, b in zip(in_batch, alone):
+        np.testing.assert_allclose(a[1].numpy(), b[0].numpy(), rtol=1e-12)
+    _, predictions = evaluation.adaptation_curve(
+        both, params, episode, lambda y, p: -losses.mean_squared_error(y, p), 5)
+    np.testing.assert_allclose(predictions[-1].numpy(),
+                               both.predict(params, in_batch, episode.query_x, 5).numpy(),
+                               rtol=1e-12)
     # -1 (the flag's default) and None mean the training size.
     np.testing.assert_allclose(adapted(reptile(inner_batch_size=3, eval_inner_batch_size=-1)),
                                adapted(reptile(inner_batch_size=3)), rtol=1e-12)
@@ -365,6 +377,28 @@ def test_reptile_adapts_outside_meta_training_with_eval_inner_batch_size():
         reptile(inner_batch_size=3, eval_inner_batch_size=-2)
     with pytest.raises(ValueError, match="eval_inner_batch_size"):
         config_lib.Config(algorithm="reptile", eval_inner_batch_size=-2).validate()
+
+
+@pytest.mark.parametrize("batch,steps", [(2, 6), (4, 3)])
+def test_reptile_mini_batches_reshuffle_at_every_pass(batch, steps):
+    # The original sampler: every pass over the support set in a new order, a mini-batch
+    # running on into the next pass where one ends (batch 4 of 6: the second batch).
+    model = _smooth_mlp()
+    forward = functional.make_forward(model)
+    episode = _sine_episode(num_tasks=2, k=6)
+    seen = []
+    reptile = algorithms.Reptile(model, forward, lambda y, p: (seen.append(y), tf.reduce_mean(
+        tf.square(y - p), axis=[1, 2]))[1], 0.01, steps, inner_optimizer="sgd",
+        inner_batch_size=batch)
+    reptile.adapt(_values(model.trainable_variables), episode.support_x, episode.support_y,
+                  steps, meta_training=True)
+    stream = tf.concat(seen, axis=1).numpy()[..., 0]   # [tasks, 12]: two passes
+    for t in range(2):
+        support = np.sort(episode.support_y[t, :, 0].numpy())
+        first, second = stream[t, :6], stream[t, 6:]
+        np.testing.assert_allclose(np.sort(first), support)
+        np.testing.assert_allclose(np.sort(second), support)
+    assert any(not np.array_equal(stream[t, :6], stream[t, 6:]) for t in range(2))
 
 
 def _sequential_reptile_reference(forward, theta, episodes, inner_lr, num_steps, epsilon):

@@ -460,7 +460,12 @@ def test_every_algorithm_exports_its_own_adaptation(tmp_path):
                 "mamlpp": dict(num_inner_steps=3),
                 "reptile": dict(inner_optimizer="adam", inner_lr=0.01),
                 "reptile_carried": dict(algorithm="reptile", inner_optimizer="adam",
-                                        inner_lr=0.01, carry_inner_state=True)}
+                                        inner_lr=0.01, carry_inner_state=True),
+                # Mini-batches of 4 of the 6 support examples: batches that run on into the
+                # next shuffled pass, the export cutting a request's set as evaluation does.
+                "reptile_minibatch": dict(algorithm="reptile", inner_optimizer="sgd",
+                                          inner_lr=0.3, inner_batch_size=6,
+                                          eval_inner_batch_size=4)}
     experiments, paths = {}, {}
     for name, extra in settings.items():
         values = dict(dataset="omniglot", n_way=3, k_shot=2, k_query=2, inner_lr=0.4,

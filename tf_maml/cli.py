@@ -61,8 +61,9 @@ _HELP = {
     "min_meta_lr": "MAML++: the meta learning rate is cosine-annealed down to this.",
     "inner_optimizer": "Reptile: inner optimizer, sgd or adam (beta_1 = 0).",
     "inner_batch_size": "Reptile: support examples per inner step in meta-training (0: all).",
-    "eval_inner_batch_size": "Reptile: support examples per inner step at evaluation and in the "
-                             "export (-1: --inner_batch_size; 0: all).",
+    "eval_inner_batch_size": "Reptile: support examples per inner step outside meta-training "
+                             "(evaluation, validation, adapt, the export; -1: "
+                             "--inner_batch_size; 0: all).",
     "carry_inner_state": "Reptile with adam: carry Adam's moments across tasks and "
                          "meta-iterations and adapt from them at evaluation and in the export, "
                          "as the original code (default: fresh moments per task).",

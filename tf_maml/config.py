@@ -368,10 +368,17 @@ class Config:
         need(isinstance(self.eval_inner_batch_size, int) and self.eval_inner_batch_size >= -1,
              f"eval_inner_batch_size must be -1 (inner_batch_size) or a non-negative integer, "
              f"got {self.eval_inner_batch_size!r}")
+        need(self.eval_inner_batch_size == -1 or self.algorithm == "reptile",
+             f"eval_inner_batch_size is for algorithm=reptile (the other algorithms adapt on "
+             f"the whole support set), got algorithm={self.algorithm!r}")
         need(isinstance(self.omniglot_validation_characters, int)
              and self.omniglot_validation_characters >= 0,
              f"omniglot_validation_characters must be a non-negative integer, got "
              f"{self.omniglot_validation_characters!r}")
+        need(not self.omniglot_validation_characters
+             or self.omniglot_validation_characters >= self.n_way,
+             f"omniglot_validation_characters ({self.omniglot_validation_characters}) must be "
+             f"0 or at least n_way ({self.n_way}): a validation task needs n_way characters")
         need(self.dataset == "omniglot" or not self.omniglot_validation_characters,
              f"omniglot_validation_characters applies to omniglot only, not to "
              f"{self.dataset!r} (folder and tfds data: the val fraction of --class_split)")

@@ -106,7 +106,13 @@ def evaluate_and_report(model_dir, baseline_dir=None, output_dir=None, oracle_di
     runs = {_label(config, model_dir, ()): (experiment, step)}
     if baseline_dir:
         # The baseline is evaluated on this run's tasks: its own data is not loaded.
-        baseline, baseline_step = experiment_lib.restore(baseline_dir, tasks=experiment.tasks)
+        # Protocol overrides that live in the algorithm apply to a Reptile baseline too.
+        baseline_overrides = ({"eval_inner_batch_size": overrides["eval_inner_batch_size"]}
+                              if "eval_inner_batch_size" in overrides
+                              and config_lib.load(baseline_dir, "--baseline_dir").algorithm
+                              == "reptile" else None)
+        baseline, baseline_step = experiment_lib.restore(baseline_dir, baseline_overrides,
+                                                         tasks=experiment.tasks)
         shapes = [tuple(v.shape) for v in experiment.model.trainable_variables]
         if [tuple(v.shape) for v in baseline.model.trainable_variables] != shapes:
             raise ValueError(f"{baseline_dir} holds a different architecture than {model_dir}")
@@ -137,6 +143,9 @@ def evaluate_and_report(model_dir, baseline_dir=None, output_dir=None, oracle_di
     protocol = ("" if config.transductive and not config.transductive_support
                 else ", transductive with the support set" if config.transductive
                 else ", non-transductive")
+    mini_batch = getattr(experiment.algorithm, "eval_inner_batch_size", None)
+    if mini_batch:
+        protocol += f", support mini-batches of {mini_batch}"
     print(f"\n{name} on {config.num_eval_tasks} held-out {config.dataset} {task}tasks "
           f"(K={config.k_shot}, inner_lr={inner_lr or config.inner_lr}{protocol}), "
           f"mean ± 95% CI:\n{table}\n{_non_finite_note(name, results)}")
@@ -147,6 +156,8 @@ def evaluate_and_report(model_dir, baseline_dir=None, output_dir=None, oracle_di
              "k_shot": config.k_shot, "dataset": config.dataset, "model": model_name,
              "n_way": config.n_way if experiment.tasks.is_classification else None,
              "steps_trained": {label: s for label, (_, s) in runs.items()}}
+    if config.algorithm == "reptile":
+        extra["eval_inner_batch_size"] = mini_batch   # 0: the whole support set
     evaluation.write_json(os.path.join(output_dir, RESULTS_FILENAME), name, results, extra)
     title = f"{config.dataset} {task}K={config.k_shot}, {model_name}"
     paths = [evaluation.plot_curves(os.path.join(output_dir, CURVE_FILENAME), name, results,

@@ -261,7 +261,14 @@ def _check_run_dir(config, model_dir, checkpoint_dir):
     has_checkpoints = bool(experiment_lib.checkpoint_paths(checkpoint_dir))
     if os.path.exists(os.path.join(model_dir, config_lib.CONFIG_FILENAME)):
         try:
-            config_lib.check_resumable(config_lib.load(model_dir), config)
+            saved = config_lib.load(model_dir)
+            config_lib.check_resumable(saved, config)
+            changed = [f"{name} {getattr(saved, name)!r} -> {getattr(config, name)!r}"
+                       for name in sorted(config_lib.RESUMABLE_FIELDS)
+                       if getattr(saved, name) != getattr(config, name)]
+            if changed and has_checkpoints:
+                logging.info("Resuming with changed settings (they do not change what is "
+                             "trained): %s", "; ".join(changed))
         except ValueError:
             if has_checkpoints:
                 raise

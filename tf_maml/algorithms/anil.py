@@ -87,12 +87,10 @@ class ANIL(MAML):
                                               self.num_model_weights))
             self.body_forward = functional.make_forward(body)
             self.head_forward = functional.make_forward(head)
-            self.body_call_count = 0  # traced body calls (a test checks it runs once per set)
 
     def task_inputs(self, meta_params, x, training=True):
         if self.body_forward is None:
             return x
-        self.body_call_count += 1
         params, _ = self.split(meta_params)
         body = params[:self.adapted_indices[0]]
         return self.body_forward(core.broadcast_to_tasks(body, tf.shape(x)[0]), x, training)

@@ -1,5 +1,7 @@
 """Reptile (Nichol, Achiam and Schulman, 2018): move θ towards the adapted weights."""
 
+import numbers
+
 import keras
 import tensorflow as tf
 
@@ -19,8 +21,10 @@ class Reptile(MAML):
     step is then exactly θ ← θ + ε(φ̄ − θ).
 
     Each inner step uses a mini-batch of `inner_batch_size` support examples
-    (0: the whole support set), cycling through a per-task shuffle of the
-    support set as the original code does. Evaluation, `adapt` and the
+    (0: the whole support set), read from passes over the support set in a
+    new shuffled order each, as the original code's sampler does (per task in
+    meta-training; alike for every task outside it, so that a task adapts the
+    same alone or in a batch). Evaluation, `adapt` and the
     exported signatures use `eval_inner_batch_size` (the original's
     `--eval-batch`: 10 for 20-way 1-shot, trained with 20). The inner optimizer is SGD with
     `inner_lr`, or Adam with β₁ = 0 (`inner_optimizer="adam"`, the original
@@ -73,17 +77,21 @@ class Reptile(MAML):
             raise ValueError(f"inner_optimizer must be 'sgd' or 'adam', got {inner_optimizer!r}")
         if carry_inner_state and inner_optimizer != "adam":
             raise ValueError("carry_inner_state needs inner_optimizer='adam' (SGD has no state)")
-        if not isinstance(inner_batch_size, int) or inner_batch_size < 0:
+        def is_integer(value):
+            return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+        if not is_integer(inner_batch_size) or inner_batch_size < 0:
             raise ValueError(f"inner_batch_size must be a non-negative integer, got "
                              f"{inner_batch_size!r}")
-        if eval_inner_batch_size is not None and (not isinstance(eval_inner_batch_size, int)
+        if eval_inner_batch_size is not None and (not is_integer(eval_inner_batch_size)
                                                   or eval_inner_batch_size < -1):
             raise ValueError(f"eval_inner_batch_size must be None, -1 or a non-negative "
                              f"integer, got {eval_inner_batch_size!r}")
+        inner_batch_size = int(inner_batch_size)
         self.inner_optimizer = inner_optimizer
         self.inner_batch_size = inner_batch_size
         self.eval_inner_batch_size = (inner_batch_size if eval_inner_batch_size in (None, -1)
-                                      else eval_inner_batch_size)
+                                      else int(eval_inner_batch_size))
         self.meta_step_size = meta_step_size
         self.meta_step_size_final = meta_step_size_final
         self.carry_inner_state = carry_inner_state
@@ -154,14 +162,30 @@ class Reptile(MAML):
         num_tasks = tf.shape(inputs)[0]
         seed = self.shuffle_seed if self.shuffle_seed is not None else tf.constant([0, 0],
                                                                                       tf.int64)
-        # One shuffle of each task's support set, read in consecutive mini-batches
-        # (wrapping around), as the original code's mini-batch sampler does.
-        order = tf.argsort(tf.random.stateless_uniform([num_tasks, size], seed), axis=1)
+        # In meta-training each task has its own shuffles; outside it every task is
+        # shuffled alike, so that a task's adaptation does not depend on its position in a
+        # batch (evaluation's chunks of tasks, a serving request of one task).
+        rows = num_tasks if meta_training else 1
+
+        def shuffle(epoch):
+            """The order of the support set in pass `epoch` over it (pass 0: `seed` itself)."""
+            epoch = tf.cast(epoch, tf.int64)
+            pass_seed = tf.where(tf.equal(epoch, 0), seed,
+                                 tf.random.experimental.stateless_fold_in(seed, epoch))
+            order = tf.argsort(tf.random.stateless_uniform([rows, size], pass_seed), axis=1)
+            return tf.broadcast_to(order, [num_tasks, size])
 
         def loss(weights, step):
-            start = (tf.cast(step, tf.int32) * batch) % size
-            index = (start + tf.range(batch)) % size
-            picked = tf.gather(order, index, axis=1)
+            # Consecutive mini-batches of a stream of passes over the support set, each pass
+            # in a new shuffled order, a batch running on into the next pass where one ends:
+            # the original code's mini-batch sampler. A batch spans at most two passes.
+            start = tf.cast(step, tf.int32) * batch
+            position = start + tf.range(batch)
+            first = start // size
+            index = position % size
+            picked = tf.where((position // size > first)[None],
+                              tf.gather(shuffle(first + 1), index, axis=1),
+                              tf.gather(shuffle(first), index, axis=1))
             batch_x = tf.gather(inputs, picked, batch_dims=1)
             batch_y = tf.gather(y, picked, batch_dims=1)
             return self.loss_fn(batch_y, self.predict_from_inputs(meta_params, weights, batch_x,
