@@ -46,6 +46,19 @@ def test_manifest_lists_exactly_the_shipped_models():
         assert _config(name)["num_eval_steps"] == entry["meta_test"]["inner_steps"], name
 
 
+def test_tf_serving_config_points_at_shipped_models():
+    # export/README.md mounts export/models/ at /models and serves export/models.config.
+    text = open(os.path.join(ROOT, "export", "models.config")).read()
+    base_paths = [line.split('"')[1] for line in text.splitlines()
+                  if line.strip().startswith("base_path:")]
+    assert base_paths
+    for base_path in base_paths:
+        assert base_path.startswith("/models/"), base_path
+        name = base_path[len("/models/"):]
+        assert name in MANIFEST, f"{base_path}: not a shipped model"
+        assert os.path.isfile(os.path.join(_path(name), "saved_model.pb")), base_path
+
+
 @pytest.mark.parametrize("name", _names("sine"))
 def test_shipped_sine_model_adapts_to_new_sine_tasks(name):
     config = _config(name)
