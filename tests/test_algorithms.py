@@ -629,8 +629,8 @@ def test_non_transductive_evaluation_hides_the_other_query_examples():
 
 
 def test_transductive_with_the_support_set_is_one_batch_of_support_and_query():
-    """Reptile's transductive protocol: batch norm sees the support and query sets together,
-    so the query predictions are those of the model on their concatenation."""
+    """With the support set, batch norm sees the support and query sets together, so the
+    query predictions are those of the model on their concatenation."""
     episode = _class_episode(num_tasks=2)
     model = _dense_bn()
     bn = algorithms.MAML(model, functional.make_forward(model),

@@ -73,7 +73,7 @@ _HELP = {
     "transductive": "Evaluation: predict each task's query set as one batch (false: every "
                     "query example alone beside the support set).",
     "transductive_support": "Evaluation, with --transductive: the batch also holds the support "
-                            "set (Reptile's transductive protocol); ignored without it.",
+                            "set; ignored without it.",
     "seed": "Seed of the initialization and of every sampled task.",
     "jit_compile": "XLA: auto (on for dense-only models on CPU), true or false.",
     "strategy": f"tf.distribute: {', '.join(config_lib.STRATEGIES)} (default: one device; "

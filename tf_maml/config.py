@@ -162,9 +162,8 @@ class Config:
             non-transductive protocol).
         transductive_support: evaluation, with `transductive`: the batch also
             holds the support set, so batch norm sees support and query
-            examples together (Reptile's transductive protocol; the MAML
-            paper's predicts the query set alone). Ignored without
-            `transductive`.
+            examples together (both MAML's and Reptile's original code predict
+            the query set alone). Ignored without `transductive`.
         seed: seeds the initialization and every sampled task.
         jit_compile: "auto" (XLA for dense-only models, where it is faster on
             CPU; not for convolutions), "true" or "false".

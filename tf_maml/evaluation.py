@@ -58,7 +58,7 @@ def _curve(algorithm, params, episode, metric_fn, num_steps, inner_lr, transduct
 
     def predict(weights, step):
         if transductive and with_support:
-            # Reptile's transductive protocol: one batch of the support and query sets.
+            # One batch of the support and query sets.
             both = tf.concat([episode.support_x, episode.query_x], 1)
             support_size = tf.shape(episode.support_x)[1]
             return algorithm.predict(params, weights, both, step)[:, support_size:]
@@ -119,8 +119,8 @@ def adaptation_curve(algorithm, params, episode, metric_fn, num_steps, inner_lr=
         transductive: predict each task's query set as one batch; false
             predicts every query example alone beside the support set.
         transductive_support: with `transductive`, the batch also holds the
-            support set (Reptile's transductive protocol: batch normalization
-            sees the support and query sets together).
+            support set (batch normalization sees the support and query sets
+            together).
 
     Returns:
         `(metrics, predictions)`: `metrics` is `[num_steps + 1, num_tasks]`;
