@@ -91,15 +91,19 @@ def test_meta_training_learns_real_omniglot(omniglot_dir, tmp_path):
     assert mean[-1] - ci[-1] >= 0.80          # held-out characters, after 3 steps
 
 
-def _png(array):
+def _png(array, one_bit=False):
     buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG")
+    image = Image.fromarray(array)
+    (image.convert("1") if one_bit else image).save(buffer, format="PNG")
     return buffer.getvalue()
 
 
 def _fake_archives(root, alphabets=2, characters=3, drawings=20, as_zip=True, bad_name=None,
-                   seed=0):
-    """Writes a tiny Omniglot in Lake's layout: black strokes on white, 105x105."""
+                   seed=0, one_bit=False):
+    """Writes a tiny Omniglot in Lake's layout: black strokes on white, 105x105.
+
+    `one_bit`: 1-bit PNGs, as Lake's are (the default, 8-bit grey, decodes alike).
+    """
     rng = np.random.default_rng(seed)
     for archive in omniglot.ARCHIVES:
         files = {}
@@ -109,7 +113,7 @@ def _fake_archives(root, alphabets=2, characters=3, drawings=20, as_zip=True, ba
                     image = np.full((105, 105), 255, np.uint8)
                     image[rng.integers(0, 90):, rng.integers(0, 90)] = 0
                     name = f"{archive}/Alpha{a}/character{c + 1:02d}/{c:04d}_{d + 1:02d}.png"
-                    files[name] = _png(image)
+                    files[name] = _png(image, one_bit)
         if bad_name:
             files[bad_name] = _png(np.zeros((5, 5), np.uint8))
         if as_zip:
@@ -140,6 +144,38 @@ def test_zip_and_folder_layouts_load_identically(tmp_path):
     d, _ = omniglot.load_characters(str(tmp_path / "zips"), cache)
     np.testing.assert_array_equal(c, d)
     np.testing.assert_array_equal(a, d)
+
+
+def test_nearest_resize_is_the_reptile_loaders(tmp_path, monkeypatch):
+    """`resize_filter="nearest"` decodes a 1-bit drawing as Reptile's loader does (inverted)."""
+    _fake_archives(str(tmp_path), alphabets=1, characters=2, as_zip=False, one_bit=True)
+    cache = str(tmp_path / "cache")
+    nearest, _ = omniglot.load_characters(str(tmp_path), cache, resize_filter="nearest")
+    files = sorted(glob.glob(str(tmp_path / "images_*" / "*" / "*" / "*.png")))
+    assert len(files) == nearest.shape[0] * 20
+    for index, file in enumerate(files):
+        with Image.open(file) as image:
+            assert image.mode == "1"
+            # The Reptile code's loader: PIL's default resize of the 1-bit image, 1.0 = page.
+            reptile = np.array(image.resize((28, 28))).astype("float32")
+        np.testing.assert_array_equal(nearest[index // 20, index % 20, ..., 0],
+                                      (255 * (1 - reptile)).astype(np.uint8))
+    # Binary, where Lanczos (the default, MAML's preprocessing) leaves grey edges.
+    lanczos, _ = omniglot.load_characters(str(tmp_path), cache)
+    assert set(np.unique(nearest)) == {0, 255} and len(np.unique(lanczos)) > 2
+    # Each filter has its own cache entry, and each entry serves its own filter.
+    assert len(os.listdir(cache)) == 2
+    calls = _counting_decoder(monkeypatch)
+    np.testing.assert_array_equal(
+        omniglot.load_characters(str(tmp_path), cache, resize_filter="nearest")[0], nearest)
+    np.testing.assert_array_equal(omniglot.load_characters(str(tmp_path), cache)[0], lanczos)
+    assert not calls
+    with pytest.raises(ValueError, match="resize_filter must be one of lanczos, nearest"):
+        omniglot.load_characters(str(tmp_path), resize_filter="bilinear")
+    with pytest.raises(ValueError, match="omniglot_resize_filter must be one of"):
+        config_lib.Config(dataset="omniglot", omniglot_resize_filter="Nearest").validate()
+    with pytest.raises(ValueError, match="applies to omniglot only"):
+        config_lib.Config(dataset="sine", omniglot_resize_filter="nearest").validate()
 
 
 def test_tfds_source_without_network(tmp_path):
@@ -234,9 +270,9 @@ def _counting_decoder(monkeypatch):
     calls = []
     decode = omniglot._decode
 
-    def counted(data, path):
+    def counted(data, path, resize_filter):
         calls.append(path)
-        return decode(data, path)
+        return decode(data, path, resize_filter)
 
     monkeypatch.setattr(omniglot, "_decode", counted)
     return calls

@@ -37,6 +37,8 @@ _HELP = {
     "omniglot_validation_characters": "Omniglot: meta-training characters held out (with "
                                       "--split_seed) for the validation during training; 0: "
                                       "validation samples the meta-test characters.",
+    "omniglot_resize_filter": "Omniglot: 105->28 pixel resize, lanczos (MAML's preprocessing) "
+                              "or nearest (Reptile's: binary, aliased strokes).",
     "model": f"Network: {', '.join(config_lib.MODELS)} (auto: the paper's for the dataset; "
              "conv4 for folder/tfds images).",
     "num_iterations": "Meta-training iterations.",

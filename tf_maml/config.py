@@ -5,8 +5,8 @@ import json
 import os
 
 __all__ = ["Config", "CONFIG_FILENAME", "DATASETS", "RL_DATASETS", "MODELS", "STRATEGIES",
-           "ALGORITHMS", "OUTER_OPTIMIZERS", "load", "save", "TFDS_PREFIX", "DEFAULT_CLASS_SPLIT",
-           "parse_class_split", "is_known_dataset"]
+           "ALGORITHMS", "OUTER_OPTIMIZERS", "OMNIGLOT_RESIZE_FILTERS", "load", "save",
+           "TFDS_PREFIX", "DEFAULT_CLASS_SPLIT", "parse_class_split", "is_known_dataset"]
 
 CONFIG_FILENAME = "config.json"
 # The one list of each choice; flags' help, validation and the builders use these.
@@ -25,6 +25,7 @@ STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
 ALGORITHMS = ("maml", "anil", "metasgd", "mamlpp", "reptile")
 INNER_OPTIMIZERS = ("sgd", "adam")
 OUTER_OPTIMIZERS = ("trpo", "adam")
+OMNIGLOT_RESIZE_FILTERS = ("lanczos", "nearest")
 
 # Fields that may change when a run is resumed (they do not change what the
 # run computes, or they extend it).
@@ -105,6 +106,9 @@ class Config:
             held out for the validation during training (the original code
             holds out 100 of its 1200); 0: validation samples the meta-test
             characters (monitoring only; the paper's 1200 all train).
+        omniglot_resize_filter: Omniglot: how the 105×105 drawings become
+            28×28: "lanczos" (the MAML code's preprocessing) or "nearest" (what
+            the Reptile code's loader gets: binary, aliased strokes).
         model: network: "mlp", "conv4", "conv4_maxpool" or "fc"; "auto" picks
             the paper's network for the dataset, conv4 for folder and tfds
             images, and for custom tasks conv4 (image inputs) or mlp.
@@ -218,6 +222,7 @@ class Config:
     split_seed: int = 0
     augment_rotations: bool = True
     omniglot_validation_characters: int = 0
+    omniglot_resize_filter: str = "lanczos"
     model: str = "auto"
     num_iterations: int = 70000
     meta_batch_size: int = 25
@@ -378,6 +383,11 @@ class Config:
              or self.omniglot_validation_characters >= self.n_way,
              f"omniglot_validation_characters ({self.omniglot_validation_characters}) must be "
              f"0 or at least n_way ({self.n_way}): a validation task needs n_way characters")
+        need(self.omniglot_resize_filter in OMNIGLOT_RESIZE_FILTERS,
+             f"omniglot_resize_filter must be one of {', '.join(OMNIGLOT_RESIZE_FILTERS)}, got "
+             f"{self.omniglot_resize_filter!r}")
+        need(self.dataset == "omniglot" or self.omniglot_resize_filter == "lanczos",
+             f"omniglot_resize_filter applies to omniglot only, not to {self.dataset!r}")
         need(self.dataset == "omniglot" or not self.omniglot_validation_characters,
              f"omniglot_validation_characters applies to omniglot only, not to "
              f"{self.dataset!r} (folder and tfds data: the val fraction of --class_split)")

@@ -96,7 +96,8 @@ def build(config):
             config.n_way, config.k_shot, config.k_query, data_dir=config.data_dir or None,
             cache_dir=cache_dir, split=config.omniglot_split, split_seed=config.split_seed,
             rotate_train=config.augment_rotations,
-            validation_characters=config.omniglot_validation_characters)
+            validation_characters=config.omniglot_validation_characters,
+            resize_filter=config.omniglot_resize_filter)
     if config.dataset == "miniimagenet":
         from tf_maml.tasks import miniimagenet
         return miniimagenet.miniimagenet_tasks(config.n_way, config.k_shot, config.k_query,

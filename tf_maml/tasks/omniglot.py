@@ -5,7 +5,7 @@ Sources, one in-memory result: the archives as Lake et al. publish them
 folders) in `data_dir`, or TensorFlow Datasets' `omniglot` when no
 `data_dir` is given. Every character becomes a uint8 array of its 20 drawings
 at 28×28, ink = 255 (the images are inverted: ink is black in the source).
-Both sources decode alike (same grayscale conversion and Lanczos resize) and
+Both sources decode alike (same grayscale conversion and resize filter) and
 order characters alike (archive, alphabet, character), so the "paper" split
 picks the same characters from either; only the order of the 20 drawings
 within a character may differ (TFDS does not keep the drawing number).
@@ -14,6 +14,10 @@ Splits: "paper" (the MAML paper): the 1623 characters are shuffled with a fixed
 seed, irrespective of alphabet, and the first 1200 are for meta-training, the
 rest for meta-testing; "lake": background alphabets for meta-training,
 evaluation alphabets for meta-testing.
+
+Resize filters (105×105 → 28×28): "lanczos", the MAML code's preprocessing
+(grey levels at the strokes' edges), or "nearest", what Reptile's code gets
+from PIL for the 1-bit PNGs (binary images, aliased strokes).
 
 Decoding 32,460 PNGs takes a while; the decoded arrays are cached as `.npz`
 in `cache_dir`, keyed by the source files' names, sizes and modification times
@@ -31,33 +35,47 @@ import zipfile
 import numpy as np
 from absl import logging
 
+from tf_maml.config import OMNIGLOT_RESIZE_FILTERS
 from tf_maml.tasks import cache as cache_lib
 from tf_maml.tasks.classification import ImageClassTasks
 
 __all__ = ["load_characters", "split_characters", "hold_out_validation", "omniglot_tasks",
-           "ARCHIVES", "IMAGE_SIZE", "NUM_TRAIN_CHARACTERS"]
+           "ARCHIVES", "IMAGE_SIZE", "NUM_TRAIN_CHARACTERS", "RESIZE_FILTERS"]
 
 ARCHIVES = ("images_background", "images_evaluation")
 IMAGE_SIZE = 28
 DRAWINGS_PER_CHARACTER = 20
 NUM_TRAIN_CHARACTERS = 1200
+RESIZE_FILTERS = OMNIGLOT_RESIZE_FILTERS
 # Part of the cache key: bump when the decoded arrays change for the same source files.
 _CACHE_VERSION = 2
 _PNG = re.compile(r"^(images_background|images_evaluation)/([^/]+)/(character\d+)/([^/]+\.png)$")
 
 
-def _to_array(image):
-    """A PIL image as the loader keeps it: grayscale, 28×28 (Lanczos), inverted (ink = 255)."""
+def _check_resize_filter(resize_filter):
+    if resize_filter not in RESIZE_FILTERS:
+        raise ValueError(f"Omniglot resize_filter must be one of {', '.join(RESIZE_FILTERS)}, "
+                         f"got {resize_filter!r}")
+
+
+def _to_array(image, resize_filter="lanczos"):
+    """A PIL image as the loader keeps it: grayscale, 28×28, inverted (ink = 255).
+
+    "nearest" on the grayscale image picks the same pixels as PIL's resize of
+    the source's 1-bit image (Reptile's loader), which always resamples 1-bit
+    images by nearest neighbour.
+    """
     from PIL import Image
-    image = image.convert("L").resize((IMAGE_SIZE, IMAGE_SIZE), Image.LANCZOS)
+    method = Image.LANCZOS if resize_filter == "lanczos" else Image.NEAREST
+    image = image.convert("L").resize((IMAGE_SIZE, IMAGE_SIZE), method)
     return 255 - np.asarray(image, dtype=np.uint8)
 
 
-def _decode(data, path):
+def _decode(data, path, resize_filter):
     from PIL import Image
     try:
         with Image.open(io.BytesIO(data)) as image:
-            return _to_array(image)
+            return _to_array(image, resize_filter)
     except Exception as e:  # PIL raises many types for bad data
         raise ValueError(f"{path}: not a readable PNG image ({e})") from None
 
@@ -83,7 +101,7 @@ def _source_files(data_dir):
     return found
 
 
-def _read_archive(archive, path, is_zip):
+def _read_archive(archive, path, is_zip, resize_filter):
     """{(alphabet, character): [image, ...]} of one archive."""
     characters = {}
     if is_zip:
@@ -98,7 +116,7 @@ def _read_archive(archive, path, is_zip):
                             f"{archive}/<alphabet>/characterNN/<drawing>.png")
                     key = (match.group(2), match.group(3))
                     characters.setdefault(key, []).append(
-                        (match.group(4), _decode(z.read(name), f"{path}:{name}")))
+                        (match.group(4), _decode(z.read(name), f"{path}:{name}", resize_filter)))
         except zipfile.BadZipFile as e:
             raise ValueError(f"{path} is not a valid zip archive ({e})") from None
     else:
@@ -115,7 +133,7 @@ def _read_archive(archive, path, is_zip):
                         file = os.path.join(character_dir, drawing)
                         with open(file, "rb") as f:
                             characters.setdefault((alphabet, character), []).append(
-                                (drawing, _decode(f.read(), file)))
+                                (drawing, _decode(f.read(), file, resize_filter)))
     if not characters:
         raise ValueError(f"{path}: no images found; expected "
                          f"{archive}/<alphabet>/characterNN/<drawing>.png")
@@ -126,9 +144,11 @@ def _read_archive(archive, path, is_zip):
     return characters
 
 
-def _cache_key(files):
+def _cache_key(files, resize_filter):
     """Names, sizes and modification times (ns) of every source file, and the format."""
-    digest = hashlib.sha1(f"v{_CACHE_VERSION}:{IMAGE_SIZE};".encode())
+    # The default filter keeps the key it had before filters were a choice.
+    filter_key = "" if resize_filter == "lanczos" else f"{resize_filter};"
+    digest = hashlib.sha1(f"v{_CACHE_VERSION}:{IMAGE_SIZE};{filter_key}".encode())
     for archive, path, _ in files:
         paths = [path]
         if os.path.isdir(path):
@@ -148,7 +168,7 @@ def _read_cache(path):
     return None if cached is None else tuple(cached)
 
 
-def load_characters(data_dir=None, cache_dir=None):
+def load_characters(data_dir=None, cache_dir=None, resize_filter="lanczos"):
     """Loads every Omniglot character, decoded to 28×28, ink = 255.
 
     Args:
@@ -156,6 +176,7 @@ def load_characters(data_dir=None, cache_dir=None):
             `images_evaluation(.zip)`; None loads TFDS' `omniglot` (downloads
             it on first use, in TFDS' own data directory).
         cache_dir: where decoded arrays are cached (None: no cache).
+        resize_filter: "lanczos" (MAML's preprocessing) or "nearest" (Reptile's).
 
     Returns:
         `(images, background)`: uint8 `[1623, 20, 28, 28, 1]` (characters sorted
@@ -164,21 +185,24 @@ def load_characters(data_dir=None, cache_dir=None):
 
     Raises:
         FileNotFoundError: `data_dir` or an archive is missing.
-        ValueError: a corrupt archive or image, or an unexpected layout.
+        ValueError: a corrupt archive or image, an unexpected layout, or an
+            unknown `resize_filter`.
     """
+    _check_resize_filter(resize_filter)
     if data_dir is None:
-        return _load_tfds()
+        return _load_tfds(resize_filter)
     files = _source_files(data_dir)
     cache = None
     if cache_dir:
-        cache = os.path.join(cache_dir, f"omniglot_{_cache_key(files)}.npz")
+        cache = os.path.join(cache_dir, f"omniglot_{_cache_key(files, resize_filter)}.npz")
         cached = _read_cache(cache)
         if cached is not None:
             return cached
     images, background = [], []
     for archive, path, is_zip in files:
-        logging.info("Decoding Omniglot %s (this takes a minute; cached afterwards)", path)
-        characters = _read_archive(archive, path, is_zip)
+        logging.info("Decoding Omniglot %s, %s resize (this takes a minute; cached afterwards)",
+                     path, resize_filter)
+        characters = _read_archive(archive, path, is_zip, resize_filter)
         for key in sorted(characters):
             drawings = [image for _, image in sorted(characters[key])]
             images.append(np.stack(drawings))
@@ -190,7 +214,7 @@ def load_characters(data_dir=None, cache_dir=None):
     return images, background
 
 
-def _load_tfds():
+def _load_tfds(resize_filter):
     """Characters of TFDS' `omniglot` ("train": background, "test": evaluation).
 
     Decoded like the archives (`_to_array`) and ordered like them: by alphabet
@@ -209,7 +233,7 @@ def _load_tfds():
             # the archive's characterNN.
             key = (int(example["alphabet"]), int(example["alphabet_char_id"]))
             by_character.setdefault(key, []).append(
-                _to_array(Image.fromarray(example["image"]))[..., None])
+                _to_array(Image.fromarray(example["image"]), resize_filter)[..., None])
         for key in sorted(by_character):
             if len(by_character[key]) != DRAWINGS_PER_CHARACTER:
                 raise ValueError(f"TFDS omniglot {split}: character {key[1] + 1} of alphabet "
@@ -275,7 +299,8 @@ def hold_out_validation(train, count, seed=0):
 
 
 def omniglot_tasks(n_way, k_shot, k_query, data_dir=None, cache_dir=None, split="paper",
-                   split_seed=0, rotate_train=True, validation_characters=0):
+                   split_seed=0, rotate_train=True, validation_characters=0,
+                   resize_filter="lanczos"):
     """Omniglot N-way K-shot tasks with the paper's protocol.
 
     Args:
@@ -288,6 +313,7 @@ def omniglot_tasks(n_way, k_shot, k_query, data_dir=None, cache_dir=None, split=
         validation_characters: meta-training characters held out (unrotated)
             for the validation during training (`hold_out_validation`); 0:
             validation samples the meta-test characters.
+        resize_filter: "lanczos" (MAML's preprocessing) or "nearest" (Reptile's).
 
     Returns:
         An `ImageClassTasks`.
@@ -295,7 +321,7 @@ def omniglot_tasks(n_way, k_shot, k_query, data_dir=None, cache_dir=None, split=
     Raises:
         ValueError: bad split or counts, or fewer validation characters than `n_way`.
     """
-    images, background = load_characters(data_dir, cache_dir)
+    images, background = load_characters(data_dir, cache_dir, resize_filter)
     train, test = split_characters(background, split, split_seed)
     splits = {"test": images[test]}
     if validation_characters:
