@@ -553,12 +553,41 @@ def test_reptile_carried_state_is_checkpointed_resumed_and_adapted_from(tmp_path
     assert np.max(np.abs(carried_predictions - adapted_predictions())) > 1e-3
 
 
-@pytest.mark.parametrize("options", [dict(algorithm="reptile", inner_optimizer="sgd"),
-                                     dict(algorithm="maml")])
-def test_carry_inner_state_needs_reptile_with_adam(options):
-    with pytest.raises(ValueError, match="carry_inner_state is for algorithm=reptile with "
-                                         "inner_optimizer=adam"):
+@pytest.mark.parametrize("options,message", [
+    (dict(algorithm="reptile", inner_optimizer="sgd"),
+     "carry_inner_state is for algorithm=reptile with inner_optimizer=adam"),
+    (dict(algorithm="maml"), "carry_inner_state is for algorithm=reptile \\(got algorithm=maml"),
+])
+def test_carry_inner_state_needs_reptile_with_adam(options, message):
+    with pytest.raises(ValueError, match=message):
         config_lib.Config(carry_inner_state=True, **options).validate()
+
+
+@pytest.mark.parametrize("options,message", [
+    (dict(algorithm="maml", inner_batch_size=5), "inner_batch_size is for algorithm=reptile"),
+    (dict(algorithm="anil", meta_step_size=0.5), "meta_step_size is for algorithm=reptile"),
+    (dict(algorithm="maml", inner_optimizer="adam"), "inner_optimizer is for algorithm=reptile"),
+    (dict(algorithm="metasgd", eval_inner_batch_size=5),
+     "eval_inner_batch_size is for algorithm=reptile"),
+    (dict(algorithm="maml", per_step_bn=False), "per_step_bn is for algorithm=mamlpp"),
+    (dict(algorithm="reptile", min_meta_lr=1e-4), "min_meta_lr is for algorithm=mamlpp"),
+    (dict(algorithm="reptile", first_order=True), "first_order does not apply to algorithm=rep"),
+    (dict(algorithm="metasgd", num_inner_steps=0), "pretrained baseline, is for algorithm=maml"),
+    (dict(algorithm="anil", num_inner_steps=0), "pretrained baseline, is for algorithm=maml"),
+    (dict(dataset="omniglot", n_way=1), "n_way must be at least 2 for classification"),
+])
+def test_options_of_another_algorithm_are_refused(options, message):
+    """An option the chosen algorithm would ignore is an error, not silently dropped."""
+    with pytest.raises(ValueError, match=message):
+        config_lib.Config(**options).validate()
+    # Each option is accepted by its own algorithm.
+    name = next(iter(set(options) - {"algorithm"}), None)
+    for algorithm, names in config_lib.ALGORITHM_OPTIONS.items():
+        if name in names:
+            own = dict(algorithm=algorithm, **{name: options[name]})
+            if name == "eval_inner_batch_size" or name == "inner_batch_size":
+                own["inner_optimizer"] = "sgd"
+            config_lib.Config(**own).validate()
 
 
 # -- every algorithm end to end -----------------------------------------------------------------

@@ -230,6 +230,61 @@ def test_training_loop_traces_once():
     assert train_step.experimental_get_tracing_count() == 1
 
 
+@pytest.mark.parametrize("num_inner_steps", [0, 1])
+def test_train_step_logs_are_finite(num_inner_steps):
+    """The pretrained baseline (no inner steps) logs no support loss rather than NaN."""
+    import keras
+    experiment = experiment_lib.build_experiment(
+        config_lib.Config(meta_batch_size=4, num_inner_steps=num_inner_steps))
+    optimizer = keras.optimizers.Adam(1e-3)
+    optimizer.build(experiment.algorithm.meta_variables)
+    train_step = trainer.make_train_step(experiment, optimizer, tf.Variable(0, dtype=tf.int64))
+    logs = train_step(experiment.tasks.sample(tf.constant([0, 1], tf.int64), 4))
+    assert all(np.isfinite(float(value)) for value in logs.values()), logs
+    assert ("support_loss_before_adaptation" in logs) == bool(num_inner_steps)
+
+
+def test_resume_refuses_other_data_and_follows_moved_data(tmp_path):
+    """data_dir may change on resume (moved data), the classes may not (a redrawn split)."""
+    import shutil
+
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+
+    def add_classes(root, first, count):
+        for c in range(first, first + count):
+            (root / f"class_{c:02d}").mkdir(parents=True)
+            for i in range(4):
+                pixels = rng.integers(0, 256, (8, 8), dtype=np.uint8)
+                Image.fromarray(pixels).save(root / f"class_{c:02d}" / f"{i}.png")
+
+    original, moved = tmp_path / "data", tmp_path / "moved"
+    add_classes(original, 0, 10)
+    config = config_lib.Config(dataset="folder", data_dir=str(original), cache_dir="",
+                               n_way=2, k_shot=1, k_query=1, meta_batch_size=2,
+                               num_iterations=2, validate_every=0, checkpoint_every=2)
+    model_dir = str(tmp_path / "run")
+    trainer.train(config, model_dir)
+    shutil.copytree(original, moved)
+    _, step = trainer.train(config_lib.Config(**{**config.to_dict(), "data_dir": str(moved),
+                                                 "num_iterations": 3}), model_dir)
+    assert step == 3
+    add_classes(moved, 10, 5)
+    with pytest.raises(ValueError, match="not the data this run was trained on .*now: test 3 "
+                                         "classes"):
+        trainer.train(config_lib.Config(**{**config.to_dict(), "data_dir": str(moved),
+                                           "num_iterations": 4}), model_dir)
+    # Same counts, other classes.
+    shutil.rmtree(moved)
+    shutil.copytree(original, moved)
+    os.rename(moved / "class_03", moved / "class_99")
+    with pytest.raises(ValueError, match="the class names differ"):
+        trainer.train(config_lib.Config(**{**config.to_dict(), "data_dir": str(moved),
+                                           "num_iterations": 4}), model_dir)
+    assert experiment_lib.restore(model_dir)[1] == 3
+
+
 def test_changed_config_is_refused_and_extension_allowed(tmp_path):
     config = config_lib.Config(num_iterations=10, validate_every=0, meta_batch_size=2)
     trainer.train(config, str(tmp_path))
@@ -238,6 +293,18 @@ def test_changed_config_is_refused_and_extension_allowed(tmp_path):
     _, step = trainer.train(config_lib.Config(**{**config.to_dict(), "num_iterations": 15}),
                             str(tmp_path))
     assert step == 15
+    # Where the outer optimizer's schedule spans num_iterations, extending is refused.
+    for options, schedule in ((dict(algorithm="mamlpp"), "MAML\\+\\+'s cosine schedule"),
+                              (dict(algorithm="reptile"), "Reptile's annealing")):
+        saved = config_lib.Config(**{**config.to_dict(), **options})
+        with pytest.raises(ValueError, match=f"num_iterations: 10 -> 15, which would stretch "
+                                             f"{schedule}"):
+            config_lib.check_resumable(saved, config_lib.Config(**{**saved.to_dict(),
+                                                                   "num_iterations": 15}))
+    constant = config_lib.Config(**{**config.to_dict(), "algorithm": "reptile",
+                                    "meta_step_size_final": 1.0})
+    config_lib.check_resumable(constant, config_lib.Config(**{**constant.to_dict(),
+                                                              "num_iterations": 15}))
 
 
 def test_evaluation_uses_the_same_tasks_for_every_model():
@@ -259,6 +326,11 @@ def test_auto_xla_choices():
     assert not experiment_lib.resolve_jit_compile(config, pooled)
     assert not experiment_lib.resolve_jit_compile(
         config_lib.Config(jit_compile="false"), models.mlp())
+    # Recurrent layers: XLA cannot compile their loops' second derivative.
+    import keras
+    for recurrent in (keras.layers.LSTM(4), keras.layers.Bidirectional(keras.layers.GRU(4))):
+        model = keras.Sequential([keras.Input((5, 3)), recurrent, keras.layers.Dense(2)])
+        assert not experiment_lib.resolve_jit_compile(config, model)
 
 
 def test_confidence_interval():
@@ -310,3 +382,17 @@ def test_cli_trains_evaluates_and_reports_errors(tmp_path):
     changed = _run("tf_maml.train", f"--model_dir={model_dir}", "--num_iterations=30",
                    "--inner_lr=0.1", "--noevaluate")
     assert changed.returncode == 1 and "different configuration" in changed.stderr
+
+
+def test_baseline_on_other_tasks_and_conv_on_vectors_are_refused_in_one_line(tmp_path):
+    run, base = str(tmp_path / "run"), str(tmp_path / "base")
+    config_lib.save(config_lib.Config(), run)  # sine
+    config_lib.save(config_lib.Config(dataset="folder", data_dir="/x"), base)
+    experiment_lib.save_spec(tasks_lib.TaskSpec((8, 8, 1), 5, True), base)
+    with pytest.raises(ValueError, match=r"--baseline_dir .* holds a run on folder tasks, inputs "
+                                         r"\(8, 8, 1\), 5 outputs, model conv4; --model_dir "
+                                         r".*: sine tasks, inputs \(1,\), 1 outputs, model mlp"):
+        reporting.evaluate_and_report(run, baseline_dir=base)
+    with pytest.raises(ValueError, match=r"model conv4 takes images \(height, width, channels\); "
+                                         r"the sine inputs have shape \(1,\)"):
+        experiment_lib.build_experiment(config_lib.Config(model="conv4"))

@@ -5,8 +5,9 @@ import json
 import os
 
 __all__ = ["Config", "CONFIG_FILENAME", "DATASETS", "RL_DATASETS", "MODELS", "STRATEGIES",
-           "ALGORITHMS", "OUTER_OPTIMIZERS", "OMNIGLOT_RESIZE_FILTERS", "load", "save",
-           "TFDS_PREFIX", "DEFAULT_CLASS_SPLIT", "parse_class_split", "is_known_dataset"]
+           "ALGORITHMS", "ALGORITHM_OPTIONS", "OUTER_OPTIMIZERS", "OMNIGLOT_RESIZE_FILTERS",
+           "load", "save", "TFDS_PREFIX", "DEFAULT_CLASS_SPLIT", "parse_class_split",
+           "is_known_dataset"]
 
 CONFIG_FILENAME = "config.json"
 # The one list of each choice; flags' help, validation and the builders use these.
@@ -26,6 +27,13 @@ ALGORITHMS = ("maml", "anil", "metasgd", "mamlpp", "reptile")
 INNER_OPTIMIZERS = ("sgd", "adam")
 OUTER_OPTIMIZERS = ("trpo", "adam")
 OMNIGLOT_RESIZE_FILTERS = ("lanczos", "nearest")
+# Options that only one algorithm reads (validation refuses them, changed, for the others).
+ALGORITHM_OPTIONS = {
+    "mamlpp": ("msl_epochs", "first_order_epochs", "iterations_per_epoch", "per_step_bn",
+               "learn_inner_lr", "min_meta_lr"),
+    "reptile": ("inner_optimizer", "inner_batch_size", "eval_inner_batch_size",
+                "carry_inner_state", "meta_step_size", "meta_step_size_final"),
+}
 
 # Fields that may change when a run is resumed (they do not change what the
 # run computes, or they extend it).
@@ -319,13 +327,25 @@ class Config:
         need(self.inner_optimizer in INNER_OPTIMIZERS,
              f"inner_optimizer must be one of {', '.join(INNER_OPTIMIZERS)}, "
              f"got {self.inner_optimizer!r}")
-        need(self.inner_optimizer == "sgd" or self.algorithm == "reptile",
-             "inner_optimizer=adam is for algorithm=reptile")
-        need(not self.carry_inner_state
-             or (self.algorithm == "reptile" and self.inner_optimizer == "adam"),
-             "carry_inner_state is for algorithm=reptile with inner_optimizer=adam")
-        need(self.algorithm not in ("mamlpp", "reptile") or self.num_inner_steps >= 1,
-             f"algorithm={self.algorithm} needs num_inner_steps >= 1")
+        need(not self.carry_inner_state or self.algorithm != "reptile"
+             or self.inner_optimizer == "adam",
+             "carry_inner_state is for algorithm=reptile with inner_optimizer=adam (SGD has no "
+             "state to carry)")
+        need(self.algorithm == "maml" or self.num_inner_steps >= 1,
+             f"algorithm={self.algorithm} needs num_inner_steps >= 1 (num_inner_steps=0, the "
+             f"pretrained baseline, is for algorithm=maml)")
+        need(not (self.first_order and self.algorithm == "reptile"),
+             "first_order does not apply to algorithm=reptile (its update is first order by "
+             "construction)")
+        # An algorithm's own options, set away from their defaults for another algorithm,
+        # would be silently ignored.
+        defaults = Config()
+        for algorithm, names in ALGORITHM_OPTIONS.items():
+            if self.algorithm != algorithm:
+                for name in names:
+                    need(getattr(self, name) == getattr(defaults, name),
+                         f"{name} is for algorithm={algorithm} (got algorithm="
+                         f"{self.algorithm}, where it would be ignored)")
         if self.recompute_inner_steps:
             need(not self.first_order and self.algorithm != "reptile",
                  "recompute_inner_steps applies to second-order meta-gradients only (first "
@@ -372,9 +392,6 @@ class Config:
         need(isinstance(self.eval_inner_batch_size, int) and self.eval_inner_batch_size >= -1,
              f"eval_inner_batch_size must be -1 (inner_batch_size) or a non-negative integer, "
              f"got {self.eval_inner_batch_size!r}")
-        need(self.eval_inner_batch_size == -1 or self.algorithm == "reptile",
-             f"eval_inner_batch_size is for algorithm=reptile (the other algorithms adapt on "
-             f"the whole support set), got algorithm={self.algorithm!r}")
         need(isinstance(self.omniglot_validation_characters, int)
              and self.omniglot_validation_characters >= 0,
              f"omniglot_validation_characters must be a non-negative integer, got "
@@ -383,6 +400,10 @@ class Config:
              or self.omniglot_validation_characters >= self.n_way,
              f"omniglot_validation_characters ({self.omniglot_validation_characters}) must be "
              f"0 or at least n_way ({self.n_way}): a validation task needs n_way characters")
+        need(self.dataset in ("sine", "custom") + RL_DATASETS or not isinstance(self.n_way, int)
+             or self.n_way >= 2,
+             f"n_way must be at least 2 for classification (one class leaves nothing to tell "
+             f"apart), got {self.n_way}")
         need(self.omniglot_resize_filter in OMNIGLOT_RESIZE_FILTERS,
              f"omniglot_resize_filter must be one of {', '.join(OMNIGLOT_RESIZE_FILTERS)}, got "
              f"{self.omniglot_resize_filter!r}")
@@ -503,6 +524,16 @@ def check_resumable(saved, requested):
     """Raises `ValueError` if `requested` changes what the saved run computes."""
     changed = [f"{k}: {v!r} -> {requested.to_dict()[k]!r}" for k, v in saved.to_dict().items()
                if k not in RESUMABLE_FIELDS and requested.to_dict()[k] != v]
+    if saved.num_iterations != requested.num_iterations:
+        # The outer optimizer's schedule spans num_iterations for these algorithms.
+        schedule = ("MAML++'s cosine schedule of the meta learning rate"
+                    if saved.algorithm == "mamlpp" else
+                    "Reptile's annealing of meta_step_size"
+                    if saved.algorithm == "reptile"
+                    and saved.meta_step_size != saved.meta_step_size_final else None)
+        if schedule:
+            changed.append(f"num_iterations: {saved.num_iterations!r} -> "
+                           f"{requested.num_iterations!r}, which would stretch {schedule}")
     if changed:
         raise ValueError(
             "the model directory holds a run with a different configuration ("

@@ -357,6 +357,9 @@ _CONVOLUTIONS = (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D,
                  keras.layers.Conv1DTranspose, keras.layers.Conv2DTranspose,
                  keras.layers.Conv3DTranspose)
 _MAX_POOLING = (keras.layers.MaxPooling1D, keras.layers.MaxPooling2D, keras.layers.MaxPooling3D)
+# Recurrent layers run graph loops whose second derivative XLA cannot compile
+# (`while_grad`: shapes not known at compile time).
+_RECURRENT = (keras.layers.RNN, keras.layers.Bidirectional)
 
 
 def resolve_jit_compile(config, model):
@@ -368,7 +371,8 @@ def resolve_jit_compile(config, model):
     second derivative XLA computes only approximately (~2% meta-gradient error);
     (c) with `recompute_inner_steps`, whose recomputation XLA's common
     subexpression elimination would merge back into the forward pass (no
-    memory saved).
+    memory saved); (d) for recurrent layers (LSTM, GRU, any `keras.layers.RNN`),
+    whose loops XLA fails to compile under the meta-gradient.
     """
     if config.jit_compile != "auto":
         return config.jit_compile == "true"
@@ -377,6 +381,8 @@ def resolve_jit_compile(config, model):
     if config.is_rl:  # rollouts are graph loops of tiny ops: not measured with XLA
         return False
     layers = _layers(model)
+    if any(isinstance(layer, _RECURRENT) for layer in layers):
+        return False
     has_conv = any(isinstance(layer, _CONVOLUTIONS) for layer in layers)
     has_max_pool = any(isinstance(layer, _MAX_POOLING) for layer in layers)
     second_order = not config.first_order and config.algorithm != "reptile"

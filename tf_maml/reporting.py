@@ -83,7 +83,7 @@ def evaluate_and_report(model_dir, baseline_dir=None, output_dir=None, oracle_di
     # created until then (a mistyped --model_dir must not become a directory).
     config_lib.load(model_dir, "--model_dir")
     if baseline_dir:
-        config_lib.load(baseline_dir, "--baseline_dir")
+        _check_baseline(model_dir, baseline_dir)
     if oracle_dir:
         _check_oracle(config_lib.load(model_dir, "--model_dir"),
                       config_lib.load(oracle_dir, "--oracle_dir"), oracle_dir)
@@ -272,6 +272,27 @@ def _restore_named(model_dir, flag):
         return experiment_lib.restore(model_dir)
     except (FileNotFoundError, ValueError) as e:
         raise type(e)(f"{flag}: {e}") from None
+
+
+def _check_baseline(model_dir, baseline_dir):
+    """Refuses, in one line, a supervised baseline trained on other tasks or another network."""
+    config = config_lib.load(model_dir, "--model_dir")
+    baseline_config = config_lib.load(baseline_dir, "--baseline_dir")
+    if config.is_rl or baseline_config.is_rl:
+        return  # the reinforcement-learning checks name the environments
+
+    def describe(run_config, run_dir):
+        spec = experiment_lib.load_spec(run_dir, run_config)
+        return (run_config.dataset, tuple(spec.input_shape), spec.output_size,
+                run_config.model_for(spec.input_shape))
+
+    ours, theirs = describe(config, model_dir), describe(baseline_config, baseline_dir)
+    if ours != theirs:
+        def text(d):
+            return f"{d[0]} tasks, inputs {d[1]}, {d[2]} outputs, model {d[3]}"
+        raise ValueError(f"--baseline_dir {baseline_dir} holds a run on {text(theirs)}; "
+                         f"--model_dir {model_dir}: {text(ours)}. A baseline is evaluated on "
+                         f"the run's tasks, so it needs the same tasks and network")
 
 
 def _evaluate_rl(model_dir, baseline_dir, output_dir, experiment, step, oracle_dir=None):

@@ -17,6 +17,7 @@ stops with `TrainingDiverged` when the meta-loss or the meta-parameters stop
 being finite: a checkpoint never holds non-finite weights.
 """
 
+import json
 import math
 import os
 import time
@@ -35,6 +36,8 @@ __all__ = ["make_train_step", "make_train_loop", "make_rl_train_step", "train", 
            "CheckpointSaveError"]
 
 NUM_VALIDATION_TASKS = 100
+# The run's data, as `tasks.data_fingerprint` sees it: a resume must find the same.
+DATA_FILENAME = "data_fingerprint.json"
 # RL: goals of the validation during training (seeded by `rl.maml_rl.VALIDATION_SEED`).
 NUM_RL_VALIDATION_TASKS = 20
 # The loop runs as many steps per call as fit in about this many seconds:
@@ -64,8 +67,9 @@ def make_train_step(experiment, optimizer, step_counter, jit_compile=False, stra
 
     Returns:
         A `tf.function` taking a global `Episode`; its logs are scalars over
-        the whole meta-batch: `meta_loss`, `support_loss_before_adaptation` and
-        the query metric after adaptation.
+        the whole meta-batch: `meta_loss`, `support_loss_before_adaptation`
+        (not for the pretrained baseline, which has no inner steps) and the
+        query metric after adaptation.
     """
     config = experiment.config
     algorithm = experiment.algorithm
@@ -82,12 +86,13 @@ def make_train_step(experiment, optimizer, step_counter, jit_compile=False, stra
         meta_loss, grads, outputs = algorithm.meta_step(episode, scale, iteration)
         # Each log is this replica's sum over its tasks / the global task count:
         # summed over replicas, the mean over the meta-batch.
-        return grads, outputs.state_updates or [], {
-            "meta_loss": meta_loss,
-            "support_loss_before_adaptation": tf.reduce_sum(outputs.support_losses) * scale,
-            metric: tf.reduce_sum(
-                experiment.metric_fn(episode.query_y, outputs.query_predictions)) * scale,
-        }
+        logs = {"meta_loss": meta_loss}
+        if config.num_inner_steps:  # the pretrained baseline has no support set to log
+            logs["support_loss_before_adaptation"] = (tf.reduce_sum(outputs.support_losses)
+                                                      * scale)
+        logs[metric] = tf.reduce_sum(
+            experiment.metric_fn(episode.query_y, outputs.query_predictions)) * scale
+        return grads, outputs.state_updates or [], logs
 
     def replica_step(episode):
         grads, state_updates, logs = compute(episode, step_counter.read_value())
@@ -342,6 +347,9 @@ def train(config, model_dir, tasks=None):
         optimizer.build(algorithm.meta_variables)
         step = tf.Variable(0, dtype=tf.int64, name="step",
                            aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+    fingerprint = tasks_lib.data_fingerprint(experiment.tasks)
+    if experiment_lib.checkpoint_paths(checkpoint_dir):
+        _check_same_data(config, model_dir, fingerprint)
     checkpoint = experiment_lib.make_checkpoint(experiment, optimizer=optimizer, step=step)
     all_finite = _make_finite_check(algorithm.meta_variables + algorithm.state_variables)
     # Every worker resumes from the chief's checkpoints: the newest readable one.
@@ -350,6 +358,11 @@ def train(config, model_dir, tasks=None):
     if chief:
         config_lib.save(config, model_dir)
         experiment_lib.save_spec(experiment.spec, model_dir)
+        if fingerprint is not None:
+            path = os.path.join(model_dir, DATA_FILENAME)
+            with open(path + ".tmp", "w") as f:
+                json.dump(fingerprint, f, indent=1)
+            os.replace(path + ".tmp", path)
     start = int(step.numpy())
     if start >= config.num_iterations:
         logging.info("Already trained for %d iterations; nothing to do.", start)
@@ -391,6 +404,39 @@ def train(config, model_dir, tasks=None):
         if not chief:
             tf.io.gfile.rmtree(output_dir)
     return experiment, current
+
+
+def _check_same_data(config, model_dir, fingerprint):
+    """Refuses to resume a run on data other than its own (a changed folder, other classes).
+
+    `data_dir` may change on resume (the data moved), but the classes of each
+    split must be the ones the run was trained on: new classes would redraw the
+    class split and put meta-test classes into meta-training. Runs from before
+    the fingerprint was recorded are not checked.
+    """
+    path = os.path.join(model_dir, DATA_FILENAME)
+    if fingerprint is None or not os.path.exists(path):
+        return
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except (OSError, ValueError):
+        logging.warning("%s is unreadable; the data of the resumed run is not checked", path)
+        return
+    if saved == fingerprint:
+        return
+
+    def describe(print_):
+        return ", ".join(f"{split} {p['classes']} classes / {p['examples']} examples"
+                         for split, p in sorted(print_.items()))
+
+    same_counts = all(saved.get(split, {}).get(key) == value.get(key)
+                      for split, value in fingerprint.items() for key in ("classes", "examples"))
+    raise ValueError(
+        f"the data at data_dir={config.data_dir!r} is not the data this run was trained on "
+        f"(recorded in {path}: {describe(saved)}; now: {describe(fingerprint)}"
+        f"{'; the class names differ' if same_counts else ''}). Resume with the run's own "
+        f"data, or train in a new --model_dir")
 
 
 def _prepare_run_dir(config, model_dir, checkpoint_dir, chief=True):

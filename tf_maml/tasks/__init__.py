@@ -1,5 +1,7 @@
 """Task families. Each yields `Episode`s from a stateless seed: `sample(seed, n, split)`."""
 
+import hashlib
+import json
 import os
 
 from tf_maml import config as config_lib
@@ -12,7 +14,7 @@ from tf_maml.tasks.sources import (ClassPoolTasks, FunctionTasks, array_tasks, f
 
 __all__ = ["Episode", "episode_dataset", "step_seed", "SineTasks", "ImageClassTasks", "TaskSpec",
            "ClassPoolTasks", "FunctionTasks", "array_tasks", "folder_tasks", "tfds_tasks",
-           "split_classes", "spec", "build", "TRAIN", "VALIDATION", "TEST"]
+           "split_classes", "spec", "build", "data_fingerprint", "TRAIN", "VALIDATION", "TEST"]
 
 # Sampling streams: disjoint random sequences for training, validation and test,
 # and the data split each samples from.
@@ -33,6 +35,36 @@ class TaskSpec:
         self.input_shape = tuple(input_shape)
         self.output_size = output_size
         self.is_classification = is_classification
+
+
+def data_fingerprint(tasks):
+    """What identifies a classification task family's data, for checking a resumed run.
+
+    Per split: the number of classes, of examples, and a digest of the class
+    names (where the family has them: folder and tfds data) and of the
+    examples per class. Not the pixels: the same class folders with edited
+    images pass.
+
+    Args:
+        tasks: a task family.
+
+    Returns:
+        A JSON-able dict, or None for families without class splits (sine,
+        function tasks).
+    """
+    num_classes = getattr(tasks, "num_classes", None)
+    counts = getattr(tasks, "counts", None)
+    if not isinstance(num_classes, dict) or not isinstance(counts, dict):
+        return None
+    names = getattr(tasks, "class_names", None) or {}
+    fingerprint = {}
+    for split in sorted(num_classes):
+        split_counts = [int(c) for c in counts[split]]
+        split_names = [str(n) for n in names.get(split, [])]
+        digest = hashlib.sha1(json.dumps([split_names, split_counts]).encode()).hexdigest()
+        fingerprint[split] = {"classes": int(num_classes[split]),
+                              "examples": sum(split_counts), "digest": digest[:16]}
+    return fingerprint
 
 
 def spec(config, input_shape=None, output_size=None, is_classification=None):

@@ -42,7 +42,7 @@ class ImageClassTasks:
             raise ValueError(f"{name}: need 'train' and 'test' splits, got {sorted(splits)}")
         self.n_way, self.k_shot, self.k_query = n_way, k_shot, k_query
         self.rotate_train, self.name = rotate_train, name
-        self.num_classes = {}
+        self.num_classes, self.counts = {}, {}
         self._pools = {}
         for split, images in splits.items():
             images = np.asarray(images)
@@ -66,6 +66,7 @@ class ImageClassTasks:
             # [rotations, classes, examples, H, W, C]; kept on the host as a constant.
             self._pools[split] = tf.constant(np.ascontiguousarray(images))
             self.num_classes[split] = classes
+            self.counts[split] = np.full(classes, images.shape[2], np.int64)
         shapes = {tuple(p.shape[3:]) for p in self._pools.values()}
         if len(shapes) != 1:
             raise ValueError(f"{name}: splits have different image shapes {sorted(shapes)}")
