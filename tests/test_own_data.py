@@ -6,6 +6,7 @@ names its directory (.ci/run sets it), otherwise PNGs drawn with PIL.
 
 import io
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -281,6 +282,39 @@ def test_folder_errors_are_clear(image_folder, tmp_path):
         tasks_lib.folder_tasks(str(image_folder), 2, 4, 4, image_size=14)
 
 
+def test_folder_scales_16_bit_images_and_refuses_wider_ones(tmp_path):
+    from PIL import Image
+    gradient = np.tile(np.linspace(0, 65535, 20).astype(np.uint16), (20, 1))
+    eight_bit = np.tile(np.round(np.linspace(0, 255, 20)).astype(np.uint8), (20, 1))
+    root = tmp_path / "images"
+    for c in range(2):
+        (root / f"c{c}").mkdir(parents=True)
+        Image.fromarray(gradient).save(root / f"c{c}" / "a.png")  # PIL mode I;16
+        # The same picture in 8 and 16 bits (v * 257), and a 32-bit one (mode I, in a TIFF).
+        Image.fromarray(eight_bit).save(root / f"c{c}" / "b.png")
+        Image.fromarray(eight_bit.astype(np.uint16) * 257).save(root / f"c{c}" / "c.png")
+        Image.fromarray(eight_bit.astype(np.int32) * 257).save(root / f"c{c}" / "d.png",
+                                                               format="TIFF")
+    assert Image.open(root / "c0" / "a.png").mode == "I;16"
+    assert Image.open(root / "c0" / "d.png").mode == "I"
+    images, counts, _ = sources.load_folder(str(root))
+    assert images.dtype == np.uint8 and images.shape == (8, 20, 20, 1)
+    np.testing.assert_array_equal(images[0, 0, :, 0], np.rint(gradient[0] / 257))
+    assert images[0].min() == 0 and images[0].max() == 255  # not clipped at 255
+    for i in (1, 2, 3):
+        np.testing.assert_array_equal(images[i, ..., 0], eight_bit)
+
+    Image.fromarray(eight_bit.astype(np.int32) * 1000).save(root / "c1" / "e.png", format="TIFF")
+    with pytest.raises(ValueError, match=r"c1/e.png: a 32-bit integer image with values in "
+                                         r"\[0, 255000\]; expected 8-bit or 16-bit"):
+        sources.load_folder(str(root))
+    os.remove(root / "c1" / "e.png")
+    Image.fromarray(eight_bit.astype(np.float32) / 255).save(root / "c1" / "f.png",
+                                                             format="TIFF")
+    with pytest.raises(ValueError, match=r"c1/f.png: a floating-point image \(PIL mode F\)"):
+        sources.load_folder(str(root))
+
+
 # -- TFDS ---------------------------------------------------------------------------------------
 
 
@@ -337,10 +371,32 @@ def test_function_tasks():
         np.testing.assert_array_equal(a, b)
     assert not np.array_equal(sx, tasks.sample(_seed(8), 5).support_x)
     assert tasks.sample(_seed(7), 2, k_shot=6).support_x.shape == (2, 6, 2)
-    # Eagerly the function's own ValueError; in a graph, TensorFlow's error with its message.
-    with pytest.raises((ValueError, tf.errors.OpError),
-                       match=r"returned 12 rows, fewer than k_shot \+ k_query = 13"):
+    # Eagerly the function's own ValueError; in a graph, TensorFlow's error holds its one line.
+    with pytest.raises(ValueError, match=r"^_line\(\d+\) returned 12 rows, fewer than k_shot "
+                                         r"\+ k_query = 13$"):
         tasks.sample(_seed(7), 2, k_shot=7)
+    with pytest.raises(tf.errors.OpError) as e:
+        next(iter(tf.data.Dataset.from_tensors(_seed(7)).map(
+            lambda s: tasks.sample(s, 2, k_shot=7))))
+    assert re.fullmatch(r"_line\(\d+\) returned 12 rows, fewer than k_shot \+ k_query = 13",
+                        sources.user_error(e.value))
+    assert "Traceback" not in str(e.value)
+
+    def fails_later(seed):
+        if seed:
+            raise KeyError(seed)
+        return _line(seed)
+
+    def other_shape(seed):
+        x, y = _line(seed)
+        return (x, y) if seed == 0 else (x[:, :1], y)
+
+    for function, pattern in ((fails_later, r"fails_later\((\d+)\) raised KeyError: \1$"),
+                              (other_shape, r"other_shape\(\d+\) returned x \(12, 1\) and y "
+                                            r"\(12, 1\); expected rows of shape \(2,\) and "
+                                            r"\(1,\) as other_shape\(0\) returned$")):
+        with pytest.raises(ValueError, match="^" + pattern):
+            tasks_lib.FunctionTasks(function, k_shot=4, k_query=6).sample(_seed(7), 2)
     with pytest.raises(ValueError, match=r"_line\(0\) returned 12 rows, fewer than k_shot \+ "
                                          "k_query = 20"):
         tasks_lib.FunctionTasks(_line, k_shot=10, k_query=10)

@@ -396,3 +396,17 @@ def test_baseline_on_other_tasks_and_conv_on_vectors_are_refused_in_one_line(tmp
     with pytest.raises(ValueError, match=r"model conv4 takes images \(height, width, channels\); "
                                          r"the sine inputs have shape \(1,\)"):
         experiment_lib.build_experiment(config_lib.Config(model="conv4"))
+
+
+def test_a_task_function_failing_in_training_stops_the_trainer_in_one_line(tmp_path):
+    def sample_task(seed):  # fine for seed 0 (checked when built), short afterwards
+        rows = 15 if seed == 0 else 3
+        x = np.linspace(-1, 1, rows, dtype=np.float32)[:, None]
+        return x, 2 * x
+
+    tasks = tasks_lib.FunctionTasks(sample_task, k_shot=5, k_query=10)
+    config = config_lib.Config(dataset="custom", num_iterations=5, meta_batch_size=2,
+                               validate_every=0, jit_compile="false")
+    with pytest.raises(ValueError, match=r"^sample_task\(\d+\) returned 3 rows, fewer than "
+                                         r"k_shot \+ k_query = 15$"):
+        trainer.train(config, str(tmp_path / "run"), tasks=tasks)

@@ -26,6 +26,7 @@ the query sets *after* adaptation (`num_inner_steps` steps in `fit`,
 `num_eval_steps` in `evaluate`).
 """
 
+import contextlib
 import dataclasses
 import math
 
@@ -38,6 +39,7 @@ from tf_maml import config as config_lib
 from tf_maml import experiment as experiment_lib
 from tf_maml import tasks as tasks_lib
 from tf_maml.tasks import Episode
+from tf_maml.tasks import sources
 
 __all__ = ["MetaLearner", "Episodes", "keras_task_loss"]
 
@@ -172,7 +174,8 @@ def _as_episode(data):
     raise ValueError(
         "MetaLearner expects meta-batches: tf_maml.Episodes(tasks, meta_batch_size), or a "
         "tf.data.Dataset of Episode (support_x, support_y, query_x, query_y, each with a "
-        f"leading task axis); got an element of type {type(data).__name__}")
+        "leading task axis); got " + (f"elements {data}" if isinstance(data, tf.TypeSpec)
+                                      else f"an element of type {type(data).__name__}"))
 
 
 @keras.saving.register_keras_serializable(package="tf_maml")
@@ -269,7 +272,7 @@ class MetaLearner(keras.Model):
                 for v in carried]
         self.is_classification = None
         self._sources, self._source_count, self._validation_key = {}, 0, None
-        self._task_input_shape = None
+        self._task_input_shape = self._task_output_size = None
         self._loss_cache = (None, None)
         self.built = True
 
@@ -279,6 +282,8 @@ class MetaLearner(keras.Model):
         config = super().get_config()
         config.update(model=keras.saving.serialize_keras_object(self.model),
                       is_classification=self.is_classification,
+                      task_input_shape=self._task_input_shape,
+                      task_output_size=self._task_output_size,
                       **{k: v for k, v in self.meta_config.to_dict().items()
                          if k in LEARNER_FIELDS})
         return config
@@ -288,8 +293,12 @@ class MetaLearner(keras.Model):
         config = dict(config)
         model = keras.saving.deserialize_keras_object(config.pop("model"))
         is_classification = config.pop("is_classification", None)
+        input_shape = config.pop("task_input_shape", None)
+        output_size = config.pop("task_output_size", None)
         learner = cls(model, **config)
         learner.is_classification = is_classification
+        learner._task_input_shape = None if input_shape is None else tuple(input_shape)
+        learner._task_output_size = output_size
         return learner
 
     def default_optimizer(self):
@@ -329,6 +338,8 @@ class MetaLearner(keras.Model):
                 and not isinstance(data, tf.data.Dataset):
             data = Episodes(data, self.meta_config.meta_batch_size,
                             "train" if training else "val")
+        if isinstance(data, tf.data.Dataset):
+            return self._checked_dataset(data)
         if not isinstance(data, Episodes):
             return data
         if training and data.split != "train":
@@ -347,7 +358,13 @@ class MetaLearner(keras.Model):
                     lambda _: tf.data.Dataset.range(start.read_value(), 2**62))
             else:
                 steps = tf.data.Dataset.range(data.evaluation_batches())
-            return steps.map(data.sample, num_parallel_calls=tf.data.AUTOTUNE,
+            outputs = self._num_outputs()
+
+            def sample(index):
+                episode = data.sample(index)
+                return self._labels_checked(episode, episode, outputs)
+
+            return steps.map(sample, num_parallel_calls=tf.data.AUTOTUNE,
                              deterministic=True).prefetch(tf.data.AUTOTUNE)
         # Several replicas: every replica samples the step's meta-batch inside the step
         # (from the iteration counter when training) and takes its own slice of tasks.
@@ -368,13 +385,116 @@ class MetaLearner(keras.Model):
                                                name="episodes_start")
         return self._data_start
 
+    def _checked_dataset(self, dataset):
+        """A user's dataset of meta-batches, checked where it enters.
+
+        The shapes now, from its element spec (against the model's input and
+        each other); integer labels of classification losses in every
+        element as it is read (in the tf.data pipeline, beside the step: an
+        out-of-range label fails `fit` with a one-line error instead of
+        training to NaN).
+        """
+        spec = _as_episode(dataset.element_spec)
+        self._check_shapes(*(tf.TensorShape(t.shape) for t in spec))
+        if not self._labels_index_outputs() or not any(
+                t.dtype.is_integer for t in (spec.support_y, spec.query_y)):
+            return dataset
+        outputs = self._num_outputs(tf.TensorShape(spec.support_x.shape)[2:])
+
+        def check(*element):
+            element = element[0] if len(element) == 1 else element
+            return self._labels_checked(element, _as_episode(element), outputs)
+
+        return dataset.map(check)
+
+    def _check_shapes(self, support_x, support_y, query_x, query_y=None, single=False):
+        """Raises a one-line ValueError unless task-batched shapes fit the model and each other.
+
+        Args:
+            support_x, support_y, query_x, query_y: `tf.TensorShape`s with the
+                task axis (`query_y` may be None).
+            single: the task axis was added to one task's inputs (messages
+                show the shapes without it).
+
+        Raises:
+            ValueError: examples that are not of the model's input shape, not
+                one label per example, or different task counts.
+        """
+        def shown(shape):
+            return tuple(shape[1:] if single else shape)
+
+        expected = _input_shape(self.model) or self._task_input_shape
+        for name, shape in (("support_x", support_x), ("query_x", query_x)):
+            if expected is not None and not shape[2:].is_compatible_with(expected):
+                raise ValueError(f"{name} must hold examples of the model's input shape "
+                                 f"{expected}, got {name} of shape {shown(shape)}")
+        for name, x, y in (("support", support_x, support_y), ("query", query_x, query_y)):
+            if y is not None and not y[:2].is_compatible_with(x[:2]):
+                raise ValueError(f"{name}_y must hold one label per {name}_x example, got "
+                                 f"{name}_x of shape {shown(x)} and {name}_y of shape "
+                                 f"{shown(y)}")
+            if (y is not None and self._labels_index_outputs() and y.rank is not None
+                    and y.rank > 2 and not y[2:].is_compatible_with([1] * (y.rank - 2))):
+                raise ValueError(f"{name}_y must hold one integer class label per example, "
+                                 f"got {name}_y of shape {shown(y)}")
+        if not single and not query_x[:1].is_compatible_with(support_x[:1]):
+            raise ValueError(f"support_x and query_x must hold the same tasks, got "
+                             f"{support_x[0]} and {query_x[0]} tasks")
+
+    def _labels_index_outputs(self):
+        """Whether integer labels index the model's outputs (classification, sparse labels)."""
+        if self.is_classification:
+            return True
+        try:
+            loss = keras.losses.get(getattr(self, "loss", None))
+        except (ValueError, TypeError):
+            return False
+        return _loss_name(loss) == "sparse_categorical_crossentropy"
+
+    def _num_outputs(self, example_shape=None):
+        """The model's output size: Keras', the tasks', or (subclassed) that of one call."""
+        size = _output_size(self.model) or self._task_output_size
+        if size is None and example_shape is not None and example_shape.is_fully_defined():
+            dtype = self.algorithm.meta_variables[0].dtype
+            size = self.model(tf.zeros([1, *example_shape], dtype), training=False).shape[-1]
+        return size
+
+    def _labels_checked(self, tensors, episode, num_outputs):
+        """`tensors` after a check that the episode's integer labels index the model's outputs.
+
+        Only for classification losses with integer labels; eagerly a failed
+        check raises at once, in a graph (a tf.data map) when it runs (see
+        `tf_maml.tasks.sources.checked`).
+        """
+        if num_outputs is None or not self._labels_index_outputs():
+            return tensors
+        for name in ("support_y", "query_y"):
+            y = getattr(episode, name, None)
+            if y is None or not y.dtype.is_integer:
+                continue
+            low = tf.cast(tf.reduce_min(y), tf.int64)
+            high = tf.cast(tf.reduce_max(y), tf.int64)
+            message = tf.strings.format(f"{name} labels must be in [0, {num_outputs}), got {{}}",
+                                        tf.where(low < 0, low, high))
+            tensors = sources.checked((low >= 0) & (high < num_outputs), message, tensors)
+        return tensors
+
     def _note_task_kind(self, tasks):
         kind = getattr(tasks, "is_classification", None)
         if kind is not None:
             self.is_classification = bool(kind)
-        if getattr(tasks, "input_shape", None) is not None:
-            self._task_input_shape = tuple(tasks.input_shape)
+        task_shape = getattr(tasks, "input_shape", None)
+        if task_shape is not None:
+            self._task_input_shape = task_shape = tuple(task_shape)
+        model_shape = _input_shape(self.model)
+        if (task_shape is not None and model_shape is not None
+                and not tf.TensorShape(task_shape).is_compatible_with(model_shape)):
+            raise ValueError(f"the model takes inputs of shape {model_shape} but the tasks' "
+                             f"inputs are {task_shape}: build it for input_shape="
+                             "tasks.input_shape")
         outputs, size = _output_size(self.model), getattr(tasks, "output_size", None)
+        if size is not None:
+            self._task_output_size = int(size)
         if kind and size is not None and outputs is not None and size != outputs:
             raise ValueError(f"the model outputs {outputs} values but the tasks are "
                              f"{size}-way: give the model {size} outputs (one logit per class)")
@@ -486,7 +606,8 @@ class MetaLearner(keras.Model):
             inputs had one.
 
         Raises:
-            ValueError: inputs that do not fit the model.
+            ValueError: inputs that do not fit the model or each other, or
+                (classification) labels outside `[0, outputs)`.
         """
         input_shape = _input_shape(self.model) or self._task_input_shape
         if input_shape is None:
@@ -501,13 +622,14 @@ class MetaLearner(keras.Model):
             raise ValueError(f"support_x must be [k, {shape}] or have a leading task axis, got "
                              f"shape {support_x.shape}")
         support_y = tf.convert_to_tensor(support_y)
-        if not self.is_classification and support_y.dtype != dtype:
-            support_y = tf.cast(support_y, dtype)
         if single:
             support_x, support_y, query_x = support_x[None], support_y[None], query_x[None]
-        if query_x.shape.rank != support_x.shape.rank:
-            raise ValueError(f"query_x has shape {query_x.shape}, support_x {support_x.shape}: "
-                             "they must have the same rank")
+        self._check_shapes(support_x.shape, support_y.shape, query_x.shape, single=single)
+        if self._labels_index_outputs():
+            support_y = self._labels_checked(support_y, Episode(None, support_y, None, None),
+                                             self._num_outputs(support_x.shape[2:]))
+        if not self.is_classification and support_y.dtype != dtype:
+            support_y = tf.cast(support_y, dtype)
         steps = self.meta_config.num_eval_steps if num_steps is None else int(num_steps)
         if steps < 0:
             raise ValueError(f"num_steps must be >= 0, got {steps}")
@@ -554,9 +676,10 @@ class MetaLearner(keras.Model):
             self.algorithm, metric_fn, num_steps, transductive=self.meta_config.transductive,
             transductive_support=self.meta_config.transductive_support)
         stream = tasks_lib.VALIDATION if split == "val" else tasks_lib.TEST
-        per_task = evaluation.evaluate_model(
-            curve, self.algorithm.meta_variables, tasks,
-            self.meta_config.seed if seed is None else seed, num_tasks, stream, batch_size)
+        with _one_line_errors():
+            per_task = evaluation.evaluate_model(
+                curve, self.algorithm.meta_variables, tasks,
+                self.meta_config.seed if seed is None else seed, num_tasks, stream, batch_size)
         mean, ci95 = evaluation.summarize(per_task)
         return {"metric": metric_name, "steps": list(range(num_steps + 1)),
                 "mean": [float(m) for m in mean], "ci95": [float(c) for c in ci95]}
@@ -581,22 +704,24 @@ class MetaLearner(keras.Model):
                                     if self.distribute_strategy.num_replicas_in_sync > 1
                                     else None)
         x = self._as_dataset(x, training=True)
-        self._build_metrics(x)
         kwargs.setdefault("shuffle", False)  # episodes are sampled, never shuffled
         # Last, so that it runs after BackupAndRestore has restored the counter.
         kwargs["callbacks"] = list(kwargs.get("callbacks") or []) + [_StartAtIteration()]
-        return super().fit(x, validation_data=validation_data, **kwargs)
+        with _one_line_errors():
+            self._build_metrics(x)
+            return super().fit(x, validation_data=validation_data, **kwargs)
 
     def evaluate(self, x=None, y=None, **kwargs):
         """`keras.Model.evaluate`: the loss and compiled metrics after `num_eval_steps` steps."""
         if y is not None:
             raise ValueError("MetaLearner.evaluate takes meta-batches; y must be None")
-        if not kwargs.get("_use_cached_eval_dataset"):
-            self._check_compiled()
-            self._validation_key = None
-            x = self._as_dataset(x, training=False)
-            self._build_metrics(x)
-        return super().evaluate(x, **kwargs)
+        with _one_line_errors():
+            if not kwargs.get("_use_cached_eval_dataset"):
+                self._check_compiled()
+                self._validation_key = None
+                x = self._as_dataset(x, training=False)
+                self._build_metrics(x)
+            return super().evaluate(x, **kwargs)
 
     def _build_metrics(self, dataset):
         """Builds the compiled metrics from one meta-batch's query set.
@@ -647,7 +772,7 @@ class MetaLearner(keras.Model):
                              "is_classification=True/False) (it is known after fit or "
                              "evaluate on a task family)")
         input_shape = input_shape or _input_shape(self.model) or self._task_input_shape
-        output_size = output_size or _output_size(self.model)
+        output_size = output_size or _output_size(self.model) or self._task_output_size
         if input_shape is None or output_size is None:
             raise ValueError("the model's input shape or output size is unknown (a subclassed "
                              "model): fit it on a task family first")
@@ -700,6 +825,24 @@ class _StartAtIteration(keras.callbacks.Callback):
         start = getattr(self.model, "_data_start", None)
         if start is not None:
             start.assign(tf.cast(self.model.optimizer.iterations, tf.int64))
+
+
+@contextlib.contextmanager
+def _one_line_errors():
+    """Re-raises a user mistake found inside a graph or the input pipeline (a failed
+    `tf_maml.tasks.sources.checked`) as its one-line ValueError, without TensorFlow's trace."""
+    try:
+        yield
+    except tf.errors.OpError as e:
+        message = sources.user_error(e)
+        if message is None:
+            raise
+        raise ValueError(message) from None
+
+
+def _loss_name(loss):
+    """A Keras loss's function name (`keras.losses.SparseCategoricalCrossentropy` wraps one)."""
+    return getattr(getattr(loss, "fn", loss), "__name__", type(loss).__name__)
 
 
 def _compiled_adapt(learner, use_lr):

@@ -399,6 +399,12 @@ def train(config, model_dir, tasks=None):
             config, step, all_finite, manager, writer, start, latest,
             lambda num_steps: train_loop(iterator, tf.constant(num_steps, tf.int64)),
             lambda current: _validate(experiment, curve_fn, writer, current), chief=chief)
+    except tf.errors.OpError as e:
+        # A user's task function that failed in the input pipeline (`tasks.FunctionTasks`).
+        message = tasks_lib.sources.user_error(e)
+        if message is None:
+            raise
+        raise ValueError(message) from None
     finally:
         writer.flush()
         if not chief:

@@ -29,14 +29,60 @@ from tf_maml.tasks import cache as cache_lib
 from tf_maml.tasks.episodes import Episode
 
 __all__ = ["ClassPoolTasks", "FunctionTasks", "array_tasks", "folder_tasks", "tfds_tasks",
-           "split_classes", "load_folder", "IMAGE_EXTENSIONS", "DEFAULT_CLASS_SPLIT"]
+           "split_classes", "load_folder", "checked", "user_error", "IMAGE_EXTENSIONS",
+           "DEFAULT_CLASS_SPLIT"]
 
 SPLITS = ("train", "val", "test")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
 # Part of the folder cache key: bump when the decoded arrays change for the same files.
-_CACHE_VERSION = 1
-_GRAY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")
+_CACHE_VERSION = 2
+_GRAY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 _MAX_NAMED = 8
+# Marks the message of a user mistake found inside a graph or a tf.data pipeline (`checked`),
+# so that `user_error` can find it in the error TensorFlow raises.
+ERROR_TAG = "[tf_maml] "
+
+
+def checked(ok, message, tensors):
+    """`tensors`, available only once an in-graph check has passed.
+
+    Args:
+        ok: scalar bool tensor.
+        message: scalar string tensor, the one-line error if `ok` is false.
+        tensors: a structure of tensors.
+
+    Returns:
+        `tensors` (the same structure) after the check.
+
+    Raises:
+        ValueError: eagerly, `message` when `ok` is false. In a graph the step
+            fails with a `tf.errors.InvalidArgumentError` holding the message;
+            `user_error` finds it there.
+    """
+    if tf.executing_eagerly():
+        if not bool(ok):
+            raise ValueError(message.numpy().decode())
+        return tensors
+    check = tf.debugging.Assert(ok, [tf.strings.join([ERROR_TAG, message])])
+    with tf.control_dependencies([check]):
+        return tf.nest.map_structure(tf.identity, tensors)
+
+
+def user_error(error):
+    """The one-line message of a failed `checked` in TensorFlow's error, or None.
+
+    Args:
+        error: an exception (e.g. the `tf.errors.OpError` a step raised).
+
+    Returns:
+        The message given to `checked`, or None if `error` holds none.
+    """
+    text = getattr(error, "message", None) or str(error)
+    start = text.find(ERROR_TAG)
+    if start < 0:
+        return None
+    line = text[start + len(ERROR_TAG):].split("\n", 1)[0]
+    return line[:-1] if line.endswith("]") else line  # Assert prints its data as [message]
 
 
 def _names(items, limit=_MAX_NAMED):
@@ -407,6 +453,32 @@ def _open(path):
         raise ValueError(f"{path}: not a readable image ({e})") from None
 
 
+def _to_8_bits(image, path):
+    """A 16-bit grayscale image (PIL modes I;16*, or I with values in 0..65535) as 8 bits.
+
+    Values are scaled by 255 / 65535 (v / 257, rounded); PIL's own conversion
+    clips them to 255 instead.
+
+    Args:
+        image: a PIL image.
+        path: its file, for messages.
+
+    Returns:
+        `image` itself, or an 8-bit ("L") copy of a 16-bit one.
+
+    Raises:
+        ValueError: a 32-bit integer image with values outside 0..65535.
+    """
+    from PIL import Image
+    if image.mode != "I" and not image.mode.startswith("I;16"):
+        return image
+    values = np.asarray(image).astype(np.int64)
+    if values.size and (values.min() < 0 or values.max() > 65535):
+        raise ValueError(f"{path}: a 32-bit integer image with values in [{values.min()}, "
+                         f"{values.max()}]; expected 8-bit or 16-bit (0..65535) images")
+    return Image.fromarray(np.rint(values / 257).astype(np.uint8))
+
+
 def _decode_folder(data_dir, classes, image_size, channels):
     """`(images [examples, H, W, C] uint8, counts [classes])` decoded with PIL."""
     from PIL import Image
@@ -419,6 +491,9 @@ def _decode_folder(data_dir, classes, image_size, channels):
                 sizes.setdefault(image.size, path)
         except Exception as e:  # PIL raises many types for bad data
             raise ValueError(f"{path}: not a readable image ({e})") from None
+        if image.mode == "F":
+            raise ValueError(f"{path}: a floating-point image (PIL mode F); expected 8-bit or "
+                             "16-bit images")
         if image_size is None and len(sizes) > 1:
             (w1, h1), (w2, h2) = list(sizes)[:2]
             raise ValueError(
@@ -430,7 +505,7 @@ def _decode_folder(data_dir, classes, image_size, channels):
     images = []
     for path in paths:
         with _open(path) as image:
-            image = image.convert("L" if channels == 1 else "RGB")
+            image = _to_8_bits(image, path).convert("L" if channels == 1 else "RGB")
             if image_size is not None:
                 image = image.resize(image_size[::-1], Image.LANCZOS)
             array = np.asarray(image, dtype=np.uint8)
@@ -445,6 +520,7 @@ def load_folder(data_dir, image_size=None, channels=None, cache_dir=None):
     The layout `keras.utils.image_dataset_from_directory` reads:
     `data_dir/<class>/<image>` (images in nested folders count for their
     class; hidden files are skipped), PNG, JPEG, BMP or GIF (first frame).
+    16-bit grayscale images are scaled to 8 bits (v / 257, rounded).
 
     Args:
         data_dir: the folder.
@@ -464,7 +540,8 @@ def load_folder(data_dir, image_size=None, channels=None, cache_dir=None):
     Raises:
         FileNotFoundError: `data_dir` does not exist.
         ValueError: no class folders, an unreadable image (named), mixed image
-            sizes without `image_size`.
+            sizes without `image_size`, a floating-point or 32-bit image
+            (named; PIL modes F, or I beyond 16 bits).
     """
     image_size = _image_size(image_size)
     if channels not in (None, 0, 1, 3):
@@ -670,7 +747,10 @@ class FunctionTasks:
 
     Raises:
         ValueError: bad `k_shot`/`k_query`, or `sample_task(0)` returns
-            arrays of the wrong kind or too few rows.
+            arrays of the wrong kind or too few rows. A later task that is
+            bad (or a `sample_task` that raises) fails the graph step that
+            samples it with the one-line message `user_error` finds
+            (`MetaLearner.fit` raises it as a `ValueError`).
 
     Example:
 
@@ -694,26 +774,36 @@ class FunctionTasks:
             self._takes_split = "split" in inspect.signature(sample_task).parameters
         except (TypeError, ValueError):
             self._takes_split = False
+        self.input_shape = self.output_size = None
         x, y = self._call(0, "train", k_shot + k_query)
         self.input_shape = tuple(x.shape[1:])
         self.output_size = int(y.shape[1])
 
+    @property
+    def _name(self):
+        return getattr(self.sample_task, "__name__", "sample_task")
+
     def _call(self, seed, split, rows):
         """One task's first `rows` rows as float32 `(x [rows, ...], y [rows, outputs])`."""
-        name = getattr(self.sample_task, "__name__", "sample_task")
+        name = self._name
         result = (self.sample_task(seed, split=split) if self._takes_split
                   else self.sample_task(seed))
         if not isinstance(result, (tuple, list)) or len(result) != 2:
-            raise ValueError(f"{name}(seed) must return (x, y), got {type(result).__name__}")
+            raise _BadTask(f"{name}(seed) must return (x, y), got {type(result).__name__}")
         x, y = (np.asarray(a) for a in result)
         if y.ndim == 1:
             y = y[:, None]
         if x.ndim < 1 or y.ndim != 2 or len(x) != len(y):
-            raise ValueError(f"{name}({seed}) returned x {x.shape} and y {y.shape}; expected "
-                             "the same number of rows, y [rows] or [rows, outputs]")
+            raise _BadTask(f"{name}({seed}) returned x {x.shape} and y {y.shape}; expected "
+                           "the same number of rows, y [rows] or [rows, outputs]")
         if len(x) < rows:
-            raise ValueError(f"{name}({seed}) returned {len(x)} rows, fewer than k_shot + "
-                             f"k_query = {rows}")
+            raise _BadTask(f"{name}({seed}) returned {len(x)} rows, fewer than k_shot + "
+                           f"k_query = {rows}")
+        if self.input_shape is not None and (x.shape[1:] != self.input_shape
+                                             or y.shape[1] != self.output_size):
+            raise _BadTask(f"{name}({seed}) returned x {x.shape} and y {y.shape}; expected "
+                           f"rows of shape {self.input_shape} and ({self.output_size},) as "
+                           f"{name}(0) returned")
         return x[:rows].astype(np.float32), y[:rows].astype(np.float32)
 
     def sample(self, seed, meta_batch_size, split="train", k_shot=None):
@@ -730,17 +820,42 @@ class FunctionTasks:
 
         Returns:
             An `Episode` of float32 tensors `[tasks, k, ...]`.
+
+        Raises:
+            ValueError: eagerly, a task's bad rows or `sample_task`'s error
+                (in a graph: see `checked`).
         """
         k_shot = self.k_shot if k_shot is None else k_shot
         rows = k_shot + self.k_query
         seeds = tf.random.stateless_uniform([meta_batch_size], seed, minval=0,
                                             maxval=2**31 - 1, dtype=tf.int64)
 
-        def tasks(seeds):
-            pairs = [self._call(int(s), split, rows) for s in seeds]
-            return np.stack([x for x, _ in pairs]), np.stack([y for _, y in pairs])
+        x_shape = [meta_batch_size, rows, *self.input_shape]
+        y_shape = [meta_batch_size, rows, self.output_size]
 
-        x, y = tf.numpy_function(tasks, [seeds], [tf.float32, tf.float32], stateful=False)
-        x.set_shape([meta_batch_size, rows, *self.input_shape])
-        y.set_shape([meta_batch_size, rows, self.output_size])
+        @tf.autograph.experimental.do_not_convert
+        def tasks(seeds):
+            # A failure becomes an error message (and placeholder rows), raised by `checked`
+            # in one line rather than in TensorFlow's traceback of this function.
+            pairs = []
+            for seed in seeds.tolist():
+                try:
+                    pairs.append(self._call(seed, split, rows))
+                except _BadTask as e:
+                    return np.zeros(x_shape, np.float32), np.zeros(y_shape, np.float32), str(e)
+                except Exception as e:  # the user's function failed: name it and the seed
+                    text = " ".join(str(e).split())
+                    return (np.zeros(x_shape, np.float32), np.zeros(y_shape, np.float32),
+                            f"{self._name}({seed}) raised {type(e).__name__}: {text}")
+            return np.stack([x for x, _ in pairs]), np.stack([y for _, y in pairs]), ""
+
+        x, y, error = tf.numpy_function(tasks, [seeds], [tf.float32, tf.float32, tf.string],
+                                        stateful=False)
+        x, y = checked(tf.equal(error, ""), error, (x, y))
+        x.set_shape(x_shape)
+        y.set_shape(y_shape)
         return Episode(x[:, :k_shot], y[:, :k_shot], x[:, k_shot:], y[:, k_shot:])
+
+
+class _BadTask(ValueError):
+    """`FunctionTasks.sample_task` returned something other than a task's rows."""

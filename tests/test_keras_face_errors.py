@@ -1,0 +1,185 @@
+"""The Keras face's answers to user mistakes: one-line `ValueError`s, never NaN or a graph trace.
+
+Out-of-range labels, shapes that do not fit the model or each other, and a
+task function that fails late in training; and the export of a subclassed
+model, whose shapes only the task family knows.
+"""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import tf_maml
+from tf_maml.keras_face import Episodes, MetaLearner
+
+
+def _learner(model=None):
+    keras.utils.set_random_seed(0)
+    learner = MetaLearner(model or keras.Sequential([keras.Input((8,)), keras.layers.Dense(3)]),
+                          inner_lr=0.1)
+    learner.compile(optimizer="adam",
+                    loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                    metrics=["accuracy"])
+    return learner
+
+
+def _episodes(*labels, features=8, as_tuples=False):
+    """A dataset of meta-batches of 4 tasks, one per row of `labels` (support = query labels)."""
+    rng = np.random.default_rng(0)
+    elements = []
+    for row in labels:
+        y = np.tile(np.asarray(row, np.int32), (4, 1))
+        x = rng.random((2, 4, len(row), features), np.float32)
+        elements.append((x[0], y, x[1], y) if as_tuples else
+                        {"support_x": x[0], "support_y": y, "query_x": x[1], "query_y": y})
+    dataset = tf.data.Dataset.from_tensors(elements[0])
+    for element in elements[1:]:
+        dataset = dataset.concatenate(tf.data.Dataset.from_tensors(element))
+    return dataset
+
+
+def _one_line(error_info, pattern):
+    message = str(error_info.value)
+    assert "\n" not in message, message
+    assert error_info.match(pattern)
+
+
+def test_out_of_range_labels_fail_fit_and_evaluate_in_one_line():
+    learner = _learner()
+    history = learner.fit(_episodes([0, 1, 2], [2, 1, 0]), epochs=1, verbose=0)
+    assert np.isfinite(history.history["loss"][0])  # the check lets valid labels through
+    for labels, got in (([1, 2, 3], 3), ([-1, 0, 1], -1)):
+        with pytest.raises(ValueError) as e:
+            learner.fit(_episodes(labels), epochs=1, verbose=0)
+        _one_line(e, rf"^support_y labels must be in \[0, 3\), got {got}$")
+    # A bad meta-batch after good ones (checked as each is read), as tuples.
+    with pytest.raises(ValueError) as e:
+        learner.fit(_episodes([0, 1, 2], [0, 1, 2], [0, 5, 1], as_tuples=True), epochs=1,
+                    verbose=0)
+    _one_line(e, r"^support_y labels must be in \[0, 3\), got 5$")
+    with pytest.raises(ValueError) as e:
+        learner.evaluate(_episodes([0, 1, 2], [0, 3, 1]), verbose=0)
+    _one_line(e, r"^support_y labels must be in \[0, 3\), got 3$")
+    # The failed runs did not train to NaN.
+    assert all(np.isfinite(w).all() for w in learner.model.get_weights())
+
+
+def test_adapt_and_predict_checks_labels_and_shapes_eagerly():
+    learner = _learner()
+    rng = np.random.default_rng(0)
+    sx, labels = rng.random((3, 8), np.float32), np.array([0, 1, 2])
+    assert learner.adapt_and_predict(sx, labels, sx).shape == (3, 3)
+    cases = [
+        ((sx, np.array([1, 2, 3]), sx), r"support_y labels must be in \[0, 3\), got 3"),
+        ((sx, np.array([-1, 0, 1]), sx), r"support_y labels must be in \[0, 3\), got -1"),
+        ((rng.random((3, 7), np.float32), labels, sx),
+         r"support_x must hold examples of the model's input shape \(8,\), got support_x of "
+         r"shape \(3, 7\)"),
+        ((sx, np.array([0, 1]), sx),
+         r"support_y must hold one label per support_x example, got support_x of shape "
+         r"\(3, 8\) and support_y of shape \(2,\)"),
+        ((sx, labels, rng.random((3, 9), np.float32)),
+         r"query_x must hold examples of the model's input shape \(8,\), got query_x of shape "
+         r"\(3, 9\)"),
+        ((sx, np.eye(3, dtype=np.float32), sx),
+         r"support_y must hold one integer class label per example, got support_y of shape "
+         r"\(3, 3\)"),
+        ((np.stack([sx, sx]), np.stack([labels, labels]), np.stack([sx, sx, sx])),
+         r"support_x and query_x must hold the same tasks, got 2 and 3 tasks"),
+    ]
+    for args, pattern in cases:
+        with pytest.raises(ValueError) as e:
+            learner.adapt_and_predict(*args)
+        _one_line(e, "^" + pattern + "$")
+
+
+def test_shapes_that_do_not_fit_the_model_are_refused_before_training():
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, (120, 20, 20, 3), dtype=np.uint8)
+    tasks = tf_maml.tasks.array_tasks(images, np.arange(120) % 20, n_way=3, k_shot=1, k_query=2)
+    for model, shape in ((tf_maml.models.conv4(3, input_shape=(28, 28, 1), filters=4),
+                          r"\(28, 28, 1\)"),
+                         (keras.Sequential([keras.Input((1200,)), keras.layers.Dense(3)]),
+                          r"\(1200,\)")):
+        with pytest.raises(ValueError) as e:
+            _learner(model).fit(Episodes(tasks, 2), epochs=1, steps_per_epoch=1, verbose=0)
+        _one_line(e, rf"^the model takes inputs of shape {shape} but the tasks' inputs are "
+                     r"\(20, 20, 3\)")
+    learner = _learner()
+    with pytest.raises(ValueError) as e:
+        learner.fit(_episodes([0, 1, 2], features=7), epochs=1, verbose=0)
+    _one_line(e, r"^support_x must hold examples of the model's input shape \(8,\), got "
+                 r"support_x of shape \(4, 3, 7\)$")
+    bad = _episodes([0, 1, 2]).map(lambda e: {**e, "query_y": e["query_y"][:, :2]})
+    with pytest.raises(ValueError) as e:
+        learner.evaluate(bad, verbose=0)
+    _one_line(e, r"^query_y must hold one label per query_x example")
+
+
+@keras.saving.register_keras_serializable(package="tf_maml_tests")
+class SubclassedModel(keras.Model):
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.flatten = keras.layers.Flatten()
+        self.hidden = keras.layers.Dense(8, activation="relu")
+        self.out = keras.layers.Dense(3)
+
+    def call(self, x, training=False):
+        return self.out(self.hidden(self.flatten(x)))
+
+
+def test_subclassed_model_exports_after_fit(tmp_path):
+    rng = np.random.default_rng(0)
+    tasks = tf_maml.tasks.array_tasks(rng.random((300, 6, 4), np.float32), np.arange(300) % 30,
+                                      n_way=3, k_shot=2, k_query=2)
+    model = SubclassedModel()
+    model(np.zeros((1, 6, 4), np.float32))
+    learner = _learner(model)
+    learner.fit(Episodes(tasks, 4), epochs=1, steps_per_epoch=2, verbose=0)
+    task = tasks.sample(tf_maml.tasks.step_seed(7, 0, tf_maml.tasks.TEST), 1, "test")
+    expected = learner.adapt_and_predict(task.support_x[0], task.support_y[0], task.query_x[0])
+    learner.save(str(tmp_path / "learner.keras"))
+    loaded = keras.models.load_model(str(tmp_path / "learner.keras"))
+    for each, name in ((learner, "fitted"), (loaded, "loaded")):
+        served = tf.saved_model.load(each.export(str(tmp_path / name)))
+        answer = served.signatures["adapt"](support_x=task.support_x[0],
+                                            support_y=task.support_y[0],
+                                            query_x=task.query_x[0])["predictions"]
+        np.testing.assert_allclose(answer, expected, atol=1e-5)
+
+
+def _line(seed):
+    rng = np.random.default_rng(seed)
+    x = rng.uniform(-1, 1, (20, 1))
+    return x, rng.normal() * x
+
+
+def _short_after_seed_0(seed):
+    x, y = _line(seed)
+    return (x, y) if seed == 0 else (x[:3], y[:3])
+
+
+def _raises_after_seed_0(seed):
+    if seed:
+        raise RuntimeError(f"my data source failed\nfor seed {seed}")
+    return _line(seed)
+
+
+@pytest.mark.parametrize("function,pattern", [
+    (_short_after_seed_0,
+     r"^_short_after_seed_0\(\d+\) returned 3 rows, fewer than k_shot \+ k_query = 15$"),
+    (_raises_after_seed_0,
+     r"^_raises_after_seed_0\(\d+\) raised RuntimeError: my data source failed for seed \d+$"),
+])
+def test_a_task_function_failing_in_training_fails_fit_in_one_line(function, pattern):
+    tasks = tf_maml.tasks.FunctionTasks(function, k_shot=5, k_query=10)
+    learner = MetaLearner(keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)]),
+                          inner_lr=0.01)
+    learner.compile(optimizer="adam", loss="mse")
+    with pytest.raises(ValueError) as e:
+        learner.fit(Episodes(tasks, 4), epochs=1, steps_per_epoch=3, verbose=0)
+    _one_line(e, pattern)
+    with pytest.raises(ValueError) as e:
+        learner.evaluate_tasks(tasks, num_tasks=4)
+    _one_line(e, pattern)
