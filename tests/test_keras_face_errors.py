@@ -183,3 +183,37 @@ def test_a_task_function_failing_in_training_fails_fit_in_one_line(function, pat
     with pytest.raises(ValueError) as e:
         learner.evaluate_tasks(tasks, num_tasks=4)
     _one_line(e, pattern)
+
+
+def test_a_subclassed_model_with_too_few_outputs_is_refused_before_training():
+    """Its output size is known only from a call: the learner makes one before training."""
+    rng = np.random.default_rng(0)
+    tasks = tf_maml.tasks.array_tasks(rng.random((300, 6, 4), np.float32), np.arange(300) % 30,
+                                      n_way=5, k_shot=1, k_query=1)
+    model = SubclassedModel()
+    model(np.zeros((1, 6, 4), np.float32))
+    learner = _learner(model)  # 3 outputs, 5-way tasks
+    with pytest.raises(ValueError) as e:
+        learner.fit(Episodes(tasks, 4), epochs=1, steps_per_epoch=2, verbose=0)
+    _one_line(e, r"the model outputs 3 values but the tasks are 5-way")
+
+
+def test_valid_sparse_labels_are_not_refused():
+    """Per-position labels of a sequence model, and labels a loss ignores (`ignore_class`)."""
+    keras.utils.set_random_seed(0)
+    sequence = keras.Sequential([keras.Input((5, 4)), keras.layers.Dense(3)])  # [batch, 5, 3]
+    learner = MetaLearner(sequence, inner_lr=0.1)
+    learner.compile(optimizer="adam",
+                    loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    rng = np.random.default_rng(0)
+    x, y = rng.random((6, 5, 4), np.float32), rng.integers(0, 3, (6, 5))
+    predictions = learner.adapt_and_predict(x, y, x)
+    assert predictions.shape == (6, 5, 3) and np.isfinite(predictions).all()
+    ignoring = _learner()
+    ignoring.compile(optimizer="adam", loss=keras.losses.SparseCategoricalCrossentropy(
+        from_logits=True, ignore_class=-1))
+    history = ignoring.fit(_episodes([0, -1, 2], [2, 1, -1]), epochs=1, verbose=0)
+    assert np.isfinite(history.history["loss"][0])
+    with pytest.raises(ValueError) as e:
+        ignoring.fit(_episodes([0, -2, 2]), epochs=1, verbose=0)
+    _one_line(e, r"^support_y labels must be in \[0, 3\), got -2$")

@@ -271,18 +271,28 @@ def test_resume_refuses_other_data_and_follows_moved_data(tmp_path):
                                                  "num_iterations": 3}), model_dir)
     assert step == 3
     add_classes(moved, 10, 5)
-    with pytest.raises(ValueError, match="not the data this run was trained on .*now: test 3 "
-                                         "classes"):
+    with pytest.raises(ValueError, match=r"is not the data the run in .* was trained on \(test: "
+                                         r"2 -> 3 classes, 8 -> 12 examples; train: 6 -> 10 "):
         trainer.train(config_lib.Config(**{**config.to_dict(), "data_dir": str(moved),
                                            "num_iterations": 4}), model_dir)
     # Same counts, other classes.
     shutil.rmtree(moved)
     shutil.copytree(original, moved)
     os.rename(moved / "class_03", moved / "class_99")
-    with pytest.raises(ValueError, match="the class names differ"):
+    with pytest.raises(ValueError, match=r": other class names"):
         trainer.train(config_lib.Config(**{**config.to_dict(), "data_dir": str(moved),
                                            "num_iterations": 4}), model_dir)
+    # Evaluating on other data is refused alike; on the run's own (moved) data it works.
+    with pytest.raises(ValueError, match=r": other class names"):
+        reporting.evaluate_and_report(model_dir, output_dir=str(tmp_path / "eval"),
+                                      data_dir=str(moved), num_eval_tasks=2)
     assert experiment_lib.restore(model_dir)[1] == 3
+    os.rename(moved / "class_99", moved / "class_03")
+    experiment_lib.restore(model_dir, {"data_dir": str(moved)}, load_tasks=True)
+    # A damaged record is not trusted (a warning), rather than crashing the resume.
+    with open(os.path.join(model_dir, experiment_lib.DATA_FILENAME), "w") as f:
+        f.write("[1, 2]")
+    experiment_lib.restore(model_dir, {"data_dir": str(moved)}, load_tasks=True)
 
 
 def test_changed_config_is_refused_and_extension_allowed(tmp_path):
@@ -328,7 +338,16 @@ def test_auto_xla_choices():
         config_lib.Config(jit_compile="false"), models.mlp())
     # Recurrent layers: XLA cannot compile their loops' second derivative.
     import keras
-    for recurrent in (keras.layers.LSTM(4), keras.layers.Bidirectional(keras.layers.GRU(4))):
+    class Encoder(keras.layers.Layer):  # a recurrent layer inside a custom one
+        def __init__(self):
+            super().__init__()
+            self.rnn = keras.layers.SimpleRNN(4)
+
+        def call(self, x):
+            return self.rnn(x)
+
+    for recurrent in (keras.layers.LSTM(4), keras.layers.Bidirectional(keras.layers.GRU(4)),
+                      Encoder()):
         model = keras.Sequential([keras.Input((5, 3)), recurrent, keras.layers.Dense(2)])
         assert not experiment_lib.resolve_jit_compile(config, model)
 
@@ -393,6 +412,9 @@ def test_baseline_on_other_tasks_and_conv_on_vectors_are_refused_in_one_line(tmp
                                          r"\(8, 8, 1\), 5 outputs, model conv4; --model_dir "
                                          r".*: sine tasks, inputs \(1,\), 1 outputs, model mlp"):
         reporting.evaluate_and_report(run, baseline_dir=base)
+    config_lib.save(config_lib.Config(dataset="navigation2d"), base)
+    with pytest.raises(ValueError, match=r"holds a navigation2d run; --model_dir .*: sine"):
+        reporting.evaluate_and_report(run, baseline_dir=base)
     with pytest.raises(ValueError, match=r"model conv4 takes images \(height, width, channels\); "
                                          r"the sine inputs have shape \(1,\)"):
         experiment_lib.build_experiment(config_lib.Config(model="conv4"))
@@ -410,3 +432,18 @@ def test_a_task_function_failing_in_training_stops_the_trainer_in_one_line(tmp_p
     with pytest.raises(ValueError, match=r"^sample_task\(\d+\) returned 3 rows, fewer than "
                                          r"k_shot \+ k_query = 15$"):
         trainer.train(config, str(tmp_path / "run"), tasks=tasks)
+
+
+def test_configs_saved_with_options_their_algorithm_ignored_still_load(tmp_path):
+    """Saved before such options were refused: they had no effect, so they are reset."""
+    values = config_lib.Config(algorithm="maml").to_dict()
+    values.update(inner_batch_size=5, per_step_bn=False)
+    with open(tmp_path / config_lib.CONFIG_FILENAME, "w") as f:
+        json.dump(values, f)
+    loaded = config_lib.load(str(tmp_path))
+    assert loaded.inner_batch_size == 0 and loaded.per_step_bn
+    reptile = {**config_lib.Config(algorithm="reptile").to_dict(), "first_order": True}
+    assert config_lib.drop_ignored_options(reptile)[1] == ["first_order"]
+    # A new config with them is still refused.
+    with pytest.raises(ValueError, match="inner_batch_size is for algorithm=reptile"):
+        config_lib.Config(**values).validate()

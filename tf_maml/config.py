@@ -4,10 +4,12 @@ import dataclasses
 import json
 import os
 
+from absl import logging
+
 __all__ = ["Config", "CONFIG_FILENAME", "DATASETS", "RL_DATASETS", "MODELS", "STRATEGIES",
            "ALGORITHMS", "ALGORITHM_OPTIONS", "OUTER_OPTIMIZERS", "OMNIGLOT_RESIZE_FILTERS",
-           "load", "save", "TFDS_PREFIX", "DEFAULT_CLASS_SPLIT", "parse_class_split",
-           "is_known_dataset"]
+           "load", "save", "drop_ignored_options", "TFDS_PREFIX", "DEFAULT_CLASS_SPLIT",
+           "parse_class_split", "is_known_dataset"]
 
 CONFIG_FILENAME = "config.json"
 # The one list of each choice; flags' help, validation and the builders use these.
@@ -496,6 +498,34 @@ def save(config, model_dir):
     return path
 
 
+def drop_ignored_options(values):
+    """Resets the options a saved config's algorithm ignores (saved before they were refused).
+
+    Configs written by earlier versions may hold another algorithm's options
+    (or `first_order` with Reptile), which had no effect then: resetting them
+    to their defaults keeps such runs loadable, computing exactly what they did.
+
+    Args:
+        values: a dict of `Config` fields.
+
+    Returns:
+        `(values, reset)`: a copy with those options at their defaults, and the
+        names reset.
+    """
+    defaults = Config()
+    algorithm = values.get("algorithm", defaults.algorithm)
+    values, reset = dict(values), []
+    ignored = [name for owner, names in ALGORITHM_OPTIONS.items() if owner != algorithm
+               for name in names]
+    if algorithm == "reptile":
+        ignored.append("first_order")
+    for name in ignored:
+        if name in values and values[name] != getattr(defaults, name):
+            values[name] = getattr(defaults, name)
+            reset.append(name)
+    return values, reset
+
+
 def load(model_dir, flag="--model_dir"):
     """Reads the `Config` saved in `model_dir`.
 
@@ -515,6 +545,11 @@ def load(model_dir, flag="--model_dir"):
     try:
         with open(path) as f:
             values = json.load(f)
+        values, reset = drop_ignored_options(values)
+        if reset:
+            logging.warning("%s: %s reset to the default(s): algorithm=%s ignores them (the "
+                            "run computed the same)", path, ", ".join(reset),
+                            values.get("algorithm", "maml"))
         return Config.from_dict(values).validate()
     except (json.JSONDecodeError, TypeError, ValueError) as e:
         raise ValueError(f"{path} is not a valid tf_maml config: {e}") from None

@@ -15,17 +15,19 @@ import keras
 import tensorflow as tf
 from absl import logging
 
-from tf_maml import algorithms, functional, losses, models
+from tf_maml import algorithms, compat, functional, losses, models
 from tf_maml import config as config_lib
 from tf_maml import tasks as tasks_lib
 
 __all__ = ["Experiment", "build_experiment", "restore", "make_checkpoint", "save_spec", "load_spec",
            "resolve_jit_compile", "checkpoint_paths", "restore_latest", "check_readable",
            "indexed_checkpoint", "check_writable", "error_text", "CheckpointError",
-           "CHECKPOINT_SUBDIR"]
+           "save_data_fingerprint", "check_same_data", "CHECKPOINT_SUBDIR", "DATA_FILENAME"]
 
 CHECKPOINT_SUBDIR = "checkpoints"
 SPEC_FILENAME = "task_spec.json"
+# The run's data as `tasks.data_fingerprint` sees it: resuming and evaluating must find the same.
+DATA_FILENAME = "data_fingerprint.json"
 
 
 @dataclasses.dataclass
@@ -126,6 +128,64 @@ def save_spec(spec, model_dir):
         json.dump({"input_shape": list(spec.input_shape), "output_size": spec.output_size,
                    "is_classification": spec.is_classification}, f)
     os.replace(path + ".tmp", path)
+
+
+def save_data_fingerprint(fingerprint, model_dir):
+    """Records the run's data (`tasks.data_fingerprint`) beside its config."""
+    path = os.path.join(model_dir, DATA_FILENAME)
+    with open(path + ".tmp", "w") as f:
+        json.dump(fingerprint, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+def check_same_data(model_dir, fingerprint, data_dir):
+    """Refuses data other than the run's own: other or added classes, moved examples.
+
+    `data_dir` may change (the data moved), but the classes of each split must
+    be the ones the run was trained on: others would redraw the class split
+    and put meta-test classes into meta-training (or training classes into a
+    meta-test). Runs from before the fingerprint was recorded are not checked
+    (resuming one records the data it resumes on).
+
+    Args:
+        model_dir: the run.
+        fingerprint: `tasks.data_fingerprint` of the data found now (None: no check).
+        data_dir: where that data was read, for the message.
+
+    Raises:
+        ValueError: the data differs from the recorded one.
+    """
+    path = os.path.join(model_dir, DATA_FILENAME)
+    if fingerprint is None or not os.path.exists(path):
+        return
+    keys = ("classes", "examples", "names", "counts")
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+        if not (isinstance(saved, dict) and all(isinstance(v, dict) and set(v) == set(keys)
+                                                for v in saved.values())):
+            raise ValueError("unexpected structure")
+    except (OSError, ValueError) as e:
+        logging.warning("%s is unreadable (%s); the run's data is not checked", path, e)
+        return
+    if saved == fingerprint:
+        return
+    differences = []
+    for split in sorted(set(saved) | set(fingerprint)):
+        before, now = saved.get(split), fingerprint.get(split)
+        if before is None or now is None:
+            differences.append(f"split {split} {'added' if before is None else 'missing'}")
+        elif before != now:
+            what = [f"{before[k]} -> {now[k]} {k}" for k in ("classes", "examples")
+                    if before[k] != now[k]]
+            if not what:
+                what = ["other class names" if before["names"] != now["names"]
+                        else "other examples per class"]
+            differences.append(f"{split}: {', '.join(what)}")
+    raise ValueError(
+        f"the data at data_dir={data_dir!r} is not the data the run in {model_dir} was trained "
+        f"on ({'; '.join(differences)}; recorded in {path}). Use the run's own data, or train "
+        f"in a new --model_dir")
 
 
 def load_spec(model_dir, config):
@@ -318,7 +378,8 @@ def restore(model_dir, overrides=None, tasks=None, load_tasks=False, checkpoint_
     Raises:
         FileNotFoundError: no config or no checkpoint in `model_dir`.
         CheckpointError: (a `ValueError`) the checkpoint(s) cannot be read.
-        ValueError: invalid overrides.
+        ValueError: invalid overrides, or (`load_tasks`) data other than the
+            run's (`check_same_data`).
     """
     config = dataclasses.replace(config_lib.load(model_dir), **(overrides or {})).validate()
     checkpoint_dir = os.path.join(model_dir, CHECKPOINT_SUBDIR)
@@ -332,6 +393,8 @@ def restore(model_dir, overrides=None, tasks=None, load_tasks=False, checkpoint_
             raise CheckpointError(f"checkpoint {checkpoint_path} cannot be read ({problem})")
     experiment = build_experiment(config, tasks, load_tasks=load_tasks,
                                   spec=load_spec(model_dir, config))
+    if load_tasks and tasks is None:
+        check_same_data(model_dir, tasks_lib.data_fingerprint(experiment.tasks), config.data_dir)
     step = tf.Variable(0, dtype=tf.int64)
     checkpoint = make_checkpoint(experiment, step=step)
     if checkpoint_path is not None:
@@ -381,7 +444,7 @@ def resolve_jit_compile(config, model):
     if config.is_rl:  # rollouts are graph loops of tiny ops: not measured with XLA
         return False
     layers = _layers(model)
-    if any(isinstance(layer, _RECURRENT) for layer in layers):
+    if any(isinstance(layer, _RECURRENT) for layer in compat.all_layers(model)):
         return False
     has_conv = any(isinstance(layer, _CONVOLUTIONS) for layer in layers)
     has_max_pool = any(isinstance(layer, _MAX_POOLING) for layer in layers)

@@ -33,6 +33,7 @@ import math
 import keras
 import numpy as np
 import tensorflow as tf
+from absl import logging
 
 from tf_maml import algorithms, compat, distribute, evaluation, functional, losses, serving
 from tf_maml import config as config_lib
@@ -295,6 +296,11 @@ class MetaLearner(keras.Model):
         is_classification = config.pop("is_classification", None)
         input_shape = config.pop("task_input_shape", None)
         output_size = config.pop("task_output_size", None)
+        # Saved before options of another algorithm were refused: they had no effect.
+        config, reset = config_lib.drop_ignored_options(config)
+        if reset:
+            logging.warning("MetaLearner.from_config: %s reset to the default(s): algorithm=%s "
+                            "ignores them", ", ".join(reset), config.get("algorithm", "maml"))
         learner = cls(model, **config)
         learner.is_classification = is_classification
         learner._task_input_shape = None if input_shape is None else tuple(input_shape)
@@ -405,7 +411,8 @@ class MetaLearner(keras.Model):
             element = element[0] if len(element) == 1 else element
             return self._labels_checked(element, _as_episode(element), outputs)
 
-        return dataset.map(check)
+        return dataset.map(check, num_parallel_calls=tf.data.AUTOTUNE,
+                           deterministic=True).prefetch(tf.data.AUTOTUNE)
 
     def _check_shapes(self, support_x, support_y, query_x, query_y=None, single=False):
         """Raises a one-line ValueError unless task-batched shapes fit the model and each other.
@@ -433,10 +440,16 @@ class MetaLearner(keras.Model):
                 raise ValueError(f"{name}_y must hold one label per {name}_x example, got "
                                  f"{name}_x of shape {shown(x)} and {name}_y of shape "
                                  f"{shown(y)}")
+            # Sparse labels index the last output axis: one per position of an example's
+            # output (one per example for a classifier), maybe with a trailing 1.
+            positions = _output_positions(self.model)
             if (y is not None and self._labels_index_outputs() and y.rank is not None
-                    and y.rank > 2 and not y[2:].is_compatible_with([1] * (y.rank - 2))):
-                raise ValueError(f"{name}_y must hold one integer class label per example, "
-                                 f"got {name}_y of shape {shown(y)}")
+                    and positions is not None and y.rank > 2
+                    and not any(y[2:].is_compatible_with(p)
+                                for p in (positions, positions + (1,)))):
+                per = f" per output position {positions}" if positions else ""
+                raise ValueError(f"{name}_y must hold one integer class label per example"
+                                 f"{per}, got {name}_y of shape {shown(y)}")
         if not single and not query_x[:1].is_compatible_with(support_x[:1]):
             raise ValueError(f"support_x and query_x must hold the same tasks, got "
                              f"{support_x[0]} and {query_x[0]} tasks")
@@ -452,12 +465,14 @@ class MetaLearner(keras.Model):
         return _loss_name(loss) == "sparse_categorical_crossentropy"
 
     def _num_outputs(self, example_shape=None):
-        """The model's output size: Keras', the tasks', or (subclassed) that of one call."""
-        size = _output_size(self.model) or self._task_output_size
+        """The model's output size: Keras', or (subclassed) that of one call, or the tasks'."""
+        size = _output_size(self.model)
+        if size is None and example_shape is None and self._task_input_shape is not None:
+            example_shape = tf.TensorShape(self._task_input_shape)
         if size is None and example_shape is not None and example_shape.is_fully_defined():
             dtype = self.algorithm.meta_variables[0].dtype
             size = self.model(tf.zeros([1, *example_shape], dtype), training=False).shape[-1]
-        return size
+        return size or self._task_output_size
 
     def _labels_checked(self, tensors, episode, num_outputs):
         """`tensors` after a check that the episode's integer labels index the model's outputs.
@@ -468,10 +483,17 @@ class MetaLearner(keras.Model):
         """
         if num_outputs is None or not self._labels_index_outputs():
             return tensors
+        try:
+            ignore_class = getattr(keras.losses.get(getattr(self, "loss", None)),
+                                   "ignore_class", None)
+        except (ValueError, TypeError):
+            ignore_class = None
         for name in ("support_y", "query_y"):
             y = getattr(episode, name, None)
             if y is None or not y.dtype.is_integer:
                 continue
+            if ignore_class is not None:  # the loss masks these labels out
+                y = tf.where(tf.equal(y, tf.cast(ignore_class, y.dtype)), tf.zeros_like(y), y)
             low = tf.cast(tf.reduce_min(y), tf.int64)
             high = tf.cast(tf.reduce_max(y), tf.int64)
             message = tf.strings.format(f"{name} labels must be in [0, {num_outputs}), got {{}}",
@@ -492,9 +514,11 @@ class MetaLearner(keras.Model):
             raise ValueError(f"the model takes inputs of shape {model_shape} but the tasks' "
                              f"inputs are {task_shape}: build it for input_shape="
                              "tasks.input_shape")
-        outputs, size = _output_size(self.model), getattr(tasks, "output_size", None)
+        size = getattr(tasks, "output_size", None)
         if size is not None:
             self._task_output_size = int(size)
+        # A subclassed model's size comes from one call on the tasks' input shape.
+        outputs = self._num_outputs() if kind else _output_size(self.model)
         if kind and size is not None and outputs is not None and size != outputs:
             raise ValueError(f"the model outputs {outputs} values but the tasks are "
                              f"{size}-way: give the model {size} outputs (one logit per class)")
@@ -860,6 +884,14 @@ def _input_shape(model):
     try:
         return tuple(model.input_shape[1:])
     except (AttributeError, ValueError):
+        return None
+
+
+def _output_positions(model):
+    """The output shape of one example without its last (class) axis, or `None` if unknown."""
+    try:
+        return tuple(model.output_shape[1:-1])
+    except (AttributeError, ValueError, TypeError):
         return None
 
 

@@ -278,8 +278,12 @@ def _check_baseline(model_dir, baseline_dir):
     """Refuses, in one line, a supervised baseline trained on other tasks or another network."""
     config = config_lib.load(model_dir, "--model_dir")
     baseline_config = config_lib.load(baseline_dir, "--baseline_dir")
-    if config.is_rl or baseline_config.is_rl:
+    if config.is_rl and baseline_config.is_rl:
         return  # the reinforcement-learning checks name the environments
+    if config.is_rl or baseline_config.is_rl:
+        raise ValueError(f"--baseline_dir {baseline_dir} holds a {baseline_config.dataset} run; "
+                         f"--model_dir {model_dir}: {config.dataset}. A baseline needs the same "
+                         f"tasks")
 
     def describe(run_config, run_dir):
         spec = experiment_lib.load_spec(run_dir, run_config)

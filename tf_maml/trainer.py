@@ -17,7 +17,6 @@ stops with `TrainingDiverged` when the meta-loss or the meta-parameters stop
 being finite: a checkpoint never holds non-finite weights.
 """
 
-import json
 import math
 import os
 import time
@@ -36,8 +35,6 @@ __all__ = ["make_train_step", "make_train_loop", "make_rl_train_step", "train", 
            "CheckpointSaveError"]
 
 NUM_VALIDATION_TASKS = 100
-# The run's data, as `tasks.data_fingerprint` sees it: a resume must find the same.
-DATA_FILENAME = "data_fingerprint.json"
 # RL: goals of the validation during training (seeded by `rl.maml_rl.VALIDATION_SEED`).
 NUM_RL_VALIDATION_TASKS = 20
 # The loop runs as many steps per call as fit in about this many seconds:
@@ -349,7 +346,7 @@ def train(config, model_dir, tasks=None):
                            aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
     fingerprint = tasks_lib.data_fingerprint(experiment.tasks)
     if experiment_lib.checkpoint_paths(checkpoint_dir):
-        _check_same_data(config, model_dir, fingerprint)
+        experiment_lib.check_same_data(model_dir, fingerprint, config.data_dir)
     checkpoint = experiment_lib.make_checkpoint(experiment, optimizer=optimizer, step=step)
     all_finite = _make_finite_check(algorithm.meta_variables + algorithm.state_variables)
     # Every worker resumes from the chief's checkpoints: the newest readable one.
@@ -359,10 +356,7 @@ def train(config, model_dir, tasks=None):
         config_lib.save(config, model_dir)
         experiment_lib.save_spec(experiment.spec, model_dir)
         if fingerprint is not None:
-            path = os.path.join(model_dir, DATA_FILENAME)
-            with open(path + ".tmp", "w") as f:
-                json.dump(fingerprint, f, indent=1)
-            os.replace(path + ".tmp", path)
+            experiment_lib.save_data_fingerprint(fingerprint, model_dir)
     start = int(step.numpy())
     if start >= config.num_iterations:
         logging.info("Already trained for %d iterations; nothing to do.", start)
@@ -410,39 +404,6 @@ def train(config, model_dir, tasks=None):
         if not chief:
             tf.io.gfile.rmtree(output_dir)
     return experiment, current
-
-
-def _check_same_data(config, model_dir, fingerprint):
-    """Refuses to resume a run on data other than its own (a changed folder, other classes).
-
-    `data_dir` may change on resume (the data moved), but the classes of each
-    split must be the ones the run was trained on: new classes would redraw the
-    class split and put meta-test classes into meta-training. Runs from before
-    the fingerprint was recorded are not checked.
-    """
-    path = os.path.join(model_dir, DATA_FILENAME)
-    if fingerprint is None or not os.path.exists(path):
-        return
-    try:
-        with open(path) as f:
-            saved = json.load(f)
-    except (OSError, ValueError):
-        logging.warning("%s is unreadable; the data of the resumed run is not checked", path)
-        return
-    if saved == fingerprint:
-        return
-
-    def describe(print_):
-        return ", ".join(f"{split} {p['classes']} classes / {p['examples']} examples"
-                         for split, p in sorted(print_.items()))
-
-    same_counts = all(saved.get(split, {}).get(key) == value.get(key)
-                      for split, value in fingerprint.items() for key in ("classes", "examples"))
-    raise ValueError(
-        f"the data at data_dir={config.data_dir!r} is not the data this run was trained on "
-        f"(recorded in {path}: {describe(saved)}; now: {describe(fingerprint)}"
-        f"{'; the class names differ' if same_counts else ''}). Resume with the run's own "
-        f"data, or train in a new --model_dir")
 
 
 def _prepare_run_dir(config, model_dir, checkpoint_dir, chief=True):

@@ -40,8 +40,8 @@ class TaskSpec:
 def data_fingerprint(tasks):
     """What identifies a classification task family's data, for checking a resumed run.
 
-    Per split: the number of classes, of examples, and a digest of the class
-    names (where the family has them: folder and tfds data) and of the
+    Per split: the number of classes and of examples, a digest of the class
+    names (where the family has them: folder and tfds data) and one of the
     examples per class. Not the pixels: the same class folders with edited
     images pass.
 
@@ -61,10 +61,13 @@ def data_fingerprint(tasks):
     for split in sorted(num_classes):
         split_counts = [int(c) for c in counts[split]]
         split_names = [str(n) for n in names.get(split, [])]
-        digest = hashlib.sha1(json.dumps([split_names, split_counts]).encode()).hexdigest()
-        fingerprint[split] = {"classes": int(num_classes[split]),
-                              "examples": sum(split_counts), "digest": digest[:16]}
+        fingerprint[split] = {"classes": int(num_classes[split]), "examples": sum(split_counts),
+                              "names": _digest(split_names), "counts": _digest(split_counts)}
     return fingerprint
+
+
+def _digest(values):
+    return hashlib.sha1(json.dumps(values).encode()).hexdigest()[:16]
 
 
 def spec(config, input_shape=None, output_size=None, is_classification=None):
