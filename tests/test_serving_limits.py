@@ -240,6 +240,28 @@ def omniglot_signatures():
                                         serving.image_format_for("omniglot"))
 
 
+def test_image_signatures_resize_as_a_nearest_run_trained():
+    """A run trained on nearest-resized images (Reptile's loader) is served the same pixels."""
+    from PIL import Image
+
+    from tf_maml.tasks import omniglot
+    config = config_lib.Config(dataset="omniglot", n_way=3, omniglot_resize_filter="nearest")
+    experiment = experiment_lib.build_experiment(config, load_tasks=False)
+    image_format = serving.image_format_for("omniglot", None, "nearest")
+    signatures = serving.AdaptationSignatures(experiment.algorithm, experiment.spec, 2, 0.4, None,
+                                              image_format)
+    rng = np.random.default_rng(1)
+    pages = []
+    for _ in range(4):  # 1-bit PNGs, as Lake's
+        with Image.open(io.BytesIO(_drawing(rng, 105))) as page:
+            out = io.BytesIO()
+            page.convert("1").save(out, format="PNG")
+            pages.append(out.getvalue())
+    decoded = signatures.decode_images(tf.constant(pages))["x"].numpy()
+    training = np.stack([omniglot._decode(page, "page", "nearest") for page in pages])
+    np.testing.assert_array_equal(decoded, training[..., None] / np.float32(255))
+
+
 def test_image_signatures_preprocess_as_training(omniglot_signatures):
     from tf_maml.tasks import omniglot
     rng = np.random.default_rng(0)
@@ -264,6 +286,42 @@ def test_image_signatures_preprocess_as_training(omniglot_signatures):
         np.testing.assert_allclose(got[key].numpy(), want[key].numpy(), **TOLERANCE)
     with pytest.raises(tf.errors.InvalidArgumentError):
         omniglot_signatures.decode_images(tf.constant([b"not an image"]))
+
+
+def test_image_signatures_refuse_huge_images_before_decoding(omniglot_signatures):
+    """Sizes come from the headers: a small file of a huge blank image is not decompressed."""
+    from PIL import Image
+
+    def encoded(size, format, mode="L"):
+        out = io.BytesIO()
+        Image.new(mode, size, 255).save(out, format=format)
+        return out.getvalue()
+
+    for format in ("PNG", "JPEG", "GIF", "BMP"):
+        for size in ((105, 105), (40, 3000), (4096, 4096)):
+            decoded = omniglot_signatures.decode_images(tf.constant([encoded(size, format)]))
+            assert decoded["x"].shape == (1, 28, 28, 1), (format, size)
+    bomb = encoded((16000, 16000), "PNG", "1")
+    assert len(bomb) < 100_000
+    for format, size in (("PNG", (16000, 16000)), ("JPEG", (100, 5000)), ("GIF", (4097, 10)),
+                         ("BMP", (10, 4097))):
+        data = bomb if format == "PNG" else encoded(size, format)
+        with pytest.raises(tf.errors.InvalidArgumentError, match="larger than 4096 pixels"):
+            omniglot_signatures.decode_images(tf.constant([data]))
+    # GIF and BMP (decoded as RGB by TensorFlow) give a grayscale model the PNG's pixels.
+    rng = np.random.default_rng(2)
+    with Image.open(io.BytesIO(_drawing(rng, 105))) as page:
+        formats = {}
+        for format in ("PNG", "GIF", "BMP"):
+            out = io.BytesIO()
+            page.save(out, format=format)
+            formats[format] = omniglot_signatures.decode_images(
+                tf.constant([out.getvalue()]))["x"].numpy()
+    np.testing.assert_array_equal(formats["GIF"], formats["PNG"])
+    np.testing.assert_array_equal(formats["BMP"], formats["PNG"])
+    # The next request is served.
+    assert omniglot_signatures.decode_images(
+        tf.constant([encoded((105, 105), "PNG")]))["x"].shape == (1, 28, 28, 1)
 
 
 # -- B6: safe writes, no diverged models, no version 0 ------------------------------------------

@@ -51,7 +51,8 @@ def test_tf_serving_config_points_at_shipped_models():
     text = open(os.path.join(ROOT, "export", "models.config")).read()
     base_paths = [line.split('"')[1] for line in text.splitlines()
                   if line.strip().startswith("base_path:")]
-    assert base_paths
+    # Every shipped model is served.
+    assert sorted(path[len("/models/"):] for path in base_paths) == sorted(MANIFEST)
     for base_path in base_paths:
         assert base_path.startswith("/models/"), base_path
         name = base_path[len("/models/"):]

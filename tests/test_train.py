@@ -356,7 +356,9 @@ def test_confidence_interval():
     per_task = np.array([[1.0, 3.0] * 50])
     mean, ci = evaluation.summarize(per_task)
     assert mean[0] == 2.0
-    assert ci[0] == pytest.approx(1.96 * 1.0 / 10.0)
+    assert ci[0] == pytest.approx(1.96 * np.sqrt(100 / 99) / 10.0)  # the sample std
+    _, ci = evaluation.summarize(np.array([[0.5]]))
+    assert np.isnan(ci[0])  # one task: no interval
 
 
 def test_config_validation_names_the_field():
@@ -447,3 +449,15 @@ def test_configs_saved_with_options_their_algorithm_ignored_still_load(tmp_path)
     # A new config with them is still refused.
     with pytest.raises(ValueError, match="inner_batch_size is for algorithm=reptile"):
         config_lib.Config(**values).validate()
+
+
+def test_evaluation_with_no_steps_and_one_task(tmp_path):
+    """Edge protocols a user may ask for: the sine figure with 0 steps; one task, no interval."""
+    model_dir = str(tmp_path / "run")
+    trainer.train(config_lib.Config(num_iterations=2, meta_batch_size=2, validate_every=0),
+                  model_dir)
+    reporting.evaluate_and_report(model_dir, num_eval_steps=0, num_eval_tasks=1)
+    with open(os.path.join(model_dir, reporting.RESULTS_FILENAME)) as f:
+        saved = json.load(f)
+    assert saved["results"]["MAML"]["ci95"] == [None] and "non_finite" not in saved
+    assert os.path.exists(os.path.join(model_dir, reporting.SINE_FIT_FILENAME))

@@ -179,18 +179,21 @@ def evaluate_model(curve_fn, params, tasks, seed, num_tasks, stream, batch_size=
 
 
 def summarize(per_task):
-    """Mean and 95% confidence half-width (1.96·std/√n) of each row.
+    """Mean and 95% confidence half-width (1.96·s/√n, s the sample std) of each row.
 
     Args:
         per_task: `[num_steps + 1, num_tasks]` metrics.
 
     Returns:
-        `(mean, ci95)`, numpy arrays `[num_steps + 1]`.
+        `(mean, ci95)`, numpy arrays `[num_steps + 1]`; the half-width is NaN
+        for a single task (no spread to estimate).
     """
     per_task = np.asarray(per_task, dtype=np.float64)
     n = per_task.shape[1]
+    if n < 2:
+        return per_task.mean(axis=1), np.full(per_task.shape[0], np.nan)
     with np.errstate(invalid="ignore", over="ignore"):  # a diverged model: NaN, not a warning
-        return per_task.mean(axis=1), 1.96 * per_task.std(axis=1) / math.sqrt(n)
+        return per_task.mean(axis=1), 1.96 * per_task.std(axis=1, ddof=1) / math.sqrt(n)
 
 
 def format_table(metric_name, results):
@@ -230,13 +233,14 @@ def write_json(path, metric_name, results, extra=None):
     """Writes results (dict name -> (mean, ci95)) as JSON.
 
     The file is strict JSON: a NaN or infinite metric (a diverged model) is
-    written as `null`, and the payload's "non_finite" says so.
+    written as `null`, and the payload's "non_finite" says so; so is the
+    interval of a single task (no spread to estimate).
     """
     payload = {"metric": metric_name, **(extra or {})}
     payload["results"] = {name: {"mean": [float(x) for x in mean], "ci95": [float(x) for x in ci]}
                           for name, (mean, ci) in results.items()}
-    non_finite = sorted(name for name, (mean, ci) in results.items()
-                        if not (np.all(np.isfinite(mean)) and np.all(np.isfinite(ci))))
+    non_finite = sorted(name for name, (mean, _) in results.items()
+                        if not np.all(np.isfinite(mean)))
     if non_finite:
         payload["non_finite"] = {
             "models": non_finite,

@@ -146,11 +146,17 @@ def evaluate_and_report(model_dir, baseline_dir=None, output_dir=None, oracle_di
     mini_batch = getattr(experiment.algorithm, "eval_inner_batch_size", None)
     if mini_batch:
         protocol += f", support mini-batches of {mini_batch}"
+    # Meta-SGD's and MAML++'s (LSLR) own rates are learned, unless --inner_lr replaced them.
+    learned = inner_lr is None and (config.algorithm == "metasgd" or (
+        config.algorithm == "mamlpp" and config.learn_inner_lr))
+    rates = (f"learned inner rates, initialised at {config.inner_lr:g}" if learned
+             else f"inner_lr={inner_lr or config.inner_lr}")
     print(f"\n{name} on {config.num_eval_tasks} held-out {config.dataset} {task}tasks "
-          f"(K={config.k_shot}, inner_lr={inner_lr or config.inner_lr}{protocol}), "
+          f"(K={config.k_shot}, {rates}{protocol}), "
           f"mean ± 95% CI:\n{table}\n{_non_finite_note(name, results)}")
     model_name = config.model_for(experiment.spec.input_shape)
     extra = {"num_tasks": config.num_eval_tasks, "inner_lr": config.inner_lr,
+             "inner_lr_learned": learned,
              "algorithm": config.algorithm, "transductive": config.transductive,
              "transductive_support": config.transductive_support,
              "k_shot": config.k_shot, "dataset": config.dataset, "model": model_name,
@@ -234,7 +240,7 @@ def _plot_sine(path, runs, experiment, config):
             run.algorithm, run.algorithm.meta_variables, episode, experiment.metric_fn,
             config.num_eval_steps)
         panels[f"{label}, K={config.k_shot}"] = [p.numpy()[0, :, 0] for p in predictions]
-    shown = sorted({0, 1, config.num_eval_steps})
+    shown = sorted({0, min(1, config.num_eval_steps), config.num_eval_steps})
     return evaluation.plot_sine_fits(path, panels, episode.support_x.numpy()[0, :, 0],
                                      episode.support_y.numpy()[0, :, 0], grid,
                                      truth.numpy()[0, :, 0], shown)

@@ -63,6 +63,7 @@ import sys
 import keras
 import numpy as np
 import tensorflow as tf
+from absl import logging
 
 from tf_maml import core
 
@@ -74,6 +75,9 @@ __all__ = ["AdaptationSignatures", "build_export_archive", "export", "ServingLim
 SIGNATURES = ("serving_default", "adapt", "adapt_custom", "adapted_weights", "adapt_tasks",
               "adapt_tasks_custom")
 IMAGE_SIGNATURES = ("decode_images", "adapt_images")
+# The largest image side the image signatures decode: a small PNG of 16000x16000 blank pixels
+# would otherwise take a gigabyte to decode. Read from the file's header before decoding.
+MAX_IMAGE_SIDE = 4096
 CONFIG_ASSET = "tf_maml_config.json"
 
 
@@ -168,19 +172,21 @@ class ImageFormat:
     """How encoded images become the model's input, as training decodes them.
 
     Images are decoded to `channels` (1: the codec's grayscale conversion),
-    resized to the model's input size when they differ (Lanczos-3 with
-    antialiasing; training used PIL's LANCZOS), rounded to 8 bits, inverted
-    when `invert` (Omniglot: ink = 1 on background 0, from dark ink on a light
-    page), and scaled to [0, 1].
+    resized to the model's input size when they differ (`resize`: "lanczos3",
+    with antialiasing, where training used PIL's LANCZOS; "nearest" where it
+    used nearest neighbour, Omniglot's `omniglot_resize_filter="nearest"`),
+    rounded to 8 bits, inverted when `invert` (Omniglot: ink = 1 on background
+    0, from dark ink on a light page), and scaled to [0, 1].
     """
     channels: int
     invert: bool
+    resize: str = "lanczos3"
 
     def to_dict(self):
         return dataclasses.asdict(self)
 
 
-def image_format_for(dataset, input_shape=None):
+def image_format_for(dataset, input_shape=None, omniglot_resize_filter="lanczos"):
     """The `ImageFormat` of a dataset's images, or `None` (not an image dataset).
 
     Args:
@@ -188,8 +194,10 @@ def image_format_for(dataset, input_shape=None):
         input_shape: the model's input shape; the user's images ("folder",
             "tfds:NAME") are recognized from it: `(H, W, 1)` or `(H, W, 3)`,
             decoded as training decoded them (grayscale or RGB, not inverted).
+        omniglot_resize_filter: the run's `Config.omniglot_resize_filter`.
     """
-    known = {"omniglot": ImageFormat(channels=1, invert=True),
+    resize = "nearest" if omniglot_resize_filter == "nearest" else "lanczos3"
+    known = {"omniglot": ImageFormat(channels=1, invert=True, resize=resize),
              "miniimagenet": ImageFormat(channels=3, invert=False)}
     if dataset in known:
         return known[dataset]
@@ -205,6 +213,41 @@ def image_format_for(dataset, input_shape=None):
 
 def _check(condition, message, data=()):
     return tf.debugging.Assert(condition, [message, *data], summarize=16)
+
+
+def _encoded_image_size(data):
+    """`(height, width)` from an encoded image's header (PNG, JPEG, GIF, BMP), int64.
+
+    (0, 0) for other data, which decoding then refuses. Reads only the header,
+    so nothing is decompressed.
+    """
+    header = tf.io.decode_raw(tf.strings.substr(
+        tf.strings.join([data, tf.constant(b"\0" * 26)]), 0, 26), tf.uint8)
+    b = tf.cast(header, tf.int64)
+
+    def big_endian(start, count):
+        return sum(b[start + i] * 256 ** (count - 1 - i) for i in range(count))
+
+    def little_endian(start, count):
+        return sum(b[start + i] * 256 ** i for i in range(count))
+
+    def starts_with(prefix):
+        return tf.reduce_all(tf.equal(header[:len(prefix)], list(prefix)))
+
+    def signed(value):  # BMP heights are negative for top-down images
+        return tf.abs(tf.where(value >= 2 ** 31, value - 2 ** 32, value))
+
+    def jpeg():
+        shape = tf.cast(tf.io.extract_jpeg_shape(data), tf.int64)
+        return shape[0], shape[1]
+
+    zero = tf.constant(0, tf.int64)
+    return tf.case([
+        (starts_with(b"\x89PNG"), lambda: (big_endian(20, 4), big_endian(16, 4))),
+        (starts_with(b"\xff\xd8"), jpeg),
+        (starts_with(b"GIF8"), lambda: (little_endian(8, 2), little_endian(6, 2))),
+        (starts_with(b"BM"), lambda: (signed(little_endian(22, 4)), signed(little_endian(18, 4)))),
+    ], default=lambda: (zero, zero))
 
 
 def _dim(x, index):
@@ -586,11 +629,31 @@ class AdaptationSignatures:
         images = _gated(images, rank_ok, checks, [None])
 
         def decode(data):
-            image = tf.io.decode_image(data, channels=channels, expand_animations=False)
-            image = tf.cast(image, tf.float32)
+            image_height, image_width = _encoded_image_size(data)
+            small = tf.maximum(image_height, image_width) <= MAX_IMAGE_SIDE
+            with tf.control_dependencies([_check(
+                    small, f"{name}: an image is larger than {MAX_IMAGE_SIDE} pixels on a side "
+                           "(height, width):", [image_height, image_width])]):
+                data = tf.identity(data)
+            if channels == 1:
+                # TensorFlow's GIF and BMP decoders give RGB only: converted to gray
+                # (ITU-R 601-2 luma, PIL's "L" conversion), rounded to 8 bits.
+                prefix = tf.strings.substr(tf.strings.join([data, b"\0\0\0\0"]), 0, 4)
+                rgb_only = tf.logical_or(tf.equal(prefix, b"GIF8"),
+                                         tf.equal(tf.strings.substr(prefix, 0, 2), b"BM"))
+                image = tf.cond(
+                    rgb_only,
+                    lambda: tf.round(tf.image.rgb_to_grayscale(tf.cast(tf.io.decode_image(
+                        data, channels=3, expand_animations=False), tf.float32))),
+                    lambda: tf.cast(tf.io.decode_image(data, channels=1,
+                                                       expand_animations=False), tf.float32))
+            else:
+                image = tf.cast(tf.io.decode_image(data, channels=channels,
+                                                   expand_animations=False), tf.float32)
             same = tf.reduce_all(tf.equal(tf.shape(image)[:2], [height, width]))
             image = tf.cond(same, lambda: image, lambda: tf.clip_by_value(tf.round(
-                tf.image.resize(image, [height, width], method="lanczos3", antialias=True)),
+                tf.image.resize(image, [height, width], method=self.image_format.resize,
+                                antialias=self.image_format.resize != "nearest")),
                 0.0, 255.0))
             image = tf.ensure_shape(image, [height, width, channels])
             if invert:
@@ -801,10 +864,18 @@ def export(experiment, export_dir, version, num_eval_steps, inner_lr=None, overw
         return rl_serving.export_policy(experiment, export_dir, version, inner_lr, overwrite,
                                         limits)
     version = check_version(version)
+    if not config.transductive or config.transductive_support:
+        logging.warning(
+            "The run's evaluation protocol is %s, but the exported adapt signatures predict a "
+            "request's query set as one batch (the transductive protocol): a served model "
+            "scores as `evaluate --transductive --notransductive_support` does",
+            "non-transductive" if not config.transductive else "transductive with the "
+            "support set in the query's batch")
     defaults = (DEFAULT_LIMITS.get(config.dataset) or default_limits(experiment.spec))
     limits = limits_from(defaults, limits)
     if image_format == "auto":
-        image_format = image_format_for(config.dataset, experiment.spec.input_shape)
+        image_format = image_format_for(config.dataset, experiment.spec.input_shape,
+                                        config.omniglot_resize_filter)
     path = version_path(export_dir, version, overwrite)
     check_finite_parameters(experiment)
     signatures = AdaptationSignatures(experiment.algorithm, experiment.spec, num_eval_steps,

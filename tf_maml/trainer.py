@@ -601,7 +601,8 @@ def _train_rl(config, model_dir):
         return experiment, start
 
     jit = experiment_lib.resolve_jit_compile(config, experiment.model)
-    what = ("the pretrained baseline (no inner loop)" if config.num_inner_steps == 0 else
+    what = ("the goal-observed oracle (no inner loop)" if config.goal_observed else
+            "the pretrained baseline (no inner loop)" if config.num_inner_steps == 0 else
             f"MAML-RL ({config.num_inner_steps} inner step(s), "
             f"{'first' if config.first_order else 'second'} order)")
     logging.info("Meta-training %s on %s with %s: %d iterations, meta-batch %d x %d episodes "

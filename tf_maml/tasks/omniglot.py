@@ -71,7 +71,7 @@ def _to_array(image, resize_filter="lanczos"):
     return 255 - np.asarray(image, dtype=np.uint8)
 
 
-def _decode(data, path, resize_filter):
+def _decode(data, path, resize_filter="lanczos"):
     from PIL import Image
     try:
         with Image.open(io.BytesIO(data)) as image:
