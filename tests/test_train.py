@@ -446,6 +446,10 @@ def test_configs_saved_with_options_their_algorithm_ignored_still_load(tmp_path)
     assert loaded.inner_batch_size == 0 and loaded.per_step_bn
     reptile = {**config_lib.Config(algorithm="reptile").to_dict(), "first_order": True}
     assert config_lib.drop_ignored_options(reptile)[1] == ["first_order"]
+    with open(tmp_path / config_lib.CONFIG_FILENAME, "w") as f:
+        json.dump([], f)
+    with pytest.raises(ValueError, match="not a valid tf_maml config: expected a JSON object"):
+        config_lib.load(str(tmp_path))
     # A new config with them is still refused.
     with pytest.raises(ValueError, match="inner_batch_size is for algorithm=reptile"):
         config_lib.Config(**values).validate()

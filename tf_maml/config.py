@@ -545,6 +545,8 @@ def load(model_dir, flag="--model_dir"):
     try:
         with open(path) as f:
             values = json.load(f)
+        if not isinstance(values, dict):
+            raise ValueError(f"expected a JSON object, got {type(values).__name__}")
         values, reset = drop_ignored_options(values)
         if reset:
             logging.warning("%s: %s reset to the default(s): algorithm=%s ignores them (the "

@@ -218,8 +218,9 @@ def _check(condition, message, data=()):
 def _encoded_image_size(data):
     """`(height, width)` from an encoded image's header (PNG, JPEG, GIF, BMP), int64.
 
-    (0, 0) for other data, which decoding then refuses. Reads only the header,
-    so nothing is decompressed.
+    (0, 0) for other data (the image signatures refuse it: TensorFlow would
+    decode some other formats, WebP, without a size check). Reads only the
+    header, so nothing is decompressed.
     """
     header = tf.io.decode_raw(tf.strings.substr(
         tf.strings.join([data, tf.constant(b"\0" * 26)]), 0, 26), tf.uint8)
@@ -630,10 +631,13 @@ class AdaptationSignatures:
 
         def decode(data):
             image_height, image_width = _encoded_image_size(data)
+            known = tf.minimum(image_height, image_width) > 0
             small = tf.maximum(image_height, image_width) <= MAX_IMAGE_SIDE
-            with tf.control_dependencies([_check(
-                    small, f"{name}: an image is larger than {MAX_IMAGE_SIDE} pixels on a side "
-                           "(height, width):", [image_height, image_width])]):
+            with tf.control_dependencies([
+                    _check(known, f"{name}: an image is not a PNG, JPEG, GIF or BMP image (or "
+                                  "its header is damaged)"),
+                    _check(small, f"{name}: an image is larger than {MAX_IMAGE_SIDE} pixels on "
+                                  "a side (height, width):", [image_height, image_width])]):
                 data = tf.identity(data)
             if channels == 1:
                 # TensorFlow's GIF and BMP decoders give RGB only: converted to gray
