@@ -58,3 +58,20 @@ def test_rl_bench_builds_the_flagfiles_run_and_times_its_parts():
     missing = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "rl_meta_iteration.py")],
                              capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert missing.returncode != 0 and "give a recipe: --flagfile=" in missing.stderr
+
+
+def test_xla_compiler_bench_times_the_program_and_names_a_missing_jax():
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "bench", "xla_compiler.py"), "--programs=square",
+         "--iterations=5", "--repeats=1", "--min_seconds=0.01", "--print_hlo"],
+        capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    out = result.stdout
+    line = next(row for row in out.splitlines() if row.startswith("square"))
+    assert float(line.split("XLA")[1].split()[0]) > 0  # microseconds per iteration
+    # Three 40 -> 40 layers: TensorFlow's XLA keeps three batched products.
+    assert sum(" dot(" in row and "f32[25,10,40]" in row for row in out.splitlines()) == 3
+    try:
+        import jax  # noqa: F401
+    except ImportError:
+        assert "JAX is not installed in the peer interpreter" in out
