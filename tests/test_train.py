@@ -315,6 +315,17 @@ def test_changed_config_is_refused_and_extension_allowed(tmp_path):
                                     "meta_step_size_final": 1.0})
     config_lib.check_resumable(constant, config_lib.Config(**{**constant.to_dict(),
                                                               "num_iterations": 15}))
+    # "auto" is the model it resolves to (the quick start's run resumed with sine.flags),
+    # but not another model.
+    auto = config_lib.Config(model="auto")
+    config_lib.check_resumable(auto, config_lib.Config(model="mlp"))
+    config_lib.check_resumable(config_lib.Config(model="mlp"), auto)
+    omniglot = config_lib.Config(dataset="omniglot", model="auto", n_way=5, k_shot=1)
+    config_lib.check_resumable(omniglot, config_lib.Config(**{**omniglot.to_dict(),
+                                                              "model": "conv4"}))
+    with pytest.raises(ValueError, match="model: 'auto' -> 'conv4_maxpool'"):
+        config_lib.check_resumable(omniglot, config_lib.Config(**{**omniglot.to_dict(),
+                                                                  "model": "conv4_maxpool"}))
 
 
 def test_evaluation_uses_the_same_tasks_for_every_model():

@@ -559,8 +559,13 @@ def load(model_dir, flag="--model_dir"):
 
 def check_resumable(saved, requested):
     """Raises `ValueError` if `requested` changes what the saved run computes."""
-    changed = [f"{k}: {v!r} -> {requested.to_dict()[k]!r}" for k, v in saved.to_dict().items()
-               if k not in RESUMABLE_FIELDS and requested.to_dict()[k] != v]
+    before, after = saved.to_dict(), requested.to_dict()
+    # "auto" and the model it resolves to are the same network (the quick start's
+    # default run may be resumed with flags/sine.flags, which names "mlp").
+    if saved.model_name == requested.model_name:
+        after["model"] = before["model"]
+    changed = [f"{k}: {v!r} -> {after[k]!r}" for k, v in before.items()
+               if k not in RESUMABLE_FIELDS and after[k] != v]
     if saved.num_iterations != requested.num_iterations:
         # The outer optimizer's schedule spans num_iterations for these algorithms.
         schedule = ("MAML++'s cosine schedule of the meta learning rate"
