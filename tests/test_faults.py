@@ -92,6 +92,42 @@ def test_non_finite_meta_loss_stops_training_at_once(tmp_path):
     assert step == 10
 
 
+def test_a_failed_meta_step_is_neither_applied_nor_counted(monkeypatch):
+    """The step counter moves only with a completed meta-update (see `trainer._completed`)."""
+    import keras
+
+    config = config_lib.Config(**TINY)
+    experiment = experiment_lib.build_experiment(config)
+    algorithm = experiment.algorithm
+    meta_step = algorithm.meta_step
+
+    def fails_on_the_second_iteration(episode, loss_scale=None, iteration=None):
+        loss, grads, outputs = meta_step(episode, loss_scale, iteration)
+        x = tf.random.stateless_normal([300, 300], [1, 2])
+        for _ in range(30):  # work, so that an unordered step increment would run first
+            x = tf.linalg.matmul(x, x) / 300.0
+        check = tf.debugging.assert_less(iteration, tf.constant(1, tf.int64),
+                                         message="the task source failed")
+        with tf.control_dependencies([check]):
+            grads = [g + 0.0 * tf.reduce_sum(x) for g in grads]
+        return loss, grads, outputs
+
+    monkeypatch.setattr(algorithm, "meta_step", fails_on_the_second_iteration)
+    optimizer = keras.optimizers.Adam(1e-3)
+    optimizer.build(algorithm.meta_variables)
+    step = tf.Variable(0, dtype=tf.int64)
+    train_step = trainer.make_train_step(experiment, optimizer, step)
+    episode = experiment.tasks.sample(tasks_lib.step_seed(0, 0), config.meta_batch_size)
+    train_step(episode)
+    after_one = [v.numpy() for v in algorithm.meta_variables]
+    for _ in range(3):
+        with pytest.raises(tf.errors.InvalidArgumentError, match="the task source failed"):
+            train_step(episode)
+        assert int(step.numpy()) == 1
+        for variable, value in zip(algorithm.meta_variables, after_one):
+            np.testing.assert_array_equal(variable.numpy(), value)
+
+
 def test_non_finite_weights_are_never_checkpointed(tmp_path, monkeypatch):
     """A step leaving NaN weights (finite logs: a non-finite gradient) stops training; the last
     good checkpoint survives the rotation."""
@@ -390,3 +426,17 @@ def test_cluster_resolver_of_single_worker_strategies_is_none():
     # (A multi-worker strategy's resolver is checked in tests/scripts/multi_worker.py.)
     assert compat.cluster_resolver(tf.distribute.get_strategy()) is None
     assert compat.cluster_resolver(tf.distribute.MirroredStrategy(["/cpu:0"])) is None
+
+
+def test_an_op_error_inside_a_compiled_step_is_reported_by_its_own_message():
+    """Not "Graph execution error:", which says nothing (an OOM, a failed decomposition)."""
+
+    @tf.function
+    def too_large(n):
+        return tf.zeros([n, n, n, n])
+
+    with pytest.raises(tf.errors.OpError) as e:
+        too_large(tf.constant(100000))
+    assert e.value.message.startswith("Graph execution error")
+    assert experiment_lib.error_text(e.value) == (
+        "Shape [100000,100000,100000,100000] would have more than 2**63 - 1 elements")

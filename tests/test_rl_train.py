@@ -73,6 +73,54 @@ def test_cli_trains_rl_and_a_rerun_resumes_exactly(tmp_path):
             "meta_loss"} <= tags
 
 
+def test_a_failed_meta_iteration_is_neither_applied_nor_counted():
+    """The step counter moves only with a completed update (a failed one was once counted and
+    checkpointed, and every rerun skipped an iteration)."""
+    import keras
+
+    theta = tf.Variable([1.0, 2.0])
+
+    class FailsOnItsSecondIteration:
+        meta_variables = [theta]
+
+        def meta_step(self, iteration):
+            # Some work first, so that an unordered step increment would run before the check.
+            x = tf.random.stateless_normal([300, 300], [1, 2])
+            for _ in range(30):
+                x = tf.linalg.matmul(x, x) / 300.0
+            check = tf.debugging.assert_less(iteration, tf.constant(1, tf.int64),
+                                             message="the baseline fit failed")
+            with tf.control_dependencies([check]):
+                update = [tf.ones([2]) + 0.0 * tf.reduce_sum(x)]
+            return None, update, {"loss": tf.reduce_sum(x)}
+
+    optimizer = keras.optimizers.SGD(1.0)
+    optimizer.build([theta])
+    step = tf.Variable(0, dtype=tf.int64)
+    train_step = trainer.make_rl_train_step(FailsOnItsSecondIteration(), optimizer, step)
+    train_step()
+    for _ in range(5):
+        with pytest.raises(tf.errors.InvalidArgumentError, match="the baseline fit failed"):
+            train_step()
+        assert int(step.numpy()) == 1
+        np.testing.assert_array_equal(theta.numpy(), [0.0, 1.0])
+
+
+def test_a_policy_whose_variance_overflows_counts_as_diverged():
+    """log σ = ±999 is finite, but σ² is not: the run stops there, not in the next baseline fit."""
+    algorithm = experiment_lib.build_experiment(
+        config_lib.Config(dataset="navigation2d", **TINY)).algorithm
+    usable = trainer.make_rl_finite_check(algorithm)
+    log_std = algorithm.policy.log_std
+    assert bool(usable())
+    for value in ([999.0, 0.0], [0.0, -999.0], [float("nan"), 0.0], [40.0, -40.0]):
+        log_std.assign(value)
+        assert bool(usable()) == (value == [40.0, -40.0]), value
+    log_std.assign([0.0, 0.0])
+    algorithm.meta_variables[0].assign(algorithm.meta_variables[0] * float("inf"))
+    assert not bool(usable())
+
+
 def test_interrupted_rl_run_with_adam_resumes_exactly(tmp_path, monkeypatch):
     config = config_lib.Config(dataset="navigation2d", num_iterations=4, checkpoint_every=100,
                                outer_optimizer="adam", meta_lr=0.01,

@@ -248,6 +248,15 @@ def error_text(error, limit=300):
               if text.startswith("Graph execution error") else None)
     if raised:
         text = raised.group(0).strip()
+    elif text.startswith("Graph execution error"):
+        # An op's own error: its message is the first unindented line after the
+        # stack ("Detected at node ... defined at", then "  File ..." lines).
+        lines = text.splitlines()
+        frames = [i for i, line in enumerate(lines) if line.startswith("  File ")]
+        message = next((line.strip() for line in lines[frames[-1] + 1 if frames else 1:]
+                        if line.strip() and not line[0].isspace()
+                        and not line.startswith("Detected at node")), None)
+        text = message or text
     text = text.splitlines()[0].strip() if text else ""
     text = re.sub(r"\s*\[Op:\w+\]$", "", text) or type(error).__name__
     return text if len(text) <= limit else text[:limit - 3] + "..."

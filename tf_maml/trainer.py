@@ -44,6 +44,17 @@ SECONDS_PER_CALL = 0.5
 MAX_STEPS_PER_CALL = 1000
 
 
+def _completed(variables, logs):
+    """Tensors that exist only once a meta-update is complete: its logs, the updated values.
+
+    The step counter's increment waits for them. Inside a `tf.function` only
+    ops on the same resource keep their program order, so an unordered
+    increment could run before a later op of the step failed; the failed step
+    was then counted, checkpointed, and skipped on every rerun.
+    """
+    return tf.nest.flatten(logs) + [tf.convert_to_tensor(v) for v in variables]
+
+
 def make_train_step(experiment, optimizer, step_counter, jit_compile=False, strategy=None):
     """A compiled `train_step(episode) -> logs` performing one meta-update.
 
@@ -98,7 +109,8 @@ def make_train_step(experiment, optimizer, step_counter, jit_compile=False, stra
         # assigns its value, combined over replicas by the variables' aggregation.
         for variable, value in zip(state_variables, state_updates):
             variable.assign(value)
-        step_counter.assign_add(1)
+        with tf.control_dependencies(_completed(variables + state_variables, logs)):
+            step_counter.assign_add(1)
         return logs
 
     def replica_slice(episode, context):
@@ -249,6 +261,9 @@ def _divergence_message(config, bad_logs, first, last, latest):
     if bad_logs:
         what = "the meta-loss is not finite (" + ", ".join(
             f"{name}={value}" for name, value in bad_logs.items()) + ")"
+    elif config.is_rl:
+        what = ("the meta-parameters became NaN or infinite, or the policy's standard deviation "
+                "over- or underflowed")
     else:
         what = "the meta-gradient is not finite (the meta-parameters became NaN or infinite)"
     if latest:
@@ -573,12 +588,32 @@ def make_rl_train_step(algorithm, optimizer, step_counter, jit_compile=False):
     def train_step():
         update, logs = compute(step_counter.read_value())
         optimizer.apply_gradients(zip(update, variables))
-        step_counter.assign_add(1)
+        with tf.control_dependencies(_completed(variables, logs)):
+            step_counter.assign_add(1)
         logs = dict(logs)
         logs["meta_loss"] = logs.pop("loss")
         return logs
 
     return train_step
+
+
+def make_rl_finite_check(algorithm):
+    """`() -> bool tensor`: the meta-parameters are finite and the policy's variance is too.
+
+    A log-std beyond about ±44 is finite but its variance, `exp(2 log σ)`,
+    over- or underflows: the next rollouts' actions and the baseline fit then
+    fail far from the cause. Such a policy counts as diverged.
+    """
+    finite = _make_finite_check(algorithm.meta_variables + algorithm.state_variables)
+    log_std = algorithm.policy.log_std
+
+    @tf.function
+    def all_finite():
+        variance = tf.exp(2.0 * tf.cast(log_std, tf.float32))
+        usable = tf.reduce_all(tf.math.is_finite(variance) & (variance > 0.0))
+        return tf.logical_and(finite(), usable)
+
+    return all_finite
 
 
 def _train_rl(config, model_dir):
@@ -591,7 +626,7 @@ def _train_rl(config, model_dir):
     optimizer.build(algorithm.meta_variables)
     step = tf.Variable(0, dtype=tf.int64, name="step")
     checkpoint = experiment_lib.make_checkpoint(experiment, optimizer=optimizer, step=step)
-    all_finite = _make_finite_check(algorithm.meta_variables + algorithm.state_variables)
+    all_finite = make_rl_finite_check(algorithm)
     latest = _restore(config, checkpoint, checkpoint_dir, step, all_finite)
     # The run can start: only now is anything written.
     config_lib.save(config, model_dir)
