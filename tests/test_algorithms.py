@@ -590,6 +590,30 @@ def test_options_of_another_algorithm_are_refused(options, message):
             config_lib.Config(**own).validate()
 
 
+@pytest.mark.parametrize("options,message", [
+    (dict(dataset="navigation2d", n_way=20), "n_way is for supervised datasets \\(got dataset "
+                                              "navigation2d, where it would be ignored\\)"),
+    (dict(dataset="navigation2d", k_shot=5), "k_shot is for supervised datasets"),
+    (dict(dataset="halfcheetah_velocity", transductive=False),
+     "transductive is for supervised datasets"),
+    (dict(dataset="navigation2d", data_dir="/data"), "data_dir is for supervised datasets"),
+    (dict(dataset="navigation2d", meta_lr=0.5),
+     "meta_lr is for outer_optimizer=adam \\(TRPO's step size is max_kl\\) \\(got "
+     "outer_optimizer=trpo"),
+    (dict(dataset="sine", horizon=50), "horizon is for reinforcement learning \\(got dataset "
+                                       "sine"),
+    (dict(dataset="omniglot", outer_optimizer="adam"),
+     "outer_optimizer is for reinforcement learning"),
+    (dict(dataset="custom", max_kl=0.05), "max_kl is for reinforcement learning"),
+])
+def test_options_of_the_other_kind_of_dataset_are_refused(options, message):
+    """Supervised options for an environment, and RL options for supervised tasks."""
+    with pytest.raises(ValueError, match=message):
+        config_lib.Config(**options).validate()
+    # meta_lr is read by the Adam outer optimizer.
+    config_lib.Config(dataset="navigation2d", outer_optimizer="adam", meta_lr=0.5).validate()
+
+
 # -- every algorithm end to end -----------------------------------------------------------------
 
 # name: (settings, the largest query-error ratio after/before adaptation we accept). Joint

@@ -70,7 +70,9 @@ def test_cli_trains_rl_and_a_rerun_resumes_exactly(tmp_path):
             event = tf.compat.v1.Event.FromString(record.numpy())
             tags.update(value.tag for value in event.summary.value)
     assert {"return_before", "return_after", "kl", "backtracks", "env_steps_per_second",
-            "meta_loss"} <= tags
+            "loss_after"} <= tags
+    # The surrogate before the update is zero by construction: not logged.
+    assert "meta_loss" not in tags and "loss" not in tags
 
 
 def test_a_failed_meta_iteration_is_neither_applied_nor_counted():
@@ -119,6 +121,25 @@ def test_a_policy_whose_variance_overflows_counts_as_diverged():
     log_std.assign([0.0, 0.0])
     algorithm.meta_variables[0].assign(algorithm.meta_variables[0] * float("inf"))
     assert not bool(usable())
+
+
+def test_a_streak_of_rejected_trpo_steps_is_reported(monkeypatch):
+    warnings = []
+    monkeypatch.setattr(trainer.logging, "warning",
+                        lambda message, *args: warnings.append(message % args))
+    rejected = trainer._RejectedSteps(config_lib.Config(dataset="navigation2d", max_kl=1e6))
+    no = dict(accepted=0.0, kl=float("inf"), loss_after=float("nan"))
+    for _ in range(9):
+        rejected.update(no)
+    rejected.update(dict(no, accepted=1.0))  # an accepted step ends the streak
+    for _ in range(9):
+        rejected.update(no)
+    assert warnings == []
+    rejected.update(no)
+    assert warnings == [
+        "TRPO has accepted no step in the last 10 iterations, so the initialization is not "
+        "changing; the KL of every try is not finite (inf): max_kl (now 1e+06) is likely far "
+        "too large"]
 
 
 def test_interrupted_rl_run_with_adam_resumes_exactly(tmp_path, monkeypatch):

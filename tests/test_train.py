@@ -315,6 +315,15 @@ def test_changed_config_is_refused_and_extension_allowed(tmp_path):
                                     "meta_step_size_final": 1.0})
     config_lib.check_resumable(constant, config_lib.Config(**{**constant.to_dict(),
                                                               "num_iterations": 15}))
+    # RL: XLA draws other random numbers, so its episodes differ: no switch on resume.
+    rl = config_lib.Config(dataset="navigation2d")
+    with pytest.raises(ValueError, match="jit_compile: 'auto' -> 'true', which samples other "
+                                         "episodes"):
+        config_lib.check_resumable(rl, config_lib.Config(dataset="navigation2d",
+                                                         jit_compile="true"))
+    config_lib.check_resumable(rl, config_lib.Config(dataset="navigation2d",
+                                                     jit_compile="false"))
+    config_lib.check_resumable(config_lib.Config(jit_compile="true"), config_lib.Config())
     # "auto" is the model it resolves to (the quick start's run resumed with sine.flags),
     # but not another model.
     auto = config_lib.Config(model="auto")
@@ -457,6 +466,8 @@ def test_configs_saved_with_options_their_algorithm_ignored_still_load(tmp_path)
     assert loaded.inner_batch_size == 0 and loaded.per_step_bn
     reptile = {**config_lib.Config(algorithm="reptile").to_dict(), "first_order": True}
     assert config_lib.drop_ignored_options(reptile)[1] == ["first_order"]
+    rl = {**config_lib.Config(dataset="navigation2d").to_dict(), "n_way": 20, "meta_lr": 0.5}
+    assert sorted(config_lib.drop_ignored_options(rl)[1]) == ["meta_lr", "n_way"]
     with open(tmp_path / config_lib.CONFIG_FILENAME, "w") as f:
         json.dump([], f)
     with pytest.raises(ValueError, match="not a valid tf_maml config: expected a JSON object"):

@@ -7,7 +7,8 @@ import os
 from absl import logging
 
 __all__ = ["Config", "CONFIG_FILENAME", "DATASETS", "RL_DATASETS", "MODELS", "STRATEGIES",
-           "ALGORITHMS", "ALGORITHM_OPTIONS", "OUTER_OPTIMIZERS", "OMNIGLOT_RESIZE_FILTERS",
+           "ALGORITHMS", "ALGORITHM_OPTIONS", "SUPERVISED_OPTIONS", "RL_OPTIONS",
+           "ignored_options", "OUTER_OPTIMIZERS", "OMNIGLOT_RESIZE_FILTERS",
            "load", "save", "drop_ignored_options", "TFDS_PREFIX", "DEFAULT_CLASS_SPLIT",
            "parse_class_split", "is_known_dataset"]
 
@@ -36,6 +37,40 @@ ALGORITHM_OPTIONS = {
     "reptile": ("inner_optimizer", "inner_batch_size", "eval_inner_batch_size",
                 "carry_inner_state", "meta_step_size", "meta_step_size_final"),
 }
+# Options that only supervised tasks read, and options that only reinforcement learning
+# reads: validation refuses them, changed, for the other kind of dataset.
+SUPERVISED_OPTIONS = ("data_dir", "n_way", "image_size", "image_channels", "class_split",
+                      "omniglot_split", "split_seed", "augment_rotations", "k_shot", "k_query",
+                      "train_k_shot", "transductive", "transductive_support")
+RL_OPTIONS = ("fast_batch_size", "eval_fast_batch_size", "horizon", "outer_optimizer", "max_kl",
+              "cg_iterations", "cg_damping", "backtrack_ratio", "max_backtracks", "gamma",
+              "gae_lambda", "eval_step_size_decay", "policy_output")
+
+
+def ignored_options(values):
+    """The options that a config's algorithm, kind of dataset and outer optimizer never read.
+
+    Args:
+        values: a dict of `Config` fields (missing ones take their defaults).
+
+    Returns:
+        `{name: owner}`: each ignored option and what reads it (for messages).
+    """
+    defaults = Config()
+    algorithm = values.get("algorithm", defaults.algorithm)
+    rl = values.get("dataset", defaults.dataset) in RL_DATASETS
+    ignored = {name: f"algorithm={owner}" for owner, names in ALGORITHM_OPTIONS.items()
+               if owner != algorithm for name in names}
+    if algorithm == "reptile":
+        ignored["first_order"] = "algorithms other than reptile"
+    if rl:
+        ignored.update({name: "supervised datasets" for name in SUPERVISED_OPTIONS})
+        if values.get("outer_optimizer", defaults.outer_optimizer) == "trpo":
+            ignored["meta_lr"] = "outer_optimizer=adam (TRPO's step size is max_kl)"
+    else:
+        ignored.update({name: "reinforcement learning" for name in RL_OPTIONS})
+    return ignored
+
 
 # Fields that may change when a run is resumed (they do not change what the
 # run computes, or they extend it).
@@ -339,15 +374,20 @@ class Config:
         need(not (self.first_order and self.algorithm == "reptile"),
              "first_order does not apply to algorithm=reptile (its update is first order by "
              "construction)")
-        # An algorithm's own options, set away from their defaults for another algorithm,
-        # would be silently ignored.
+        # Options set away from their defaults where nothing reads them (another
+        # algorithm's, the other kind of dataset's) would be silently ignored.
         defaults = Config()
-        for algorithm, names in ALGORITHM_OPTIONS.items():
-            if self.algorithm != algorithm:
-                for name in names:
-                    need(getattr(self, name) == getattr(defaults, name),
-                         f"{name} is for algorithm={algorithm} (got algorithm="
-                         f"{self.algorithm}, where it would be ignored)")
+        for name, owner in ignored_options(self.to_dict()).items():
+            if name == "first_order":
+                continue  # its own message above
+            if owner.startswith("algorithm="):
+                where = f"algorithm={self.algorithm}"
+            elif name == "meta_lr":
+                where = "outer_optimizer=trpo"
+            else:
+                where = f"dataset {self.dataset}"
+            need(getattr(self, name) == getattr(defaults, name),
+                 f"{name} is for {owner} (got {where}, where it would be ignored)")
         if self.recompute_inner_steps:
             need(not self.first_order and self.algorithm != "reptile",
                  "recompute_inner_steps applies to second-order meta-gradients only (first "
@@ -501,9 +541,10 @@ def save(config, model_dir):
 def drop_ignored_options(values):
     """Resets the options a saved config's algorithm ignores (saved before they were refused).
 
-    Configs written by earlier versions may hold another algorithm's options
-    (or `first_order` with Reptile), which had no effect then: resetting them
-    to their defaults keeps such runs loadable, computing exactly what they did.
+    Configs written by earlier versions may hold options that nothing read
+    (`ignored_options`: another algorithm's, `first_order` with Reptile, the
+    other kind of dataset's), which had no effect then: resetting them to their
+    defaults keeps such runs loadable, computing exactly what they did.
 
     Args:
         values: a dict of `Config` fields.
@@ -513,13 +554,8 @@ def drop_ignored_options(values):
         names reset.
     """
     defaults = Config()
-    algorithm = values.get("algorithm", defaults.algorithm)
     values, reset = dict(values), []
-    ignored = [name for owner, names in ALGORITHM_OPTIONS.items() if owner != algorithm
-               for name in names]
-    if algorithm == "reptile":
-        ignored.append("first_order")
-    for name in ignored:
+    for name in ignored_options(values):
         if name in values and values[name] != getattr(defaults, name):
             values[name] = getattr(defaults, name)
             reset.append(name)
@@ -549,9 +585,8 @@ def load(model_dir, flag="--model_dir"):
             raise ValueError(f"expected a JSON object, got {type(values).__name__}")
         values, reset = drop_ignored_options(values)
         if reset:
-            logging.warning("%s: %s reset to the default(s): algorithm=%s ignores them (the "
-                            "run computed the same)", path, ", ".join(reset),
-                            values.get("algorithm", "maml"))
+            logging.warning("%s: %s reset to the default(s): the run's algorithm and dataset "
+                            "ignore them (it computed the same)", path, ", ".join(reset))
         return Config.from_dict(values).validate()
     except (json.JSONDecodeError, TypeError, ValueError) as e:
         raise ValueError(f"{path} is not a valid tf_maml config: {e}") from None
@@ -566,6 +601,11 @@ def check_resumable(saved, requested):
         after["model"] = before["model"]
     changed = [f"{k}: {v!r} -> {after[k]!r}" for k, v in before.items()
                if k not in RESUMABLE_FIELDS and after[k] != v]
+    if saved.is_rl and (saved.jit_compile == "true") != (requested.jit_compile == "true"):
+        # XLA's CPU kernels draw other numbers from the same stateless seeds (even with the
+        # algorithm named), so the rest of the run would sample other episodes.
+        changed.append(f"jit_compile: {saved.jit_compile!r} -> {requested.jit_compile!r}, "
+                       f"which samples other episodes from the same seeds")
     if saved.num_iterations != requested.num_iterations:
         # The outer optimizer's schedule spans num_iterations for these algorithms.
         schedule = ("MAML++'s cosine schedule of the meta learning rate"

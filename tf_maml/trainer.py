@@ -240,8 +240,11 @@ def _non_finite_meta_loss(logs):
     """`{"meta_loss": value}` if the meta-loss is NaN or infinite, else `{}`.
 
     Only the meta-loss: other logs may be NaN by design (a pretrained baseline
-    has no support loss before adaptation).
+    has no support loss before adaptation). RL logs have none (the meta-
+    parameters' check covers them).
     """
+    if "meta_loss" not in logs:
+        return {}
     value = float(logs["meta_loss"])
     return {} if math.isfinite(value) else {"meta_loss": value}
 
@@ -574,8 +577,10 @@ def make_rl_train_step(algorithm, optimizer, step_counter, jit_compile=False):
         jit_compile: compile the meta-iteration with XLA.
 
     Returns:
-        A `tf.function` without arguments; its logs are `MAMLRL.meta_step`'s,
-        with the surrogate loss as "meta_loss".
+        A `tf.function` without arguments; its logs are `MAMLRL.meta_step`'s
+        without "loss": the surrogate before the update is zero up to rounding
+        (normalized advantages, probability ratio 1), so it says nothing;
+        TRPO's `loss_after` is the surrogate after it.
     """
     variables = algorithm.meta_variables
 
@@ -591,7 +596,7 @@ def make_rl_train_step(algorithm, optimizer, step_counter, jit_compile=False):
         with tf.control_dependencies(_completed(variables, logs)):
             step_counter.assign_add(1)
         logs = dict(logs)
-        logs["meta_loss"] = logs.pop("loss")
+        del logs["loss"]
         return logs
 
     return train_step
@@ -648,9 +653,13 @@ def _train_rl(config, model_dir):
     manager = tf.train.CheckpointManager(checkpoint, checkpoint_dir, max_to_keep=3)
     writer = tf.summary.create_file_writer(os.path.join(model_dir, "train"))
 
+    rejected = _RejectedSteps(config) if config.outer_optimizer == "trpo" else None
+
     def run_steps(num_steps):
         for _ in range(num_steps):
             logs = train_step()
+            if rejected is not None:
+                rejected.update(logs)
         return logs
 
     progress = _Progress(start, config.num_iterations, units=("env_steps", "env steps"))
@@ -663,6 +672,34 @@ def _train_rl(config, model_dir):
         if hasattr(algorithm.env, "close"):   # simulations (re-created if used again)
             algorithm.env.close()
     return experiment, current
+
+
+class _RejectedSteps:
+    """Warns when TRPO's line search has accepted no step for `WARN_AFTER` iterations in a row.
+
+    A rejected step leaves θ as it was; a streak of them (a `max_kl` so large
+    that every try's KL overflows, a damping or step that never improves the
+    surrogate) would otherwise train nothing while the progress lines go on.
+    """
+
+    WARN_AFTER = 10
+
+    def __init__(self, config):
+        self.config, self.streak = config, 0
+
+    def update(self, logs):
+        if float(logs["accepted"]):
+            self.streak = 0
+            return
+        self.streak += 1
+        if self.streak % self.WARN_AFTER == 0:
+            kl = float(logs["kl"])
+            why = (f"the KL of every try is not finite ({kl}): max_kl (now "
+                   f"{self.config.max_kl:g}) is likely far too large" if not math.isfinite(kl)
+                   else f"the last try's KL was {kl:.3g} against max_kl {self.config.max_kl:g}, "
+                        f"its surrogate {float(logs['loss_after']):.3g}")
+            logging.warning("TRPO has accepted no step in the last %d iterations, so the "
+                            "initialization is not changing; %s", self.streak, why)
 
 
 def _validate_rl(algorithm, writer, step):
