@@ -162,6 +162,21 @@ def test_fresh_process_adapt_equals_the_training_inner_step(fresh_answers):
     assert moved["custom"] > 2 * moved["lengths"]
 
 
+def test_the_adapted_policy_does_not_depend_on_the_scale_of_the_rewards(rl_export):
+    """Baseline fit and advantages are linear in the rewards, normalization removes the scale:
+    rewards of 1e19 adapt as rewards of 1 do (their squares once overflowed, and the request
+    silently returned the unadapted policy)."""
+    experiment = rl_export[0]
+    trajectories = _episodes(experiment, (0.3, -0.2), 6, 8, [1, 2])
+    mean, log_std = _in_process(experiment, trajectories, QUERY)
+    assert not np.allclose(mean, experiment.model(QUERY).numpy(), atol=1e-4)
+    for scale in (1e3, 1e19):
+        scaled = trajectories._replace(rewards=trajectories.rewards * scale)
+        scaled_mean, scaled_log_std = _in_process(experiment, scaled, QUERY)
+        np.testing.assert_allclose(scaled_mean, mean, rtol=1e-3, atol=1e-5, err_msg=scale)
+        np.testing.assert_allclose(scaled_log_std, log_std, rtol=1e-3, atol=1e-5)
+
+
 def test_adapting_on_a_goals_episodes_moves_the_actions_toward_it(fresh_answers):
     out, _ = fresh_answers
     before = out["serve/action_mean"]

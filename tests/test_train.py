@@ -303,6 +303,12 @@ def test_changed_config_is_refused_and_extension_allowed(tmp_path):
     _, step = trainer.train(config_lib.Config(**{**config.to_dict(), "num_iterations": 15}),
                             str(tmp_path))
     assert step == 15
+    # Asking for fewer iterations than the run has does nothing and keeps its num_iterations
+    # (the evaluation settings of the rerun are taken).
+    _, step = trainer.train(config_lib.Config(**{**config.to_dict(), "num_iterations": 5,
+                                                 "num_eval_tasks": 7}), str(tmp_path))
+    saved = config_lib.load(str(tmp_path))
+    assert step == 15 and saved.num_iterations == 15 and saved.num_eval_tasks == 7
     # Where the outer optimizer's schedule spans num_iterations, extending is refused.
     for options, schedule in ((dict(algorithm="mamlpp"), "MAML\\+\\+'s cosine schedule"),
                               (dict(algorithm="reptile"), "Reptile's annealing")):

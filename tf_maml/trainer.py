@@ -17,6 +17,7 @@ stops with `TrainingDiverged` when the meta-loss or the meta-parameters stop
 being finite: a checkpoint never holds non-finite weights.
 """
 
+import dataclasses
 import math
 import os
 import time
@@ -371,7 +372,7 @@ def train(config, model_dir, tasks=None):
     latest = _restore(config, checkpoint, checkpoint_dir, step, all_finite)
     # The run can start: only now is anything written.
     if chief:
-        config_lib.save(config, model_dir)
+        config_lib.save(_as_trained(config, step), model_dir)
         experiment_lib.save_spec(experiment.spec, model_dir)
         if fingerprint is not None:
             experiment_lib.save_data_fingerprint(fingerprint, model_dir)
@@ -449,6 +450,13 @@ def _restore(config, checkpoint, checkpoint_dir, step, all_finite):
                 f"refused to save them). Lower {_rates(config)} and train again in a new "
                 "model_dir")
     return latest
+
+
+def _as_trained(config, step):
+    """The config to save: a rerun asking for fewer iterations than the run has does not
+    lower its `num_iterations` (its evaluation settings are still taken)."""
+    return dataclasses.replace(config, num_iterations=max(config.num_iterations,
+                                                          int(step.numpy())))
 
 
 def _run_loop(config, step, all_finite, manager, writer, start, latest, run_steps, validate=None,
@@ -634,7 +642,7 @@ def _train_rl(config, model_dir):
     all_finite = make_rl_finite_check(algorithm)
     latest = _restore(config, checkpoint, checkpoint_dir, step, all_finite)
     # The run can start: only now is anything written.
-    config_lib.save(config, model_dir)
+    config_lib.save(_as_trained(config, step), model_dir)
     start = int(step.numpy())
     if start >= config.num_iterations:
         logging.info("Already trained for %d iterations; nothing to do.", start)

@@ -153,8 +153,13 @@ def normalize_advantages(advantages, mask, epsilon=1e-8):
     axes = list(range(1, advantages.shape.rank))
     count = tf.maximum(tf.reduce_sum(mask, axes, keepdims=True), 1.0)
     mean = tf.reduce_sum(advantages * mask, axes, keepdims=True) / count
-    variance = tf.reduce_sum(tf.square(advantages - mean) * mask, axes, keepdims=True) / count
-    return (advantages - mean) / (tf.sqrt(variance) + epsilon) * mask
+    centered = (advantages - mean) * mask
+    # The variance of centered / scale, times scale²: squares of large advantages (rewards
+    # of 1e18 in a served request) would overflow float32 and zero every advantage.
+    scale = tf.reduce_max(tf.abs(centered), axes, keepdims=True)
+    scale = tf.where(scale > 0, scale, tf.ones_like(scale))
+    variance = tf.reduce_sum(tf.square(centered / scale), axes, keepdims=True) / count
+    return centered / (tf.sqrt(variance) * scale + epsilon) * mask
 
 
 def process_trajectories(trajectories, gamma=0.99, gae_lambda=1.0, baseline_reg=1e-5,
