@@ -221,6 +221,10 @@ def test_evaluate_reports_the_run_baseline_random_init_and_oracle(tmp_path):
     again = reporting.evaluate_and_report(maml_dir, output_dir=str(tmp_path / "again"),
                                           num_eval_steps=3)
     np.testing.assert_allclose(again["MAML"][0], saved["results"]["MAML"]["mean"], rtol=1e-6)
+    # No gradient step: no step size is reported.
+    reporting.evaluate_and_report(maml_dir, output_dir=str(tmp_path / "zero"), num_eval_steps=0)
+    zero = json.load(open(tmp_path / "zero" / reporting.RESULTS_FILENAME))
+    assert zero["step_sizes"] == [] and len(zero["results"]["MAML"]["mean"]) == 1
 
 
 def test_evaluate_reports_a_trained_oracle_beside_the_run(tmp_path):
@@ -237,12 +241,13 @@ def test_evaluate_reports_a_trained_oracle_beside_the_run(tmp_path):
     saved = json.load(open(out / reporting.RESULTS_FILENAME))
     assert list(saved["results"]) == ["MAML", "random init", "oracle", "oracle (trained)"]
     assert saved["steps_trained"]["oracle (trained)"] == 1
-    # The row is the oracle's own return without adaptation on the same goals: evaluating the
-    # oracle run itself gives it as its step-0 figure.
+    # The row is the oracle's own return without adaptation on the same goals; evaluating the
+    # oracle run itself gives the same row (it is not adapted there either).
     alone = reporting.evaluate_and_report(oracle_dir, output_dir=str(tmp_path / "alone"))
     assert list(alone) == ["oracle (trained)", "random init", "oracle"]
-    np.testing.assert_allclose(saved["results"]["oracle (trained)"]["mean"],
-                               [alone["oracle (trained)"][0][0]] * 3, rtol=1e-6)
+    np.testing.assert_allclose(alone["oracle (trained)"][0],
+                               saved["results"]["oracle (trained)"]["mean"], rtol=1e-6)
+    assert len(set(alone["oracle (trained)"][0])) == 1
 
     # The oracle's policy reads the goal, and so does its export: changing the goal columns
     # changes the action, and the metadata says how many there are.

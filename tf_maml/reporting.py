@@ -349,10 +349,16 @@ def _evaluate_rl(model_dir, baseline_dir, output_dir, experiment, step, oracle_d
     for label, (run, run_step) in runs.items():
         logging.info("evaluating %s (step %d) on %d held-out goals", label, run_step,
                      config.num_eval_tasks)
-        per_task = run.algorithm.evaluate(TEST_SEED, tasks=tasks, num_steps=num_steps,
-                                          step_sizes=sizes,
-                                          num_trajectories=episodes,
-                                          per_task=True)
+        if run.config.goal_observed:
+            # A policy that sees the goal is evaluated as the oracle row is: without
+            # adaptation, its return repeated at every step.
+            returns = run.algorithm.evaluate(TEST_SEED, tasks=tasks, num_steps=0,
+                                             num_trajectories=episodes, per_task=True)
+            per_task = np.tile(returns, (num_steps + 1, 1))
+        else:
+            per_task = run.algorithm.evaluate(TEST_SEED, tasks=tasks, num_steps=num_steps,
+                                              step_sizes=sizes, num_trajectories=episodes,
+                                              per_task=True)
         results[label] = evaluation.summarize(per_task)
     if hasattr(base_env, "oracle_returns"):   # navigation: the analytic best policy
         oracle = np.asarray(base_env.oracle_returns(tasks, algorithm.horizon))
@@ -367,13 +373,14 @@ def _evaluate_rl(model_dir, baseline_dir, output_dir, experiment, step, oracle_d
         runs[oracle_label] = oracle_run
 
     table = evaluation.format_table(RL_METRIC, results)
-    steps_text = ", ".join(f"{s:g}" for s in sizes[:max(num_steps, 1)])
+    steps_text = ("no gradient step" if num_steps == 0 else
+                  "step sizes " + ", ".join(f"{s:g}" for s in sizes[:num_steps]))
     print(f"\naverage return on {config.num_eval_tasks} held-out {config.dataset} goals "
           f"({episodes} episodes x {algorithm.horizon} steps per gradient step, "
-          f"step sizes {steps_text}), mean ± 95% CI:\n{table}\n"
+          f"{steps_text}), mean ± 95% CI:\n{table}\n"
           f"{_non_finite_note(RL_METRIC, results)}")
     extra = {"num_tasks": config.num_eval_tasks, "inner_lr": config.inner_lr,
-             "step_sizes": sizes[:max(num_steps, 1)], "algorithm": config.algorithm,
+             "step_sizes": sizes[:num_steps], "algorithm": config.algorithm,
              "dataset": config.dataset, "fast_batch_size": config.fast_batch_size,
              "eval_fast_batch_size": episodes,
              "horizon": algorithm.horizon, "outer_optimizer": config.outer_optimizer,
