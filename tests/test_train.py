@@ -493,3 +493,14 @@ def test_evaluation_with_no_steps_and_one_task(tmp_path):
         saved = json.load(f)
     assert saved["results"]["MAML"]["ci95"] == [None] and "non_finite" not in saved
     assert os.path.exists(os.path.join(model_dir, reporting.SINE_FIT_FILENAME))
+
+
+def test_progress_rates_exclude_the_first_call_which_compiles():
+    progress = trainer._Progress(0, 10, units=("env_steps", "env steps"))
+    time.sleep(0.05)  # the first call: tracing and compilation
+    progress.compiled(1)
+    first = progress.line(1, {"env_steps": 60.0})
+    assert "first call" in first and "compilation included" in first and "ETA ?" in first
+    assert "steps/s" not in first
+    later = progress.line(3, {"env_steps": 60.0})
+    assert "steps/s" in later and "env steps/s" in later and "ETA ?" not in later

@@ -262,7 +262,7 @@ def _finish(plt, fig, ax, path, xlabel, ylabel, title):
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=9)
-    ax.legend()
+    ax.legend(fontsize=8, framealpha=0.6)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -278,6 +278,7 @@ def plot_curves(path, metric_name, results, title):
         steps = np.arange(len(mean))
         ax.plot(steps, mean, marker="o", label=name)
         ax.fill_between(steps, mean - ci, mean + ci, alpha=0.2)
+    ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))  # whole steps only
     return _finish(plt, fig, ax, path, "number of gradient steps", metric_name, title)
 
 

@@ -167,14 +167,24 @@ class _Progress:
         self.scalars = {}
         self.last_step, self.last_time = start_step, time.perf_counter()
 
+    def compiled(self, step):
+        """The first call (tracing and compilation included) ended at `step`: rates start here."""
+        now = time.perf_counter()
+        self.first_call_seconds = now - self.last_time
+        self.last_step, self.last_time = step, now
+
     def line(self, step, logs):
         now = time.perf_counter()
-        rate = (step - self.last_step) / max(now - self.last_time, 1e-9)
-        self.last_step, self.last_time = step, now
-        eta = (self.total - step) / rate if rate > 0 else float("inf")
         counted = self.units[0] if self.units else None
         values = " ".join(f"{k}={v:.0f}" if k == counted else f"{k}={v:.4f}"
                           for k, v in logs.items())
+        if step == self.last_step:  # only the first call so far: no rate to tell yet
+            return (f"step {step}/{self.total} ({100 * step / self.total:.1f}%) {values} "
+                    f"| first call {getattr(self, 'first_call_seconds', 0.0):.1f}s (tracing "
+                    f"and compilation included) | ETA ?")
+        rate = (step - self.last_step) / max(now - self.last_time, 1e-9)
+        self.last_step, self.last_time = step, now
+        eta = (self.total - step) / rate if rate > 0 else float("inf")
         rate_text = f"{rate:.1f}" if rate >= 1 else f"{rate:.3g}"
         throughput = ""
         if self.units and self.units[0] in logs:
@@ -514,6 +524,8 @@ def _run_loop(config, step, all_finite, manager, writer, start, latest, run_step
                 steps_per_call = int(min(MAX_STEPS_PER_CALL, max(
                     1, SECONDS_PER_CALL * num_steps / max(elapsed, 1e-9))))
             previous, current = current, current + num_steps
+            if previous == start:
+                progress.compiled(current)
             # A non-finite step anywhere in the call leaves non-finite weights (and
             # losses) behind: checking once per call costs microseconds.
             bad_logs = _non_finite_meta_loss(logs)
