@@ -16,9 +16,9 @@ depends on the previous one, so that the compiler can hoist nothing out of it:
   sine's second layer and its adapted copies are.
 
 Each is written once with TensorFlow ops under `tf.function(jit_compile=True)`
-and once with `jax.numpy` under `jax.jit`; both compile to the same
-mathematics with the same dot shapes (`--print_hlo` shows each compiler's
-`dot`s). A difference in time is the compiler's and its runtime's, not the
+and once with `jax.numpy` under `jax.jit`, both on the CPU; both compile to
+the same mathematics (`--print_hlo` shows each compiler's `dot`s; their
+layouts may differ, e.g. `[25, 10]` against `[25, 10, 1]`). A difference in time is the compiler's and its runtime's, not the
 program's.
 
 JAX runs in its own process (`--peer_python` names an interpreter that has
@@ -79,8 +79,9 @@ def run_tensorflow(program, iterations, repeats, min_seconds):
     import tensorflow as tf
 
     x_value, w_values = _weights(program)
-    x = tf.constant(x_value)
-    weights = [tf.constant(w) for w in w_values]
+    with tf.device("/CPU:0"):
+        x = tf.constant(x_value)
+        weights = [tf.constant(w) for w in w_values]
 
     @tf.function(jit_compile=True)
     def loop(x, weights):
@@ -93,8 +94,9 @@ def run_tensorflow(program, iterations, repeats, min_seconds):
 
         return tf.while_loop(lambda i, _: i < iterations, body, (0, tf.constant(0.0)))[1]
 
-    seconds = _time(lambda: loop(x, weights).numpy(), repeats, min_seconds)
-    hlo = loop.experimental_get_compiler_ir(x, weights)(stage="optimized_hlo")
+    with tf.device("/CPU:0"):  # JAX's side runs on the CPU too (jax[cpu])
+        seconds = _time(lambda: loop(x, weights).numpy(), repeats, min_seconds)
+        hlo = loop.experimental_get_compiler_ir(x, weights)(stage="optimized_hlo")
     return {"us_per_iteration": 1e6 * seconds / iterations, "version": tf.__version__,
             "dots": _dots(hlo)}
 

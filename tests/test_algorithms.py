@@ -600,6 +600,10 @@ def test_options_of_another_algorithm_are_refused(options, message):
     (dict(dataset="navigation2d", meta_lr=0.5),
      "meta_lr is for outer_optimizer=adam \\(TRPO's step size is max_kl\\) \\(got "
      "outer_optimizer=trpo"),
+    (dict(dataset="navigation2d", outer_optimizer="adam", max_kl=0.05),
+     "max_kl is for outer_optimizer=trpo \\(got outer_optimizer=adam"),
+    (dict(dataset="navigation2d", outer_optimizer="adam", cg_iterations=20),
+     "cg_iterations is for outer_optimizer=trpo"),
     (dict(dataset="sine", horizon=50), "horizon is for reinforcement learning \\(got dataset "
                                        "sine"),
     (dict(dataset="omniglot", outer_optimizer="adam"),

@@ -440,3 +440,14 @@ def test_an_op_error_inside_a_compiled_step_is_reported_by_its_own_message():
     assert e.value.message.startswith("Graph execution error")
     assert experiment_lib.error_text(e.value) == (
         "Shape [100000,100000,100000,100000] would have more than 2**63 - 1 elements")
+
+
+def test_several_root_errors_are_reported_by_the_first_ones_message():
+    """tf.distribute: one replica fails, the others are cancelled."""
+    message = ('Graph execution error:\n\nDetected at node assert defined at (most recent call '
+               'last):\n  File "train.py", line 3, in <module>\n\n2 root error(s) found.\n'
+               '  (0) INVALID_ARGUMENT:  assertion failed: [the task source failed]\n'
+               '\t [[{{node assert}}]]\n  (1) CANCELLED:  Function was cancelled\n'
+               '0 successful operations.\n0 derived errors ignored.')
+    error = tf.errors.InvalidArgumentError(None, None, message)
+    assert experiment_lib.error_text(error) == "assertion failed: [the task source failed]"

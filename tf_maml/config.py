@@ -42,6 +42,7 @@ ALGORITHM_OPTIONS = {
 SUPERVISED_OPTIONS = ("data_dir", "n_way", "image_size", "image_channels", "class_split",
                       "omniglot_split", "split_seed", "augment_rotations", "k_shot", "k_query",
                       "train_k_shot", "transductive", "transductive_support")
+TRPO_OPTIONS = ("max_kl", "cg_iterations", "cg_damping", "backtrack_ratio", "max_backtracks")
 RL_OPTIONS = ("fast_batch_size", "eval_fast_batch_size", "horizon", "outer_optimizer", "max_kl",
               "cg_iterations", "cg_damping", "backtrack_ratio", "max_backtracks", "gamma",
               "gae_lambda", "eval_step_size_decay", "policy_output")
@@ -67,6 +68,8 @@ def ignored_options(values):
         ignored.update({name: "supervised datasets" for name in SUPERVISED_OPTIONS})
         if values.get("outer_optimizer", defaults.outer_optimizer) == "trpo":
             ignored["meta_lr"] = "outer_optimizer=adam (TRPO's step size is max_kl)"
+        else:
+            ignored.update({name: "outer_optimizer=trpo" for name in TRPO_OPTIONS})
     else:
         ignored.update({name: "reinforcement learning" for name in RL_OPTIONS})
     return ignored
@@ -382,8 +385,8 @@ class Config:
                 continue  # its own message above
             if owner.startswith("algorithm="):
                 where = f"algorithm={self.algorithm}"
-            elif name == "meta_lr":
-                where = "outer_optimizer=trpo"
+            elif name == "meta_lr" or name in TRPO_OPTIONS and self.is_rl:
+                where = f"outer_optimizer={self.outer_optimizer}"
             else:
                 where = f"dataset {self.dataset}"
             need(getattr(self, name) == getattr(defaults, name),

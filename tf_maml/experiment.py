@@ -256,6 +256,10 @@ def error_text(error, limit=300):
         message = next((line.strip() for line in lines[frames[-1] + 1 if frames else 1:]
                         if line.strip() and not line[0].isspace()
                         and not line.startswith("Detected at node")), None)
+        if message and re.match(r"\d+ root error\(s\) found", message):
+            # Several replicas failed (tf.distribute): the first one's own error.
+            first = re.search(r"^\s*\(\d+\) \w+: (.+)$", text, re.MULTILINE)
+            message = first.group(1).strip() if first else message
         text = message or text
     text = text.splitlines()[0].strip() if text else ""
     text = re.sub(r"\s*\[Op:\w+\]$", "", text) or type(error).__name__

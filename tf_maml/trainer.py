@@ -483,7 +483,8 @@ def _run_loop(config, step, all_finite, manager, writer, start, latest, run_step
         start: the step the loop starts from.
         latest: the checkpoint restored (or `None`).
         run_steps: `run_steps(num_steps) -> logs`: runs that many meta-iterations,
-            returns the last one's logs (with "meta_loss").
+            returns the last one's logs (supervised runs: with "meta_loss", whose
+            non-finite value stops the run).
         validate: `validate(step)`, called every `validate_every` steps (chief only).
         chief: whether this worker writes logs and summaries.
         progress: a `_Progress` (default: steps/s and ETA only).
@@ -625,8 +626,8 @@ def make_rl_train_step(algorithm, optimizer, step_counter, jit_compile=False):
 def make_rl_finite_check(algorithm):
     """`() -> bool tensor`: the meta-parameters are finite and the policy's variance is too.
 
-    A log-std beyond about ±44 is finite but its variance, `exp(2 log σ)`,
-    over- or underflows: the next rollouts' actions and the baseline fit then
+    A log-std beyond about ±44 (float32) is finite but its variance,
+    `exp(2 log σ)`, over- or underflows: the next rollouts' actions and the baseline fit then
     fail far from the cause. Such a policy counts as diverged.
     """
     finite = _make_finite_check(algorithm.meta_variables + algorithm.state_variables)
@@ -634,7 +635,7 @@ def make_rl_finite_check(algorithm):
 
     @tf.function
     def all_finite():
-        variance = tf.exp(2.0 * tf.cast(log_std, tf.float32))
+        variance = tf.exp(2.0 * tf.convert_to_tensor(log_std))  # in the policy's dtype
         usable = tf.reduce_all(tf.math.is_finite(variance) & (variance > 0.0))
         return tf.logical_and(finite(), usable)
 
