@@ -18,8 +18,8 @@ depends on the previous one, so that the compiler can hoist nothing out of it:
 Each is written once with TensorFlow ops under `tf.function(jit_compile=True)`
 and once with `jax.numpy` under `jax.jit`, both on the CPU; both compile to
 the same mathematics (`--print_hlo` shows each compiler's `dot`s; their
-layouts may differ, e.g. `[25, 10]` against `[25, 10, 1]`). A difference in time is the compiler's and its runtime's, not the
-program's.
+layouts may differ, e.g. `[25, 10]` against `[25, 10, 1]`). A difference in
+time is the compiler's and its runtime's, not the program's.
 
 JAX runs in its own process (`--peer_python` names an interpreter that has
 `jax` installed; default: this one); without JAX only TensorFlow's figure is
