@@ -166,11 +166,25 @@ def _raises_after_seed_0(seed):
     return _line(seed)
 
 
+def _nan_after_seed_0(seed):
+    x, y = _line(seed)
+    return (x, y) if seed == 0 else (x, y * np.nan)
+
+
+def _overflows_after_seed_0(seed):  # finite in float64, infinite in float32
+    x, y = _line(seed)
+    return (x, y) if seed == 0 else (x * 1e300, y)
+
+
 @pytest.mark.parametrize("function,pattern", [
     (_short_after_seed_0,
      r"^_short_after_seed_0\(\d+\) returned 3 rows, fewer than k_shot \+ k_query = 15$"),
     (_raises_after_seed_0,
      r"^_raises_after_seed_0\(\d+\) raised RuntimeError: my data source failed for seed \d+$"),
+    (_nan_after_seed_0,
+     r"^_nan_after_seed_0\(\d+\) returned y with NaN or infinite values \(in float32\)$"),
+    (_overflows_after_seed_0,
+     r"^_overflows_after_seed_0\(\d+\) returned x with NaN or infinite values"),
 ])
 def test_a_task_function_failing_in_training_fails_fit_in_one_line(function, pattern):
     tasks = tf_maml.tasks.FunctionTasks(function, k_shot=5, k_query=10)

@@ -315,6 +315,34 @@ def test_folder_scales_16_bit_images_and_refuses_wider_ones(tmp_path):
         sources.load_folder(str(root))
 
 
+def test_folder_listing_reads_each_image_once_and_says_what_it_skipped(tmp_path, monkeypatch):
+    from PIL import Image
+    warnings = []
+    monkeypatch.setattr(sources.logging, "warning",
+                        lambda message, *args: warnings.append(message % args))
+    root = tmp_path / "images"
+    for c in range(2):
+        (root / f"c{c}").mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(np.full((8, 8), 40 * i + c, np.uint8)).save(root / f"c{c}" / f"{i}.png")
+    # A symlink loop, a second link to the same folder and to the same image, a hidden
+    # folder (a notebook's checkpoints) and files that are not images.
+    os.symlink(root / "c0", root / "c0" / "loop")
+    (root / "c1" / "sub").mkdir()
+    os.symlink(root / "c1" / "0.png", root / "c1" / "sub" / "again.png")
+    (root / "c1" / ".ipynb_checkpoints").mkdir()
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(root / "c1" / ".ipynb_checkpoints" / "x.png")
+    (root / "c0" / "notes.txt").write_text("not an image")
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(root / "c0" / "scan.tif")
+    classes = sources._list_folder(str(root))
+    assert classes == [("c0", ["c0/0.png", "c0/1.png", "c0/2.png"]),
+                       ("c1", ["c1/0.png", "c1/1.png", "c1/2.png"])]
+    assert len(warnings) == 2
+    assert "skipped 2 file(s) that are not PNG/JPG/JPEG/BMP/GIF images" in warnings[0]
+    assert "skipped 1 link(s) to an image already in its class, e.g. c1/sub/again.png" in (
+        warnings[1])
+
+
 # -- TFDS ---------------------------------------------------------------------------------------
 
 

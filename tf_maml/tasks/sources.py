@@ -418,18 +418,42 @@ def _list_folder(data_dir):
     if not data_dir or not os.path.isdir(data_dir):
         what = "is not a directory" if data_dir and os.path.exists(data_dir) else "does not exist"
         raise FileNotFoundError(f"image folder data_dir {data_dir!r} {what}; {layout}")
-    classes = []
+    classes, skipped, repeated = [], [], []
     for entry in sorted(os.listdir(data_dir)):
         folder = os.path.join(data_dir, entry)
         if entry.startswith(".") or not os.path.isdir(folder):
             continue
-        files = sorted(
-            os.path.relpath(os.path.join(root, f), data_dir)
-            for root, dirs, names in os.walk(folder, followlinks=True) for f in names
-            if not f.startswith(".") and os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS)
-        classes.append((entry, files))
+        files, seen_dirs, seen_files = [], set(), set()
+        for root, dirs, names in os.walk(folder, followlinks=True):
+            # Hidden folders (.ipynb_checkpoints, ...) are skipped like hidden files; a
+            # folder reached twice (a symlink loop, two links to one folder) is read once.
+            real = os.path.realpath(root)
+            if real in seen_dirs:
+                dirs[:] = []
+                continue
+            seen_dirs.add(real)
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            for f in names:
+                if f.startswith("."):
+                    continue
+                path = os.path.join(root, f)
+                if os.path.splitext(f)[1].lower() not in IMAGE_EXTENSIONS:
+                    skipped.append(os.path.relpath(path, data_dir))
+                elif os.path.realpath(path) in seen_files:
+                    repeated.append(os.path.relpath(path, data_dir))
+                else:
+                    seen_files.add(os.path.realpath(path))
+                    files.append(os.path.relpath(path, data_dir))
+        classes.append((entry, sorted(files)))
     if not classes:
         raise ValueError(f"image folder {data_dir} has no class sub-folders; {layout}")
+    if skipped:
+        logging.warning("%s: skipped %d file(s) that are not %s images, e.g. %s", data_dir,
+                        len(skipped), "/".join(e[1:].upper() for e in IMAGE_EXTENSIONS),
+                        skipped[0])
+    if repeated:
+        logging.warning("%s: skipped %d link(s) to an image already in its class, e.g. %s",
+                        data_dir, len(repeated), repeated[0])
     return classes
 
 
@@ -804,7 +828,17 @@ class FunctionTasks:
             raise _BadTask(f"{name}({seed}) returned x {x.shape} and y {y.shape}; expected "
                            f"rows of shape {self.input_shape} and ({self.output_size},) as "
                            f"{name}(0) returned")
-        return x[:rows].astype(np.float32), y[:rows].astype(np.float32)
+        for what, values in (("x", x), ("y", y)):
+            if values.dtype.kind not in "biuf":
+                raise _BadTask(f"{name}({seed}) returned {what} of dtype {values.dtype}; "
+                               f"expected real numbers")
+        with np.errstate(over="ignore"):  # overflow to float32 infinity is reported below
+            x, y = x[:rows].astype(np.float32), y[:rows].astype(np.float32)
+        for what, values in (("x", x), ("y", y)):
+            if not np.isfinite(values).all():
+                raise _BadTask(f"{name}({seed}) returned {what} with NaN or infinite values "
+                               f"(in float32)")
+        return x, y
 
     def sample(self, seed, meta_batch_size, split="train", k_shot=None):
         """Samples a meta-batch of tasks as an `Episode`.
