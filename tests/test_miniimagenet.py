@@ -88,6 +88,34 @@ def test_bad_layouts_give_clear_errors(mini_dir, tmp_path):
         config_lib.Config(dataset="miniimagenet").validate()
 
 
+def test_excel_csvs_uneven_classes_and_overlapping_splits(mini_dir, tmp_path, monkeypatch):
+    import shutil
+    root = tmp_path / "mini"
+    shutil.copytree(mini_dir, root)
+    # A byte-order mark (Excel's "CSV UTF-8") is read as the header it precedes.
+    text = (root / "val.csv").read_text()
+    (root / "val.csv").write_text("\ufeff" + text, encoding="utf-8")
+    assert miniimagenet.load_split(str(root), "val").shape[:2] == (5, 20)
+    # Uneven classes keep as many images as the smallest, and say so.
+    warnings = []
+    monkeypatch.setattr(miniimagenet.logging, "warning",
+                        lambda message, *args: warnings.append(message % args))
+    lines = (root / "test.csv").read_text().splitlines()
+    (root / "test.csv").write_text("\n".join(lines[:-15]) + "\n")  # n_test004 keeps 5 images
+    assert miniimagenet.load_split(str(root), "test").shape[:2] == (5, 5)
+    assert warnings == ["MiniImagenet test: every class keeps 5 images, as many as its smallest "
+                        "(ntest004); 60 listed images are not used"]
+    # A class in two splits would leak meta-test classes into meta-training.
+    (root / "test.csv").write_text("\n".join(lines + [lines[-1].replace("ntest004",
+                                                                        "ntrain000")]) + "\n")
+    with pytest.raises(ValueError, match="1 class\\(es\\) are in both train and test "
+                                         "\\(ntrain000\\); the splits must be disjoint"):
+        miniimagenet.miniimagenet_tasks(5, 1, 1, str(root))
+    (root / "train.csv").write_text("image,class\nx.jpg,a\n")
+    with pytest.raises(ValueError, match="found 'image,class'"):
+        miniimagenet.load_split(str(root), "train")
+
+
 def _counting_decoder(monkeypatch):
     calls = []
     decode = miniimagenet._decode

@@ -33,10 +33,12 @@ _CACHE_VERSION = 2
 
 
 def _read_csv(path):
-    with open(path, newline="") as f:
+    with open(path, newline="", encoding="utf-8-sig") as f:  # Excel writes a BOM
         rows = list(csv.reader(f))
     if not rows or [c.strip() for c in rows[0][:2]] != ["filename", "label"]:
-        raise ValueError(f"{path}: expected a CSV with header 'filename,label'")
+        found = ",".join(rows[0]) if rows else "an empty file"
+        raise ValueError(f"{path}: expected a CSV with header 'filename,label', found "
+                         f"{found[:80]!r}")
     by_label = {}
     for line, row in enumerate(rows[1:], start=2):
         if len(row) < 2:
@@ -95,6 +97,11 @@ def load_split(data_dir, split, cache_dir=None):
             "train.csv, val.csv, test.csv (Ravi & Larochelle's split)")
     by_label = _read_csv(csv_path)
     count = min(len(files) for files in by_label.values())
+    dropped = sum(len(files) - count for files in by_label.values())
+    if dropped:
+        smallest = min(by_label, key=lambda label: len(by_label[label]))
+        logging.warning("MiniImagenet %s: every class keeps %d images, as many as its smallest "
+                        "(%s); %d listed images are not used", split, count, smallest, dropped)
     paths = [[os.path.join(data_dir, "images", name) for name in by_label[label][:count]]
              for label in sorted(by_label)]
     cache = None
@@ -122,5 +129,12 @@ def miniimagenet_tasks(n_way, k_shot, k_query, data_dir, cache_dir=None):
     """
     if not data_dir or not os.path.isdir(data_dir):
         raise FileNotFoundError(f"MiniImagenet data_dir {data_dir!r} does not exist")
+    labels = {split: set(_read_csv(os.path.join(data_dir, name))) if os.path.isfile(
+        os.path.join(data_dir, name)) else set() for split, name in SPLIT_FILES.items()}
+    for a, b in (("train", "val"), ("train", "test"), ("val", "test")):
+        shared = sorted(labels[a] & labels[b])
+        if shared:
+            raise ValueError(f"MiniImagenet: {len(shared)} class(es) are in both {a} and {b} "
+                             f"({', '.join(shared[:3])}); the splits must be disjoint")
     splits = {split: load_split(data_dir, split, cache_dir) for split in SPLIT_FILES}
     return ImageClassTasks(splits, n_way, k_shot, k_query, name="miniimagenet")
