@@ -609,6 +609,11 @@ def test_options_of_another_algorithm_are_refused(options, message):
     (dict(dataset="omniglot", outer_optimizer="adam"),
      "outer_optimizer is for reinforcement learning"),
     (dict(dataset="custom", max_kl=0.05), "max_kl is for reinforcement learning"),
+    (dict(dataset="miniimagenet", data_dir="/data", image_size=32),
+     "image_size applies to dataset folder and tfds:NAME only, not to 'miniimagenet'"),
+    (dict(dataset="omniglot", class_split="0.5,0.25,0.25"), "class_split applies to dataset"),
+    (dict(dataset="tfds:mnist", image_channels=1),
+     "image_channels applies to dataset folder only, not to 'tfds:mnist'"),
 ])
 def test_options_of_the_other_kind_of_dataset_are_refused(options, message):
     """Supervised options for an environment, and RL options for supervised tasks."""

@@ -452,6 +452,13 @@ class Config:
         need(self.omniglot_resize_filter in OMNIGLOT_RESIZE_FILTERS,
              f"omniglot_resize_filter must be one of {', '.join(OMNIGLOT_RESIZE_FILTERS)}, got "
              f"{self.omniglot_resize_filter!r}")
+        image_folders = self.dataset == "folder" or self.dataset.startswith(TFDS_PREFIX)
+        for name, applies in (("image_size", image_folders), ("class_split", image_folders),
+                              ("image_channels", self.dataset == "folder")):
+            need(applies or self.is_rl or getattr(self, name) == getattr(Config(), name),
+                 f"{name} applies to dataset folder"
+                 f"{'' if name == 'image_channels' else ' and tfds:NAME'} only, not to "
+                 f"{self.dataset!r}, where it would be ignored")
         need(self.dataset == "omniglot" or self.omniglot_resize_filter == "lanczos",
              f"omniglot_resize_filter applies to omniglot only, not to {self.dataset!r}")
         need(self.dataset == "omniglot" or not self.omniglot_validation_characters,
