@@ -334,6 +334,11 @@ def test_folder_listing_reads_each_image_once_and_says_what_it_skipped(tmp_path,
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(root / "c1" / ".ipynb_checkpoints" / "x.png")
     (root / "c0" / "notes.txt").write_text("not an image")
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(root / "c0" / "scan.tif")
+    # An image_size whose arrays could not fit is refused before anything is decoded.
+    with pytest.raises(ValueError, match=r"6 images of 1000000x1000000x1 need \d+\.\d GiB "
+                                         r"decoded, more than half of this machine's"):
+        sources.load_folder(str(root), image_size=1_000_000, channels=1)
+    warnings.clear()
     classes = sources._list_folder(str(root))
     assert classes == [("c0", ["c0/0.png", "c0/1.png", "c0/2.png"]),
                        ("c1", ["c1/0.png", "c1/1.png", "c1/2.png"])]

@@ -538,6 +538,20 @@ def _decode_folder(data_dir, classes, image_size, channels):
     return np.stack(images), counts
 
 
+def _check_fits_in_memory(count, image_size, channels, source):
+    """Refuses a decode whose uint8 arrays alone would exceed half of the machine's memory."""
+    needed = count * image_size[0] * image_size[1] * channels
+    try:
+        physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not available on this platform
+        return
+    if needed > physical // 2:
+        raise ValueError(
+            f"{source}: {count} images of {image_size[0]}x{image_size[1]}x{channels} need "
+            f"{needed / 2**30:.1f} GiB decoded, more than half of this machine's "
+            f"{physical / 2**30:.1f} GiB; choose a smaller image_size")
+
+
 def load_folder(data_dir, image_size=None, channels=None, cache_dir=None):
     """Decodes a folder of images with one sub-folder per class.
 
@@ -582,8 +596,10 @@ def load_folder(data_dir, image_size=None, channels=None, cache_dir=None):
                 and len(cached[0]) == cached[1].sum()):
             return cached[0], cached[1], names
     if any(files for _, files in classes):
-        logging.info("Decoding %d images of %d classes in %s", sum(len(f) for _, f in classes),
-                     len(classes), data_dir)
+        count = sum(len(f) for _, f in classes)
+        if image_size is not None:
+            _check_fits_in_memory(count, image_size, channels or 3, data_dir)
+        logging.info("Decoding %d images of %d classes in %s", count, len(classes), data_dir)
         images, counts = _decode_folder(data_dir, classes, image_size, channels)
     else:
         raise ValueError(f"image folder {data_dir}: its {len(classes)} class folders hold no "
