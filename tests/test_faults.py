@@ -451,3 +451,14 @@ def test_several_root_errors_are_reported_by_the_first_ones_message():
                '0 successful operations.\n0 derived errors ignored.')
     error = tf.errors.InvalidArgumentError(None, None, message)
     assert experiment_lib.error_text(error) == "assertion failed: [the task source failed]"
+
+
+def test_a_keras_layer_error_is_reported_by_the_layers_own_message():
+    """Keras' wrapper line ("Exception encountered when calling ...") says nothing alone."""
+    import keras
+    with pytest.raises(ValueError) as e:  # building the model calls each layer
+        keras.Sequential([keras.Input((4, 4, 1)), keras.layers.MaxPooling2D(2),
+                          keras.layers.MaxPooling2D(2), keras.layers.MaxPooling2D(2)])
+    text = experiment_lib.error_text(e.value)
+    assert text.startswith("MaxPooling2D: Computed output size would be zero or negative"), text
+    assert "\x1b" not in text and "\n" not in text

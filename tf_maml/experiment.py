@@ -261,6 +261,10 @@ def error_text(error, limit=300):
             first = re.search(r"^\s*\(\d+\) \w+: (.+)$", text, re.MULTILINE)
             message = first.group(1).strip() if first else message
         text = message or text
+    keras_call = re.match(r"Exception encountered when calling (\S+?)\.call\(\)\.\s*\n+"
+                          r"(?:\x1b\[1m)?(.+?)(?:\x1b\[0m)?\s*$", text, re.MULTILINE)
+    if keras_call:  # Keras wraps a layer's error: its own message is the second line
+        text = f"{keras_call.group(1)}: {keras_call.group(2)}"
     text = text.splitlines()[0].strip() if text else ""
     text = re.sub(r"\s*\[Op:\w+\]$", "", text) or type(error).__name__
     return text if len(text) <= limit else text[:limit - 3] + "..."
