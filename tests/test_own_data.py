@@ -370,6 +370,19 @@ def test_tfds_tasks_from_mock_data(tmp_path):
         tasks_lib.tfds_tasks("mnist", 2, 1, 1, data_dir=str(tmp_path), download=False)
 
 
+def test_tfds_without_network_says_how_to_use_local_data(tmp_path, monkeypatch):
+    tfds = pytest.importorskip("tensorflow_datasets")
+
+    def offline(self, *args, **kwargs):
+        raise ConnectionError("Max retries exceeded with url: /tfds-data/...")
+
+    monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", offline)
+    with pytest.raises(ValueError, match=r"TFDS mnist is not prepared in .* and could not be "
+                                         r"downloaded \(ConnectionError: Max retries .*\)\. "
+                                         r"Without network: prepare it on a connected machine"):
+        tasks_lib.tfds_tasks("mnist", 2, 1, 1, data_dir=str(tmp_path))
+
+
 def test_config_tfds_reaches_the_loader(tmp_path):
     tfds = pytest.importorskip("tensorflow_datasets")
     config = config_lib.Config(dataset="tfds:mnist", data_dir=str(tmp_path), n_way=3, k_shot=1,

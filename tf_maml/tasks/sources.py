@@ -674,8 +674,17 @@ def _load_tfds(name, data_dir, splits, download, image_key, label_key, image_siz
     except tfds.core.registered.DatasetNotFoundError as e:
         first = str(e).splitlines()[0] if str(e) else ""
         raise ValueError(f"unknown TFDS dataset {name!r} ({first})") from None
-    if download:
-        builder.download_and_prepare()
+    if download and not builder.is_prepared():
+        logging.info("TFDS %s is not prepared in %s: downloading it", name, builder.data_dir)
+        try:
+            builder.download_and_prepare()
+        except Exception as e:  # noqa: BLE001 -- network errors come in many types
+            first = " ".join(str(e).split())[:300]
+            raise ValueError(
+                f"TFDS {name} is not prepared in {builder.data_dir} and could not be downloaded "
+                f"({type(e).__name__}: {first}). Without network: prepare it on a connected "
+                f"machine (tfds build {name}, or tfds.load) and pass the data directory that "
+                f"holds it as data_dir") from None
     image_key, label_key = _tfds_feature_keys(builder.info, image_key, label_key, name)
     splits = list(splits or builder.info.splits or ("train", "test"))
     label_feature = builder.info.features[label_key]
