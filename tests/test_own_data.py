@@ -446,6 +446,13 @@ def test_function_tasks():
     with pytest.raises(ValueError, match=r"_line\(0\) returned 12 rows, fewer than k_shot \+ "
                                          "k_query = 20"):
         tasks_lib.FunctionTasks(_line, k_shot=10, k_query=10)
+    # Checked when built (seed 0): rows that are not arrays, or not real numbers.
+    for returned, pattern in (
+            ((np.zeros((12, 2)), [[1.0], [2.0, 3.0]]), "rows that are not arrays"),
+            ((np.zeros((12, 2)), np.array(["a"] * 12)), "y of dtype <U1"),
+            ((np.zeros((12, 2)) * 1j, np.zeros(12)), "x of dtype complex128")):
+        with pytest.raises(ValueError, match=r"^<lambda>\(0\) returned " + pattern):
+            tasks_lib.FunctionTasks(lambda seed, r=returned: r, k_shot=4, k_query=6)
 
     splits = []
 

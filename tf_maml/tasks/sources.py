@@ -839,7 +839,11 @@ class FunctionTasks:
                   else self.sample_task(seed))
         if not isinstance(result, (tuple, list)) or len(result) != 2:
             raise _BadTask(f"{name}(seed) must return (x, y), got {type(result).__name__}")
-        x, y = (np.asarray(a) for a in result)
+        try:
+            x, y = (np.asarray(a) for a in result)
+        except ValueError as e:  # ragged rows
+            raise _BadTask(f"{name}({seed}) returned rows that are not arrays: "
+                           f"{' '.join(str(e).split())}") from None
         if y.ndim == 1:
             y = y[:, None]
         if x.ndim < 1 or y.ndim != 2 or len(x) != len(y):
