@@ -87,9 +87,23 @@ def test_non_finite_meta_loss_stops_training_at_once(tmp_path):
                              r"was written.*Lower inner_lr \(now 1e\+06\) or meta_lr"):
         trainer.train(config, model_dir)
     assert _checkpoints(model_dir) == []
+    log = os.path.join(model_dir, trainer.LOG_FILENAME)
+    assert "ERROR stopped: training diverged at step 1" in open(log).read()
     # Nothing to resume, so the corrected command may reuse the directory.
-    _, step = trainer.train(config_lib.Config(num_iterations=10, **TINY), model_dir)
+    from absl import logging as absl_logging
+    verbosity = absl_logging.get_verbosity()
+    absl_logging.set_verbosity(absl_logging.INFO)  # as the command line sets it
+    try:
+        _, step = trainer.train(config_lib.Config(num_iterations=10, **TINY), model_dir)
+    finally:
+        absl_logging.set_verbosity(verbosity)
     assert step == 10
+    # train.log keeps both attempts' lines; a refused resume adds nothing to it.
+    text = open(log).read()
+    assert "step 10/10 (100.0%)" in text and text.index("diverged") < text.index("step 10/10")
+    with pytest.raises(ValueError, match="different configuration"):
+        trainer.train(config_lib.Config(num_iterations=10, inner_lr=0.5, **TINY), model_dir)
+    assert open(log).read() == text
 
 
 def test_a_failed_meta_step_is_neither_applied_nor_counted(monkeypatch):

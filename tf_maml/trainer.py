@@ -18,6 +18,7 @@ being finite: a checkpoint never holds non-finite weights.
 """
 
 import dataclasses
+import logging as std_logging
 import math
 import os
 import time
@@ -317,7 +318,9 @@ def train(config, model_dir, tasks=None):
     """Meta-trains a model as `config` says, resuming from `model_dir` if possible.
 
     Nothing is written into `model_dir` until the run can start (config valid,
-    data loaded, model built, checkpoint restored). Training stops with
+    data loaded, model built, checkpoint restored). From then on the log lines
+    also go to `model_dir/train.log` (appended; the chief's only), with the
+    error that stopped the run, if one did. Training stops with
     `TrainingDiverged` as soon as the meta-loss or the meta-parameters stop
     being finite; checkpoints with non-finite weights are never written.
 
@@ -354,14 +357,32 @@ def train(config, model_dir, tasks=None):
     experiment, _ = train(config, "/tmp/sine")
     ```
     """
+    run_log = _RunLog(model_dir)
+    logger = logging.get_absl_logger()
+    logger.addHandler(run_log)
+    try:
+        return _train(config, model_dir, tasks, run_log)
+    except Exception as e:
+        run_log.write(f"ERROR stopped: {experiment_lib.error_text(e, limit=2000)}")
+        raise
+    except KeyboardInterrupt as e:
+        run_log.write(f"WARNING {e}")
+        raise
+    finally:
+        logger.removeHandler(run_log)
+
+
+def _train(config, model_dir, tasks, run_log):
+    """`train`'s body (`run_log` stays silent on workers other than the chief)."""
     config.validate()
     if config.is_rl:
         if tasks is not None:
             raise ValueError(f"dataset {config.dataset} is an environment: it takes no task "
                              "family")
-        return _train_rl(config, model_dir)
+        return _train_rl(config, model_dir, run_log)
     strategy = distribute.make_strategy(config.strategy)
     chief = distribute.is_chief(strategy)
+    run_log.enabled = chief
     checkpoint_dir = os.path.join(model_dir, CHECKPOINT_SUBDIR)
     _prepare_run_dir(config, model_dir, checkpoint_dir, chief)
 
@@ -386,6 +407,7 @@ def train(config, model_dir, tasks=None):
         experiment_lib.save_spec(experiment.spec, model_dir)
         if fingerprint is not None:
             experiment_lib.save_data_fingerprint(fingerprint, model_dir)
+    run_log.started = True
     start = int(step.numpy())
     if start >= config.num_iterations:
         logging.info("Already trained for %d iterations; nothing to do.", start)
@@ -433,6 +455,36 @@ def train(config, model_dir, tasks=None):
         if not chief:
             tf.io.gfile.rmtree(output_dir)
     return experiment, current
+
+
+LOG_FILENAME = "train.log"
+
+
+class _RunLog(std_logging.Handler):
+    """Appends log lines to `model_dir/train.log` once the run has started (`started`).
+
+    Before that nothing is written (a run that cannot start, or a refused
+    resume, leaves `model_dir` untouched); a log file that cannot be written
+    never stops training.
+    """
+
+    def __init__(self, model_dir):
+        super().__init__(std_logging.INFO)
+        self.path = os.path.join(model_dir, LOG_FILENAME)
+        self.setFormatter(std_logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        self.enabled, self.started = True, False
+
+    def write(self, line):
+        if not (self.enabled and self.started):
+            return
+        try:
+            with open(self.path, "a") as f:
+                f.write(line + "\n")
+        except OSError:
+            self.enabled = False
+
+    def emit(self, record):
+        self.write(self.format(record))
 
 
 def _prepare_run_dir(config, model_dir, checkpoint_dir, chief=True):
@@ -642,7 +694,7 @@ def make_rl_finite_check(algorithm):
     return all_finite
 
 
-def _train_rl(config, model_dir):
+def _train_rl(config, model_dir, run_log):
     """`train` for an RL dataset: MAML-RL (or the pretrained baseline) with the same loop."""
     checkpoint_dir = os.path.join(model_dir, CHECKPOINT_SUBDIR)
     _prepare_run_dir(config, model_dir, checkpoint_dir)
@@ -656,6 +708,7 @@ def _train_rl(config, model_dir):
     latest = _restore(config, checkpoint, checkpoint_dir, step, all_finite)
     # The run can start: only now is anything written.
     config_lib.save(_as_trained(config, step), model_dir)
+    run_log.started = True
     start = int(step.numpy())
     if start >= config.num_iterations:
         logging.info("Already trained for %d iterations; nothing to do.", start)
