@@ -363,10 +363,10 @@ def train(config, model_dir, tasks=None):
     try:
         return _train(config, model_dir, tasks, run_log)
     except Exception as e:
-        run_log.write(f"ERROR stopped: {experiment_lib.error_text(e, limit=2000)}")
+        run_log.write(f"{_now()} ERROR stopped: {experiment_lib.error_text(e, limit=2000)}")
         raise
     except KeyboardInterrupt as e:
-        run_log.write(f"WARNING {e}")
+        run_log.write(f"{_now()} WARNING {e}")
         raise
     finally:
         logger.removeHandler(run_log)
@@ -458,6 +458,10 @@ def _train(config, model_dir, tasks, run_log):
 
 
 LOG_FILENAME = "train.log"
+
+
+def _now():
+    return time.strftime("%Y-%m-%d %H:%M:%S")
 
 
 class _RunLog(std_logging.Handler):
