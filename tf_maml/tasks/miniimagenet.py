@@ -90,6 +90,8 @@ def load_split(data_dir, split, cache_dir=None):
         FileNotFoundError: `data_dir`, its CSV or a listed image is missing.
         ValueError: a malformed CSV or an unreadable image.
     """
+    data_dir = os.path.expanduser(data_dir)
+    cache_dir = os.path.expanduser(cache_dir) if cache_dir else cache_dir
     csv_path = os.path.join(data_dir, SPLIT_FILES[split])
     if not os.path.isfile(csv_path):
         raise FileNotFoundError(
@@ -127,6 +129,7 @@ def miniimagenet_tasks(n_way, k_shot, k_query, data_dir, cache_dir=None):
     Raises:
         FileNotFoundError, ValueError: see `load_split`; too few classes or images.
     """
+    data_dir = os.path.expanduser(data_dir) if data_dir else data_dir
     if not data_dir or not os.path.isdir(data_dir):
         raise FileNotFoundError(f"MiniImagenet data_dir {data_dir!r} does not exist")
     labels = {split: set(_read_csv(os.path.join(data_dir, name))) if os.path.isfile(

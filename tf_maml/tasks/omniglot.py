@@ -189,8 +189,10 @@ def load_characters(data_dir=None, cache_dir=None, resize_filter="lanczos"):
             unknown `resize_filter`.
     """
     _check_resize_filter(resize_filter)
+    cache_dir = os.path.expanduser(cache_dir) if cache_dir else cache_dir
     if data_dir is None:
         return _load_tfds(resize_filter)
+    data_dir = os.path.expanduser(data_dir)
     files = _source_files(data_dir)
     cache = None
     if cache_dir:

@@ -582,6 +582,8 @@ def load_folder(data_dir, image_size=None, channels=None, cache_dir=None):
             (named; PIL modes F, or I beyond 16 bits).
     """
     image_size = _image_size(image_size)
+    data_dir = os.path.expanduser(data_dir)
+    cache_dir = os.path.expanduser(cache_dir) if cache_dir else cache_dir
     if channels not in (None, 0, 1, 3):
         raise ValueError(f"channels must be 1, 3 or None, got {channels!r}")
     channels = channels or None
@@ -669,6 +671,7 @@ def _tfds_feature_keys(info, image_key, label_key, name):
 
 def _load_tfds(name, data_dir, splits, download, image_key, label_key, image_size):
     import tensorflow_datasets as tfds
+    data_dir = os.path.expanduser(data_dir) if data_dir else data_dir
     try:
         builder = tfds.builder(name, data_dir=data_dir)
     except tfds.core.registered.DatasetNotFoundError as e:
