@@ -145,3 +145,22 @@ def test_two_workers_agree_checkpoint_and_resume(tmp_path):
     single = dict(np.load(tmp_path / "single.npz"))
     for key in single:
         np.testing.assert_allclose(resumed[0][key], single[key], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("tf_config, chief", [
+    ({"cluster": {"worker": ["a:1", "b:2"]}, "task": {"type": "worker", "index": 0}}, True),
+    ({"cluster": {"worker": ["a:1", "b:2"]}, "task": {"type": "worker", "index": 1}}, False),
+    ({"cluster": {"chief": ["c:0"], "worker": ["a:1"]}, "task": {"type": "worker", "index": 0}},
+     False),
+    ({"cluster": {"chief": ["c:0"], "worker": ["a:1"]}, "task": {"type": "chief", "index": 0}},
+     True),
+    ({"cluster": {"worker": ["a:1"]}, "task": {"type": "evaluator", "index": 0}}, False),
+])
+def test_only_the_chief_process_evaluates_after_multi_worker_training(monkeypatch, tf_config,
+                                                                       chief):
+    """`python -m tf_maml.train` evaluates after training in the chief only: the other workers
+    would write the same results files into the shared model_dir."""
+    monkeypatch.setenv("TF_CONFIG", json.dumps(tf_config))
+    assert distribute.is_chief_worker_process("multi_worker") is chief
+    assert distribute.is_chief_worker_process("mirrored") is True
+    assert distribute.is_chief_worker_process("default") is True

@@ -17,7 +17,8 @@ import tensorflow as tf
 from tf_maml import compat
 from tf_maml.config import STRATEGIES
 
-__all__ = ["STRATEGIES", "make_strategy", "replica_task_counts", "is_chief", "worker_dir"]
+__all__ = ["STRATEGIES", "make_strategy", "replica_task_counts", "is_chief",
+           "is_chief_worker_process", "worker_dir"]
 
 
 def make_strategy(name):
@@ -77,6 +78,33 @@ def is_chief(strategy):
         return True
     has_chief = "chief" in resolver.cluster_spec().as_dict()
     return task_type in (None, "worker") and task_id == 0 and not has_chief
+
+
+def is_chief_worker_process(strategy_name):
+    """Whether this process is the chief of a `--strategy` run, read from `TF_CONFIG`.
+
+    For code that runs after training, outside any strategy (the CLI's evaluation):
+    the same rule as `is_chief`.
+
+    Args:
+        strategy_name: the run's `--strategy` value.
+
+    Returns:
+        False only for a "multi_worker" process that is not the chief: a worker
+        other than worker 0, worker 0 of a cluster with a "chief" task, or an
+        evaluator or parameter server.
+    """
+    if strategy_name != "multi_worker":
+        return True
+    try:
+        tf_config = json.loads(os.environ.get("TF_CONFIG", "") or "{}")
+        cluster, task = tf_config.get("cluster") or {}, tf_config.get("task") or {}
+    except (ValueError, AttributeError):
+        return True  # make_strategy has refused it already
+    task_type, task_id = task.get("type"), int(task.get("index", 0) or 0)
+    if task_type == "chief":
+        return True
+    return task_type in (None, "worker") and task_id == 0 and "chief" not in cluster
 
 
 def worker_dir(model_dir, strategy):

@@ -13,7 +13,7 @@ import signal
 
 from absl import app, flags, logging
 
-from tf_maml import cli, reporting, trainer
+from tf_maml import cli, distribute, reporting, trainer
 from tf_maml import experiment as experiment_lib
 
 flags.DEFINE_string("model_dir", None, "Directory for checkpoints, config and summaries.")
@@ -69,7 +69,9 @@ def main(argv):
     except KeyboardInterrupt as e:
         logging.warning(_interrupted_message(e, FLAGS.model_dir))
         raise SystemExit(130) from None
-    if FLAGS.evaluate:
+    if FLAGS.evaluate and not distribute.is_chief_worker_process(config.strategy):
+        logging.info("Training is complete; the chief evaluates the run, this worker stops.")
+    elif FLAGS.evaluate:
         try:
             reporting.evaluate_and_report(FLAGS.model_dir)
         except (KeyboardInterrupt, Exception) as e:
