@@ -159,7 +159,8 @@ class Adam:
 
     Args:
         learning_rate: float or scalar tensor.
-        beta_1, beta_2, epsilon: Adam's constants.
+        beta_1, beta_2, epsilon: Adam's constants (note `beta_1=0.0` by
+            default, Reptile's setting, not Keras' 0.9).
         initial_state: `(m, v, t)` without the task axis: the first and second
             moments (lists, one tensor per adapted weight, of its shape) and
             the step count `t` (a scalar) every task starts from; default

@@ -209,7 +209,8 @@ class MetaLearner(keras.Model):
             default for task families passed without `Episodes`),
             `meta_lr` and `num_iterations` (for `default_optimizer`),
             `recompute_inner_steps` (memory for many second-order inner
-            steps).
+            steps), `transductive_support`; and Keras' `trainable`, `dtype`.
+        name: the learner's name.
 
     Raises:
         ValueError: an unbuilt or multi-input model, or a bad option.
@@ -829,7 +830,9 @@ class MetaLearner(keras.Model):
             The version's path.
 
         Raises:
-            ValueError: non-finite weights, bad limits, or the version exists.
+            ValueError: the learner is not compiled, its model's input shape or
+                output size is unknown (a subclassed model never fitted),
+                non-finite weights, bad limits, or the version exists.
         """
         if self.compiled:
             keras_task_loss(getattr(self, "loss", None))

@@ -27,6 +27,11 @@ MetaStepOutputs = collections.namedtuple(
     defaults=(None,))
 MetaStepOutputs.__doc__ = """What a meta-step saw, and the algorithm's state updates.
 
+`support_losses`: `[num_tasks]`, each task's support loss before adaptation
+(NaN with 0 inner steps, the pretrained baseline, which computes none).
+`query_losses`: `[num_tasks]`, each task's query loss after adaptation (the
+meta-loss's terms; MAML++ with the multi-step loss: after the last step).
+`query_predictions`: the adapted model's query predictions, `[num_tasks, ...]`.
 `state_updates`: `None`, or the new value of every entry of
 `state_variables` as this replica assigns it after the step: its share of a
 variable aggregated by summation (the replicas' shares add up), or the whole

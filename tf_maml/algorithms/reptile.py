@@ -48,6 +48,8 @@ class Reptile(MAML):
 
     Args:
         model, forward, loss_fn, inner_lr, num_inner_steps: as `MAML`.
+        first_order: ignored: Reptile never differentiates through its inner
+            steps (accepted so that every algorithm takes `MAML`'s arguments).
         inner_optimizer: "sgd" or "adam".
         inner_batch_size: support examples per inner step in meta-training
             (0: all).

@@ -38,7 +38,13 @@ def reinforce_loss(policy, trajectories):
             with the policy after `s` steps).
 
     Returns:
-        `task_loss(weights, step) -> [num_tasks]` for `tf_maml.core.adapt`.
+        `task_loss(weights, step) -> [num_tasks]` for `tf_maml.core.adapt`
+        with a Python int `num_steps` (the inner loop unrolled: step `s`
+        picks its batch in Python).
+
+    Raises:
+        ValueError: (from the closure) a tensor `step`, i.e. `adapt` with a
+            tensor `num_steps`.
 
     Example:
 

@@ -31,8 +31,20 @@ class ImageClassTasks:
         name: dataset name, for messages.
 
     Raises:
-        ValueError: a split has fewer than `n_way` classes, or classes with
-            fewer than `k_shot + k_query` examples.
+        ValueError: no "train" or "test" split, a split that is not a uint8
+            `[classes, examples, H, W, C]` array, splits of different image
+            shapes, non-square images with `rotate_train`, a split with fewer
+            than `n_way` classes, or classes with fewer than
+            `k_shot + k_query` examples.
+
+    Example:
+
+    ```python
+    images = np.zeros([10, 20, 28, 28, 1], np.uint8)  # 10 classes of 20 images
+    tasks = ImageClassTasks({"train": images[:6], "test": images[6:]}, n_way=2, k_shot=1,
+                            k_query=5)
+    episode = tasks.sample(tf.constant([0, 0], tf.int64), 4)  # 4 tasks
+    ```
     """
 
     is_classification = True

@@ -632,7 +632,9 @@ def folder_tasks(data_dir, n_way, k_shot, k_query, image_size=None, channels=Non
 
     Raises:
         FileNotFoundError: `data_dir` does not exist.
-        ValueError: see `load_folder`; too few classes or images.
+        ValueError: no class folders, an unreadable image (named), mixed image
+            sizes without `image_size`, a floating-point or 32-bit image, a
+            too large `image_size`; too few classes or images.
 
     Example:
 
@@ -801,8 +803,8 @@ class FunctionTasks:
         ValueError: bad `k_shot`/`k_query`, or `sample_task(0)` returns
             arrays of the wrong kind or too few rows. A later task that is
             bad (or a `sample_task` that raises) fails the graph step that
-            samples it with the one-line message `user_error` finds
-            (`MetaLearner.fit` raises it as a `ValueError`).
+            samples it with a one-line message (`MetaLearner.fit` and the
+            CLI trainer stop with it as a `ValueError`).
 
     Example:
 
