@@ -423,7 +423,7 @@ def test_export_cli_writes_a_versioned_model(sine_run, tmp_path):
     again = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     assert again.returncode == 1 and "already exists" in again.stderr
     assert "Traceback" not in again.stderr
-    # Version 0 is refused (TF Serving would never serve it), not replaced by the step.
+    # Version 0 is refused (versions number from 1), not replaced by the step.
     zero = subprocess.run(command + ["--version=0"], capture_output=True, text=True, env=env,
                           timeout=300)
     assert zero.returncode == 1 and "--version must be a positive integer" in zero.stderr

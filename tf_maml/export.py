@@ -54,8 +54,7 @@ FLAGS = flags.FLAGS
 def _checked_flags():
     """The limit overrides; `ValueError` naming a bad flag (checked before any work)."""
     if FLAGS.version is not None and FLAGS.version < 1:
-        raise ValueError(f"--version must be a positive integer (TF Serving ignores version "
-                             f"0), got {FLAGS.version}")
+        raise ValueError(f"--version must be a positive integer, got {FLAGS.version}")
     limits = {name: FLAGS[name].value for name in {**LIMIT_FLAGS, **POLICY_LIMIT_FLAGS}
               if FLAGS[name].value is not None}
     for name, value in limits.items():

@@ -895,8 +895,8 @@ def export(experiment, export_dir, version, num_eval_steps, inner_lr=None, overw
 def check_version(version):
     """The version as an int; `ValueError` unless it is a positive integer."""
     if not isinstance(version, (int, np.integer)) or isinstance(version, bool) or version < 1:
-        raise ValueError(f"version must be a positive integer (TF Serving ignores version 0 "
-                         f"and non-numeric names), got {version!r}")
+        raise ValueError(f"version must be a positive integer (TF Serving serves only numeric "
+                         f"version names; this tool numbers them from 1), got {version!r}")
     return int(version)
 
 
