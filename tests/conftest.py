@@ -33,3 +33,18 @@ def omniglot_characters(omniglot_dir, tmp_path_factory):
 def _seed():
     keras.utils.set_random_seed(1234)
     yield
+
+
+@pytest.fixture
+def start_steps(monkeypatch):
+    """The step each `trainer.train` call starts (or resumes) training from."""
+    starts = []
+    from tf_maml import tasks as tasks_lib
+    real = tasks_lib.episode_dataset
+
+    def spy(sample_fn, seed, start_step, num_steps, stream=0):
+        starts.append(start_step)
+        return real(sample_fn, seed, start_step, num_steps, stream)
+
+    monkeypatch.setattr(tasks_lib, "episode_dataset", spy)
+    return starts

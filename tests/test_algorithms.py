@@ -523,7 +523,7 @@ def test_reptile_carried_state_over_a_meta_batch_composes_the_tasks_in_sequence(
             np.testing.assert_allclose(a.numpy(), b, rtol=2e-2)
 
 
-def test_reptile_carried_state_is_checkpointed_resumed_and_adapted_from(tmp_path):
+def test_reptile_carried_state_is_checkpointed_resumed_and_adapted_from(tmp_path, start_steps):
     settings = dict(algorithm="reptile", inner_optimizer="adam", inner_lr=0.01,
                     num_inner_steps=3, carry_inner_state=True, meta_batch_size=4,
                     checkpoint_every=10, log_every=10, validate_every=0,
@@ -534,7 +534,7 @@ def test_reptile_carried_state_is_checkpointed_resumed_and_adapted_from(tmp_path
     trainer.train(config_lib.Config(num_iterations=20, **settings), str(tmp_path / "resumed"))
     trainer.train(config_lib.Config(num_iterations=40, **settings), str(tmp_path / "resumed"))
     resumed, step = experiment_lib.restore(str(tmp_path / "resumed"), load_tasks=True)
-    assert step == 40
+    assert step == 40 and start_steps == [0, 0, 20]  # resumed at 20, not restarted
     carried = resumed.algorithm.state_variables
     assert float(carried[-1]) == 40 * 4 * 3  # t: every inner step of every task
     for a, b in zip(straight.algorithm.meta_variables + straight.algorithm.state_variables,
@@ -728,7 +728,7 @@ def _meta_gradient(name, model, episode, loss_fn, recompute, **options):
 
 
 @pytest.mark.parametrize("name", ["maml", "anil", "metasgd", "mamlpp"])
-def test_recomputed_inner_steps_give_the_same_meta_gradient(name):
+def test_recomputed_inner_steps_give_the_same_meta_gradient(name, monkeypatch):
     # Three second-order steps through batch norm, in float64: recomputing each
     # step's activations in the backward pass must change nothing, for the
     # initialization and for every meta-parameter read inside the steps (the
@@ -737,10 +737,16 @@ def test_recomputed_inner_steps_give_the_same_meta_gradient(name):
     keras.utils.set_random_seed(1)
     model = _dense_bn()
     episode = _class_episode()
+    calls = []
+    recomputed_step = core._recomputed_step
+    monkeypatch.setattr(core, "_recomputed_step",
+                        lambda *args: calls.append(1) or recomputed_step(*args))
     plain_loss, plain = _meta_gradient(name, model, episode,
                                        losses.sparse_softmax_cross_entropy, False)
+    assert not calls
     loss, recomputed = _meta_gradient(name, model, episode,
                                       losses.sparse_softmax_cross_entropy, True)
+    assert len(calls) == 3  # each of the 3 inner steps took the recomputing path
     assert loss == pytest.approx(plain_loss, rel=1e-12)
     assert len(recomputed) == len(plain)
     # Every meta-parameter but MAML++'s initial batch-norm weights (replaced by

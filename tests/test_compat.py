@@ -68,6 +68,8 @@ def test_dropout_helpers_reproduce_keras_dropout():
 
 def test_eager_device_name():
     assert "CPU" in compat.eager_device_name() or compat.eager_device_name() == ""
+    with tf.device("/cpu:0"):  # inside a device scope the name is that device's
+        assert "CPU" in compat.eager_device_name()
 
     @tf.function
     def traced():

@@ -63,18 +63,6 @@ def run_copy(trained_run, tmp_path):
     return model_dir
 
 
-@pytest.fixture
-def start_steps(monkeypatch):
-    """The step each `trainer.train` call starts (or resumes) training from."""
-    starts = []
-    real = tasks_lib.episode_dataset
-
-    def spy(sample_fn, seed, start_step, num_steps, stream=0):
-        starts.append(start_step)
-        return real(sample_fn, seed, start_step, num_steps, stream)
-
-    monkeypatch.setattr(tasks_lib, "episode_dataset", spy)
-    return starts
 
 
 # B1: divergence.

@@ -66,6 +66,13 @@ def test_trains_with_the_maxpool_conv4(mini_dir, tmp_path):
     assert step == 3 and experiment.model.name == "conv4"
     assert experiment.forward.vectorized
     assert any("max_pooling2d" in layer.name for layer in experiment.model.layers)
+    # It trained: the weights moved from the same seed's initialization, and stayed finite.
+    from tf_maml import experiment as experiment_lib
+    initial = experiment_lib.build_experiment(config, load_tasks=False,
+                                              spec=experiment.spec).algorithm.meta_variables
+    trained = experiment.algorithm.meta_variables
+    assert all(np.all(np.isfinite(v.numpy())) for v in trained)
+    assert max(float(np.abs(a.numpy() - b.numpy()).max()) for a, b in zip(trained, initial)) > 0
 
 
 def test_bad_layouts_give_clear_errors(mini_dir, tmp_path):

@@ -541,6 +541,10 @@ def test_cli_trains_on_a_folder_and_exports_without_it(image_folder, tmp_path):
     assert vars(experiment_lib.load_spec(str(model_dir), saved)) == vars(spec)
 
     pngs = [(data / f"char_0{c}" / "00.png").read_bytes() for c in range(3)]
+    # What training decoded for those files (each class's first file).
+    images, counts, _ = sources.load_folder(str(data), 14)
+    firsts = np.concatenate([[0], np.cumsum(counts)[:-1]])[:3]
+    trained_on = images[firsts] / np.float32(255)
     shutil.rmtree(data)  # export needs no data
     export_dir = tmp_path / "export"
     result = _run("tf_maml.export", f"--model_dir={model_dir}", f"--export_dir={export_dir}")
@@ -553,11 +557,19 @@ def test_cli_trains_on_a_folder_and_exports_without_it(image_folder, tmp_path):
         support_y=tf.constant([0, 1], tf.int32),
         query_x=tf.constant(rng.uniform(size=(3, 14, 14, 1)), tf.float32))
     assert out["probabilities"].shape == (3, 2)
-    # Image signatures: encoded images decoded (and resized to 14x14) as training did.
+    # Image signatures: encoded images decoded (and resized to 14x14) as training did:
+    # grayscale, ink as in the files, [0, 1]; TF's Lanczos resize against PIL's.
+    decoded = loaded.signatures["decode_images"](images=tf.constant(pngs))["x"].numpy()
+    assert decoded.shape == trained_on.shape == (3, 14, 14, 1)
+    assert np.abs(decoded - trained_on).max() < 0.25, np.abs(decoded - trained_on).max()
+    assert np.abs(decoded - trained_on).mean() < 0.01, np.abs(decoded - trained_on).mean()
     out = loaded.signatures["adapt_images"](support_images=tf.constant(pngs[:2]),
                                             support_y=tf.constant([0, 1], tf.int32),
                                             query_images=tf.constant(pngs))
-    assert out["probabilities"].shape == (3, 2)
+    want = loaded.signatures["adapt"](support_x=tf.constant(decoded[:2]),
+                                      support_y=tf.constant([0, 1], tf.int32),
+                                      query_x=tf.constant(decoded))
+    np.testing.assert_allclose(out["probabilities"], want["probabilities"], atol=1e-5)
 
 
 def test_custom_tasks_train_and_restore_without_them(tmp_path):

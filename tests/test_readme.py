@@ -45,6 +45,7 @@ def test_readme_python_examples_run(capsys, tmp_path, monkeypatch):
     # The RL example prints the average return after 0, 1 and 2 adaptation steps.
     returns = [float(x) for x in outputs["rl"].strip("[]").split()]
     assert len(returns) == 3 and all(-200 < r < 0 for r in returns)
+    assert len(set(returns)) == 3  # each adaptation step moved the policy
 
 
 def _readme():

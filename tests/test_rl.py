@@ -222,6 +222,12 @@ def test_linear_baseline_equals_numpy_least_squares():
         np.testing.assert_allclose(coeffs[task], expected, rtol=1e-6, atol=1e-9)
     values = advantages.predict_linear_baseline(tf.constant(coeffs), tf.constant(obs)).numpy()
     assert values.shape == (num_tasks, trajectories, horizon)
+    # The features of every step (valid or not) times the task's coefficients.
+    o = np.clip(obs, -10, 10)
+    al = np.broadcast_to(np.arange(horizon).reshape(1, 1, -1, 1) / 100.0, o.shape[:-1] + (1,))
+    features = np.concatenate([o, o ** 2, al, al ** 2, al ** 3, np.ones_like(al)], -1)
+    np.testing.assert_allclose(values, np.einsum("ijtf,if->ijt", features, coeffs), rtol=1e-6,
+                               atol=1e-9)
 
 
 def test_returns_gae_and_normalization_by_hand():

@@ -196,7 +196,7 @@ def test_missing_gymnasium_and_xla_are_one_line_errors(tmp_path, monkeypatch):
     assert "Traceback" not in result.stderr and not (tmp_path / "run").exists()
 
 
-def test_cli_trains_evaluates_and_exports_a_cheetah_policy(tmp_path):
+def test_cli_trains_evaluates_and_exports_a_cheetah_policy(tmp_path, caplog):
     model_dir, export_dir = str(tmp_path / "run"), str(tmp_path / "export")
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
     flags = [f"--{name}={value}" for name, value in TINY.items()]
@@ -209,9 +209,10 @@ def test_cli_trains_evaluates_and_exports_a_cheetah_policy(tmp_path):
     # Resuming in this process continues from the checkpoint.
     config = config_lib.load(model_dir)
     assert config.horizon == 8 and config.inner_lr == 0.1
-    _, step = trainer.train(config_lib.Config(**{**config.__dict__, "num_iterations": 3}),
-                            model_dir)
-    assert step == 3
+    with caplog.at_level("INFO"):
+        _, step = trainer.train(config_lib.Config(**{**config.__dict__, "num_iterations": 3}),
+                                model_dir)
+    assert step == 3 and "Resumed from" in caplog.text and "at step 2" in caplog.text
     results = reporting.evaluate_and_report(model_dir, output_dir=str(tmp_path / "eval"))
     assert list(results) == ["MAML", "random init"]   # no analytic oracle for locomotion
     saved = json.load(open(tmp_path / "eval" / reporting.RESULTS_FILENAME))
@@ -224,5 +225,8 @@ def test_cli_trains_evaluates_and_exports_a_cheetah_policy(tmp_path):
     assert result.returncode == 0, result.stderr
     versions = os.listdir(export_dir)
     loaded = tf.saved_model.load(os.path.join(export_dir, versions[0]))
-    out = loaded.signatures["serving_default"](observations=tf.zeros([3, 17]))
-    assert out["action_mean"].shape == (3, 6)
+    observations = np.random.default_rng(0).normal(size=(3, 17)).astype(np.float32)
+    out = loaded.signatures["serving_default"](observations=tf.constant(observations))
+    trained, _ = experiment.restore(model_dir)  # the exported policy is the run's
+    np.testing.assert_allclose(out["action_mean"], trained.model(observations), rtol=1e-5,
+                               atol=1e-6)

@@ -308,6 +308,10 @@ def test_image_signatures_refuse_huge_images_before_decoding(omniglot_signatures
         data = bomb if format == "PNG" else encoded(size, format)
         with pytest.raises(tf.errors.InvalidArgumentError, match="larger than 4096 pixels"):
             omniglot_signatures.decode_images(tf.constant([data]))
+    # The size is read before decoding: the PNG's signature and header chunk alone (no pixel
+    # data, which a decoder would fail on differently) get the same answer.
+    with pytest.raises(tf.errors.InvalidArgumentError, match="larger than 4096 pixels"):
+        omniglot_signatures.decode_images(tf.constant([bomb[:33]]))
     # Other formats (TensorFlow would decode WebP without a size check) are refused.
     for data in (encoded((9000, 20), "WEBP"), b"not an image", b""):
         with pytest.raises(tf.errors.InvalidArgumentError, match="not a PNG, JPEG, GIF or BMP"):

@@ -40,7 +40,7 @@ def test_short_meta_training_beats_pretrained_baseline(tmp_path):
         assert os.path.getsize(os.path.join(maml_dir, name)) > 10_000
 
 
-def test_resume_continues_the_same_run(tmp_path):
+def test_resume_continues_the_same_run(tmp_path, start_steps):
     config = config_lib.Config(num_iterations=60, checkpoint_every=20, log_every=20,
                                validate_every=0, meta_batch_size=5)
     straight, _ = trainer.train(config, str(tmp_path / "straight"))
@@ -48,6 +48,7 @@ def test_resume_continues_the_same_run(tmp_path):
                   str(tmp_path / "resumed"))
     resumed, step = trainer.train(config, str(tmp_path / "resumed"))
     assert step == 60
+    assert start_steps == [0, 0, 30]  # the third call resumed at 30, not from scratch
     for a, b in zip(_weights(straight), _weights(resumed)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 

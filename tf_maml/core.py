@@ -27,10 +27,11 @@ normalization weights, ...). Whether the inner steps are differentiated through
 `inner_step`/`adapt`.
 """
 
+import numpy as np
 import tensorflow as tf
 
 __all__ = ["broadcast_to_tasks", "supervised_loss", "SGD", "Adam", "inner_step", "adapt",
-           "meta_gradients"]
+           "meta_gradients", "check_task_batch", "check_episode"]
 
 
 def broadcast_to_tasks(params, num_tasks):
@@ -57,6 +58,55 @@ def broadcast_to_tasks(params, num_tasks):
     return out
 
 
+def _static_shape(value):
+    shape = getattr(value, "shape", None)
+    return tf.TensorShape(shape if shape is not None else np.shape(value))
+
+
+def check_task_batch(x, y, what="the set"):
+    """Raises a one-line `ValueError` where `x` and `y` disagree on tasks or examples.
+
+    Both are `[num_tasks, examples, ...]`; only shapes known when the call is
+    traced are compared (nothing runs in the graph).
+
+    Args:
+        x: inputs (tensor or array).
+        y: targets or labels.
+        what: the set's name for the message ("support set", "query set").
+
+    Raises:
+        ValueError: ranks below 2, or different task or example counts.
+    """
+    x_shape, y_shape = _static_shape(x), _static_shape(y)
+    for name, shape in (("inputs", x_shape), ("targets", y_shape)):
+        if shape.rank is not None and shape.rank < 2:
+            raise ValueError(f"{what}: {name} must be [num_tasks, examples, ...], got shape "
+                             f"{shape.as_list()} (a single task needs a leading axis of 1)")
+    if (x_shape.rank is not None and y_shape.rank is not None
+            and not x_shape[:2].is_compatible_with(y_shape[:2])):
+        raise ValueError(f"{what}: inputs of shape {x_shape.as_list()} and targets of shape "
+                         f"{y_shape.as_list()} differ in tasks or examples (the first two axes)")
+
+
+def check_episode(episode):
+    """`check_task_batch` on an `Episode`'s two sets, and the same task count in both.
+
+    Args:
+        episode: `(support_x, support_y, query_x, query_y)`.
+
+    Raises:
+        ValueError: see `check_task_batch`; support and query sets of
+            different task counts.
+    """
+    support_x, support_y, query_x, query_y = episode
+    check_task_batch(support_x, support_y, "support set")
+    check_task_batch(query_x, query_y, "query set")
+    support_tasks, query_tasks = _static_shape(support_x)[:1], _static_shape(query_x)[:1]
+    if not support_tasks.is_compatible_with(query_tasks):
+        raise ValueError(f"the support set has {support_tasks[0]} tasks and the query set "
+                         f"{query_tasks[0]}: an episode's sets hold the same tasks")
+
+
 def supervised_loss(forward, loss_fn, x, y, training=True):
     """The task loss closure of a supervised set (e.g. each task's support set).
 
@@ -77,6 +127,8 @@ def supervised_loss(forward, loss_fn, x, y, training=True):
     adapted, _ = adapt(loss, weights, num_steps=1, update=SGD(0.01))
     ```
     """
+    check_task_batch(x, y)
+
     def task_loss(weights, step):
         del step
         return loss_fn(y, forward(weights, x, training))
@@ -315,6 +367,14 @@ def _recomputed_step(task_loss, weights, update, state, step, differentiable_inp
     return new_weights, new_state, outputs[-1]
 
 
+def _check_not_variables(weights):
+    for weight in weights:
+        if isinstance(weight, tf.Variable) or hasattr(weight, "assign"):  # Keras variables too
+            raise ValueError(
+                f"weights must be task-batched tensors, got the variable {weight.name!r}: "
+                "pass tf_maml.core.broadcast_to_tasks(model.trainable_variables, num_tasks)")
+
+
 def adapt(task_loss, weights, num_steps, update, first_order=False, recompute=False,
           differentiable_inputs=(), return_state=False):
     """Adapts task-batched weights with `num_steps` inner steps.
@@ -342,7 +402,8 @@ def adapt(task_loss, weights, num_steps, update, first_order=False, recompute=Fa
         `return_state`, `(adapted_weights, support_losses, state)`.
 
     Raises:
-        ValueError: `num_steps` is negative.
+        ValueError: `num_steps` is negative, or `weights` holds variables (the
+            model's own, not task-batched tensors).
 
     Example:
 
@@ -353,6 +414,7 @@ def adapt(task_loss, weights, num_steps, update, first_order=False, recompute=Fa
     predictions = forward(adapted, qx)
     ```
     """
+    _check_not_variables(weights)
     if isinstance(num_steps, (tf.Tensor, tf.Variable)):
         state = update.init(weights)
         flat_state = tf.nest.flatten(state)

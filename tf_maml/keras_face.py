@@ -94,8 +94,10 @@ class Episodes:
                              f"tf_maml.tasks), got {type(tasks).__name__}")
         if split not in ("train", "val", "test"):
             raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
-        for name, value in (("meta_batch_size", meta_batch_size), ("num_batches", num_batches)):
-            if value is not None and (not isinstance(value, (int, np.integer)) or value < 1):
+        for name, value in (("meta_batch_size", meta_batch_size), ("num_batches", num_batches),
+                            ("k_shot", k_shot)):
+            if value is not None and (isinstance(value, bool)
+                                      or not isinstance(value, (int, np.integer)) or value < 1):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if k_shot is not None and hasattr(tasks, "check_k_shot"):
             tasks.check_k_shot(k_shot, split)  # too few examples: say so now, not in tf.data
@@ -523,6 +525,9 @@ class MetaLearner(keras.Model):
         if kind and size is not None and outputs is not None and size != outputs:
             raise ValueError(f"the model outputs {outputs} values but the tasks are "
                              f"{size}-way: give the model {size} outputs (one logit per class)")
+        if kind is False and size is not None and outputs is not None and size != outputs:
+            raise ValueError(f"the model outputs {outputs} values but the tasks' targets have "
+                             f"{size}: give the model output_size={size}")
 
     def _episode(self, data, training):
         """The local (this replica's) meta-batch of a step, and the global task count."""
@@ -532,6 +537,10 @@ class MetaLearner(keras.Model):
         replicas = replica.num_replicas_in_sync if replica else 1
         if source_key is None:
             episode = _as_episode(data)
+            # uint8 images are scaled to [0, 1], as the task families and adapt_and_predict do.
+            dtype = self.algorithm.meta_variables[0].dtype
+            episode = episode._replace(support_x=_model_input(episode.support_x, dtype),
+                                       query_x=_model_input(episode.query_x, dtype))
             local = tf.shape(episode.support_x)[0]
             if replicas == 1:
                 return episode, local, local
@@ -596,7 +605,9 @@ class MetaLearner(keras.Model):
         if isinstance(data, (tuple, list)) and len(data) == 1:
             data = data[0]
         if isinstance(data, dict) and {"support_x", "support_y", "query_x"} <= set(data):
-            return self._adapt_predict(data["support_x"], data["support_y"], data["query_x"],
+            dtype = self.algorithm.meta_variables[0].dtype
+            return self._adapt_predict(_model_input(data["support_x"], dtype), data["support_y"],
+                                       _model_input(data["query_x"], dtype),
                                        self.meta_config.num_eval_steps)
         return self(data, training=False)
 
@@ -631,9 +642,11 @@ class MetaLearner(keras.Model):
             inputs had one.
 
         Raises:
-            ValueError: inputs that do not fit the model or each other, or
-                (classification) labels outside `[0, outputs)`.
+            ValueError: the learner is not compiled, inputs that do not fit the
+                model or each other, or (classification) labels outside
+                `[0, outputs)`.
         """
+        self._check_compiled()
         input_shape = _input_shape(self.model) or self._task_input_shape
         if input_shape is None:
             raise ValueError("the model's input shape is unknown (a subclassed model): fit or "
@@ -684,7 +697,26 @@ class MetaLearner(keras.Model):
         Returns:
             A dict: `steps` (0..num_steps), `mean` and `ci95` (1.96·std/√n) of
             the metric after each step, and `metric` (its name).
+
+        Raises:
+            ValueError: the learner is not compiled, `tasks` is not a task
+                family (an `Episodes` passes its family), tasks that do not fit
+                the model, a bad `split`, `metric`, `num_tasks` or `num_steps`.
         """
+        self._check_compiled()
+        if isinstance(tasks, Episodes):
+            tasks = tasks.tasks
+        if not hasattr(tasks, "sample"):
+            raise ValueError(f"tasks must be a task family with a sample() method (see "
+                             f"tf_maml.tasks), got {type(tasks).__name__}")
+        for name, value in (("num_tasks", num_tasks), ("batch_size", batch_size)):
+            if value is not None and (isinstance(value, bool)
+                                      or not isinstance(value, (int, np.integer)) or value < 1):
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if num_steps is not None and (isinstance(num_steps, bool) or not isinstance(
+                num_steps, (int, np.integer)) or num_steps < 0):
+            raise ValueError(f"num_steps must be an integer >= 0, got {num_steps!r}")
+        self._note_task_kind(tasks)
         if split not in ("val", "test"):
             raise ValueError(f"split must be 'val' or 'test', got {split!r}")
         if metric is None:

@@ -186,7 +186,13 @@ class MAML:
         `num_steps` may be a Python int or a scalar integer tensor (graph loop).
         With `return_state`, also the inner update rule's final state (as
         `core.adapt`). `meta_training`: inside a meta-step (see `task_loss`).
+
+        Raises:
+            ValueError: support inputs and labels that disagree on tasks or
+                examples, or labels/targets that do not fit the predictions
+                (shapes known when traced).
         """
+        core.check_task_batch(support_x, support_y, "support set")
         inputs = self.task_inputs(meta_params, support_x, training)
         weights = self.initial_weights(meta_params, tf.shape(support_x)[0])
         return core.adapt(self.task_loss(meta_params, inputs, support_y, training, meta_training),
@@ -216,6 +222,7 @@ class MAML:
             losses after adaptation times `loss_scale` (default `1/num_tasks`).
         """
         del iteration
+        core.check_episode(episode)
         first_order = self.first_order if first_order is None else first_order
         num_tasks = tf.shape(episode.support_x)[0]
         adapted, support_losses = self.adapt(meta_params, episode.support_x, episode.support_y,

@@ -130,6 +130,7 @@ class MAMLPlusPlus(MAML):
         return weights
 
     def meta_loss(self, meta_params, episode, loss_scale=None, iteration=0, first_order=None):
+        core.check_episode(episode)
         first_order = self.first_order if first_order is None else first_order
         steps = self.num_inner_steps
         epoch = tf.cast(iteration, tf.float32) / self.iterations_per_epoch

@@ -201,6 +201,7 @@ class Reptile(MAML):
         Adam state as this replica assigns it (its share of the moments, the
         step count whole).
         """
+        core.check_episode(episode)
         iteration = tf.zeros([], tf.int64) if iteration is None else iteration
         self.shuffle_seed = tf.stack([tf.constant(7, tf.int64), tf.cast(iteration, tf.int64)])
         try:

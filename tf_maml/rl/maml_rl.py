@@ -50,6 +50,23 @@ class MetaBatch(collections.namedtuple("MetaBatch", ["tasks", "train", "valid", 
     """
 
 
+def _check_policy_fits(policy, env):
+    """A one-line `ValueError` where the policy's sizes are not the environment's."""
+    env_name = type(env).__name__
+    action_dim = getattr(env, "action_dim", None)
+    if action_dim is not None and policy.action_dim != action_dim:
+        raise ValueError(f"the policy outputs {policy.action_dim} action values but {env_name} "
+                         f"takes {action_dim}: build it for env.action_dim")
+    observation_dim = getattr(env, "observation_dim", None)
+    try:
+        model_input = policy.model.inputs[0].shape[-1]
+    except (AttributeError, IndexError, ValueError, TypeError):
+        model_input = None  # a subclassed model: nothing to compare before it runs
+    if observation_dim is not None and model_input is not None and model_input != observation_dim:
+        raise ValueError(f"the policy takes observations of size {model_input} but {env_name}'s "
+                         f"are {observation_dim}: build it for env.observation_dim")
+
+
 class MAMLRL:
     """MAML with policy gradients: REINFORCE inner loop, TRPO (or Adam) outer loop.
 
@@ -92,7 +109,8 @@ class MAMLRL:
             `(seed, iteration)` and θ.
 
     Raises:
-        ValueError: a bad `outer` or `num_inner_steps`.
+        ValueError: a bad `outer` or `num_inner_steps`, or a policy whose
+            observation or action size is not the environment's.
 
     Example:
 
@@ -119,6 +137,7 @@ class MAMLRL:
             raise ValueError(f"num_inner_steps must be >= 0, got {num_inner_steps}")
         if not isinstance(policy, GaussianPolicy):
             policy = GaussianPolicy(policy)
+        _check_policy_fits(policy, env)
         self.env = env
         self.policy = policy
         self.meta_batch_size = int(meta_batch_size)
@@ -432,6 +451,13 @@ class MAMLRL:
             self._evaluators[key] = run
         if tasks is None:
             tasks = self.evaluation_tasks(seed, num_tasks)
+        else:
+            expected = self.env.sample_tasks(1, tf.constant([0, 0], tf.int64)).shape[1:]
+            if (np.ndim(tasks) < 1 or len(tasks) < 1
+                    or not tf.TensorShape(np.shape(tasks)[1:]).is_compatible_with(expected)):
+                raise ValueError(f"tasks must be [num_tasks{''.join(f', {d}' for d in expected)}]"
+                                 f" for {type(self.env).__name__} (num_tasks >= 1), got shape "
+                                 f"{list(np.shape(tasks))}")
         seed = self._seed(1, seed)
         rollout_seed = tf.random.experimental.stateless_fold_in(seed, 1)
         return np.asarray(self._evaluators[key](tf.convert_to_tensor(tasks, self.env.dtype),

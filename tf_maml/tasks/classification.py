@@ -3,7 +3,7 @@
 import numpy as np
 import tensorflow as tf
 
-from tf_maml.tasks.episodes import Episode
+from tf_maml.tasks.episodes import Episode, check_positive_ints, checked_seed
 
 __all__ = ["ImageClassTasks"]
 
@@ -50,6 +50,7 @@ class ImageClassTasks:
     is_classification = True
 
     def __init__(self, splits, n_way, k_shot, k_query, rotate_train=False, name="images"):
+        check_positive_ints(name, n_way=n_way, k_shot=k_shot, k_query=k_query)
         if "train" not in splits or "test" not in splits:
             raise ValueError(f"{name}: need 'train' and 'test' splits, got {sorted(splits)}")
         self.n_way, self.k_shot, self.k_query = n_way, k_shot, k_query
@@ -98,6 +99,7 @@ class ImageClassTasks:
             An `Episode`: x float32 `[tasks, n_way * k, H, W, C]` in [0, 1], y int32
             `[tasks, n_way * k]`.
         """
+        seed = checked_seed(seed, meta_batch_size)
         if split == "val" and "val" not in self._pools:
             split = "test"
         if split not in self._pools:

@@ -2,9 +2,10 @@
 
 import collections
 
+import numpy as np
 import tensorflow as tf
 
-__all__ = ["Episode", "episode_dataset", "step_seed"]
+__all__ = ["Episode", "checked_seed", "episode_dataset", "step_seed"]
 
 
 class Episode(collections.namedtuple("Episode", ["support_x", "support_y", "query_x", "query_y"])):
@@ -18,6 +19,57 @@ class Episode(collections.namedtuple("Episode", ["support_x", "support_y", "quer
     """
 
     __slots__ = ()
+
+
+def checked_seed(seed, meta_batch_size=None):
+    """`seed` as the int64 `[2]` tensor every `sample` takes, or a one-line `ValueError`.
+
+    Args:
+        seed: two integers: a tensor, list, tuple or numpy array of shape [2]
+            (e.g. `step_seed(seed, step)`, or `[seed, step]`).
+        meta_batch_size: checked too, when given: a positive int (or an int tensor).
+
+    Returns:
+        An int64 tensor of shape [2].
+
+    Raises:
+        ValueError: a seed of another shape or a non-integer dtype (a plain
+            int among them), or a meta-batch size below 1.
+    """
+    try:
+        seed = tf.convert_to_tensor(seed)
+    except (TypeError, ValueError):
+        seed = None
+    if (seed is None or not seed.dtype.is_integer or seed.shape.rank != 1
+            or seed.shape[0] not in (None, 2)):
+        raise ValueError("seed must be two integers, the stateless seed of the meta-batch "
+                         "(tf_maml.tasks.step_seed(seed, step), or [seed, step]); got "
+                         f"{_describe(seed)}")
+    if isinstance(meta_batch_size, (int, float)) and (
+            isinstance(meta_batch_size, bool) or int(meta_batch_size) != meta_batch_size
+            or meta_batch_size < 1):
+        raise ValueError(f"meta_batch_size must be a positive integer, got {meta_batch_size!r}")
+    return tf.cast(seed, tf.int64)
+
+
+def check_positive_ints(name, **sizes):
+    """Raises a one-line `ValueError` unless every value is an int >= 1 (not a bool).
+
+    Args:
+        name: the task family, for the message.
+        **sizes: e.g. `n_way=5, k_shot=1`.
+    """
+    for what, value in sizes.items():
+        if (isinstance(value, bool) or not isinstance(value, (int, np.integer))
+                or value < 1):
+            raise ValueError(f"{name}: {what} must be a positive integer, got {value!r}")
+
+
+def _describe(seed):
+    if seed is None:
+        return "a value that is not a tensor"
+    shape = seed.shape.as_list() if seed.shape.rank is not None else "unknown"
+    return f"{seed.dtype.name} of shape {shape}"
 
 
 def step_seed(seed, step, stream=0):

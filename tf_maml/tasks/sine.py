@@ -9,7 +9,7 @@ import math
 
 import tensorflow as tf
 
-from tf_maml.tasks.episodes import Episode
+from tf_maml.tasks.episodes import Episode, check_positive_ints, checked_seed
 
 __all__ = ["SineTasks"]
 
@@ -39,8 +39,7 @@ class SineTasks:
 
     def __init__(self, k_shot=10, k_query=10, amplitude_range=(0.1, 5.0),
                  phase_range=(0.0, math.pi), input_range=(-5.0, 5.0)):
-        if k_shot < 1 or k_query < 1:
-            raise ValueError(f"k_shot and k_query must be >= 1, got {k_shot} and {k_query}")
+        check_positive_ints("SineTasks", k_shot=k_shot, k_query=k_query)
         self.k_shot = k_shot
         self.k_query = k_query
         self.amplitude_range = amplitude_range
@@ -72,6 +71,7 @@ class SineTasks:
         Returns:
             An `Episode` of float32 tensors, x and y of shape `[tasks, points, 1]`.
         """
+        seed = checked_seed(seed, meta_batch_size)
         param_seed, support_seed, query_seed = tf.unstack(
             tf.random.experimental.stateless_split(seed, 3))
         amplitude, phase = self.sample_parameters(param_seed, meta_batch_size)

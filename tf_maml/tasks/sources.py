@@ -26,7 +26,7 @@ from absl import logging
 
 from tf_maml.config import DEFAULT_CLASS_SPLIT, parse_class_split
 from tf_maml.tasks import cache as cache_lib
-from tf_maml.tasks.episodes import Episode
+from tf_maml.tasks.episodes import Episode, check_positive_ints, checked_seed
 
 __all__ = ["ClassPoolTasks", "FunctionTasks", "array_tasks", "folder_tasks", "tfds_tasks",
            "split_classes", "load_folder", "checked", "user_error", "IMAGE_EXTENSIONS",
@@ -127,9 +127,7 @@ class ClassPoolTasks:
     is_classification = True
 
     def __init__(self, splits, n_way, k_shot, k_query, class_names=None, name="data"):
-        for what, value in (("n_way", n_way), ("k_shot", k_shot), ("k_query", k_query)):
-            if not isinstance(value, (int, np.integer)) or value < 1:
-                raise ValueError(f"{name}: {what} must be a positive integer, got {value!r}")
+        check_positive_ints(name, n_way=n_way, k_shot=k_shot, k_query=k_query)
         unknown = sorted(set(splits) - set(SPLITS))
         if unknown:
             raise ValueError(f"{name}: unknown splits {unknown}; expected {SPLITS}")
@@ -193,6 +191,7 @@ class ClassPoolTasks:
         Raises:
             ValueError: unknown split, or classes too small for `k_shot`.
         """
+        seed = checked_seed(seed, meta_batch_size)
         if split == "val" and "val" not in self._pools:
             split = "test"
         if split not in self._pools:
@@ -890,9 +889,11 @@ class FunctionTasks:
             An `Episode` of float32 tensors `[tasks, k, ...]`.
 
         Raises:
-            ValueError: eagerly, a task's bad rows or `sample_task`'s error
-                (in a graph: see `checked`).
+            ValueError: a bad seed or meta-batch size; eagerly, a task's bad
+                rows or `sample_task`'s error (in a graph, a one-line error of
+                the step that samples it).
         """
+        seed = checked_seed(seed, meta_batch_size)
         k_shot = self.k_shot if k_shot is None else k_shot
         rows = k_shot + self.k_query
         seeds = tf.random.stateless_uniform([meta_batch_size], seed, minval=0,

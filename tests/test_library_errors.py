@@ -1,0 +1,170 @@
+"""User mistakes in the library API fail with one line that names the mistake.
+
+Each case is what a user would plausibly write; before these checks each one failed deep
+inside TensorFlow (or, marked "silently", gave a wrong result without any error).
+"""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import tf_maml
+from tf_maml import core, functional, losses, models, rl, tasks
+
+
+def _regression():
+    model = models.mlp(hidden_sizes=(8,))
+    return model, tf_maml.MAML(model, functional.make_forward(model), losses.mean_squared_error,
+                               inner_lr=0.01, num_inner_steps=1)
+
+
+def _sine(num_tasks=2, k=5):
+    x = np.random.default_rng(0).uniform(-5, 5, (num_tasks, k, 1)).astype(np.float32)
+    return x, np.sin(x)
+
+
+def test_regression_targets_without_the_output_axis_are_refused():
+    _, algorithm = _regression()
+    x, y = _sine(num_tasks=5, k=5)  # [5, 5] targets would broadcast to [5, 5, 5] silently
+    with pytest.raises(ValueError, match=r"y\[\.\.\., None\]"):
+        algorithm.meta_step(tasks.Episode(x, y[..., 0], x, y[..., 0]))
+    loss, _, _ = algorithm.meta_step(tasks.Episode(x, y, x, y))
+    assert np.isfinite(float(loss))
+
+
+def test_one_hot_labels_and_mismatched_sets_are_refused():
+    model = models.mlp(input_shape=(4,), output_size=2, hidden_sizes=(8,))
+    algorithm = tf_maml.MAML(model, functional.make_forward(model),
+                             losses.sparse_softmax_cross_entropy, inner_lr=0.1, num_inner_steps=1)
+    x = np.random.default_rng(0).random((2, 4, 4)).astype(np.float32)
+    y = np.array([[0, 1, 0, 1]] * 2)
+    with pytest.raises(ValueError, match="one-hot labels"):
+        algorithm.meta_step(tasks.Episode(x, np.eye(2)[y], x, np.eye(2)[y]))
+    with pytest.raises(ValueError, match="support set has 2 tasks and the query set 1"):
+        algorithm.meta_step(tasks.Episode(x, y, x[:1], y[:1]))
+    with pytest.raises(ValueError, match="support set: inputs of shape .* differ in tasks or "
+                                         "examples"):
+        algorithm.adapt(algorithm.meta_variables, x, y[:, :3], 1)
+    with pytest.raises(ValueError, match="one-hot labels"):
+        losses.accuracy(np.eye(2)[y], tf.zeros([2, 4, 2]))
+
+
+def test_model_variables_instead_of_task_batched_weights_point_at_broadcast_to_tasks():
+    model, _ = _regression()
+    x, y = _sine()
+    loss = core.supervised_loss(functional.make_forward(model), losses.mean_squared_error, x, y)
+    with pytest.raises(ValueError, match="broadcast_to_tasks"):
+        core.adapt(loss, model.trainable_variables, 1, core.SGD(0.01))
+    adapted, _ = core.adapt(loss, core.broadcast_to_tasks(model.trainable_variables, 2), 1,
+                            core.SGD(0.01))
+    assert adapted[0].shape[0] == 2
+
+
+@pytest.mark.parametrize("seed", [0, 3.5, [1, 2, 3], np.float32([1, 2]), "a"])
+def test_a_seed_that_is_not_two_integers_is_refused(seed):
+    with pytest.raises(ValueError, match="seed must be two integers"):
+        tasks.SineTasks().sample(seed, 4)
+
+
+def test_two_integer_seeds_of_any_integer_kind_sample_the_same_tasks():
+    reference = tasks.SineTasks().sample(tf.constant([1, 2], tf.int64), 3)
+    for seed in ([1, 2], (1, 2), np.int32([1, 2]), tf.constant([1, 2], tf.int32)):
+        np.testing.assert_array_equal(tasks.SineTasks().sample(seed, 3).support_x,
+                                      reference.support_x)
+
+
+@pytest.mark.parametrize("family, sizes", [
+    ("sine", dict(k_shot=2.5)), ("sine", dict(k_query=0)),
+    ("images", dict(n_way=0)), ("images", dict(k_shot=-1)), ("images", dict(k_query=True)),
+])
+def test_task_family_sizes_must_be_positive_integers(family, sizes):
+    with pytest.raises(ValueError, match="must be a positive integer"):
+        if family == "sine":
+            tasks.SineTasks(**sizes)
+        else:
+            images = np.zeros([6, 6, 28, 28, 1], np.uint8)
+            tasks.ImageClassTasks({"train": images[:3], "test": images[3:]},
+                                  **{"n_way": 2, "k_shot": 1, "k_query": 1, **sizes})
+
+
+def test_sample_refuses_a_zero_meta_batch():
+    with pytest.raises(ValueError, match="meta_batch_size must be a positive integer"):
+        tasks.SineTasks().sample([0, 0], 0)
+
+
+def _two_outputs(seed):
+    x = np.random.default_rng(seed).uniform(-1, 1, (20, 1))
+    return x, np.concatenate([x, -x], 1)
+
+
+def test_meta_learner_refuses_tasks_whose_targets_are_not_the_model_outputs():
+    learner = tf_maml.MetaLearner(models.mlp(hidden_sizes=(8,)), inner_lr=0.01)
+    learner.compile(optimizer="adam", loss="mse")
+    two = tasks.FunctionTasks(_two_outputs, k_shot=5, k_query=5)
+    # Silently, before: the loss broadcast [N, 1] predictions against [N, 2] targets.
+    with pytest.raises(ValueError, match="targets have 2: give the model output_size=2"):
+        learner.fit(tf_maml.Episodes(two, 2), epochs=1, steps_per_epoch=1, verbose=0)
+    with pytest.raises(ValueError, match="output_size=2"):
+        learner.evaluate_tasks(two, num_tasks=4, num_steps=1)
+
+
+def test_meta_learner_evaluate_tasks_checks_its_arguments():
+    uncompiled = tf_maml.MetaLearner(models.mlp(hidden_sizes=(8,)), inner_lr=0.01)
+    with pytest.raises(ValueError, match="compile the MetaLearner first"):
+        uncompiled.evaluate_tasks(tasks.SineTasks(), num_tasks=4, num_steps=1)
+    with pytest.raises(ValueError, match="compile the MetaLearner first"):
+        uncompiled.adapt_and_predict(np.zeros([5, 1]), np.zeros([5, 1]), np.zeros([3, 1]))
+    learner = tf_maml.MetaLearner(models.mlp(hidden_sizes=(8,)), inner_lr=0.01)
+    learner.compile(optimizer="adam", loss="mse")
+    images = np.zeros([6, 6, 28, 28, 1], np.uint8)
+    image_tasks = tasks.ImageClassTasks({"train": images[:3], "test": images[3:]}, 2, 1, 1)
+    with pytest.raises(ValueError, match=r"inputs of shape \(1,\) but the tasks' inputs are"):
+        learner.evaluate_tasks(image_tasks, num_tasks=2, num_steps=1)
+    with pytest.raises(ValueError, match="num_tasks must be a positive integer"):
+        learner.evaluate_tasks(tasks.SineTasks(), num_tasks=0, num_steps=1)
+    with pytest.raises(ValueError, match="task family"):
+        learner.evaluate_tasks(np.zeros([3, 1]), num_tasks=2)
+    # An Episodes is read as its task family.
+    wrapped = learner.evaluate_tasks(tf_maml.Episodes(tasks.SineTasks(), 4), num_tasks=4,
+                                     num_steps=1, seed=3)
+    plain = learner.evaluate_tasks(tasks.SineTasks(), num_tasks=4, num_steps=1, seed=3)
+    assert wrapped == plain
+
+
+def test_uint8_images_in_a_dataset_are_scaled_like_everywhere_else():
+    """fit/evaluate on a dataset of uint8 episodes see [0, 1] images, as the task families,
+    adapt_and_predict and the exported signatures do (before: raw 0..255, silently)."""
+    rng = np.random.default_rng(0)
+    raw = rng.integers(0, 256, (2, 4, 6, 6, 1)).astype(np.uint8)
+    labels = np.array([[0, 1, 0, 1]] * 2, np.int32)
+
+    # No batch norm: it would cancel the scale of the inputs.
+    model = keras.Sequential([keras.Input((6, 6, 1)), keras.layers.Flatten(),
+                              keras.layers.Dense(2)])
+    learner = tf_maml.MetaLearner(model, inner_lr=0.1, num_inner_steps=1)
+    learner.compile(optimizer="sgd", loss="sparse_categorical_crossentropy")
+    results = [learner.evaluate(tf.data.Dataset.from_tensors(tasks.Episode(x, labels, x, labels)),
+                                verbose=0, return_dict=True)["loss"]
+               for x in (raw, raw.astype(np.float32) / 255)]
+    assert results[0] == pytest.approx(results[1], rel=1e-5)
+
+
+def test_a_policy_built_for_another_environment_is_refused():
+    env = rl.Navigation2D(horizon=3)
+    with pytest.raises(ValueError, match="observations of size 2 but GoalObserved's are 4"):
+        rl.MAMLRL(rl.GoalObserved(env), rl.gaussian_mlp_policy(2, 2, hidden=(8,)))
+    with pytest.raises(ValueError, match="outputs 3 action values but Navigation2D takes 2"):
+        rl.MAMLRL(env, rl.gaussian_mlp_policy(2, 3, hidden=(8,)))
+    algorithm = rl.MAMLRL(env, rl.gaussian_mlp_policy(2, 2, hidden=(8,)), meta_batch_size=2,
+                          fast_batch_size=2)
+    with pytest.raises(ValueError, match=r"tasks must be \[num_tasks, 2\] for Navigation2D"):
+        algorithm.evaluate(tasks=np.zeros([3]), num_steps=0)
+
+
+def test_labels_with_a_trailing_axis_of_one_are_read_as_class_indices():
+    """As Keras' sparse losses read them (before: accuracy broadcast to [T, N, N], silently)."""
+    logits = tf.constant(np.random.default_rng(0).normal(size=(2, 4, 3)), tf.float32)
+    labels = np.array([[0, 1, 2, 0], [2, 2, 1, 0]])
+    for fn in (losses.accuracy, losses.sparse_softmax_cross_entropy):
+        np.testing.assert_array_equal(fn(labels[..., None], logits), fn(labels, logits))
