@@ -63,8 +63,6 @@ def run_copy(trained_run, tmp_path):
     return model_dir
 
 
-
-
 # B1: divergence.
 
 def test_non_finite_meta_loss_stops_training_at_once(tmp_path):

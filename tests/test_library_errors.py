@@ -168,3 +168,39 @@ def test_labels_with_a_trailing_axis_of_one_are_read_as_class_indices():
     labels = np.array([[0, 1, 2, 0], [2, 2, 1, 0]])
     for fn in (losses.accuracy, losses.sparse_softmax_cross_entropy):
         np.testing.assert_array_equal(fn(labels[..., None], logits), fn(labels, logits))
+
+
+def test_the_checks_pass_what_was_valid_before():
+    """Numpy predictions in the metrics, a seed of unknown rank in a graph, and a regression
+    model whose custom loss reads more outputs than the targets have."""
+    labels = np.array([[0, 1, 1]])
+    logits = np.array([[[2.0, 0.0], [0.0, 2.0], [2.0, 0.0]]], np.float32)
+    np.testing.assert_allclose(losses.accuracy(labels, logits), [2 / 3])
+    np.testing.assert_allclose(losses.mean_squared_error(np.zeros([1, 2, 1]),
+                                                         np.ones([1, 2, 1], np.float32)), [1.0])
+
+    @tf.function(input_signature=[tf.TensorSpec(None, tf.int64)])
+    def sample(seed):
+        return tasks.SineTasks().sample(seed, 2).support_x
+
+    assert sample(tf.constant([1, 2], tf.int64)).shape == (2, 10, 1)
+
+    def gaussian_nll(y_true, y_pred):  # the model outputs a mean and a log-variance
+        mean, log_var = y_pred[..., :1], y_pred[..., 1:]
+        return tf.reduce_mean(0.5 * (log_var + (y_true - mean) ** 2 / tf.exp(log_var)), -1)
+
+    learner = tf_maml.MetaLearner(models.mlp(output_size=2, hidden_sizes=(8,)), inner_lr=0.01)
+    learner.compile(optimizer="adam", loss=gaussian_nll)
+    history = learner.fit(tf_maml.Episodes(tasks.SineTasks(), 2), epochs=1, steps_per_epoch=2,
+                          verbose=0)
+    assert np.isfinite(history.history["loss"][-1])
+
+
+def test_meta_learner_predict_scales_uint8_inputs():
+    learner = tf_maml.MetaLearner(keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)]),
+                                  inner_lr=0.01)
+    learner.compile(optimizer="sgd", loss="mse")
+    raw = np.array([[255, 51]], np.uint8)
+    np.testing.assert_allclose(learner.predict(raw, verbose=0),
+                               learner.predict(raw.astype(np.float32) / 255, verbose=0),
+                               rtol=1e-6)

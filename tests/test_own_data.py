@@ -250,13 +250,16 @@ def test_folder_tasks_decode_split_and_cache(image_folder, tmp_path, monkeypatch
 def test_a_home_relative_data_dir_and_cache_dir_are_the_home_directory(image_folder, tmp_path,
                                                                          monkeypatch):
     """`~` in the library's paths means the home directory, as on the command line."""
-    monkeypatch.setenv("HOME", str(image_folder.parent))
-    monkeypatch.chdir(tmp_path)
+    home, work = tmp_path / "home", tmp_path / "work"
+    shutil.copytree(image_folder, home / "images")
+    work.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(work)
     tasks = tasks_lib.folder_tasks("~/images", n_way=2, k_shot=1, k_query=2, image_size=14,
                                    cache_dir="~/cache", class_split="0.5,0.25,0.25")
     assert tasks.output_size == 2
-    assert len(os.listdir(image_folder.parent / "cache")) == 1
-    assert not os.path.exists(tmp_path / "~")  # no literal "~" folder where it ran
+    assert len(os.listdir(home / "cache")) == 1
+    assert not os.listdir(work)  # no literal "~" folder where it ran
 
 
 def test_folder_errors_are_clear(image_folder, tmp_path):

@@ -457,6 +457,19 @@ class MetaLearner(keras.Model):
             raise ValueError(f"support_x and query_x must hold the same tasks, got "
                              f"{support_x[0]} and {query_x[0]} tasks")
 
+    def _loss_compares_elementwise(self):
+        """Whether the compiled loss compares predictions with targets of the same shape.
+
+        Keras' regression losses do (a model with another output count would be
+        broadcast against the targets, silently); a custom loss may not (a
+        Gaussian model's mean and log-variance against one target).
+        """
+        try:
+            loss = keras.losses.get(getattr(self, "loss", None))
+        except (ValueError, TypeError):
+            return False
+        return _loss_name(loss) in ELEMENTWISE_LOSSES
+
     def _labels_index_outputs(self):
         """Whether integer labels index the model's outputs (classification, sparse labels)."""
         if self.is_classification:
@@ -525,7 +538,8 @@ class MetaLearner(keras.Model):
         if kind and size is not None and outputs is not None and size != outputs:
             raise ValueError(f"the model outputs {outputs} values but the tasks are "
                              f"{size}-way: give the model {size} outputs (one logit per class)")
-        if kind is False and size is not None and outputs is not None and size != outputs:
+        if (kind is False and size is not None and outputs is not None and size != outputs
+                and self._loss_compares_elementwise()):
             raise ValueError(f"the model outputs {outputs} values but the tasks' targets have "
                              f"{size}: give the model output_size={size}")
 
@@ -609,7 +623,7 @@ class MetaLearner(keras.Model):
             return self._adapt_predict(_model_input(data["support_x"], dtype), data["support_y"],
                                        _model_input(data["query_x"], dtype),
                                        self.meta_config.num_eval_steps)
-        return self(data, training=False)
+        return self(_model_input(data, self.algorithm.meta_variables[0].dtype), training=False)
 
     def call(self, x, training=False):
         """The meta-initialization's predictions (no adaptation)."""
@@ -897,6 +911,12 @@ def _one_line_errors():
         if message is None:
             raise
         raise ValueError(message) from None
+
+
+# Keras' losses that compare predictions and targets element by element.
+ELEMENTWISE_LOSSES = ("mean_squared_error", "mean_absolute_error",
+                      "mean_absolute_percentage_error", "mean_squared_logarithmic_error",
+                      "huber", "log_cosh", "cosine_similarity")
 
 
 def _loss_name(loss):

@@ -31,6 +31,7 @@ def mean_squared_error(y_true, y_pred):
         ValueError: shapes that differ where both are known (targets without
             the model's output axis would silently broadcast).
     """
+    y_pred = tf.convert_to_tensor(y_pred)
     y_true = tf.cast(y_true, y_pred.dtype)
     if not y_true.shape.is_compatible_with(y_pred.shape):
         hint = (" (regression targets need the model's output axis: y[..., None])"
@@ -55,6 +56,7 @@ def sparse_softmax_cross_entropy(y_true, y_pred):
             `[num_tasks, batch, 1]`) beside the logits (one-hot labels, for
             example), where both shapes are known.
     """
+    y_pred = tf.convert_to_tensor(y_pred)
     y_true = _checked_labels(y_true, y_pred)
     losses = tf.nn.sparse_softmax_cross_entropy_with_logits(
         labels=tf.cast(y_true, tf.int32), logits=y_pred)
@@ -62,8 +64,11 @@ def sparse_softmax_cross_entropy(y_true, y_pred):
 
 
 def _checked_labels(y_true, y_pred):
-    """The labels, a trailing axis of 1 dropped (as Keras' sparse losses do), or a ValueError."""
-    y_true = tf.convert_to_tensor(y_true) if not isinstance(y_true, tf.Tensor) else y_true
+    """The labels, a trailing axis of 1 dropped (as Keras' sparse losses do), or a ValueError.
+
+    `y_pred` must be a tensor (callers convert it).
+    """
+    y_true = tf.convert_to_tensor(y_true)
     if (y_true.shape.rank is not None and y_true.shape.rank == y_pred.shape.rank
             and y_true.shape[-1] == 1 and y_pred.shape[-1] != 1):
         y_true = tf.squeeze(y_true, -1)
@@ -86,6 +91,7 @@ def accuracy(y_true, y_pred):
     Returns:
         `[num_tasks]` tensor in [0, 1].
     """
+    y_pred = tf.convert_to_tensor(y_pred)
     y_true = _checked_labels(y_true, y_pred)
     correct = tf.equal(tf.argmax(y_pred, axis=-1, output_type=tf.int32), tf.cast(y_true, tf.int32))
     return _mean_over_examples(tf.cast(correct, y_pred.dtype))

@@ -40,8 +40,8 @@ def checked_seed(seed, meta_batch_size=None):
         seed = tf.convert_to_tensor(seed)
     except (TypeError, ValueError):
         seed = None
-    if (seed is None or not seed.dtype.is_integer or seed.shape.rank != 1
-            or seed.shape[0] not in (None, 2)):
+    if (seed is None or not seed.dtype.is_integer or seed.shape.rank not in (None, 1)
+            or (seed.shape.rank == 1 and seed.shape[0] not in (None, 2))):
         raise ValueError("seed must be two integers, the stateless seed of the meta-batch "
                          "(tf_maml.tasks.step_seed(seed, step), or [seed, step]); got "
                          f"{_describe(seed)}")
