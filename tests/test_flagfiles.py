@@ -41,6 +41,10 @@ RECIPES = {
         num_inner_steps=5, num_eval_steps=5, inner_lr=0.1, learn_inner_lr=True, per_step_bn=True,
         msl_epochs=10, iterations_per_epoch=500, meta_lr=1e-3, min_meta_lr=1e-5,
         num_iterations=50000, model="conv4"),
+    "mamlpp_omniglot_20way_1shot_lake": dict(
+        algorithm="mamlpp", dataset="omniglot", n_way=20, k_shot=1, meta_batch_size=8,
+        num_inner_steps=5, num_eval_steps=5, inner_lr=0.1, num_iterations=50000,
+        omniglot_split="lake"),
     "anil_omniglot_20way": dict(algorithm="anil", n_way=20, meta_batch_size=16,
                                 num_inner_steps=5, inner_lr=0.1, num_iterations=60000),
     "metasgd_omniglot_5way": dict(algorithm="metasgd", n_way=5, meta_batch_size=32,
