@@ -73,11 +73,14 @@ def is_chief(strategy):
     resolver = compat.cluster_resolver(strategy)
     if resolver is None or not resolver.cluster_spec().as_dict():
         return True
-    task_type, task_id = resolver.task_type, resolver.task_id
+    return _chief_rule(resolver.task_type, resolver.task_id, resolver.cluster_spec().as_dict())
+
+
+def _chief_rule(task_type, task_id, cluster):
+    """The chief: the "chief" task, or worker 0 of a cluster without one."""
     if task_type == "chief":
         return True
-    has_chief = "chief" in resolver.cluster_spec().as_dict()
-    return task_type in (None, "worker") and task_id == 0 and not has_chief
+    return task_type in (None, "worker") and task_id == 0 and "chief" not in cluster
 
 
 def is_chief_worker_process(strategy_name):
@@ -101,10 +104,7 @@ def is_chief_worker_process(strategy_name):
         cluster, task = tf_config.get("cluster") or {}, tf_config.get("task") or {}
     except (ValueError, AttributeError):
         return True  # make_strategy has refused it already
-    task_type, task_id = task.get("type"), int(task.get("index", 0) or 0)
-    if task_type == "chief":
-        return True
-    return task_type in (None, "worker") and task_id == 0 and "chief" not in cluster
+    return _chief_rule(task.get("type"), int(task.get("index", 0) or 0), cluster)
 
 
 def worker_dir(model_dir, strategy):

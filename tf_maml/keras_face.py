@@ -40,6 +40,7 @@ from tf_maml import config as config_lib
 from tf_maml import experiment as experiment_lib
 from tf_maml import tasks as tasks_lib
 from tf_maml.tasks import Episode
+from tf_maml.tasks.episodes import check_positive_ints
 from tf_maml.tasks import sources
 
 __all__ = ["MetaLearner", "Episodes", "keras_task_loss"]
@@ -94,11 +95,8 @@ class Episodes:
                              f"tf_maml.tasks), got {type(tasks).__name__}")
         if split not in ("train", "val", "test"):
             raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
-        for name, value in (("meta_batch_size", meta_batch_size), ("num_batches", num_batches),
-                            ("k_shot", k_shot)):
-            if value is not None and (isinstance(value, bool)
-                                      or not isinstance(value, (int, np.integer)) or value < 1):
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        sizes = dict(meta_batch_size=meta_batch_size, num_batches=num_batches, k_shot=k_shot)
+        check_positive_ints("Episodes", **{k: v for k, v in sizes.items() if v is not None})
         if k_shot is not None and hasattr(tasks, "check_k_shot"):
             tasks.check_k_shot(k_shot, split)  # too few examples: say so now, not in tf.data
         self.tasks, self.meta_batch_size, self.split = tasks, int(meta_batch_size), split
@@ -723,10 +721,8 @@ class MetaLearner(keras.Model):
         if not hasattr(tasks, "sample"):
             raise ValueError(f"tasks must be a task family with a sample() method (see "
                              f"tf_maml.tasks), got {type(tasks).__name__}")
-        for name, value in (("num_tasks", num_tasks), ("batch_size", batch_size)):
-            if value is not None and (isinstance(value, bool)
-                                      or not isinstance(value, (int, np.integer)) or value < 1):
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        sizes = dict(num_tasks=num_tasks, batch_size=batch_size)
+        check_positive_ints("evaluate_tasks", **{k: v for k, v in sizes.items() if v is not None})
         if num_steps is not None and (isinstance(num_steps, bool) or not isinstance(
                 num_steps, (int, np.integer)) or num_steps < 0):
             raise ValueError(f"num_steps must be an integer >= 0, got {num_steps!r}")

@@ -819,9 +819,7 @@ class FunctionTasks:
     is_classification = False
 
     def __init__(self, sample_task, k_shot, k_query):
-        for what, value in (("k_shot", k_shot), ("k_query", k_query)):
-            if not isinstance(value, (int, np.integer)) or value < 1:
-                raise ValueError(f"{what} must be a positive integer, got {value!r}")
+        check_positive_ints("FunctionTasks", k_shot=k_shot, k_query=k_query)
         self.sample_task, self.k_shot, self.k_query = sample_task, k_shot, k_query
         try:
             self._takes_split = "split" in inspect.signature(sample_task).parameters
