@@ -178,7 +178,7 @@ def test_nearest_resize_is_the_reptile_loaders(tmp_path, monkeypatch):
         config_lib.Config(dataset="sine", omniglot_resize_filter="nearest").validate()
 
 
-def test_tfds_source_without_network(tmp_path):
+def test_tfds_source_without_network(tmp_path, monkeypatch):
     import tensorflow_datasets as tfds
 
     def as_dataset(self, split, **kwargs):
@@ -190,9 +190,38 @@ def test_tfds_source_without_network(tmp_path):
             "alphabet_char_id": labels % 2})
 
     with tfds.testing.mock_data(as_dataset_fn=as_dataset):
+        # mock_data stands for a prepared dataset but leaves is_prepared False.
+        monkeypatch.setattr(tfds.core.DatasetBuilder, "is_prepared", lambda self: True)
         images, background = omniglot.load_characters(None)
     assert images.shape == (6, 20, 28, 28, 1) and background.tolist() == [True] * 4 + [False] * 2
     assert images[:, :, 14, 14].min() > 200 and images[:, :, 2, 2].max() == 0
+
+
+def test_tfds_source_without_network_fails_at_once(monkeypatch):
+    """Without data_dir and without network, Omniglot's TFDS download would retry for about
+    four minutes; the loader checks GitHub first and says at once what to pass instead."""
+    import socket
+
+    import tensorflow_datasets as tfds
+    monkeypatch.setattr(tfds.core.DatasetBuilder, "is_prepared", lambda self: False)
+    for name in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY", "all_proxy",
+                 "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    attempts = []
+
+    def refuse(address, *args, **kwargs):
+        attempts.append(address)
+        raise socket.gaierror(-2, "Name or service not known")
+
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare",
+                        lambda self, *a, **k: pytest.fail("downloaded without network"))
+    with pytest.raises(ValueError, match=r"TFDS omniglot is not prepared in .* and github\.com, "
+                                         r"where TFDS downloads it from, cannot be reached .*"
+                                         r"Pass data_dir \(--data_dir\): a directory with "
+                                         r"Lake's images_background\.zip"):
+        omniglot.load_characters(None)
+    assert attempts == [("github.com", 443)]
 
 
 def _lake_layout(root, seed=0):
@@ -249,9 +278,11 @@ def test_tfds_source_equals_the_archives(tmp_path, monkeypatch):
     tfds_dir = os.path.join(root, "tfds")
     tfds.builder("omniglot", data_dir=tfds_dir).download_and_prepare(
         download_config=tfds.download.DownloadConfig(try_download_gcs=False))
-    load = tfds.load
+    load, builder = tfds.load, tfds.builder
     monkeypatch.setattr(tfds, "load", lambda *args, **kwargs: load(
         *args, data_dir=tfds_dir, download=False, **kwargs))
+    monkeypatch.setattr(tfds, "builder", lambda *args, **kwargs: builder(
+        *args, data_dir=tfds_dir, **kwargs))
 
     from_tfds, tfds_background = omniglot.load_characters(None)
     from_zip, zip_background = omniglot.load_characters(os.path.join(root, "zips"))

@@ -8,8 +8,10 @@ import io
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
+import time
 import zipfile
 
 import numpy as np
@@ -18,7 +20,7 @@ import tensorflow as tf
 
 from tf_maml import config as config_lib
 from tf_maml import tasks as tasks_lib
-from tf_maml.tasks import sources
+from tf_maml.tasks import downloads, sources
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OMNIGLOT_ENV = "TF_MAML_OMNIGLOT_DIR"
@@ -366,9 +368,16 @@ def test_folder_listing_reads_each_image_once_and_says_what_it_skipped(tmp_path,
 # -- TFDS ---------------------------------------------------------------------------------------
 
 
-def test_tfds_tasks_from_mock_data(tmp_path):
+def _mock_prepared(tfds, monkeypatch):
+    """`tfds.testing.mock_data` stands for a prepared dataset but leaves `is_prepared` False,
+    which would send the loader to check the (unreachable) download servers."""
+    monkeypatch.setattr(tfds.core.DatasetBuilder, "is_prepared", lambda self: True)
+
+
+def test_tfds_tasks_from_mock_data(tmp_path, monkeypatch):
     tfds = pytest.importorskip("tensorflow_datasets")
     with tfds.testing.mock_data(num_examples=100):
+        _mock_prepared(tfds, monkeypatch)
         tasks = tasks_lib.tfds_tasks("mnist", n_way=2, k_shot=1, k_query=2,
                                      data_dir=str(tmp_path), class_split="0.6,0.2,0.2", seed=4)
         assert tasks.input_shape == (28, 28, 1) and tasks.output_size == 2
@@ -379,31 +388,79 @@ def test_tfds_tasks_from_mock_data(tmp_path):
         small = tasks_lib.tfds_tasks("mnist", 2, 1, 2, image_size=14, data_dir=str(tmp_path),
                                      class_split="0.6,0.2,0.2")
         assert small.input_shape == (14, 14, 1)
+    monkeypatch.undo()
     with pytest.raises(ValueError, match="unknown TFDS dataset 'no_such_dataset_xyz'"):
         tasks_lib.tfds_tasks("no_such_dataset_xyz", 2, 1, 1)
     with pytest.raises(FileNotFoundError, match="TFDS mnist: .*could not find data in"):
         tasks_lib.tfds_tasks("mnist", 2, 1, 1, data_dir=str(tmp_path), download=False)
 
 
-def test_tfds_without_network_says_how_to_use_local_data(tmp_path, monkeypatch):
-    tfds = pytest.importorskip("tensorflow_datasets")
+def _offline(monkeypatch):
+    """No network: every connection fails as on a machine without DNS; returns the attempts."""
+    attempts = []
 
-    def offline(self, *args, **kwargs):
+    def refuse(address, *args, **kwargs):
+        attempts.append(address)
+        raise socket.gaierror(-2, "Name or service not known")
+
+    for name in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY", "all_proxy",
+                 "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    return attempts
+
+
+def test_tfds_without_network_fails_at_once_and_says_how_to_use_local_data(tmp_path,
+                                                                          monkeypatch):
+    """Without network TFDS would retry each file for about four minutes; the loader checks
+    the download servers first and fails at once."""
+    tfds = pytest.importorskip("tensorflow_datasets")
+    attempts = _offline(monkeypatch)
+    started = time.monotonic()
+    with pytest.raises(ValueError, match=r"TFDS mnist is not prepared in .* and "
+                                         r"storage\.googleapis\.com, where TFDS downloads it "
+                                         r"from, cannot be reached \(gaierror: .*\)\. Without "
+                                         r"network: prepare it on a connected machine"):
+        tasks_lib.tfds_tasks("mnist", 2, 1, 1, data_dir=str(tmp_path))
+    assert time.monotonic() - started < 30
+    assert attempts == [("storage.googleapis.com", 443)]   # one check per server, no retries
+    # Behind a proxy a direct connection says nothing: no check, TFDS' own download runs
+    # (and its failure is reported as one line too).
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.invalid:3128")
+
+    def download_fails(self, *args, **kwargs):
         raise ConnectionError("Max retries exceeded with url: /tfds-data/...")
 
-    monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", offline)
+    monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", download_fails)
     with pytest.raises(ValueError, match=r"TFDS mnist is not prepared in .* and could not be "
                                          r"downloaded \(ConnectionError: Max retries .*\)\. "
                                          r"Without network: prepare it on a connected machine"):
         tasks_lib.tfds_tasks("mnist", 2, 1, 1, data_dir=str(tmp_path))
+    assert len(attempts) == 1
 
 
-def test_config_tfds_reaches_the_loader(tmp_path):
+def test_a_reachable_server_is_not_an_error(monkeypatch):
+    _offline(monkeypatch)
+    assert "gaierror" in downloads.host_unreachable("example.invalid")
+
+    class Connection:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *args):
+            return False
+
+    monkeypatch.setattr(socket, "create_connection", lambda *args, **kwargs: Connection())
+    assert downloads.host_unreachable("example.invalid") is None
+
+
+def test_config_tfds_reaches_the_loader(tmp_path, monkeypatch):
     tfds = pytest.importorskip("tensorflow_datasets")
     config = config_lib.Config(dataset="tfds:mnist", data_dir=str(tmp_path), n_way=3, k_shot=1,
                                k_query=1, image_size=8, class_split="0.4,0.3,0.3").validate()
     assert config.model_name == "conv4"
     with tfds.testing.mock_data(num_examples=60):
+        _mock_prepared(tfds, monkeypatch)
         tasks = tasks_lib.build(config)
     assert tasks.input_shape == (8, 8, 1)
     assert [len(tasks.class_names[s]) for s in ("train", "val", "test")] == [4, 3, 3]

@@ -37,6 +37,7 @@ from absl import logging
 
 from tf_maml.config import OMNIGLOT_RESIZE_FILTERS
 from tf_maml.tasks import cache as cache_lib
+from tf_maml.tasks import downloads
 from tf_maml.tasks.classification import ImageClassTasks
 
 __all__ = ["load_characters", "split_characters", "hold_out_validation", "omniglot_tasks",
@@ -185,8 +186,9 @@ def load_characters(data_dir=None, cache_dir=None, resize_filter="lanczos"):
 
     Raises:
         FileNotFoundError: `data_dir` or an archive is missing.
-        ValueError: a corrupt archive or image, an unexpected layout, or an
-            unknown `resize_filter`.
+        ValueError: a corrupt archive or image, an unexpected layout, an
+            unknown `resize_filter`, or (no `data_dir`) TFDS' copy is not
+            prepared and its download server cannot be reached.
     """
     _check_resize_filter(resize_filter)
     cache_dir = os.path.expanduser(cache_dir) if cache_dir else cache_dir
@@ -226,6 +228,11 @@ def _load_tfds(resize_filter):
     import tensorflow_datasets as tfds
     from PIL import Image
     logging.info("Loading Omniglot from TensorFlow Datasets (downloads on first use)")
+    builder = tfds.builder("omniglot")
+    if not builder.is_prepared():
+        downloads.check_tfds_downloadable(
+            builder, "Pass data_dir (--data_dir): a directory with Lake's images_background.zip "
+            "and images_evaluation.zip, or their folders")
     images, background = [], []
     for split, is_background in (("train", True), ("test", False)):
         dataset = tfds.load("omniglot", split=split)

@@ -26,6 +26,7 @@ from absl import logging
 
 from tf_maml.config import DEFAULT_CLASS_SPLIT, parse_class_split
 from tf_maml.tasks import cache as cache_lib
+from tf_maml.tasks import downloads
 from tf_maml.tasks.episodes import Episode, check_positive_ints, checked_seed
 
 __all__ = ["ClassPoolTasks", "FunctionTasks", "array_tasks", "folder_tasks", "tfds_tasks",
@@ -679,6 +680,9 @@ def _load_tfds(name, data_dir, splits, download, image_key, label_key, image_siz
         first = str(e).splitlines()[0] if str(e) else ""
         raise ValueError(f"unknown TFDS dataset {name!r} ({first})") from None
     if download and not builder.is_prepared():
+        downloads.check_tfds_downloadable(
+            builder, f"Without network: prepare it on a connected machine (tfds build {name}, "
+            "or tfds.load) and pass the data directory that holds it as data_dir")
         logging.info("TFDS %s is not prepared in %s: downloading it", name, builder.data_dir)
         try:
             builder.download_and_prepare()
