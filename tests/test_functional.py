@@ -81,6 +81,23 @@ def test_layer_batched_forward_equals_keras(name, training):
                                **tolerance)
 
 
+@pytest.mark.parametrize("epsilon", [1e-8, 0.0])
+def test_batch_norm_with_an_epsilon_below_the_fused_kernels_equals_keras(epsilon):
+    """The fused batch-norm kernel raises epsilon to 1.001e-5. With a smaller one and
+    activations of tiny variance that changed the output by more than its own size (2.1
+    against 2.9); such layers take the composite formula."""
+    model = keras.Sequential([keras.Input((6, 6, 2)), keras.layers.Conv2D(3, 3, padding="same"),
+                              keras.layers.BatchNormalization(epsilon=epsilon),
+                              keras.layers.Flatten(), keras.layers.Dense(2)])
+    forward = functional.make_forward(model)
+    assert forward.vectorized, forward.unsupported_reason
+    x = tf.constant(np.random.default_rng(0).normal(size=(2, 4, 6, 6, 2)) * 1e-3, tf.float32)
+    weights = _distinct_task_weights(model, 2)
+    reference = _per_task_reference(model, weights, x, True).numpy()
+    np.testing.assert_allclose(forward(weights, x, True).numpy(), reference, rtol=1e-4,
+                               atol=1e-4 * np.abs(reference).max())
+
+
 class Subclassed(keras.Model):
     def __init__(self):
         super().__init__()
@@ -252,6 +269,11 @@ def test_layer_batched_conv_dropout_second_order_equals_per_task_path():
 def test_make_forward_errors_are_clear():
     with pytest.raises(ValueError, match="built Keras model"):
         functional.make_forward(keras.Sequential([keras.layers.Dense(1)]))
+    frozen = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    frozen.trainable = False
+    with pytest.raises(ValueError, match=r"^model '\w+' has no trainable weights, so there is "
+                                         r"nothing to adapt \(are its layers frozen"):
+        functional.make_forward(frozen)
     with pytest.raises(ValueError, match="cannot use the layer-batched path: subclassed"):
         functional.make_forward(_subclassed(), vectorize="layers")
     with pytest.raises(ValueError, match="vectorize must be"):

@@ -117,6 +117,43 @@ def test_shapes_that_do_not_fit_the_model_are_refused_before_training():
     _one_line(e, r"^query_y must hold one label per query_x example")
 
 
+def test_regression_targets_not_of_the_outputs_shape_fail_in_one_line():
+    """Keras' elementwise losses compare targets with outputs value by value; other shapes
+    used to fail deep in the loss ("Dimensions must be equal", "unknown rank")."""
+    rng = np.random.default_rng(0)
+    for outputs, targets, pattern in (
+            (2, (), r"^support_y must hold targets of the model's output shape \(2,\) per "
+                    r"example, got support_y of shape \(4, 5\)$"),
+            (2, (3,), r"^support_y must hold targets of the model's output shape \(2,\) per "
+                      r"example, got support_y of shape \(4, 5, 3\)$"),
+            (3, (1,), r"^support_y must hold .* \(3,\) per example, got support_y of shape "
+                      r"\(4, 5, 1\)$")):
+        learner = MetaLearner(keras.Sequential([keras.Input((3,)), keras.layers.Dense(outputs)]),
+                              inner_lr=0.01)
+        learner.compile(optimizer="sgd", loss="mse")
+        x = rng.normal(size=(4, 5, 3)).astype(np.float32)
+        y = rng.normal(size=(4, 5, *targets)).astype(np.float32)
+        data = tf.data.Dataset.from_tensors({"support_x": x, "support_y": y, "query_x": x,
+                                             "query_y": y})
+        with pytest.raises(ValueError) as e:
+            learner.fit(data, epochs=1, verbose=0)
+        _one_line(e, pattern)
+        # The right shape trains.
+        y = rng.normal(size=(4, 5, outputs)).astype(np.float32)
+        history = learner.fit(tf.data.Dataset.from_tensors(
+            {"support_x": x, "support_y": y, "query_x": x, "query_y": y}), epochs=1, verbose=0)
+        assert np.isfinite(history.history["loss"]).all()
+    # One output: its axis may be left out (as adapt_and_predict allows); the same loss.
+    learner = MetaLearner(keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)]),
+                          inner_lr=0.01)
+    learner.compile(optimizer="sgd", loss="mse")
+    y = rng.normal(size=(4, 5, 1)).astype(np.float32)
+    losses = [learner.evaluate(tf.data.Dataset.from_tensors(
+        {"support_x": x, "support_y": t, "query_x": x, "query_y": t}), verbose=0)
+        for t in (y, y[..., 0])]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+
+
 @keras.saving.register_keras_serializable(package="tf_maml_tests")
 class SubclassedModel(keras.Model):
     def __init__(self, **kwargs):
@@ -147,6 +184,26 @@ def test_subclassed_model_exports_after_fit(tmp_path):
                                             support_y=task.support_y[0],
                                             query_x=task.query_x[0])["predictions"]
         np.testing.assert_allclose(answer, expected, atol=1e-5)
+
+
+def test_subclassed_model_adapts_after_fit_on_a_dataset():
+    """Its input shape is learned from the dataset's episodes, as from a task family (before:
+    "the model's input shape is unknown" after fitting on it)."""
+    rng = np.random.default_rng(0)
+    tasks = tf_maml.tasks.array_tasks(rng.random((300, 6, 4), np.float32), np.arange(300) % 30,
+                                      n_way=3, k_shot=2, k_query=2)
+    episode = tasks.sample(tf_maml.tasks.step_seed(7, 0, tf_maml.tasks.TRAIN), 4)
+    model = SubclassedModel()
+    model(np.zeros((1, 6, 4), np.float32))
+    learner = _learner(model)
+    learner.fit(tf.data.Dataset.from_tensors(episode), epochs=1, verbose=0)
+    predictions = learner.adapt_and_predict(episode.support_x[0], episode.support_y[0],
+                                            episode.query_x[0])
+    assert predictions.shape == (6, 3) and np.isfinite(predictions).all()
+    with pytest.raises(ValueError) as e:
+        learner.adapt_and_predict(episode.support_x[0, :, :5], episode.support_y[0],
+                                  episode.query_x[0, :, :5])
+    _one_line(e, r"support_x must hold examples of the model's input shape \(6, 4\)")
 
 
 def _line(seed):

@@ -204,3 +204,47 @@ def test_meta_learner_predict_scales_uint8_inputs():
     np.testing.assert_allclose(learner.predict(raw, verbose=0),
                                learner.predict(raw.astype(np.float32) / 255, verbose=0),
                                rtol=1e-6)
+
+
+def test_a_model_that_declares_integer_inputs_gets_them_unscaled():
+    """`keras.Input(dtype="uint8")` + `Rescaling(1/255)` (Keras' idiom for raw pixels) used to
+    be scaled twice: predictions on x/255/255, silently. Token ids reach an Embedding as they
+    are."""
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((4, 4, 1), dtype="uint8"),
+                              keras.layers.Rescaling(1 / 255), keras.layers.Flatten(),
+                              keras.layers.Dense(3)])
+    learner = tf_maml.MetaLearner(model, inner_lr=0.1, num_inner_steps=1)
+    learner.compile(optimizer="sgd",
+                    loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    raw = np.random.default_rng(0).integers(0, 256, (2, 6, 4, 4, 1)).astype(np.uint8)
+    labels = np.array([[0, 1, 2] * 2] * 2, np.int32)
+    np.testing.assert_allclose(learner.predict(raw[0], verbose=0), model(raw[0]).numpy(),
+                               rtol=1e-5, atol=1e-6)
+    # Adaptation sees the same pixels as the model's own forward: its adapted predictions
+    # equal those of a float model with the rescaling taken out.
+    float_model = keras.Sequential([keras.Input((4, 4, 1)), keras.layers.Flatten(),
+                                    keras.layers.Dense(3)])
+    float_model.set_weights(model.get_weights())
+    float_learner = tf_maml.MetaLearner(float_model, inner_lr=0.1, num_inner_steps=1)
+    float_learner.compile(optimizer="sgd",
+                          loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    np.testing.assert_allclose(
+        learner.adapt_and_predict(raw, labels, raw),
+        float_learner.adapt_and_predict(raw.astype(np.float32) / 255, labels,
+                                        raw.astype(np.float32) / 255), rtol=1e-5, atol=1e-5)
+    history = learner.fit(tf.data.Dataset.from_tensors(tasks.Episode(raw, labels, raw, labels)),
+                          epochs=1, verbose=0)
+    assert np.isfinite(history.history["loss"]).all()
+
+    ids = keras.Sequential([keras.Input((5,), dtype="int32"), keras.layers.Embedding(300, 4),
+                            keras.layers.GlobalAveragePooling1D(), keras.layers.Dense(2)])
+    id_learner = tf_maml.MetaLearner(ids, inner_lr=0.1)
+    id_learner.compile(optimizer="sgd", loss="mse")
+    tokens = np.array([[3, 299, 7, 0, 255]], np.int32)
+    np.testing.assert_allclose(id_learner.predict(tokens, verbose=0), ids(tokens).numpy(),
+                               rtol=1e-6)
+    # uint8 ids are ids too, not pixels to scale to [0, 1].
+    small = np.array([[3, 200, 7, 0, 255]], np.uint8)
+    np.testing.assert_allclose(id_learner.predict(small, verbose=0),
+                               ids(small.astype(np.int32)).numpy(), rtol=1e-6)

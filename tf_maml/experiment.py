@@ -421,16 +421,6 @@ def restore(model_dir, overrides=None, tasks=None, load_tasks=False, checkpoint_
     return experiment, int(step.numpy())
 
 
-def _layers(model):
-    stack, out = list(model.layers), []
-    while stack:
-        layer = stack.pop()
-        out.append(layer)
-        if isinstance(layer, keras.Model):
-            stack.extend(layer.layers)
-    return out
-
-
 _CONVOLUTIONS = (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D,
                  keras.layers.SeparableConv1D, keras.layers.SeparableConv2D,
                  keras.layers.DepthwiseConv1D, keras.layers.DepthwiseConv2D,
@@ -442,17 +432,30 @@ _MAX_POOLING = (keras.layers.MaxPooling1D, keras.layers.MaxPooling2D, keras.laye
 _RECURRENT = (keras.layers.RNN, keras.layers.Bidirectional)
 
 
-def resolve_jit_compile(config, model):
+def resolve_jit_compile(config, model, vectorized=None):
     """XLA on/off for a run.
 
-    "auto" uses XLA except (a) for convolutional models on CPU: measured on TF
+    "auto" uses XLA only for models on the layer-batched forward (where it was
+    measured; a model run task by task, `make_forward`'s fallback, may hold ops
+    whose second derivative XLA cannot compile, e.g. `Permute`'s transpose), and
+    even there not (a) for convolutional models on CPU: measured on TF
     2.21, XLA makes dense meta-steps ~2.5x faster and convolutional ones 11-16x
     slower; (b) for second-order training of models with max-pooling, whose
     second derivative XLA computes only approximately (~2% meta-gradient error);
     (c) with `recompute_inner_steps`, whose recomputation XLA's common
     subexpression elimination would merge back into the forward pass (no
     memory saved); (d) for recurrent layers (LSTM, GRU, any `keras.layers.RNN`),
-    whose loops XLA fails to compile under the meta-gradient.
+    whose loops XLA fails to compile under the meta-gradient. Layers are looked
+    for everywhere in the model, inside nested models and custom layers too.
+
+    Args:
+        config: the run's `Config` (`jit_compile`, order, algorithm, ...).
+        model: the built Keras model.
+        vectorized: whether the model runs on the layer-batched forward
+            (`make_forward(model).vectorized`); None: planned here.
+
+    Returns:
+        bool.
     """
     if config.jit_compile != "auto":
         return config.jit_compile == "true"
@@ -460,8 +463,12 @@ def resolve_jit_compile(config, model):
         return False
     if config.is_rl:  # rollouts are graph loops of tiny ops: not measured with XLA
         return False
-    layers = _layers(model)
-    if any(isinstance(layer, _RECURRENT) for layer in compat.all_layers(model)):
+    if vectorized is None:
+        vectorized = functional.make_forward(model).vectorized
+    if not vectorized:
+        return False
+    layers = compat.all_layers(model)
+    if any(isinstance(layer, _RECURRENT) for layer in layers):
         return False
     has_conv = any(isinstance(layer, _CONVOLUTIONS) for layer in layers)
     has_max_pool = any(isinstance(layer, _MAX_POOLING) for layer in layers)

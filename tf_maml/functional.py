@@ -56,6 +56,9 @@ def _exact_moments_impl(x, axes, keepdims=False):
     return mean, variance
 
 
+_FUSED_MIN_EPSILON = 1.001e-5  # what tf.nn.fused_batch_norm raises a smaller epsilon to
+
+
 def _fused_batch_norm_training(x, scale, offset, epsilon):
     """Training-mode batch norm (NHWC): fused kernels, second derivative in closed form.
 
@@ -90,7 +93,7 @@ def _fused_batch_norm_training(x, scale, offset, epsilon):
     """
     if x.dtype != tf.float32:
         raise ValueError(f"the fused batch norm path takes float32 inputs, got {x.dtype.name}")
-    epsilon = max(float(epsilon), 1.001e-5)
+    epsilon = max(float(epsilon), _FUSED_MIN_EPSILON)
 
     @tf.custom_gradient
     def normalize(x, scale, offset):
@@ -509,7 +512,10 @@ def _plan_batch_norm(layer, layout, dtype, rank):
     batch_statistics = bool(layer.trainable)
     work_rank = 4 if layout == "grouped" else rank + 1
     axes = list(range(work_rank - 1)) if layout == "grouped" else list(range(1, work_rank - 1))
-    fused = layout == "grouped" and dtype == "float32"
+    # The fused kernel raises epsilon to 1.001e-5; Keras does not, so a smaller epsilon
+    # takes the composite formula (with activations of tiny variance the difference
+    # would be large).
+    fused = layout == "grouped" and dtype == "float32" and layer.epsilon >= _FUSED_MIN_EPSILON
 
     def batch_norm(h, ctx):
         if ctx.training and batch_statistics and fused:
@@ -792,10 +798,14 @@ def make_forward(model, vectorize="auto"):
     """
     if vectorize not in ("auto", "layers", "map_fn"):
         raise ValueError(f"vectorize must be 'auto', 'layers' or 'map_fn', got {vectorize!r}")
-    if not model.built or not model.trainable_variables:
+    if not model.built:
         raise ValueError(
-            "make_forward needs a built Keras model with trainable weights; call the model on "
-            "an input (or build it with keras.Input) first.")
+            "make_forward needs a built Keras model; call the model on an input (or build it "
+            "with keras.Input) first.")
+    if not model.trainable_variables:
+        raise ValueError(
+            f"model {model.name!r} has no trainable weights, so there is nothing to adapt "
+            "(are its layers frozen, trainable=False?)")
     _check_single_input_output(model)
     variable_index = {id(v): i for i, v in enumerate(model.trainable_variables)}
     num_seed_states = len(_seed_state_variables(model))

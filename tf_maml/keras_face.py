@@ -248,6 +248,7 @@ class MetaLearner(keras.Model):
             raise ValueError(str(e)) from None
         self.model = model
         self.forward = functional.make_forward(model)
+        self._input_dtype = _declared_integer_input(model)
         self.algorithm = algorithms.build(self.meta_config, model, self.forward,
                                           self._task_loss)
         # The algorithm's own meta-parameters become weights of this layer: Keras
@@ -317,12 +318,14 @@ class MetaLearner(keras.Model):
     def _resolve_auto_jit_compile(self):
         # Keras' "auto" never uses XLA on CPU-only machines, under a distribution
         # strategy, or for layers that do not support it. The CLI's rule uses it where
-        # it is faster (dense models, also on CPU) and not for convolutions on CPU
-        # (slower) or second-order max-pooling (inexact); both sets of exclusions apply.
+        # it is faster (dense models on the layer-batched forward, also on CPU) and not
+        # for models run task by task, convolutions on CPU (slower) or second-order
+        # max-pooling (inexact); both sets of exclusions apply.
         if self._distribute_strategy or not compat.model_supports_jit(self):
             return False
         return experiment_lib.resolve_jit_compile(
-            dataclasses.replace(self.meta_config, jit_compile="auto"), self.model)
+            dataclasses.replace(self.meta_config, jit_compile="auto"), self.model,
+            self.forward.vectorized)
 
     # -- the loss -------------------------------------------------------------------------------
 
@@ -403,6 +406,20 @@ class MetaLearner(keras.Model):
         """
         spec = _as_episode(dataset.element_spec)
         self._check_shapes(*(tf.TensorShape(t.shape) for t in spec))
+        example_shape = tf.TensorShape(spec.support_x.shape)[2:]
+        if (_input_shape(self.model) is None and self._task_input_shape is None
+                and example_shape.is_fully_defined()):
+            # A subclassed model learns its input shape from the data, as from a task family.
+            self._task_input_shape = tuple(example_shape.as_list())
+        if (not self._labels_index_outputs() and _output_example_shape(self.model) == (1,)
+                and 2 in (spec.support_y.shape.rank, spec.query_y.shape.rank)):
+            def add_output_axis(*element):  # one output's targets without its axis
+                element = element[0] if len(element) == 1 else element
+                episode = _as_episode(element)
+                return episode._replace(support_y=self._with_output_axis(episode.support_y),
+                                        query_y=self._with_output_axis(episode.query_y))
+
+            dataset = dataset.map(add_output_axis, deterministic=True)
         if not self._labels_index_outputs() or not any(
                 t.dtype.is_integer for t in (spec.support_y, spec.query_y)):
             return dataset
@@ -451,9 +468,26 @@ class MetaLearner(keras.Model):
                 per = f" per output position {positions}" if positions else ""
                 raise ValueError(f"{name}_y must hold one integer class label per example"
                                  f"{per}, got {name}_y of shape {shown(y)}")
+            # Targets of Keras' elementwise regression losses are compared with the
+            # outputs value by value: they must have the outputs' shape.
+            # (A single output's axis may be left out: `_with_output_axis` adds it.)
+            outputs = _output_example_shape(self.model)
+            if (y is not None and y.rank is not None and outputs is not None
+                    and not self._labels_index_outputs() and self._loss_compares_elementwise()
+                    and not y[2:].is_compatible_with(outputs)
+                    and not (outputs == (1,) and y.rank == 2)):
+                raise ValueError(f"{name}_y must hold targets of the model's output shape "
+                                 f"{outputs} per example, got {name}_y of shape {shown(y)}")
         if not single and not query_x[:1].is_compatible_with(support_x[:1]):
             raise ValueError(f"support_x and query_x must hold the same tasks, got "
                              f"{support_x[0]} and {query_x[0]} tasks")
+
+    def _with_output_axis(self, y):
+        """Regression targets `[tasks, examples]` of a one-output model as `[..., 1]`."""
+        if (y is None or self._labels_index_outputs() or y.shape.rank != 2
+                or _output_example_shape(self.model) != (1,)):
+            return y
+        return y[..., None]
 
     def _loss_compares_elementwise(self):
         """Whether the compiled loss compares predictions with targets of the same shape.
@@ -550,9 +584,8 @@ class MetaLearner(keras.Model):
         if source_key is None:
             episode = _as_episode(data)
             # uint8 images are scaled to [0, 1], as the task families and adapt_and_predict do.
-            dtype = self.algorithm.meta_variables[0].dtype
-            episode = episode._replace(support_x=_model_input(episode.support_x, dtype),
-                                       query_x=_model_input(episode.query_x, dtype))
+            episode = episode._replace(support_x=self._model_input(episode.support_x),
+                                       query_x=self._model_input(episode.query_x))
             local = tf.shape(episode.support_x)[0]
             if replicas == 1:
                 return episode, local, local
@@ -617,11 +650,16 @@ class MetaLearner(keras.Model):
         if isinstance(data, (tuple, list)) and len(data) == 1:
             data = data[0]
         if isinstance(data, dict) and {"support_x", "support_y", "query_x"} <= set(data):
-            dtype = self.algorithm.meta_variables[0].dtype
-            return self._adapt_predict(_model_input(data["support_x"], dtype), data["support_y"],
-                                       _model_input(data["query_x"], dtype),
+            return self._adapt_predict(self._model_input(data["support_x"]), data["support_y"],
+                                       self._model_input(data["query_x"]),
                                        self.meta_config.num_eval_steps)
-        return self(_model_input(data, self.algorithm.meta_variables[0].dtype), training=False)
+        return self(self._model_input(data), training=False)
+
+    def _model_input(self, x):
+        """Inputs as the model takes them: uint8 images scaled to [0, 1] in the weights'
+        dtype, as the task families do, unless the model declares an integer input (token
+        ids, or raw pixels it rescales itself), which it then gets unscaled."""
+        return _model_input(x, self._input_dtype or self.algorithm.meta_variables[0].dtype)
 
     def call(self, x, training=False):
         """The meta-initialization's predictions (no adaptation)."""
@@ -665,7 +703,7 @@ class MetaLearner(keras.Model):
                              "evaluate it on a task family first")
         input_rank = len(input_shape) + 1  # batch axis included
         dtype = self.algorithm.meta_variables[0].dtype
-        support_x, query_x = _model_input(support_x, dtype), _model_input(query_x, dtype)
+        support_x, query_x = self._model_input(support_x), self._model_input(query_x)
         single = support_x.shape.rank == input_rank
         if not single and support_x.shape.rank != input_rank + 1:
             shape = ", ".join(map(str, input_shape))
@@ -675,6 +713,7 @@ class MetaLearner(keras.Model):
         if single:
             support_x, support_y, query_x = support_x[None], support_y[None], query_x[None]
         self._check_shapes(support_x.shape, support_y.shape, query_x.shape, single=single)
+        support_y = self._with_output_axis(support_y)
         if self._labels_index_outputs():
             support_y = self._labels_checked(support_y, Episode(None, support_y, None, None),
                                              self._num_outputs(support_x.shape[2:]))
@@ -946,6 +985,14 @@ def _output_positions(model):
         return None
 
 
+def _output_example_shape(model):
+    """One example's output shape, or `None` where Keras does not know it (subclassed)."""
+    try:
+        return tuple(model.output_shape[1:])
+    except (AttributeError, ValueError, TypeError):
+        return None
+
+
 def _output_size(model):
     """The model's output size (last axis), or `None` where Keras does not know it."""
     try:
@@ -954,10 +1001,22 @@ def _output_size(model):
         return None
 
 
+def _declared_integer_input(model):
+    """The model's input dtype where it declares an integer one (`keras.Input(dtype=...)`),
+    else None."""
+    try:
+        dtype = tf.as_dtype(model.inputs[0].dtype)
+    except (AttributeError, ValueError, IndexError, TypeError):
+        return None  # a subclassed model: no declared input
+    return dtype if dtype.is_integer else None
+
+
 def _model_input(x, dtype):
-    """Inputs as the model's dtype; uint8 images scaled to [0, 1] as the task families do."""
+    """Inputs as `dtype`; uint8 images scaled to [0, 1] as the task families do, unless
+    `dtype` is an integer type (the model takes integers itself)."""
     x = tf.convert_to_tensor(x)
-    if x.dtype == tf.uint8:
+    dtype = tf.as_dtype(dtype)
+    if x.dtype == tf.uint8 and not dtype.is_integer:
         return tf.cast(x, dtype) / 255
     return tf.cast(x, dtype)
 

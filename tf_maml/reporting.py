@@ -119,7 +119,8 @@ def evaluate_and_report(model_dir, baseline_dir=None, output_dir=None, oracle_di
         runs[_label(baseline.config, baseline_dir, runs)] = (baseline, baseline_step)
     os.makedirs(output_dir, exist_ok=True)
 
-    jit = experiment_lib.resolve_jit_compile(config, experiment.model)
+    jit = experiment_lib.resolve_jit_compile(config, experiment.model,
+                                               experiment.forward.vectorized)
     # An --inner_lr given at evaluation replaces the algorithms' own (learned) rates.
     inner_lr = overrides.get("inner_lr")
     results, curve_fns = {}, {}

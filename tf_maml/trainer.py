@@ -413,7 +413,7 @@ def _train(config, model_dir, tasks, run_log):
         logging.info("Already trained for %d iterations; nothing to do.", start)
         return experiment, start
 
-    jit = experiment_lib.resolve_jit_compile(config, model)
+    jit = experiment_lib.resolve_jit_compile(config, model, experiment.forward.vectorized)
     logging.info("Meta-training %s with %s on %s: %d iterations, layer-batched forward: %s, "
                  "XLA: %s, %d replica(s)", config.model_for(experiment.spec.input_shape),
                  algorithm.name, config.dataset, config.num_iterations,
@@ -718,7 +718,8 @@ def _train_rl(config, model_dir, run_log):
         logging.info("Already trained for %d iterations; nothing to do.", start)
         return experiment, start
 
-    jit = experiment_lib.resolve_jit_compile(config, experiment.model)
+    jit = experiment_lib.resolve_jit_compile(config, experiment.model,
+                                               experiment.forward.vectorized)
     what = ("the goal-observed oracle (no inner loop)" if config.goal_observed else
             "the pretrained baseline (no inner loop)" if config.num_inner_steps == 0 else
             f"MAML-RL ({config.num_inner_steps} inner step(s), "
