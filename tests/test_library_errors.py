@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 
 import tf_maml
-from tf_maml import core, functional, losses, models, rl, tasks
+from tf_maml import core, functional, losses, models, rl, serving, tasks
 
 
 def _regression():
@@ -206,10 +206,11 @@ def test_meta_learner_predict_scales_uint8_inputs():
                                rtol=1e-6)
 
 
-def test_a_model_that_declares_integer_inputs_gets_them_unscaled():
+def test_a_model_that_declares_integer_inputs_gets_them_unscaled(tmp_path):
     """`keras.Input(dtype="uint8")` + `Rescaling(1/255)` (Keras' idiom for raw pixels) used to
-    be scaled twice: predictions on x/255/255, silently. Token ids reach an Embedding as they
-    are."""
+    get pixels already scaled to [0, 1], cast back to uint8 (0 or 1): predictions on nearly
+    blank images, silently. The exported image signatures give it raw pixels too. Token ids
+    reach an Embedding as they are."""
     keras.utils.set_random_seed(0)
     model = keras.Sequential([keras.Input((4, 4, 1), dtype="uint8"),
                               keras.layers.Rescaling(1 / 255), keras.layers.Flatten(),
@@ -236,6 +237,14 @@ def test_a_model_that_declares_integer_inputs_gets_them_unscaled():
     history = learner.fit(tf.data.Dataset.from_tensors(tasks.Episode(raw, labels, raw, labels)),
                           epochs=1, verbose=0)
     assert np.isfinite(history.history["loss"]).all()
+    expected = learner.adapt_and_predict(raw[0], labels[0], raw[0])
+    served = tf.saved_model.load(learner.export(
+        str(tmp_path / "export"), is_classification=True,
+        image_format=serving.ImageFormat(channels=1, invert=False)))
+    pngs = tf.stack([tf.io.encode_png(image) for image in raw[0]])
+    answer = served.signatures["adapt_images"](support_images=pngs, support_y=labels[0],
+                                               query_images=pngs)["predictions"]
+    np.testing.assert_allclose(answer, expected, rtol=1e-5, atol=1e-5)
 
     ids = keras.Sequential([keras.Input((5,), dtype="int32"), keras.layers.Embedding(300, 4),
                             keras.layers.GlobalAveragePooling1D(), keras.layers.Dense(2)])

@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 import zipfile
 
 import numpy as np
@@ -403,9 +404,7 @@ def _offline(monkeypatch):
         attempts.append(address)
         raise socket.gaierror(-2, "Name or service not known")
 
-    for name in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY", "all_proxy",
-                 "ALL_PROXY"):
-        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(urllib.request, "getproxies", lambda: {})
     monkeypatch.setattr(socket, "create_connection", refuse)
     return attempts
 
@@ -426,7 +425,8 @@ def test_tfds_without_network_fails_at_once_and_says_how_to_use_local_data(tmp_p
     assert attempts == [("storage.googleapis.com", 443)]   # one check per server, no retries
     # Behind a proxy a direct connection says nothing: no check, TFDS' own download runs
     # (and its failure is reported as one line too).
-    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.invalid:3128")
+    monkeypatch.setattr(urllib.request, "getproxies",
+                        lambda: {"https": "http://proxy.invalid:3128"})
 
     def download_fails(self, *args, **kwargs):
         raise ConnectionError("Max retries exceeded with url: /tfds-data/...")
@@ -440,8 +440,12 @@ def test_tfds_without_network_fails_at_once_and_says_how_to_use_local_data(tmp_p
 
 
 def test_a_reachable_server_is_not_an_error(monkeypatch):
-    _offline(monkeypatch)
+    attempts = _offline(monkeypatch)
     assert "gaierror" in downloads.host_unreachable("example.invalid")
+    # no_proxy alone is no proxy.
+    monkeypatch.setattr(urllib.request, "getproxies", lambda: {"no": "localhost"})
+    assert "gaierror" in downloads.host_unreachable("example.invalid")
+    assert len(attempts) == 2
 
     class Connection:
         def __enter__(self):
@@ -452,6 +456,18 @@ def test_a_reachable_server_is_not_an_error(monkeypatch):
 
     monkeypatch.setattr(socket, "create_connection", lambda *args, **kwargs: Connection())
     assert downloads.host_unreachable("example.invalid") is None
+
+
+def test_tfds_mirror_reachable_leaves_the_download_to_tfds(monkeypatch):
+    """TFDS looks for a prepared copy on its Cloud Storage mirror first: where that is
+    reachable, the dataset's own servers are not checked (TFDS may not need them)."""
+    tfds = pytest.importorskip("tensorflow_datasets")
+    checked = []
+    monkeypatch.setattr(downloads, "host_unreachable",
+                        lambda host, port=443: checked.append(host) or (
+                            None if host == downloads.TFDS_MIRROR_HOST else "OSError: down"))
+    downloads.check_tfds_downloadable(tfds.builder("omniglot"), "")
+    assert checked == [downloads.TFDS_MIRROR_HOST]
 
 
 def test_config_tfds_reaches_the_loader(tmp_path, monkeypatch):

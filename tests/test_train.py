@@ -392,6 +392,9 @@ def test_auto_xla_choices():
     hidden = keras.Sequential([keras.Input((8, 8, 2)), Block(), keras.layers.Flatten(),
                                keras.layers.Dense(2)])
     assert not experiment_lib.resolve_jit_compile(config, hidden)
+    # (That model runs task by task anyway; the layers are looked for inside custom layers
+    # whichever forward a model takes.)
+    assert not experiment_lib.resolve_jit_compile(config, hidden, vectorized=True)
     # Dense-only models run task by task (make_forward's fallback) get no XLA: it cannot
     # compile the second derivative of some of their ops (Permute's transpose, below).
     permuted = keras.Sequential([keras.Input((3, 4)), keras.layers.Permute((2, 1)),

@@ -456,6 +456,9 @@ def resolve_jit_compile(config, model, vectorized=None):
 
     Returns:
         bool.
+
+    Raises:
+        ValueError: `vectorized` is None and `make_forward` refuses the model.
     """
     if config.jit_compile != "auto":
         return config.jit_compile == "true"

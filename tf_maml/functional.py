@@ -782,8 +782,9 @@ def make_forward(model, vectorize="auto"):
         state is never advanced.
 
     Raises:
-        ValueError: the model is not built, has several inputs or outputs, or
-            `vectorize="layers"` for a model the layer-batched path cannot run.
+        ValueError: the model is not built, has no trainable weights, has
+            several inputs or outputs, or `vectorize="layers"` for a model the
+            layer-batched path cannot run.
             (A subclassed model's outputs are known only when it runs: `forward`
             raises ValueError then if it returns several tensors.)
 

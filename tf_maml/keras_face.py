@@ -411,7 +411,8 @@ class MetaLearner(keras.Model):
                 and example_shape.is_fully_defined()):
             # A subclassed model learns its input shape from the data, as from a task family.
             self._task_input_shape = tuple(example_shape.as_list())
-        if (not self._labels_index_outputs() and _output_example_shape(self.model) == (1,)
+        if (not self._labels_index_outputs() and self._loss_compares_elementwise()
+                and _output_example_shape(self.model) == (1,)
                 and 2 in (spec.support_y.shape.rank, spec.query_y.shape.rank)):
             def add_output_axis(*element):  # one output's targets without its axis
                 element = element[0] if len(element) == 1 else element
@@ -483,8 +484,10 @@ class MetaLearner(keras.Model):
                              f"{support_x[0]} and {query_x[0]} tasks")
 
     def _with_output_axis(self, y):
-        """Regression targets `[tasks, examples]` of a one-output model as `[..., 1]`."""
+        """Regression targets `[tasks, examples]` of a one-output model as `[..., 1]`, for
+        Keras' elementwise losses (a custom loss gets the targets as they are)."""
         if (y is None or self._labels_index_outputs() or y.shape.rank != 2
+                or not self._loss_compares_elementwise()
                 or _output_example_shape(self.model) != (1,)):
             return y
         return y[..., None]
@@ -700,7 +703,7 @@ class MetaLearner(keras.Model):
         input_shape = _input_shape(self.model) or self._task_input_shape
         if input_shape is None:
             raise ValueError("the model's input shape is unknown (a subclassed model): fit or "
-                             "evaluate it on a task family first")
+                             "evaluate it on a task family or a dataset of episodes first")
         input_rank = len(input_shape) + 1  # batch axis included
         dtype = self.algorithm.meta_variables[0].dtype
         support_x, query_x = self._model_input(support_x), self._model_input(query_x)

@@ -477,6 +477,10 @@ class AdaptationSignatures:
             raise ValueError(f"image_format {image_format} does not fit input shape "
                              f"{self.input_shape}")
         self.dtype = self.model.trainable_variables[0].dtype
+        try:  # a model declaring integer inputs (keras.Input(dtype="uint8")) gets raw pixels
+            self.takes_integer_pixels = tf.as_dtype(self.model.inputs[0].dtype).is_integer
+        except (AttributeError, ValueError, IndexError, TypeError):
+            self.takes_integer_pixels = False  # a subclassed model: no declared input
         self.label_dtype = tf.int32 if self.classification else self.dtype
         self.weight_names = _weight_names(self.model)
         # The adaptation itself, task-major, traced once and called (after each
@@ -662,6 +666,8 @@ class AdaptationSignatures:
             image = tf.ensure_shape(image, [height, width, channels])
             if invert:
                 image = 255.0 - image
+            if self.takes_integer_pixels:  # the model rescales its uint8 pixels itself
+                return tf.cast(image, self.dtype)
             return tf.cast(image / 255.0, self.dtype)
 
         return tf.map_fn(decode, images,
