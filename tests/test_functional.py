@@ -280,6 +280,31 @@ def test_make_forward_errors_are_clear():
         functional.make_forward(models.mlp(), vectorize="pfor")
 
 
+@pytest.mark.parametrize("vectorize", ["layers", "map_fn"])
+def test_forward_arguments_that_do_not_fit_the_model_fail_in_one_line(vectorize):
+    """Before: TensorFlow's own messages from deep inside ("Matrix size-incompatible",
+    "Index out of range using input dim 1", a 10-line "in user code" wrapper)."""
+    model = keras.Sequential([keras.Input((5,)), keras.layers.Dense(6, activation="tanh"),
+                              keras.layers.Dense(3)])
+    forward = functional.make_forward(model, vectorize=vectorize)
+    weights = [tf.stack([v.value] * 2) for v in model.trainable_variables]
+    assert forward(weights, tf.zeros([2, 4, 5])).shape == (2, 4, 3)
+    for args, pattern in (
+            ((weights, tf.zeros([2, 4, 6])), r"^x must be \[tasks, examples, 5\] for "
+                                            r"'\w+', got shape \(2, 4, 6\)$"),
+            ((weights, tf.zeros([4, 5])), r"^x must be \[tasks, examples, 5\] for '\w+', "
+                                          r"got shape \(4, 5\)$"),
+            (([v.value for v in model.trainable_variables], tf.zeros([2, 4, 5])),
+             r"^weights must be the model's trainable variables with a leading task axis "
+             r"\(tf_maml.broadcast_to_tasks\): weight 0 \(\S+kernel\) should be "
+             r"\[tasks, 5, 6\], got shape \(5, 6\)$"),
+            ((weights[:2], tf.zeros([2, 4, 5])), r"^forward takes 4 task-batched weights"),
+            ((weights, tf.zeros([3, 4, 5])), r"^x holds 3 tasks but the weights 2$")):
+        with pytest.raises(ValueError, match=pattern) as e:
+            forward(*args)
+        assert "\n" not in str(e.value)
+
+
 def test_exact_moments_context_restores_keras():
     from keras.src.backend.tensorflow import nn
     original = nn._compute_moments

@@ -740,6 +740,43 @@ def _call_takes_training(model):
     return any(p.name == "training" or p.kind == p.VAR_KEYWORD for p in parameters)
 
 
+def _argument_checker(model):
+    """A function that raises a one-line ValueError where `forward`'s arguments cannot fit
+    the model (static shapes only; unknown dimensions pass)."""
+    variables = list(model.trainable_variables)
+    try:
+        input_shape = tf.TensorShape(model.input_shape[1:])
+    except (AttributeError, ValueError, TypeError):
+        input_shape = None  # a subclassed model: Keras checks its inputs when it runs
+
+    def check(weights, x):
+        weights = list(weights)
+        if len(weights) != len(variables):
+            raise ValueError(f"forward takes {len(variables)} task-batched weights (one per "
+                             f"trainable variable of {model.name!r}), got {len(weights)}")
+        for i, (w, v) in enumerate(zip(weights, variables)):
+            shape = tf.TensorShape(getattr(w, "shape", None))
+            if shape.rank is not None and (shape.rank != v.shape.rank + 1
+                                           or not shape[1:].is_compatible_with(v.shape)):
+                expected = ", ".join(["tasks"] + [str(d) for d in v.shape])
+                raise ValueError(
+                    f"weights must be the model's trainable variables with a leading task axis "
+                    f"(tf_maml.broadcast_to_tasks): weight {i} ({v.path}) should be "
+                    f"[{expected}], got shape {tuple(shape)}")
+        shape = tf.TensorShape(getattr(x, "shape", None))
+        if input_shape is not None and shape.rank is not None and (
+                shape.rank != input_shape.rank + 2 or not shape[2:].is_compatible_with(
+                    input_shape)):
+            expected = ", ".join(["tasks", "examples"] + [str(d) for d in input_shape])
+            raise ValueError(f"x must be [{expected}] for {model.name!r}, got shape "
+                             f"{tuple(shape)}")
+        tasks = tf.TensorShape(weights[0].shape)[:1] if weights else tf.TensorShape(None)
+        if shape.rank and not shape[:1].is_compatible_with(tasks):
+            raise ValueError(f"x holds {shape[0]} tasks but the weights {tasks[0]}")
+
+    return check
+
+
 def make_forward(model, vectorize="auto"):
     """Turns a built Keras model into a task-batched function of its weights.
 
@@ -810,6 +847,7 @@ def make_forward(model, vectorize="auto"):
     _check_single_input_output(model)
     variable_index = {id(v): i for i, v in enumerate(model.trainable_variables)}
     num_seed_states = len(_seed_state_variables(model))
+    check_arguments = _argument_checker(model)
     plan, reason = None, None
     if vectorize != "map_fn":
         try:
@@ -824,6 +862,7 @@ def make_forward(model, vectorize="auto"):
         steps, final_layout, dtype, input_dtype = plan
 
         def forward(weights, x, training=True, seed=None):
+            check_arguments(weights, x)
             num_tasks = tf.shape(x)[0] if x.shape[0] is None else x.shape[0]
 
             def get(variable):
@@ -855,6 +894,7 @@ def make_forward(model, vectorize="auto"):
             output_dtype = None  # A subclassed model: the weights' dtype, at call time.
 
         def forward(weights, x, training=True, seed=None):
+            check_arguments(weights, x)
             num_tasks = tf.shape(x)[0] if x.shape[0] is None else x.shape[0]
             use_seeds = bool(training) and bool(seed_positions)
             seed_states = (_task_seed_states(seed, num_tasks, len(seed_positions))
