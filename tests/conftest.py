@@ -48,3 +48,20 @@ def start_steps(monkeypatch):
 
     monkeypatch.setattr(tasks_lib, "episode_dataset", spy)
     return starts
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    """No network and no proxy: every connection fails as on a machine without DNS. Returns
+    the `(host, port)` of each attempt."""
+    import socket
+    import urllib.request
+    attempts = []
+
+    def refuse(address, *args, **kwargs):
+        attempts.append(address)
+        raise socket.gaierror(-2, "Name or service not known")
+
+    monkeypatch.setattr(urllib.request, "getproxies", lambda: {})
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    return attempts

@@ -396,25 +396,12 @@ def test_tfds_tasks_from_mock_data(tmp_path, monkeypatch):
         tasks_lib.tfds_tasks("mnist", 2, 1, 1, data_dir=str(tmp_path), download=False)
 
 
-def _offline(monkeypatch):
-    """No network: every connection fails as on a machine without DNS; returns the attempts."""
-    attempts = []
-
-    def refuse(address, *args, **kwargs):
-        attempts.append(address)
-        raise socket.gaierror(-2, "Name or service not known")
-
-    monkeypatch.setattr(urllib.request, "getproxies", lambda: {})
-    monkeypatch.setattr(socket, "create_connection", refuse)
-    return attempts
-
-
 def test_tfds_without_network_fails_at_once_and_says_how_to_use_local_data(tmp_path,
-                                                                          monkeypatch):
+                                                                          monkeypatch, offline):
     """Without network TFDS would retry each file for about four minutes; the loader checks
     the download servers first and fails at once."""
     tfds = pytest.importorskip("tensorflow_datasets")
-    attempts = _offline(monkeypatch)
+    attempts = offline
     started = time.monotonic()
     with pytest.raises(ValueError, match=r"TFDS mnist is not prepared in .* and "
                                          r"storage\.googleapis\.com, where TFDS downloads it "
@@ -439,8 +426,8 @@ def test_tfds_without_network_fails_at_once_and_says_how_to_use_local_data(tmp_p
     assert len(attempts) == 1
 
 
-def test_a_reachable_server_is_not_an_error(monkeypatch):
-    attempts = _offline(monkeypatch)
+def test_a_reachable_server_is_not_an_error(monkeypatch, offline):
+    attempts = offline
     assert "gaierror" in downloads.host_unreachable("example.invalid")
     # no_proxy alone is no proxy.
     monkeypatch.setattr(urllib.request, "getproxies", lambda: {"no": "localhost"})

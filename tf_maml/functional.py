@@ -43,7 +43,7 @@ import tensorflow as tf
 
 from tf_maml import compat
 
-__all__ = ["make_forward", "exact_moments", "has_random_layers"]
+__all__ = ["make_forward", "exact_moments", "has_random_layers", "integer_input_dtype"]
 
 
 def _exact_moments_impl(x, axes, keepdims=False):
@@ -217,6 +217,26 @@ def has_random_layers(model):
         True if any of its layers owns a Keras `SeedGenerator`.
     """
     return any(compat.seed_generators(layer) for layer in compat.all_layers(model))
+
+
+def integer_input_dtype(model):
+    """The model's input dtype where it declares an integer one, else None.
+
+    Such a model (`keras.Input(..., dtype="uint8")` with its own `Rescaling`, or
+    token ids for an `Embedding`) takes its inputs as they are: the library
+    does not scale uint8 images to [0, 1] for it.
+
+    Args:
+        model: a Keras model.
+
+    Returns:
+        A `tf.DType` or None (also for a subclassed model, which declares no input).
+    """
+    try:
+        dtype = tf.as_dtype(model.inputs[0].dtype)
+    except (AttributeError, ValueError, IndexError, TypeError):
+        return None
+    return dtype if dtype.is_integer else None
 
 
 def _base_seed(seed):

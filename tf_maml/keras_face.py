@@ -248,7 +248,7 @@ class MetaLearner(keras.Model):
             raise ValueError(str(e)) from None
         self.model = model
         self.forward = functional.make_forward(model)
-        self._input_dtype = _declared_integer_input(model)
+        self._input_dtype = functional.integer_input_dtype(model)
         self.algorithm = algorithms.build(self.meta_config, model, self.forward,
                                           self._task_loss)
         # The algorithm's own meta-parameters become weights of this layer: Keras
@@ -411,9 +411,7 @@ class MetaLearner(keras.Model):
                 and example_shape.is_fully_defined()):
             # A subclassed model learns its input shape from the data, as from a task family.
             self._task_input_shape = tuple(example_shape.as_list())
-        if (not self._labels_index_outputs() and self._loss_compares_elementwise()
-                and _output_example_shape(self.model) == (1,)
-                and 2 in (spec.support_y.shape.rank, spec.query_y.shape.rank)):
+        if any(self._adds_output_axis(t.shape.rank) for t in (spec.support_y, spec.query_y)):
             def add_output_axis(*element):  # one output's targets without its axis
                 element = element[0] if len(element) == 1 else element
                 episode = _as_episode(element)
@@ -476,21 +474,24 @@ class MetaLearner(keras.Model):
             if (y is not None and y.rank is not None and outputs is not None
                     and not self._labels_index_outputs() and self._loss_compares_elementwise()
                     and not y[2:].is_compatible_with(outputs)
-                    and not (outputs == (1,) and y.rank == 2)):
+                    and not self._adds_output_axis(y.rank)):
                 raise ValueError(f"{name}_y must hold targets of the model's output shape "
                                  f"{outputs} per example, got {name}_y of shape {shown(y)}")
         if not single and not query_x[:1].is_compatible_with(support_x[:1]):
             raise ValueError(f"support_x and query_x must hold the same tasks, got "
                              f"{support_x[0]} and {query_x[0]} tasks")
 
+    def _adds_output_axis(self, rank):
+        """Whether regression targets of this rank are `[tasks, examples]` of a one-output
+        model, to be given the output axis (Keras' elementwise losses only: a custom loss
+        gets its targets as they are)."""
+        return (rank == 2 and not self._labels_index_outputs()
+                and self._loss_compares_elementwise()
+                and _output_example_shape(self.model) == (1,))
+
     def _with_output_axis(self, y):
-        """Regression targets `[tasks, examples]` of a one-output model as `[..., 1]`, for
-        Keras' elementwise losses (a custom loss gets the targets as they are)."""
-        if (y is None or self._labels_index_outputs() or y.shape.rank != 2
-                or not self._loss_compares_elementwise()
-                or _output_example_shape(self.model) != (1,)):
-            return y
-        return y[..., None]
+        """`y` with the output axis `_adds_output_axis` asks for."""
+        return y[..., None] if y is not None and self._adds_output_axis(y.shape.rank) else y
 
     def _loss_compares_elementwise(self):
         """Whether the compiled loss compares predictions with targets of the same shape.
@@ -1002,16 +1003,6 @@ def _output_size(model):
         return model.output_shape[-1]
     except (AttributeError, ValueError):
         return None
-
-
-def _declared_integer_input(model):
-    """The model's input dtype where it declares an integer one (`keras.Input(dtype=...)`),
-    else None."""
-    try:
-        dtype = tf.as_dtype(model.inputs[0].dtype)
-    except (AttributeError, ValueError, IndexError, TypeError):
-        return None  # a subclassed model: no declared input
-    return dtype if dtype.is_integer else None
 
 
 def _model_input(x, dtype):

@@ -65,7 +65,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from tf_maml import core
+from tf_maml import core, functional
 
 __all__ = ["AdaptationSignatures", "build_export_archive", "export", "ServingLimits",
            "ImageFormat", "default_limits", "image_format_for", "check_finite_parameters",
@@ -477,10 +477,8 @@ class AdaptationSignatures:
             raise ValueError(f"image_format {image_format} does not fit input shape "
                              f"{self.input_shape}")
         self.dtype = self.model.trainable_variables[0].dtype
-        try:  # a model declaring integer inputs (keras.Input(dtype="uint8")) gets raw pixels
-            self.takes_integer_pixels = tf.as_dtype(self.model.inputs[0].dtype).is_integer
-        except (AttributeError, ValueError, IndexError, TypeError):
-            self.takes_integer_pixels = False  # a subclassed model: no declared input
+        # A model declaring integer inputs (keras.Input(dtype="uint8")) gets raw pixels.
+        self.takes_integer_pixels = functional.integer_input_dtype(self.model) is not None
         self.label_dtype = tf.int32 if self.classification else self.dtype
         self.weight_names = _weight_names(self.model)
         # The adaptation itself, task-major, traced once and called (after each
