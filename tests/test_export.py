@@ -410,7 +410,7 @@ def test_export_cli_writes_a_versioned_model(sine_run, tmp_path):
     _, model_dir, _ = sine_run
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
     command = [sys.executable, "-m", "tf_maml.export", f"--model_dir={model_dir}",
-               f"--export_dir={tmp_path}", "--max_support_examples=7", "--max_tasks=3"]
+               f"--export_dir={tmp_path}", "--max_support_examples=12", "--max_tasks=3"]
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr
     assert os.path.exists(tmp_path / "300" / "saved_model.pb")
@@ -418,11 +418,17 @@ def test_export_cli_writes_a_versioned_model(sine_run, tmp_path):
     assert recorded["num_iterations"] == 300 and recorded["export_num_eval_steps"] == 5
     # The dataset's default limits, with the flags' replacements.
     assert recorded["export_limits"] == {**serving.DEFAULT_LIMITS["sine"].to_dict(),
-                                         "max_support_examples": 7, "max_tasks": 3}
+                                         "max_support_examples": 12, "max_tasks": 3}
     assert set(recorded["export_signatures"]) == set(serving.SIGNATURES)
     again = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     assert again.returncode == 1 and "already exists" in again.stderr
     assert "Traceback" not in again.stderr
+    # Limits that would refuse the run's own tasks (K = 10 support examples) are refused.
+    small = subprocess.run(command[:-2] + ["--max_support_examples=7", "--version=1"],
+                           capture_output=True, text=True, env=env, timeout=300)
+    assert small.returncode == 1 and small.stderr.strip().splitlines()[-1] == (
+        "error: max_support_examples (7) is below the 10 examples of the run's own tasks: "
+        "raise it (--max_support_examples)")
     # Version 0 is refused (versions number from 1), not replaced by the step.
     zero = subprocess.run(command + ["--version=0"], capture_output=True, text=True, env=env,
                           timeout=300)

@@ -462,3 +462,30 @@ def test_a_keras_layer_error_is_reported_by_the_layers_own_message():
     text = experiment_lib.error_text(e.value)
     assert text.startswith("MaxPooling2D: Computed output size would be zero or negative"), text
     assert "\x1b" not in text and "\n" not in text
+
+
+def test_a_checkpoint_of_another_run_is_refused_not_exported(run_copy, tmp_path):
+    """`export --checkpoint` took any checkpoint: one of a MAML++ run exported as this MAML
+    run (its learned rates dropped), one holding no model exported the random initial weights,
+    each with exit status 0."""
+    other = str(tmp_path / "mamlpp")
+    trainer.train(config_lib.Config(algorithm="mamlpp", num_iterations=10, num_inner_steps=2,
+                                    **TINY), other)
+    with pytest.raises(experiment_lib.CheckpointError,
+                       match=r"belongs to the run in .*mamlpp, trained with algorithm 'mamlpp' "
+                             r"\(here 'maml'\), num_inner_steps 2 \(here 1\): use that run's"):
+        experiment_lib.restore(run_copy, checkpoint_path=os.path.join(other, "checkpoints",
+                                                                      "ckpt-10"))
+    foreign = tf.train.Checkpoint(v=tf.Variable(1.0)).write(str(tmp_path / "foreign" / "ckpt-1"))
+    result = _cli("tf_maml.export", f"--model_dir={run_copy}", f"--checkpoint={foreign}",
+                  f"--export_dir={tmp_path / 'export'}")
+    assert result.returncode == 1 and not (tmp_path / "export").exists()
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        f"error: checkpoint {foreign} does not hold this run's meta-parameters")
+    # The run's own older checkpoint still exports; an empty --export_dir is refused.
+    experiment, step = experiment_lib.restore(
+        run_copy, checkpoint_path=os.path.join(run_copy, "checkpoints", "ckpt-20"))
+    assert step == 20
+    result = _cli("tf_maml.export", f"--model_dir={run_copy}", "--export_dir=")
+    assert result.returncode == 1 and result.stderr.strip().splitlines()[-1] == (
+        "error: --export_dir is empty (an unset variable?): give a directory")

@@ -160,7 +160,7 @@ def config_from_flags(base=None, flag_values=flags.FLAGS):
     try:
         return config.validate()
     except ValueError as e:
-        raise app.UsageError(str(e)) from None
+        fail(str(e))  # one line, as evaluate and export report a bad flag
 
 
 def overrides_from_flags(names):

@@ -77,6 +77,8 @@ def ignored_options(values):
 
 # Fields that may change when a run is resumed (they do not change what the
 # run computes, or they extend it).
+_FLOAT32_TINY = 1.1754944e-38  # float32's smallest normal number
+
 RESUMABLE_FIELDS = frozenset({
     "num_iterations", "log_every", "checkpoint_every", "validate_every", "num_eval_tasks",
     "num_eval_steps", "jit_compile", "data_dir", "cache_dir", "strategy", "transductive",
@@ -413,6 +415,15 @@ class Config:
             value = getattr(self, name)
             need(isinstance(value, (int, float)) and 0 < value < float("inf"),
                  f"{name} must be a positive number, got {value!r}")
+            # Below float32's smallest normal number a rate flushes to 0 in the graph.
+            need(value >= _FLOAT32_TINY,
+                 f"{name} must be at least {_FLOAT32_TINY:.3g} (smaller rates are 0 in "
+                 f"float32), got {value!r}")
+        for name in ("seed", "split_seed"):
+            need(getattr(self, name) < 2**32,
+                 f"{name} must be below 2**32, got {getattr(self, name)!r}")
+        need(self.num_iterations < 2**62,
+             f"num_iterations must be below 2**62, got {self.num_iterations!r}")
         need(isinstance(self.meta_step_size_final, (int, float))
              and 0 <= self.meta_step_size_final < float("inf"),
              f"meta_step_size_final must be a non-negative number, got "
@@ -424,6 +435,10 @@ class Config:
         need(self.is_rl or not self.goal_observed,
              f"goal_observed applies to the reinforcement-learning datasets only, not to "
              f"{self.dataset!r}")
+        need(not self.goal_observed or self.num_inner_steps == 0,
+             f"goal_observed trains the oracle, which sees the goal and does not adapt: it "
+             f"needs num_inner_steps=0, got {self.num_inner_steps} (see "
+             f"flags/rl_navigation_oracle.flags)")
         if self.dataset != "navigation2d":
             for name in ("normalized_actions", "goal_radius"):
                 need(not getattr(self, name), f"{name} applies to navigation2d only, not to "
@@ -464,10 +479,10 @@ class Config:
         need(self.dataset == "omniglot" or not self.omniglot_validation_characters,
              f"omniglot_validation_characters applies to omniglot only, not to "
              f"{self.dataset!r} (folder and tfds data: the val fraction of --class_split)")
-        for name in ("fast_batch_size", "cg_iterations"):
+        for name in ("fast_batch_size", "cg_iterations", "max_backtracks"):
             need(isinstance(getattr(self, name), int) and getattr(self, name) >= 1,
                  f"{name} must be a positive integer, got {getattr(self, name)!r}")
-        for name in ("horizon", "max_backtracks", "eval_fast_batch_size"):
+        for name in ("horizon", "eval_fast_batch_size"):
             need(isinstance(getattr(self, name), int) and getattr(self, name) >= 0,
                  f"{name} must be a non-negative integer, got {getattr(self, name)!r}")
         for name in ("max_kl", "eval_step_size_decay"):

@@ -2,11 +2,15 @@
 
 Prints the query metric after 0..num_eval_steps inner steps on held-out tasks
 (mean ± 95% CI) and writes `eval_results.json` and plots into --output_dir
-(default: --model_dir). A meta-RL run (--dataset=navigation2d) reports the
+(default: --model_dir; with flags that change the protocol, such as
+--num_eval_tasks or --inner_lr, a subdirectory of it named after them, so the
+run's own results are never replaced). A meta-RL run (--dataset=navigation2d) reports the
 average return after 0..num_eval_steps policy-gradient steps (the paper's
 Fig. 5) for the run, the baseline, the random initialization and the oracle
 (`--oracle_dir`: a policy trained with the goal in its observations).
 """
+
+import os
 
 from absl import app, flags, logging
 
@@ -24,6 +28,7 @@ flags.mark_flag_as_required("model_dir")
 OVERRIDABLE = ("num_eval_steps", "num_eval_tasks", "inner_lr", "transductive",
                "transductive_support", "data_dir", "cache_dir", "eval_step_size_decay",
                "eval_fast_batch_size", "eval_inner_batch_size")
+WHERE_THE_DATA_IS = ("data_dir", "cache_dir")  # overrides that leave the protocol as it is
 cli.define_config_flags(OVERRIDABLE)
 FLAGS = flags.FLAGS
 
@@ -33,9 +38,17 @@ def main(argv):
     logging.set_verbosity(logging.INFO)
     # Flags given on the command line override the run's saved config.
     overrides = cli.overrides_from_flags(OVERRIDABLE)
+    output_dir = FLAGS.output_dir
+    protocol = {k: v for k, v in overrides.items() if k not in WHERE_THE_DATA_IS}
+    if output_dir is None and protocol:
+        # Another protocol's results go beside the run's own, never over them.
+        output_dir = os.path.join(FLAGS.model_dir, "eval_" + "_".join(
+            f"{k}={v}" for k, v in sorted(protocol.items())))
+        logging.info("Protocol flags given (%s): results go to %s",
+                     ", ".join(sorted(protocol)), output_dir)
     try:
         reporting.evaluate_and_report(FLAGS.model_dir, baseline_dir=FLAGS.baseline_dir,
-                                      output_dir=FLAGS.output_dir,
+                                      output_dir=output_dir,
                                       oracle_dir=FLAGS.oracle_dir, **overrides)
     except KeyboardInterrupt:
         logging.warning("Interrupted; the evaluation was not finished and no results were "

@@ -18,6 +18,7 @@ from absl import logging
 from tf_maml import algorithms, compat, functional, losses, models
 from tf_maml import config as config_lib
 from tf_maml import tasks as tasks_lib
+from tf_maml.tasks import sources
 
 __all__ = ["Experiment", "build_experiment", "restore", "make_checkpoint", "save_spec", "load_spec",
            "resolve_jit_compile", "checkpoint_paths", "restore_latest", "check_readable",
@@ -239,6 +240,9 @@ def checkpoint_paths(checkpoint_dir):
 
 def error_text(error, limit=300):
     """An exception's message in one line, without TensorFlow's `{{function_node ...}}` noise."""
+    checked = sources.user_error(error)  # a failed in-graph check: its own one line
+    if checked:
+        return checked if len(checked) <= limit else checked[:limit - 3] + "..."
     text = getattr(error, "message", None) if isinstance(error, tf.errors.OpError) else None
     text = (text or str(error)).strip()
     text = re.sub(r"^\{\{[^}]*\}\}\s*", "", text)
@@ -261,6 +265,13 @@ def error_text(error, limit=300):
             first = re.search(r"^\s*\(\d+\) \w+: (.+)$", text, re.MULTILINE)
             message = first.group(1).strip() if first else message
         text = message or text
+    if text.startswith("in user code:"):
+        # A Python error raised while a tf.function was traced: its own line is the last
+        # "SomethingError: message" of the trace.
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        raised = [line for line in lines
+                  if re.match(r"(?:\w+\.)*\w*(?:Error|Exception): ", line)]
+        text = raised[-1] if raised else lines[-1]
     keras_call = re.match(r"Exception encountered when calling (\S+?)\.call\(\)\.\s*\n+"
                           r"(?:\x1b\[1m)?(.+?)(?:\x1b\[0m)?\s*$", text, re.MULTILINE)
     if keras_call:  # Keras wraps a layer's error: its own message is the second line
@@ -310,7 +321,7 @@ def restore_latest(checkpoint, checkpoint_dir, partial=False):
         checkpoint: a `tf.train.Checkpoint`.
         checkpoint_dir: the run's checkpoint directory.
         partial: allow the checkpoint to hold objects `checkpoint` lacks (the
-            optimizer state, when restoring for evaluation); otherwise every
+            optimizer state, when restoring for evaluation). Either way every
             object of `checkpoint` must be restored.
 
     Returns:
@@ -335,8 +346,7 @@ def restore_latest(checkpoint, checkpoint_dir, partial=False):
                 status = checkpoint.restore(path)
                 if partial:
                     status.expect_partial()
-                else:
-                    status.assert_existing_objects_matched()
+                status.assert_existing_objects_matched()
             except (tf.errors.OpError, AssertionError, ValueError) as e:
                 problem = error_text(e)
         if problem is None:
@@ -374,6 +384,33 @@ def check_writable(path, name):
         raise PermissionError(f"{name} {path} is not writable{where}")
 
 
+# What a checkpoint's meta-parameters mean: a checkpoint of a run that differs in these
+# cannot stand for this run's (its variables may even restore, meaning something else).
+_DEFINING_FIELDS = ("dataset", "algorithm", "model_name", "n_way", "num_inner_steps",
+                    "inner_lr")
+_MAMLPP_DEFINING_FIELDS = ("per_step_bn", "learn_inner_lr")
+
+
+def _check_same_run(checkpoint_path, model_dir):
+    """Raises CheckpointError if `checkpoint_path` sits in another run's directory whose
+    config differs from `model_dir`'s in what the meta-parameters mean."""
+    owner = os.path.dirname(os.path.dirname(os.path.abspath(checkpoint_path)))
+    if (os.path.realpath(owner) == os.path.realpath(model_dir)
+            or not os.path.exists(os.path.join(owner, config_lib.CONFIG_FILENAME))):
+        return
+    try:
+        theirs = config_lib.load(owner)
+    except ValueError:
+        return
+    ours = config_lib.load(model_dir)
+    fields = _DEFINING_FIELDS + (_MAMLPP_DEFINING_FIELDS if ours.algorithm == "mamlpp" else ())
+    changed = [f"{name} {getattr(theirs, name)!r} (here {getattr(ours, name)!r})"
+               for name in fields if getattr(theirs, name) != getattr(ours, name)]
+    if changed:
+        raise CheckpointError(f"checkpoint {checkpoint_path} belongs to the run in {owner}, "
+                              f"trained with {', '.join(changed)}: use that run's model_dir")
+
+
 def restore(model_dir, overrides=None, tasks=None, load_tasks=False, checkpoint_path=None):
     """Loads the config and the latest meta-parameters of a training run.
 
@@ -408,6 +445,7 @@ def restore(model_dir, overrides=None, tasks=None, load_tasks=False, checkpoint_
         problem = check_readable(checkpoint_path)
         if problem:
             raise CheckpointError(f"checkpoint {checkpoint_path} cannot be read ({problem})")
+        _check_same_run(checkpoint_path, model_dir)
     experiment = build_experiment(config, tasks, load_tasks=load_tasks,
                                   spec=load_spec(model_dir, config))
     if load_tasks and tasks is None:
@@ -415,7 +453,15 @@ def restore(model_dir, overrides=None, tasks=None, load_tasks=False, checkpoint_
     step = tf.Variable(0, dtype=tf.int64)
     checkpoint = make_checkpoint(experiment, step=step)
     if checkpoint_path is not None:
-        checkpoint.restore(checkpoint_path).expect_partial()
+        status = checkpoint.restore(checkpoint_path)
+        status.expect_partial()  # the optimizer's state is not restored here
+        try:
+            status.assert_existing_objects_matched()
+        except AssertionError:
+            raise CheckpointError(
+                f"checkpoint {checkpoint_path} does not hold this run's meta-parameters (a "
+                f"checkpoint of another run or algorithm?): give one of "
+                f"{os.path.join(model_dir, CHECKPOINT_SUBDIR)}") from None
     else:
         restore_latest(checkpoint, checkpoint_dir, partial=True)
     return experiment, int(step.numpy())

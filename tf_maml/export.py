@@ -53,6 +53,9 @@ FLAGS = flags.FLAGS
 
 def _checked_flags():
     """The limit overrides; `ValueError` naming a bad flag (checked before any work)."""
+    for name in ("model_dir", "export_dir"):
+        if not FLAGS[name].value.strip():
+            raise ValueError(f"--{name} is empty (an unset variable?): give a directory")
     if FLAGS.version is not None and FLAGS.version < 1:
         raise ValueError(f"--version must be a positive integer, got {FLAGS.version}")
     limits = {name: FLAGS[name].value for name in {**LIMIT_FLAGS, **POLICY_LIMIT_FLAGS}

@@ -120,14 +120,19 @@ def build(config, input_shape, output_size):
         A built Keras model.
 
     Raises:
-        ValueError: unknown `config.model`, or a convolutional model for inputs
-            that are not images `(height, width, channels)`.
+        ValueError: unknown `config.model`, a convolutional model for inputs
+            that are not images `(height, width, channels)`, or mlp for inputs
+            that are not vectors.
     """
     name = config.model_for(input_shape)
     if name in ("conv4", "conv4_maxpool") and len(tuple(input_shape)) != 3:
         raise ValueError(f"model {name} takes images (height, width, channels); the "
                          f"{config.dataset} inputs have shape {tuple(input_shape)} (use model "
                          f"mlp, or auto)")
+    if name == "mlp" and len(tuple(input_shape)) != 1:
+        raise ValueError(f"model mlp takes feature vectors; the {config.dataset} inputs have "
+                         f"shape {tuple(input_shape)} (use model conv4 or fc for images, or "
+                         f"auto)")
     if name == "mlp":
         return mlp(input_shape, output_size)
     if name == "conv4":

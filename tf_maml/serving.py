@@ -779,7 +779,8 @@ def check_finite_parameters(experiment):
            if tf.as_dtype(v.dtype).is_floating and not np.all(np.isfinite(np.asarray(v)))]
     if bad:
         raise ValueError(f"refusing to export: NaN or infinite values in {', '.join(bad)} "
-                         "(the run diverged; export an earlier checkpoint with --checkpoint)")
+                         "(the run diverged; export an earlier checkpoint: the export CLI's "
+                         "--checkpoint, or weights a Keras ModelCheckpoint saved)")
 
 
 def _exchange(a, b):
@@ -863,8 +864,9 @@ def export(experiment, export_dir, version, num_eval_steps, inner_lr=None, overw
     `image_format` does not apply).
 
     Raises:
-        ValueError: bad version or limits, non-finite meta-parameters, the
-            version exists and `overwrite` is false.
+        ValueError: bad version or limits (limits below the run's own tasks'
+            sizes among them), non-finite meta-parameters, the version exists
+            and `overwrite` is false.
     """
     config = experiment.config
     if config.is_rl:
@@ -881,6 +883,14 @@ def export(experiment, export_dir, version, num_eval_steps, inner_lr=None, overw
             "support set in the query's batch")
     defaults = (DEFAULT_LIMITS.get(config.dataset) or default_limits(experiment.spec))
     limits = limits_from(defaults, limits)
+    if config.dataset != "custom":
+        # The run's own evaluation tasks must fit through the signatures.
+        per_task = config.n_way if experiment.spec.is_classification else 1
+        for name, own in (("max_support_examples", per_task * config.k_shot),
+                          ("max_query_examples", per_task * config.k_query)):
+            if getattr(limits, name) < own:
+                raise ValueError(f"{name} ({getattr(limits, name)}) is below the {own} examples "
+                                 f"of the run's own tasks: raise it (--{name})")
     if image_format == "auto":
         image_format = image_format_for(config.dataset, experiment.spec.input_shape,
                                         config.omniglot_resize_filter)
@@ -908,7 +918,8 @@ def version_path(export_dir, version, overwrite):
     """`<export_dir>/<version>`; `ValueError` if it exists and not `overwrite`."""
     path = os.path.join(export_dir, str(version))
     if tf.io.gfile.exists(path) and not overwrite:
-        raise ValueError(f"{path} already exists; pass another version or overwrite")
+        raise ValueError(f"{path} already exists; pass another version (--version) or "
+                         "overwrite=True (--overwrite)")
     return path
 
 

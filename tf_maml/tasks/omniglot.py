@@ -204,7 +204,7 @@ def load_characters(data_dir=None, cache_dir=None, resize_filter="lanczos"):
             return cached
     images, background = [], []
     for archive, path, is_zip in files:
-        logging.info("Decoding Omniglot %s, %s resize (this takes a minute; cached afterwards)",
+        logging.info("Decoding Omniglot %s, %s resize (seconds; cached afterwards)",
                      path, resize_filter)
         characters = _read_archive(archive, path, is_zip, resize_filter)
         for key in sorted(characters):
