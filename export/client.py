@@ -128,6 +128,12 @@ def rest_predict(url, model_name, signature_name, inputs, version=None, timeout=
     return {name: np.asarray(value) for name, value in outputs.items()}
 
 
+# Inputs the exported signatures always take as float32 (`[[0, 0]]` observations, or
+# `inner_lr=1`, are floats to the model, not int32 tensors TF Serving would refuse).
+FLOAT_INPUTS = frozenset({"x", "support_x", "query_x", "inner_lr", "observations", "actions",
+                          "rewards", "query_observations"})
+
+
 def grpc_request(model_name, signature_name, inputs, dtypes=None, version=None):
     """A `tensorflow_serving.apis.predict_pb2.PredictRequest`.
 
@@ -135,8 +141,10 @@ def grpc_request(model_name, signature_name, inputs, dtypes=None, version=None):
         model_name: the name in TF Serving's model config.
         signature_name: see `rest_body`.
         inputs: dict input name -> array-like.
-        dtypes: dict input name -> numpy dtype (default: float32; int32 for
-            integer values, e.g. classification labels and `inner_steps`;
+        dtypes: dict input name -> numpy dtype (default: float32 for the
+            signatures' float inputs, `FLOAT_INPUTS`, even when given as
+            integers; otherwise int32 for integer values, e.g. classification
+            labels, `inner_steps` and `lengths`, and float32 for the rest;
             bytes stay strings).
         version: optional model version.
     """
@@ -155,7 +163,8 @@ def grpc_request(model_name, signature_name, inputs, dtypes=None, version=None):
             request.inputs[name].CopyFrom(tf.make_tensor_proto(value))
             continue
         if dtype is None:
-            dtype = np.int32 if np.issubdtype(value.dtype, np.integer) else np.float32
+            dtype = (np.int32 if np.issubdtype(value.dtype, np.integer)
+                     and name not in FLOAT_INPUTS else np.float32)
         request.inputs[name].CopyFrom(tf.make_tensor_proto(value.astype(dtype)))
     return request
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tf_maml import core
+from tf_maml import core, rl
 from tf_maml.rl import (MAMLRL, GaussianPolicy, GoalObserved, Navigation2D, Trajectories,
                         advantages, gaussian_mlp_policy, objectives, sample_trajectories, trpo)
 
@@ -422,3 +422,35 @@ def test_short_maml_trpo_run_on_navigation_improves_post_adaptation_returns():
     assert final[1] > initial[0] + 20 and final[1] > initial[1] + 20, (initial, final)
     assert final[1] > final[0] + 8, final
     assert history[-1]["return_after"] > history[-1]["return_before"]
+
+
+def test_a_policy_model_that_does_not_output_action_means_is_refused_in_one_line():
+    """Found by trying custom policies: `action_dim` disagreeing with the model's outputs used
+    to broadcast one mean over every action coordinate, silently; outputs `[batch, 2, 2]` and
+    mixed-precision models failed deep inside the sampler's graph loop."""
+    inputs = keras.Input((2,))
+    with pytest.raises(ValueError, match="^action_dim=2 but the model outputs 1 action means$"):
+        rl.GaussianPolicy(keras.Model(inputs, keras.layers.Dense(1)(inputs)), action_dim=2)
+    square = keras.Model(inputs, keras.layers.Reshape((2, 2))(keras.layers.Dense(4)(inputs)))
+    with pytest.raises(ValueError, match=r"must output action means \[batch, action_dim\], got "
+                                         r"outputs of shape \(None, 2, 2\)"):
+        rl.GaussianPolicy(square)
+    half = keras.layers.Dense(2, dtype="mixed_float16")
+    with pytest.raises(ValueError, match="outputs float16 but its weights are float32"):
+        rl.GaussianPolicy(keras.Model(inputs, half(inputs)))
+
+    class Mean(keras.Model):  # subclassed: no outputs to read, checked when traced
+        def __init__(self):
+            super().__init__()
+            self.dense = keras.layers.Dense(3)
+
+        def call(self, x):
+            return self.dense(x)
+
+    model = Mean()
+    model(tf.zeros([1, 2]))
+    policy = rl.GaussianPolicy(model, action_dim=2)
+    weights = [tf.convert_to_tensor(v)[None] for v in policy.variables]
+    with pytest.raises(ValueError, match="outputs 3 action means per observation, not "
+                                         "action_dim=2"):
+        policy.distribution(weights, tf.zeros([1, 4, 2]))

@@ -337,3 +337,60 @@ def test_bounded_policy_mean_and_goal_radius_reach_the_run():
     assert np.all(np.abs(means) <= 1.0 + 1e-6) and np.max(np.abs(means)) > 0.1
     with pytest.raises(ValueError, match="policy_output must be linear or tanh"):
         dataclasses.replace(config, policy_output="sigmoid").validate()
+
+
+def test_settings_that_would_train_nothing_or_mislabel_the_run_are_refused():
+    """Found by trying the RL surface as a user: each of these used to be accepted and then
+    train nothing (`max_backtracks=0`: TRPO never tried a step), NaN returns (empty batches),
+    or a MAML run logged, evaluated and exported as the non-adapting oracle."""
+    with pytest.raises(ValueError, match="goal_observed trains the oracle.*needs "
+                                         "num_inner_steps=0, got 1"):
+        config_lib.Config(dataset="navigation2d", goal_observed=True).validate()
+    with pytest.raises(ValueError, match="max_backtracks must be a positive integer, got 0"):
+        config_lib.Config(dataset="navigation2d", max_backtracks=0).validate()
+    env = Navigation2D(horizon=5)
+    for arguments, pattern in [
+            (dict(fast_batch_size=0), "fast_batch_size must be a positive integer, got 0"),
+            (dict(meta_batch_size=0), "meta_batch_size must be a positive integer"),
+            (dict(max_backtracks=0), "max_backtracks must be a positive integer"),
+            (dict(cg_iterations=0), "cg_iterations must be a positive integer"),
+            (dict(horizon=0), "horizon must be a positive integer"),
+            (dict(num_inner_steps=1.5), r"num_inner_steps must be an integer >= 0, got 1\.5"),
+            (dict(inner_lr=-1.0), r"inner_lr must be a number positive and finite, got -1\.0"),
+            (dict(max_kl=-1.0), "max_kl must be a number positive and finite"),
+            (dict(gamma=2.0), r"gamma must be a number in \(0, 1\], got 2\.0"),
+            (dict(backtrack_ratio=1.0), "backtrack_ratio must be a number in"),
+    ]:
+        with pytest.raises(ValueError, match=pattern):
+            MAMLRL(env, gaussian_mlp_policy(2, 2, (8,)), **arguments)
+
+
+def test_a_trpo_step_that_is_not_finite_stops_the_run_naming_inner_lr(tmp_path):
+    """An inner step far too large made every TRPO step NaN: the line search rejected each,
+    the weights stayed finite, and the run went on training nothing (exit 0), with a warning
+    that blamed max_kl. Larger still, NaN rollouts failed in the baseline's eigendecomposition
+    with TensorFlow's message."""
+    config = config_lib.Config(dataset="navigation2d", num_iterations=3,
+                               **{**TINY, "inner_lr": 100.0})
+    with pytest.raises(trainer.TrainingDiverged, match=r"TRPO's step is not finite .*"
+                                                       r"Lower inner_lr \(now 100\)"):
+        trainer.train(config, str(tmp_path / "run"))
+    result = _run("tf_maml.train", "--dataset=navigation2d", "--num_iterations=1",
+                  "--inner_lr=1e20", f"--model_dir={tmp_path / 'huge'}", "--noevaluate",
+                  *[flag for flag in TINY_FLAGS if "inner_lr" not in flag])
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: the rollouts hold NaN or infinite observations or returns: the policy diverged "
+        "(an inner step too large? lower inner_lr)")
+
+
+def test_an_export_whose_limits_refuse_the_runs_own_episodes_is_refused(tmp_path):
+    model_dir = str(tmp_path / "run")
+    trainer.train(config_lib.Config(dataset="navigation2d", num_iterations=1,
+                                    **{**TINY, "horizon": 20}), model_dir)
+    experiment, _ = experiment_lib.restore(model_dir)
+    from tf_maml.rl import serving as rl_serving
+    with pytest.raises(ValueError, match=r"max_horizon \(10\) is below the run's horizon \(20\)"):
+        rl_serving.export_policy(experiment, str(tmp_path / "export"), 1,
+                                 limits={"max_horizon": 10})
+    assert not (tmp_path / "export").exists()

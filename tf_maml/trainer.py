@@ -249,16 +249,18 @@ def _make_finite_check(variables):
 
 
 def _non_finite_meta_loss(logs):
-    """`{"meta_loss": value}` if the meta-loss is NaN or infinite, else `{}`.
+    """`{name: value}` of the meta-loss (and TRPO's step size) where NaN or infinite.
 
-    Only the meta-loss: other logs may be NaN by design (a pretrained baseline
-    has no support loss before adaptation). RL logs have none (the meta-
-    parameters' check covers them).
+    Only those: other logs may be NaN by design (a pretrained baseline has no
+    support loss before adaptation). A non-finite TRPO step leaves the
+    meta-parameters as they were (the line search rejects it), so their check
+    would never see it; every later iteration would be rejected too.
     """
-    if "meta_loss" not in logs:
-        return {}
-    value = float(logs["meta_loss"])
-    return {} if math.isfinite(value) else {"meta_loss": value}
+    bad = {}
+    for name in ("meta_loss", "step_size"):
+        if name in logs and not math.isfinite(float(logs[name])):
+            bad[name] = float(logs[name])
+    return bad
 
 
 def _rates(config):
@@ -274,8 +276,9 @@ def _rates(config):
 def _divergence_message(config, bad_logs, first, last, latest):
     where = f"at step {last}" if first == last else f"between steps {first} and {last}"
     if bad_logs:
-        what = "the meta-loss is not finite (" + ", ".join(
-            f"{name}={value}" for name, value in bad_logs.items()) + ")"
+        what = ("the meta-loss is not finite" if "meta_loss" in bad_logs else
+                "TRPO's step is not finite (the surrogate's gradient or curvature overflowed)")
+        what += " (" + ", ".join(f"{name}={value}" for name, value in bad_logs.items()) + ")"
     elif config.is_rl:
         what = ("the meta-parameters became NaN or infinite, or the policy's standard deviation "
                 "over- or underflowed")

@@ -8,6 +8,8 @@ differentiated (advantages are data for the policy-gradient losses).
 
 import tensorflow as tf
 
+from tf_maml.tasks import sources
+
 __all__ = ["discount_cumsum", "discounted_returns", "gae_advantages", "baseline_features",
            "fit_linear_baseline", "predict_linear_baseline", "normalize_advantages",
            "process_trajectories"]
@@ -119,6 +121,12 @@ def fit_linear_baseline(observations, returns, mask, reg_coeff=1e-5, max_tries=5
     r = tf.reshape(tf.cast(returns, tf.float64) * weight, tf.stack([num_tasks, -1]))
     gram = tf.linalg.matmul(f, f, transpose_a=True)                         # [T, F, F]
     rhs = tf.einsum("tnf,tn->tf", f, r)                                     # [T, F]
+    # NaN or infinite rollouts (a policy that diverged, e.g. after an inner step far too
+    # large) would fail in the eigendecomposition with a message naming neither.
+    gram, rhs = sources.checked(
+        tf.reduce_all(tf.math.is_finite(gram)) & tf.reduce_all(tf.math.is_finite(rhs)),
+        tf.constant("the rollouts hold NaN or infinite observations or returns: the policy "
+                    "diverged (an inner step too large? lower inner_lr)"), (gram, rhs))
     eigenvalues, eigenvectors = tf.linalg.eigh(gram)
     projected = tf.einsum("tfk,tf->tk", eigenvectors, rhs)                  # Vᵀ b
     coeffs = None

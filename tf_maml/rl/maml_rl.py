@@ -18,6 +18,7 @@ closure (`tf_maml.rl.objectives.reinforce_loss`).
 """
 
 import collections
+import math
 
 import keras
 import numpy as np
@@ -65,6 +66,27 @@ def _check_policy_fits(policy, env):
     if observation_dim is not None and model_input is not None and model_input != observation_dim:
         raise ValueError(f"the policy takes observations of size {model_input} but {env_name}'s "
                          f"are {observation_dim}: build it for env.observation_dim")
+
+
+def _check_sizes(**sizes):
+    """Raises ValueError unless each `name=(value, minimum)` is an integer >= its minimum."""
+    for name, (value, minimum) in sizes.items():
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+            kind = "a positive integer" if minimum == 1 else "an integer >= 0"
+            raise ValueError(f"{name} must be {kind}, got {value!r}")
+
+
+def _check_rates(**rates):
+    """Raises ValueError unless each `name=(value, low, high)` is a number in (low, high]
+    (`high` None: unbounded; inner_lr may also be 0)."""
+    for name, (value, low, high) in rates.items():
+        ok = isinstance(value, (int, float, np.floating)) and not isinstance(value, bool)
+        ok = ok and math.isfinite(value) and (value > low or (name == "inner_lr" and value == 0))
+        ok = ok and (high is None or value <= high)
+        ok = ok and (name != "backtrack_ratio" or value < 1)
+        if not ok:
+            bound = f"in ({low}, {high}]" if high is not None else "positive and finite"
+            raise ValueError(f"{name} must be a number {bound}, got {value!r}")
 
 
 class MAMLRL:
@@ -133,8 +155,13 @@ class MAMLRL:
                  meta_lr=1e-3, horizon=None, seed=0):
         if outer not in ("trpo", "adam"):
             raise ValueError(f"outer must be 'trpo' or 'adam', got {outer!r}")
-        if num_inner_steps < 0:
-            raise ValueError(f"num_inner_steps must be >= 0, got {num_inner_steps}")
+        _check_sizes(meta_batch_size=(meta_batch_size, 1), fast_batch_size=(fast_batch_size, 1),
+                     num_inner_steps=(num_inner_steps, 0), cg_iterations=(cg_iterations, 1),
+                     max_backtracks=(max_backtracks, 1),
+                     horizon=(env.horizon if horizon is None else horizon, 1))
+        _check_rates(inner_lr=(inner_lr, 0, None), max_kl=(max_kl, 0, None),
+                     meta_lr=(meta_lr, 0, None), gamma=(gamma, 0, 1),
+                     gae_lambda=(gae_lambda, 0, 1), backtrack_ratio=(backtrack_ratio, 0, 1))
         if not isinstance(policy, GaussianPolicy):
             policy = GaussianPolicy(policy)
         _check_policy_fits(policy, env)

@@ -101,7 +101,7 @@ class GaussianPolicy:
         init_log_std: initial value of every log-std entry (0: std 1, as the
             original code).
         action_dim: needed only when it cannot be read from `model.outputs`
-            (a subclassed model).
+            (a subclassed model); where it can, it must agree.
         forward: the model's task-batched forward (default `make_forward(model)`).
 
     Attributes:
@@ -110,7 +110,9 @@ class GaussianPolicy:
             task-batched weights follow this order.
 
     Raises:
-        ValueError: the action size cannot be determined.
+        ValueError: the action size cannot be determined or disagrees with the
+            model's outputs, outputs that are not `[batch, action_dim]`, or
+            outputs of another dtype than the weights (mixed precision).
 
     Example:
 
@@ -124,11 +126,26 @@ class GaussianPolicy:
     def __init__(self, model, init_log_std=0.0, action_dim=None, forward=None):
         self.model = model
         self.forward = forward if forward is not None else make_forward(model)
-        if action_dim is None:
-            try:
-                action_dim = model.outputs[0].shape[-1]
-            except (AttributeError, IndexError, ValueError, TypeError):
-                action_dim = None
+        try:
+            output = model.outputs[0]
+        except (AttributeError, IndexError, ValueError, TypeError):
+            output = None  # a subclassed model: its mean is checked when it is traced
+        if output is not None:
+            if len(output.shape) != 2:
+                raise ValueError(f"the policy model must output action means [batch, "
+                                 f"action_dim], got outputs of shape {tuple(output.shape)}")
+            if action_dim is not None and output.shape[-1] not in (None, action_dim):
+                raise ValueError(f"action_dim={action_dim} but the model outputs "
+                                 f"{output.shape[-1]} action means")
+            if action_dim is None:
+                action_dim = output.shape[-1]
+            variable_dtype = model.trainable_variables[0].dtype if model.trainable_variables \
+                else None
+            if variable_dtype is not None and tf.as_dtype(output.dtype) != tf.as_dtype(
+                    variable_dtype):
+                raise ValueError(f"the policy model outputs {tf.as_dtype(output.dtype).name} but "
+                                 f"its weights are {tf.as_dtype(variable_dtype).name} (a mixed-"
+                                 "precision policy): use one dtype for policies")
         if action_dim is None:
             raise ValueError("cannot read the action size from the model's outputs; pass "
                              "action_dim=")
@@ -172,6 +189,9 @@ class GaussianPolicy:
             flat = tf.reshape(observations, tf.stack([shape[0], -1, shape[-1]]))
             mean = self.forward(list(model_weights), flat, training)
             mean = tf.reshape(mean, tf.concat([shape[:-1], [self.action_dim]], 0))
+        if mean.shape[-1] is not None and mean.shape[-1] != self.action_dim:
+            raise ValueError(f"the policy model outputs {mean.shape[-1]} action means per "
+                             f"observation, not action_dim={self.action_dim}")
         log_std = tf.reshape(log_std, [-1] + [1] * (rank - 2) + [self.action_dim])
         return mean, tf.cast(log_std, mean.dtype)
 

@@ -312,11 +312,17 @@ def export_policy(experiment, export_dir, version, inner_lr=None, overwrite=Fals
         The version's path.
 
     Raises:
-        ValueError: bad version, limits or `inner_lr`, non-finite
+        ValueError: bad version, limits (`max_horizon` below the run's
+            horizon) or `inner_lr`, non-finite
             meta-parameters, or the version exists and `overwrite` is false.
     """
     version = serving.check_version(version)
     limits = serving.limits_from(DEFAULT_POLICY_LIMITS, limits)
+    horizon = experiment.algorithm.horizon
+    if limits.max_horizon < horizon:
+        raise ValueError(f"max_horizon ({limits.max_horizon}) is below the run's horizon "
+                         f"({horizon}): its own episodes would be refused; raise max_horizon "
+                         f"(--max_horizon) to at least {horizon}")
     algorithm = experiment.algorithm
     signatures = PolicySignatures(algorithm, inner_lr, limits)
     path = serving.version_path(export_dir, version, overwrite)
