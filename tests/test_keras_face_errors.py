@@ -288,3 +288,93 @@ def test_valid_sparse_labels_are_not_refused():
     with pytest.raises(ValueError) as e:
         ignoring.fit(_episodes([0, -2, 2]), epochs=1, verbose=0)
     _one_line(e, r"^support_y labels must be in \[0, 3\), got -2$")
+
+
+def _one_task_episodes():
+    rng = np.random.default_rng(0)
+    x, y = rng.random((5, 8), np.float32), np.array([0, 1, 2, 0, 1], np.int32)
+    return tf.data.Dataset.from_tensors({"support_x": x, "support_y": y, "query_x": x,
+                                         "query_y": y})
+
+
+def _categorical_learner():
+    learner = _learner()
+    learner.compile(optimizer="adam",
+                    loss=keras.losses.CategoricalCrossentropy(from_logits=True))
+    return learner
+
+
+def _dict_output_model():
+    inputs = keras.Input((8,))
+    return keras.Model(inputs, {"logits": keras.layers.Dense(3)(inputs)})
+
+
+_X = np.random.default_rng(1).random((3, 8), np.float32)
+
+
+def _tasks(features=None):
+    """3-way 1-shot tasks over 30 classes of 8 features (`features` replaces them)."""
+    x = np.random.default_rng(2).random((60, 8), np.float32) if features is None else features
+    return tf_maml.tasks.array_tasks(x, np.arange(60) % 30, n_way=3, k_shot=1, k_query=1)
+
+
+def _with_a_nan():
+    x = np.random.default_rng(2).random((60, 8), np.float32)
+    x[7, 3] = np.nan
+    return _tasks(x)
+
+
+@pytest.mark.parametrize("call,pattern", [
+    (lambda: _learner().fit(_episodes([0, 1, 2]).take(0), verbose=0),
+     r"^the dataset is empty: it holds no meta-batch$"),
+    (lambda: _learner().evaluate(_episodes([0, 1, 2]).take(0), verbose=0),
+     r"^the dataset is empty"),
+    (lambda: _learner().fit(_one_task_episodes(), verbose=0),
+     r"^support_x of shape \(5, 8\) looks like one task's examples: a meta-batch has a leading "
+     r"task axis, \[tasks, examples, 8\]"),
+    (lambda: _learner().fit(Episodes(_tasks(), 2), epochs=2, verbose=0),
+     r"^fit over Episodes \(or a task family\) needs steps_per_epoch"),
+    (lambda: _learner().fit(_episodes([0, 1, 2]), class_weight={0: 2.0}, verbose=0),
+     r"^MetaLearner.fit does not take class_weight"),
+    (lambda: _learner().predict(Episodes(_tasks(), 2), verbose=0),
+     r"^predict takes model inputs, or a dataset of Episodes"),
+    (lambda: MetaLearner(_dict_output_model()),
+     r"returns a dict of one output\. Wrap it in a model that returns the tensor itself\.$"),
+    (lambda: _categorical_learner().fit(_episodes([0, 1, 2]), verbose=0),
+     r"^support_y holds integer class ids but categorical_crossentropy takes one-hot labels"),
+    (lambda: _categorical_learner().fit(Episodes(_tasks(), 2), steps_per_epoch=1, verbose=0),
+     r"^the task family holds integer class ids but"),
+    (lambda: _learner().adapt_and_predict(_X, np.array(["a", "b", "c"]), _X),
+     r"^support_y must hold numbers \(integer class ids or regression targets\), got string$"),
+    (lambda: _learner().adapt_and_predict(_X, np.arange(3), _X, num_steps=2.5),
+     r"^num_steps must be an integer >= 0, got 2\.5$"),
+    (lambda: _learner().adapt_and_predict(_X[:0], np.arange(0), _X),
+     r"^the support set is empty"),
+    (_with_a_nan, r"^arrays: class \d+ of the \w+ split holds NaN or infinite values$"),
+])
+def test_user_mistakes_found_by_the_audit_fail_in_one_line(call, pattern):
+    """Each of these used to end in a bare StopIteration, a Keras format error, a graph trace,
+    an epoch that never ended, or NaN training."""
+    with pytest.raises(ValueError) as e:
+        call()
+    _one_line(e, pattern)
+
+
+def test_one_episode_of_arrays_is_a_meta_batch():
+    """An `Episode` of arrays as `validation_data` (or `x`) is one meta-batch, and `predict`
+    over a dataset of episodes gives their adapted query predictions."""
+    learner = _learner()
+    element = next(iter(_episodes([0, 1, 2])))
+    episode = tf_maml.tasks.Episode(*[element[k].numpy() for k in tf_maml.tasks.Episode._fields])
+    history = learner.fit(_episodes([0, 1, 2]), validation_data=episode, verbose=0)
+    assert np.isfinite(history.history["val_loss"]).all()
+    predictions = learner.predict(tf.data.Dataset.from_tensors(episode), verbose=0)
+    np.testing.assert_allclose(predictions, learner.adapt_and_predict(
+        episode.support_x, episode.support_y, episode.query_x), rtol=1e-5, atol=1e-6)
+
+
+def test_calling_the_learner_scales_uint8_images_as_predict_does():
+    learner = _learner(keras.Sequential([keras.Input((2,)), keras.layers.Dense(3)]))
+    raw = np.array([[255, 51]], np.uint8)
+    np.testing.assert_allclose(learner(raw), learner.predict(raw, verbose=0), rtol=1e-6)
+    np.testing.assert_allclose(learner(raw), learner(raw.astype(np.float32) / 255), rtol=1e-6)

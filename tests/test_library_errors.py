@@ -257,3 +257,97 @@ def test_a_model_that_declares_integer_inputs_gets_them_unscaled(tmp_path):
     small = np.array([[3, 200, 7, 0, 255]], np.uint8)
     np.testing.assert_allclose(id_learner.predict(small, verbose=0),
                                ids(small.astype(np.int32)).numpy(), rtol=1e-6)
+
+
+def test_an_integer_input_model_gets_a_task_familys_images_as_pixels():
+    """Task families scale uint8 images to [0, 1]; a model declaring `keras.Input(dtype=
+    "uint8")` with its own `Rescaling` used to get them cast back to uint8: all zeros, in
+    `fit`, `evaluate_tasks` and `adapt_and_predict`, at chance accuracy, silently. It now
+    trains and evaluates exactly as the same model taking floats without the rescaling. Float
+    inputs that are not whole numbers are refused for it in one line."""
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (120, 4, 4, 1), dtype=np.uint8)
+    y = np.repeat(np.arange(20), 6)
+    family = tasks.array_tasks(x, y, n_way=3, k_shot=1, k_query=2)
+    assert family.scales_uint8_inputs
+
+    def learner(dtype):
+        keras.utils.set_random_seed(0)
+        layers = [keras.Input((4, 4, 1), dtype=dtype)]
+        layers += [keras.layers.Rescaling(1 / 255)] if dtype == "uint8" else []
+        model = keras.Sequential(layers + [keras.layers.Flatten(), keras.layers.Dense(3)])
+        meta = tf_maml.MetaLearner(model, inner_lr=0.5, num_inner_steps=1)
+        meta.compile(optimizer=keras.optimizers.SGD(0.1),
+                     loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        meta.fit(tf_maml.Episodes(family, 4), epochs=1, steps_per_epoch=3, verbose=0)
+        return meta
+
+    raw, scaled = learner("uint8"), learner("float32")
+    for a, b in zip(raw.model.get_weights(), scaled.model.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    curves = [m.evaluate_tasks(family, num_tasks=8)["mean"] for m in (raw, scaled)]
+    np.testing.assert_allclose(curves[0], curves[1], atol=1e-6)
+    episode = family.sample(tasks.step_seed(0, 0, tasks.TEST), 1, "test")
+    with pytest.raises(ValueError, match="^the model takes uint8 inputs but got non-integer"):
+        raw.adapt_and_predict(episode.support_x[0], episode.support_y[0], episode.query_x[0])
+
+
+def test_float_class_ids_are_checked_like_integer_ones():
+    """Float labels used to skip the range check: out-of-range ones trained to NaN weights,
+    fractional ones were truncated, silently."""
+    learner = tf_maml.MetaLearner(keras.Sequential([keras.Input((3,)), keras.layers.Dense(4)]),
+                                  inner_lr=0.1)
+    learner.compile(optimizer="sgd", loss="sparse_categorical_crossentropy")
+    sx = np.random.default_rng(0).random((2, 4, 3), np.float32)
+    for labels, got in (([0, 1, 2, 7], "7"), ([0, 1.5, 2, 3], "1.5")):
+        y = np.tile(np.float32(labels), (2, 1))
+        with pytest.raises(ValueError, match=rf"^support_y labels must be whole numbers in "
+                                             rf"\[0, 4\), got {got}$"):
+            learner.fit(tf.data.Dataset.from_tensors(tasks.Episode(sx, y, sx, y)), verbose=0)
+        with pytest.raises(ValueError, match="must be whole numbers"):
+            learner.adapt_and_predict(sx[0], y[0], sx[0])
+    good = np.tile(np.float32([0, 1, 2, 3]), (2, 1))
+    history = learner.fit(tf.data.Dataset.from_tensors(tasks.Episode(sx, good, sx, good)),
+                          verbose=0)
+    assert np.isfinite(history.history["loss"]).all()
+
+
+@pytest.mark.parametrize("name", ["poisson", "kl_divergence", "binary_crossentropy"])
+def test_a_loss_named_by_a_string_gets_targets_as_keras_compile_gives_them(name):
+    """`compile(loss="poisson")` with targets `[tasks, k]` for a one-output model broadcast
+    `[N]` against `[N, 1]` (a different loss, silently; binary cross-entropy crashed); Keras
+    expands the targets for losses named by strings or given as functions. Now both target
+    forms give the loss of the Keras class."""
+    rng = np.random.default_rng(0)
+    x = rng.random((2, 5, 3), np.float32)
+    y = rng.integers(0, 2, (2, 5)).astype(np.float32)
+    class_loss = {"poisson": keras.losses.Poisson(), "kl_divergence": keras.losses.KLDivergence(),
+                  "binary_crossentropy": keras.losses.BinaryCrossentropy()}[name]
+    values = []
+    for loss, targets in ((name, y), (name, y[..., None]), (keras.losses.get(name), y),
+                          (class_loss, y)):
+        learner = tf_maml.MetaLearner(
+            keras.Sequential([keras.Input((3,)), keras.layers.Dense(1, activation="sigmoid")]),
+            inner_lr=0.1)
+        learner.model.set_weights([np.full((3, 1), 0.3, np.float32), np.zeros(1, np.float32)])
+        learner.compile(optimizer="sgd", loss=loss)
+        predictions = tf.reshape(learner.model(x.reshape(10, 3)), [2, 5, 1])
+        values.append(learner._task_loss(tf.constant(targets), predictions).numpy())
+    expected = [class_loss(y[t][:, None], learner.model(x[t])).numpy() for t in range(2)]
+    assert not np.allclose(expected[0], expected[1])
+    for value in values:
+        np.testing.assert_allclose(value, expected, rtol=1e-5)
+
+
+def test_mlp_on_images_is_refused_and_trace_time_errors_keep_their_own_line():
+    """`--model=mlp` on Omniglot used to fail inside the traced step as "error: in user
+    code:", the one line the CLI showed, after writing the run's files."""
+    from tf_maml import config as config_lib
+    from tf_maml import experiment as experiment_lib
+    with pytest.raises(ValueError, match=r"^model mlp takes feature vectors; the omniglot "
+                                         r"inputs have shape \(28, 28, 1\)"):
+        models.build(config_lib.Config(dataset="omniglot", model="mlp"), (28, 28, 1), 5)
+    traced = ValueError('in user code:\n\n    File "step.py", line 3, in step  *\n        '
+                        'loss(y, p)\n\n    ValueError: labels must be integer class indices\n')
+    assert experiment_lib.error_text(traced) == (
+        "ValueError: labels must be integer class indices")

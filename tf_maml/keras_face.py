@@ -27,6 +27,7 @@ the query sets *after* adaptation (`num_inner_steps` steps in `fit`,
 """
 
 import contextlib
+import copy
 import dataclasses
 import math
 
@@ -150,7 +151,8 @@ def keras_task_loss(loss):
         fn = keras.losses.get(loss)
     except (ValueError, TypeError) as e:
         raise ValueError(f"unknown loss {loss!r}: {e}") from None
-    call = fn.call if isinstance(fn, keras.losses.Loss) else fn
+    is_loss_object = isinstance(fn, keras.losses.Loss)
+    call = fn.call if is_loss_object else fn
 
     def task_loss(y_true, y_pred):
         num_tasks = tf.shape(y_pred)[0]
@@ -158,11 +160,56 @@ def keras_task_loss(loss):
         def flat(t):
             return tf.reshape(t, tf.concat([[-1], tf.shape(t)[2:]], 0))
 
-        values = tf.convert_to_tensor(call(flat(y_true), flat(y_pred)))
+        y_true, y_pred = flat(y_true), flat(y_pred)
+        if not is_loss_object:  # Keras' loss classes match the ranks in their own `call`
+            y_true, y_pred = _same_rank(y_true, y_pred)
+        values = tf.convert_to_tensor(call(y_true, y_pred))
         values = tf.cast(values, y_pred.dtype)
         return tf.reduce_mean(tf.reshape(values, [num_tasks, -1]), axis=1)
 
     return task_loss
+
+
+def _same_rank(y_true, y_pred):
+    """Targets and predictions as Keras' `compile` gives them to a loss named by a string
+    or given as a function: where the ranks differ by one and the larger tensor's last axis
+    has size 1, the one-dimensional tensor gets that axis (otherwise the other loses it)."""
+    for a, b, swap in ((y_true, y_pred, False), (y_pred, y_true, True)):
+        if a.shape.rank is None or b.shape.rank is None or a.shape.rank != b.shape.rank + 1:
+            continue
+        if a.shape[-1] == 1:
+            if b.shape.rank == 1:
+                b = b[:, None]
+            else:
+                a = tf.squeeze(a, -1)
+            return (b, a) if swap else (a, b)
+    return y_true, y_pred
+
+
+class _RawPixelTasks:
+    """A task family that scales uint8 images to [0, 1], giving them back as the integer
+    pixels a model declaring an integer input takes (it rescales them itself)."""
+
+    def __init__(self, tasks, dtype):
+        self._tasks, self._dtype = tasks, tf.as_dtype(dtype)
+
+    def __getattr__(self, name):
+        return getattr(self._tasks, name)
+
+    def sample(self, *args, **kwargs):
+        episode = self._tasks.sample(*args, **kwargs)
+
+        def pixels(x):  # exact: round(float32(k / 255) * 255) == k
+            return tf.cast(tf.round(x * 255), self._dtype)
+
+        return episode._replace(support_x=pixels(episode.support_x),
+                                query_x=pixels(episode.query_x))
+
+
+def _is_family(data):
+    """Whether `data` is `Episodes` or a bare task family (endless training episodes)."""
+    return isinstance(data, Episodes) or (
+        data is not None and hasattr(data, "sample") and not isinstance(data, tf.data.Dataset))
 
 
 def _as_episode(data):
@@ -348,6 +395,11 @@ class MetaLearner(keras.Model):
                 and not isinstance(data, tf.data.Dataset):
             data = Episodes(data, self.meta_config.meta_batch_size,
                             "train" if training else "val")
+        if isinstance(data, Episode) or (isinstance(data, dict)
+                                         and set(Episode._fields) <= set(data)):
+            # One meta-batch of arrays: a dataset of that one element.
+            data = tf.data.Dataset.from_tensors(Episode(*[data[n] for n in Episode._fields])
+                                                if isinstance(data, dict) else data)
         if isinstance(data, tf.data.Dataset):
             return self._checked_dataset(data)
         if not isinstance(data, Episodes):
@@ -356,6 +408,8 @@ class MetaLearner(keras.Model):
             raise ValueError(f"fit() trains on Episodes(split='train'), got split={data.split!r}")
         data = data.with_seed(self.meta_config.seed)
         self._note_task_kind(data.tasks)
+        data = copy.copy(data)
+        data.tasks = self._family(data.tasks)
         replicas = self.distribute_strategy.num_replicas_in_sync
         if replicas == 1:
             # One device: the episodes come sampled and prefetched by tf.data, beside the
@@ -386,6 +440,13 @@ class MetaLearner(keras.Model):
         indices = tf.data.Dataset.range(2**62 if training else data.evaluation_batches())
         return indices.map(lambda i: {key: tf.fill([replicas], i)})
 
+    def _family(self, tasks):
+        """`tasks` as this model takes their inputs: a model declaring an integer input
+        gets the images a family scales to [0, 1] back as integer pixels."""
+        if self._input_dtype is not None and getattr(tasks, "scales_uint8_inputs", False):
+            return _RawPixelTasks(tasks, self._input_dtype)
+        return tasks
+
     def _data_start_variable(self):
         """Where a training pass over `Episodes` starts: set to the optimizer's iteration
         counter when training begins (after `BackupAndRestore` restored it)."""
@@ -406,6 +467,8 @@ class MetaLearner(keras.Model):
         """
         spec = _as_episode(dataset.element_spec)
         self._check_shapes(*(tf.TensorShape(t.shape) for t in spec))
+        self._check_label_kinds([(name, t.dtype, t.shape) for name, t in
+                                 (("support_y", spec.support_y), ("query_y", spec.query_y))])
         example_shape = tf.TensorShape(spec.support_x.shape)[2:]
         if (_input_shape(self.model) is None and self._task_input_shape is None
                 and example_shape.is_fully_defined()):
@@ -418,9 +481,19 @@ class MetaLearner(keras.Model):
                 return episode._replace(support_y=self._with_output_axis(episode.support_y),
                                         query_y=self._with_output_axis(episode.query_y))
 
-            dataset = dataset.map(add_output_axis, deterministic=True)
+            dataset = dataset.map(add_output_axis)
+        if self._input_dtype is not None and tf.as_dtype(spec.support_x.dtype).is_floating:
+            def inputs_checked(*element):
+                element = element[0] if len(element) == 1 else element
+                episode = _as_episode(element)
+                return episode._replace(
+                    support_x=_whole_numbers_checked(episode.support_x, self._input_dtype),
+                    query_x=_whole_numbers_checked(episode.query_x, self._input_dtype))
+
+            dataset = dataset.map(inputs_checked)
         if not self._labels_index_outputs() or not any(
-                t.dtype.is_integer for t in (spec.support_y, spec.query_y)):
+                t.dtype.is_integer or self._float_labels_are_ids(t.dtype)
+                for t in (spec.support_y, spec.query_y)):
             return dataset
         outputs = self._num_outputs(tf.TensorShape(spec.support_x.shape)[2:])
 
@@ -449,6 +522,13 @@ class MetaLearner(keras.Model):
 
         expected = _input_shape(self.model) or self._task_input_shape
         for name, shape in (("support_x", support_x), ("query_x", query_x)):
+            if (not single and expected is not None and shape.rank == len(expected) + 1
+                    and shape[1:].is_compatible_with(expected)):
+                raise ValueError(
+                    f"{name} of shape {tuple(shape)} looks like one task's examples: a "
+                    f"meta-batch has a leading task axis, [tasks, examples, "
+                    f"{', '.join(map(str, expected))}] (batch the tasks, e.g. "
+                    f"dataset.batch(meta_batch_size))")
             if expected is not None and not shape[2:].is_compatible_with(expected):
                 raise ValueError(f"{name} must hold examples of the model's input shape "
                                  f"{expected}, got {name} of shape {shown(shape)}")
@@ -542,16 +622,61 @@ class MetaLearner(keras.Model):
             ignore_class = None
         for name in ("support_y", "query_y"):
             y = getattr(episode, name, None)
-            if y is None or not y.dtype.is_integer:
+            if y is None or not (y.dtype.is_integer or self._float_labels_are_ids(y.dtype)):
                 continue
             if ignore_class is not None:  # the loss masks these labels out
                 y = tf.where(tf.equal(y, tf.cast(ignore_class, y.dtype)), tf.zeros_like(y), y)
-            low = tf.cast(tf.reduce_min(y), tf.int64)
-            high = tf.cast(tf.reduce_max(y), tf.int64)
-            message = tf.strings.format(f"{name} labels must be in [0, {num_outputs}), got {{}}",
-                                        tf.where(low < 0, low, high))
-            tensors = sources.checked((low >= 0) & (high < num_outputs), message, tensors)
+            if y.dtype.is_integer:
+                low = tf.cast(tf.reduce_min(y), tf.int64)
+                high = tf.cast(tf.reduce_max(y), tf.int64)
+                message = tf.strings.format(
+                    f"{name} labels must be in [0, {num_outputs}), got {{}}",
+                    tf.where(low < 0, low, high))
+                ok = (low >= 0) & (high < num_outputs)
+            else:  # float class ids (Keras casts them): whole numbers in range
+                flat = tf.reshape(y, [-1])
+                bad = ~((flat >= 0) & (flat < num_outputs) & tf.equal(flat, tf.floor(flat)))
+                first = tf.gather(flat, tf.argmax(tf.cast(bad, tf.int32)))
+                message = tf.strings.format(
+                    f"{name} labels must be whole numbers in [0, {num_outputs}), got {{}}",
+                    first)
+                ok = ~tf.reduce_any(bad)
+            tensors = sources.checked(ok, message, tensors)
         return tensors
+
+    def _check_label_kinds(self, labels):
+        """Raises a one-line ValueError for labels the compiled loss cannot take.
+
+        Args:
+            labels: `(name, dtype, shape)` of each label tensor, task axis
+                included.
+        """
+        try:
+            loss_name = _loss_name(keras.losses.get(getattr(self, "loss", None)))
+        except (ValueError, TypeError):
+            loss_name = None
+        outputs = _output_example_shape(self.model)
+        for name, dtype, shape in labels:
+            dtype, shape = tf.as_dtype(dtype), tf.TensorShape(shape)
+            if not (dtype.is_integer or dtype.is_floating or dtype.is_bool):
+                raise ValueError(f"{name} must hold numbers (integer class ids or regression "
+                                 f"targets), got {dtype.name}")
+            if (loss_name in _ONE_HOT_LOSSES and dtype.is_integer and outputs is not None
+                    and shape.rank is not None and shape.rank - 2 == len(outputs) - 1):
+                raise ValueError(f"{name} holds integer class ids but {loss_name} takes one-hot "
+                                 "labels: use keras.losses.SparseCategoricalCrossentropy (or "
+                                 "one-hot the labels)")
+
+    def _float_labels_are_ids(self, dtype):
+        """Whether float labels of `dtype` are class ids (a sparse categorical loss; with
+        the categorical ones they are one-hot)."""
+        if not dtype.is_floating:
+            return False
+        try:
+            loss = keras.losses.get(getattr(self, "loss", None))
+        except (ValueError, TypeError):
+            return False
+        return _loss_name(loss) == "sparse_categorical_crossentropy"
 
     def _note_task_kind(self, tasks):
         kind = getattr(tasks, "is_classification", None)
@@ -569,6 +694,8 @@ class MetaLearner(keras.Model):
         size = getattr(tasks, "output_size", None)
         if size is not None:
             self._task_output_size = int(size)
+        if kind:  # a family's labels are integer class ids, one per example
+            self._check_label_kinds([("the task family", tf.int32, [None, None])])
         # A subclassed model's size comes from one call on the tasks' input shape.
         outputs = self._num_outputs() if kind else _output_size(self.model)
         if kind and size is not None and outputs is not None and size != outputs:
@@ -650,9 +777,21 @@ class MetaLearner(keras.Model):
         self._loss_tracker.update_state(tf.reduce_mean(query_losses), sample_weight=weight)
         return self.compute_metrics(None, _flat(episode.query_y), _flat(predictions), None)
 
+    def predict(self, x, *args, **kwargs):
+        """`keras.Model.predict`: the meta-initialization's predictions for inputs `x`, or,
+        for a dataset of `Episode`s (or of dicts with `support_x`, `support_y`,
+        `query_x`), the query predictions after `num_eval_steps` inner steps."""
+        if _is_family(x):
+            raise ValueError("predict takes model inputs, or a dataset of Episodes for adapted "
+                             "query predictions; for a task family use adapt_and_predict on "
+                             "its samples, or evaluate_tasks")
+        return super().predict(x, *args, **kwargs)
+
     def predict_step(self, data):
         if isinstance(data, (tuple, list)) and len(data) == 1:
             data = data[0]
+        if isinstance(data, Episode):
+            data = data._asdict()
         if isinstance(data, dict) and {"support_x", "support_y", "query_x"} <= set(data):
             return self._adapt_predict(self._model_input(data["support_x"]), data["support_y"],
                                        self._model_input(data["query_x"]),
@@ -666,7 +805,10 @@ class MetaLearner(keras.Model):
         return _model_input(x, self._input_dtype or self.algorithm.meta_variables[0].dtype)
 
     def call(self, x, training=False):
-        """The meta-initialization's predictions (no adaptation)."""
+        """The meta-initialization's predictions (no adaptation); uint8 images scaled as
+        `predict` scales them."""
+        if isinstance(x, (tf.Tensor, np.ndarray)):
+            x = self._model_input(x)
         return self.model(x, training=training)
 
     # -- adaptation -----------------------------------------------------------------------------
@@ -714,6 +856,8 @@ class MetaLearner(keras.Model):
             raise ValueError(f"support_x must be [k, {shape}] or have a leading task axis, got "
                              f"shape {support_x.shape}")
         support_y = tf.convert_to_tensor(support_y)
+        self._check_label_kinds([("support_y", support_y.dtype,
+                                  [1, *support_y.shape] if single else support_y.shape)])
         if single:
             support_x, support_y, query_x = support_x[None], support_y[None], query_x[None]
         self._check_shapes(support_x.shape, support_y.shape, query_x.shape, single=single)
@@ -723,9 +867,12 @@ class MetaLearner(keras.Model):
                                              self._num_outputs(support_x.shape[2:]))
         if not self.is_classification and support_y.dtype != dtype:
             support_y = tf.cast(support_y, dtype)
+        if num_steps is not None and (isinstance(num_steps, bool) or not isinstance(
+                num_steps, (int, np.integer)) or num_steps < 0):
+            raise ValueError(f"num_steps must be an integer >= 0, got {num_steps!r}")
         steps = self.meta_config.num_eval_steps if num_steps is None else int(num_steps)
-        if steps < 0:
-            raise ValueError(f"num_steps must be >= 0, got {steps}")
+        if support_x.shape[1] == 0:
+            raise ValueError("the support set is empty: adaptation needs at least one example")
         predictions = _compiled_adapt(self, inner_lr is not None)(
             support_x, support_y, query_x, tf.constant(steps, tf.int32),
             tf.constant(0.0 if inner_lr is None else inner_lr, dtype))
@@ -788,7 +935,7 @@ class MetaLearner(keras.Model):
         stream = tasks_lib.VALIDATION if split == "val" else tasks_lib.TEST
         with _one_line_errors():
             per_task = evaluation.evaluate_model(
-                curve, self.algorithm.meta_variables, tasks,
+                curve, self.algorithm.meta_variables, self._family(tasks),
                 self.meta_config.seed if seed is None else seed, num_tasks, stream, batch_size)
         mean, ci95 = evaluation.summarize(per_task)
         return {"metric": metric_name, "steps": list(range(num_steps + 1)),
@@ -805,6 +952,16 @@ class MetaLearner(keras.Model):
         if y is not None:
             raise ValueError("MetaLearner.fit takes meta-batches (the labels are inside them); "
                              "y must be None")
+        for name in ("class_weight", "sample_weight"):
+            if kwargs.get(name) is not None:
+                raise ValueError(f"MetaLearner.fit does not take {name}: every task counts "
+                                 "once in the meta-loss (weight examples in a custom loss)")
+        if kwargs.get("validation_split"):
+            raise ValueError("MetaLearner.fit does not take validation_split: pass "
+                             "validation_data=Episodes(tasks, meta_batch_size, split='val')")
+        if _is_family(x) and kwargs.get("steps_per_epoch") is None:
+            raise ValueError("fit over Episodes (or a task family) needs steps_per_epoch: "
+                             "training episodes never run out, so an epoch would never end")
         self._check_compiled()
         self._check_variables()
         self._validation_key = None
@@ -843,7 +1000,12 @@ class MetaLearner(keras.Model):
         metrics, loss = self._compile_metrics, self._compile_loss
         if (metrics is None or metrics.built) and (loss is None or loss.built):
             return
-        element = next(iter(dataset)) if isinstance(dataset, tf.data.Dataset) else dataset
+        if isinstance(dataset, tf.data.Dataset):
+            element = next(iter(dataset), None)
+            if element is None:
+                raise ValueError("the dataset is empty: it holds no meta-batch")
+        else:
+            element = dataset
         if isinstance(element, dict) and any(k.startswith(_SOURCE_KEY) for k in element):
             key = next(k for k in element if k.startswith(_SOURCE_KEY))
             episode = self._sources[key].sample(0)
@@ -952,6 +1114,9 @@ def _one_line_errors():
         raise ValueError(message) from None
 
 
+# Keras' losses that take one-hot labels (integer class ids need the sparse one).
+_ONE_HOT_LOSSES = ("categorical_crossentropy", "categorical_focal_crossentropy")
+
 # Keras' losses that compare predictions and targets element by element.
 ELEMENTWISE_LOSSES = ("mean_squared_error", "mean_absolute_error",
                       "mean_absolute_percentage_error", "mean_squared_logarithmic_error",
@@ -1012,7 +1177,18 @@ def _model_input(x, dtype):
     dtype = tf.as_dtype(dtype)
     if x.dtype == tf.uint8 and not dtype.is_integer:
         return tf.cast(x, dtype) / 255
+    if dtype.is_integer and x.dtype.is_floating and tf.executing_eagerly():
+        x = _whole_numbers_checked(x, dtype)
     return tf.cast(x, dtype)
+
+
+def _whole_numbers_checked(x, dtype):
+    """Float inputs `x` of a model declaring integer inputs, after a check that casting them
+    to `dtype` loses nothing (images scaled to [0, 1] would become zeros)."""
+    ok = tf.reduce_all(tf.equal(x, tf.round(x)))
+    return sources.checked(ok, tf.constant(
+        f"the model takes {dtype.name} inputs but got non-integer values (images scaled to "
+        "[0, 1]? a model declaring an integer input gets pixels 0-255 or ids)"), x)
 
 
 def _flat(t):

@@ -48,6 +48,7 @@ class ImageClassTasks:
     """
 
     is_classification = True
+    scales_uint8_inputs = True  # `sample` gives the uint8 images scaled to [0, 1]
 
     def __init__(self, splits, n_way, k_shot, k_query, rotate_train=False, name="images"):
         check_positive_ints(name, n_way=n_way, k_shot=k_shot, k_query=k_query)

@@ -112,7 +112,8 @@ class ClassPoolTasks:
 
     Raises:
         ValueError: a split with fewer than `n_way` classes, classes with fewer
-            than `k_shot + k_query` examples (named), or inconsistent shapes.
+            than `k_shot + k_query` examples (named), inconsistent shapes, or
+            NaN or infinite values (named by class).
 
     Example:
 
@@ -152,6 +153,9 @@ class ClassPoolTasks:
                 if array.shape[1:] != shape or array.dtype != dtype:
                     raise ValueError(f"{name}: class {label} holds {array.dtype} examples of "
                                      f"shape {array.shape[1:]}, others {dtype} {shape}")
+                if array.dtype.kind in "fc" and not np.isfinite(array).all():
+                    raise ValueError(f"{name}: class {label} of the {split} split holds NaN or "
+                                     "infinite values")
             counts = np.array([len(c) for c in classes], np.int64)
             self._check_counts(split, counts, names, k_shot)
             self._pools[split] = tf.constant(np.ascontiguousarray(np.concatenate(classes)))
@@ -162,6 +166,9 @@ class ClassPoolTasks:
             self.class_names[split] = names
         self.input_shape = tuple(shape)
         self.output_size = n_way
+        # Whether `sample` gives uint8 inputs scaled to [0, 1] (a model declaring an integer
+        # input gets them back as pixels: `MetaLearner`).
+        self.scales_uint8_inputs = dtype == np.uint8
 
     def _check_counts(self, split, counts, names, k_shot):
         need = k_shot + self.k_query
