@@ -339,7 +339,8 @@ def _with_a_nan():
     (lambda: _learner().predict(Episodes(_tasks(), 2), verbose=0),
      r"^predict takes model inputs, or a dataset of Episodes"),
     (lambda: MetaLearner(_dict_output_model()),
-     r"returns a dict of one output\. Wrap it in a model that returns the tensor itself\.$"),
+     r"^MetaLearner needs a model that returns a single tensor; model '\w+' returns a dict "
+     r"of one output\. Wrap it in a model that returns the tensor itself\.$"),
     (lambda: _categorical_learner().fit(_episodes([0, 1, 2]), verbose=0),
      r"^support_y holds integer class ids but categorical_crossentropy takes one-hot labels"),
     (lambda: _categorical_learner().fit(Episodes(_tasks(), 2), steps_per_epoch=1, verbose=0),

@@ -749,15 +749,6 @@ def _check_single_input_output(model):
             f"make_forward supports models with one input and one output; model "
             f"{model.name!r} has {len(inputs)} inputs and {len(outputs)} outputs. Wrap it in a "
             "model that takes and returns a single tensor.")
-    try:
-        structure = model.output
-    except (AttributeError, ValueError):
-        structure = None
-    if isinstance(structure, (dict, list, tuple)):
-        raise ValueError(
-            f"make_forward supports models that return a single tensor; model {model.name!r} "
-            f"returns a {type(structure).__name__} of one output. Wrap it in a model that "
-            "returns the tensor itself.")
 
 
 def _call_takes_training(model):

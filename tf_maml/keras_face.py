@@ -284,6 +284,16 @@ class MetaLearner(keras.Model):
         if not model.built:
             raise ValueError("model must be built (call it on a batch, or give it an Input) "
                              "before wrapping it in a MetaLearner")
+        try:
+            structure = model.output
+        except (AttributeError, ValueError):
+            structure = None  # a subclassed model
+        if isinstance(structure, (dict, list, tuple)):
+            # The core's forward reads the one tensor out of it; Keras' loss and metrics
+            # (and `predict`) would get the structure.
+            raise ValueError(f"MetaLearner needs a model that returns a single tensor; model "
+                             f"{model.name!r} returns a {type(structure).__name__} of one "
+                             "output. Wrap it in a model that returns the tensor itself.")
         if num_eval_steps is None:
             num_eval_steps = max(num_inner_steps, 1)
         values = dict(dataset="custom", algorithm=algorithm, inner_lr=inner_lr,
