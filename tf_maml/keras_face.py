@@ -194,6 +194,8 @@ class _RawPixelTasks:
         self._tasks, self._dtype = tasks, tf.as_dtype(dtype)
 
     def __getattr__(self, name):
+        if name.startswith("__") or name == "_tasks":  # copy/pickle probes: no recursion
+            raise AttributeError(name)
         return getattr(self._tasks, name)
 
     def sample(self, *args, **kwargs):
