@@ -592,21 +592,19 @@ class MetaLearner(keras.Model):
         broadcast against the targets, silently); a custom loss may not (a
         Gaussian model's mean and log-variance against one target).
         """
-        try:
-            loss = keras.losses.get(getattr(self, "loss", None))
-        except (ValueError, TypeError):
-            return False
-        return _loss_name(loss) in ELEMENTWISE_LOSSES
+        return self._compiled_loss_name() in ELEMENTWISE_LOSSES
 
     def _labels_index_outputs(self):
         """Whether integer labels index the model's outputs (classification, sparse labels)."""
-        if self.is_classification:
-            return True
+        return (bool(self.is_classification)
+                or self._compiled_loss_name() == "sparse_categorical_crossentropy")
+
+    def _compiled_loss_name(self):
+        """The compiled loss's function name (see `_loss_name`), or None if there is none."""
         try:
-            loss = keras.losses.get(getattr(self, "loss", None))
+            return _loss_name(keras.losses.get(getattr(self, "loss", None)))
         except (ValueError, TypeError):
-            return False
-        return _loss_name(loss) == "sparse_categorical_crossentropy"
+            return None
 
     def _num_outputs(self, example_shape=None):
         """The model's output size: Keras', or (subclassed) that of one call, or the tasks'."""
@@ -663,10 +661,7 @@ class MetaLearner(keras.Model):
             labels: `(name, dtype, shape)` of each label tensor, task axis
                 included.
         """
-        try:
-            loss_name = _loss_name(keras.losses.get(getattr(self, "loss", None)))
-        except (ValueError, TypeError):
-            loss_name = None
+        loss_name = self._compiled_loss_name()
         outputs = _output_example_shape(self.model)
         for name, dtype, shape in labels:
             dtype, shape = tf.as_dtype(dtype), tf.TensorShape(shape)
@@ -682,13 +677,8 @@ class MetaLearner(keras.Model):
     def _float_labels_are_ids(self, dtype):
         """Whether float labels of `dtype` are class ids (a sparse categorical loss; with
         the categorical ones they are one-hot)."""
-        if not dtype.is_floating:
-            return False
-        try:
-            loss = keras.losses.get(getattr(self, "loss", None))
-        except (ValueError, TypeError):
-            return False
-        return _loss_name(loss) == "sparse_categorical_crossentropy"
+        return (dtype.is_floating
+                and self._compiled_loss_name() == "sparse_categorical_crossentropy")
 
     def _note_task_kind(self, tasks):
         kind = getattr(tasks, "is_classification", None)
