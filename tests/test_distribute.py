@@ -5,6 +5,7 @@ runs in its own process (tests/scripts/).
 """
 
 import json
+import re
 import os
 import socket
 import subprocess
@@ -164,3 +165,33 @@ def test_only_the_chief_process_evaluates_after_multi_worker_training(monkeypatc
     assert distribute.is_chief_worker_process("multi_worker") is chief
     assert distribute.is_chief_worker_process("mirrored") is True
     assert distribute.is_chief_worker_process("default") is True
+
+
+@pytest.mark.parametrize("tf_config, message", [
+    (None, "needs the TF_CONFIG environment variable"),
+    ("{bad", "TF_CONFIG is not valid JSON"),
+    ("[1]", "TF_CONFIG has no 'cluster'"),
+    ('{"cluster": {"worker": ["a:1"]}}', "TF_CONFIG has no 'task'"),
+    ('{"cluster": {"worker": ["a:1"]}, "task": {"type": "worker", "index": 3}}',
+     "index 3 is not in its cluster"),
+    ('{"cluster": {"worker": ["a:1"]}, "task": {"type": "chief", "index": 0}}',
+     "'chief' index 0 is not in its cluster"),
+])
+def test_multi_worker_refuses_an_unusable_tf_config_naming_what_is_wrong(monkeypatch, tf_config,
+                                                                         message):
+    """A TF_CONFIG that is set but malformed is not reported as missing, and never reaches
+    MultiWorkerMirroredStrategy (whose own errors come from deep inside TensorFlow)."""
+    if tf_config is None:
+        monkeypatch.delenv("TF_CONFIG", raising=False)
+    else:
+        monkeypatch.setenv("TF_CONFIG", tf_config)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        distribute.make_strategy("multi_worker")
+
+
+def test_tpu_strategy_without_a_tpu_is_one_line_naming_the_flag(monkeypatch):
+    """On a machine without a TPU, `--strategy=tpu` says so instead of "Please provide a TPU
+    Name to connect to." from the resolver."""
+    monkeypatch.delenv("TPU_NAME", raising=False)
+    with pytest.raises(ValueError, match=r"^--strategy=tpu found no usable TPU .*TPU_NAME"):
+        distribute.make_strategy("tpu")

@@ -33,26 +33,60 @@ def make_strategy(name):
         A strategy.
 
     Raises:
-        ValueError: unknown name, or "multi_worker" without a usable `TF_CONFIG`.
+        ValueError: unknown name, "multi_worker" without a usable `TF_CONFIG`, or
+            "tpu" without a reachable TPU.
     """
     if name == "default":
         return tf.distribute.get_strategy()
     if name == "mirrored":
         return tf.distribute.MirroredStrategy()
     if name == "multi_worker":
-        try:
-            cluster = json.loads(os.environ.get("TF_CONFIG", ""))["cluster"]
-        except (ValueError, KeyError, TypeError):
-            raise ValueError("--strategy=multi_worker needs the TF_CONFIG environment variable "
-                             "(JSON with 'cluster' and 'task'), set on every worker") from None
-        del cluster
+        _check_tf_config(os.environ.get("TF_CONFIG"))
         return tf.distribute.MultiWorkerMirroredStrategy()
     if name == "tpu":
-        resolver = tf.distribute.cluster_resolver.TPUClusterResolver()
-        tf.config.experimental_connect_to_cluster(resolver)
-        tf.tpu.experimental.initialize_tpu_system(resolver)
+        try:
+            resolver = tf.distribute.cluster_resolver.TPUClusterResolver()
+            tf.config.experimental_connect_to_cluster(resolver)
+            tf.tpu.experimental.initialize_tpu_system(resolver)
+        except (ValueError, RuntimeError, tf.errors.OpError) as error:
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise ValueError(f"--strategy=tpu found no usable TPU ({reason}); run on a TPU VM, or "
+                             "name the TPU in the TPU_NAME environment variable") from None
         return tf.distribute.TPUStrategy(resolver)
     raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, got {name!r}")
+
+
+def _check_tf_config(text):
+    """Refuses a `TF_CONFIG` that MultiWorkerMirroredStrategy could not use, in one line.
+
+    Raises:
+        ValueError: unset, not JSON, or without a cluster holding this process's task.
+    """
+    usage = "JSON with 'cluster' and 'task', set on every worker"
+    if not text:
+        raise ValueError("--strategy=multi_worker needs the TF_CONFIG environment variable "
+                         f"({usage})")
+    try:
+        tf_config = json.loads(text)
+    except ValueError as error:
+        raise ValueError(f"TF_CONFIG is not valid JSON ({error}); it must be {usage}") from None
+    cluster = tf_config.get("cluster") if isinstance(tf_config, dict) else None
+    task = tf_config.get("task") if isinstance(tf_config, dict) else None
+    if not isinstance(cluster, dict) or not cluster:
+        raise ValueError(f"TF_CONFIG has no 'cluster' (a dict of job name -> addresses); it must "
+                         f"be {usage}")
+    if not isinstance(task, dict) or "type" not in task:
+        raise ValueError("TF_CONFIG has no 'task' naming this process, e.g. "
+                         "{'type': 'worker', 'index': 0}")
+    if task["type"] == "evaluator":  # TensorFlow's side-car evaluator sits outside the cluster
+        return
+    addresses = cluster.get(task["type"])
+    index = task.get("index", 0)
+    if not isinstance(addresses, list) or not isinstance(index, int) or isinstance(index, bool) \
+            or not 0 <= index < len(addresses):
+        sizes = {job: len(a) if isinstance(a, list) else a for job, a in cluster.items()}
+        raise ValueError(f"TF_CONFIG's task {task['type']!r} index {index!r} is not in its "
+                         f"cluster (tasks per job: {sizes})")
 
 
 def replica_task_counts(num_tasks, num_replicas):
