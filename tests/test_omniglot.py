@@ -17,6 +17,7 @@ from PIL import Image
 
 from tf_maml import config as config_lib
 from tf_maml import reporting, trainer
+from tf_maml import tasks as tasks_lib
 from tf_maml.tasks import ImageClassTasks, omniglot
 
 
@@ -144,6 +145,39 @@ def test_zip_and_folder_layouts_load_identically(tmp_path):
     d, _ = omniglot.load_characters(str(tmp_path / "zips"), cache)
     np.testing.assert_array_equal(c, d)
     np.testing.assert_array_equal(a, d)
+
+
+def test_cache_dir_that_is_a_file_is_refused_before_decoding(tmp_path, monkeypatch):
+    """`--cache_dir` naming a file fails at once in one line, not with "[Errno 17] File exists"
+    after seconds of decoding; a cache that cannot be written is skipped with a warning."""
+    _fake_archives(str(tmp_path))
+    not_a_dir = tmp_path / "cache_file"
+    not_a_dir.write_text("")
+    decoded = []
+    monkeypatch.setattr(omniglot, "_read_archive",
+                        lambda *a, real=omniglot._read_archive: decoded.append(1) or real(*a))
+    config = config_lib.Config(dataset="omniglot", data_dir=str(tmp_path), n_way=5, k_shot=1,
+                               k_query=1, cache_dir=str(not_a_dir))
+    with pytest.raises(ValueError, match="cache_dir .*cache_file' is a file, not a directory"):
+        tasks_lib.build(config)
+    assert not decoded
+    # Unwritable (a path under that file): the data is decoded and used, the cache skipped.
+    unwritable = str(not_a_dir / "sub")
+    images, _ = omniglot.load_characters(str(tmp_path), unwritable)
+    assert decoded and images.shape == (12, 20, 28, 28, 1)
+
+
+def test_train_k_shot_too_large_is_named_as_such(tmp_path):
+    """A `train_k_shot` the meta-training classes cannot supply is refused when the data is
+    loaded, naming `train_k_shot` (the user's k_shot is fine), not at the first step."""
+    _fake_archives(str(tmp_path))
+    config = config_lib.Config(dataset="omniglot", data_dir=str(tmp_path), n_way=2, k_shot=1,
+                               k_query=5, train_k_shot=16, omniglot_split="lake",
+                               omniglot_validation_characters=2)
+    with pytest.raises(ValueError, match=r"20 examples per class, fewer than train_k_shot \+ "
+                                         r"k_query = 21"):
+        tasks_lib.build(config)
+    assert tasks_lib.build(config_lib.Config(**dict(config.to_dict(), train_k_shot=15)))
 
 
 def test_nearest_resize_is_the_reptile_loaders(tmp_path, monkeypatch):

@@ -6,6 +6,7 @@ import os
 
 from tf_maml import config as config_lib
 
+from tf_maml.tasks import cache as cache_lib
 from tf_maml.tasks.episodes import Episode, episode_dataset, step_seed
 from tf_maml.tasks.classification import ImageClassTasks
 from tf_maml.tasks.sine import SineTasks
@@ -124,20 +125,20 @@ def build(config):
     """
     if config.dataset == "sine":
         return SineTasks(k_shot=config.k_shot, k_query=config.k_query)
-    cache_dir = os.path.expanduser(config.cache_dir) if config.cache_dir else None
+    cache_dir = cache_lib.cache_directory(config.cache_dir)
     if config.dataset == "omniglot":
         from tf_maml.tasks import omniglot
-        return omniglot.omniglot_tasks(
+        family = omniglot.omniglot_tasks(
             config.n_way, config.k_shot, config.k_query, data_dir=config.data_dir or None,
             cache_dir=cache_dir, split=config.omniglot_split, split_seed=config.split_seed,
             rotate_train=config.augment_rotations,
             validation_characters=config.omniglot_validation_characters,
             resize_filter=config.omniglot_resize_filter)
-    if config.dataset == "miniimagenet":
+    elif config.dataset == "miniimagenet":
         from tf_maml.tasks import miniimagenet
-        return miniimagenet.miniimagenet_tasks(config.n_way, config.k_shot, config.k_query,
-                                               config.data_dir, cache_dir=cache_dir)
-    if config.dataset == "folder":
+        family = miniimagenet.miniimagenet_tasks(config.n_way, config.k_shot, config.k_query,
+                                                 config.data_dir, cache_dir=cache_dir)
+    elif config.dataset == "folder":
         family = folder_tasks(config.data_dir, config.n_way, config.k_shot, config.k_query,
                               image_size=config.image_size or None,
                               channels=config.image_channels or None, cache_dir=cache_dir,
@@ -153,5 +154,5 @@ def build(config):
     else:
         raise ValueError(f"unknown dataset {config.dataset!r}")
     if config.train_k_shot:
-        family.check_k_shot(config.train_k_shot, "train")
+        family.check_k_shot(config.train_k_shot, "train", label="train_k_shot")
     return family

@@ -6,7 +6,22 @@ import uuid
 import numpy as np
 from absl import logging
 
-__all__ = ["read_npz", "write_npz"]
+__all__ = ["cache_directory", "read_npz", "write_npz"]
+
+
+def cache_directory(cache_dir):
+    """`cache_dir` with `~` expanded, or `None` for no cache; checked before any decoding.
+
+    Raises:
+        ValueError: `cache_dir` names something other than a directory.
+    """
+    if not cache_dir:
+        return None
+    path = os.path.expanduser(cache_dir)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"cache_dir {cache_dir!r} is a file, not a directory; give a directory "
+                         "for the decoded-image cache (or '' for none)")
+    return path
 
 
 def read_npz(path, names, what, layout="classes"):
@@ -48,21 +63,25 @@ def write_npz(path, **arrays):
 
     The arrays go to a uniquely named hidden file beside `path`, are synced to disk, and
     replace `path` in one rename; the temporary file is removed on any error, so concurrent
-    writers never collide and readers see either the old cache or the whole new one.
+    writers never collide and readers see either the old cache or the whole new one. A
+    cache that cannot be written (a read-only or full disk) is logged and skipped: the
+    decoded arrays are in memory, and the next run decodes again.
 
     Args:
         path: the cache file.
         **arrays: what `np.savez` saves.
     """
     directory = os.path.dirname(path)
-    os.makedirs(directory, exist_ok=True)
     tmp = os.path.join(directory, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
     try:
+        os.makedirs(directory, exist_ok=True)
         with open(tmp, "xb") as f:
             np.savez(f, **arrays)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        logging.warning("Could not write the cache %s (%s); going on without it", path, e)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

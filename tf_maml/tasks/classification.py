@@ -87,6 +87,17 @@ class ImageClassTasks:
         self.input_shape = shapes.pop()
         self.output_size = n_way
 
+    def check_k_shot(self, k_shot, split="train", label="k_shot"):
+        """Raises `ValueError` unless `split`'s classes have `k_shot + k_query` examples.
+
+        `label` names `k_shot` in the message (the setting it came from).
+        """
+        split = "test" if split == "val" and "val" not in self._pools else split
+        examples = self._pools[split].shape[2]
+        if k_shot + self.k_query > examples:
+            raise ValueError(f"{self.name} {split} split has {examples} examples per class, "
+                             f"fewer than {label} + k_query = {k_shot + self.k_query}")
+
     def sample(self, seed, meta_batch_size, split="train", k_shot=None):
         """Samples a meta-batch of N-way K-shot tasks.
 
@@ -109,9 +120,7 @@ class ImageClassTasks:
         rotations, base_classes, examples = pool.shape[0], pool.shape[1], pool.shape[2]
         k_shot = self.k_shot if k_shot is None else k_shot
         n, per_class = self.n_way, k_shot + self.k_query
-        if per_class > examples:
-            raise ValueError(f"{self.name} {split} split has {examples} examples per class, "
-                             f"fewer than k_shot + k_query = {per_class}")
+        self.check_k_shot(k_shot, split)
         class_seed, example_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
         # N distinct classes per task (top-k of uniform scores = a random subset in random order).
         scores = tf.random.stateless_uniform([meta_batch_size, base_classes * rotations],

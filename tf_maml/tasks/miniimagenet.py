@@ -91,7 +91,7 @@ def load_split(data_dir, split, cache_dir=None):
         ValueError: a malformed CSV or an unreadable image.
     """
     data_dir = os.path.expanduser(data_dir)
-    cache_dir = os.path.expanduser(cache_dir) if cache_dir else cache_dir
+    cache_dir = cache_lib.cache_directory(cache_dir)
     csv_path = os.path.join(data_dir, SPLIT_FILES[split])
     if not os.path.isfile(csv_path):
         raise FileNotFoundError(

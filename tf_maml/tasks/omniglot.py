@@ -191,7 +191,7 @@ def load_characters(data_dir=None, cache_dir=None, resize_filter="lanczos"):
             prepared and its download server cannot be reached.
     """
     _check_resize_filter(resize_filter)
-    cache_dir = os.path.expanduser(cache_dir) if cache_dir else cache_dir
+    cache_dir = cache_lib.cache_directory(cache_dir)
     if data_dir is None:
         return _load_tfds(resize_filter)
     data_dir = os.path.expanduser(data_dir)

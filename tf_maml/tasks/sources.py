@@ -170,18 +170,21 @@ class ClassPoolTasks:
         # input gets them back as pixels: `MetaLearner`).
         self.scales_uint8_inputs = dtype == np.uint8
 
-    def _check_counts(self, split, counts, names, k_shot):
+    def _check_counts(self, split, counts, names, k_shot, label="k_shot"):
         need = k_shot + self.k_query
         small = [f"{n} ({c})" for n, c in zip(names, counts) if c < need]
         if small:
             raise ValueError(
-                f"{self.name}: {len(small)} {split} class(es) have fewer than k_shot + k_query "
+                f"{self.name}: {len(small)} {split} class(es) have fewer than {label} + k_query "
                 f"= {need} examples: {_names(small)}")
 
-    def check_k_shot(self, k_shot, split="train"):
-        """Raises `ValueError` unless every class of `split` has `k_shot + k_query` examples."""
+    def check_k_shot(self, k_shot, split="train", label="k_shot"):
+        """Raises `ValueError` unless every class of `split` has `k_shot + k_query` examples.
+
+        `label` names `k_shot` in the message (the setting it came from).
+        """
         split = "test" if split == "val" and "val" not in self._pools else split
-        self._check_counts(split, self.counts[split], self.class_names[split], k_shot)
+        self._check_counts(split, self.counts[split], self.class_names[split], k_shot, label)
 
     def sample(self, seed, meta_batch_size, split="train", k_shot=None):
         """Samples a meta-batch of N-way K-shot tasks.
@@ -590,7 +593,7 @@ def load_folder(data_dir, image_size=None, channels=None, cache_dir=None):
     """
     image_size = _image_size(image_size)
     data_dir = os.path.expanduser(data_dir)
-    cache_dir = os.path.expanduser(cache_dir) if cache_dir else cache_dir
+    cache_dir = cache_lib.cache_directory(cache_dir)
     if channels not in (None, 0, 1, 3):
         raise ValueError(f"channels must be 1, 3 or None, got {channels!r}")
     channels = channels or None
