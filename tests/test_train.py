@@ -503,6 +503,24 @@ def test_baseline_on_other_tasks_and_conv_on_vectors_are_refused_in_one_line(tmp
         experiment_lib.build_experiment(config_lib.Config(model="conv4"))
 
 
+def test_a_relative_data_dir_is_saved_absolute_so_other_directories_find_the_data(
+        tmp_path, monkeypatch):
+    """`train --data_dir=data` then `evaluate --model_dir=...` from another directory: the
+    saved config names the data, not a path that only meant something in the first cwd."""
+    (tmp_path / "work" / "data").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "work")
+    run = str(tmp_path / "run")
+    config_lib.save(config_lib.Config(dataset="folder", data_dir="data", cache_dir="cache"), run)
+    monkeypatch.chdir(tmp_path)
+    saved = config_lib.load(run)
+    assert saved.data_dir == str(tmp_path / "work" / "data")
+    assert saved.cache_dir == str(tmp_path / "work" / "cache")
+    for kept in ("~/omniglot", "gs://bucket/omniglot", ""):  # not tied to the cwd
+        config_lib.save(config_lib.Config(dataset="folder", data_dir=kept or "/x",
+                                          cache_dir=kept), run)
+        assert config_lib.load(run).cache_dir == kept
+
+
 def test_a_task_function_failing_in_training_stops_the_trainer_in_one_line(tmp_path):
     def sample_task(seed):  # fine for seed 0 (checked when built), short afterwards
         rows = 15 if seed == 0 else 3

@@ -551,13 +551,27 @@ class Config:
         return cls(**values)
 
 
+def _stored_path(path):
+    """A relative local path made absolute, so that the run's directory can be evaluated
+    and exported from any working directory; `~`, URLs and "" are kept as given."""
+    if not path or path.startswith("~") or "://" in path:
+        return path
+    return os.path.abspath(path)
+
+
 def save(config, model_dir):
-    """Writes `config.json` into `model_dir` (atomically)."""
+    """Writes `config.json` into `model_dir` (atomically).
+
+    Relative `data_dir` and `cache_dir` are stored as absolute paths.
+    """
     os.makedirs(model_dir, exist_ok=True)
     path = os.path.join(model_dir, CONFIG_FILENAME)
     tmp = path + ".tmp"
+    values = config.to_dict()
+    for field in ("data_dir", "cache_dir"):
+        values[field] = _stored_path(values[field])
     with open(tmp, "w") as f:
-        json.dump(config.to_dict(), f, indent=2, sort_keys=True)
+        json.dump(values, f, indent=2, sort_keys=True)
         f.write("\n")
     os.replace(tmp, path)
     return path
