@@ -521,6 +521,26 @@ def test_a_relative_data_dir_is_saved_absolute_so_other_directories_find_the_dat
         assert config_lib.load(run).cache_dir == kept
 
 
+@pytest.mark.parametrize("content", ['{"x": 1}', "{trunc", '{"input_shape": [0], '
+                                     '"output_size": 5, "is_classification": true}'])
+def test_an_unreadable_task_spec_is_named_not_a_key_error(tmp_path, content):
+    """A damaged `task_spec.json`: runs whose config tells the spec (sine, Omniglot) go on
+    from the config; a run on the user's data, whose input shape only the file records,
+    is refused naming the file (it was `KeyError: 'input_shape'` from deep in evaluate)."""
+    run = str(tmp_path / "run")
+    config_lib.save(config_lib.Config(dataset="omniglot", n_way=20), run)
+    with open(os.path.join(run, experiment_lib.SPEC_FILENAME), "w") as f:
+        f.write(content)
+    spec = experiment_lib.load_spec(run, config_lib.load(run))
+    assert (spec.input_shape, spec.output_size) == ((28, 28, 1), 20)
+    folder = config_lib.Config(dataset="folder", data_dir="/x")
+    with pytest.raises(ValueError, match=r"task_spec.json is unreadable .*which its config "
+                                         r"cannot tell for dataset folder; restore the file"):
+        experiment_lib.load_spec(run, folder)
+    experiment_lib.save_spec(tasks_lib.TaskSpec((8, 8, 3), 4, True), run)
+    assert tuple(experiment_lib.load_spec(run, folder).input_shape) == (8, 8, 3)
+
+
 def test_a_task_function_failing_in_training_stops_the_trainer_in_one_line(tmp_path):
     def sample_task(seed):  # fine for seed 0 (checked when built), short afterwards
         rows = 15 if seed == 0 else 3

@@ -194,12 +194,30 @@ def load_spec(model_dir, config):
     if config.is_rl:
         return None
     path = os.path.join(model_dir, SPEC_FILENAME)
-    if os.path.exists(path):
+    if not os.path.exists(path):
+        return tasks_lib.spec(config)
+    try:
         with open(path) as f:
             values = json.load(f)
-        return tasks_lib.TaskSpec(values["input_shape"], values["output_size"],
-                                  values["is_classification"])
-    return tasks_lib.spec(config)
+        shape, size = values["input_shape"], values["output_size"]
+        if not (isinstance(shape, list) and shape and all(_positive_int(d) for d in shape)
+                and _positive_int(size) and isinstance(values["is_classification"], bool)):
+            raise ValueError(f"unexpected values {values}")
+        return tasks_lib.TaskSpec(tuple(shape), size, values["is_classification"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        reason = f"{type(e).__name__}: {e}" if isinstance(e, KeyError) else str(e)
+        try:
+            derived = tasks_lib.spec(config)
+        except ValueError:
+            raise ValueError(f"{path} is unreadable ({reason}): it records the input shape and "
+                             "output size of the run's model, which its config cannot tell for "
+                             f"dataset {config.dataset}; restore the file") from None
+        logging.warning("%s is unreadable (%s); using the config's %s", path, reason, derived)
+        return derived
+
+
+def _positive_int(value):
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 def make_checkpoint(experiment, **extra):
