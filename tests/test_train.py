@@ -565,6 +565,10 @@ def test_configs_saved_with_options_their_algorithm_ignored_still_load(tmp_path)
     assert loaded.inner_batch_size == 0 and loaded.per_step_bn
     reptile = {**config_lib.Config(algorithm="reptile").to_dict(), "first_order": True}
     assert config_lib.drop_ignored_options(reptile)[1] == ["first_order"]
+    baseline = {**config_lib.Config(num_inner_steps=0).to_dict(), "first_order": True}
+    assert config_lib.drop_ignored_options(baseline)[1] == ["first_order"]
+    with pytest.raises(ValueError, match="first_order does not apply to num_inner_steps=0"):
+        config_lib.Config(**baseline).validate()
     rl = {**config_lib.Config(dataset="navigation2d").to_dict(), "n_way": 20, "meta_lr": 0.5}
     assert sorted(config_lib.drop_ignored_options(rl)[1]) == ["meta_lr", "n_way"]
     with open(tmp_path / config_lib.CONFIG_FILENAME, "w") as f:

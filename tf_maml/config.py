@@ -64,6 +64,8 @@ def ignored_options(values):
                if owner != algorithm for name in names}
     if algorithm == "reptile":
         ignored["first_order"] = "algorithms other than reptile"
+    elif values.get("num_inner_steps", defaults.num_inner_steps) == 0:
+        ignored["first_order"] = "runs with inner steps"
     if rl:
         ignored.update({name: "supervised datasets" for name in SUPERVISED_OPTIONS})
         if values.get("outer_optimizer", defaults.outer_optimizer) == "trpo":
@@ -181,8 +183,8 @@ class Config:
             Not with models that draw random numbers (dropout: the recomputed
             step would draw new masks) nor with `jit_compile="true"` (XLA
             merges the recomputation back; "auto" turns XLA off for it).
-        algorithm: "maml" (with `first_order` and `num_inner_steps=0` for the
-            pretrained baseline), "anil" (adapt the head only), "metasgd"
+        algorithm: "maml" (`first_order` for first-order MAML, `num_inner_steps=0`
+            for the pretrained baseline), "anil" (adapt the head only), "metasgd"
             (learned per-parameter inner rates), "mamlpp" (MAML++) or
             "reptile".
         msl_epochs: MAML++: epochs over which the multi-step loss anneals to
@@ -379,6 +381,9 @@ class Config:
         need(not (self.first_order and self.algorithm == "reptile"),
              "first_order does not apply to algorithm=reptile (its update is first order by "
              "construction)")
+        need(not (self.first_order and self.num_inner_steps == 0),
+             "first_order does not apply to num_inner_steps=0 (the pretrained baseline has no "
+             "inner gradients to differentiate through)")
         # Options set away from their defaults where nothing reads them (another
         # algorithm's, the other kind of dataset's) would be silently ignored.
         defaults = Config()
