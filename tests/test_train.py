@@ -590,6 +590,10 @@ def test_evaluation_with_no_steps_and_one_task(tmp_path):
         saved = json.load(f)
     assert saved["results"]["MAML"]["ci95"] == [None] and "non_finite" not in saved
     assert os.path.exists(os.path.join(model_dir, reporting.SINE_FIT_FILENAME))
+    # The table says the one task has no interval, rather than "± nan"; a NaN mean still reads nan.
+    table = evaluation.format_table("mse", {"MAML": (np.array([0.5, np.nan]),
+                                                     np.array([np.nan, np.nan]))})
+    assert "0.5000 ± n/a" in table and "nan ± nan" in table
 
 
 def test_progress_rates_exclude_the_first_call_which_compiles():

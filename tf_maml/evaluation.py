@@ -201,7 +201,8 @@ def format_table(metric_name, results):
 
     Args:
         metric_name: e.g. "mse" or "accuracy".
-        results: dict model name -> (mean, ci95) arrays.
+        results: dict model name -> (mean, ci95) arrays (a NaN interval beside a
+            finite mean, from one task, reads "n/a").
 
     Returns:
         str.
@@ -213,7 +214,10 @@ def format_table(metric_name, results):
         cells = []
         for name in names:
             mean, ci = results[name]
-            cells.append(f"{mean[step]:>13.4f} ± {ci[step]:<6.4f}")
+            # One task has no interval (its NaN is not a failure, as a NaN mean is).
+            interval = ("n/a" if math.isfinite(mean[step]) and not math.isfinite(ci[step])
+                        else f"{ci[step]:.4f}")
+            cells.append(f"{mean[step]:>13.4f} ± {interval:<6}")
         lines.append(f"{step:>5} | " + " | ".join(f"{c:>22}" for c in cells))
     return "\n".join(lines)
 
