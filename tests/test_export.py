@@ -423,6 +423,18 @@ def test_export_cli_writes_a_versioned_model(sine_run, tmp_path):
     again = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     assert again.returncode == 1 and "already exists" in again.stderr
     assert "Traceback" not in again.stderr
+    # The signature's own step size and steps are recorded as export_*; the recorded config
+    # stays the run's (it said inner_lr 0.02, as if the run had been trained with it).
+    other = subprocess.run(command + ["--version=301", "--inner_lr=0.02", "--num_eval_steps=2"],
+                           capture_output=True, text=True, env=env, timeout=300)
+    assert other.returncode == 0, other.stderr
+    assert "adapt: 2 steps with 0.02" in other.stdout
+    recorded = json.load(open(tmp_path / "301" / "assets.extra" / serving.CONFIG_ASSET))
+    assert (recorded["inner_lr"], recorded["num_eval_steps"]) == (0.01, 5)
+    assert (recorded["export_inner_lr"], recorded["export_num_eval_steps"]) == (0.02, 2)
+    bad = subprocess.run(command + ["--version=302", "--inner_lr=1e-50"], capture_output=True,
+                         text=True, env=env, timeout=300)
+    assert bad.returncode == 1 and "inner_lr" in bad.stderr and "Traceback" not in bad.stderr
     # Limits that would refuse the run's own tasks (K = 10 support examples) are refused.
     small = subprocess.run(command[:-2] + ["--max_support_examples=7", "--version=1"],
                            capture_output=True, text=True, env=env, timeout=300)
@@ -433,7 +445,7 @@ def test_export_cli_writes_a_versioned_model(sine_run, tmp_path):
     zero = subprocess.run(command + ["--version=0"], capture_output=True, text=True, env=env,
                           timeout=300)
     assert zero.returncode == 1 and "--version must be a positive integer" in zero.stderr
-    assert "Traceback" not in zero.stderr and sorted(os.listdir(tmp_path)) == ["300"]
+    assert "Traceback" not in zero.stderr and sorted(os.listdir(tmp_path)) == ["300", "301"]
 
 
 ALGORITHM_EXPORT_SCRIPT = """

@@ -17,6 +17,8 @@ the run's, on a request's episodes) and `adapt_custom` (the request's
 inner_lr), limited by --max_episodes, --max_horizon, --max_query_observations.
 """
 
+import dataclasses
+
 from absl import app, flags, logging
 
 from tf_maml import cli, serving
@@ -72,10 +74,20 @@ def main(argv):
     overrides = cli.overrides_from_flags(OVERRIDABLE)
     try:
         limits = _checked_flags()
+        # The signature's own settings stay out of the restored config, so that the config
+        # recorded with the export is the run's (the signature's are recorded as export_*).
+        inner_lr = overrides.pop("inner_lr", None)
+        num_eval_steps = overrides.pop("num_eval_steps", None)
         # No data is loaded: the model is rebuilt from the run's config.
         experiment, step = experiment_lib.restore(FLAGS.model_dir, overrides,
                                                   checkpoint_path=FLAGS.checkpoint)
         config = experiment.config
+        # The training flags' checks (a finite positive rate, a step count in range).
+        dataclasses.replace(config, **{name: value for name, value in (
+            ("inner_lr", inner_lr), ("num_eval_steps", num_eval_steps))
+            if value is not None}).validate()
+        if num_eval_steps is None:
+            num_eval_steps = config.num_eval_steps
         wrong = sorted(set(limits) & set(LIMIT_FLAGS if config.is_rl else POLICY_LIMIT_FLAGS))
         if wrong:
             kind, own = (("a meta-RL policy", POLICY_LIMIT_FLAGS) if config.is_rl else
@@ -84,9 +96,8 @@ def main(argv):
                              f"{kind}'s export (its limits: "
                              f"{', '.join('--' + name for name in own)})")
         # The algorithm's own rates (learned ones included) unless --inner_lr is given.
-        inner_lr = overrides.get("inner_lr")
         version = FLAGS.version if FLAGS.version is not None else max(step, 1)
-        path = serving.export(experiment, FLAGS.export_dir, version, config.num_eval_steps,
+        path = serving.export(experiment, FLAGS.export_dir, version, num_eval_steps,
                               inner_lr, overwrite=FLAGS.overwrite, limits=limits)
     except cli.USER_ERRORS as e:
         cli.fail(cli.describe(e))
@@ -98,7 +109,7 @@ def main(argv):
         return
     rates = inner_lr if inner_lr is not None else f"the {config.algorithm} rates"
     print(f"exported step {step} of {FLAGS.model_dir} to {path} "
-          f"(adapt: {config.num_eval_steps} steps with {rates}; {where})")
+          f"(adapt: {num_eval_steps} steps with {rates}; {where})")
 
 
 def run():
