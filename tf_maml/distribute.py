@@ -49,7 +49,8 @@ def make_strategy(name):
             tf.config.experimental_connect_to_cluster(resolver)
             tf.tpu.experimental.initialize_tpu_system(resolver)
         except (ValueError, RuntimeError, tf.errors.OpError) as error:
-            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            text = str(error).strip()
+            reason = text.splitlines()[0] if text else type(error).__name__
             raise ValueError(f"--strategy=tpu found no usable TPU ({reason}); run on a TPU VM, or "
                              "name the TPU in the TPU_NAME environment variable") from None
         return tf.distribute.TPUStrategy(resolver)
