@@ -10,7 +10,9 @@ forward computes them itself; nothing is synchronized across replicas).
 
 import json
 import os
+import signal
 import tempfile
+import threading
 
 import tensorflow as tf
 
@@ -42,7 +44,16 @@ def make_strategy(name):
         return tf.distribute.MirroredStrategy()
     if name == "multi_worker":
         _check_tf_config(os.environ.get("TF_CONFIG"))
-        return tf.distribute.MultiWorkerMirroredStrategy()
+        # TensorFlow's preemption notifier takes over SIGTERM while the strategy starts
+        # (it only logs "SIGTERM caught"): a preempted worker would train on and lose its
+        # work at the SIGKILL that follows. The process's own handler is put back (the
+        # CLI's checkpoints and stops). While the strategy waits for the other workers to
+        # connect, SIGTERM stays TensorFlow's.
+        previous = _sigterm_handler()
+        strategy = tf.distribute.MultiWorkerMirroredStrategy()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+        return strategy
     if name == "tpu":
         try:
             resolver = tf.distribute.cluster_resolver.TPUClusterResolver()
@@ -55,6 +66,14 @@ def make_strategy(name):
                              "name the TPU in the TPU_NAME environment variable") from None
         return tf.distribute.TPUStrategy(resolver)
     raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, got {name!r}")
+
+
+def _sigterm_handler():
+    """The process's SIGTERM handler, or `None` where it cannot be set back (not the main
+    thread, or installed outside Python)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.getsignal(signal.SIGTERM)
 
 
 def _check_tf_config(text):
