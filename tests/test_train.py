@@ -483,9 +483,10 @@ def test_cli_trains_evaluates_and_reports_errors(tmp_path):
                   "--num_eval_tasks=10", f"--output_dir={tmp_path / 'eval'}")
     assert result.returncode == 0, result.stderr
     assert json.load(open(tmp_path / "eval" / "eval_results.json"))["num_tasks"] == 10
-    # Without --output_dir another protocol's results go beside the run's own, not over them.
+    # Without --output_dir another protocol's results go beside the run's own, not over them
+    # (named by the flags that change it: --inner_lr repeats the run's own value).
     result = _run("tf_maml.evaluate", f"--model_dir={model_dir}", "--num_eval_steps=1",
-                  "--num_eval_tasks=5")
+                  "--num_eval_tasks=5", "--inner_lr=0.01")
     assert result.returncode == 0, result.stderr
     beside = os.path.join(model_dir, "eval_num_eval_steps=1_num_eval_tasks=5")
     assert json.load(open(os.path.join(beside, "eval_results.json")))["num_tasks"] == 5

@@ -564,17 +564,21 @@ def _stored_path(path):
     return os.path.abspath(path)
 
 
+def as_stored(config):
+    """`config` as `save` writes it: relative `data_dir` and `cache_dir` made absolute."""
+    return dataclasses.replace(config, data_dir=_stored_path(config.data_dir),
+                               cache_dir=_stored_path(config.cache_dir))
+
+
 def save(config, model_dir):
     """Writes `config.json` into `model_dir` (atomically).
 
-    Relative `data_dir` and `cache_dir` are stored as absolute paths.
+    Relative `data_dir` and `cache_dir` are stored as absolute paths (`as_stored`).
     """
     os.makedirs(model_dir, exist_ok=True)
     path = os.path.join(model_dir, CONFIG_FILENAME)
     tmp = path + ".tmp"
-    values = config.to_dict()
-    for field in ("data_dir", "cache_dir"):
-        values[field] = _stored_path(values[field])
+    values = as_stored(config).to_dict()
     with open(tmp, "w") as f:
         json.dump(values, f, indent=2, sort_keys=True)
         f.write("\n")

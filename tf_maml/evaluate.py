@@ -15,6 +15,7 @@ import os
 from absl import app, flags, logging
 
 from tf_maml import cli, reporting
+from tf_maml import config as config_lib
 
 flags.DEFINE_string("model_dir", None, "A directory written by tf_maml.train.")
 flags.DEFINE_string("baseline_dir", None,
@@ -39,14 +40,17 @@ def main(argv):
     # Flags given on the command line override the run's saved config.
     overrides = cli.overrides_from_flags(OVERRIDABLE)
     output_dir = FLAGS.output_dir
-    protocol = {k: v for k, v in overrides.items() if k not in WHERE_THE_DATA_IS}
-    if output_dir is None and protocol:
-        # Another protocol's results go beside the run's own, never over them.
-        output_dir = os.path.join(FLAGS.model_dir, "eval_" + "_".join(
-            f"{k}={v}" for k, v in sorted(protocol.items())))
-        logging.info("Protocol flags given (%s): results go to %s",
-                     ", ".join(sorted(protocol)), output_dir)
     try:
+        saved = config_lib.load(FLAGS.model_dir)
+        # Flags that change the run's own protocol (a flag repeating its value does not).
+        protocol = {k: v for k, v in overrides.items()
+                    if k not in WHERE_THE_DATA_IS and getattr(saved, k) != v}
+        if output_dir is None and protocol:
+            # Another protocol's results go beside the run's own, never over them.
+            output_dir = os.path.join(FLAGS.model_dir, "eval_" + "_".join(
+                f"{k}={v}" for k, v in sorted(protocol.items())))
+            logging.info("Protocol flags given (%s): results go to %s",
+                         ", ".join(sorted(protocol)), output_dir)
         reporting.evaluate_and_report(FLAGS.model_dir, baseline_dir=FLAGS.baseline_dir,
                                       output_dir=output_dir,
                                       oracle_dir=FLAGS.oracle_dir, **overrides)

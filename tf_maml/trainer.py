@@ -298,9 +298,10 @@ def _check_run_dir(config, model_dir, checkpoint_dir):
         try:
             saved = config_lib.load(model_dir)
             config_lib.check_resumable(saved, config)
+            stored = config_lib.as_stored(config)  # the same folder, however it is named
             changed = [f"{name} {getattr(saved, name)!r} -> {getattr(config, name)!r}"
                        for name in sorted(config_lib.RESUMABLE_FIELDS)
-                       if getattr(saved, name) != getattr(config, name)]
+                       if getattr(saved, name) != getattr(stored, name)]
             if changed and has_checkpoints:
                 logging.info("Resuming with changed settings (they do not change what is "
                              "trained): %s", "; ".join(changed))
