@@ -364,6 +364,39 @@ def test_folder_listing_reads_each_image_once_and_says_what_it_skipped(tmp_path,
     assert "skipped 2 file(s) that are not PNG/JPG/JPEG/BMP/GIF images" in warnings[0]
     assert "skipped 1 link(s) to an image already in its class, e.g. c1/sub/again.png" in (
         warnings[1])
+    # Images beside the class folders are not in any class: said, not silently dropped.
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(root / "loose.png")
+    warnings.clear()
+    assert sources._list_folder(str(root)) == classes
+    assert any("ignored 1 image(s) outside the class folders, e.g. loose.png" in w
+               for w in warnings)
+    # Non-UTF-8 names (zips made on Windows) key the cache like any other.
+    odd = os.fsdecode(b"caf\xe9")
+    os.rename(root / "c0", root / odd)
+    assert sources._folder_key(str(root), sources._list_folder(str(root)), None, None)
+
+
+@pytest.mark.parametrize("link", ["class_alias", "link_above_the_class", "image_in_two"])
+def test_folder_links_never_put_one_image_in_two_classes(tmp_path, link):
+    """A class linked under a second name, a link inside a class to the folder above it, an
+    image linked into another class: each made one image a member of two classes, silently
+    (a meta-test class could be trained on under its alias). Refused in one line."""
+    from PIL import Image
+    root = tmp_path / "images"
+    for c in range(4):
+        (root / f"c{c}").mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(np.full((8, 8), 40 * i + c, np.uint8)).save(root / f"c{c}" / f"{i}.png")
+    if link == "class_alias":
+        os.symlink(root / "c0", root / "c9_alias")
+    elif link == "link_above_the_class":
+        os.symlink(root, root / "c0" / "loop")
+    else:
+        os.symlink(root / "c1" / "0.png", root / "c2" / "borrowed.png")
+    with pytest.raises(ValueError, match=r"image\(s\) are in more than one class through "
+                                         r"links, e\.g\. .* \(class c\w+\) is .*every image "
+                                         r"must belong to one class folder only"):
+        sources.load_folder(str(root))
 
 
 # -- TFDS ---------------------------------------------------------------------------------------

@@ -428,10 +428,14 @@ def _list_folder(data_dir):
     if not data_dir or not os.path.isdir(data_dir):
         what = "is not a directory" if data_dir and os.path.exists(data_dir) else "does not exist"
         raise FileNotFoundError(f"image folder data_dir {data_dir!r} {what}; {layout}")
-    classes, skipped, repeated = [], [], []
+    classes, skipped, repeated, loose = [], [], [], []
+    owners, shared = {}, []  # every image's real path -> (class, path): one class per image
     for entry in sorted(os.listdir(data_dir)):
         folder = os.path.join(data_dir, entry)
         if entry.startswith(".") or not os.path.isdir(folder):
+            if not entry.startswith(".") and os.path.splitext(entry)[1].lower() in \
+                    IMAGE_EXTENSIONS:
+                loose.append(entry)
             continue
         files, seen_dirs, seen_files = [], set(), set()
         for root, dirs, names in os.walk(folder, followlinks=True):
@@ -452,11 +456,26 @@ def _list_folder(data_dir):
                 elif os.path.realpath(path) in seen_files:
                     repeated.append(os.path.relpath(path, data_dir))
                 else:
-                    seen_files.add(os.path.realpath(path))
+                    real_file = os.path.realpath(path)
+                    seen_files.add(real_file)
                     files.append(os.path.relpath(path, data_dir))
+                    owner = owners.setdefault(real_file, (entry, files[-1]))
+                    if owner[0] != entry:
+                        shared.append((files[-1], entry, *owner))
         classes.append((entry, sorted(files)))
     if not classes:
         raise ValueError(f"image folder {data_dir} has no class sub-folders; {layout}")
+    if shared:
+        # Through links (a class linked under a second name, a link to a folder above its
+        # class): one image in two classes, perhaps a meta-test image in a training class.
+        path, entry, other_entry, other_path = shared[0]
+        raise ValueError(
+            f"image folder {data_dir}: {len(shared)} image(s) are in more than one class "
+            f"through links, e.g. {path} (class {entry}) is {other_path} (class "
+            f"{other_entry}); every image must belong to one class folder only")
+    if loose:
+        logging.warning("%s: ignored %d image(s) outside the class folders, e.g. %s", data_dir,
+                        len(loose), loose[0])
     if skipped:
         logging.warning("%s: skipped %d file(s) that are not %s images, e.g. %s", data_dir,
                         len(skipped), "/".join(e[1:].upper() for e in IMAGE_EXTENSIONS),
@@ -470,10 +489,12 @@ def _list_folder(data_dir):
 def _folder_key(data_dir, classes, image_size, channels):
     digest = hashlib.sha1(f"v{_CACHE_VERSION}:{image_size}:{channels};".encode())
     for name, files in classes:
-        digest.update(f"[{name}]".encode())
+        # File names are bytes to the OS: names that are not UTF-8 (zips made on Windows)
+        # come as surrogate escapes, which encode back to those bytes.
+        digest.update(os.fsencode(f"[{name}]"))
         for file in files:
             stat = os.stat(os.path.join(data_dir, file))
-            digest.update(f"{file}:{stat.st_size}:{stat.st_mtime_ns};".encode())
+            digest.update(os.fsencode(f"{file}:{stat.st_size}:{stat.st_mtime_ns};"))
     return digest.hexdigest()[:16]
 
 
