@@ -310,6 +310,18 @@ def test_resume_refuses_other_data_and_follows_moved_data(tmp_path):
     with open(os.path.join(model_dir, experiment_lib.DATA_FILENAME), "w") as f:
         f.write("[1, 2]")
     experiment_lib.restore(model_dir, {"data_dir": str(moved)}, load_tasks=True)
+    # One colour image (same name, same counts) makes the folder RGB: the shape change is
+    # named, where the checkpoints' "incompatible tensor" failure advised moving them away.
+    Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(
+        moved / "class_03" / "0.png")
+    resumed = config_lib.Config(**{**config.to_dict(), "data_dir": str(moved),
+                                   "num_iterations": 4})
+    shape_changed = (r"gives inputs of shape \(8, 8, 3\) and 2 outputs, but the run in .* was "
+                     r"trained on \(8, 8, 1\) and 2 .*--image_channels")
+    with pytest.raises(ValueError, match=shape_changed):
+        trainer.train(resumed, model_dir)
+    with pytest.raises(ValueError, match=shape_changed):
+        experiment_lib.restore(model_dir, {"data_dir": str(moved)}, load_tasks=True)
 
 
 def test_changed_config_is_refused_and_extension_allowed(tmp_path):

@@ -23,7 +23,8 @@ from tf_maml.tasks import sources
 __all__ = ["Experiment", "build_experiment", "restore", "make_checkpoint", "save_spec", "load_spec",
            "resolve_jit_compile", "checkpoint_paths", "restore_latest", "check_readable",
            "indexed_checkpoint", "check_writable", "error_text", "CheckpointError",
-           "save_data_fingerprint", "check_same_data", "CHECKPOINT_SUBDIR", "DATA_FILENAME"]
+           "save_data_fingerprint", "check_same_data", "check_same_spec", "CHECKPOINT_SUBDIR",
+           "DATA_FILENAME"]
 
 CHECKPOINT_SUBDIR = "checkpoints"
 SPEC_FILENAME = "task_spec.json"
@@ -197,13 +198,7 @@ def load_spec(model_dir, config):
     if not os.path.exists(path):
         return tasks_lib.spec(config)
     try:
-        with open(path) as f:
-            values = json.load(f)
-        shape, size = values["input_shape"], values["output_size"]
-        if not (isinstance(shape, list) and shape and all(_positive_int(d) for d in shape)
-                and _positive_int(size) and isinstance(values["is_classification"], bool)):
-            raise ValueError(f"unexpected values {values}")
-        return tasks_lib.TaskSpec(tuple(shape), size, values["is_classification"])
+        return _read_spec(path)
     except (OSError, ValueError, KeyError, TypeError) as e:
         reason = f"{type(e).__name__}: {e}" if isinstance(e, KeyError) else str(e)
         try:
@@ -216,8 +211,52 @@ def load_spec(model_dir, config):
         return derived
 
 
+def _read_spec(path):
+    """The `TaskSpec` in `path`; raises on a file that does not hold one."""
+    with open(path) as f:
+        values = json.load(f)
+    shape, size = values["input_shape"], values["output_size"]
+    if not (isinstance(shape, list) and shape and all(_positive_int(d) for d in shape)
+            and _positive_int(size) and isinstance(values["is_classification"], bool)):
+        raise ValueError(f"unexpected values {values}")
+    return tasks_lib.TaskSpec(tuple(shape), size, values["is_classification"])
+
+
 def _positive_int(value):
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def check_same_spec(model_dir, tasks, data_dir):
+    """Refuses data whose inputs or outputs have other shapes than the run's.
+
+    An RGB image among grayscale ones makes a folder's images RGB; other image
+    sizes change the shape too. Without this check the run's checkpoints would
+    fail to restore with a message about incompatible tensors.
+
+    Args:
+        model_dir: the run (its `task_spec.json`; runs without one are not checked).
+        tasks: the task family loaded now (`input_shape`, `output_size`).
+        data_dir: where that data was read, for the message.
+
+    Raises:
+        ValueError: the shapes differ from the recorded ones.
+    """
+    path = os.path.join(model_dir, SPEC_FILENAME)
+    if tasks is None or not hasattr(tasks, "input_shape") or not os.path.exists(path):
+        return
+    try:
+        recorded = _read_spec(path)
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # load_spec says so
+    now = (tuple(tasks.input_shape), tasks.output_size)
+    before = (tuple(recorded.input_shape), recorded.output_size)
+    if now != before:
+        raise ValueError(
+            f"the data at data_dir={data_dir!r} gives inputs of shape {now[0]} and {now[1]} "
+            f"outputs, but the run in {model_dir} was trained on {before[0]} and {before[1]} "
+            f"(recorded in {path}): the images' size or channels changed (one colour image "
+            "makes a folder RGB; --image_channels and --image_size fix them). Use the run's "
+            "own data, or train in a new --model_dir")
 
 
 def make_checkpoint(experiment, **extra):
@@ -467,6 +506,7 @@ def restore(model_dir, overrides=None, tasks=None, load_tasks=False, checkpoint_
     experiment = build_experiment(config, tasks, load_tasks=load_tasks,
                                   spec=load_spec(model_dir, config))
     if load_tasks and tasks is None:
+        check_same_spec(model_dir, experiment.tasks, config.data_dir)
         check_same_data(model_dir, tasks_lib.data_fingerprint(experiment.tasks), config.data_dir)
     step = tf.Variable(0, dtype=tf.int64)
     checkpoint = make_checkpoint(experiment, step=step)

@@ -400,6 +400,7 @@ def _train(config, model_dir, tasks, run_log):
                            aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
     fingerprint = tasks_lib.data_fingerprint(experiment.tasks)
     if experiment_lib.checkpoint_paths(checkpoint_dir):
+        experiment_lib.check_same_spec(model_dir, experiment.tasks, config.data_dir)
         experiment_lib.check_same_data(model_dir, fingerprint, config.data_dir)
     checkpoint = experiment_lib.make_checkpoint(experiment, optimizer=optimizer, step=step)
     all_finite = _make_finite_check(algorithm.meta_variables + algorithm.state_variables)
