@@ -422,6 +422,14 @@ def test_tfds_tasks_from_mock_data(tmp_path, monkeypatch):
         small = tasks_lib.tfds_tasks("mnist", 2, 1, 2, image_size=14, data_dir=str(tmp_path),
                                      class_split="0.6,0.2,0.2")
         assert small.input_shape == (14, 14, 1)
+        # An image_size whose arrays could not fit is refused before resizing, as for folders
+        # (on a machine of 1 MiB here, so that a failing check cannot exhaust the real one).
+        sizes = {"SC_PAGE_SIZE": 4096, "SC_PHYS_PAGES": 256}
+        monkeypatch.setattr(sources.os, "sysconf",
+                            lambda name, real=os.sysconf: sizes.get(name) or real(name))
+        with pytest.raises(ValueError, match=r"TFDS mnist: 200 images of 64x64x1 need "
+                                             r"\d+\.\d GiB decoded, more than half"):
+            tasks_lib.tfds_tasks("mnist", 2, 1, 2, image_size=64, data_dir=str(tmp_path))
     monkeypatch.undo()
     with pytest.raises(ValueError, match="unknown TFDS dataset 'no_such_dataset_xyz'"):
         tasks_lib.tfds_tasks("no_such_dataset_xyz", 2, 1, 1)

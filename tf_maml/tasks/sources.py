@@ -728,6 +728,13 @@ def _load_tfds(name, data_dir, splits, download, image_key, label_key, image_siz
     splits = list(splits or builder.info.splits or ("train", "test"))
     label_feature = builder.info.features[label_key]
     class_names = getattr(label_feature, "names", None)
+    channels = (builder.info.features[image_key].shape or (None,))[-1] or 3
+    if image_size is not None:  # as for a folder: refused before anything is decoded
+        try:
+            count = sum(builder.info.splits[split].num_examples for split in splits)
+        except (KeyError, TypeError, AttributeError):
+            count = 1  # unknown here: checked again once the images are counted
+        _check_fits_in_memory(max(count, 1), image_size, channels, f"TFDS {name}")
     images, labels = [], []
     for split in splits:
         try:
@@ -752,6 +759,7 @@ def _load_tfds(name, data_dir, splits, download, image_key, label_key, image_siz
         raise ValueError(f"TFDS {name}: mixed image sizes {sorted(shapes)[:3]}; pass image_size")
     x, y = np.concatenate(images), np.concatenate(labels)
     if image_size is not None and x.shape[1:3] != image_size:
+        _check_fits_in_memory(len(x), image_size, x.shape[-1], f"TFDS {name}")
         x = np.stack([_resize_array(image, image_size, name) for image in x])
     return x, y, class_names
 
