@@ -181,6 +181,29 @@ def test_results_json_is_strict_json_when_metrics_are_nan(tmp_path):
     assert saved["non_finite"]["models"] == ["MAML"]
 
 
+def test_results_and_plots_are_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
+    """A process killed while writing eval_results.json left it empty (the previous results
+    lost): it is now written beside and renamed into place, like the plots."""
+    path = str(tmp_path / "eval_results.json")
+    results = {"MAML": (np.array([1.0, 2.0]), np.array([0.1, 0.2]))}
+    evaluation.write_json(path, "mse", results, {"num_tasks": 3})
+    before = open(path).read()
+
+    def dies_midway(payload, f, **kwargs):  # as a kill between two buffered writes would
+        f.write('{"metric": "ms')
+        f.flush()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(evaluation.json, "dump", dies_midway)
+    with pytest.raises(KeyboardInterrupt):
+        evaluation.write_json(path, "mse", results, {"num_tasks": 4})
+    assert open(path).read() == before and os.listdir(tmp_path) == ["eval_results.json"]
+    monkeypatch.undo()
+    plot = evaluation.plot_curves(str(tmp_path / "eval_curve.png"), "mse", results, "sine")
+    assert open(plot, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    assert sorted(os.listdir(tmp_path)) == ["eval_curve.png", "eval_results.json"]
+
+
 def test_evaluation_that_diverges_says_so(run_copy, capsys):
     results = reporting.evaluate_and_report(run_copy, inner_lr=1e9, num_eval_steps=2,
                                             num_eval_tasks=10)

@@ -207,7 +207,8 @@ def load_spec(model_dir, config):
             raise ValueError(f"{path} is unreadable ({reason}): it records the input shape and "
                              "output size of the run's model, which its config cannot tell for "
                              f"dataset {config.dataset}; restore the file") from None
-        logging.warning("%s is unreadable (%s); using the config's %s", path, reason, derived)
+        logging.warning("%s is unreadable (%s); using the config's inputs of shape %s and %d "
+                        "outputs", path, reason, tuple(derived.input_shape), derived.output_size)
         return derived
 
 
