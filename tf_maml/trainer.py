@@ -291,6 +291,10 @@ def _divergence_message(config, bad_logs, first, last, latest):
             f"{_rates(config)} and rerun")
 
 
+# Resumable settings that change the kernels a step runs, so its float32 rounding.
+_OTHER_KERNELS = ("jit_compile", "recompute_inner_steps", "strategy")
+
+
 def _check_run_dir(config, model_dir, checkpoint_dir):
     """Refuses a `model_dir` holding another run, or checkpoints without their config."""
     has_checkpoints = bool(experiment_lib.checkpoint_paths(checkpoint_dir))
@@ -303,8 +307,12 @@ def _check_run_dir(config, model_dir, checkpoint_dir):
                        for name in sorted(config_lib.RESUMABLE_FIELDS)
                        if getattr(saved, name) != getattr(stored, name)]
             if changed and has_checkpoints:
+                kernels = [name for name in _OTHER_KERNELS
+                           if getattr(saved, name) != getattr(stored, name)]
+                note = ("; the same mathematics with other kernels: float32 rounding differs "
+                        f"from an uninterrupted run's ({', '.join(kernels)})" if kernels else "")
                 logging.info("Resuming with changed settings (they do not change what is "
-                             "trained): %s", "; ".join(changed))
+                             "trained%s): %s", note, "; ".join(changed))
         except ValueError:
             if has_checkpoints:
                 raise
