@@ -382,6 +382,7 @@ def train(config, model_dir, tasks=None):
         raise
     finally:
         logger.removeHandler(run_log)
+        _unlock(run_log.run_dir_lock)
 
 
 def _train(config, model_dir, tasks, run_log):
@@ -396,7 +397,7 @@ def _train(config, model_dir, tasks, run_log):
     chief = distribute.is_chief(strategy)
     run_log.enabled = chief
     checkpoint_dir = os.path.join(model_dir, CHECKPOINT_SUBDIR)
-    _prepare_run_dir(config, model_dir, checkpoint_dir, chief)
+    run_log.run_dir_lock = _prepare_run_dir(config, model_dir, checkpoint_dir, chief)
 
     with strategy.scope():
         experiment = experiment_lib.build_experiment(config, tasks)
@@ -490,6 +491,7 @@ class _RunLog(std_logging.Handler):
         self.path = os.path.join(model_dir, LOG_FILENAME)
         self.setFormatter(std_logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         self.enabled, self.started = True, False
+        self.run_dir_lock = None  # the chief's lock on model_dir while it trains
 
     def write(self, line):
         if not (self.enabled and self.started):
@@ -505,12 +507,63 @@ class _RunLog(std_logging.Handler):
 
 
 def _prepare_run_dir(config, model_dir, checkpoint_dir, chief=True):
-    """Checks, before anything is built or written, that `model_dir` can hold this run."""
+    """Checks, before anything is built or written, that `model_dir` can hold this run.
+
+    Returns:
+        The chief's lock on `model_dir` (`_lock_run_dir`), or `None`.
+    """
     _check_run_dir(config, model_dir, checkpoint_dir)
-    if chief:
-        experiment_lib.check_writable(model_dir, "model_dir")
+    if not chief:
+        return None
+    experiment_lib.check_writable(model_dir, "model_dir")
+    lock = _lock_run_dir(model_dir)
+    try:
         experiment_lib.check_writable(checkpoint_dir, "checkpoint directory")
         experiment_lib.check_writable(os.path.join(model_dir, "train"), "summary directory")
+    except BaseException:
+        _unlock(lock)
+        raise
+    return lock
+
+
+def _lock_run_dir(model_dir):
+    """An exclusive lock on `model_dir` (the directory itself: no file is left behind).
+
+    Two trainers on one `model_dir` would write the same checkpoint files and
+    interleave their logs; the second is refused. The kernel drops the lock when
+    the process ends, however it ends. Where locks are not supported (some
+    network filesystems, not POSIX), training goes on unlocked.
+
+    Returns:
+        The locked file descriptor (`_unlock` releases it), or `None`.
+
+    Raises:
+        ValueError: another process holds the lock.
+    """
+    try:
+        import fcntl  # noqa: PLC0415 -- POSIX only
+        os.makedirs(model_dir, exist_ok=True)
+        fd = os.open(model_dir, os.O_RDONLY)
+    except (ImportError, OSError):
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ValueError(f"another process is training in {model_dir} (it holds the directory's "
+                         "lock): two trainers would overwrite each other's checkpoints. Wait for "
+                         "it or stop it (its progress is in train.log), or use another "
+                         "model_dir") from None
+    except OSError as e:
+        os.close(fd)
+        logging.warning("Could not lock %s (%s); make sure no other trainer uses it", model_dir, e)
+        return None
+    return fd
+
+
+def _unlock(lock):
+    if lock is not None:
+        os.close(lock)  # closing the descriptor releases the lock
 
 
 def _restore(config, checkpoint, checkpoint_dir, step, all_finite):
@@ -714,7 +767,7 @@ def make_rl_finite_check(algorithm):
 def _train_rl(config, model_dir, run_log):
     """`train` for an RL dataset: MAML-RL (or the pretrained baseline) with the same loop."""
     checkpoint_dir = os.path.join(model_dir, CHECKPOINT_SUBDIR)
-    _prepare_run_dir(config, model_dir, checkpoint_dir)
+    run_log.run_dir_lock = _prepare_run_dir(config, model_dir, checkpoint_dir)
     experiment = experiment_lib.build_experiment(config)
     algorithm = experiment.algorithm
     optimizer = algorithm.make_optimizer(config.meta_lr)
