@@ -111,6 +111,11 @@ def test_array_tasks_images_and_explicit_class_split():
     assert seen == {4, 5}
     tasks = tasks_lib.array_tasks(x, y, 2, 1, 3, class_split=([0, 1], [2, 3], [4, 5]))
     assert tasks.class_names == {"train": [0, 1], "val": [2, 3], "test": [4, 5]}
+    # Numpy arrays of class ids, as users build them (was "truth value of an array is
+    # ambiguous").
+    tasks = tasks_lib.array_tasks(x, y, 2, 1, 3, class_split={"train": np.arange(3),
+                                                              "test": np.array([4, 5])})
+    assert tasks.class_names == {"train": [0, 1, 2], "test": [4, 5]}
 
 
 def test_split_classes():
@@ -692,3 +697,19 @@ def test_custom_tasks_train_and_restore_without_them(tmp_path):
     assert step == 3 and restored.spec.input_shape == (2,) and not restored.spec.is_classification
     for a, b in zip(experiment.model.weights, restored.model.weights):
         np.testing.assert_array_equal(a, b)
+
+
+def test_validation_episodes_without_validation_classes_say_they_are_test_tasks(monkeypatch):
+    """`Episodes(split="val")` on a family without validation classes draws meta-test tasks
+    (as the CLI does, which says so): a model picked on them is picked on test data."""
+    from tf_maml import keras_face
+    warnings = []
+    monkeypatch.setattr(keras_face.logging, "warning",
+                        lambda message, *args: warnings.append(message % args))
+    x, y = _features(COUNTS)
+    no_val = tasks_lib.array_tasks(x, y, 2, 1, 1, class_split=(range(10), [], range(10, 20)))
+    keras_face.Episodes(no_val, 2, split="val")
+    assert len(warnings) == 1 and "tasks of its meta-test classes" in warnings[0]
+    keras_face.Episodes(no_val, 2, split="test")
+    keras_face.Episodes(tasks_lib.array_tasks(x, y, 2, 1, 1), 2, split="val")  # has val classes
+    assert len(warnings) == 1

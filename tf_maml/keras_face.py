@@ -100,6 +100,13 @@ class Episodes:
         check_positive_ints("Episodes", **{k: v for k, v in sizes.items() if v is not None})
         if k_shot is not None and hasattr(tasks, "check_k_shot"):
             tasks.check_k_shot(k_shot, split)  # too few examples: say so now, not in tf.data
+        splits = getattr(tasks, "num_classes", None)
+        if split == "val" and isinstance(splits, dict) and "val" not in splits:
+            logging.warning(
+                "Episodes(split='val'): the task family has no validation classes, so these "
+                "are tasks of its meta-test classes; a model selected on them (e.g. "
+                "ModelCheckpoint(save_best_only=True)) is selected on test data. Give the "
+                "family a validation part (class_split)")
         self.tasks, self.meta_batch_size, self.split = tasks, int(meta_batch_size), split
         self.seed, self.k_shot = None if seed is None else int(seed), k_shot
         self.num_batches = num_batches

@@ -276,7 +276,8 @@ def split_classes(classes, class_split=DEFAULT_CLASS_SPLIT, seed=0, name="data")
                              f"{SPLITS}")
         known, seen, out = set(classes.tolist()), set(), {}
         for split in SPLITS:
-            ids = list(parts.get(split) or [])
+            ids = parts.get(split)
+            ids = [] if ids is None else list(ids)  # a numpy array has no truth value
             missing = [i for i in ids if i not in known]
             if missing:
                 raise ValueError(f"{name}: class_split {split} names classes that are not in "
@@ -342,7 +343,8 @@ def _by_index(class_split, index, name):
     parts = class_split if isinstance(class_split, dict) else dict(zip(SPLITS, class_split))
     out = {}
     for split, ids in parts.items():
-        ids = [i.item() if isinstance(i, np.generic) else i for i in (ids or [])]
+        ids = [i.item() if isinstance(i, np.generic) else i
+               for i in ([] if ids is None else ids)]
         missing = [i for i in ids if i not in index]
         if missing:
             raise ValueError(f"{name}: class_split {split} names classes that are not in the "
