@@ -117,6 +117,22 @@ def test_shapes_that_do_not_fit_the_model_are_refused_before_training():
     _one_line(e, r"^query_y must hold one label per query_x example")
 
 
+@pytest.mark.parametrize("loss", ["mse", "mae"])
+def test_a_regression_loss_on_classification_tasks_fails_in_one_line(loss):
+    """A user trial: `compile(loss="mse")` on a classification family failed deep in the
+    step ("Dimensions must be equal, but are 4 and 2 for '{{node sub}}'")."""
+    rng = np.random.default_rng(0)
+    tasks = tf_maml.tasks.array_tasks(rng.random((120, 8), np.float32), np.arange(120) % 20,
+                                      n_way=3, k_shot=1, k_query=2)
+    learner = MetaLearner(keras.Sequential([keras.Input((8,)), keras.layers.Dense(3)]),
+                          inner_lr=0.1)
+    learner.compile(optimizer="adam", loss=loss)
+    with pytest.raises(ValueError) as e:
+        learner.fit(Episodes(tasks, 2), epochs=1, steps_per_epoch=1, verbose=0)
+    _one_line(e, r"^loss mean_\w+_error compares predictions with targets of their shape, but "
+                 r"the tasks are classification .*'sparse_categorical_crossentropy'$")
+
+
 def test_regression_targets_not_of_the_outputs_shape_fail_in_one_line():
     """Keras' elementwise losses compare targets with outputs value by value; other shapes
     used to fail deep in the loss ("Dimensions must be equal", "unknown rank")."""

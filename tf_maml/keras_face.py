@@ -691,6 +691,12 @@ class MetaLearner(keras.Model):
         kind = getattr(tasks, "is_classification", None)
         if kind is not None:
             self.is_classification = bool(kind)
+        if kind and self._loss_compares_elementwise():
+            raise ValueError(
+                f"loss {self._compiled_loss_name()} compares predictions with targets of their "
+                "shape, but the tasks are classification (their labels are integer class ids): "
+                "compile with a loss that takes labels, e.g. "
+                "'sparse_categorical_crossentropy'")
         task_shape = getattr(tasks, "input_shape", None)
         if task_shape is not None:
             self._task_input_shape = task_shape = tuple(task_shape)
