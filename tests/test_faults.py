@@ -90,6 +90,15 @@ def test_non_finite_meta_loss_stops_training_at_once(tmp_path):
     with pytest.raises(ValueError, match="different configuration"):
         trainer.train(config_lib.Config(num_iterations=10, inner_lr=0.5, **TINY), model_dir)
     assert open(log).read() == text
+    # A resume says in train.log where it went on from (logged before the run started, it
+    # reached only stderr); TensorFlow's per-checkpoint "Sharding callback" lines stay out.
+    absl_logging.set_verbosity(absl_logging.INFO)
+    try:
+        trainer.train(config_lib.Config(num_iterations=12, **TINY), model_dir)
+    finally:
+        absl_logging.set_verbosity(verbosity)
+    text = open(log).read()
+    assert "Resumed from" in text and "at step 10" in text and "Sharding callback" not in text
 
 
 def test_a_failed_meta_step_is_neither_applied_nor_counted(monkeypatch):

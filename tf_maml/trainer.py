@@ -421,7 +421,7 @@ def _train(config, model_dir, tasks, run_log):
         experiment_lib.save_spec(experiment.spec, model_dir)
         if fingerprint is not None:
             experiment_lib.save_data_fingerprint(fingerprint, model_dir)
-    run_log.started = True
+    run_log.start()
     start = int(step.numpy())
     if start >= config.num_iterations:
         logging.info("Already trained for %d iterations; nothing to do.", start)
@@ -479,22 +479,36 @@ def _now():
 
 
 class _RunLog(std_logging.Handler):
-    """Appends log lines to `model_dir/train.log` once the run has started (`started`).
+    """Appends log lines to `model_dir/train.log` once the run has started (`start`).
 
     Before that nothing is written (a run that cannot start, or a refused
-    resume, leaves `model_dir` untouched); a log file that cannot be written
-    never stops training.
+    resume, leaves `model_dir` untouched); the lines logged while it prepared
+    (what it resumed from, checkpoints it skipped) are written when it starts.
+    A log file that cannot be written never stops training. TensorFlow's
+    per-checkpoint "Sharding callback duration" lines are left out.
     """
+
+    _EARLY_LINES = 200  # kept until the run starts
 
     def __init__(self, model_dir):
         super().__init__(std_logging.INFO)
         self.path = os.path.join(model_dir, LOG_FILENAME)
         self.setFormatter(std_logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-        self.enabled, self.started = True, False
+        self.enabled, self.started, self._early = True, False, []
         self.run_dir_lock = None  # the chief's lock on model_dir while it trains
 
+    def start(self):
+        self.started = True
+        early, self._early = self._early, []
+        for line in early:
+            self.write(line)
+
     def write(self, line):
-        if not (self.enabled and self.started):
+        if not self.enabled:
+            return
+        if not self.started:
+            if len(self._early) < self._EARLY_LINES:
+                self._early.append(line)
             return
         try:
             with open(self.path, "a") as f:
@@ -503,6 +517,8 @@ class _RunLog(std_logging.Handler):
             self.enabled = False
 
     def emit(self, record):
+        if record.levelno <= std_logging.INFO and "Sharding callback" in str(record.msg):
+            return
         self.write(self.format(record))
 
 
@@ -778,7 +794,7 @@ def _train_rl(config, model_dir, run_log):
     latest = _restore(config, checkpoint, checkpoint_dir, step, all_finite)
     # The run can start: only now is anything written.
     config_lib.save(_as_trained(config, step), model_dir)
-    run_log.started = True
+    run_log.start()
     start = int(step.numpy())
     if start >= config.num_iterations:
         logging.info("Already trained for %d iterations; nothing to do.", start)
