@@ -541,3 +541,25 @@ def test_a_second_trainer_on_the_same_model_dir_is_refused(tmp_path):
     _, step = trainer.train(config, model_dir)
     assert step == 3
     trainer._unlock(trainer._lock_run_dir(model_dir))  # released when the run ended
+
+
+def test_what_killed_saves_left_is_removed_when_the_run_resumes(tmp_path):
+    """kill -9 during a save leaves TensorFlow's `ckpt-N_temp/` shards or the state file's
+    `checkpoint.tmp<hex>`; a helper's trial collected six after one run. The next run (which
+    holds the directory's lock) removes them, and nothing else."""
+    model_dir = str(tmp_path / "run")
+    config = config_lib.Config(num_iterations=2, meta_batch_size=2, validate_every=0,
+                               checkpoint_every=2)
+    trainer.train(config, model_dir)
+    checkpoints = os.path.join(model_dir, "checkpoints")
+    os.makedirs(os.path.join(checkpoints, "ckpt-3_temp"))
+    open(os.path.join(checkpoints, "ckpt-3_temp", "part-00000-of-00001.data-00000-of-00001"),
+         "w").close()
+    open(os.path.join(checkpoints, "checkpoint.tmp0123abcd"), "w").close()
+    open(os.path.join(checkpoints, "notes_temp"), "w").close()  # not a save's: kept
+    _, step = trainer.train(config_lib.Config(**{**config.to_dict(), "num_iterations": 4}),
+                            model_dir)
+    assert step == 4
+    left = sorted(os.listdir(checkpoints))
+    assert "ckpt-3_temp" not in left and "checkpoint.tmp0123abcd" not in left
+    assert "notes_temp" in left and "ckpt-4.index" in left

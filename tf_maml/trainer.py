@@ -21,6 +21,8 @@ import dataclasses
 import logging as std_logging
 import math
 import os
+import re
+import shutil
 import time
 
 import tensorflow as tf
@@ -536,10 +538,36 @@ def _prepare_run_dir(config, model_dir, checkpoint_dir, chief=True):
     try:
         experiment_lib.check_writable(checkpoint_dir, "checkpoint directory")
         experiment_lib.check_writable(os.path.join(model_dir, "train"), "summary directory")
+        if lock is not None:
+            _remove_partial_saves(checkpoint_dir)
     except BaseException:
         _unlock(lock)
         raise
     return lock
+
+
+_PARTIAL_SAVE = re.compile(r"^(ckpt-\d+_temp|checkpoint\.tmp[0-9a-f]+)$")
+
+
+def _remove_partial_saves(checkpoint_dir):
+    """Removes what saves killed part-way left (TensorFlow's `ckpt-N_temp/` shards, the state
+    file's `checkpoint.tmp<hex>`): never read, but every crash added one. Only while this
+    process holds the run's lock (no other save can be in progress)."""
+    if not os.path.isdir(checkpoint_dir):
+        return
+    for name in os.listdir(checkpoint_dir):
+        if not _PARTIAL_SAVE.match(name):
+            continue
+        path = os.path.join(checkpoint_dir, name)
+        try:
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path)
+            else:
+                os.remove(path)
+        except OSError as e:
+            logging.warning("Could not remove %s, left by an interrupted save (%s)", path, e)
+            continue
+        logging.info("Removed %s, left by an interrupted save", path)
 
 
 def _lock_run_dir(model_dir):
