@@ -189,6 +189,17 @@ def test_multi_worker_refuses_an_unusable_tf_config_naming_what_is_wrong(monkeyp
         distribute.make_strategy("multi_worker")
 
 
+
+@pytest.mark.parametrize("tf_config", [
+    {"cluster": {"worker": ["a:1", "b:2"]}, "task": {"type": "worker", "index": "1"}},
+    {"cluster": {"worker": {"0": "a:1", "1": "b:2"}}, "task": {"type": "worker", "index": 1}},
+    {"cluster": {"worker": ["a:1"]}, "task": {"type": "evaluator", "index": 0}},
+])
+def test_tf_config_shapes_tensorflow_accepts_pass_the_check(tf_config):
+    """Launchers write string indices and jobs as {index: address}; TensorFlow takes both."""
+    distribute._check_tf_config(json.dumps(tf_config))
+
+
 def test_tpu_strategy_without_a_tpu_is_one_line_naming_the_flag(monkeypatch):
     """On a machine without a TPU, `--strategy=tpu` says so instead of "Please provide a TPU
     Name to connect to." from the resolver."""

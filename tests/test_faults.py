@@ -541,6 +541,12 @@ def test_a_second_trainer_on_the_same_model_dir_is_refused(tmp_path):
     _, step = trainer.train(config, model_dir)
     assert step == 3
     trainer._unlock(trainer._lock_run_dir(model_dir))  # released when the run ended
+    # A first run that cannot start (its data is missing) leaves no model_dir behind.
+    missing = str(tmp_path / "never")
+    with pytest.raises(FileNotFoundError):
+        trainer.train(config_lib.Config(dataset="folder", data_dir=str(tmp_path / "no_data"),
+                                        num_iterations=1), missing)
+    assert not os.path.exists(missing)
 
 
 def test_what_killed_saves_left_is_removed_when_the_run_resumes(tmp_path):

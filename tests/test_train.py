@@ -496,13 +496,20 @@ def test_cli_trains_evaluates_and_reports_errors(tmp_path):
     assert result.returncode == 0, result.stderr
     assert json.load(open(tmp_path / "eval" / "eval_results.json"))["num_tasks"] == 10
     # Without --output_dir another protocol's results go beside the run's own, not over them
-    # (named by the flags that change it: --inner_lr repeats the run's own value).
+    # (named by the flags that change it: --transductive repeats the run's own value).
     result = _run("tf_maml.evaluate", f"--model_dir={model_dir}", "--num_eval_steps=1",
-                  "--num_eval_tasks=5", "--inner_lr=0.01")
+                  "--num_eval_tasks=5", "--transductive")
     assert result.returncode == 0, result.stderr
     beside = os.path.join(model_dir, "eval_num_eval_steps=1_num_eval_tasks=5")
     assert json.load(open(os.path.join(beside, "eval_results.json")))["num_tasks"] == 5
     assert json.load(open(os.path.join(model_dir, "eval_results.json")))["num_tasks"] == 20
+    # --inner_lr always names another protocol, even at the run's own value: it replaces
+    # learned rates (Meta-SGD, MAML++) and a baseline's own rate.
+    result = _run("tf_maml.evaluate", f"--model_dir={model_dir}", "--num_eval_steps=1",
+                  "--num_eval_tasks=5", "--inner_lr=0.01")
+    assert result.returncode == 0, result.stderr
+    assert os.path.exists(os.path.join(model_dir, "eval_inner_lr=0.01_num_eval_steps=1_"
+                                                  "num_eval_tasks=5", "eval_results.json"))
 
     bad = _run("tf_maml.train", f"--model_dir={tmp_path / 'x'}", "--meta_batch_size=0")
     assert bad.returncode != 0 and "meta_batch_size must be a positive integer" in bad.stderr

@@ -102,11 +102,19 @@ def _check_tf_config(text):
         return
     addresses = cluster.get(task["type"])
     index = task.get("index", 0)
-    if not isinstance(addresses, list) or not isinstance(index, int) or isinstance(index, bool) \
-            or not 0 <= index < len(addresses):
-        sizes = {job: len(a) if isinstance(a, list) else a for job, a in cluster.items()}
-        raise ValueError(f"TF_CONFIG's task {task['type']!r} index {index!r} is not in its "
-                         f"cluster (tasks per job: {sizes})")
+    try:  # TensorFlow reads int(index): "1" is index 1
+        index = int(index) if not isinstance(index, bool) else None
+    except (TypeError, ValueError):
+        index = None
+    try:  # a job is a list of addresses, or a dict {index: address}
+        indices = (range(len(addresses)) if isinstance(addresses, list)
+                   else {int(i) for i in addresses} if isinstance(addresses, dict) else ())
+    except (TypeError, ValueError):
+        indices = ()
+    if index is None or index not in indices:
+        sizes = {job: len(a) if isinstance(a, (list, dict)) else a for job, a in cluster.items()}
+        raise ValueError(f"TF_CONFIG's task {task['type']!r} index {task.get('index', 0)!r} is "
+                         f"not in its cluster (tasks per job: {sizes})")
 
 
 def replica_task_counts(num_tasks, num_replicas):

@@ -42,9 +42,10 @@ def main(argv):
     output_dir = FLAGS.output_dir
     try:
         saved = config_lib.load(FLAGS.model_dir)
-        # Flags that change the run's own protocol (a flag repeating its value does not).
+        # Flags that change the run's own protocol (a flag repeating its value does not;
+        # --inner_lr always does: it replaces learned rates, and a baseline's own rate).
         protocol = {k: v for k, v in overrides.items()
-                    if k not in WHERE_THE_DATA_IS and getattr(saved, k) != v}
+                    if k not in WHERE_THE_DATA_IS and (k == "inner_lr" or getattr(saved, k) != v)}
         if output_dir is None and protocol:
             # Another protocol's results go beside the run's own, never over them.
             output_dir = os.path.join(FLAGS.model_dir, "eval_" + "_".join(

@@ -304,13 +304,15 @@ def _check_run_dir(config, model_dir, checkpoint_dir):
         try:
             saved = config_lib.load(model_dir)
             config_lib.check_resumable(saved, config)
-            stored = config_lib.as_stored(config)  # the same folder, however it is named
+            # The same folder, however it is named (runs saved before paths were stored
+            # absolute hold relative ones).
+            stored, before = config_lib.as_stored(config), config_lib.as_stored(saved)
             changed = [f"{name} {getattr(saved, name)!r} -> {getattr(config, name)!r}"
                        for name in sorted(config_lib.RESUMABLE_FIELDS)
-                       if getattr(saved, name) != getattr(stored, name)]
+                       if getattr(before, name) != getattr(stored, name)]
             if changed and has_checkpoints:
                 kernels = [name for name in _OTHER_KERNELS
-                           if getattr(saved, name) != getattr(stored, name)]
+                           if getattr(before, name) != getattr(stored, name)]
                 note = ("; the same mathematics with other kernels: float32 rounding differs "
                         f"from an uninterrupted run's ({', '.join(kernels)})" if kernels else "")
                 logging.info("Resuming with changed settings (they do not change what is "
@@ -384,7 +386,7 @@ def train(config, model_dir, tasks=None):
         raise
     finally:
         logger.removeHandler(run_log)
-        _unlock(run_log.run_dir_lock)
+        _unlock(run_log.run_dir_lock, model_dir)
 
 
 def _train(config, model_dir, tasks, run_log):
@@ -530,18 +532,19 @@ def _prepare_run_dir(config, model_dir, checkpoint_dir, chief=True):
     Returns:
         The chief's lock on `model_dir` (`_lock_run_dir`), or `None`.
     """
-    _check_run_dir(config, model_dir, checkpoint_dir)
     if not chief:
+        _check_run_dir(config, model_dir, checkpoint_dir)
         return None
     experiment_lib.check_writable(model_dir, "model_dir")
-    lock = _lock_run_dir(model_dir)
+    lock = _lock_run_dir(model_dir)  # first: a second trainer learns only that it is second
     try:
+        _check_run_dir(config, model_dir, checkpoint_dir)
         experiment_lib.check_writable(checkpoint_dir, "checkpoint directory")
         experiment_lib.check_writable(os.path.join(model_dir, "train"), "summary directory")
         if lock is not None:
             _remove_partial_saves(checkpoint_dir)
     except BaseException:
-        _unlock(lock)
+        _unlock(lock, model_dir)
         raise
     return lock
 
@@ -579,16 +582,20 @@ def _lock_run_dir(model_dir):
     network filesystems, not POSIX), training goes on unlocked.
 
     Returns:
-        The locked file descriptor (`_unlock` releases it), or `None`.
+        `(file descriptor, whether the lock created model_dir)` for `_unlock`, or `None`.
 
     Raises:
         ValueError: another process holds the lock.
     """
+    if "://" in model_dir:  # remote storage: no local lock
+        return None
+    created = not os.path.exists(model_dir)
     try:
         import fcntl  # noqa: PLC0415 -- POSIX only
         os.makedirs(model_dir, exist_ok=True)
         fd = os.open(model_dir, os.O_RDONLY)
-    except (ImportError, OSError):
+    except (ImportError, OSError) as e:
+        logging.warning("Could not lock %s (%s); make sure no other trainer uses it", model_dir, e)
         return None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -602,12 +609,21 @@ def _lock_run_dir(model_dir):
         os.close(fd)
         logging.warning("Could not lock %s (%s); make sure no other trainer uses it", model_dir, e)
         return None
-    return fd
+    return fd, created
 
 
-def _unlock(lock):
-    if lock is not None:
-        os.close(lock)  # closing the descriptor releases the lock
+def _unlock(lock, model_dir=None):
+    """Releases `_lock_run_dir`'s lock; removes `model_dir` if the lock created it and the
+    run left nothing in it (a run that could not start leaves no trace)."""
+    if lock is None:
+        return
+    fd, created = lock
+    os.close(fd)  # closing the descriptor releases the lock
+    if created and model_dir is not None:
+        try:
+            os.rmdir(model_dir)  # only if empty
+        except OSError:
+            pass
 
 
 def _restore(config, checkpoint, checkpoint_dir, step, all_finite):
