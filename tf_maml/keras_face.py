@@ -691,12 +691,6 @@ class MetaLearner(keras.Model):
         kind = getattr(tasks, "is_classification", None)
         if kind is not None:
             self.is_classification = bool(kind)
-        if kind and self._loss_compares_elementwise():
-            raise ValueError(
-                f"loss {self._compiled_loss_name()} compares predictions with targets of their "
-                "shape, but the tasks are classification (their labels are integer class ids): "
-                "compile with a loss that takes labels, e.g. "
-                "'sparse_categorical_crossentropy'")
         task_shape = getattr(tasks, "input_shape", None)
         if task_shape is not None:
             self._task_input_shape = task_shape = tuple(task_shape)
@@ -706,6 +700,12 @@ class MetaLearner(keras.Model):
             raise ValueError(f"the model takes inputs of shape {model_shape} but the tasks' "
                              f"inputs are {task_shape}: build it for input_shape="
                              "tasks.input_shape")
+        if kind and self._loss_compares_elementwise():
+            raise ValueError(
+                f"loss {self._compiled_loss_name()} compares predictions with targets of their "
+                "shape, but the tasks are classification (their labels are integer class ids): "
+                "compile with a loss that takes labels, e.g. "
+                "'sparse_categorical_crossentropy'")
         size = getattr(tasks, "output_size", None)
         if size is not None:
             self._task_output_size = int(size)
