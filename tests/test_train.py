@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -597,8 +598,11 @@ def test_configs_saved_with_options_their_algorithm_ignored_still_load(tmp_path)
     values.update(inner_batch_size=5, per_step_bn=False)
     with open(tmp_path / config_lib.CONFIG_FILENAME, "w") as f:
         json.dump(values, f)
-    loaded = config_lib.load(str(tmp_path))
+    with mock.patch.object(config_lib.logging, "warning") as warning:
+        loaded = config_lib.load(str(tmp_path))
+        config_lib.load(str(tmp_path))  # evaluate and export read it more than once
     assert loaded.inner_batch_size == 0 and loaded.per_step_bn
+    assert warning.call_count == 1 and "reset to the default" in warning.call_args[0][0]
     reptile = {**config_lib.Config(algorithm="reptile").to_dict(), "first_order": True}
     assert config_lib.drop_ignored_options(reptile)[1] == ["first_order"]
     baseline = {**config_lib.Config(num_inner_steps=0).to_dict(), "first_order": True}

@@ -610,6 +610,9 @@ def drop_ignored_options(values):
     return values, reset
 
 
+_RESETS_REPORTED = set()
+
+
 def load(model_dir, flag="--model_dir"):
     """Reads the `Config` saved in `model_dir`.
 
@@ -632,7 +635,9 @@ def load(model_dir, flag="--model_dir"):
         if not isinstance(values, dict):
             raise ValueError(f"expected a JSON object, got {type(values).__name__}")
         values, reset = drop_ignored_options(values)
-        if reset:
+        if reset and (path, tuple(reset)) not in _RESETS_REPORTED:
+            # Once per file: evaluate and export read the config more than once.
+            _RESETS_REPORTED.add((path, tuple(reset)))
             logging.warning("%s: %s reset to the default(s): the run's algorithm and dataset "
                             "ignore them (it computed the same)", path, ", ".join(reset))
         return Config.from_dict(values).validate()
