@@ -311,6 +311,12 @@ def test_resume_refuses_other_data_and_follows_moved_data(tmp_path):
     with open(os.path.join(model_dir, experiment_lib.DATA_FILENAME), "w") as f:
         f.write("[1, 2]")
     experiment_lib.restore(model_dir, {"data_dir": str(moved)}, load_tasks=True)
+    # A removed record is not silent either.
+    os.remove(os.path.join(model_dir, experiment_lib.DATA_FILENAME))
+    with mock.patch.object(experiment_lib.logging, "warning") as warning:
+        experiment_lib.restore(model_dir, {"data_dir": str(moved)}, load_tasks=True)
+    assert any("cannot be checked against the data the run was trained on" in c[0][0] % c[0][1:]
+               for c in warning.call_args_list)
     # One colour image (same name, same counts) makes the folder RGB: the shape change is
     # named, where the checkpoints' "incompatible tensor" failure advised moving them away.
     Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(

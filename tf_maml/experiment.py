@@ -146,8 +146,9 @@ def check_same_data(model_dir, fingerprint, data_dir):
     `data_dir` may change (the data moved), but the classes of each split must
     be the ones the run was trained on: others would redraw the class split
     and put meta-test classes into meta-training (or training classes into a
-    meta-test). Runs from before the fingerprint was recorded are not checked
-    (resuming one records the data it resumes on).
+    meta-test). Runs without the record (from before it was kept, or whose file
+    was removed) are not checked, with a warning; resuming one records the data
+    it resumes on.
 
     Args:
         model_dir: the run.
@@ -158,7 +159,12 @@ def check_same_data(model_dir, fingerprint, data_dir):
         ValueError: the data differs from the recorded one.
     """
     path = os.path.join(model_dir, DATA_FILENAME)
-    if fingerprint is None or not os.path.exists(path):
+    if fingerprint is None:
+        return
+    if not os.path.exists(path):
+        # A run from before the record, or one whose record was removed: say so, never silently.
+        logging.warning("%s has no %s: the data at data_dir=%r cannot be checked against the "
+                        "data the run was trained on", model_dir, DATA_FILENAME, data_dir)
         return
     keys = ("classes", "examples", "names", "counts")
     try:
