@@ -1,6 +1,8 @@
 """Decoded-image caches: written atomically, so a crash never leaves a partial file behind."""
 
+import glob
 import os
+import time
 import uuid
 
 import numpy as np
@@ -63,7 +65,8 @@ def write_npz(path, **arrays):
 
     The arrays go to a uniquely named hidden file beside `path`, are synced to disk, and
     replace `path` in one rename; the temporary file is removed on any error, so concurrent
-    writers never collide and readers see either the old cache or the whole new one. A
+    writers never collide and readers see either the old cache or the whole new one. What
+    a killed writer left (a temporary file untouched for an hour) is removed then. A
     cache that cannot be written (a read-only or full disk) is logged and skipped: the
     decoded arrays are in memory, and the next run decodes again.
 
@@ -80,8 +83,24 @@ def write_npz(path, **arrays):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        _remove_stale_temporaries(path)
     except OSError as e:
         logging.warning("Could not write the cache %s (%s); going on without it", path, e)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+STALE_SECONDS = 3600  # a temporary file untouched this long is no writer's any more
+
+
+def _remove_stale_temporaries(path):
+    """Removes the temporary files of `path` that killed writers left (a kill -9 mid-write)."""
+    pattern = os.path.join(glob.escape(os.path.dirname(path)),
+                           f".{glob.escape(os.path.basename(path))}.*.tmp")
+    for stale in glob.glob(pattern):
+        try:
+            if time.time() - os.path.getmtime(stale) > STALE_SECONDS:
+                os.remove(stale)
+        except OSError:
+            pass  # another writer's cleanup got there first
