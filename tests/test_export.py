@@ -406,6 +406,23 @@ def test_grpc_client_sends_and_receives_messages_over_4_mib(sine_run):
         server.stop(None)
 
 
+def test_export_cli_records_reptiles_eval_inner_batch_size_as_the_signatures(tmp_path):
+    """The flag changes adapt (and is recorded as export_*), never the run's recorded config."""
+    model_dir = str(tmp_path / "run")
+    trainer.train(config_lib.Config(algorithm="reptile", inner_batch_size=5, num_iterations=2,
+                                    meta_batch_size=2, validate_every=0), model_dir)
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    result = subprocess.run(
+        [sys.executable, "-m", "tf_maml.export", f"--model_dir={model_dir}",
+         f"--export_dir={tmp_path / 'serving'}", "--eval_inner_batch_size=3"],
+        capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    recorded = json.load(open(tmp_path / "serving" / "2" / "assets.extra" / serving.CONFIG_ASSET))
+    assert (recorded["eval_inner_batch_size"], recorded["export_eval_inner_batch_size"]) == (-1, 3)
+    with open(os.path.join(model_dir, config_lib.CONFIG_FILENAME)) as f:
+        assert json.load(f)["eval_inner_batch_size"] == -1
+
+
 def test_export_cli_writes_a_versioned_model(sine_run, tmp_path):
     _, model_dir, _ = sine_run
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")

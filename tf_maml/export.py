@@ -22,6 +22,7 @@ import dataclasses
 from absl import app, flags, logging
 
 from tf_maml import cli, serving
+from tf_maml import config as config_lib
 from tf_maml import experiment as experiment_lib
 
 flags.DEFINE_string("model_dir", None, "A directory written by tf_maml.train.")
@@ -81,6 +82,12 @@ def main(argv):
         # No data is loaded: the model is rebuilt from the run's config.
         experiment, step = experiment_lib.restore(FLAGS.model_dir, overrides,
                                                   checkpoint_path=FLAGS.checkpoint)
+        if "eval_inner_batch_size" in overrides:
+            # Reptile's adapt uses the flag's batch (the algorithm was built with it); the
+            # recorded config keeps the run's, the signature's goes in as export_*.
+            experiment = dataclasses.replace(experiment, config=dataclasses.replace(
+                experiment.config, eval_inner_batch_size=config_lib.load(
+                    FLAGS.model_dir).eval_inner_batch_size))
         config = experiment.config
         # The training flags' checks (a finite positive rate, a step count in range).
         dataclasses.replace(config, **{name: value for name, value in (

@@ -902,6 +902,9 @@ def export(experiment, export_dir, version, num_eval_steps, inner_lr=None, overw
     return write_version(archive, path, {
         **config.to_dict(), "export_num_eval_steps": num_eval_steps,
         "export_inner_lr": inner_lr, "export_limits": limits.to_dict(),
+        # Reptile: support examples per inner step of adapt (None: other algorithms).
+        "export_eval_inner_batch_size": getattr(experiment.algorithm, "eval_inner_batch_size",
+                                                None),
         "export_image_format": image_format.to_dict() if image_format else None,
         "export_signatures": list(signatures.signature_names)})
 
