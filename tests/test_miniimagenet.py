@@ -112,12 +112,24 @@ def test_excel_csvs_uneven_classes_and_overlapping_splits(mini_dir, tmp_path, mo
     assert miniimagenet.load_split(str(root), "test").shape[:2] == (5, 5)
     assert warnings == ["MiniImagenet test: every class keeps 5 images, as many as its smallest "
                         "(ntest004); 60 listed images are not used"]
+    # Blank lines (a trailing one, Windows line ends) are skipped.
+    (root / "test.csv").write_text("\r\n".join(lines) + "\r\n\r\n \r\n")
+    assert miniimagenet.load_split(str(root), "test").shape[:2] == (5, 20)
     # A class in two splits would leak meta-test classes into meta-training.
-    (root / "test.csv").write_text("\n".join(lines + [lines[-1].replace("ntest004",
-                                                                        "ntrain000")]) + "\n")
+    (root / "test.csv").write_text("\n".join(lines + ["ntrain00000000000.jpg,ntrain000"]) + "\n")
     with pytest.raises(ValueError, match="1 class\\(es\\) are in both train and test "
                                          "\\(ntrain000\\); the splits must be disjoint"):
         miniimagenet.miniimagenet_tasks(5, 1, 1, str(root))
+    # So would one image under another label, in another split.
+    (root / "test.csv").write_text("\n".join(lines + ["ntrain00000000000.jpg,ntest004"]) + "\n")
+    with pytest.raises(ValueError, match=r"1 image\(s\) are listed in both train.csv and "
+                                         r"test.csv \(ntrain00000000000.jpg\)"):
+        miniimagenet.miniimagenet_tasks(5, 1, 1, str(root))
+    # An image listed twice would be its own support and query example.
+    (root / "test.csv").write_text("\n".join(lines + [lines[-1]]) + "\n")
+    with pytest.raises(ValueError, match=r"test.csv:\d+: ntest00400000019.jpg is listed again "
+                                         r"\(first on line \d+\)"):
+        miniimagenet.load_split(str(root), "test")
     (root / "train.csv").write_text("image,class\nx.jpg,a\n")
     with pytest.raises(ValueError, match="found 'image,class'"):
         miniimagenet.load_split(str(root), "train")

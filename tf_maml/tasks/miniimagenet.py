@@ -39,11 +39,19 @@ def _read_csv(path):
         found = ",".join(rows[0]) if rows else "an empty file"
         raise ValueError(f"{path}: expected a CSV with header 'filename,label', found "
                          f"{found[:80]!r}")
-    by_label = {}
+    by_label, lines = {}, {}
     for line, row in enumerate(rows[1:], start=2):
+        if not any(cell.strip() for cell in row):
+            continue  # a blank line (editors leave one at the end)
         if len(row) < 2:
             raise ValueError(f"{path}:{line}: expected 'filename,label', got {row!r}")
-        by_label.setdefault(row[1].strip(), []).append(row[0].strip())
+        name = row[0].strip()
+        if name in lines:
+            # One image twice would be its own support and query example in a task.
+            raise ValueError(f"{path}:{line}: {name} is listed again (first on line "
+                             f"{lines[name]}); list each image once")
+        lines[name] = line
+        by_label.setdefault(row[1].strip(), []).append(name)
     if not by_label:
         raise ValueError(f"{path}: no images listed")
     return by_label
@@ -132,12 +140,19 @@ def miniimagenet_tasks(n_way, k_shot, k_query, data_dir, cache_dir=None):
     data_dir = os.path.expanduser(data_dir) if data_dir else data_dir
     if not data_dir or not os.path.isdir(data_dir):
         raise FileNotFoundError(f"MiniImagenet data_dir {data_dir!r} does not exist")
-    labels = {split: set(_read_csv(os.path.join(data_dir, name))) if os.path.isfile(
-        os.path.join(data_dir, name)) else set() for split, name in SPLIT_FILES.items()}
+    listed = {split: _read_csv(os.path.join(data_dir, name)) if os.path.isfile(
+        os.path.join(data_dir, name)) else {} for split, name in SPLIT_FILES.items()}
+    images = {split: {name for names in by_label.values() for name in names}
+              for split, by_label in listed.items()}
     for a, b in (("train", "val"), ("train", "test"), ("val", "test")):
-        shared = sorted(labels[a] & labels[b])
+        shared = sorted(set(listed[a]) & set(listed[b]))
         if shared:
             raise ValueError(f"MiniImagenet: {len(shared)} class(es) are in both {a} and {b} "
                              f"({', '.join(shared[:3])}); the splits must be disjoint")
+        shared = sorted(images[a] & images[b])
+        if shared:  # under other labels: a meta-test image seen in meta-training
+            raise ValueError(f"MiniImagenet: {len(shared)} image(s) are listed in both "
+                             f"{SPLIT_FILES[a]} and {SPLIT_FILES[b]} ({', '.join(shared[:3])}); "
+                             f"the splits must be disjoint")
     splits = {split: load_split(data_dir, split, cache_dir) for split in SPLIT_FILES}
     return ImageClassTasks(splits, n_way, k_shot, k_query, name="miniimagenet")
