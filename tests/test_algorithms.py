@@ -217,7 +217,53 @@ def _subclassed():
     return model
 
 
-@pytest.mark.parametrize("build,split", [(_smooth_mlp, True), (_subclassed, False)])
+class _TemperedHead(keras.layers.Layer):
+    """A custom head whose temperature, set after construction, its config does not carry."""
+
+    def __init__(self, units, **kwargs):
+        super().__init__(**kwargs)
+        self.units, self.temperature = units, 1.0
+
+    def build(self, input_shape):
+        self.kernel = self.add_weight(shape=(input_shape[-1], self.units))
+        self.bias = self.add_weight(shape=(self.units,), initializer="ones")
+
+    def call(self, x):
+        return (tf.matmul(x, self.kernel) + self.bias) / self.temperature
+
+    def get_config(self):
+        return {**super().get_config(), "units": self.units}
+
+
+class _FunctionHead(_TemperedHead):
+    """A custom head built with a function argument (Keras cannot serialize it)."""
+
+    def __init__(self, units, fn=None, **kwargs):
+        super().__init__(units, **kwargs)
+        self.fn = fn or tf.identity
+
+    def call(self, x):
+        return self.fn(super().call(x))
+
+
+def _with_head(head):
+    return keras.Sequential([keras.Input((1,), dtype="float64"),
+                             keras.layers.Dense(8, activation="tanh", dtype="float64"), head])
+
+
+def _tempered_head():
+    head = _TemperedHead(1, dtype="float64")
+    head.temperature = 0.1
+    return _with_head(head)
+
+
+def _function_head():
+    return _with_head(_FunctionHead(1, fn=lambda t: 3.0 * t, dtype="float64"))
+
+
+# Heads whose copy would compute something else take the whole model's forward.
+@pytest.mark.parametrize("build,split", [(_smooth_mlp, True), (_subclassed, False),
+                                         (_tempered_head, False), (_function_head, False)])
 def test_anil_equals_maml_with_zero_body_rates(build, split):
     model = build()
     forward = functional.make_forward(model)

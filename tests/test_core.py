@@ -1,5 +1,7 @@
 """Behaviour of the MAML core: exact meta-gradients, first-order identity, descent."""
 
+from unittest import mock
+
 import keras
 import numpy as np
 import pytest
@@ -275,7 +277,7 @@ def test_meta_gradients_of_a_structure():
     params = {"theta": tf.constant([1.0, 2.0], tf.float64), "rate": tf.constant(0.1, tf.float64)}
 
     def objective(p):
-        adapted, _ = core.adapt(lambda w, s: tf.reduce_sum(tf.square(w[0]), axis=1)[None],
+        adapted, _ = core.adapt(lambda w, s: tf.reduce_sum(tf.square(w[0]), axis=1),
                                 [p["theta"][None]], 1, core.SGD(p["rate"]))
         return tf.reduce_sum(adapted[0] ** 2), {}
 
@@ -297,3 +299,95 @@ def test_inner_lr_and_num_steps_errors():
     with pytest.raises(ValueError, match="num_steps must be >= 0"):
         _adapt(forward, weights, episode.support_x, episode.support_y,
                losses.mean_squared_error, inner_lr=0.1, num_steps=-1)
+
+
+def test_user_mistakes_that_silently_changed_the_step_are_refused():
+    """A user trial: a per-example loss made every inner step batch-size times larger, a
+    scalar one divided it by the task count, and a vector meta-objective summed the tasks'
+    gradients, all silently."""
+    model = _smooth_mlp()
+    forward = functional.make_forward(model)
+    episode = _sine_episode(num_tasks=4, k=5)
+    weights = core.broadcast_to_tasks(model.trainable_variables, 4)
+
+    def per_example(y, p):
+        return tf.reduce_mean(tf.square(y - p), axis=-1)  # [tasks, examples]
+
+    def scalar(y, p):
+        return tf.reduce_mean(tf.square(y - p))
+
+    for loss_fn, pattern in ((per_example, r"returned shape \[4, 5\] \(per-example losses\?"),
+                             (scalar, r"returned a scalar \(the mean over tasks\?\)")):
+        with pytest.raises(ValueError, match=pattern):
+            _adapt(forward, weights, episode.support_x, episode.support_y, loss_fn, 0.1, 1)
+    with pytest.raises(ValueError, match="returned 3 losses for weights of 4 tasks"):
+        core.inner_step(lambda w, s: tf.zeros([3], tf.float64), weights, core.SGD(0.1))
+
+    def vector_objective(params):
+        adapted = _adapt(forward, core.broadcast_to_tasks(params, 4), episode.support_x,
+                         episode.support_y, losses.mean_squared_error, 0.1, 1)
+        return losses.mean_squared_error(episode.query_y, forward(adapted, episode.query_x)), {}
+
+    with pytest.raises(ValueError, match=r"must return a scalar loss, got shape \[4\]"):
+        core.meta_gradients(vector_objective, model.trainable_variables)
+    # Rates that cannot be a weight's, or per-step rates without their step axis.
+    with pytest.raises(ValueError, match=r"inner_lr entry 0 has shape \[3, 3\], which does "
+                                         r"not broadcast to adapted weight 0's shape \[1, 8\] "
+                                         r"\(or with the task axis, \[4, 1, 8\]\)"):
+        _adapt(forward, weights, episode.support_x, episode.support_y,
+               losses.mean_squared_error, [tf.ones([3, 3], tf.float64)] * 6, 1)
+    with pytest.raises(ValueError, match="per_step rates need a leading step axis"):
+        core.adapt(core.supervised_loss(forward, losses.mean_squared_error, episode.support_x,
+                                        episode.support_y), weights, 1,
+                   core.SGD(0.1, per_step=True))
+
+
+def test_meta_parameters_no_gradient_reaches_are_named():
+    """A user trial: a non-differentiable op (round) froze the layers before it, silently."""
+    inputs = keras.Input((1,), dtype="float64")
+    hidden = keras.layers.Dense(8, dtype="float64")(inputs)
+    rounded = keras.layers.Lambda(tf.round, dtype="float64")(hidden)
+    model = keras.Model(inputs, keras.layers.Dense(1, dtype="float64")(rounded))
+    algorithm = algorithms.MAML(model, functional.make_forward(model),
+                                losses.mean_squared_error, 0.1, 1)
+    with mock.patch.object(core.logging, "warning") as warning:
+        _, grads, _ = algorithm.meta_step(_sine_episode())
+    assert [float(tf.reduce_max(tf.abs(g))) == 0.0 for g in grads] == [True, True, False, False]
+    message = warning.call_args[0][0] % warning.call_args[0][1:]
+    assert message.startswith("No gradient reaches the meta-parameter(s) ") and "round" in message
+    assert all(v.path in message for v in model.layers[1].trainable_variables)
+    # A model whose every weight the loss reaches is not warned about.
+    smooth = _smooth_mlp()
+    with mock.patch.object(core.logging, "warning") as warning:
+        algorithms.MAML(smooth, functional.make_forward(smooth), losses.mean_squared_error,
+                        0.1, 1).meta_step(_sine_episode())
+    assert not warning.called
+
+
+def test_algorithm_adapt_defaults_to_the_algorithms_order_and_refuses_tensor_steps():
+    """A user trial: a custom meta-objective calling `MAML.adapt` with its defaults got first
+    order from a second-order MAML, and a tensor `num_inner_steps` made MAML first order."""
+    model = _smooth_mlp()
+    forward = functional.make_forward(model)
+    episode = _sine_episode()
+
+    def gradients(algorithm, **kwargs):
+        def objective(params):
+            adapted, _ = algorithm.adapt(params, episode.support_x, episode.support_y, 2,
+                                         **kwargs)
+            predictions = algorithm.predict(params, adapted, episode.query_x, 2)
+            return tf.reduce_mean(losses.mean_squared_error(episode.query_y, predictions)), {}
+        return core.meta_gradients(objective, algorithm.meta_variables)[1]
+
+    second = algorithms.MAML(model, forward, losses.mean_squared_error, 0.1, 2)
+    first = algorithms.MAML(model, forward, losses.mean_squared_error, 0.1, 2, first_order=True)
+    for algorithm, order in ((second, False), (first, True)):
+        for a, b in zip(gradients(algorithm), gradients(algorithm, first_order=order)):
+            np.testing.assert_array_equal(a.numpy(), b.numpy())
+    assert not np.allclose(gradients(second)[0].numpy(), gradients(first)[0].numpy())
+    with pytest.raises(ValueError, match="num_inner_steps must be a non-negative Python "
+                                         "integer .* got <tf.Tensor"):
+        algorithms.MAML(model, forward, losses.mean_squared_error, 0.1, tf.constant(1))
+    for rate in (float("nan"), -0.1, float("inf")):
+        with pytest.raises(ValueError, match="inner_lr must be a finite non-negative number"):
+            algorithms.MAML(model, forward, losses.mean_squared_error, rate, 1)

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import threading
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -404,6 +405,37 @@ def test_grpc_client_sends_and_receives_messages_over_4_mib(sine_run):
                                 max_message_bytes=4 * 2**20)
     finally:
         server.stop(None)
+
+
+def test_an_algorithm_of_ones_own_exports_and_says_the_config_names_another(tmp_path):
+    """A user trial: a MAML subclass exported as "algorithm": "maml", with no word that a
+    restore from the recorded config would rebuild plain MAML."""
+    from tf_maml import algorithms  # noqa: PLC0415
+
+    class HalvedRate(algorithms.MAML):
+        def inner_update(self, meta_params, inner_lr=None):
+            rate = self.inner_lr if inner_lr is None else inner_lr
+            return super().inner_update(meta_params, 0.5 * rate)
+
+    config = config_lib.Config(num_eval_steps=2)
+    experiment = experiment_lib.build_experiment(config)
+    experiment.algorithm = HalvedRate(experiment.model, experiment.forward, experiment.loss_fn,
+                                      config.inner_lr, config.num_inner_steps)
+    with mock.patch.object(serving.logging, "warning") as warning:
+        path = serving.export(experiment, str(tmp_path), 1, 2)
+    message = warning.call_args[0][0] % warning.call_args[0][1:]
+    assert "HalvedRate, which is not the 'maml' algorithm that the config records" in message
+    recorded = json.load(open(os.path.join(path, "assets.extra", serving.CONFIG_ASSET)))
+    assert recorded["export_algorithm_class"].endswith("HalvedRate")
+    # The SavedModel serves the class's adaptation.
+    episode = experiment.tasks.sample(tf.constant([0, 1], tf.int64), 1)
+    loaded = tf.saved_model.load(path).signatures["adapt"]
+    served = loaded(support_x=episode.support_x[0], support_y=episode.support_y[0],
+                    query_x=episode.query_x[0])["predictions"]
+    params = experiment.algorithm.meta_variables
+    adapted, _ = experiment.algorithm.adapt(params, episode.support_x, episode.support_y, 2)
+    expected = experiment.algorithm.predict(params, adapted, episode.query_x, 2)[0]
+    np.testing.assert_allclose(served.numpy(), expected.numpy(), rtol=1e-5, atol=1e-6)
 
 
 def test_export_cli_records_reptiles_eval_inner_batch_size_as_the_signatures(tmp_path):

@@ -133,6 +133,23 @@ def test_a_regression_loss_on_classification_tasks_fails_in_one_line(loss):
                  r"the tasks are classification .*'sparse_categorical_crossentropy'$")
 
 
+def test_a_loss_returning_a_scalar_fails_in_one_line():
+    """A user trial: a custom loss reducing to a scalar failed deep in the step ("Dimension
+    size must be evenly divisible by 4 but is 1 for '{{node Reshape_6}}'")."""
+    learner = MetaLearner(keras.Sequential([keras.Input((8,)), keras.layers.Dense(3)]),
+                          inner_lr=0.1)
+
+    def mean_cross_entropy(y_true, y_pred):
+        return tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(
+            y_true, y_pred, from_logits=True))
+
+    learner.compile(optimizer="adam", loss=mean_cross_entropy)
+    with pytest.raises(ValueError) as e:
+        learner.fit(_episodes([0, 1, 2]), epochs=1, verbose=0)
+    _one_line(e, r"^the loss 'mean_cross_entropy' returned a scalar: MetaLearner needs "
+                 r"per-example losses")
+
+
 def test_regression_targets_not_of_the_outputs_shape_fail_in_one_line():
     """Keras' elementwise losses compare targets with outputs value by value; other shapes
     used to fail deep in the loss ("Dimensions must be equal", "unknown rank")."""

@@ -477,6 +477,13 @@ def test_config_validation_names_the_field():
         config_lib.Config(dataset="mnist").validate()
     with pytest.raises(ValueError, match="unknown config fields: bogus"):
         config_lib.Config.from_dict({"bogus": 1})
+    # One problem, said once (a negative rate was also "below float32's smallest").
+    with pytest.raises(ValueError) as e:
+        config_lib.Config(inner_lr=-0.1).validate()
+    assert "inner_lr must be a positive number, got -0.1" in str(e.value)
+    assert str(e.value).count("inner_lr") == 1
+    with pytest.raises(ValueError, match="inner_lr must be at least 1.18e-38"):
+        config_lib.Config(inner_lr=1e-50).validate()
 
 
 def _run(*args, cwd=None):

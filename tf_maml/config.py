@@ -418,10 +418,10 @@ class Config:
                  f"{name} must be a non-negative integer, got {getattr(self, name)!r}")
         for name in ("inner_lr", "meta_lr", "min_meta_lr", "meta_step_size"):
             value = getattr(self, name)
-            need(isinstance(value, (int, float)) and 0 < value < float("inf"),
-                 f"{name} must be a positive number, got {value!r}")
+            positive = isinstance(value, (int, float)) and 0 < value < float("inf")
+            need(positive, f"{name} must be a positive number, got {value!r}")
             # Below float32's smallest normal number a rate flushes to 0 in the graph.
-            need(value >= _FLOAT32_TINY,
+            need(not positive or value >= _FLOAT32_TINY,
                  f"{name} must be at least {_FLOAT32_TINY:.3g} (smaller rates are 0 in "
                  f"float32), got {value!r}")
         for name in ("seed", "split_seed"):

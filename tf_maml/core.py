@@ -29,6 +29,7 @@ normalization weights, ...). Whether the inner steps are differentiated through
 
 import numpy as np
 import tensorflow as tf
+from absl import logging
 
 __all__ = ["broadcast_to_tasks", "supervised_loss", "SGD", "Adam", "inner_step", "adapt",
            "meta_gradients", "check_task_batch", "check_episode"]
@@ -147,6 +148,9 @@ def _as_dtype(value, dtype):
 def _at_step(value, step):
     """Row `min(step, len - 1)` of a per-step tensor (steps past the end reuse the last row)."""
     value = tf.convert_to_tensor(value)
+    if value.shape.rank == 0:
+        raise ValueError("per_step rates need a leading step axis (one row per inner step), "
+                         "got a scalar rate; give e.g. tf.fill([num_inner_steps], 0.1)")
     if isinstance(step, int):
         return value[min(step, value.shape[0] - 1)]
     last = tf.cast(tf.shape(value)[0] - 1, step.dtype)
@@ -198,7 +202,29 @@ class SGD:
     def apply(self, weights, grads, state, step):
         """Returns `(new_weights, new_state)` after one step with gradients `grads`."""
         rates = self.rates(len(weights), step)
+        for index, (w, lr) in enumerate(zip(weights, rates)):
+            _check_rate_shape(lr, w, index)
         return [w - _as_dtype(lr, w.dtype) * g for w, lr, g in zip(weights, rates, grads)], state
+
+
+def _check_rate_shape(rate, weight, index):
+    """Raises `ValueError` unless `rate` broadcasts to `weight` without enlarging it.
+
+    (A rate may carry the task axis, as the serving signatures' per-task rates do.)
+    """
+    rate_shape, weight_shape = _static_shape(rate), _static_shape(weight)
+    if rate_shape.rank is None or weight_shape.rank is None or rate_shape.rank == 0:
+        return
+    try:
+        fits = tf.broadcast_static_shape(rate_shape, weight_shape).is_compatible_with(
+            weight_shape) and rate_shape.rank <= weight_shape.rank
+    except ValueError:
+        fits = False
+    if not fits:
+        raise ValueError(f"inner_lr entry {index} has shape {rate_shape.as_list()}, which does "
+                         f"not broadcast to adapted weight {index}'s shape "
+                         f"{weight_shape.as_list()[1:]} (or with the task axis, "
+                         f"{weight_shape.as_list()})")
 
 
 class Adam:
@@ -305,12 +331,37 @@ def inner_step(task_loss, weights, update, state=None, step=0, first_order=False
     with tf.GradientTape() as tape:
         tape.watch(weights)
         task_losses = task_loss(weights, step)
+        _check_task_losses(task_losses, weights)
         total = tf.reduce_sum(task_losses)
     grads = tape.gradient(total, weights, unconnected_gradients=tf.UnconnectedGradients.ZERO)
     if first_order:
         grads = [tf.stop_gradient(g) for g in grads]
     new_weights, state = update.apply(weights, grads, state, step)
     return new_weights, state, task_losses
+
+
+def _check_task_losses(task_losses, weights):
+    """Raises `ValueError` unless `task_losses` is `[num_tasks]` (shapes known when traced).
+
+    A per-example `[num_tasks, batch]` loss would scale every task's step by the
+    batch size, and a scalar (the mean over tasks) divide it by the task count,
+    both silently: the gradient of their sum is taken.
+    """
+    shape = _static_shape(task_losses)
+    num_tasks = _static_shape(weights[0])[:1] if weights else tf.TensorShape([None])
+    if shape.rank is None:
+        return
+    if shape.rank == 0:
+        raise ValueError("task_loss must return one loss per task, shape [num_tasks]; it "
+                         "returned a scalar (the mean over tasks?), which would divide every "
+                         "task's inner step by the task count")
+    if shape.rank != 1:
+        raise ValueError(f"task_loss must return one loss per task, shape [num_tasks]; it "
+                         f"returned shape {shape.as_list()} (per-example losses? reduce them "
+                         f"over the examples, e.g. tf.reduce_mean(losses, axis=1))")
+    if not shape.is_compatible_with(num_tasks):
+        raise ValueError(f"task_loss returned {shape[0]} losses for weights of {num_tasks[0]} "
+                         f"tasks: it must return one loss per task")
 
 
 def _recomputed_step(task_loss, weights, update, state, step, differentiable_inputs):
@@ -457,7 +508,11 @@ def meta_gradients(objective, meta_params):
 
     Returns:
         `(loss, grads, aux)`: `grads` has the structure of `meta_params`
-        (zeros for parameters the loss does not depend on).
+        (zeros for parameters the loss does not depend on; when traced, a
+        warning names them).
+
+    Raises:
+        ValueError: the objective's loss is not a scalar.
 
     Example:
 
@@ -470,9 +525,30 @@ def meta_gradients(objective, meta_params):
     loss, grads, _ = meta_gradients(objective, model.trainable_variables)
     ```
     """
-    flat = [tf.convert_to_tensor(p) for p in tf.nest.flatten(meta_params)]
+    originals = tf.nest.flatten(meta_params)
+    flat = [tf.convert_to_tensor(p) for p in originals]
     with tf.GradientTape() as tape:
         tape.watch(flat)
         loss, aux = objective(tf.nest.pack_sequence_as(meta_params, flat))
-    grads = tape.gradient(loss, flat, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+    rank = _static_shape(loss).rank
+    if rank is not None and rank != 0:
+        raise ValueError(f"the meta-objective must return a scalar loss, got shape "
+                         f"{_static_shape(loss).as_list()} (sum or average the tasks' losses)")
+    grads = tape.gradient(loss, flat, unconnected_gradients=tf.UnconnectedGradients.NONE)
+    unconnected = [_name(p, i) for i, (p, g) in enumerate(zip(originals, grads)) if g is None]
+    if unconnected:
+        # Said when traced: a meta-parameter nothing differentiable connects to the loss (a
+        # non-differentiable op such as round, argmax or a cast to an integer, or an unused
+        # layer) is never meta-trained, and a weight behind it never adapts.
+        logging.warning(
+            "No gradient reaches the meta-parameter(s) %s from the meta-objective: they will "
+            "not be meta-trained (a non-differentiable op such as round, argmax or an integer "
+            "cast between them and the loss, or a weight the loss does not use?)",
+            ", ".join(unconnected[:5]) + (" ..." if len(unconnected) > 5 else ""))
+    grads = [tf.zeros_like(p) if g is None else g for p, g in zip(flat, grads)]
     return loss, tf.nest.pack_sequence_as(meta_params, grads), aux
+
+
+def _name(param, index):
+    name = getattr(param, "path", None) or getattr(param, "name", None)
+    return f"{name!s}" if name else f"#{index}"

@@ -171,6 +171,10 @@ def keras_task_loss(loss):
         if not is_loss_object:  # Keras' loss classes match the ranks in their own `call`
             y_true, y_pred = _same_rank(y_true, y_pred)
         values = tf.convert_to_tensor(call(y_true, y_pred))
+        if values.shape.rank == 0:
+            raise ValueError(f"the loss {getattr(loss, '__name__', loss)!r} returned a scalar: "
+                             f"MetaLearner needs per-example losses (one value per example, "
+                             f"as Keras' own loss functions return), to average each task's")
         values = tf.cast(values, y_pred.dtype)
         return tf.reduce_mean(tf.reshape(values, [num_tasks, -1]), axis=1)
 

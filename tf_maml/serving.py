@@ -65,6 +65,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
+from tf_maml import algorithms as algorithms_lib
 from tf_maml import core, functional
 
 __all__ = ["AdaptationSignatures", "build_export_archive", "export", "ServingLimits",
@@ -896,12 +897,20 @@ def export(experiment, export_dir, version, num_eval_steps, inner_lr=None, overw
                                         config.omniglot_resize_filter)
     path = version_path(export_dir, version, overwrite)
     check_finite_parameters(experiment)
+    algorithm_class = type(experiment.algorithm)
+    if algorithm_class is not algorithms_lib.ALGORITHMS.get(config.algorithm):
+        # The SavedModel serves it; the recorded config names another (restore builds by name).
+        logging.warning("Exporting a %s.%s, which is not the %r algorithm that the config "
+                        "records: the SavedModel's signatures are the class's, but a run "
+                        "restored from the config would build %r", algorithm_class.__module__,
+                        algorithm_class.__qualname__, config.algorithm, config.algorithm)
     signatures = AdaptationSignatures(experiment.algorithm, experiment.spec, num_eval_steps,
                                       inner_lr, limits, image_format)
     archive = build_export_archive(signatures)
     return write_version(archive, path, {
         **config.to_dict(), "export_num_eval_steps": num_eval_steps,
         "export_inner_lr": inner_lr, "export_limits": limits.to_dict(),
+        "export_algorithm_class": f"{algorithm_class.__module__}.{algorithm_class.__qualname__}",
         # Reptile: support examples per inner step of adapt (None: other algorithms).
         "export_eval_inner_batch_size": getattr(experiment.algorithm, "eval_inner_batch_size",
                                                 None),

@@ -42,15 +42,41 @@ def split_head(model):
     body = keras.Model(inputs, layers[-2].output, name=f"{model.name}_body")
     if not body.trainable_variables:
         return None
-    head_layer = last.__class__.from_config(last.get_config())
-    head = keras.Sequential([keras.Input(tuple(body.output.shape[1:]), dtype=last.dtype),
-                             head_layer], name=f"{model.name}_head")
+    try:  # a layer whose config cannot rebuild it (a function argument, say) keeps the fallback
+        head_layer = last.__class__.from_config(last.get_config())
+        head = keras.Sequential([keras.Input(tuple(body.output.shape[1:]), dtype=last.dtype),
+                                 head_layer], name=f"{model.name}_head")
+    except Exception:  # noqa: BLE001 -- any failure means: no copy
+        return None
     shapes = [tuple(v.shape) for v in head.trainable_variables]
     if shapes != [tuple(v.shape) for v in last.trainable_variables]:
         return None
     if body.trainable_variables + last.trainable_variables != model.trainable_variables:
         return None
+    if not _computes_the_same(last, head_layer, body.output.shape[1:]):
+        return None
     return body, head, len(shapes)
+
+
+def _computes_the_same(layer, copy, input_shape):
+    """Whether `copy` (rebuilt from `layer`'s config) computes `layer`'s function.
+
+    A custom layer may hold state its config does not carry (an attribute set
+    after construction): the copy would then compute something else, silently.
+    Checked on a random probe with the layer's own weights.
+    """
+    try:
+        copy.set_weights(layer.get_weights())
+        probe = tf.random.stateless_normal([3, *input_shape], seed=[1, 2])
+        probe = tf.cast(probe, layer.compute_dtype or "float32")
+        expected = tf.convert_to_tensor(layer(probe, training=False))
+        got = tf.convert_to_tensor(copy(probe, training=False))
+        same = expected.shape == got.shape and bool(tf.reduce_all(
+            tf.abs(tf.cast(expected - got, tf.float64)) <= 1e-5 * (1.0 + tf.abs(
+                tf.cast(expected, tf.float64)))))
+    except Exception:  # noqa: BLE001 -- a probe the layer refuses: no copy
+        return False
+    return same
 
 
 class ANIL(MAML):

@@ -4,7 +4,12 @@ An algorithm is a short layer over `tf_maml.core`: it says which weights adapt,
 with which update rule, against which task loss, and what the meta-objective
 is. The training loop (`tf_maml.trainer`), evaluation, export and the Keras
 face call only the methods below, so a new algorithm overrides a few of them
-and touches nothing else.
+and touches nothing else. They build algorithms by name, though
+(`Config.algorithm`, `--algorithm`, `MetaLearner(algorithm=...)`, and a run's
+restore from its `config.json`), from `tf_maml.algorithms.ALGORITHMS` and
+`tf_maml.config.ALGORITHMS`: a subclass of your own is used through the library
+API (its `meta_step` in your loop, `evaluation.adaptation_curve`,
+`serving.export` of an `Experiment` holding it) until it is added to both.
 
 Meta-parameters are a flat list: the model's trainable variables first (the
 initialization θ), then the algorithm's own `extra_variables` (learned rates,
@@ -13,6 +18,8 @@ model.
 """
 
 import collections
+import math
+import numbers
 
 import keras
 import tensorflow as tf
@@ -58,7 +65,9 @@ class MAML:
             random layers (dropout).
 
     Raises:
-        ValueError: `recompute_inner_steps` with a model that has random layers.
+        ValueError: `recompute_inner_steps` with a model that has random layers;
+            `num_inner_steps` not a non-negative Python integer; a number
+            `inner_lr` that is negative or not finite.
 
     Example:
 
@@ -75,6 +84,13 @@ class MAML:
 
     def __init__(self, model, forward, loss_fn, inner_lr, num_inner_steps, first_order=False,
                  recompute_inner_steps=False):
+        if not is_integer(num_inner_steps) or num_inner_steps < 0:
+            # A tensor would run the inner steps in a graph loop, which nothing may
+            # differentiate through: the meta-gradient would silently be first order.
+            raise ValueError(f"num_inner_steps must be a non-negative Python integer (the "
+                             f"meta-step unrolls that many inner steps), got {num_inner_steps!r}")
+        if isinstance(inner_lr, (int, float)) and not (math.isfinite(inner_lr) and inner_lr >= 0):
+            raise ValueError(f"inner_lr must be a finite non-negative number, got {inner_lr!r}")
         self.model = model
         if recompute_inner_steps and functional.has_random_layers(model):
             raise ValueError(
@@ -179,13 +195,16 @@ class MAML:
         del meta_params
         return core.SGD(self.inner_lr if inner_lr is None else inner_lr)
 
-    def adapt(self, meta_params, support_x, support_y, num_steps, first_order=True,
+    def adapt(self, meta_params, support_x, support_y, num_steps, first_order=None,
               inner_lr=None, training=True, return_state=False, meta_training=False):
         """Adapts to each task's support set; returns `(adapted, support_losses)`.
 
-        `num_steps` may be a Python int or a scalar integer tensor (graph loop).
-        With `return_state`, also the inner update rule's final state (as
-        `core.adapt`). `meta_training`: inside a meta-step (see `task_loss`).
+        `num_steps` may be a Python int or a scalar integer tensor (graph loop,
+        always first order, as `core.adapt`). `first_order`: default the
+        algorithm's own; it matters only under a tape that differentiates the
+        adapted weights (a meta-objective). With `return_state`, also the inner
+        update rule's final state (as `core.adapt`). `meta_training`: inside a
+        meta-step (see `task_loss`).
 
         Raises:
             ValueError: support inputs and labels that disagree on tasks or
@@ -193,6 +212,7 @@ class MAML:
                 (shapes known when traced).
         """
         core.check_task_batch(support_x, support_y, "support set")
+        first_order = self.first_order if first_order is None else first_order
         inputs = self.task_inputs(meta_params, support_x, training)
         weights = self.initial_weights(meta_params, tf.shape(support_x)[0])
         return core.adapt(self.task_loss(meta_params, inputs, support_y, training, meta_training),
@@ -255,6 +275,11 @@ class MAML:
         """The outer optimizer (Adam with learning rate β)."""
         del num_iterations
         return keras.optimizers.Adam(meta_lr)
+
+
+def is_integer(value):
+    """Whether `value` is a Python or numpy integer (not a bool, not a tensor)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _scaled_sum(task_values, loss_scale):

@@ -1,12 +1,11 @@
 """Reptile (Nichol, Achiam and Schulman, 2018): move θ towards the adapted weights."""
 
-import numbers
 
 import keras
 import tensorflow as tf
 
 from tf_maml import core
-from tf_maml.algorithms.maml import MAML, MetaStepOutputs
+from tf_maml.algorithms.maml import MAML, MetaStepOutputs, is_integer
 
 __all__ = ["Reptile"]
 
@@ -79,9 +78,6 @@ class Reptile(MAML):
             raise ValueError(f"inner_optimizer must be 'sgd' or 'adam', got {inner_optimizer!r}")
         if carry_inner_state and inner_optimizer != "adam":
             raise ValueError("carry_inner_state needs inner_optimizer='adam' (SGD has no state)")
-        def is_integer(value):
-            return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
         if not is_integer(inner_batch_size) or inner_batch_size < 0:
             raise ValueError(f"inner_batch_size must be a non-negative integer, got "
                              f"{inner_batch_size!r}")
