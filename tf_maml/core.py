@@ -497,7 +497,7 @@ def adapt(task_loss, weights, num_steps, update, first_order=False, recompute=Fa
     return weights, losses
 
 
-def meta_gradients(objective, meta_params):
+def meta_gradients(objective, meta_params, unused=()):
     """The value of a meta-objective and its gradient with respect to meta-parameters.
 
     Args:
@@ -505,6 +505,9 @@ def meta_gradients(objective, meta_params):
             adapts with `adapt` inside and evaluates the adapted weights.
         meta_params: a structure (list, dict, ...) of tensors or variables:
             the initialization θ and whatever else is meta-learned.
+        unused: positions (in `tf.nest.flatten(meta_params)`) of parameters
+            the objective does not read by design (MAML++'s model batch-norm
+            weights, replaced by per-step copies): not warned about.
 
     Returns:
         `(loss, grads, aux)`: `grads` has the structure of `meta_params`
@@ -535,7 +538,8 @@ def meta_gradients(objective, meta_params):
         raise ValueError(f"the meta-objective must return a scalar loss, got shape "
                          f"{_static_shape(loss).as_list()} (sum or average the tasks' losses)")
     grads = tape.gradient(loss, flat, unconnected_gradients=tf.UnconnectedGradients.NONE)
-    unconnected = [_name(p, i) for i, (p, g) in enumerate(zip(originals, grads)) if g is None]
+    unconnected = [_name(p, i) for i, (p, g) in enumerate(zip(originals, grads))
+                   if g is None and i not in set(unused)]
     if unconnected:
         # Said when traced: a meta-parameter nothing differentiable connects to the loss (a
         # non-differentiable op such as round, argmax or a cast to an integer, or an unused

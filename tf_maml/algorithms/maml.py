@@ -136,6 +136,11 @@ class MAML:
         """Everything the outer loop updates: θ, then `extra_variables`."""
         return list(self.model.trainable_variables) + self.extra_variables
 
+    @property
+    def unused_meta_indices(self):
+        """Positions in `meta_variables` the meta-objective does not read by design (a list)."""
+        return []
+
     def _add_extra(self, variables):
         self.state.meta_parameters = list(self.extra_variables) + list(variables)
 
@@ -269,7 +274,7 @@ class MAML:
         iteration = tf.zeros([], tf.int64) if iteration is None else iteration
         return core.meta_gradients(
             lambda params: self.meta_loss(params, episode, loss_scale, iteration),
-            self.meta_variables)
+            self.meta_variables, unused=self.unused_meta_indices)
 
     def make_optimizer(self, meta_lr, num_iterations):
         """The outer optimizer (Adam with learning rate β)."""

@@ -153,6 +153,11 @@ class MAMLPlusPlus(MAML):
         return (_scaled_sum(total, loss_scale),
                 MetaStepOutputs(support_losses, query_losses, predictions))
 
+    @property
+    def unused_meta_indices(self):
+        """The model's own batch-norm weights: each step reads its copy instead."""
+        return list(self.bn_indices)
+
     def meta_step(self, episode, loss_scale=None, iteration=None):
         iteration = tf.zeros([], tf.int64) if iteration is None else iteration
         if self.first_order or self.first_order_epochs <= 0:
@@ -162,7 +167,7 @@ class MAMLPlusPlus(MAML):
             return lambda: core.meta_gradients(
                 lambda params: self.meta_loss(params, episode, loss_scale, iteration,
                                               first_order),
-                self.meta_variables)
+                self.meta_variables, unused=self.unused_meta_indices)
 
         # Derivative-order annealing: only the branch taken runs.
         return tf.cond(iteration < self.first_order_epochs * self.iterations_per_epoch,
