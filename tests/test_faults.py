@@ -15,7 +15,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from tf_maml import compat, evaluation, reporting, trainer
+from tf_maml import compat, evaluation, files, reporting, trainer
 from tf_maml import config as config_lib
 from tf_maml import experiment as experiment_lib
 from tf_maml import tasks as tasks_lib
@@ -39,8 +39,8 @@ def _checkpoints(model_dir):
 def _stats(model_dir):
     """(name, mtime, inode) of every file under `model_dir`: any rewrite shows."""
     out = {}
-    for root, _, files in os.walk(model_dir):
-        for name in files:
+    for root, _, names in os.walk(model_dir):
+        for name in names:
             path = os.path.join(root, name)
             st = os.stat(path)
             out[os.path.relpath(path, model_dir)] = (st.st_mtime_ns, st.st_ino, st.st_size)
@@ -203,7 +203,7 @@ def test_results_and_plots_are_replaced_whole_or_not_at_all(tmp_path, monkeypatc
         f.flush()
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(evaluation.json, "dump", dies_midway)
+    monkeypatch.setattr(files.json, "dump", dies_midway)
     with pytest.raises(KeyboardInterrupt):
         evaluation.write_json(path, "mse", results, {"num_tasks": 4})
     assert open(path).read() == before and os.listdir(tmp_path) == ["eval_results.json"]

@@ -6,6 +6,8 @@ import os
 
 from absl import logging
 
+from tf_maml import files
+
 __all__ = ["Config", "CONFIG_FILENAME", "DATASETS", "RL_DATASETS", "MODELS", "STRATEGIES",
            "ALGORITHMS", "ALGORITHM_OPTIONS", "SUPERVISED_OPTIONS", "RL_OPTIONS",
            "ignored_options", "OUTER_OPTIMIZERS", "OMNIGLOT_RESIZE_FILTERS",
@@ -576,14 +578,8 @@ def save(config, model_dir):
     Relative `data_dir` and `cache_dir` are stored as absolute paths (`as_stored`).
     """
     os.makedirs(model_dir, exist_ok=True)
-    path = os.path.join(model_dir, CONFIG_FILENAME)
-    tmp = path + ".tmp"
-    values = as_stored(config).to_dict()
-    with open(tmp, "w") as f:
-        json.dump(values, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
-    return path
+    return files.write_json(os.path.join(model_dir, CONFIG_FILENAME),
+                            as_stored(config).to_dict(), indent=2, sort_keys=True)
 
 
 def drop_ignored_options(values):

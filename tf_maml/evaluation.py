@@ -1,16 +1,12 @@
 """Evaluation: metrics after each inner step on held-out tasks, with 95% CIs, and plots."""
 
-import contextlib
-import json
 import math
 import operator
-import os
-import uuid
 
 import numpy as np
 import tensorflow as tf
 
-from tf_maml import core
+from tf_maml import core, files
 from tf_maml.tasks import SPLIT_OF_STREAM, step_seed
 
 __all__ = ["adaptation_curve", "make_curve_fn", "evaluate_model", "summarize", "format_table",
@@ -253,26 +249,7 @@ def write_json(path, metric_name, results, extra=None):
             "models": non_finite,
             "note": "null: the metric was not finite (NaN or infinite): the model or its "
                     "adaptation diverged"}
-    with _replaced_atomically(path) as tmp, open(tmp, "w") as f:
-        json.dump(_json_safe(payload), f, indent=2, allow_nan=False)
-        f.write("\n")
-
-
-@contextlib.contextmanager
-def _replaced_atomically(path):
-    """Yields a temporary path beside `path` (same extension) that replaces `path` on success.
-
-    A process killed while writing leaves the previous results in place, never half a file.
-    """
-    root, extension = os.path.splitext(path)
-    tmp = os.path.join(os.path.dirname(root),
-                       f".{os.path.basename(root)}.{uuid.uuid4().hex}.tmp{extension}")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    files.write_json(path, _json_safe(payload), indent=2, allow_nan=False)
 
 
 def _pyplot():
@@ -289,7 +266,7 @@ def _finish(plt, fig, ax, path, xlabel, ylabel, title):
     ax.legend(fontsize=8, framealpha=0.6)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    with _replaced_atomically(path) as tmp:
+    with files.replaced_atomically(path, keep_extension=True) as tmp:
         fig.savefig(tmp, dpi=120)
     plt.close(fig)
     return path
@@ -348,7 +325,7 @@ def plot_sine_fits(path, panels, support_x, support_y, grid_x, truth, steps_show
         ax.set_xlim(grid_x.min(), grid_x.max())
         ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    with _replaced_atomically(path) as tmp:
+    with files.replaced_atomically(path, keep_extension=True) as tmp:
         fig.savefig(tmp, dpi=120)
     plt.close(fig)
     return path

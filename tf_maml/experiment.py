@@ -15,7 +15,7 @@ import keras
 import tensorflow as tf
 from absl import logging
 
-from tf_maml import algorithms, compat, functional, losses, models
+from tf_maml import algorithms, compat, files, functional, losses, models
 from tf_maml import config as config_lib
 from tf_maml import tasks as tasks_lib
 from tf_maml.tasks import sources
@@ -125,19 +125,14 @@ def _build_rl_experiment(config):
 
 def save_spec(spec, model_dir):
     """Records the model's input shape and output size beside the config (for restoring)."""
-    path = os.path.join(model_dir, SPEC_FILENAME)
-    with open(path + ".tmp", "w") as f:
-        json.dump({"input_shape": list(spec.input_shape), "output_size": spec.output_size,
-                   "is_classification": spec.is_classification}, f)
-    os.replace(path + ".tmp", path)
+    files.write_json(os.path.join(model_dir, SPEC_FILENAME),
+                     {"input_shape": list(spec.input_shape), "output_size": spec.output_size,
+                      "is_classification": spec.is_classification})
 
 
 def save_data_fingerprint(fingerprint, model_dir):
     """Records the run's data (`tasks.data_fingerprint`) beside its config."""
-    path = os.path.join(model_dir, DATA_FILENAME)
-    with open(path + ".tmp", "w") as f:
-        json.dump(fingerprint, f, indent=1)
-    os.replace(path + ".tmp", path)
+    files.write_json(os.path.join(model_dir, DATA_FILENAME), fingerprint, indent=1)
 
 
 def check_same_data(model_dir, fingerprint, data_dir):

@@ -3,10 +3,11 @@
 import glob
 import os
 import time
-import uuid
 
 import numpy as np
 from absl import logging
+
+from tf_maml import files
 
 __all__ = ["cache_directory", "read_npz", "write_npz"]
 
@@ -45,6 +46,7 @@ def read_npz(path, names, what, layout="classes"):
     """
     if not os.path.exists(path):
         return None
+    _remove_stale_temporaries(path)  # a killed writer's, once no rerun writes the cache again
     try:
         with np.load(path) as saved:
             arrays = [saved[name] for name in names]
@@ -66,29 +68,21 @@ def write_npz(path, **arrays):
     The arrays go to a uniquely named hidden file beside `path`, are synced to disk, and
     replace `path` in one rename; the temporary file is removed on any error, so concurrent
     writers never collide and readers see either the old cache or the whole new one. What
-    a killed writer left (a temporary file untouched for an hour) is removed then. A
-    cache that cannot be written (a read-only or full disk) is logged and skipped: the
-    decoded arrays are in memory, and the next run decodes again.
+    a killed writer left (a temporary file untouched for an hour) is removed then, or when
+    the cache is next read. A cache that cannot be written (a read-only or full disk) is
+    logged and skipped: the decoded arrays are in memory, and the next run decodes again.
 
     Args:
         path: the cache file.
         **arrays: what `np.savez` saves.
     """
-    directory = os.path.dirname(path)
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
     try:
-        os.makedirs(directory, exist_ok=True)
-        with open(tmp, "xb") as f:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with files.replaced_atomically(path, sync=True) as tmp, open(tmp, "xb") as f:
             np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
         _remove_stale_temporaries(path)
     except OSError as e:
         logging.warning("Could not write the cache %s (%s); going on without it", path, e)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 STALE_SECONDS = 3600  # a temporary file untouched this long is no writer's any more
