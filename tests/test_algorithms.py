@@ -281,6 +281,15 @@ def test_anil_equals_maml_with_zero_body_rates(build, split):
         np.testing.assert_allclose(x.numpy(), y.numpy(), rtol=1e-9, atol=1e-13)
 
 
+def test_anil_splits_a_model_with_unknown_dimensions():
+    """The head's probe gives unknown dimensions (sequence lengths) a size: such heads keep
+    the fast path rather than falling back silently."""
+    from tf_maml.algorithms import anil  # noqa: PLC0415
+    model = keras.Sequential([keras.Input((None, 8)), keras.layers.Conv1D(4, 3),
+                              keras.layers.Dense(2)])
+    assert anil.split_head(model) is not None
+
+
 def test_anil_runs_the_body_once_per_set_not_per_task_or_step():
     model = _dense_bn()
     forward = functional.make_forward(model)

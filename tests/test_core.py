@@ -277,7 +277,7 @@ def test_meta_gradients_of_a_structure():
     params = {"theta": tf.constant([1.0, 2.0], tf.float64), "rate": tf.constant(0.1, tf.float64)}
 
     def objective(p):
-        adapted, _ = core.adapt(lambda w, s: tf.reduce_sum(tf.square(w[0]), axis=1),
+        adapted, _ = core.adapt(lambda w, s: tf.reduce_sum(tf.square(w[0]), axis=1)[None],
                                 [p["theta"][None]], 1, core.SGD(p["rate"]))
         return tf.reduce_sum(adapted[0] ** 2), {}
 
@@ -322,6 +322,13 @@ def test_user_mistakes_that_silently_changed_the_step_are_refused():
             _adapt(forward, weights, episode.support_x, episode.support_y, loss_fn, 0.1, 1)
     with pytest.raises(ValueError, match="returned 3 losses for weights of 4 tasks"):
         core.inner_step(lambda w, s: tf.zeros([3], tf.float64), weights, core.SGD(0.1))
+    # A loss reduced with keepdims ([num_tasks, 1]) is one per task: the same step.
+    kept = _adapt(forward, weights, episode.support_x, episode.support_y,
+                  lambda y, p: losses.mean_squared_error(y, p)[:, None], 0.1, 1)
+    plain = _adapt(forward, weights, episode.support_x, episode.support_y,
+                   losses.mean_squared_error, 0.1, 1)
+    for a, b in zip(kept, plain):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
 
     def vector_objective(params):
         adapted = _adapt(forward, core.broadcast_to_tasks(params, 4), episode.support_x,

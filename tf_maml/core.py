@@ -330,8 +330,7 @@ def inner_step(task_loss, weights, update, state=None, step=0, first_order=False
         return _recomputed_step(task_loss, weights, update, state, step, differentiable_inputs)
     with tf.GradientTape() as tape:
         tape.watch(weights)
-        task_losses = task_loss(weights, step)
-        _check_task_losses(task_losses, weights)
+        task_losses = _check_task_losses(task_loss(weights, step), weights)
         total = tf.reduce_sum(task_losses)
     grads = tape.gradient(total, weights, unconnected_gradients=tf.UnconnectedGradients.ZERO)
     if first_order:
@@ -341,7 +340,10 @@ def inner_step(task_loss, weights, update, state=None, step=0, first_order=False
 
 
 def _check_task_losses(task_losses, weights):
-    """Raises `ValueError` unless `task_losses` is `[num_tasks]` (shapes known when traced).
+    """`task_losses` as `[num_tasks]`; `ValueError` unless they are one per task.
+
+    Shapes known when traced are checked; trailing axes of size 1 (a loss
+    reduced with `keepdims`) are dropped.
 
     A per-example `[num_tasks, batch]` loss would scale every task's step by the
     batch size, and a scalar (the mean over tasks) divide it by the task count,
@@ -350,7 +352,9 @@ def _check_task_losses(task_losses, weights):
     shape = _static_shape(task_losses)
     num_tasks = _static_shape(weights[0])[:1] if weights else tf.TensorShape([None])
     if shape.rank is None:
-        return
+        return task_losses
+    if shape.rank > 1 and all(size == 1 for size in shape[1:]):  # kept dims: [num_tasks, 1]
+        return tf.reshape(task_losses, tf.shape(task_losses)[:1])
     if shape.rank == 0:
         raise ValueError("task_loss must return one loss per task, shape [num_tasks]; it "
                          "returned a scalar (the mean over tasks?), which would divide every "
@@ -362,6 +366,7 @@ def _check_task_losses(task_losses, weights):
     if not shape.is_compatible_with(num_tasks):
         raise ValueError(f"task_loss returned {shape[0]} losses for weights of {num_tasks[0]} "
                          f"tasks: it must return one loss per task")
+    return task_losses
 
 
 def _recomputed_step(task_loss, weights, update, state, step, differentiable_inputs):
@@ -512,7 +517,8 @@ def meta_gradients(objective, meta_params, unused=()):
     Returns:
         `(loss, grads, aux)`: `grads` has the structure of `meta_params`
         (zeros for parameters the loss does not depend on; when traced, a
-        warning names them).
+        warning names them, except through inner steps taken with
+        `recompute`, whose recomputed gradients are zeros rather than none).
 
     Raises:
         ValueError: the objective's loss is not a scalar.

@@ -67,7 +67,9 @@ def _computes_the_same(layer, copy, input_shape):
     """
     try:
         copy.set_weights(layer.get_weights())
-        probe = tf.random.stateless_normal([3, *input_shape], seed=[1, 2])
+        # Unknown dimensions (sequence lengths) get a size of 2 in the probe.
+        shape = [3] + [2 if size is None else size for size in input_shape]
+        probe = tf.random.stateless_normal(shape, seed=[1, 2])
         probe = tf.cast(probe, layer.compute_dtype or "float32")
         expected = tf.convert_to_tensor(layer(probe, training=False))
         got = tf.convert_to_tensor(copy(probe, training=False))
