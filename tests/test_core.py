@@ -402,3 +402,23 @@ def test_algorithm_adapt_defaults_to_the_algorithms_order_and_refuses_tensor_ste
     for rate in (float("nan"), -0.1, float("inf")):
         with pytest.raises(ValueError, match="inner_lr must be a finite non-negative number"):
             algorithms.MAML(model, forward, losses.mean_squared_error, rate, 1)
+
+
+def test_bad_adam_constants_and_reptile_step_sizes_are_refused():
+    """Rates and constants given as numbers are checked where they are given, not found as NaN
+    weights many steps later; tensors (learned or fed at run time) are left alone."""
+    for kwargs, message in ((dict(learning_rate=-0.1), "learning_rate must be finite and >= 0"),
+                            (dict(learning_rate=float("nan")), "learning_rate must be finite"),
+                            (dict(learning_rate=0.1, beta_1=1.0), "beta_1 must be in \\[0, 1\\)"),
+                            (dict(learning_rate=0.1, beta_2=-0.5), "beta_2 must be in \\[0, 1\\)"),
+                            (dict(learning_rate=0.1, epsilon=0.0), "epsilon must be finite and > 0")):
+        with pytest.raises(ValueError, match=message):
+            core.Adam(**kwargs)
+    core.Adam(np.float32(0.1), beta_1=0.9)
+    core.Adam(tf.constant(0.1))
+    model = _smooth_mlp()
+    forward = functional.make_forward(model)
+    for name, value in (("meta_step_size", -1.0), ("meta_step_size_final", float("inf")),
+                        ("meta_step_size", "0.1")):
+        with pytest.raises(ValueError, match=f"{name} must be a finite non-negative number"):
+            algorithms.Reptile(model, forward, losses.mean_squared_error, 0.1, 2, **{name: value})

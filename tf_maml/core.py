@@ -27,6 +27,9 @@ normalization weights, ...). Whether the inner steps are differentiated through
 `inner_step`/`adapt`.
 """
 
+import math
+import numbers
+
 import numpy as np
 import tensorflow as tf
 from absl import logging
@@ -244,6 +247,10 @@ class Adam:
             the step count `t` (a scalar) every task starts from; default
             zeros.
 
+    Raises:
+        ValueError: a Python-number `learning_rate` that is negative or not
+            finite, `beta_1` or `beta_2` outside [0, 1), `epsilon` not > 0.
+
     Example:
 
     ```python
@@ -254,6 +261,17 @@ class Adam:
 
     def __init__(self, learning_rate, beta_1=0.0, beta_2=0.999, epsilon=1e-8,
                  initial_state=None):
+        for name, value, low, high in (("learning_rate", learning_rate, 0.0, math.inf),
+                                       ("beta_1", beta_1, 0.0, 1.0),
+                                       ("beta_2", beta_2, 0.0, 1.0),
+                                       ("epsilon", epsilon, 0.0, math.inf)):
+            # Python numbers only: tensors may be learned or fed at run time.
+            if isinstance(value, numbers.Real) and not (
+                    math.isfinite(value) and low <= value and (value < high or high == math.inf)
+                    and (name != "epsilon" or value > 0)):
+                bounds = {"learning_rate": "finite and >= 0", "epsilon": "finite and > 0"}.get(
+                    name, "in [0, 1)")
+                raise ValueError(f"Adam's {name} must be {bounds}, got {value!r}")
         self.learning_rate = learning_rate
         self.beta_1, self.beta_2, self.epsilon = beta_1, beta_2, epsilon
         self.initial_state = initial_state

@@ -1,6 +1,9 @@
 """Reptile (Nichol, Achiam and Schulman, 2018): move θ towards the adapted weights."""
 
 
+import math
+import numbers
+
 import keras
 import tensorflow as tf
 
@@ -62,7 +65,8 @@ class Reptile(MAML):
 
     Raises:
         ValueError: `num_inner_steps < 1`, an unknown `inner_optimizer`, or
-            `carry_inner_state` without Adam, a bad batch size.
+            `carry_inner_state` without Adam, a bad batch size, a meta step
+            size that is negative or not finite.
     """
 
     name = "reptile"
@@ -85,6 +89,10 @@ class Reptile(MAML):
                                                   or eval_inner_batch_size < -1):
             raise ValueError(f"eval_inner_batch_size must be None, -1 or a non-negative "
                              f"integer, got {eval_inner_batch_size!r}")
+        for name, value in (("meta_step_size", meta_step_size),
+                            ("meta_step_size_final", meta_step_size_final)):
+            if not (isinstance(value, numbers.Real) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a finite non-negative number, got {value!r}")
         inner_batch_size = int(inner_batch_size)
         self.inner_optimizer = inner_optimizer
         self.inner_batch_size = inner_batch_size
