@@ -557,6 +557,9 @@ def meta_gradients(objective, meta_params, unused=()):
     with tf.GradientTape() as tape:
         tape.watch(flat)
         loss, aux = objective(tf.nest.pack_sequence_as(meta_params, flat))
+        shape = _static_shape(loss)
+        if shape.rank and shape.num_elements() == 1:  # [1], [1, 1] (keepdims=True)
+            loss = tf.reshape(loss, [])
     rank = _static_shape(loss).rank
     if rank is not None and rank != 0:
         raise ValueError(f"the meta-objective must return a scalar loss, got shape "

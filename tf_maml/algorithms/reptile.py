@@ -91,7 +91,10 @@ class Reptile(MAML):
                              f"integer, got {eval_inner_batch_size!r}")
         for name, value in (("meta_step_size", meta_step_size),
                             ("meta_step_size_final", meta_step_size_final)):
-            if not (isinstance(value, numbers.Real) and math.isfinite(value) and value >= 0):
+            # Numbers are range-checked; tensors and variables (fed or scheduled by the user)
+            # are taken as they are.
+            if (isinstance(value, numbers.Real) and not (math.isfinite(value) and value >= 0)
+                    or isinstance(value, (str, bytes)) or value is None):
                 raise ValueError(f"{name} must be a finite non-negative number, got {value!r}")
         inner_batch_size = int(inner_batch_size)
         self.inner_optimizer = inner_optimizer
