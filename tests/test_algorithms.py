@@ -236,7 +236,8 @@ class _TemperedHead(keras.layers.Layer):
 
 
 class _FunctionHead(_TemperedHead):
-    """A custom head built with a function argument (Keras cannot serialize it)."""
+    """A custom head built with a function argument its config drops (the copy would
+    compute something else)."""
 
     def __init__(self, units, fn=None, **kwargs):
         super().__init__(units, **kwargs)
@@ -244,6 +245,17 @@ class _FunctionHead(_TemperedHead):
 
     def call(self, x):
         return self.fn(super().call(x))
+
+
+class _UnrebuildableHead(_TemperedHead):
+    """A custom head with a required argument its config lacks: `from_config` raises."""
+
+    def __init__(self, units, scale, **kwargs):
+        super().__init__(units, **kwargs)
+        self.scale = scale
+
+    def call(self, x):
+        return self.scale * super().call(x)
 
 
 def _with_head(head):
@@ -261,9 +273,14 @@ def _function_head():
     return _with_head(_FunctionHead(1, fn=lambda t: 3.0 * t, dtype="float64"))
 
 
+def _unrebuildable_head():
+    return _with_head(_UnrebuildableHead(1, 2.0, dtype="float64"))
+
+
 # Heads whose copy would compute something else take the whole model's forward.
 @pytest.mark.parametrize("build,split", [(_smooth_mlp, True), (_subclassed, False),
-                                         (_tempered_head, False), (_function_head, False)])
+                                         (_tempered_head, False), (_function_head, False),
+                                         (_unrebuildable_head, False)])
 def test_anil_equals_maml_with_zero_body_rates(build, split):
     model = build()
     forward = functional.make_forward(model)
