@@ -351,3 +351,17 @@ def test_mlp_on_images_is_refused_and_trace_time_errors_keep_their_own_line():
                         'loss(y, p)\n\n    ValueError: labels must be integer class indices\n')
     assert experiment_lib.error_text(traced) == (
         "ValueError: labels must be integer class indices")
+
+
+def test_an_export_given_as_a_run_directory_is_named(tmp_path):
+    """A user trial: `evaluate --model_dir=export/models/...` said only "holds no config.json"."""
+    from tf_maml import config as config_lib
+    version = tmp_path / "export" / "7"
+    version.mkdir(parents=True)
+    (version / "saved_model.pb").write_bytes(b"")
+    for path in (tmp_path / "export", version):
+        with pytest.raises(FileNotFoundError, match="this is an export of tf_maml.export"):
+            config_lib.load(str(path))
+    with pytest.raises(FileNotFoundError) as plain:
+        config_lib.load(str(tmp_path))
+    assert "export" not in str(plain.value).replace(str(tmp_path), "")

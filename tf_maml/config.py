@@ -609,6 +609,18 @@ def drop_ignored_options(values):
 _RESETS_REPORTED = set()
 
 
+def _is_export(path):
+    """Whether `path` is a SavedModel or an export base directory of numbered versions."""
+    if os.path.exists(os.path.join(path, "saved_model.pb")):
+        return True
+    try:
+        names = os.listdir(path)
+    except OSError:
+        return False
+    return any(name.isdigit() and os.path.exists(os.path.join(path, name, "saved_model.pb"))
+               for name in names)
+
+
 def load(model_dir, flag="--model_dir"):
     """Reads the `Config` saved in `model_dir`.
 
@@ -623,8 +635,13 @@ def load(model_dir, flag="--model_dir"):
     path = os.path.join(model_dir, CONFIG_FILENAME)
     if not os.path.exists(path):
         what = "does not exist" if not os.path.exists(model_dir) else "holds no " + CONFIG_FILENAME
+        hint = ""
+        if _is_export(model_dir):
+            hint = (" (this is an export of tf_maml.export, a SavedModel: load it with "
+                    "tf.saved_model.load and call its adapt signature, or serve it; its config is "
+                    "in assets.extra/tf_maml_config.json)")
         raise FileNotFoundError(
-            f"{model_dir} {what}: {flag} must be a directory written by tf_maml.train")
+            f"{model_dir} {what}: {flag} must be a directory written by tf_maml.train{hint}")
     try:
         with open(path) as f:
             values = json.load(f)
