@@ -17,7 +17,7 @@ import tensorflow as tf
 
 from tf_maml import config as config_lib
 from tf_maml import experiment as experiment_lib
-from tf_maml import evaluation, serving, trainer
+from tf_maml import evaluation, reporting, serving, trainer
 from tf_maml.tasks import ImageClassTasks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -453,6 +453,39 @@ def test_export_cli_records_reptiles_eval_inner_batch_size_as_the_signatures(tmp
     assert (recorded["eval_inner_batch_size"], recorded["export_eval_inner_batch_size"]) == (-1, 3)
     with open(os.path.join(model_dir, config_lib.CONFIG_FILENAME)) as f:
         assert json.load(f)["eval_inner_batch_size"] == -1
+
+
+def test_evaluate_export_reproduces_the_runs_evaluation(sine_run, tmp_path):
+    """An export evaluated through its signatures gives the run's own evaluation figures
+    (same tasks; before adaptation and after the export's steps), also when requests are
+    split by max_tasks, and from the command line."""
+    experiment, model_dir, path = sine_run
+    reporting.evaluate_and_report(model_dir, output_dir=str(tmp_path / "run"), num_eval_tasks=40)
+    run = json.load(open(tmp_path / "run" / "eval_results.json"))["results"]["MAML"]
+    exported = reporting.evaluate_export(os.path.dirname(path), num_eval_tasks=40)
+    assert exported["steps"] == [0, 5] and exported["num_tasks"] == 40
+    np.testing.assert_allclose(exported["mean"], [run["mean"][0], run["mean"][5]], rtol=1e-4)
+    np.testing.assert_allclose(exported["ci95"], [run["ci95"][0], run["ci95"][5]], rtol=1e-3)
+    assert exported["mean"][1] < 0.9 * exported["mean"][0]  # it adapts
+    small = serving.export(experiment, str(tmp_path / "small"), 1, 5, experiment.config.inner_lr,
+                           limits={"max_tasks": 3})
+    np.testing.assert_allclose(reporting.evaluate_export(small, num_eval_tasks=40)["mean"],
+                               exported["mean"], rtol=1e-5)
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    result = subprocess.run([sys.executable, "-m", "tf_maml.evaluate", f"--saved_model={small}",
+                             "--num_eval_tasks=40", f"--output_dir={tmp_path / 'cli'}"],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert f"    5 | {exported['mean'][1]:.4f}" in result.stdout, result.stdout
+    written = json.load(open(tmp_path / "cli" / "eval_results.json"))
+    np.testing.assert_allclose(written["results"]["export"]["mean"], exported["mean"], rtol=1e-5)
+    # The protocol is the export's; a run's directory is not an export, nor the reverse.
+    with pytest.raises(ValueError, match="only num_eval_tasks, data_dir, cache_dir"):
+        reporting.evaluate_export(path, inner_lr=0.1)
+    with pytest.raises(FileNotFoundError, match="--saved_model must be an export"):
+        reporting.evaluate_export(model_dir)
+    with pytest.raises(FileNotFoundError, match="this is an export of tf_maml.export"):
+        reporting.evaluate_and_report(os.path.dirname(path))
 
 
 def test_export_cli_writes_a_versioned_model(sine_run, tmp_path):

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from tf_maml import reporting
 from tf_maml.tasks import ImageClassTasks, SineTasks, omniglot
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -101,3 +102,13 @@ def test_shipped_omniglot_model_classifies_held_out_characters(name, omniglot_ch
     figure = MANIFEST[name]["meta_test"]["mean"]
     # 96 tasks: a 95% interval of about 1-2 points around the 600-task figure.
     assert accuracy >= figure - 0.04, (name, accuracy, figure)
+
+
+@pytest.mark.parametrize("name", _names("sine"))
+def test_shipped_sine_model_reproduces_its_figure_through_evaluate_export(name):
+    """`evaluate --saved_model` on the manifest's 600 tasks gives the manifest's figure."""
+    entry = MANIFEST[name]["meta_test"]
+    result = reporting.evaluate_export(_path(name), num_eval_tasks=entry["tasks"])
+    assert result["steps"][-1] == entry["inner_steps"]
+    assert round(result["mean"][-1], 3) == entry["mean"], result
+    assert round(result["ci95"][-1], 3) == entry["ci95"], result

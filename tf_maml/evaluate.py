@@ -1,4 +1,5 @@
-"""Evaluates a trained model: `python -m tf_maml.evaluate --model_dir=DIR [--baseline_dir=DIR2]`.
+"""Evaluates a trained model: `python -m tf_maml.evaluate --model_dir=DIR [--baseline_dir=DIR2]`,
+or an exported one: `python -m tf_maml.evaluate --saved_model=EXPORT [--data_dir=DIR]`.
 
 Prints the query metric after 0..num_eval_steps inner steps on held-out tasks
 (mean ± 95% CI) and writes `eval_results.json` and plots into --output_dir
@@ -8,6 +9,11 @@ run's own results are never replaced). A meta-RL run (--dataset=navigation2d) re
 average return after 0..num_eval_steps policy-gradient steps (the paper's
 Fig. 5) for the run, the baseline, the random initialization and the oracle
 (`--oracle_dir`: a policy trained with the goal in its observations).
+
+With --saved_model, an export of tf_maml.export is evaluated through its
+signatures (`serving_default` before adaptation, `adapt_tasks` after its own
+steps) on the meta-test tasks of the config it records, as it is served; only
+--data_dir, --cache_dir, --num_eval_tasks and --output_dir apply.
 """
 
 import os
@@ -18,14 +24,17 @@ from tf_maml import cli, reporting
 from tf_maml import config as config_lib
 
 flags.DEFINE_string("model_dir", None, "A directory written by tf_maml.train.")
+flags.DEFINE_string("saved_model", None,
+                    "Instead of --model_dir: an export of tf_maml.export (a version directory, or "
+                    "its base directory: the highest version), evaluated through its signatures.")
 flags.DEFINE_string("baseline_dir", None,
                     "Optional second run (e.g. a pretrained baseline trained with "
                     "--num_inner_steps=0) evaluated on the same tasks with the same protocol.")
 flags.DEFINE_string("oracle_dir", None,
                     "RL: a run trained with --goal_observed (flags/rl_*_oracle.flags) in the "
                     "same environment, reported as the 'oracle (trained)' row on the same goals.")
-flags.DEFINE_string("output_dir", None, "Where results and plots go (default: --model_dir).")
-flags.mark_flag_as_required("model_dir")
+flags.DEFINE_string("output_dir", None, "Where results and plots go (default: --model_dir; "
+                    "with --saved_model, nowhere: the table is printed).")
 OVERRIDABLE = ("num_eval_steps", "num_eval_tasks", "inner_lr", "transductive",
                "transductive_support", "data_dir", "cache_dir", "eval_step_size_decay",
                "eval_fast_batch_size", "eval_inner_batch_size")
@@ -40,6 +49,25 @@ def main(argv):
     # Flags given on the command line override the run's saved config.
     overrides = cli.overrides_from_flags(OVERRIDABLE)
     output_dir = FLAGS.output_dir
+    if (FLAGS.model_dir is None) == (FLAGS.saved_model is None):
+        cli.fail("give --model_dir (a run of tf_maml.train) or --saved_model (an export of "
+                 "tf_maml.export), one of them")
+    if FLAGS.saved_model is not None:
+        if FLAGS.baseline_dir or FLAGS.oracle_dir:
+            cli.fail("--baseline_dir and --oracle_dir go with --model_dir, not --saved_model")
+        try:
+            result = reporting.evaluate_export(FLAGS.saved_model, output_dir=output_dir,
+                                               **overrides)
+            print(f"{result['saved_model']}: {result['num_tasks']} meta-test tasks, through "
+                  f"its signatures\n{'steps':>5} | {result['metric']}")
+            for steps, mean, ci in zip(result["steps"], result["mean"], result["ci95"]):
+                print(f"{steps:>5} | {mean:.4f} ± {ci:.4f}")
+        except KeyboardInterrupt:
+            logging.warning("Interrupted; the evaluation was not finished.")
+            raise SystemExit(130)
+        except cli.USER_ERRORS as e:
+            cli.fail(cli.describe(e))
+        return
     try:
         saved = config_lib.load(FLAGS.model_dir)
         # Flags that change the run's own protocol (a flag repeating its value does not;

@@ -1,5 +1,7 @@
 """Evaluates trained runs on held-out tasks and writes the table, JSON and plots."""
 
+import dataclasses
+import json
 import os
 
 import numpy as np
@@ -10,10 +12,11 @@ from tf_maml import algorithms
 from tf_maml import config as config_lib
 from tf_maml import evaluation
 from tf_maml import experiment as experiment_lib
+from tf_maml import losses, serving
 from tf_maml import tasks as tasks_lib
 from tf_maml.tasks import SineTasks, step_seed
 
-__all__ = ["evaluate_and_report"]
+__all__ = ["evaluate_and_report", "evaluate_export", "EXPORT_OVERRIDABLE"]
 
 RESULTS_FILENAME = "eval_results.json"
 TRAINING_CURVE_FILENAME = "validation_curve.png"
@@ -39,6 +42,140 @@ def _label(config, model_dir, taken):
     if config.num_inner_steps > 0 and config.first_order and config.algorithm == "maml":
         label = "FOMAML"
     return label if label not in taken else os.path.basename(os.path.normpath(model_dir))
+
+
+# What `evaluate_export` takes besides the export: where the data is, how many tasks. The
+# export fixes the rest of the protocol (its steps, rates, transductive query batch).
+EXPORT_OVERRIDABLE = ("num_eval_tasks", "data_dir", "cache_dir")
+
+
+def export_version_path(saved_model):
+    """The SavedModel directory of `saved_model`: itself, or the highest version under it.
+
+    Raises:
+        FileNotFoundError: neither a SavedModel nor a directory of numbered versions.
+    """
+    if os.path.isfile(os.path.join(saved_model, "saved_model.pb")):
+        return saved_model
+    versions = []
+    if os.path.isdir(saved_model):
+        versions = sorted((int(name) for name in os.listdir(saved_model) if name.isdigit()
+                           and os.path.isfile(os.path.join(saved_model, name, "saved_model.pb"))))
+    if not versions:
+        what = "does not exist" if not os.path.exists(saved_model) else (
+            "holds no saved_model.pb and no numbered version that does")
+        raise FileNotFoundError(f"{saved_model} {what}: --saved_model must be an export of "
+                                "tf_maml.export (a version directory or its base directory)")
+    return os.path.join(saved_model, str(versions[-1]))
+
+
+def _export_config(path, overrides):
+    """The `Config` an export records (its run's), with `overrides` applied."""
+    record_path = os.path.join(path, "assets.extra", serving.CONFIG_ASSET)
+    if not os.path.isfile(record_path):
+        raise FileNotFoundError(f"{path} holds no assets.extra/{serving.CONFIG_ASSET}: it was "
+                                "not written by tf_maml.export")
+    try:
+        with open(record_path) as f:
+            record = json.load(f)
+        values = {k: v for k, v in record.items() if not k.startswith("export_")}
+        values, _ = config_lib.drop_ignored_options(values)
+        config = config_lib.Config.from_dict(values)
+    except (json.JSONDecodeError, TypeError, ValueError, AttributeError) as e:
+        raise ValueError(f"{record_path} is not a config this version of tf_maml reads: "
+                         f"{e}") from None
+    unknown = sorted(set(overrides) - set(EXPORT_OVERRIDABLE))
+    if unknown:
+        raise ValueError(f"an export's protocol is fixed when it is exported; only "
+                         f"{', '.join(EXPORT_OVERRIDABLE)} may be given with it, not "
+                         f"{', '.join(unknown)}")
+    return dataclasses.replace(config, **overrides).validate(), record
+
+
+def evaluate_export(saved_model, output_dir=None, **overrides):
+    """Evaluates an exported SavedModel through its signatures, as it is served.
+
+    The meta-test tasks are those `evaluate_and_report` gives its run (the
+    same seed, stream and batches), built from the config the export records;
+    each is predicted by `serving_default` (before adaptation) and by
+    `adapt_tasks` (after the export's own steps and rates, the query set as
+    one batch). For a transductive run this reproduces the run's evaluation
+    at that step; a served model is checked without its run directory.
+
+    Args:
+        saved_model: an export's version directory, or its base directory (the
+            highest version is taken, as TF Serving does).
+        output_dir: where `eval_results.json` goes (default: nowhere; the
+            export's directory is never written).
+        **overrides: `EXPORT_OVERRIDABLE` fields (`data_dir`, `cache_dir`: data
+            moved since training; `num_eval_tasks`).
+
+    Returns:
+        dict: `metric`, `steps` (`[0, num_eval_steps]`), `mean` and `ci95`
+        (lists, one per step), `num_tasks`, `saved_model`.
+
+    Raises:
+        FileNotFoundError: not an export, or its data is missing.
+        ValueError: a meta-RL policy, a custom dataset, other overrides, or
+            data the export's signatures do not take.
+
+    Example:
+
+    ```python
+    figures = tf_maml.reporting.evaluate_export("export/models/sine_maml")
+    ```
+    """
+    path = export_version_path(saved_model)
+    config, record = _export_config(path, overrides)
+    if config.is_rl:
+        raise ValueError(f"{path} is a policy: evaluate its run with --model_dir (the "
+                         "meta-test protocol of RL samples trajectories)")
+    if config.dataset == "custom":
+        raise ValueError(f"{path} was meta-trained on tasks given in code (dataset 'custom'): "
+                         "sample them yourself and call its adapt_tasks signature")
+    tasks = tasks_lib.build(config)
+    _, metric_fn, metric_name = losses.for_tasks(tasks)
+    loaded = tf.saved_model.load(path)
+    serve, adapt_tasks = loaded.signatures["serving_default"], loaded.signatures["adapt_tasks"]
+    expected = adapt_tasks.structured_input_signature[1]["support_x"].shape[2:]
+    if not expected.is_compatible_with(tasks.input_shape):
+        raise ValueError(f"the data gives inputs of shape {list(tasks.input_shape)}, but {path} "
+                         f"takes {expected.as_list()}: is --data_dir the run's data?")
+    dtype = adapt_tasks.structured_input_signature[1]["support_x"].dtype
+    label_dtype = adapt_tasks.structured_input_signature[1]["support_y"].dtype
+    max_tasks = int(record.get("export_limits", {}).get("max_tasks", 1))
+    num_tasks, batch_size = config.num_eval_tasks, evaluation.batch_size_for(config)
+    steps = int(record.get("export_num_eval_steps", config.num_eval_steps))
+    chunks = []
+    for index, start in enumerate(range(0, num_tasks, batch_size)):
+        episode = tasks.sample(step_seed(config.seed, index, tasks_lib.TEST),
+                               min(batch_size, num_tasks - start), "test")
+        support_x, query_x = (tf.cast(episode.support_x, dtype), tf.cast(episode.query_x, dtype))
+        support_y = tf.cast(episode.support_y, label_dtype)
+        count = int(query_x.shape[0])
+        before = tf.stack([serve(x=query_x[i])["predictions"] for i in range(count)])
+        after = tf.concat([adapt_tasks(support_x=support_x[i:i + max_tasks],
+                                       support_y=support_y[i:i + max_tasks],
+                                       query_x=query_x[i:i + max_tasks])["predictions"]
+                           for i in range(0, count, max_tasks)], axis=0)
+        chunks.append(np.stack([metric_fn(episode.query_y, tf.cast(p, episode.query_x.dtype))
+                                .numpy() for p in (before, after)]))
+        logging.info("evaluated %d of %d tasks", start + count, num_tasks)
+    mean, ci = evaluation.summarize(np.concatenate(chunks, axis=1))
+    result = {"metric": metric_name, "steps": [0, steps], "mean": [float(x) for x in mean],
+              "ci95": [float(x) for x in ci], "num_tasks": num_tasks,
+              "saved_model": os.path.abspath(path)}
+    task = f"{config.n_way}-way {config.k_shot}-shot " if tasks.is_classification else ""
+    logging.info("%s on %d meta-test tasks (%s%s), through its signatures: %s %.4f ± %.4f "
+                 "before adaptation, %.4f ± %.4f after %d step(s)", path, num_tasks, task,
+                 config.dataset, metric_name, mean[0], ci[0], mean[1], ci[1], steps)
+    if output_dir:
+        os.makedirs(output_dir, exist_ok=True)
+        evaluation.write_json(os.path.join(output_dir, RESULTS_FILENAME), metric_name,
+                              {"export": (mean, ci)},
+                              extra={"steps": [0, steps], "num_tasks": num_tasks,
+                                     "saved_model": result["saved_model"]})
+    return result
 
 
 def evaluate_and_report(model_dir, baseline_dir=None, output_dir=None, oracle_dir=None,
