@@ -479,6 +479,11 @@ def test_evaluate_export_reproduces_the_runs_evaluation(sine_run, tmp_path):
     assert f"    5 | {exported['mean'][1]:.4f}" in result.stdout, result.stdout
     written = json.load(open(tmp_path / "cli" / "eval_results.json"))
     np.testing.assert_allclose(written["results"]["export"]["mean"], exported["mean"], rtol=1e-5)
+    # An adaptation that diverges is the signature's one-line refusal, not NaN figures.
+    wild = serving.export(experiment, str(tmp_path / "wild"), 1, 5, 1e12)
+    with pytest.raises(ValueError, match="refused the meta-test tasks .*: the adaptation "
+                                         "diverged"):
+        reporting.evaluate_export(wild, num_eval_tasks=4)
     # The protocol is the export's; a run's directory is not an export, nor the reverse.
     with pytest.raises(ValueError, match="only num_eval_tasks, data_dir, cache_dir"):
         reporting.evaluate_export(path, inner_lr=0.1)

@@ -713,3 +713,27 @@ def test_validation_episodes_without_validation_classes_say_they_are_test_tasks(
     keras_face.Episodes(no_val, 2, split="test")
     keras_face.Episodes(tasks_lib.array_tasks(x, y, 2, 1, 1), 2, split="val")  # has val classes
     assert len(warnings) == 1
+
+
+def test_an_export_evaluated_on_other_data_is_refused(tmp_path):
+    """evaluate --saved_model checks the data against the run's, as evaluate --model_dir does:
+    an added class would redraw the class split (training classes in the meta-test)."""
+    from tf_maml import reporting, trainer
+    data = _make_folder(tmp_path / "images")
+    run = tmp_path / "run"
+    config = config_lib.Config(dataset="folder", data_dir=str(data), n_way=2, k_shot=1,
+                               k_query=2, image_size=14, class_split="0.5,0.25,0.25",
+                               meta_batch_size=2, num_iterations=2, log_every=1,
+                               checkpoint_every=2, validate_every=0, num_eval_steps=1,
+                               num_eval_tasks=4, cache_dir=str(tmp_path / "cache"))
+    trainer.train(config, str(run))
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    exported = subprocess.run([sys.executable, "-m", "tf_maml.export", f"--model_dir={run}",
+                               f"--export_dir={tmp_path / 'export'}"],
+                              capture_output=True, text=True, env=env, timeout=300)
+    assert exported.returncode == 0, exported.stderr
+    assert reporting.evaluate_export(str(tmp_path / "export"))["num_tasks"] == 4
+    shutil.copytree(data / "char_00", data / "char_99")
+    with pytest.raises(ValueError, match=r"is not the data the run exported to .* was trained "
+                                         r"on \(.*classes"):
+        reporting.evaluate_export(str(tmp_path / "export"))

@@ -637,9 +637,9 @@ def load(model_dir, flag="--model_dir"):
         what = "does not exist" if not os.path.exists(model_dir) else "holds no " + CONFIG_FILENAME
         hint = ""
         if _is_export(model_dir):
-            hint = (" (this is an export of tf_maml.export, a SavedModel: load it with "
-                    "tf.saved_model.load and call its adapt signature, or serve it; its config is "
-                    "in assets.extra/tf_maml_config.json)")
+            hint = (" (this is an export of tf_maml.export, a SavedModel: evaluate it with "
+                    "`python -m tf_maml.evaluate --saved_model=...`, serve it, or load it with "
+                    "tf.saved_model.load and call its adapt signature)")
         raise FileNotFoundError(
             f"{model_dir} {what}: {flag} must be a directory written by tf_maml.train{hint}")
     try:

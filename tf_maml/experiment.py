@@ -24,7 +24,7 @@ __all__ = ["Experiment", "build_experiment", "restore", "make_checkpoint", "save
            "resolve_jit_compile", "checkpoint_paths", "restore_latest", "check_readable",
            "indexed_checkpoint", "check_writable", "error_text", "CheckpointError",
            "save_data_fingerprint", "check_same_data", "check_same_spec", "CHECKPOINT_SUBDIR",
-           "DATA_FILENAME"]
+           "DATA_FILENAME", "read_data_fingerprint", "compare_data_fingerprints"]
 
 CHECKPOINT_SUBDIR = "checkpoints"
 SPEC_FILENAME = "task_spec.json"
@@ -161,6 +161,14 @@ def check_same_data(model_dir, fingerprint, data_dir):
         logging.warning("%s has no %s: the data at data_dir=%r cannot be checked against the "
                         "data the run was trained on", model_dir, DATA_FILENAME, data_dir)
         return
+    saved = read_data_fingerprint(path)
+    if saved is not None:
+        compare_data_fingerprints(saved, fingerprint, data_dir, f"the run in {model_dir}", path,
+                                  "Use the run's own data, or train in a new --model_dir")
+
+
+def read_data_fingerprint(path):
+    """The data record at `path` (`save_data_fingerprint`), or None (warned) if unreadable."""
     keys = ("classes", "examples", "names", "counts")
     try:
         with open(path) as f:
@@ -170,7 +178,12 @@ def check_same_data(model_dir, fingerprint, data_dir):
             raise ValueError("unexpected structure")
     except (OSError, ValueError) as e:
         logging.warning("%s is unreadable (%s); the run's data is not checked", path, e)
-        return
+        return None
+    return saved
+
+
+def compare_data_fingerprints(saved, fingerprint, data_dir, whose, path, advice):
+    """Raises `ValueError` naming the differences unless the fingerprints are equal."""
     if saved == fingerprint:
         return
     differences = []
@@ -186,9 +199,8 @@ def check_same_data(model_dir, fingerprint, data_dir):
                         else "other examples per class"]
             differences.append(f"{split}: {', '.join(what)}")
     raise ValueError(
-        f"the data at data_dir={data_dir!r} is not the data the run in {model_dir} was trained "
-        f"on ({'; '.join(differences)}; recorded in {path}). Use the run's own data, or train "
-        f"in a new --model_dir")
+        f"the data at data_dir={data_dir!r} is not the data {whose} was trained on "
+        f"({'; '.join(differences)}; recorded in {path}). {advice}")
 
 
 def load_spec(model_dir, config):

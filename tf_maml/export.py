@@ -18,6 +18,7 @@ inner_lr), limited by --max_episodes, --max_horizon, --max_query_observations.
 """
 
 import dataclasses
+import os
 
 from absl import app, flags, logging
 
@@ -104,8 +105,13 @@ def main(argv):
                              f"{', '.join('--' + name for name in own)})")
         # The algorithm's own rates (learned ones included) unless --inner_lr is given.
         version = FLAGS.version if FLAGS.version is not None else max(step, 1)
+        # The run's data record goes with the export: evaluating it refuses other data.
+        record = os.path.join(FLAGS.model_dir, experiment_lib.DATA_FILENAME)
+        fingerprint = (experiment_lib.read_data_fingerprint(record)
+                       if os.path.exists(record) and not config.is_rl else None)
         path = serving.export(experiment, FLAGS.export_dir, version, num_eval_steps,
-                              inner_lr, overwrite=FLAGS.overwrite, limits=limits)
+                              inner_lr, overwrite=FLAGS.overwrite, limits=limits,
+                              data_fingerprint=fingerprint)
     except cli.USER_ERRORS as e:
         cli.fail(cli.describe(e))
     where = f"limits in {path}/assets.extra/{serving.CONFIG_ASSET}"

@@ -92,6 +92,14 @@ def _export_config(path, overrides):
     return dataclasses.replace(config, **overrides).validate(), record
 
 
+def _signature_message(error):
+    """The message a signature's check gave, without TensorFlow's graph-execution framing."""
+    lines = [line.strip() for line in str(error.message).splitlines()]
+    kept = [line for line in lines if line and not line.startswith(("Detected at node", "[["))
+            and line not in ("Graph execution error:", "<stack traces unavailable>")]
+    return kept[-1] if kept else str(error.message).strip()
+
+
 def evaluate_export(saved_model, output_dir=None, **overrides):
     """Evaluates an exported SavedModel through its signatures, as it is served.
 
@@ -116,8 +124,10 @@ def evaluate_export(saved_model, output_dir=None, **overrides):
 
     Raises:
         FileNotFoundError: not an export, or its data is missing.
-        ValueError: a meta-RL policy, a custom dataset, other overrides, or
-            data the export's signatures do not take.
+        ValueError: a meta-RL policy, a custom dataset, other overrides, data
+            other than the run's (when the export records it) or that its
+            signatures refuse, an adaptation that diverges.
+        PermissionError: `output_dir` is not writable.
 
     Example:
 
@@ -133,14 +143,28 @@ def evaluate_export(saved_model, output_dir=None, **overrides):
     if config.dataset == "custom":
         raise ValueError(f"{path} was meta-trained on tasks given in code (dataset 'custom'): "
                          "sample them yourself and call its adapt_tasks signature")
+    if output_dir:
+        experiment_lib.check_writable(output_dir, "--output_dir")
     tasks = tasks_lib.build(config)
+    fingerprint = tasks_lib.data_fingerprint(tasks)
+    record_path = os.path.join(path, "assets.extra", serving.DATA_FINGERPRINT_ASSET)
+    if fingerprint is not None and not os.path.exists(record_path):
+        logging.warning("%s records no data fingerprint (exported before it was kept, or not "
+                        "with the export CLI): the data at data_dir=%r cannot be checked against "
+                        "the data its run was trained on", path, config.data_dir)
+    elif fingerprint is not None:
+        saved = experiment_lib.read_data_fingerprint(record_path)
+        if saved is not None:
+            experiment_lib.compare_data_fingerprints(
+                saved, fingerprint, config.data_dir, f"the run exported to {path}", record_path,
+                "Give the run's own data (--data_dir)")
     _, metric_fn, metric_name = losses.for_tasks(tasks)
     loaded = tf.saved_model.load(path)
+    missing = {"serving_default", "adapt_tasks"} - set(loaded.signatures)
+    if missing:
+        raise ValueError(f"{path} has no {' or '.join(sorted(missing))} signature (exported by "
+                         "an earlier version): export the run again")
     serve, adapt_tasks = loaded.signatures["serving_default"], loaded.signatures["adapt_tasks"]
-    expected = adapt_tasks.structured_input_signature[1]["support_x"].shape[2:]
-    if not expected.is_compatible_with(tasks.input_shape):
-        raise ValueError(f"the data gives inputs of shape {list(tasks.input_shape)}, but {path} "
-                         f"takes {expected.as_list()}: is --data_dir the run's data?")
     dtype = adapt_tasks.structured_input_signature[1]["support_x"].dtype
     label_dtype = adapt_tasks.structured_input_signature[1]["support_y"].dtype
     max_tasks = int(record.get("export_limits", {}).get("max_tasks", 1))
@@ -153,11 +177,15 @@ def evaluate_export(saved_model, output_dir=None, **overrides):
         support_x, query_x = (tf.cast(episode.support_x, dtype), tf.cast(episode.query_x, dtype))
         support_y = tf.cast(episode.support_y, label_dtype)
         count = int(query_x.shape[0])
-        before = tf.stack([serve(x=query_x[i])["predictions"] for i in range(count)])
-        after = tf.concat([adapt_tasks(support_x=support_x[i:i + max_tasks],
-                                       support_y=support_y[i:i + max_tasks],
-                                       query_x=query_x[i:i + max_tasks])["predictions"]
-                           for i in range(0, count, max_tasks)], axis=0)
+        try:
+            before = tf.stack([serve(x=query_x[i])["predictions"] for i in range(count)])
+            after = tf.concat([adapt_tasks(support_x=support_x[i:i + max_tasks],
+                                           support_y=support_y[i:i + max_tasks],
+                                           query_x=query_x[i:i + max_tasks])["predictions"]
+                               for i in range(0, count, max_tasks)], axis=0)
+        except tf.errors.InvalidArgumentError as e:  # the signature's own check, in one line
+            raise ValueError(f"{path} refused the meta-test tasks of --data_dir="
+                             f"{config.data_dir!r}: {_signature_message(e)}") from None
         chunks.append(np.stack([metric_fn(episode.query_y, tf.cast(p, episode.query_x.dtype))
                                 .numpy() for p in (before, after)]))
         logging.info("evaluated %d of %d tasks", start + count, num_tasks)

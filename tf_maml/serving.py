@@ -66,6 +66,7 @@ import tensorflow as tf
 from absl import logging
 
 from tf_maml import algorithms as algorithms_lib
+from tf_maml import config as config_lib
 from tf_maml import core, functional
 
 __all__ = ["AdaptationSignatures", "build_export_archive", "export", "ServingLimits",
@@ -80,6 +81,7 @@ IMAGE_SIGNATURES = ("decode_images", "adapt_images")
 # would otherwise take a gigabyte to decode. Read from the file's header before decoding.
 MAX_IMAGE_SIDE = 4096
 CONFIG_ASSET = "tf_maml_config.json"
+DATA_FINGERPRINT_ASSET = "tf_maml_data_fingerprint.json"  # the run's data (`evaluate_export`)
 
 
 def validate_limits(limits):
@@ -832,7 +834,7 @@ def _swap_in(new, path):
 
 
 def export(experiment, export_dir, version, num_eval_steps, inner_lr=None, overwrite=False,
-           limits=None, image_format="auto"):
+           limits=None, image_format="auto", data_fingerprint=None):
     """Writes the SavedModel to `<export_dir>/<version>/` (TF Serving's layout).
 
     The run's config, the limits and the signatures are written to
@@ -854,6 +856,10 @@ def export(experiment, export_dir, version, num_eval_steps, inner_lr=None, overw
             dataset's defaults (`DEFAULT_LIMITS`), or `None` for the defaults.
         image_format: `ImageFormat`, `None` (no image signatures) or "auto"
             (the dataset's, see `image_format_for`).
+        data_fingerprint: the run's data record (`tasks.data_fingerprint`; the
+            export CLI passes the run's `data_fingerprint.json`), written to
+            `assets.extra/tf_maml_data_fingerprint.json` so that evaluating the
+            export (`reporting.evaluate_export`) refuses other data.
 
     Returns:
         The version's path.
@@ -908,14 +914,15 @@ def export(experiment, export_dir, version, num_eval_steps, inner_lr=None, overw
                                       inner_lr, limits, image_format)
     archive = build_export_archive(signatures)
     return write_version(archive, path, {
-        **config.to_dict(), "export_num_eval_steps": num_eval_steps,
+        **config_lib.as_stored(config).to_dict(), "export_num_eval_steps": num_eval_steps,
         "export_inner_lr": inner_lr, "export_limits": limits.to_dict(),
         "export_algorithm_class": f"{algorithm_class.__module__}.{algorithm_class.__qualname__}",
         # Reptile: support examples per inner step of adapt (None: other algorithms).
         "export_eval_inner_batch_size": getattr(experiment.algorithm, "eval_inner_batch_size",
                                                 None),
         "export_image_format": image_format.to_dict() if image_format else None,
-        "export_signatures": list(signatures.signature_names)})
+        "export_signatures": list(signatures.signature_names)},
+        {DATA_FINGERPRINT_ASSET: data_fingerprint} if data_fingerprint else None)
 
 
 def check_version(version):
@@ -935,8 +942,10 @@ def version_path(export_dir, version, overwrite):
     return path
 
 
-def write_version(archive, path, record):
+def write_version(archive, path, record, extra_records=None):
     """Writes `archive` and `record` (`assets.extra/tf_maml_config.json`) to `path`, atomically.
+
+    `extra_records` (file name -> JSON value) go beside it in `assets.extra`.
 
     The version is written to `<path>.tmp` and swapped into place once
     complete (`_swap_in`).
@@ -952,5 +961,8 @@ def write_version(archive, path, record):
     tf.io.gfile.makedirs(extra)
     with tf.io.gfile.GFile(os.path.join(extra, CONFIG_ASSET), "w") as f:
         f.write(json.dumps(record, indent=2, sort_keys=True))
+    for name, value in (extra_records or {}).items():
+        with tf.io.gfile.GFile(os.path.join(extra, name), "w") as f:
+            f.write(json.dumps(value, indent=1))
     _swap_in(tmp, path)  # TF Serving never sees a half-written version, nor none
     return path
