@@ -481,8 +481,8 @@ def test_evaluate_export_reproduces_the_runs_evaluation(sine_run, tmp_path):
     np.testing.assert_allclose(written["results"]["export"]["mean"], exported["mean"], rtol=1e-5)
     # An adaptation that diverges is the signature's one-line refusal, not NaN figures.
     wild = serving.export(experiment, str(tmp_path / "wild"), 1, 5, 1e12)
-    with pytest.raises(ValueError, match="refused the meta-test tasks .*: the adaptation "
-                                         "diverged"):
+    with pytest.raises(ValueError, match=r"refused the meta-test tasks: the adaptation "
+                                         r"diverged: .*; in tasks 0 1 2 3$"):
         reporting.evaluate_export(wild, num_eval_tasks=4)
     # The protocol is the export's; a run's directory is not an export, nor the reverse.
     with pytest.raises(ValueError, match="only num_eval_tasks, data_dir, cache_dir"):

@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import os
+import re
 
 import numpy as np
 import tensorflow as tf
@@ -97,7 +98,10 @@ def _signature_message(error):
     lines = [line.strip() for line in str(error.message).splitlines()]
     kept = [line for line in lines if line and not line.startswith(("Detected at node", "[["))
             and line not in ("Graph execution error:", "<stack traces unavailable>")]
-    return kept[-1] if kept else str(error.message).strip()
+    message = kept[-1] if kept else str(error.message).strip()
+    # tf.debugging.Assert's framing: "assertion failed: [text] [values]".
+    framed = re.fullmatch(r"assertion failed: \[(.*)\] \[(.*)\]", message)
+    return f"{framed.group(1)} {framed.group(2)}" if framed else message
 
 
 def evaluate_export(saved_model, output_dir=None, **overrides):
@@ -184,8 +188,9 @@ def evaluate_export(saved_model, output_dir=None, **overrides):
                                            query_x=query_x[i:i + max_tasks])["predictions"]
                                for i in range(0, count, max_tasks)], axis=0)
         except tf.errors.InvalidArgumentError as e:  # the signature's own check, in one line
-            raise ValueError(f"{path} refused the meta-test tasks of --data_dir="
-                             f"{config.data_dir!r}: {_signature_message(e)}") from None
+            where = f" of --data_dir={config.data_dir!r}" if config.data_dir else ""
+            raise ValueError(f"{path} refused the meta-test tasks{where}: "
+                             f"{_signature_message(e)}") from None
         chunks.append(np.stack([metric_fn(episode.query_y, tf.cast(p, episode.query_x.dtype))
                                 .numpy() for p in (before, after)]))
         logging.info("evaluated %d of %d tasks", start + count, num_tasks)
