@@ -136,7 +136,8 @@ def evaluate_export(saved_model, output_dir=None, **overrides):
     Example:
 
     ```python
-    figures = tf_maml.reporting.evaluate_export("export/models/sine_maml")
+    from tf_maml import reporting
+    figures = reporting.evaluate_export("export/models/sine_maml")  # the highest version
     ```
     """
     path = export_version_path(saved_model)
