@@ -611,14 +611,8 @@ _RESETS_REPORTED = set()
 
 def _is_export(path):
     """Whether `path` is a SavedModel or an export base directory of numbered versions."""
-    if os.path.exists(os.path.join(path, "saved_model.pb")):
-        return True
-    try:
-        names = os.listdir(path)
-    except OSError:
-        return False
-    return any(name.isdigit() and os.path.exists(os.path.join(path, name, "saved_model.pb"))
-               for name in names)
+    return (os.path.isfile(os.path.join(path, "saved_model.pb"))
+            or bool(files.saved_model_versions(path)))
 
 
 def load(model_dir, flag="--model_dir"):

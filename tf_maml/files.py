@@ -5,7 +5,7 @@ import json
 import os
 import uuid
 
-__all__ = ["replaced_atomically", "write_json"]
+__all__ = ["replaced_atomically", "write_json", "saved_model_versions"]
 
 
 @contextlib.contextmanager
@@ -50,3 +50,13 @@ def write_json(path, payload, **dump_options):
         json.dump(payload, f, **dump_options)
         f.write("\n")
     return path
+
+
+def saved_model_versions(path):
+    """The numbered SavedModel versions under `path` (TF Serving's layout), sorted; [] if none."""
+    try:
+        names = os.listdir(path)
+    except OSError:
+        return []
+    return sorted(int(name) for name in names if name.isdigit()
+                  and os.path.isfile(os.path.join(path, name, "saved_model.pb")))

@@ -11,7 +11,7 @@ from absl import logging
 
 from tf_maml import algorithms
 from tf_maml import config as config_lib
-from tf_maml import evaluation
+from tf_maml import evaluation, files
 from tf_maml import experiment as experiment_lib
 from tf_maml import losses, serving
 from tf_maml import tasks as tasks_lib
@@ -58,10 +58,7 @@ def export_version_path(saved_model):
     """
     if os.path.isfile(os.path.join(saved_model, "saved_model.pb")):
         return saved_model
-    versions = []
-    if os.path.isdir(saved_model):
-        versions = sorted((int(name) for name in os.listdir(saved_model) if name.isdigit()
-                           and os.path.isfile(os.path.join(saved_model, name, "saved_model.pb"))))
+    versions = files.saved_model_versions(saved_model)
     if not versions:
         what = "does not exist" if not os.path.exists(saved_model) else (
             "holds no saved_model.pb and no numbered version that does")
