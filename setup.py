@@ -25,7 +25,8 @@ setup(
     extras_require={
         "tf": ["tensorflow>=2.16"],
         "cpu": ["tensorflow-cpu>=2.16"],
-        "test": ["pytest"],
+        # pytest-xdist: the suite runs on two processes (README, Tests).
+        "test": ["pytest", "pytest-xdist"],
         # The peers of bench/meta_step.py and bench/serving_latency.py. learn2learn is
         # built by hand (its sdist does not build on Python >= 3.11): see bench/peers.py.
         # It imports gym and torchvision.

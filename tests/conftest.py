@@ -23,10 +23,17 @@ def omniglot_dir():
 
 
 @pytest.fixture(scope="session")
-def omniglot_characters(omniglot_dir, tmp_path_factory):
+def omniglot_cache_dir(tmp_path_factory):
+    """One decoded-image cache for the tests that load the real archives (decoding takes
+    seconds each time)."""
+    return str(tmp_path_factory.mktemp("omniglot_cache"))
+
+
+@pytest.fixture(scope="session")
+def omniglot_characters(omniglot_dir, omniglot_cache_dir):
     """`omniglot.load_characters` of the real archives: `(images, background)`."""
     from tf_maml.tasks import omniglot
-    return omniglot.load_characters(omniglot_dir, str(tmp_path_factory.mktemp("cache")))
+    return omniglot.load_characters(omniglot_dir, omniglot_cache_dir)
 
 
 @pytest.fixture(autouse=True)
