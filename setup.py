@@ -25,8 +25,9 @@ setup(
     extras_require={
         "tf": ["tensorflow>=2.16"],
         "cpu": ["tensorflow-cpu>=2.16"],
-        # pytest-xdist: the suite runs on two processes (README, Tests).
-        "test": ["pytest", "pytest-xdist"],
+        # pytest-xdist: the suite runs on two processes (README, Tests); --dist worksteal
+        # needs 3.2.
+        "test": ["pytest", "pytest-xdist>=3.2"],
         # The peers of bench/meta_step.py and bench/serving_latency.py. learn2learn is
         # built by hand (its sdist does not build on Python >= 3.11): see bench/peers.py.
         # It imports gym and torchvision.

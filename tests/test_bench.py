@@ -12,7 +12,7 @@ def test_meta_step_bench_without_peers_reports_our_rows_and_no_ratio(tmp_path):
     out = tmp_path / "rows.json"
     result = subprocess.run(
         [sys.executable, os.path.join(ROOT, "bench", "meta_step.py"), "--workloads=sine",
-         "--algorithms=maml,anil", "--orders=second", "--xla=false", "--peers=",
+         "--algorithms=maml,anil", "--orders=second,first", "--xla=false", "--peers=",
          "--repeats=1", "--min_seconds=0.05", f"--json={out}"],
         capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
@@ -20,7 +20,8 @@ def test_meta_step_bench_without_peers_reports_our_rows_and_no_ratio(tmp_path):
     # Without peers there is no ratio, and the bench says why rather than printing old figures.
     assert "No ratio: no peer was measured in this run" in result.stdout
     rows = json.loads(out.read_text())
-    assert {(r["algorithm"], r["order"]) for r in rows} == {("maml", "second"), ("anil", "second")}
+    assert {(r["algorithm"], r["order"]) for r in rows} == {
+        ("maml", "second"), ("maml", "first"), ("anil", "second"), ("anil", "first")}
     for row in rows:
         assert row["impl"] == "tf_maml" and row["ms"] > 0 and row["gflop"] > 0
         assert row["ratio_to_best_peer"] is None and row["best_peer"] is None

@@ -556,10 +556,11 @@ np.savez(sys.argv[4], **out)
 """
 
 
-@pytest.mark.parametrize("names", [("maml", "anil", "metasgd", "mamlpp"),
-                                   ("maml", "reptile", "reptile_carried", "reptile_minibatch")],
+@pytest.mark.parametrize("algorithms",
+                         [("maml", "anil", "metasgd", "mamlpp"),
+                          ("maml", "reptile", "reptile_carried", "reptile_minibatch")],
                          ids=["learned_rates_head_batch_norm", "reptile"])
-def test_every_algorithm_exports_its_own_adaptation(names, tmp_path):
+def test_every_algorithm_exports_its_own_adaptation(algorithms, tmp_path):
     """Learned rates, per-step batch norm, head-only and Adam adaptation all survive export
     (in two groups, each beside MAML, that run in parallel under pytest-xdist)."""
     rng = np.random.default_rng(0)
@@ -576,7 +577,7 @@ def test_every_algorithm_exports_its_own_adaptation(names, tmp_path):
                                           inner_lr=0.3, inner_batch_size=6,
                                           eval_inner_batch_size=4)}
     experiments, paths = {}, {}
-    for name in names:
+    for name in algorithms:
         extra = settings[name]
         values = dict(dataset="omniglot", n_way=3, k_shot=2, k_query=2, inner_lr=0.4,
                       num_eval_steps=3, algorithm=name.split("_")[0])
@@ -641,8 +642,11 @@ def test_every_algorithm_exports_its_own_adaptation(names, tmp_path):
             np.testing.assert_allclose(out[f"{name}/adapt_tasks_custom/predictions"][i],
                                        curve[steps][i].numpy(), **TOLERANCE)
     # The algorithms really adapt differently (learned rates, head only, Adam, carried Adam).
-    if "reptile_carried" in names:
+    assert sorted(adapted_predictions) == sorted(algorithms)
+    if "reptile_carried" in algorithms:
         assert not np.allclose(adapted_predictions["reptile_carried"],
                                adapted_predictions["reptile"])
-    for name in set(names) & {"anil", "metasgd", "mamlpp", "reptile"}:
+    others = set(algorithms) & {"anil", "metasgd", "mamlpp", "reptile"}
+    assert others, algorithms
+    for name in others:
         assert not np.allclose(adapted_predictions[name], adapted_predictions["maml"]), name

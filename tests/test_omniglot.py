@@ -92,7 +92,7 @@ def test_meta_training_learns_real_omniglot(omniglot_dir, omniglot_cache_dir, tm
     assert mean[0] < 0.3                      # before adaptation: chance
     # Held-out characters, after 3 steps: 0.826 ± 0.014 measured with these settings (the
     # full recipe reaches 0.99; the shipped models' tests check that figure).
-    assert mean[-1] - ci[-1] >= 0.75
+    assert mean[-1] - ci[-1] >= 0.78
 
 
 def _png(array, one_bit=False):
