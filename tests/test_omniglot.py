@@ -82,7 +82,7 @@ def test_meta_training_learns_real_omniglot(omniglot_dir, omniglot_cache_dir, tm
     """A few hundred iterations of 5-way 1-shot reach accuracy far above chance (20%)."""
     config = config_lib.Config(
         dataset="omniglot", data_dir=omniglot_dir, cache_dir=omniglot_cache_dir, n_way=5,
-        k_shot=1, k_query=5, meta_batch_size=16, num_inner_steps=1, inner_lr=0.4,
+        k_shot=1, k_query=5, meta_batch_size=32, num_inner_steps=1, inner_lr=0.4,
         meta_lr=0.003, num_iterations=300, log_every=100, checkpoint_every=1000,
         validate_every=0, num_eval_tasks=200, num_eval_steps=3)
     trainer.train(config, str(tmp_path / "run"))
@@ -90,9 +90,7 @@ def test_meta_training_learns_real_omniglot(omniglot_dir, omniglot_cache_dir, tm
     mean, ci = results["MAML"]
     print("5-way 1-shot accuracy after 0..3 steps:", mean, "±", ci)
     assert mean[0] < 0.3                      # before adaptation: chance
-    # Held-out characters, after 3 steps: 0.826 ± 0.014 measured with these settings (the
-    # full recipe reaches 0.99; the shipped models' tests check that figure).
-    assert mean[-1] - ci[-1] >= 0.78
+    assert mean[-1] - ci[-1] >= 0.80          # held-out characters, after 3 steps
 
 
 def _png(array, one_bit=False):
