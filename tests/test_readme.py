@@ -117,6 +117,9 @@ def test_every_command_in_the_readme_uses_flags_that_exist():
     assert "python -m tf_maml.train" in used and "python bench/meta_step.py" in used
     for path in flagfiles:
         assert os.path.exists(os.path.join(ROOT, path)), f"the README names {path}"
+    text = _readme()
+    start = text.index("\n## Command line")
+    command_line_section = text[start:text.index("\n## ", start + 1)]
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="")
     for program, names in used.items():
         names -= {"flagfile"}
@@ -125,6 +128,18 @@ def test_every_command_in_the_readme_uses_flags_that_exist():
         result = subprocess.run([sys.executable, *program.split()[1:], "--helpfull"],
                                 capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
         defined = set(re.findall(r"^\s+--(?:\[no\])?(\w+):", result.stdout, flags=re.M))
+        if program.startswith("python -m tf_maml."):
+            # The program's own flags (not Config's: the table test covers those) are
+            # documented in the Command line section.
+            module = program.rsplit(".", 1)[1]
+            own = re.search(rf"^\S*tf_maml[/.]{module}(?:\.py)?:\n((?:[ \t].*\n?)*)",
+                            result.stdout, flags=re.M)
+            assert own, f"{program} --helpfull lists no flags of its own"
+            own = set(re.findall(r"^\s+--(?:\[no\])?(\w+):", own.group(1), flags=re.M))
+            undocumented = sorted(n for n in own if not re.search(
+                rf"--(?:\[no\])?{n}\b", command_line_section))
+            assert not undocumented, (f"{program} defines flags the README's Command line "
+                                      f"section does not mention: {undocumented}")
         if not defined:  # an argparse script
             result = subprocess.run([sys.executable, *program.split()[1:], "--help"],
                                     capture_output=True, text=True, cwd=ROOT, env=env,
