@@ -67,6 +67,90 @@ def test_rewards_are_the_goal_rewards_of_an_independent_gymnasium_rollout(task):
                                        rtol=1e-4, atol=1e-4)
 
 
+def _rllab_comvel(mujoco, model, data, body):
+    """rllab's `get_body_comvel` (mujoco_py's `_compute_subtree`), written out independently.
+
+    Each body's linear velocity at its centre of mass (`mj_objectVelocity`, world
+    frame) times its mass, summed up the kinematic tree, over the subtree's mass.
+    """
+    momentum = np.zeros([model.nbody, 3])
+    mass = model.body_mass.copy()
+    velocity = np.zeros(6)
+    for i in range(model.nbody):
+        mujoco.mj_objectVelocity(model, data, mujoco.mjtObj.mjOBJ_BODY, i, velocity, 0)
+        momentum[i] = velocity[3:] * mass[i]
+    for i in range(model.nbody - 1, 0, -1):
+        momentum[model.body_parentid[i]] += momentum[i]
+        mass[model.body_parentid[i]] += mass[i]
+    return momentum[body] / mass[body]
+
+
+def test_the_rllab_halfcheetah_observes_and_rewards_as_the_original_environment():
+    import mujoco
+    env = HalfCheetahGoals("velocity", horizon=10, rllab_halfcheetah=True)
+    assert env.observation_dim == 20
+    policy = GaussianPolicy(gaussian_mlp_policy(20, 6, hidden=(8,)))
+    goals = env.sample_tasks(2, tf.constant([4, 2], tf.int64))
+    batch = sample_trajectories(env, policy, core.broadcast_to_tasks(policy.variables, 2),
+                                goals, 16, tf.constant([5, 6], tf.int64))
+    assert batch.observations.shape == (2, 16, 10, 20)
+    # rllab's reset noise: qpos + 0.01 N(0, 1) (Gymnasium's: U(-0.1, 0.1)), qvel + 0.1 N(0, 1).
+    first = batch.observations[:, :, 0].numpy().reshape(32, 20).astype(np.float64)
+    assert 0.006 < first[:, 1:8].std() < 0.014 and 0.07 < first[:, 8:17].std() < 0.13
+    # Replay trajectory (1, 3) in a fresh HalfCheetah-v5 model, observing and rewarding as
+    # rllab's HalfCheetahEnvRand.step: forward_dynamics (step, then forward), then
+    # [qpos[1:], qvel, com_subtree[torso]] and -|comvel_x - goal| - 0.05 |clip(a)|^2.
+    locomotion._log_mujoco_warnings_once()
+    cheetah = gym.make("HalfCheetah-v5", frame_skip=1).unwrapped
+    cheetah.reset()
+    model, data = cheetah.model, cheetah.data
+    torso = model.body("torso").id
+    start = batch.observations[1, 3, 0].numpy().astype(np.float64)
+    qpos = np.concatenate([[0.0], start[:8]])
+    cheetah.set_state(qpos, start[8:17])
+    # The x coordinate is not in qpos's observed part but is in the centre of mass: shift it.
+    qpos[0] = start[17] - data.subtree_com[torso, 0]
+    cheetah.set_state(qpos, start[8:17])
+    np.testing.assert_allclose(data.subtree_com[torso], start[17:], atol=1e-5)
+    goal = float(goals[1])
+    for t in range(10):
+        action = np.clip(batch.actions[1, 3, t].numpy().astype(np.float64), -1, 1)
+        data.ctrl[:] = action
+        mujoco.mj_step(model, data)
+        mujoco.mj_forward(model, data)
+        expected = (-abs(_rllab_comvel(mujoco, model, data, torso)[0] - goal)
+                    - 0.05 * np.sum(np.square(action)))
+        assert float(batch.rewards[1, 3, t]) == pytest.approx(expected, rel=1e-4, abs=1e-4)
+        if t < 9:
+            observation = np.concatenate([data.qpos[1:], data.qvel, data.subtree_com[torso]])
+            np.testing.assert_allclose(batch.observations[1, 3, t + 1].numpy(), observation,
+                                       rtol=1e-4, atol=1e-4)
+
+
+def test_rllab_halfcheetah_trains_exports_and_is_kept_apart(tmp_path):
+    with pytest.raises(ValueError, match="rllab_halfcheetah applies to the HalfCheetah"):
+        config_lib.Config(dataset="navigation2d", rllab_halfcheetah=True).validate()
+    config = config_lib.Config(dataset="halfcheetah_velocity", rllab_halfcheetah=True,
+                               num_iterations=1, **TINY)
+    model_dir = str(tmp_path / "rllab")
+    trainer.train(config, model_dir)
+    # A run in the other environment is not compared with it.
+    other = str(tmp_path / "v5")
+    config_lib.save(config_lib.Config(**{**config.__dict__, "rllab_halfcheetah": False}), other)
+    with pytest.raises(ValueError, match="rllab_halfcheetah=False"):
+        reporting.evaluate_and_report(model_dir, baseline_dir=other,
+                                      output_dir=str(tmp_path / "eval"))
+    # The export's policy takes the 20 observations.
+    from tf_maml import serving
+    trained, step = experiment.restore(model_dir)
+    path = serving.export(trained, str(tmp_path / "export"), step, 1)
+    loaded = tf.saved_model.load(path)
+    observations = np.random.default_rng(0).normal(size=(3, 20)).astype(np.float32)
+    out = loaded.signatures["serving_default"](observations=tf.constant(observations))
+    np.testing.assert_allclose(out["action_mean"], trained.model(observations), rtol=1e-5,
+                               atol=1e-6)
+
+
 def test_rollouts_are_a_pure_function_of_the_seed(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     import mujoco

@@ -260,6 +260,13 @@ class Config:
             the environment scales its (clipped) action by 0.1, as the original
             code's rllab `normalize` wrapper; otherwise actions are clipped to
             [-0.1, 0.1] unscaled (pytorch-maml-rl's convention).
+        rllab_halfcheetah: RL, HalfCheetah: the original rllab environment's
+            observations (20: joint positions without x, velocities, and the
+            torso's centre of mass, x included), its centre-of-mass forward
+            velocity in the reward and its reset noise (qpos + 0.01·N(0, 1)),
+            on Gymnasium's model; otherwise `HalfCheetah-v5`'s own (17
+            observations, the root's finite-difference velocity, qpos +
+            U(-0.1, 0.1)).
         goal_observed: RL: observations end with the task's goal
             (`tf_maml.rl.GoalObserved`); with `num_inner_steps=0` this trains
             the paper's oracle, evaluated with `evaluate --oracle_dir`.
@@ -326,6 +333,7 @@ class Config:
     policy_output: str = "linear"
     goal_radius: float = 0.0
     normalized_actions: bool = False
+    rllab_halfcheetah: bool = False
     goal_observed: bool = False
 
     @property
@@ -450,6 +458,9 @@ class Config:
             for name in ("normalized_actions", "goal_radius"):
                 need(not getattr(self, name), f"{name} applies to navigation2d only, not to "
                                               f"{self.dataset!r}")
+        need(self.dataset.startswith("halfcheetah") or not self.rllab_halfcheetah,
+             f"rllab_halfcheetah applies to the HalfCheetah datasets only, not to "
+             f"{self.dataset!r}")
         need(not (self.dataset.startswith("halfcheetah") and self.jit_compile == "true"),
              "jit_compile=true is not possible with the HalfCheetah environments: their "
              "MuJoCo simulations step in Python, which XLA cannot compile")

@@ -104,7 +104,8 @@ def _build_rl_experiment(config):
         env = rl.Navigation2D(horizon=config.horizon or 100, goal_radius=config.goal_radius or None,
                               normalized_actions=config.normalized_actions)
     else:   # halfcheetah_velocity, halfcheetah_direction (Gymnasium + MuJoCo)
-        env = rl.HalfCheetahGoals(config.dataset.split("_")[1], horizon=config.horizon or 200)
+        env = rl.HalfCheetahGoals(config.dataset.split("_")[1], horizon=config.horizon or 200,
+                                  rllab_halfcheetah=config.rllab_halfcheetah)
     if config.goal_observed:
         env = rl.GoalObserved(env)
     keras.utils.set_random_seed(config.seed)

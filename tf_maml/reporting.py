@@ -30,7 +30,7 @@ ALGORITHM_LABELS = {name: cls.label for name, cls in algorithms.ALGORITHMS.items
 
 # What defines a meta-RL environment beyond its dataset: runs evaluated side by side (on one
 # shared environment) must agree on these.
-RL_ENVIRONMENT_FIELDS = ("horizon", "normalized_actions", "goal_radius")
+RL_ENVIRONMENT_FIELDS = ("horizon", "normalized_actions", "goal_radius", "rllab_halfcheetah")
 
 
 def _label(config, model_dir, taken):

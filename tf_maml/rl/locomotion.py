@@ -59,7 +59,8 @@ class HalfCheetahGoals:
     Implements the batched-environment interface of `tf_maml.rl.navigation`:
     the state of a trajectory lives in its MuJoCo simulation; the tensor the
     sampler carries is the observation (17 numbers: joint positions without
-    the x coordinate, and velocities). One vector environment per batch size
+    the x coordinate, and velocities; with `rllab_halfcheetah`, 20: the
+    torso's centre of mass follows). One vector environment per batch size
     (tasks × episodes) is created on first use and kept (about 1 MB per
     simulation; `close()` frees them).
 
@@ -76,6 +77,15 @@ class HalfCheetahGoals:
             Gymnasium's own default is 5.
         velocity_low, velocity_high: range of goal velocities.
         control_cost: weight of ‖a‖² in the reward (the original's 0.05).
+        rllab_halfcheetah: the original rllab environment on Gymnasium's model:
+            observations end with the torso's centre of mass (its subtree's,
+            x included: 20 numbers), the reward's forward velocity is the
+            centre of mass's (MuJoCo's `subtree_linvel`, as rllab's
+            `get_body_comvel`) rather than the root's finite difference, and
+            resets draw qpos + 0.01·N(0, 1) and qvel + 0.1·N(0, 1) (Gymnasium:
+            qpos + U(-0.1, 0.1)). About 1.2× the time per simulation step
+            (MuJoCo's kinematics and centre-of-mass passes again at the new
+            state, the part of rllab's `model.forward()` these need).
         env_id: the Gymnasium environment (default "HalfCheetah-v5").
         dtype: dtype of observations and rewards.
 
@@ -94,12 +104,11 @@ class HalfCheetahGoals:
     ```
     """
 
-    observation_dim = 17
     action_dim = 6
 
     def __init__(self, task="velocity", horizon=200, frame_skip=1, velocity_low=0.0,
-                 velocity_high=2.0, control_cost=0.05, env_id="HalfCheetah-v5",
-                 dtype=tf.float32):
+                 velocity_high=2.0, control_cost=0.05, rllab_halfcheetah=False,
+                 env_id="HalfCheetah-v5", dtype=tf.float32):
         if task not in LOCOMOTION_TASKS:
             raise ValueError(f"task must be one of {', '.join(LOCOMOTION_TASKS)}, got {task!r}")
         if horizon < 1:
@@ -114,6 +123,8 @@ class HalfCheetahGoals:
         self.frame_skip = int(frame_skip)
         self.velocity_low, self.velocity_high = float(velocity_low), float(velocity_high)
         self.control_cost = float(control_cost)
+        self.rllab_halfcheetah = bool(rllab_halfcheetah)
+        self.observation_dim = 20 if self.rllab_halfcheetah else 17
         self.env_id = env_id
         self.dtype = tf.as_dtype(dtype)
         self._vectors = {}
@@ -175,17 +186,57 @@ class HalfCheetahGoals:
         seeds = np.random.SeedSequence([int(s) % 2**63 for s in seed]).generate_state(int(size))
         try:
             observations, _ = vector.reset(seed=[int(s) for s in seeds])
+            if self.rllab_halfcheetah:
+                observations = self._rllab_reset(vector, seeds)
         except Exception as e:   # a crashed simulation: say which, never hang
             raise RuntimeError(f"{self.env_id} failed to reset: {e}") from e
         return self._check(vector, observations, "reset")
+
+    def _rllab_reset(self, vector, seeds):
+        """rllab's reset noise (qpos + 0.01·N(0, 1), qvel + 0.1·N(0, 1)); its observations."""
+        for env, seed in zip(vector.envs, seeds):
+            noise = np.random.default_rng(int(seed))
+            env.set_state(env.init_qpos + 0.01 * noise.standard_normal(env.model.nq),
+                          env.init_qvel + 0.1 * noise.standard_normal(env.model.nv))
+        return self._rllab_observe(vector)[0]
+
+    def _rllab_observe(self, vector):
+        """rllab's observations `[n, 20]` and centre-of-mass forward velocities `[n]`.
+
+        Recomputes each simulation's centre of mass and its velocity at the new
+        state (as rllab's `model.forward()` after every step did): Gymnasium's
+        step leaves them at the state before the last integration.
+        """
+        import mujoco  # noqa: PLC0415
+
+        observations = np.empty([len(vector.envs), 20])
+        velocity = np.empty([len(vector.envs)])
+        torso = mujoco.mj_name2id(vector.envs[0].model, mujoco.mjtObj.mjOBJ_BODY, "torso")
+        for i, env in enumerate(vector.envs):
+            model, data = env.model, env.data
+            # What rllab's mj_forward computed that these observations need, and no more.
+            mujoco.mj_kinematics(model, data)
+            mujoco.mj_comPos(model, data)
+            mujoco.mj_comVel(model, data)
+            mujoco.mj_subtreeVel(model, data)
+            observations[i, :8] = data.qpos[1:]
+            observations[i, 8:17] = data.qvel
+            observations[i, 17:] = data.subtree_com[torso]
+            velocity[i] = data.subtree_linvel[torso, 0]
+        return observations, velocity
+
 
     def _py_step(self, actions):
         vector = self._vectors[actions.shape[0]]
         try:
             observations, _, _, _, info = vector.step(actions.astype(np.float64))
+            if self.rllab_halfcheetah:
+                observations, velocity = self._rllab_observe(vector)
+            else:
+                velocity = info["x_velocity"]
         except Exception as e:
             raise RuntimeError(f"{self.env_id} failed to step: {e}") from e
-        velocity = np.asarray(info["x_velocity"], self.dtype.as_numpy_dtype)
+        velocity = np.asarray(velocity, self.dtype.as_numpy_dtype)
         return self._check(vector, observations, "a step"), velocity
 
     # -- the interface ------------------------------------------------------------------------
@@ -200,7 +251,7 @@ class HalfCheetahGoals:
                 function of it (default: a fixed seed).
 
         Returns:
-            Observations `[num_tasks, num_trajectories, 17]`.
+            Observations `[num_tasks, num_trajectories, observation_dim]`.
         """
         tasks = tf.convert_to_tensor(tasks)
         seed = tf.constant([0, 0], tf.int64) if seed is None else tf.cast(seed, tf.int64)
@@ -222,7 +273,7 @@ class HalfCheetahGoals:
 
         Args:
             tasks: goals `[num_tasks]`.
-            state: observations `[num_tasks, num_trajectories, 17]`.
+            state: observations `[num_tasks, num_trajectories, observation_dim]`.
             action: `[num_tasks, num_trajectories, 6]`, clipped to [-1, 1] here.
 
         Returns:
