@@ -107,6 +107,9 @@ _HELP = {
                    "fixed-length episodes).",
     "normalized_actions": "RL, navigation2d: the policy acts in [-1, 1], scaled by the "
                           "environment to its 0.1 clip (the original code's rllab normalize).",
+    "rllab_halfcheetah": "RL, HalfCheetah: observe, reward and reset as the original rllab "
+                         "environment (20 observations with the torso's centre of mass, its "
+                         "centre-of-mass velocity, its reset noise) on Gymnasium's model.",
     "goal_observed": "RL: observations end with the task's goal; with --num_inner_steps=0 this "
                      "trains the oracle (evaluate --oracle_dir).",
 }
