@@ -96,7 +96,7 @@ def test_the_rllab_halfcheetah_observes_and_rewards_as_the_original_environment(
     assert batch.observations.shape == (2, 16, 10, 20)
     # rllab's reset noise: qpos + 0.01 N(0, 1) (Gymnasium's: U(-0.1, 0.1)), qvel + 0.1 N(0, 1).
     first = batch.observations[:, :, 0].numpy().reshape(32, 20).astype(np.float64)
-    assert 0.006 < first[:, 1:8].std() < 0.014 and 0.07 < first[:, 8:17].std() < 0.13
+    assert 0.006 < first[:, :8].std() < 0.014 and 0.07 < first[:, 8:17].std() < 0.13
     # Replay trajectory (1, 3) in a fresh HalfCheetah-v5 model, observing and rewarding as
     # rllab's HalfCheetahEnvRand.step: forward_dynamics (step, then forward), then
     # [qpos[1:], qvel, com_subtree[torso]] and -|comvel_x - goal| - 0.05 |clip(a)|^2.
@@ -130,6 +130,8 @@ def test_the_rllab_halfcheetah_observes_and_rewards_as_the_original_environment(
 def test_rllab_halfcheetah_trains_exports_and_is_kept_apart(tmp_path):
     with pytest.raises(ValueError, match="rllab_halfcheetah applies to the HalfCheetah"):
         config_lib.Config(dataset="navigation2d", rllab_halfcheetah=True).validate()
+    with pytest.raises(ValueError, match="needs the half cheetah model.*Hopper-v5.*nq=6"):
+        HalfCheetahGoals("velocity", rllab_halfcheetah=True, env_id="Hopper-v5")
     config = config_lib.Config(dataset="halfcheetah_velocity", rllab_halfcheetah=True,
                                num_iterations=1, **TINY)
     model_dir = str(tmp_path / "rllab")
@@ -140,6 +142,18 @@ def test_rllab_halfcheetah_trains_exports_and_is_kept_apart(tmp_path):
     with pytest.raises(ValueError, match="rllab_halfcheetah=False"):
         reporting.evaluate_and_report(model_dir, baseline_dir=other,
                                       output_dir=str(tmp_path / "eval"))
+    # Evaluation on the original test scripts' goals: the numbers test_maml_cheetah.py printed.
+    results = reporting.evaluate_and_report(model_dir, output_dir=str(tmp_path / "eval"),
+                                            original_test_goals=True)
+    saved = json.load(open(tmp_path / "eval" / reporting.RESULTS_FILENAME))
+    assert saved["original_test_goals"] is True and all(np.isfinite(results["MAML"][0]))
+    np.testing.assert_allclose(saved["goals"], [0.834044, 1.440649, 0.000229], atol=1e-6)
+    env = HalfCheetahGoals("velocity")
+    np.testing.assert_allclose(env.original_test_goals(4).numpy(),
+                               [0.834044, 1.440649, 0.000229, 0.604665], atol=1e-6)
+    np.testing.assert_array_equal(HalfCheetahGoals("direction").original_test_goals(4).numpy(),
+                                  [-1, 1, -1, -1])
+    assert abs(float(tf.reduce_mean(env.original_test_goals(40))) - 0.9185) < 1e-4
     # The export's policy takes the 20 observations.
     from tf_maml import serving
     trained, step = experiment.restore(model_dir)

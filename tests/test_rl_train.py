@@ -235,8 +235,12 @@ def test_evaluate_reports_a_trained_oracle_beside_the_run(tmp_path):
     for flagfile, model_dir in (("rl_navigation", maml_dir), ("rl_navigation_oracle", oracle_dir)):
         result = _run("tf_maml.train", f"--flagfile=flags/{flagfile}.flags",
                       f"--model_dir={model_dir}", "--num_iterations=1", "--noevaluate",
-                      *TINY_FLAGS)
+                      *TINY_FLAGS, "--validate_every=1")
         assert result.returncode == 0, result.stderr
+        # Validation reports the oracle as evaluate does: its return, never an adapted one.
+        oracle = "oracle" in flagfile
+        assert ("(the oracle does not adapt)" in result.stderr) == oracle, result.stderr
+        assert ("after 1 step" in result.stderr) != oracle
     out = tmp_path / "eval"
     result = _run("tf_maml.evaluate", f"--model_dir={maml_dir}", f"--oracle_dir={oracle_dir}",
                   f"--output_dir={out}")

@@ -110,6 +110,9 @@ _HELP = {
     "rllab_halfcheetah": "RL, HalfCheetah: observe, reward and reset as the original rllab "
                          "environment (20 observations with the torso's centre of mass, its "
                          "centre-of-mass velocity, its reset noise) on Gymnasium's model.",
+    "original_test_goals": "RL, HalfCheetah evaluation: the original test scripts' held-out "
+                           "goals (np.random.seed(1), U[0, 2]; a direction is backward "
+                           "below 1) instead of this project's own.",
     "goal_observed": "RL: observations end with the task's goal; with --num_inner_steps=0 this "
                      "trains the oracle (evaluate --oracle_dir).",
 }

@@ -88,7 +88,7 @@ RESUMABLE_FIELDS = frozenset({
     "num_eval_steps", "jit_compile", "data_dir", "cache_dir", "strategy", "transductive",
     "transductive_support",
     "eval_step_size_decay", "eval_fast_batch_size", "recompute_inner_steps",
-    "eval_inner_batch_size",
+    "eval_inner_batch_size", "original_test_goals",
 })
 
 
@@ -267,6 +267,11 @@ class Config:
             on Gymnasium's model; otherwise `HalfCheetah-v5`'s own (17
             observations, the root's finite-difference velocity, qpos +
             U(-0.1, 0.1)).
+        original_test_goals: RL, HalfCheetah evaluation: the held-out goals
+            of the original code's test scripts (`np.random.seed(1)`, then
+            U[0, 2]; a direction is backward below 1) instead of this
+            project's own held-out stream; `num_eval_tasks` takes the first
+            ones (the scripts used 40).
         goal_observed: RL: observations end with the task's goal
             (`tf_maml.rl.GoalObserved`); with `num_inner_steps=0` this trains
             the paper's oracle, evaluated with `evaluate --oracle_dir`.
@@ -334,6 +339,7 @@ class Config:
     goal_radius: float = 0.0
     normalized_actions: bool = False
     rllab_halfcheetah: bool = False
+    original_test_goals: bool = False
     goal_observed: bool = False
 
     @property
@@ -458,9 +464,9 @@ class Config:
             for name in ("normalized_actions", "goal_radius"):
                 need(not getattr(self, name), f"{name} applies to navigation2d only, not to "
                                               f"{self.dataset!r}")
-        need(self.dataset.startswith("halfcheetah") or not self.rllab_halfcheetah,
-             f"rllab_halfcheetah applies to the HalfCheetah datasets only, not to "
-             f"{self.dataset!r}")
+        for name in ("rllab_halfcheetah", "original_test_goals"):
+            need(self.dataset.startswith("halfcheetah") or not getattr(self, name),
+                 f"{name} applies to the HalfCheetah datasets only, not to {self.dataset!r}")
         need(not (self.dataset.startswith("halfcheetah") and self.jit_compile == "true"),
              "jit_compile=true is not possible with the HalfCheetah environments: their "
              "MuJoCo simulations step in Python, which XLA cannot compile")

@@ -509,7 +509,10 @@ def _evaluate_rl(model_dir, baseline_dir, output_dir, experiment, step, oracle_d
     for run, _ in runs.values():
         run.algorithm.env = (rl.GoalObserved(base_env) if run.config.goal_observed
                              else base_env)
-    tasks = algorithm.evaluation_tasks(TEST_SEED, config.num_eval_tasks)
+    if config.original_test_goals:
+        tasks = base_env.original_test_goals(config.num_eval_tasks)
+    else:
+        tasks = algorithm.evaluation_tasks(TEST_SEED, config.num_eval_tasks)
     num_steps = config.num_eval_steps
     sizes = [config.inner_lr] + [config.inner_lr * config.eval_step_size_decay] * (
         max(num_steps, 1) - 1)
@@ -544,7 +547,8 @@ def _evaluate_rl(model_dir, baseline_dir, output_dir, experiment, step, oracle_d
     table = evaluation.format_table(RL_METRIC, results)
     steps_text = ("no gradient step" if num_steps == 0 else
                   "step sizes " + ", ".join(f"{s:g}" for s in sizes[:num_steps]))
-    print(f"\naverage return on {config.num_eval_tasks} held-out {config.dataset} goals "
+    which = "the original test scripts' " if config.original_test_goals else ""
+    print(f"\naverage return on {which}{config.num_eval_tasks} held-out {config.dataset} goals "
           f"({episodes} episodes x {algorithm.horizon} steps per gradient step, "
           f"{steps_text}), mean ± 95% CI:\n{table}\n"
           f"{_non_finite_note(RL_METRIC, results)}")
@@ -553,6 +557,8 @@ def _evaluate_rl(model_dir, baseline_dir, output_dir, experiment, step, oracle_d
              "dataset": config.dataset, "fast_batch_size": config.fast_batch_size,
              "eval_fast_batch_size": episodes,
              "horizon": algorithm.horizon, "outer_optimizer": config.outer_optimizer,
+             "original_test_goals": config.original_test_goals,
+             "goals": np.asarray(tasks, np.float64).round(6).tolist(),
              "steps_trained": {label: s for label, (_, s) in runs.items()}}
     if hasattr(algorithm.env, "close"):   # frees simulations (re-created if used again)
         algorithm.env.close()

@@ -870,7 +870,8 @@ def _train_rl(config, model_dir, run_log):
     progress = _Progress(start, config.num_iterations, units=("env_steps", "env steps"))
     try:
         current = _run_loop(config, step, all_finite, manager, writer, start, latest, run_steps,
-                            lambda current: _validate_rl(algorithm, writer, current),
+                            lambda current: _validate_rl(algorithm, writer, current,
+                                                         adapts=not config.goal_observed),
                             progress=progress)
     finally:
         writer.flush()
@@ -907,13 +908,22 @@ class _RejectedSteps:
                             "initialization is not changing; %s", self.streak, why)
 
 
-def _validate_rl(algorithm, writer, step):
-    """Average return before and after one gradient step on held-out goals."""
+def _validate_rl(algorithm, writer, step, adapts=True):
+    """Average return before and after one gradient step on held-out goals.
+
+    A goal-observed oracle (`adapts=False`) is evaluated as `evaluate` reports it:
+    without adaptation, its return only.
+    """
     from tf_maml.rl import maml_rl  # noqa: PLC0415 -- RL only
-    before, after = algorithm.evaluate(maml_rl.VALIDATION_SEED, num_tasks=NUM_RL_VALIDATION_TASKS,
-                                       num_steps=1)
+    returns = algorithm.evaluate(maml_rl.VALIDATION_SEED, num_tasks=NUM_RL_VALIDATION_TASKS,
+                                 num_steps=1 if adapts else 0)
     with writer.as_default(step=step):
-        tf.summary.scalar("validation/return_before_adaptation", before)
-        tf.summary.scalar("validation/return_after_adaptation", after)
-    logging.info("validation at step %d: return before adaptation %.2f, after 1 step %.2f",
-                 step, before, after)
+        tf.summary.scalar("validation/return_before_adaptation", returns[0])
+        if adapts:
+            tf.summary.scalar("validation/return_after_adaptation", returns[1])
+    if adapts:
+        logging.info("validation at step %d: return before adaptation %.2f, after 1 step %.2f",
+                     step, returns[0], returns[1])
+    else:
+        logging.info("validation at step %d: return %.2f (the oracle does not adapt)", step,
+                     returns[0])

@@ -92,7 +92,8 @@ class HalfCheetahGoals:
     Raises:
         MissingExtraError: Gymnasium or MuJoCo is missing (an `ImportError`
             with the install line).
-        ValueError: an unknown task or a non-positive horizon.
+        ValueError: an unknown task or a non-positive horizon; `rllab_halfcheetah`
+            with a model that is not the half cheetah.
 
     Example:
 
@@ -128,6 +129,8 @@ class HalfCheetahGoals:
         self.env_id = env_id
         self.dtype = tf.as_dtype(dtype)
         self._vectors = {}
+        if self.rllab_halfcheetah:
+            self._check_rllab_model()
 
     # -- tasks ---------------------------------------------------------------------------------
 
@@ -138,6 +141,20 @@ class HalfCheetahGoals:
                                                self.velocity_high, dtype=self.dtype)
         coin = tf.random.stateless_uniform([num_tasks], seed, dtype=self.dtype)
         return tf.where(coin < 0.5, tf.constant(-1.0, self.dtype), tf.constant(1.0, self.dtype))
+
+    def original_test_goals(self, num_tasks=40):
+        """The held-out goals of the original code's test scripts, `[num_tasks]`.
+
+        `maml_examples/test_maml_cheetah.py` and `test_maml_cheetah_direc.py`
+        (cbfinn/maml_rl) evaluate on `np.random.seed(1)` then
+        `np.random.uniform(0.0, 2.0, size=(40,))`; the direction environment
+        runs backward for a goal below 1 and forward otherwise. NumPy's legacy
+        `RandomState` stream is frozen, so these are the scripts' numbers.
+        """
+        goals = np.random.RandomState(1).uniform(0.0, 2.0, size=(num_tasks,))
+        if self.task == "direction":
+            goals = np.where(goals < 1.0, -1.0, 1.0)
+        return tf.constant(goals, self.dtype)
 
     # -- the simulations ---------------------------------------------------------------------
 
@@ -156,6 +173,22 @@ class HalfCheetahGoals:
                                               autoreset_mode=gym.vector.AutoresetMode.DISABLED)
             self._vectors[size] = vector
         return vector
+
+    def _check_rllab_model(self):
+        """Raises ValueError unless `env_id`'s model is the half cheetah rllab's observations assume."""
+        import gymnasium as gym  # noqa: PLC0415
+        import mujoco  # noqa: PLC0415
+
+        _log_mujoco_warnings_once()
+        env = gym.make(self.env_id, disable_env_checker=True).unwrapped
+        model = env.model
+        env.close()
+        torso = mujoco.mj_name2id(model, mujoco.mjtObj.mjOBJ_BODY, "torso")
+        if torso < 0 or model.nq != 9 or model.nv != 9:
+            raise ValueError(
+                f"rllab_halfcheetah needs the half cheetah model (a 'torso' body, 9 position "
+                f"and 9 velocity coordinates); {self.env_id} has "
+                f"{'a' if torso >= 0 else 'no'} 'torso' body, nq={model.nq}, nv={model.nv}")
 
     def _check(self, vector, observations, where):
         """Observations as `dtype`; raises if any simulation went unstable.
