@@ -148,7 +148,7 @@ def test_interrupted_rl_run_with_adam_resumes_exactly(tmp_path, monkeypatch):
                                **{**TINY, "validate_every": 3})
     trainer.train(config, str(tmp_path / "straight"))
 
-    def interrupt(*args):
+    def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
 
     real_validate = trainer._validate_rl
