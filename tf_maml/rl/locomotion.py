@@ -175,7 +175,7 @@ class HalfCheetahGoals:
         return vector
 
     def _check_rllab_model(self):
-        """Raises ValueError unless `env_id`'s model is the half cheetah rllab's observations assume."""
+        """Raises ValueError unless `env_id`'s model is the half cheetah rllab observes."""
         import gymnasium as gym  # noqa: PLC0415
         import mujoco  # noqa: PLC0415
 
@@ -257,7 +257,6 @@ class HalfCheetahGoals:
             observations[i, 17:] = data.subtree_com[torso]
             velocity[i] = data.subtree_linvel[torso, 0]
         return observations, velocity
-
 
     def _py_step(self, actions):
         vector = self._vectors[actions.shape[0]]
