@@ -48,7 +48,10 @@ def _log_mujoco_warnings_once():
     def warn(message):
         if message not in _SEEN_WARNINGS:
             _SEEN_WARNINGS.add(message)
-            logging.warning("MuJoCo: %s", message)
+            # Gymnasium's half_cheetah.xml uses a compiler attribute MuJoCo 3 deprecates:
+            # nothing a user can act on, so it is information, not a warning.
+            log = logging.info if "deprecated" in message else logging.warning
+            log("MuJoCo: %s", message)
 
     mujoco.set_mju_user_warning(warn)
 
