@@ -658,3 +658,18 @@ def test_progress_rates_exclude_the_first_call_which_compiles():
     assert "steps/s" not in first
     later = progress.line(3, {"env_steps": 60.0})
     assert "steps/s" in later and "env steps/s" in later and "ETA ?" not in later
+
+
+def test_progress_eta_reads_through_one_paused_interval(monkeypatch):
+    """A suspended run's next interval is slow; its ETA stays the typical one."""
+    clock = [0.0]
+    monkeypatch.setattr(trainer.time, "perf_counter", lambda: clock[0])
+    progress = trainer._Progress(0, 1000)
+    progress.compiled(0)
+    for step in range(100, 500, 100):   # 100 steps/s
+        clock[0] += 1.0
+        line = progress.line(step, {})
+    assert "100.0 steps/s" in line and "ETA 0h00m06s" in line
+    clock[0] += 1000.0   # SIGSTOP ... SIGCONT
+    paused = progress.line(500, {})
+    assert "| 0.1 steps/s" in paused and "ETA 0h00m05s" in paused

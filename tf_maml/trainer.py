@@ -17,6 +17,7 @@ stops with `TrainingDiverged` when the meta-loss or the meta-parameters stop
 being finite: a checkpoint never holds non-finite weights.
 """
 
+import collections
 import dataclasses
 import logging as std_logging
 import math
@@ -25,6 +26,7 @@ import re
 import shutil
 import time
 
+import numpy as np
 import tensorflow as tf
 from absl import logging
 
@@ -156,6 +158,10 @@ def make_train_loop(train_step):
 class _Progress:
     """Progress lines with steps/s and ETA.
 
+    steps/s is the last interval's; the ETA uses the median of the last five
+    intervals' rates, so one interval stretched by a pause (a suspended
+    process, a slow validation or save) does not make it read as hours.
+
     Args:
         start_step: the step training starts from.
         total: the last step.
@@ -169,6 +175,7 @@ class _Progress:
         self.units = units
         self.scalars = {}
         self.last_step, self.last_time = start_step, time.perf_counter()
+        self.recent_rates = collections.deque(maxlen=5)
 
     def compiled(self, step):
         """The first call (tracing and compilation included) ended at `step`: rates start here."""
@@ -187,7 +194,9 @@ class _Progress:
                     f"and compilation included) | ETA ?")
         rate = (step - self.last_step) / max(now - self.last_time, 1e-9)
         self.last_step, self.last_time = step, now
-        eta = (self.total - step) / rate if rate > 0 else float("inf")
+        self.recent_rates.append(rate)
+        typical = float(np.median(self.recent_rates))
+        eta = (self.total - step) / typical if typical > 0 else float("inf")
         rate_text = f"{rate:.1f}" if rate >= 1 else f"{rate:.3g}"
         throughput = ""
         if self.units and self.units[0] in logs:
