@@ -686,13 +686,24 @@ def test_options_of_another_algorithm_are_refused(options, message):
     (dict(dataset="omniglot", class_split="0.5,0.25,0.25"), "class_split applies to dataset"),
     (dict(dataset="tfds:mnist", image_channels=1),
      "image_channels applies to dataset folder only, not to 'tfds:mnist'"),
+    (dict(dataset="sine", n_way=20),
+     "n_way is for classification datasets \\(got dataset sine, where it would be ignored"),
+    (dict(dataset="sine", omniglot_split="lake"), "omniglot_split is for dataset omniglot"),
+    (dict(dataset="miniimagenet", data_dir="/data", augment_rotations=False),
+     "augment_rotations is for dataset omniglot \\(got dataset miniimagenet"),
+    (dict(dataset="sine", split_seed=3),
+     "split_seed is for datasets omniglot, folder and tfds:NAME \\(got dataset sine"),
 ])
 def test_options_of_the_other_kind_of_dataset_are_refused(options, message):
-    """Supervised options for an environment, and RL options for supervised tasks."""
+    """Supervised options for an environment, RL options for supervised tasks, and one
+    dataset's options for another."""
     with pytest.raises(ValueError, match=message):
         config_lib.Config(**options).validate()
-    # meta_lr is read by the Adam outer optimizer.
+    # meta_lr is read by the Adam outer optimizer; each dataset takes its own options.
     config_lib.Config(dataset="navigation2d", outer_optimizer="adam", meta_lr=0.5).validate()
+    config_lib.Config(dataset="omniglot", omniglot_split="lake", augment_rotations=False,
+                      split_seed=3, n_way=20).validate()
+    config_lib.Config(dataset="folder", data_dir="/data", split_seed=3).validate()
 
 
 # -- every algorithm end to end -----------------------------------------------------------------

@@ -15,7 +15,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from tf_maml import compat, evaluation, files, reporting, trainer
+from tf_maml import compat, evaluation, files, reporting, serving, trainer
 from tf_maml import config as config_lib
 from tf_maml import experiment as experiment_lib
 from tf_maml import tasks as tasks_lib
@@ -381,6 +381,9 @@ def test_paths_under_a_file_are_reported(tmp_path):
     (tmp_path / "file").write_text("")
     with pytest.raises(NotADirectoryError, match="file is not a directory"):
         trainer.train(config_lib.Config(num_iterations=1, **TINY), str(tmp_path / "file" / "run"))
+    # An export's base path: refused before any signature is built.
+    with pytest.raises(NotADirectoryError, match=r"^export_dir \S+file: \S+file is not a "):
+        serving.version_path(str(tmp_path / "file"), 1, overwrite=False)
 
 
 def _without_root_privileges():
@@ -432,6 +435,9 @@ def test_unwritable_directories_are_reported_up_front_in_one_line(trained_run, t
              f"error: checkpoint directory {run}/checkpoints is not writable"),
             (("tf_maml.evaluate", f"--model_dir={run}", f"--output_dir={readonly / 'out'}"),
              f"error: --output_dir {readonly / 'out'} is not writable"),
+            # Before any signature is traced.
+            (("tf_maml.export", f"--model_dir={run}", f"--export_dir={readonly / 'export'}"),
+             f"error: export_dir {readonly / 'export'} is not writable"),
         ]
         before = _stats(run)
         for args, message in cases:

@@ -492,6 +492,20 @@ def _run(*args, cwd=None):
                           cwd=cwd, env=env, timeout=600)
 
 
+@pytest.mark.parametrize("command,own", [
+    ("tf_maml.train", ("--model_dir", "--inner_lr", "--meta_batch_size", "--dataset")),
+    ("tf_maml.evaluate", ("--model_dir", "--num_eval_steps", "--original_test_goals")),
+    ("tf_maml.export", ("--export_dir", "--inner_lr", "--checkpoint"))])
+def test_help_lists_the_commands_flags(command, own):
+    """`--help` lists the configuration's flags, which tf_maml.cli defines (before: only the
+    two or three flags of the command's own module; the rest under --helpfull)."""
+    result = _run(command, "--help")  # absl's --help exits with status 1
+    listed = {line.split(":")[0].strip().split("--", 1)[-1]
+              for line in result.stdout.splitlines() if line.startswith("  --")}
+    for flag in own:
+        assert flag[2:] in listed or f"[no]{flag[2:]}" in listed, (flag, sorted(listed))
+
+
 def test_cli_trains_evaluates_and_reports_errors(tmp_path):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     model_dir = str(tmp_path / "run")

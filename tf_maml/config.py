@@ -51,7 +51,7 @@ RL_OPTIONS = ("fast_batch_size", "eval_fast_batch_size", "horizon", "outer_optim
 
 
 def ignored_options(values):
-    """The options that a config's algorithm, kind of dataset and outer optimizer never read.
+    """The options that a config's algorithm, dataset and outer optimizer never read.
 
     Args:
         values: a dict of `Config` fields (missing ones take their defaults).
@@ -76,6 +76,14 @@ def ignored_options(values):
             ignored.update({name: "outer_optimizer=trpo" for name in TRPO_OPTIONS})
     else:
         ignored.update({name: "reinforcement learning" for name in RL_OPTIONS})
+        dataset = values.get("dataset", defaults.dataset)
+        if is_known_dataset(dataset) and dataset != "omniglot":  # one dataset's options
+            ignored.update({name: "dataset omniglot"
+                            for name in ("omniglot_split", "augment_rotations")})
+            if dataset != "folder" and not dataset.startswith(TFDS_PREFIX):
+                ignored["split_seed"] = "datasets omniglot, folder and tfds:NAME"
+        if dataset == "sine":
+            ignored["n_way"] = "classification datasets"
     return ignored
 
 
@@ -604,7 +612,7 @@ def drop_ignored_options(values):
 
     Configs written by earlier versions may hold options that nothing read
     (`ignored_options`: another algorithm's, `first_order` with Reptile, the
-    other kind of dataset's), which had no effect then: resetting them to their
+    other kind of dataset's, another dataset's), which had no effect then: resetting them to their
     defaults keeps such runs loadable, computing exactly what they did.
 
     Args:

@@ -40,6 +40,8 @@ OVERRIDABLE = ("num_eval_steps", "num_eval_tasks", "inner_lr", "transductive",
                "eval_fast_batch_size", "eval_inner_batch_size", "original_test_goals")
 WHERE_THE_DATA_IS = ("data_dir", "cache_dir")  # overrides that leave the protocol as it is
 cli.define_config_flags(OVERRIDABLE)
+# The config's flags are defined in tf_maml.cli: --help lists them as this command's own.
+flags.adopt_module_key_flags(cli)
 FLAGS = flags.FLAGS
 
 

@@ -52,6 +52,8 @@ for _name, _help in {**LIMIT_FLAGS, **POLICY_LIMIT_FLAGS}.items():
 flags.mark_flags_as_required(["model_dir", "export_dir"])
 OVERRIDABLE = ("num_eval_steps", "inner_lr", "eval_inner_batch_size")
 cli.define_config_flags(OVERRIDABLE)
+# The config's flags are defined in tf_maml.cli: --help lists them as this command's own.
+flags.adopt_module_key_flags(cli)
 FLAGS = flags.FLAGS
 
 

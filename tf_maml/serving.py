@@ -934,7 +934,11 @@ def check_version(version):
 
 
 def version_path(export_dir, version, overwrite):
-    """`<export_dir>/<version>`; `ValueError` if it exists and not `overwrite`."""
+    """`<export_dir>/<version>`; `ValueError` if it exists and not `overwrite`, and
+    `NotADirectoryError` or `PermissionError` where it cannot be written (checked before
+    any signature is built)."""
+    from tf_maml import experiment  # noqa: PLC0415 -- experiment imports this module's users
+    experiment.check_writable(export_dir, "export_dir")
     path = os.path.join(export_dir, str(version))
     if tf.io.gfile.exists(path) and not overwrite:
         raise ValueError(f"{path} already exists; pass another version (--version) or "

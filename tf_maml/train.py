@@ -20,6 +20,8 @@ flags.DEFINE_string("model_dir", None, "Directory for checkpoints, config and su
 flags.DEFINE_boolean("evaluate", True, "Evaluate on held-out tasks after training.")
 flags.mark_flag_as_required("model_dir")
 cli.define_config_flags()
+# The config's flags are defined in tf_maml.cli: --help lists them as this command's own.
+flags.adopt_module_key_flags(cli)
 FLAGS = flags.FLAGS
 
 

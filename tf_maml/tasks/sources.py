@@ -314,7 +314,8 @@ def _pools_from_split(per_class, names, class_split, seed, n_way, k_shot, k_quer
         raise ValueError(
             f"{name}: {len(small)} class(es) have fewer than k_shot + k_query = {need} "
             f"examples: {_names(f'{n} ({len(per_class[n])})' for n in small)} (add examples, "
-            "lower k_shot/k_query, or leave them out)")
+            "lower k_shot/k_query, or leave them out: drop_small_classes=True in Python, or "
+            "remove their folders for the command line)")
     if len(names) < n_way:
         raise ValueError(f"{name}: {len(names)} classes, fewer than n_way={n_way}")
     index = {n: i for i, n in enumerate(names)}
