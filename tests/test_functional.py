@@ -280,6 +280,46 @@ def test_make_forward_errors_are_clear():
         functional.make_forward(models.mlp(), vectorize="pfor")
 
 
+class _AddsLoss(keras.layers.Layer):
+    def call(self, x):
+        self.add_loss(1000.0 * keras.ops.sum(x))
+        return x
+
+
+@pytest.mark.parametrize("middle,pattern", [
+    (lambda: keras.layers.Dense(4, kernel_regularizer=keras.regularizers.l2(100.0)),
+     r"has regularization losses \(a weight regularizer on \S*kernel\)"),
+    (lambda: keras.layers.Dense(4, bias_regularizer="l1"),
+     r"has regularization losses \(a weight regularizer on \S*bias\)"),
+    (lambda: keras.layers.Dense(4, activity_regularizer="l2"),
+     r"has regularization losses \(an activity regularizer on layer '\w+'\)"),
+    (_AddsLoss, r"adds losses while it runs \(add_loss in a layer's call\)"),
+])
+def test_models_with_keras_losses_the_forward_would_drop_are_refused(middle, pattern):
+    """Keras' fit adds regularizers and add_loss to the loss; a meta-learner trained
+    through the task-batched forward used to leave them out without a word."""
+    model = keras.Sequential([keras.Input((3,)), middle(), keras.layers.Dense(2)])
+    # Keras itself counts them in what fit minimises.
+    model(tf.zeros([5, 3]), training=True)
+    assert model.losses
+    with pytest.raises(ValueError, match=pattern) as e:
+        forward = functional.make_forward(model)
+        weights = [tf.stack([v.value] * 2) for v in model.trainable_variables]
+        forward(weights, tf.zeros([2, 5, 3]))
+    assert "\n" not in str(e.value)
+    # Without them, the same model runs; so does one whose regularized weights are frozen
+    # (Keras counts only trainable weights' regularizers).
+    plain = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4), keras.layers.Dense(2)])
+    weights = [tf.stack([v.value] * 2) for v in plain.trainable_variables]
+    assert functional.make_forward(plain)(weights, tf.zeros([2, 5, 3])).shape == (2, 5, 2)
+    frozen = keras.layers.Dense(4, kernel_regularizer=keras.regularizers.l2(100.0))
+    frozen.trainable = False
+    body_frozen = keras.Sequential([keras.Input((3,)), frozen, keras.layers.Dense(2)])
+    assert not body_frozen.losses
+    weights = [tf.stack([v.value] * 2) for v in body_frozen.trainable_variables]
+    assert functional.make_forward(body_frozen)(weights, tf.zeros([2, 5, 3])).shape == (2, 5, 2)
+
+
 @pytest.mark.parametrize("vectorize", ["layers", "map_fn"])
 def test_forward_arguments_that_do_not_fit_the_model_fail_in_one_line(vectorize):
     """Before: TensorFlow's own messages from deep inside ("Matrix size-incompatible",

@@ -162,6 +162,73 @@ def test_keras_save_and_load_round_trip_continues_identically(tmp_path):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-7)
 
 
+def test_a_learner_saved_with_a_regularized_model_still_loads(tmp_path, caplog):
+    """Saved before such models were refused (their losses were left out of training): it
+    loads as it was trained, with a warning, instead of failing to load at all."""
+    inputs = keras.Input((1,))
+    hidden = keras.layers.Dense(8, activation="relu",
+                                kernel_regularizer=keras.regularizers.l2(1e-3))(inputs)
+    model = keras.Model(inputs, keras.layers.Dense(1)(hidden))
+    with pytest.raises(ValueError, match="has regularization losses"):
+        MetaLearner(model, inner_lr=0.01)
+    with tf_maml.functional.keras_losses_ignored():  # as an earlier version built it
+        learner = MetaLearner(model, inner_lr=0.01)
+    learner.compile(optimizer=keras.optimizers.Adam(1e-3), loss="mse")
+    learner.fit(Episodes(SineTasks(), 5), epochs=1, steps_per_epoch=2, verbose=0)
+    path = str(tmp_path / "old.keras")
+    learner.save(path)
+    loaded = keras.models.load_model(path)
+    assert "has regularization losses" in caplog.text
+    assert "Loading it as it was trained" in caplog.text
+    for a, b in zip(learner.get_weights(), loaded.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    # New models are still refused after a load.
+    with pytest.raises(ValueError, match="has regularization losses"):
+        MetaLearner(model, inner_lr=0.01)
+
+
+def test_mixed_float16_steps_are_the_meta_gradients_not_2_to_the_15_smaller():
+    """Keras' compile wraps the optimizer in a LossScaleOptimizer under mixed_float16, which
+    divides the gradients by its loss scale; the meta-step used to pass them unscaled, so
+    every update was 32768 times too small."""
+    changes = {}
+    for policy in ("float32", "mixed_float16"):
+        keras.mixed_precision.set_global_policy(policy)
+        try:
+            keras.utils.set_random_seed(0)
+            learner = MetaLearner(models.mlp(), inner_lr=0.01)
+            learner.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse", jit_compile=False)
+            before = [w.copy() for w in learner.get_weights()]
+            learner.fit(Episodes(SineTasks(), 5), epochs=1, steps_per_epoch=1, verbose=0)
+            changes[policy] = max(float(np.abs(a - b).max())
+                                  for a, b in zip(before, learner.get_weights()))
+            if policy == "mixed_float16":
+                assert isinstance(learner.optimizer, keras.optimizers.LossScaleOptimizer)
+        finally:
+            keras.mixed_precision.set_global_policy("float32")
+    # float16 activations round differently; the step's size is the same.
+    assert 0.5 < changes["mixed_float16"] / changes["float32"] < 2, changes
+
+
+def test_a_strategy_step_compiled_with_xla_trains_and_stops_on_divergence():
+    """Under a strategy with jit_compile=True the in-graph check compiles (it once formatted
+    its message in the graph, which XLA cannot) and a diverging run still stops in one line."""
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0"])
+    for inner_lr in (0.01, 1e30):
+        with strategy.scope():
+            keras.utils.set_random_seed(0)
+            learner = MetaLearner(models.mlp(), inner_lr=inner_lr)
+            learner.compile(optimizer=keras.optimizers.Adam(1e-3), loss="mse", jit_compile=True)
+        if inner_lr < 1:
+            history = learner.fit(Episodes(SineTasks(), 4), epochs=1, steps_per_epoch=2,
+                                  verbose=0)
+            assert np.isfinite(history.history["loss"][0])
+        else:
+            with pytest.raises(ValueError, match=r"^meta-training diverged (at|by) step 1") as e:
+                learner.fit(Episodes(SineTasks(), 4), epochs=1, steps_per_epoch=2, verbose=0)
+            assert "\n" not in str(e.value)
+
+
 @pytest.mark.parametrize("algorithm,options", [
     ("metasgd", {}), ("reptile", {"inner_optimizer": "sgd", "inner_batch_size": 2}),
     ("reptile", {"inner_optimizer": "adam", "carry_inner_state": True})])
@@ -273,6 +340,13 @@ def test_two_replicas_equal_one_device(tmp_path, algorithm):
     assert one["auto_jit"] is True and two["auto_jit"] is False
     for a, b in zip(one["weights"], two["weights"]):  # Reptile's carried state included
         np.testing.assert_allclose(np.array(b), np.array(a), rtol=0, atol=1e-6)
+    if algorithm == "maml":
+        for run in (one, two):
+            assert run["divergence"].startswith(
+                "meta-training diverged at step 1: the meta-loss or its gradient is not finite; "
+                "the update was not applied"), run["divergence"]
+            assert "\n" not in run["divergence"]
+            assert run["diverged_weights_kept"] and run["diverged_iterations"] == 0
     if algorithm == "reptile_carried":
         # The step count is every task's steps (12 iterations x 5 tasks x 3), not a sum of
         # the replicas' counts; the summed moment shares equal the single device's.
@@ -295,6 +369,13 @@ def test_adapt_and_predict_takes_one_task_or_many():
     assert error(one) < error(before)
     with pytest.raises(ValueError, match="support_x must be"):
         learner.adapt_and_predict(np.zeros((2, 3, 4, 1)), np.zeros((2, 3)), np.zeros((2, 3, 1)))
+    # A step size as a tensor or a 0-d array is a number like any other.
+    by_float = learner.adapt_and_predict(episode.support_x[1], episode.support_y[1],
+                                         episode.query_x[1], inner_lr=0.05)
+    for rate in (tf.constant(0.05), np.array(0.05, np.float32)):
+        np.testing.assert_allclose(learner.adapt_and_predict(
+            episode.support_x[1], episode.support_y[1], episode.query_x[1], inner_lr=rate),
+            by_float, rtol=1e-6)
 
 
 def test_user_mistakes_get_clear_errors():

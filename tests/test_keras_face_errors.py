@@ -219,6 +219,25 @@ def test_subclassed_model_exports_after_fit(tmp_path):
         np.testing.assert_allclose(answer, expected, atol=1e-5)
 
 
+def test_export_after_fit_on_a_dataset_knows_the_kind_from_the_loss(tmp_path):
+    """A sparse categorical loss says the model classifies (before: export asked for
+    is_classification after fit on a dataset); a custom loss still has to say."""
+    learner = _learner()
+    learner.fit(_episodes([0, 1, 2], [2, 1, 0]), epochs=1, verbose=0)
+    x = np.random.default_rng(3).random((3, 8), np.float32)
+    expected = learner.adapt_and_predict(x, np.array([2, 0, 1]), x)
+    served = tf.saved_model.load(learner.export(str(tmp_path / "export")))
+    answer = served.signatures["adapt"](support_x=x, support_y=np.array([2, 0, 1], np.int32),
+                                        query_x=x)["predictions"]
+    np.testing.assert_allclose(answer, expected, atol=1e-5)
+    custom = _learner()
+    custom.compile(optimizer="adam", loss=lambda y, p: (
+        keras.losses.sparse_categorical_crossentropy(y, p, from_logits=True)))
+    custom.fit(_episodes([0, 1, 2]), epochs=1, verbose=0)
+    with pytest.raises(ValueError, match=r"^say whether the model classifies"):
+        custom.export(str(tmp_path / "custom"))
+
+
 def test_subclassed_model_adapts_after_fit_on_a_dataset():
     """Its input shape is learned from the dataset's episodes, as from a task family (before:
     "the model's input shape is unknown" after fitting on it)."""
@@ -342,6 +361,60 @@ def _dict_output_model():
     return keras.Model(inputs, {"logits": keras.layers.Dense(3)(inputs)})
 
 
+def _regression_learner():
+    learner = MetaLearner(keras.Sequential([keras.Input((8,)), keras.layers.Dense(1)]),
+                          inner_lr=0.1)
+    learner.compile(optimizer="adam", loss="mse")
+    return learner
+
+
+def _two_output_model():
+    inputs = keras.Input((8,))
+    return keras.Model(inputs, [keras.layers.Dense(3)(inputs), keras.layers.Dense(1)(inputs)])
+
+
+class _TupleModel(keras.Model):
+    def __init__(self):
+        super().__init__()
+        self.head, self.other = keras.layers.Dense(3), keras.layers.Dense(1)
+
+    def call(self, x):
+        return self.head(x), self.other(x)
+
+
+def _built_tuple_model():
+    model = _TupleModel()
+    model(np.zeros((1, 8), np.float32))
+    return model
+
+
+def _renamed_query_y(element):
+    element = dict(element)
+    element["query_labels"] = element.pop("query_y")
+    return element
+
+
+def _nan_in_query_x(element):
+    return {**element, "query_x": element["query_x"] * np.nan}
+
+
+def _no_support(element):
+    return {**element, "support_x": element["support_x"][:, :0],
+            "support_y": element["support_y"][:, :0]}
+
+
+def _empty_support_of_unknown_size():
+    """A dataset whose example axis is unknown until it runs: the check runs in tf.data."""
+    x = np.random.default_rng(0).random((4, 3, 8), np.float32)
+    y = np.tile(np.arange(3, dtype=np.int32), (4, 1))
+    element = {"support_x": x[:, :0], "support_y": y[:, :0], "query_x": x, "query_y": y}
+    spec = {"support_x": tf.TensorSpec([4, None, 8], tf.float32),
+            "support_y": tf.TensorSpec([4, None], tf.int32),
+            "query_x": tf.TensorSpec([4, None, 8], tf.float32),
+            "query_y": tf.TensorSpec([4, None], tf.int32)}
+    return tf.data.Dataset.from_generator(lambda: iter([element]), output_signature=spec)
+
+
 _X = np.random.default_rng(1).random((3, 8), np.float32)
 
 
@@ -369,11 +442,35 @@ def _with_a_nan():
      r"^fit over Episodes \(or a task family\) needs steps_per_epoch"),
     (lambda: _learner().fit(_episodes([0, 1, 2]), class_weight={0: 2.0}, verbose=0),
      r"^MetaLearner.fit does not take class_weight"),
+    (lambda: _learner().fit(Episodes(_tasks(), 2), steps_per_epoch=1, batch_size=4, verbose=0),
+     r"^MetaLearner.fit does not take batch_size: a meta-batch holds Episodes"),
     (lambda: _learner().predict(Episodes(_tasks(), 2), verbose=0),
      r"^predict takes model inputs, or a dataset of Episodes"),
     (lambda: MetaLearner(_dict_output_model()),
      r"^MetaLearner needs a model that returns a single tensor; model '\w+' returns a dict "
-     r"of one output\. Wrap it in a model that returns the tensor itself\.$"),
+     r"of one output\. Wrap it in a model that returns the tensor to adapt"),
+    (lambda: MetaLearner(_two_output_model()),
+     r"^MetaLearner needs a model that returns a single tensor; model '\w+' returns a list "
+     r"of 2 outputs\."),
+    (lambda: _learner(_built_tuple_model()).fit(_episodes([0, 1, 2]), verbose=0),
+     r"^MetaLearner needs a model that returns a single tensor; model '\w+' returns a tuple "
+     r"of 2 outputs\."),
+    (lambda: _learner().fit(_episodes([0, 1, 2]).map(_renamed_query_y), verbose=0),
+     r"^MetaLearner expects meta-batches with the keys support_x, support_y, query_x, "
+     r"query_y; the dict lacks query_y and has query_labels$"),
+    (lambda: _learner().fit(_episodes([0, 1, 2]).map(_nan_in_query_x), verbose=0),
+     r"^query_x holds NaN or infinite values \(in a meta-batch of the dataset\)$"),
+    (lambda: _learner().fit(_episodes([0, 1, 2]).map(_no_support), verbose=0),
+     r"^the support set is empty: adaptation needs at least one example$"),
+    (lambda: _learner().fit(_empty_support_of_unknown_size(), verbose=0),
+     r"^a meta-batch has empty support sets"),
+    (lambda: _learner().adapt_and_predict(_X, np.arange(3), np.full_like(_X, np.inf)),
+     r"^query_x holds NaN or infinite values$"),
+    (lambda: _learner().adapt_and_predict(_X, np.arange(3), _X, inner_lr=-1.0),
+     r"^inner_lr must be a finite number >= 0, got -1\.0$"),
+    (lambda: _regression_learner().adapt_and_predict(_X, np.ones((3, 1), np.float32), _X,
+                                                     inner_lr=1e10, num_steps=5),
+     r"^the adaptation diverged: predictions are not finite \(is inner_lr too large\?\)$"),
     (lambda: _categorical_learner().fit(_episodes([0, 1, 2]), verbose=0),
      r"^support_y holds integer class ids but categorical_crossentropy takes one-hot labels"),
     (lambda: _categorical_learner().fit(Episodes(_tasks(), 2), steps_per_epoch=1, verbose=0),

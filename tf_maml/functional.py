@@ -751,6 +751,57 @@ def _check_single_input_output(model):
             "model that takes and returns a single tensor.")
 
 
+_LOSSES_IGNORED = threading.local()
+
+
+@contextlib.contextmanager
+def keras_losses_ignored():
+    """Within it, `make_forward` takes a model with Keras regularization losses and
+    leaves them out (what it did before it refused such models).
+
+    For loading what was saved then (`MetaLearner.from_config` uses it, with a
+    warning); a new model should have its regularizers removed instead.
+    """
+    previous = getattr(_LOSSES_IGNORED, "on", False)
+    _LOSSES_IGNORED.on = True
+    try:
+        yield
+    finally:
+        _LOSSES_IGNORED.on = previous
+
+
+def check_no_regularization(model):
+    """Raises ValueError for a model whose Keras losses the forward would drop.
+
+    Keras adds weight and activity regularizers (and a layer's `add_loss`) to
+    the loss `model.fit` minimizes; a task-batched forward returns predictions
+    only, so a meta-learner trained through it would silently minimise another
+    objective. Weight (of trainable weights, as Keras counts them) and activity
+    regularizers are found here; `add_loss` in a layer's `call` when the
+    per-task path first runs the model.
+
+    Args:
+        model: a Keras model.
+
+    Raises:
+        ValueError: naming its weight or activity regularizers.
+    """
+    found = []
+    for variable in model.trainable_weights:  # as Keras: a frozen weight's is not counted
+        if getattr(variable, "regularizer", None) is not None:
+            found.append(f"a weight regularizer on {getattr(variable, 'path', variable.name)}")
+    for layer in compat.all_layers(model):
+        if getattr(layer, "activity_regularizer", None) is not None:
+            found.append(f"an activity regularizer on layer {layer.name!r}")
+    if found:
+        shown = ", ".join(found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
+        raise ValueError(
+            f"model {model.name!r} has regularization losses ({shown}), which tf_maml's "
+            "task-batched forward does not compute, so meta-training would silently leave "
+            "them out. Remove them (for weight decay of the meta-parameters, use an optimizer "
+            "with weight_decay, e.g. keras.optimizers.AdamW)")
+
+
 def _call_takes_training(model):
     """Whether `model.call` accepts a `training` argument (or any keyword)."""
     try:
@@ -840,10 +891,12 @@ def make_forward(model, vectorize="auto"):
 
     Raises:
         ValueError: the model is not built, has no trainable weights, has
-            several inputs or outputs, or `vectorize="layers"` for a model the
-            layer-batched path cannot run.
-            (A subclassed model's outputs are known only when it runs: `forward`
-            raises ValueError then if it returns several tensors.)
+            several inputs or outputs, has weight or activity regularizers
+            (Keras losses the forward does not return), or `vectorize="layers"`
+            for a model the layer-batched path cannot run.
+            (A subclassed model's outputs are known only when it runs, as is a
+            layer's `add_loss`: `forward` raises ValueError then if it returns
+            several tensors or adds losses.)
 
     Example:
 
@@ -865,6 +918,9 @@ def make_forward(model, vectorize="auto"):
             f"model {model.name!r} has no trainable weights, so there is nothing to adapt "
             "(are its layers frozen, trainable=False?)")
     _check_single_input_output(model)
+    check_losses = not getattr(_LOSSES_IGNORED, "on", False)
+    if check_losses:
+        check_no_regularization(model)
     variable_index = {id(v): i for i, v in enumerate(model.trainable_variables)}
     num_seed_states = len(_seed_state_variables(model))
     check_arguments = _argument_checker(model)
@@ -920,6 +976,11 @@ def make_forward(model, vectorize="auto"):
             seed_states = (_task_seed_states(seed, num_tasks, len(seed_positions))
                            if use_seeds else tf.zeros([num_tasks, 0, 2], tf.int64))
 
+            # What one task's call showed when map_fn traced it; the errors are raised
+            # after map_fn, outside its autograph-converted function (whose errors
+            # come wrapped in an "in user code" trace).
+            seen = {}
+
             def one_task(args):
                 task_weights, task_x, task_states = args
                 values = [v.value for v in non_trainable]
@@ -931,16 +992,25 @@ def make_forward(model, vectorize="auto"):
                     # states) are discarded: adaptation never changes the
                     # model's state.
                     kwargs = {"training": training} if takes_training else {}
-                    y, _ = model.stateless_call(list(task_weights), values, task_x, **kwargs)
+                    y, _, added = model.stateless_call(list(task_weights), values, task_x,
+                                                       return_losses=True, **kwargs)
                 flat = tf.nest.flatten(y)
-                if len(flat) != 1:
-                    raise ValueError(
-                        f"make_forward supports models with one output; model {model.name!r} "
-                        f"returned {len(flat)} tensors.")
+                seen.update(added_losses=bool(added), num_outputs=len(flat))
                 return flat[0]
 
-            return tf.map_fn(one_task, (list(weights), x, seed_states),
-                             fn_output_signature=output_dtype or weights[0].dtype)
+            y = tf.map_fn(one_task, (list(weights), x, seed_states),
+                          fn_output_signature=output_dtype or weights[0].dtype)
+            if seen.get("num_outputs", 1) != 1:
+                raise ValueError(
+                    f"make_forward supports models with one output; model {model.name!r} "
+                    f"returned {seen['num_outputs']} tensors.")
+            if check_losses and seen.get("added_losses"):
+                raise ValueError(
+                    f"model {model.name!r} adds losses while it runs (add_loss in a layer's "
+                    "call), which tf_maml's task-batched forward does not include, so "
+                    "meta-training would silently leave them out. Remove them, or put the "
+                    "penalty in the loss")
+            return y
 
     forward.vectorized = plan is not None
     forward.unsupported_reason = reason

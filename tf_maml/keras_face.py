@@ -232,6 +232,13 @@ def _as_episode(data):
         return Episode(*[data[name] for name in Episode._fields])
     if isinstance(data, (tuple, list)) and len(data) == 4:
         return Episode(*data)
+    if isinstance(data, dict):
+        missing = [name for name in Episode._fields if name not in data]
+        unexpected = sorted(str(k) for k in set(data) - set(Episode._fields))
+        raise ValueError(
+            "MetaLearner expects meta-batches with the keys " + ", ".join(Episode._fields)
+            + "; the dict lacks " + ", ".join(missing)
+            + (f" and has {', '.join(unexpected)}" if unexpected else ""))
     raise ValueError(
         "MetaLearner expects meta-batches: tf_maml.Episodes(tasks, meta_batch_size), or a "
         "tf.data.Dataset of Episode (support_x, support_y, query_x, query_y, each with a "
@@ -304,9 +311,7 @@ class MetaLearner(keras.Model):
         if isinstance(structure, (dict, list, tuple)):
             # The core's forward reads the one tensor out of it; Keras' loss and metrics
             # (and `predict`) would get the structure.
-            raise ValueError(f"MetaLearner needs a model that returns a single tensor; model "
-                             f"{model.name!r} returns a {type(structure).__name__} of one "
-                             "output. Wrap it in a model that returns the tensor itself.")
+            raise ValueError(_single_output_message(model, structure))
         if num_eval_steps is None:
             num_eval_steps = max(num_inner_steps, 1)
         values = dict(dataset="custom", algorithm=algorithm, inner_lr=inner_lr,
@@ -373,7 +378,14 @@ class MetaLearner(keras.Model):
         if reset:
             logging.warning("MetaLearner.from_config: %s reset to the default(s): algorithm=%s "
                             "ignores them", ", ".join(reset), config.get("algorithm", "maml"))
-        learner = cls(model, **config)
+        try:
+            functional.check_no_regularization(model)
+        except ValueError as e:
+            # Saved before such models were refused: loaded as trained, with them left out.
+            logging.warning("MetaLearner.from_config: %s. Loading it as it was trained, "
+                            "with them left out of fit, adaptation and export", e)
+        with functional.keras_losses_ignored():
+            learner = cls(model, **config)
         learner.is_classification = is_classification
         learner._task_input_shape = None if input_shape is None else tuple(input_shape)
         learner._task_output_size = output_size
@@ -470,6 +482,21 @@ class MetaLearner(keras.Model):
             return _RawPixelTasks(tasks, self._input_dtype)
         return tasks
 
+    def _diverged_at_variable(self):
+        """The first training step (1-based) whose meta-loss or gradient was not finite
+        (one device), 0 if none: reset when `fit` begins, read by `_StopWhenDiverged`."""
+        if getattr(self, "_diverged_at", None) is None:
+            with tf.init_scope():
+                self._diverged_at = tf.Variable(0, dtype=tf.int64, trainable=False,
+                                                name="diverged_at")
+        return self._diverged_at
+
+    def _divergence_message(self, step):
+        outer = ("the meta step size" if self.meta_config.algorithm == "reptile"
+                 else "the optimizer's learning rate")
+        return (_DIVERGED.replace("{}", str(step)) + ". Lower inner_lr (now "
+                f"{self.meta_config.inner_lr:g}) or {outer}, or check the scale of the data")
+
     def _data_start_variable(self):
         """Where a training pass over `Episodes` starts: set to the optimizer's iteration
         counter when training begins (after `BackupAndRestore` restored it)."""
@@ -492,6 +519,8 @@ class MetaLearner(keras.Model):
         self._check_shapes(*(tf.TensorShape(t.shape) for t in spec))
         self._check_label_kinds([(name, t.dtype, t.shape) for name, t in
                                  (("support_y", spec.support_y), ("query_y", spec.query_y))])
+        dataset = dataset.map(_values_checked, num_parallel_calls=tf.data.AUTOTUNE,
+                              deterministic=True)
         example_shape = tf.TensorShape(spec.support_x.shape)[2:]
         if (_input_shape(self.model) is None and self._task_input_shape is None
                 and example_shape.is_fully_defined()):
@@ -580,6 +609,8 @@ class MetaLearner(keras.Model):
                     and not self._adds_output_axis(y.rank)):
                 raise ValueError(f"{name}_y must hold targets of the model's output shape "
                                  f"{outputs} per example, got {name}_y of shape {shown(y)}")
+        if support_x.rank is not None and support_x.rank > 1 and support_x[1] == 0:
+            raise ValueError("the support set is empty: adaptation needs at least one example")
         if not single and not query_x[:1].is_compatible_with(support_x[:1]):
             raise ValueError(f"support_x and query_x must hold the same tasks, got "
                              f"{support_x[0]} and {query_x[0]} tasks")
@@ -624,7 +655,10 @@ class MetaLearner(keras.Model):
             example_shape = tf.TensorShape(self._task_input_shape)
         if size is None and example_shape is not None and example_shape.is_fully_defined():
             dtype = self.algorithm.meta_variables[0].dtype
-            size = self.model(tf.zeros([1, *example_shape], dtype), training=False).shape[-1]
+            y = self.model(tf.zeros([1, *example_shape], dtype), training=False)
+            if isinstance(y, (dict, list, tuple)):  # a subclassed model's several outputs
+                raise ValueError(_single_output_message(self.model, y))
+            size = y.shape[-1]
         return size or self._task_output_size
 
     def _labels_checked(self, tensors, episode, num_outputs):
@@ -774,9 +808,45 @@ class MetaLearner(keras.Model):
                                                         tf.cast(self.optimizer.iterations,
                                                                 tf.int64))
         order = self._meta_variables_order()
-        self.optimizer.apply([grads[i] for i in order], self.trainable_variables)
-        for variable, value in zip(self.algorithm.state_variables, outputs.state_updates or []):
-            variable.assign(value)
+        grads = [grads[i] for i in order]
+        updates = list(outputs.state_updates or [])
+        # A step whose meta-loss or gradient is not finite must not reach the weights:
+        # `fit` then stops with a one-line error (`_StopWhenDiverged`) and the weights are
+        # those of the last good step (the CLI's trainer keeps its last checkpoint).
+        finite = _all_finite([loss, *grads])
+        if isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
+            # Keras' compile wraps the optimizer in one under a mixed_float16 policy; it
+            # divides the gradients by its loss scale, which the meta-step did not apply
+            # (its own scaling is by the task count): scale them here, exactly (a power of
+            # 2), so that the update is the meta-gradient's.
+            loss_scale = self.optimizer.dynamic_scale
+            grads = [None if g is None else g * tf.cast(loss_scale, g.dtype) for g in grads]
+
+        def update():
+            self.optimizer.apply(grads, self.trainable_variables)
+            for variable, value in zip(self.algorithm.state_variables, updates):
+                variable.assign(value)
+
+        if tf.distribute.has_strategy():
+            # A strategy (its optimizer update synchronises replicas, which a tf.cond
+            # cannot hold): every replica fails the same step before the update, an
+            # in-graph check (a no-op where the step is compiled with XLA, which a
+            # strategy does only when asked to; the callback then stops `fit` after it).
+            replica = tf.distribute.get_replica_context()
+            if replica is not None and replica.num_replicas_in_sync > 1:
+                bad = replica.all_reduce(tf.distribute.ReduceOp.SUM,
+                                         tf.cast(tf.logical_not(finite), tf.float32))
+                finite = tf.equal(bad, 0.0)
+            grads = sources.checked(finite, tf.constant(_DIVERGED_IN_GRAPH), grads)
+            with tf.control_dependencies(grads):  # the iteration count waits for it too
+                update()
+        else:
+            # No strategy (maybe under XLA, which has no in-graph errors): the update is
+            # skipped, the step recorded for the callback.
+            diverged_at = self._diverged_at_variable()
+            tf.cond(finite & tf.equal(diverged_at, 0), update, lambda: None)
+            diverged_at.assign(tf.where(finite | (diverged_at > 0), diverged_at,
+                                        tf.cast(self.optimizer.iterations, tf.int64) + 1))
         return self._logs(loss * tf.cast(global_tasks, loss.dtype), local_tasks, episode.query_y,
                           outputs.query_predictions)
 
@@ -858,8 +928,10 @@ class MetaLearner(keras.Model):
 
         Raises:
             ValueError: the learner is not compiled, inputs that do not fit the
-                model or each other, or (classification) labels outside
-                `[0, outputs)`.
+                model or each other, NaN or infinite inputs, an empty support
+                set, a negative or non-finite `inner_lr`, (classification)
+                labels outside `[0, outputs)`, or an adaptation that diverged
+                (non-finite predictions), as the exported `adapt` refuses them.
         """
         self._check_compiled()
         input_shape = _input_shape(self.model) or self._task_input_shape
@@ -892,10 +964,24 @@ class MetaLearner(keras.Model):
         steps = self.meta_config.num_eval_steps if num_steps is None else int(num_steps)
         if support_x.shape[1] == 0:
             raise ValueError("the support set is empty: adaptation needs at least one example")
+        if inner_lr is not None:
+            try:
+                value = None if isinstance(inner_lr, bool) else float(inner_lr)
+            except (TypeError, ValueError):
+                value = None
+            if value is None or not math.isfinite(value) or value < 0:
+                raise ValueError(f"inner_lr must be a finite number >= 0, got {inner_lr!r}")
+        for name, t in (("support_x", support_x), ("support_y", support_y),
+                        ("query_x", query_x)):
+            if t.dtype.is_floating and not bool(tf.reduce_all(tf.math.is_finite(t))):
+                raise ValueError(f"{name} holds NaN or infinite values")
         predictions = _compiled_adapt(self, inner_lr is not None)(
             support_x, support_y, query_x, tf.constant(steps, tf.int32),
             tf.constant(0.0 if inner_lr is None else inner_lr, dtype))
         predictions = predictions.numpy()
+        if np.issubdtype(predictions.dtype, np.floating) and not np.isfinite(predictions).all():
+            raise ValueError("the adaptation diverged: predictions are not finite (is inner_lr "
+                             "too large?)")
         return predictions[0] if single else predictions
 
     # -- evaluation with the CLI's protocol -----------------------------------------------------
@@ -975,6 +1061,10 @@ class MetaLearner(keras.Model):
             if kwargs.get(name) is not None:
                 raise ValueError(f"MetaLearner.fit does not take {name}: every task counts "
                                  "once in the meta-loss (weight examples in a custom loss)")
+        if kwargs.get("batch_size") is not None:
+            raise ValueError("MetaLearner.fit does not take batch_size: a meta-batch holds "
+                             "Episodes(tasks, meta_batch_size) tasks (or is one element of "
+                             "a dataset of meta-batches)")
         if kwargs.get("validation_split"):
             raise ValueError("MetaLearner.fit does not take validation_split: pass "
                              "validation_data=Episodes(tasks, meta_batch_size, split='val')")
@@ -992,10 +1082,23 @@ class MetaLearner(keras.Model):
         x = self._as_dataset(x, training=True)
         kwargs.setdefault("shuffle", False)  # episodes are sampled, never shuffled
         # Last, so that it runs after BackupAndRestore has restored the counter.
-        kwargs["callbacks"] = list(kwargs.get("callbacks") or []) + [_StartAtIteration()]
+        self._diverged_at_variable()
+        if (isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer)
+                and not self.optimizer.built):
+            # Its loss scale is a variable of the built optimizer (`train_step` reads it).
+            with self.distribute_strategy.scope():
+                self.optimizer.build(self.trainable_variables)
+        kwargs["callbacks"] = list(kwargs.get("callbacks") or []) + [_StartAtIteration(),
+                                                                     _StopWhenDiverged()]
         with _one_line_errors():
             self._build_metrics(x)
-            return super().fit(x, validation_data=validation_data, **kwargs)
+            try:
+                return super().fit(x, validation_data=validation_data, **kwargs)
+            except tf.errors.OpError as e:
+                if sources.user_error(e) == _DIVERGED_IN_GRAPH:  # a strategy's step
+                    step = int(self.optimizer.iterations.numpy()) + 1
+                    raise ValueError(self._divergence_message(step)) from None
+                raise
 
     def evaluate(self, x=None, y=None, **kwargs):
         """`keras.Model.evaluate`: the loss and compiled metrics after `num_eval_steps` steps."""
@@ -1059,9 +1162,16 @@ class MetaLearner(keras.Model):
         if is_classification is None:
             is_classification = self.is_classification
         if is_classification is None:
+            # What the compiled loss says: integer class ids, or targets compared value by
+            # value; a custom loss could be either.
+            name = self._compiled_loss_name()
+            is_classification = {"sparse_categorical_crossentropy": True,
+                                 **{n: False for n in ELEMENTWISE_LOSSES}}.get(name)
+        if is_classification is None:
             raise ValueError("say whether the model classifies: export(..., "
                              "is_classification=True/False) (it is known after fit or "
-                             "evaluate on a task family)")
+                             "evaluate on a task family, or from a Keras sparse categorical "
+                             "or regression loss)")
         input_shape = input_shape or _input_shape(self.model) or self._task_input_shape
         output_size = output_size or _output_size(self.model) or self._task_output_size
         if input_shape is None or output_size is None:
@@ -1088,7 +1198,9 @@ class MetaLearner(keras.Model):
             inner_lr: a scalar step size replacing the algorithm's rates.
             overwrite: replace an existing version.
             limits: a dict of `tf_maml.serving.ServingLimits` fields.
-            is_classification: needed only if no task family has been seen.
+            is_classification: needed only if no task family has been seen
+                and the compiled loss is neither Keras' sparse categorical
+                cross-entropy nor one of its regression losses.
             image_format: a `tf_maml.serving.ImageFormat` to add the image
                 signatures.
 
@@ -1118,6 +1230,67 @@ class _StartAtIteration(keras.callbacks.Callback):
         start = getattr(self.model, "_data_start", None)
         if start is not None:
             start.assign(tf.cast(self.model.optimizer.iterations, tf.int64))
+
+
+def _values_checked(*element):
+    """A user's meta-batch, after checks that its support sets are not empty and that its
+    float tensors are finite (a NaN would otherwise train every weight to NaN)."""
+    element = element[0] if len(element) == 1 else element
+    episode = _as_episode(element)
+    checks = [(tf.shape(episode.support_x)[1] > 0,
+               "a meta-batch has empty support sets (support_x of shape [tasks, 0, ...]): "
+               "adaptation needs at least one example per task")]
+    for name in Episode._fields:
+        t = getattr(episode, name)
+        if t is not None and t.dtype.is_floating:
+            checks.append((tf.reduce_all(tf.math.is_finite(t)),
+                           f"{name} holds NaN or infinite values (in a meta-batch of the dataset)"))
+    for ok, message in checks:
+        element = sources.checked(ok, tf.constant(message), element)
+    return element
+
+
+def _single_output_message(model, outputs):
+    count = len(tf.nest.flatten(outputs))
+    kind = type(outputs).__name__
+    what = f"a {kind} of one output" if count == 1 else f"a {kind} of {count} outputs"
+    return (f"MetaLearner needs a model that returns a single tensor; model {model.name!r} "
+            f"returns {what}. Wrap it in a model that returns the tensor to adapt (e.g. "
+            "keras.Model(model.input, model.outputs[0]))")
+
+
+class _StopWhenDiverged(keras.callbacks.Callback):
+    """Stops `fit` with a one-line error at a step whose meta-loss or gradient was not
+    finite (its update was skipped, so the weights are those of the step before)."""
+
+    def on_train_begin(self, logs=None):
+        self.model._diverged_at_variable().assign(0)
+
+    def on_train_batch_end(self, batch, logs=None):
+        step = int(self.model._diverged_at_variable().numpy())
+        if step:
+            raise ValueError(self.model._divergence_message(step))
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(float(loss)):
+            # Only where the checks above cannot run (a strategy's step forced under XLA).
+            step = int(self.model.optimizer.iterations.numpy())
+            raise ValueError(f"meta-training diverged by step {step}: the meta-loss is not "
+                             "finite, and so may be the weights. Lower "
+                             f"inner_lr (now {self.model.meta_config.inner_lr:g}) or the "
+                             "optimizer's learning rate")
+
+
+_DIVERGED = ("meta-training diverged at step {}: the meta-loss or its gradient is not "
+             "finite; the update was not applied, so the weights are those of the step before")
+# In a graph (no string formatting: it would keep the step from compiling with XLA); `fit`
+# adds the step.
+_DIVERGED_IN_GRAPH = _DIVERGED.replace(" at step {}", "")
+
+
+def _all_finite(tensors):
+    """Whether every element of every (non-None) tensor is finite: a scalar bool tensor."""
+    return tf.reduce_all(tf.stack([tf.reduce_all(tf.math.is_finite(t))
+                                   for t in tensors if t is not None]))
 
 
 @contextlib.contextmanager

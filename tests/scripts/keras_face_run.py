@@ -82,5 +82,20 @@ if mode != "backup":
     auto.fit(tf_maml.Episodes(tf_maml.tasks.SineTasks(), META_BATCH), epochs=1,
              steps_per_epoch=2, verbose=0)
     result["auto_jit"] = bool(auto.jit_compile)
+    if algorithm == "maml":
+        # A diverging step (inner_lr 1e30) stops fit with its one-line error and never
+        # reaches the weights, on one device (maybe XLA) and on replicas alike.
+        with strategy.scope():
+            diverging = tf_maml.MetaLearner(tf_maml.models.mlp(), inner_lr=1e30)
+            diverging.compile(optimizer=keras.optimizers.Adam(1e-3), loss="mse")
+        before = [w.tolist() for w in diverging.get_weights()]
+        try:
+            diverging.fit(tf_maml.Episodes(tf_maml.tasks.SineTasks(), META_BATCH), epochs=1,
+                          steps_per_epoch=3, verbose=0)
+            result["divergence"] = "no error"
+        except ValueError as e:
+            result["divergence"] = str(e)
+        result["diverged_weights_kept"] = [w.tolist() for w in diverging.get_weights()] == before
+        result["diverged_iterations"] = int(diverging.optimizer.iterations.numpy())
 with open(out, "w") as f:
     json.dump(result, f)
