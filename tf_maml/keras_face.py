@@ -484,7 +484,8 @@ class MetaLearner(keras.Model):
 
     def _diverged_at_variable(self):
         """The first training step (1-based) whose meta-loss or gradient was not finite
-        (one device), 0 if none: reset when `fit` begins, read by `_StopWhenDiverged`."""
+        (without a strategy), 0 if none: reset when `fit` begins, read by
+        `_StopWhenDiverged`."""
         if getattr(self, "_diverged_at", None) is None:
             with tf.init_scope():
                 self._diverged_at = tf.Variable(0, dtype=tf.int64, trainable=False,
@@ -977,7 +978,7 @@ class MetaLearner(keras.Model):
                 raise ValueError(f"{name} holds NaN or infinite values")
         predictions = _compiled_adapt(self, inner_lr is not None)(
             support_x, support_y, query_x, tf.constant(steps, tf.int32),
-            tf.constant(0.0 if inner_lr is None else inner_lr, dtype))
+            tf.constant(0.0 if inner_lr is None else value, dtype))
         predictions = predictions.numpy()
         if np.issubdtype(predictions.dtype, np.floating) and not np.isfinite(predictions).all():
             raise ValueError("the adaptation diverged: predictions are not finite (is inner_lr "
