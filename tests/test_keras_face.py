@@ -249,6 +249,9 @@ def test_export_answers_as_the_learner_does(tmp_path, algorithm, options):
     with open(os.path.join(path, "assets.extra", "tf_maml_config.json")) as f:
         saved = json.load(f)
     assert saved["algorithm"] == algorithm and saved["export_num_eval_steps"] == 3
+    # Tasks given in code: no N-way K-shot shape is recorded (the config's would be its
+    # defaults, 5-way 10-shot, not these 3-way 1-shot tasks').
+    assert saved["dataset"] == "custom" and not {"n_way", "k_shot", "k_query"} & set(saved)
     # Adaptation moved the predictions (the learned rates are used).
     assert np.abs(expected - learner.predict(episode.query_x[0], verbose=0)).max() > 1e-4
 

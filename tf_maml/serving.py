@@ -81,6 +81,8 @@ IMAGE_SIGNATURES = ("decode_images", "adapt_images")
 # would otherwise take a gigabyte to decode. Read from the file's header before decoding.
 MAX_IMAGE_SIDE = 4096
 CONFIG_ASSET = "tf_maml_config.json"
+# Config fields an export of tasks given in code (dataset "custom") does not record.
+CUSTOM_UNRECORDED_FIELDS = ("n_way", "k_shot", "k_query")
 DATA_FINGERPRINT_ASSET = "tf_maml_data_fingerprint.json"  # the run's data (`evaluate_export`)
 
 
@@ -913,8 +915,14 @@ def export(experiment, export_dir, version, num_eval_steps, inner_lr=None, overw
     signatures = AdaptationSignatures(experiment.algorithm, experiment.spec, num_eval_steps,
                                       inner_lr, limits, image_format)
     archive = build_export_archive(signatures)
+    recorded = config_lib.as_stored(config).to_dict()
+    if config.dataset == "custom":
+        # Tasks given in code (the Keras face): the config's N-way K-shot fields are its
+        # defaults, not the tasks' shape; leave them out rather than record a wrong one.
+        for name in CUSTOM_UNRECORDED_FIELDS:
+            recorded.pop(name, None)
     return write_version(archive, path, {
-        **config_lib.as_stored(config).to_dict(), "export_num_eval_steps": num_eval_steps,
+        **recorded, "export_num_eval_steps": num_eval_steps,
         "export_inner_lr": inner_lr, "export_limits": limits.to_dict(),
         "export_algorithm_class": f"{algorithm_class.__module__}.{algorithm_class.__qualname__}",
         # Reptile: support examples per inner step of adapt (None: other algorithms).
