@@ -486,11 +486,7 @@ class MetaLearner(keras.Model):
         """The first training step (1-based) whose meta-loss or gradient was not finite
         (without a strategy), 0 if none: reset when `fit` begins, read by
         `_StopWhenDiverged`."""
-        if getattr(self, "_diverged_at", None) is None:
-            with tf.init_scope():
-                self._diverged_at = tf.Variable(0, dtype=tf.int64, trainable=False,
-                                                name="diverged_at")
-        return self._diverged_at
+        return self._step_variable("_diverged_at", "diverged_at")
 
     def _divergence_message(self, step):
         outer = ("the meta step size" if self.meta_config.algorithm == "reptile"
@@ -501,11 +497,16 @@ class MetaLearner(keras.Model):
     def _data_start_variable(self):
         """Where a training pass over `Episodes` starts: set to the optimizer's iteration
         counter when training begins (after `BackupAndRestore` restored it)."""
-        if getattr(self, "_data_start", None) is None:
+        return self._step_variable("_data_start", "episodes_start")
+
+    def _step_variable(self, attribute, name):
+        """The int64 step variable kept in `attribute`, made (0) on first use: not a
+        weight of the learner, so never saved with it."""
+        if getattr(self, attribute, None) is None:
             with tf.init_scope():
-                self._data_start = tf.Variable(0, dtype=tf.int64, trainable=False,
-                                               name="episodes_start")
-        return self._data_start
+                setattr(self, attribute, tf.Variable(0, dtype=tf.int64, trainable=False,
+                                                     name=name))
+        return getattr(self, attribute)
 
     def _checked_dataset(self, dataset):
         """A user's dataset of meta-batches, checked where it enters.
