@@ -136,7 +136,7 @@ def make_curve_fn(algorithm, metric_fn, num_steps, inner_lr=None, transductive=T
     The steps are a graph loop (see `adaptation_curve`); predictions are not kept.
     """
 
-    @tf.function(jit_compile=jit_compile, reduce_retracing=True)
+    @tf.function(jit_compile=jit_compile, reduce_retracing=True, autograph=False)
     def curve(params, episode):
         metrics, _ = _curve(algorithm, params, episode, metric_fn, num_steps, inner_lr,
                             transductive, keep_predictions=False,

@@ -1328,7 +1328,7 @@ def _compiled_adapt(learner, use_lr):
         def fn(support_x, support_y, query_x, steps, inner_lr):
             return learner._adapt_predict(support_x, support_y, query_x, steps,
                                           inner_lr if use_lr else None)
-        cache[use_lr] = tf.function(fn)
+        cache[use_lr] = tf.function(fn, autograph=False)
     return cache[use_lr]
 
 

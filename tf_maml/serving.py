@@ -492,10 +492,12 @@ class AdaptationSignatures:
         y = tf.TensorSpec([None, None] + ([] if self.classification else [self.output_size]),
                           self.label_dtype)
         self._adapted_fn = tf.function(lambda sx, sy: self._adapt_fixed(sx, sy)[0],
-                                       input_signature=[x, y])
-        self._fixed_fn = tf.function(self._predict_fixed, input_signature=[x, y, x])
+                                       input_signature=[x, y], autograph=False)
+        self._fixed_fn = tf.function(self._predict_fixed, input_signature=[x, y, x],
+                                     autograph=False)
         self._custom_fn = tf.function(self._adapt_and_predict, input_signature=[
-            x, y, x, tf.TensorSpec([None], tf.int32), tf.TensorSpec([None], self.dtype)])
+            x, y, x, tf.TensorSpec([None], tf.int32), tf.TensorSpec([None], self.dtype)],
+            autograph=False)
 
     @property
     def meta_params(self):

@@ -406,7 +406,7 @@ class MAMLRL:
         variables = self.meta_variables
         optimizer.build(variables)
 
-        @tf.function(jit_compile=jit_compile, reduce_retracing=True)
+        @tf.function(jit_compile=jit_compile, reduce_retracing=True, autograph=False)
         def train_step(iteration):
             _, update, logs = self.meta_step(iteration)
             optimizer.apply_gradients(zip(update, variables))
@@ -465,7 +465,7 @@ class MAMLRL:
         if key not in self._evaluators:
             update = self.inner_update(tf.constant(sizes, self.policy.dtype), per_step=True)
 
-            @tf.function(reduce_retracing=True)
+            @tf.function(reduce_retracing=True, autograph=False)
             def run(tasks, seed):
                 params = [tf.convert_to_tensor(v) for v in self.meta_variables]
                 batches, _ = self.sample_adapting(params, tasks, seed, num_steps, update,

@@ -131,7 +131,8 @@ class PolicySignatures:
         self._adapt_fn = tf.function(self._adapted_distribution, input_signature=[
             tf.TensorSpec([None, None, self.obs_dim], self.dtype),
             tf.TensorSpec([None, None, self.action_dim], self.dtype), episodes, episodes,
-            tf.TensorSpec([None, self.obs_dim], self.dtype), tf.TensorSpec([], self.dtype)])
+            tf.TensorSpec([None, self.obs_dim], self.dtype), tf.TensorSpec([], self.dtype)],
+            autograph=False)
 
     @property
     def meta_params(self):
