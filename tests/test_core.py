@@ -413,7 +413,7 @@ def test_algorithm_adapt_defaults_to_the_algorithms_order_and_refuses_tensor_ste
             algorithms.MAML(model, forward, losses.mean_squared_error, rate, 1)
 
 
-def test_bad_adam_constants_and_reptile_step_sizes_are_refused():
+def test_bad_sgd_and_adam_constants_and_reptile_step_sizes_are_refused():
     """Rates and constants given as numbers are checked where they are given, not found as NaN
     weights many steps later; tensors (learned or fed at run time) are left alone."""
     for kwargs, message in ((dict(learning_rate=-0.1), "learning_rate must be finite and >= 0"),
@@ -425,6 +425,13 @@ def test_bad_adam_constants_and_reptile_step_sizes_are_refused():
             core.Adam(**kwargs)
     core.Adam(np.float32(0.1), beta_1=0.9)
     core.Adam(tf.constant(0.1))
+    # SGD: a negative rate would ascend the loss, a NaN one give NaN weights.
+    for rate in (-1.0, float("nan"), np.float32("inf"), [0.1, -0.1]):
+        with pytest.raises(ValueError, match="SGD's inner_lr must be finite and >= 0"):
+            core.SGD(rate)
+    weights = [tf.constant([1.0, 2.0])]
+    for rate in (0.0, np.float32(0.5), tf.constant(-1.0), [tf.Variable(0.1)]):
+        core.SGD(rate).apply(weights, weights, (), 0)  # zero, numpy and tensor rates are taken
     model = _smooth_mlp()
     forward = functional.make_forward(model)
     for name, value in (("meta_step_size", -1.0), ("meta_step_size_final", float("inf")),

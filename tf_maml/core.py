@@ -181,6 +181,10 @@ class SGD:
     """
 
     def __init__(self, inner_lr, per_step=False):
+        # Python numbers only (a list entry too): tensors may be learned or fed at run time.
+        for rate in (inner_lr if isinstance(inner_lr, (list, tuple)) else [inner_lr]):
+            if isinstance(rate, numbers.Real) and not (math.isfinite(rate) and rate >= 0):
+                raise ValueError(f"SGD's inner_lr must be finite and >= 0, got {rate!r}")
         self.inner_lr = inner_lr
         self.per_step = per_step
 
