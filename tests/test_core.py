@@ -427,7 +427,7 @@ def test_bad_sgd_and_adam_constants_and_reptile_step_sizes_are_refused():
     core.Adam(tf.constant(0.1))
     # SGD: a negative rate would ascend the loss, a NaN one give NaN weights.
     for rate in (-1.0, float("nan"), np.float32("inf"), [0.1, -0.1]):
-        with pytest.raises(ValueError, match="SGD's inner_lr must be finite and >= 0"):
+        with pytest.raises(ValueError, match="SGD's inner_lr must be a finite non-negative number"):
             core.SGD(rate)
     weights = [tf.constant([1.0, 2.0])]
     for rate in (0.0, np.float32(0.5), tf.constant(-1.0), [tf.Variable(0.1)]):

@@ -181,10 +181,8 @@ class SGD:
     """
 
     def __init__(self, inner_lr, per_step=False):
-        # Python numbers only (a list entry too): tensors may be learned or fed at run time.
         for rate in (inner_lr if isinstance(inner_lr, (list, tuple)) else [inner_lr]):
-            if isinstance(rate, numbers.Real) and not (math.isfinite(rate) and rate >= 0):
-                raise ValueError(f"SGD's inner_lr must be finite and >= 0, got {rate!r}")
+            check_non_negative("SGD's inner_lr", rate)
         self.inner_lr = inner_lr
         self.per_step = per_step
 
@@ -212,6 +210,13 @@ class SGD:
         for index, (w, lr) in enumerate(zip(weights, rates)):
             _check_rate_shape(lr, w, index)
         return [w - _as_dtype(lr, w.dtype) * g for w, lr, g in zip(weights, rates, grads)], state
+
+
+def check_non_negative(name, value):
+    """Raises `ValueError` if `value` is a Python (or numpy) number that is negative or not
+    finite; tensors and variables (learned, fed or scheduled at run time) are left alone."""
+    if isinstance(value, numbers.Real) and not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"{name} must be a finite non-negative number, got {value!r}")
 
 
 def _check_rate_shape(rate, weight, index):

@@ -18,7 +18,6 @@ model.
 """
 
 import collections
-import math
 import numbers
 
 import keras
@@ -89,8 +88,7 @@ class MAML:
             # differentiate through: the meta-gradient would silently be first order.
             raise ValueError(f"num_inner_steps must be a non-negative Python integer (the "
                              f"meta-step unrolls that many inner steps), got {num_inner_steps!r}")
-        if isinstance(inner_lr, numbers.Real) and not (math.isfinite(inner_lr) and inner_lr >= 0):
-            raise ValueError(f"inner_lr must be a finite non-negative number, got {inner_lr!r}")
+        core.check_non_negative("inner_lr", inner_lr)
         self.model = model
         if recompute_inner_steps and functional.has_random_layers(model):
             raise ValueError(

@@ -1,9 +1,5 @@
 """Reptile (Nichol, Achiam and Schulman, 2018): move θ towards the adapted weights."""
 
-
-import math
-import numbers
-
 import keras
 import tensorflow as tf
 
@@ -93,9 +89,9 @@ class Reptile(MAML):
                             ("meta_step_size_final", meta_step_size_final)):
             # Numbers are range-checked; tensors and variables (fed or scheduled by the user)
             # are taken as they are.
-            if (isinstance(value, numbers.Real) and not (math.isfinite(value) and value >= 0)
-                    or isinstance(value, (str, bytes)) or value is None):
+            if isinstance(value, (str, bytes)) or value is None:
                 raise ValueError(f"{name} must be a finite non-negative number, got {value!r}")
+            core.check_non_negative(name, value)
         inner_batch_size = int(inner_batch_size)
         self.inner_optimizer = inner_optimizer
         self.inner_batch_size = inner_batch_size
