@@ -189,6 +189,46 @@ def test_sigterm_before_the_first_step_says_nothing_was_saved(tmp_path):
                 or "Interrupted at step 0; no checkpoint has been written" in output), output
 
 
+def test_an_interrupt_inside_a_finalizer_prints_nothing_and_still_stops(monkeypatch, capfd):
+    """A signal that lands where Python prints tracebacks itself (a finalizer drops its
+    exception: `Exception ignored in ...`) stays quiet and is delivered again."""
+    from tf_maml import train as train_cli
+
+    class Finalized:
+        def __del__(self):
+            try:
+                raise KeyboardInterrupt("received signal 15")
+            except KeyboardInterrupt:  # as TensorFlow's C++ reports an interrupted callback
+                raise SystemError("<built-in function __import__> returned a result with an "
+                                  "exception set")
+
+    monkeypatch.setattr(train_cli, "_SIGNALS", [])
+    monkeypatch.setattr(sys, "unraisablehook", sys.__unraisablehook__)  # Python's, not pytest's
+    monkeypatch.setattr(sys, "excepthook", sys.__excepthook__)
+    previous = signal.signal(signal.SIGTERM, train_cli._interrupt)
+    try:
+        train_cli._quiet_interrupts()
+        capfd.readouterr()
+        Finalized()  # no signal received: an ordinary error, reported as Python does
+        assert "SystemError" in capfd.readouterr().err
+        train_cli._SIGNALS.append(signal.SIGTERM)
+        Finalized()
+        with pytest.raises(KeyboardInterrupt, match="received signal 15"):
+            for _ in range(200):
+                time.sleep(0.05)
+        assert capfd.readouterr().err == ""
+        # Other errors still print after a signal.
+        class Broken:
+            def __del__(self):
+                raise ValueError("unrelated")
+
+        Broken()
+        assert "ValueError: unrelated" in capfd.readouterr().err
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert train_cli._from_interrupt(SystemError("x").with_traceback(None)) is False
+
+
 def test_interrupt_reports_what_is_saved(tmp_path, monkeypatch):
     config = config_lib.Config(num_iterations=20, checkpoint_every=10, log_every=10,
                                validate_every=0, meta_batch_size=5)

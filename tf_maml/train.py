@@ -10,6 +10,8 @@ with the same checkpoints, resume and interrupt handling.
 
 import os
 import signal
+import sys
+import threading
 
 from absl import app, flags, logging
 
@@ -31,6 +33,45 @@ _SIGNALS = []
 def _interrupt(signum, frame):
     _SIGNALS.append(signum)
     raise KeyboardInterrupt(f"received signal {signum}")
+
+
+def _from_interrupt(error):
+    """Whether `error` is a KeyboardInterrupt or was raised while handling one (a signal
+    that reached Python inside TensorFlow's C++, which reports `SystemError: ...
+    returned a result with an exception set` with the interrupt as its context)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, KeyboardInterrupt):
+            return True
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _quiet_interrupts():
+    """Keeps an interrupt's traceback off the terminal: main says what was saved.
+
+    A signal can arrive while TensorFlow's C++ calls back into Python (tracing
+    flattens structures); the interrupt may then surface where Python prints
+    tracebacks itself (`sys.excepthook`, or `sys.unraisablehook` for a finalizer,
+    which also drops the exception: the signal is then delivered again, so that
+    the interrupt still stops the run).
+    """
+    excepthook, unraisablehook = sys.excepthook, sys.unraisablehook
+
+    def quiet_excepthook(kind, error, traceback):
+        if not (_SIGNALS and _from_interrupt(error)):
+            excepthook(kind, error, traceback)
+
+    def quiet_unraisablehook(unraisable):
+        if not (_SIGNALS and _from_interrupt(unraisable.exc_value)):
+            unraisablehook(unraisable)
+        else:  # a moment later, from another thread: after the finalizer has returned
+            timer = threading.Timer(0.2, os.kill, (os.getpid(), _SIGNALS[-1]))
+            timer.daemon = True
+            timer.start()
+
+    sys.excepthook, sys.unraisablehook = quiet_excepthook, quiet_unraisablehook
 
 
 def _interrupted_message(error, model_dir):
@@ -58,6 +99,9 @@ def main(argv):
     # SIGTERM (a scheduler's preemption, `kill`) stops training like Ctrl-C does:
     # the trainer writes a checkpoint at the current step before exiting.
     signal.signal(signal.SIGTERM, _interrupt)
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _interrupt)  # Ctrl-C, recorded (not where ignored: `&`)
+    _quiet_interrupts()
     config = cli.config_from_flags()
     try:
         _, step = trainer.train(config, FLAGS.model_dir)
