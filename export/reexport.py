@@ -1,9 +1,11 @@
-"""Exports a shipped Omniglot SavedModel again with the current code, from its own variables.
+"""Exports a shipped SavedModel (Omniglot or sine) again with the current code, from its own
+variables.
 
 For a model whose run's checkpoints were not kept: the variables of the old SavedModel are
 restored by name into the experiment its recorded config builds, `tf_maml.serving.export`
-writes the same version under NEW_BASE, and every tensor signature of the new export must
-answer as the old one did on held-out tasks of the real archives (else it fails).
+writes the same version under NEW_BASE, and every signature of the new export must answer
+as the old one did on held-out tasks (Omniglot: of the real archives, and its PNGs through
+the image signatures; sine: generated), else it fails.
 
     python export/reexport.py OLD_VERSION_DIR NEW_BASE [OMNIGLOT_DIR]
     python export/reexport.py export/models/omniglot_5way_1shot_maml/16000 /tmp/maml \
@@ -32,13 +34,17 @@ version = int(os.path.basename(old_path.rstrip("/")))
 record = json.load(open(os.path.join(old_path, "assets.extra", "tf_maml_config.json")))
 config = config_lib.Config.from_dict({k: v for k, v in record.items()
                                       if not k.startswith("export_")})
-if config.dataset != "omniglot":
-    fail(f"{old_path} is a {config.dataset} export; this script checks Omniglot exports only")
 # The held-out tasks the two exports must answer alike (read first: no data, nothing written).
-images, background = omniglot.load_characters(data_dir, os.path.expanduser(config.cache_dir))
-train, test = omniglot.split_characters(background, config.omniglot_split, config.split_seed)
-tasks = ImageClassTasks({"train": images[train], "test": images[test]}, config.n_way,
-                        config.k_shot, 5, rotate_train=False, name="omniglot")
+if config.dataset == "omniglot":
+    images, background = omniglot.load_characters(data_dir, os.path.expanduser(config.cache_dir))
+    train, test = omniglot.split_characters(background, config.omniglot_split, config.split_seed)
+    tasks = ImageClassTasks({"train": images[train], "test": images[test]}, config.n_way,
+                            config.k_shot, 5, rotate_train=False, name="omniglot")
+elif config.dataset == "sine":
+    tasks = experiment_lib.build_experiment(config).tasks  # generated: no data
+else:
+    fail(f"{old_path} is a {config.dataset} export; this script checks Omniglot and sine "
+         "exports only")
 
 # The old export's variables, by name, into the experiment its config builds. Keras' export
 # archive lists the model's variables in `variables` and every variable its signatures use
@@ -68,9 +74,11 @@ fresh = tf.saved_model.load(new)
 e = tasks.sample(tf.constant([3, 1], tf.int64), 4, "test")
 one = dict(support_x=e.support_x[0], support_y=e.support_y[0], query_x=e.query_x[0])
 many = dict(support_x=e.support_x, support_y=e.support_y, query_x=e.query_x)
-with zipfile.ZipFile(os.path.join(data_dir, "images_evaluation.zip")) as archive:
-    names = [n for n in sorted(archive.namelist()) if n.endswith(".png")]
-    pngs = [archive.read(n) for n in names[:2 * config.n_way]]
+pngs = [b""] * 2 * config.n_way  # sine exports have no image signatures
+if config.dataset == "omniglot":
+    with zipfile.ZipFile(os.path.join(data_dir, "images_evaluation.zip")) as archive:
+        names = [n for n in sorted(archive.namelist()) if n.endswith(".png")]
+        pngs = [archive.read(n) for n in names[:2 * config.n_way]]
 checks = {
     "serving_default": dict(x=e.query_x[0]),
     "adapt": one,

@@ -191,6 +191,11 @@ def test_bad_requests_fail_clearly_and_the_next_request_works(classifier):
          "inner_steps must be in \\[0, 10\\] \\(max_inner_steps\\)"),
         (custom, {"inner_steps": tf.constant(1), "inner_lr": tf.constant(-1.0)},
          "inner_lr must be finite and >= 0"),
+        # One task's step count and size are scalars: a list of one names the input.
+        (custom, {"inner_steps": tf.constant([1]), "inner_lr": tf.constant(0.1)},
+         "inner_steps must be a scalar \\(adapt_custom adapts one task.*got shape.*\\[1\\]"),
+        (custom, {"inner_steps": tf.constant(1), "inner_lr": tf.constant([[0.1]])},
+         "inner_lr must be a scalar .*got shape.*\\[1 1\\]"),
         # A step size that makes the adaptation diverge: an error, not NaN with status OK.
         (custom, {"inner_steps": tf.constant(3), "inner_lr": tf.constant(3e38)},
          "the adaptation diverged: predictions are not finite"),

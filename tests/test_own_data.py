@@ -305,6 +305,36 @@ def test_folder_errors_are_clear(image_folder, tmp_path):
         tasks_lib.folder_tasks(str(image_folder), 2, 4, 4, image_size=14)
 
 
+def test_folder_shows_transparent_images_over_white(tmp_path):
+    """PIL's conversions drop alpha: without compositing, black strokes on transparent
+    black pixels would train on black squares."""
+    from PIL import Image, ImageDraw
+
+    def drawing(mode, background, ink):
+        image = Image.new(mode, (20, 20), background)
+        ImageDraw.Draw(image).line([(2, 2), (17, 12), (4, 17)], fill=ink, width=3)
+        return image
+
+    root = tmp_path / "images"
+    for c in range(2):
+        (root / f"c{c}").mkdir(parents=True)
+        drawing("L", 255, 0).save(root / f"c{c}" / "a.png")  # opaque, on white
+        drawing("RGBA", (0, 0, 0, 0), (0, 0, 0, 255)).save(root / f"c{c}" / "b.png")
+        drawing("LA", (0, 0), (0, 255)).save(root / f"c{c}" / "c.png")
+        drawing("L", 0, 0).save(root / f"c{c}" / "d.png", transparency=0)  # tRNS, no alpha
+        drawing("RGBA", (0, 0, 0, 0), (0, 0, 0, 128)).save(root / f"c{c}" / "e.png")
+    images, counts, _ = sources.load_folder(str(root), channels=1)  # RGBA would choose 3
+    assert images.shape == (10, 20, 20, 1) and counts.tolist() == [5, 5]
+    on_white = images[0, ..., 0]
+    assert on_white.min() == 0 and np.median(on_white) == 255
+    for i in (1, 2):
+        np.testing.assert_array_equal(images[i, ..., 0], on_white)
+    assert images[3, ..., 0].min() == 255  # every pixel of d.png is transparent: all white
+    half = images[4, ..., 0]  # half-transparent black ink: mid-gray strokes
+    np.testing.assert_array_equal(half[on_white == 255], 255)
+    assert set(np.unique(half[on_white == 0])) == {127}
+
+
 def test_folder_scales_16_bit_images_and_refuses_wider_ones(tmp_path):
     from PIL import Image
     gradient = np.tile(np.linspace(0, 65535, 20).astype(np.uint16), (20, 1))

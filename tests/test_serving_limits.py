@@ -288,6 +288,60 @@ def test_image_signatures_preprocess_as_training(omniglot_signatures):
         omniglot_signatures.decode_images(tf.constant([b"not an image"]))
 
 
+def _transparent_drawings(size=28):
+    """The same strokes as PNGs with transparency of each kind, and opaque on white."""
+    from PIL import Image, ImageDraw
+
+    def drawing(mode, background, ink):
+        image = Image.new(mode, (size, size), background)
+        ImageDraw.Draw(image).line([(3, 3), (size - 4, size - 8), (5, size - 3)], fill=ink,
+                                   width=3)
+        return image
+
+    palette = drawing("P", 0, 1)
+    palette.putpalette([0, 0, 0] * 256)  # black background, made transparent by tRNS
+    pngs = {"RGBA": (drawing("RGBA", (0, 0, 0, 0), (0, 0, 0, 255)), {}),
+            "LA": (drawing("LA", (0, 0), (0, 255)), {}),
+            "RGBA half ink": (drawing("RGBA", (0, 0, 0, 0), (10, 200, 30, 128)), {}),
+            "P tRNS": (palette, {"transparency": 0}),
+            "L tRNS": (drawing("L", 0, 50), {"transparency": 0}),
+            "1-bit tRNS": (drawing("L", 255, 0).convert("1"), {"transparency": 255})}
+    encoded = {}
+    for name, (image, options) in pngs.items():
+        out = io.BytesIO()
+        image.save(out, format="PNG", **options)
+        encoded[name] = out.getvalue()
+    assert encoded["1-bit tRNS"][24] == 1  # bit depth: TensorFlow's alpha fill is 1 here
+    out = io.BytesIO()
+    drawing("L", 255, 0).save(out, format="PNG")
+    return encoded, out.getvalue()
+
+
+def test_image_signatures_show_transparent_pngs_over_white(omniglot_signatures):
+    """Black strokes on transparent black pixels are strokes, not a black square."""
+    from PIL import Image
+
+    from tf_maml.tasks import omniglot, sources
+    transparent, opaque = _transparent_drawings()
+    decoded = omniglot_signatures.decode_images(tf.constant(list(transparent.values())))
+    decoded = decoded["x"].numpy()[..., 0]
+    on_white = omniglot_signatures.decode_images(tf.constant([opaque]))["x"].numpy()[0, ..., 0]
+    assert 0.05 < on_white.mean() < 0.5  # Omniglot's convention: ink 1 on a 0 background
+    names = list(transparent)
+    for name in ("RGBA", "LA", "P tRNS", "1-bit tRNS"):  # opaque black ink
+        np.testing.assert_array_equal(decoded[names.index(name)], on_white, err_msg=name)
+    # Partly transparent or gray ink: as PIL composites it over white (the folder loader).
+    for i, (name, data) in enumerate(transparent.items()):
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+            want = 255 - np.asarray(sources._over_white(image).convert("L"), np.float32)
+        np.testing.assert_allclose(decoded[i] * 255, want, atol=1e-3, err_msg=name)
+        assert 0 < decoded[i].mean() < 0.5, name
+    # Opaque images keep the training decoder's exact pixels.
+    np.testing.assert_array_equal(on_white * np.float32(255),
+                                  omniglot._decode(opaque, "page").astype(np.float32))
+
+
 def test_image_signatures_refuse_huge_images_before_decoding(omniglot_signatures):
     """Sizes come from the headers: a small file of a huge blank image is not decompressed."""
     from PIL import Image

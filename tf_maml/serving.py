@@ -256,6 +256,33 @@ def _encoded_image_size(data):
     ], default=lambda: (zero, zero))
 
 
+def _png_may_be_transparent(data):
+    """Whether a PNG has an alpha channel (color types 4, 6) or a tRNS chunk (before IDAT).
+
+    TensorFlow's `decode_png(channels=4)` gives the alpha of such files; for other
+    files of under 8 bits it fills alpha with the source's maximum value (1 for a
+    1-bit image), not 255, so it cannot tell transparency by itself.
+    """
+    padded = tf.strings.join([data, tf.constant(b"\0" * 26)])
+    color_type = tf.io.decode_raw(tf.strings.substr(padded, 25, 1), tf.uint8)[0]
+    alpha_channel = tf.logical_or(tf.equal(color_type, 4), tf.equal(color_type, 6))
+    size = tf.strings.length(data, unit="BYTE")
+
+    def body(offset, found, done):
+        head = tf.cast(tf.io.decode_raw(tf.strings.substr(data, offset, 8), tf.uint8), tf.int64)
+        length = head[0] * 2 ** 24 + head[1] * 2 ** 16 + head[2] * 2 ** 8 + head[3]
+        kind = tf.strings.substr(data, offset + 4, 4)
+        end = tf.logical_or(tf.equal(kind, b"IDAT"), tf.equal(kind, b"IEND"))
+        return (offset + 12 + length, tf.equal(kind, b"tRNS"), end)
+
+    _, trns, _ = tf.while_loop(
+        lambda offset, found, done: tf.logical_and(
+            tf.logical_not(tf.logical_or(found, done)),
+            offset + 8 <= tf.cast(size, tf.int64)),
+        body, (tf.constant(8, tf.int64), tf.constant(False), tf.constant(False)))
+    return tf.logical_or(alpha_channel, trns)
+
+
 def _dim(x, index):
     """`tf.shape(x)[index]`, or -1 when `x` has no such axis (never fails, for any rank)."""
     return tf.concat([tf.shape(x), tf.fill([index + 1], -1)], 0)[index]
@@ -371,7 +398,11 @@ def _same_tasks(query_x, support_x):
 def _validated_per_task(name, value, num_tasks, task_major):
     """A per-task input: a scalar (one task) or `[num_tasks]`; returns `[num_tasks]`."""
     if not task_major:
-        return value[None]
+        scalar = tf.equal(tf.rank(value), 0)
+        checks = [_check(scalar, f"{name} must be a scalar (adapt_custom adapts one task; "
+                                 "adapt_tasks_custom takes one value per task); got shape",
+                         [tf.shape(value)])]
+        return _gated(tf.reshape(value, [-1])[:1], scalar, checks, [1])
     expected = "[num_tasks]"
     shape_ok = tf.equal(tf.rank(value), 1)
     checks = [_check(shape_ok, f"{name} must have shape {expected} (one value per task); got "
@@ -648,21 +679,37 @@ class AdaptationSignatures:
                     _check(small, f"{name}: an image is larger than {MAX_IMAGE_SIDE} pixels on "
                                   "a side (height, width):", [image_height, image_width])]):
                 data = tf.identity(data)
-            if channels == 1:
+            prefix = tf.strings.substr(tf.strings.join([data, b"\0\0\0\0"]), 0, 4)
+
+            def opaque():
+                if channels != 1:
+                    return tf.cast(tf.io.decode_image(data, channels=channels,
+                                                      expand_animations=False), tf.float32)
                 # TensorFlow's GIF and BMP decoders give RGB only: converted to gray
                 # (ITU-R 601-2 luma, PIL's "L" conversion), rounded to 8 bits.
-                prefix = tf.strings.substr(tf.strings.join([data, b"\0\0\0\0"]), 0, 4)
                 rgb_only = tf.logical_or(tf.equal(prefix, b"GIF8"),
                                          tf.equal(tf.strings.substr(prefix, 0, 2), b"BM"))
-                image = tf.cond(
+                return tf.cond(
                     rgb_only,
                     lambda: tf.round(tf.image.rgb_to_grayscale(tf.cast(tf.io.decode_image(
                         data, channels=3, expand_animations=False), tf.float32))),
                     lambda: tf.cast(tf.io.decode_image(data, channels=1,
                                                        expand_animations=False), tf.float32))
-            else:
-                image = tf.cast(tf.io.decode_image(data, channels=channels,
-                                                   expand_animations=False), tf.float32)
+
+            def over_white():
+                # A PNG's transparent pixels over white, as a viewer shows them (the
+                # codec's conversions drop alpha: black strokes on transparent black
+                # pixels would decode to a black square).
+                rgba = tf.cast(tf.io.decode_png(data, channels=4), tf.float32)
+                alpha = rgba[..., 3:] / 255.0
+                rgb = tf.round(rgba[..., :3] * alpha + 255.0 * (1.0 - alpha))
+                return tf.round(tf.image.rgb_to_grayscale(rgb)) if channels == 1 else rgb
+
+            transparent = tf.cond(
+                tf.logical_and(tf.equal(prefix, b"\x89PNG"), _png_may_be_transparent(data)),
+                lambda: tf.reduce_any(tf.io.decode_png(data, channels=4)[..., 3] < 255),
+                lambda: tf.constant(False))
+            image = tf.cond(transparent, over_white, opaque)
             same = tf.reduce_all(tf.equal(tf.shape(image)[:2], [height, width]))
             image = tf.cond(same, lambda: image, lambda: tf.clip_by_value(tf.round(
                 tf.image.resize(image, [height, width], method=self.image_format.resize,
@@ -756,8 +803,9 @@ def build_export_archive(signatures):
     query = [tf.TensorSpec(None, dtype, name="query_x")]
     archive.add_endpoint("adapt", signatures.adapt, support + query)
     archive.add_endpoint("adapt_custom", signatures.adapt_custom, support + query + [
-        tf.TensorSpec([], tf.int32, name="inner_steps"),
-        tf.TensorSpec([], tf.float32, name="inner_lr")])
+        # Scalars, declared of any shape so that a wrong one gets the check's message.
+        tf.TensorSpec(None, tf.int32, name="inner_steps"),
+        tf.TensorSpec(None, tf.float32, name="inner_lr")])
     archive.add_endpoint("adapted_weights", signatures.adapted_weights, support)
     archive.add_endpoint("adapt_tasks", signatures.adapt_tasks, support + query)
     archive.add_endpoint("adapt_tasks_custom", signatures.adapt_tasks_custom, support + query + [

@@ -36,7 +36,7 @@ __all__ = ["ClassPoolTasks", "FunctionTasks", "array_tasks", "folder_tasks", "tf
 SPLITS = ("train", "val", "test")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
 # Part of the folder cache key: bump when the decoded arrays change for the same files.
-_CACHE_VERSION = 2
+_CACHE_VERSION = 3
 _GRAY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 _MAX_NAMED = 8
 # Marks the message of a user mistake found inside a graph or a tf.data pipeline (`checked`),
@@ -537,6 +537,20 @@ def _to_8_bits(image, path):
     return Image.fromarray(np.rint(values / 257).astype(np.uint8))
 
 
+def _over_white(image):
+    """`image` with its transparency (alpha, or a transparent palette or gray value)
+    composited over a white background, as an image viewer shows it; others unchanged.
+
+    Without this, PIL's conversion to "L" or "RGB" drops the alpha channel: a drawing of
+    black strokes on transparent black pixels would become a black square.
+    """
+    if image.mode not in ("RGBA", "RGBa", "LA", "La", "PA") and "transparency" not in image.info:
+        return image
+    from PIL import Image
+    rgba = image.convert("RGBA")
+    return Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba).convert("RGB")
+
+
 def _decode_folder(data_dir, classes, image_size, channels):
     """`(images [examples, H, W, C] uint8, counts [classes])` decoded with PIL."""
     from PIL import Image
@@ -563,7 +577,7 @@ def _decode_folder(data_dir, classes, image_size, channels):
     images = []
     for path in paths:
         with _open(path) as image:
-            image = _to_8_bits(image, path).convert("L" if channels == 1 else "RGB")
+            image = _over_white(_to_8_bits(image, path)).convert("L" if channels == 1 else "RGB")
             if image_size is not None:
                 image = image.resize(image_size[::-1], Image.LANCZOS)
             array = np.asarray(image, dtype=np.uint8)
@@ -592,7 +606,8 @@ def load_folder(data_dir, image_size=None, channels=None, cache_dir=None):
     The layout `keras.utils.image_dataset_from_directory` reads:
     `data_dir/<class>/<image>` (images in nested folders count for their
     class; hidden files are skipped), PNG, JPEG, BMP or GIF (first frame).
-    16-bit grayscale images are scaled to 8 bits (v / 257, rounded).
+    16-bit grayscale images are scaled to 8 bits (v / 257, rounded);
+    transparent pixels are composited over white, as a viewer shows them.
 
     Args:
         data_dir: the folder.
