@@ -16,6 +16,7 @@ import os
 import sys
 import zipfile
 
+import keras
 import numpy as np
 import tensorflow as tf
 
@@ -42,6 +43,7 @@ if config.dataset == "omniglot":
                             config.k_shot, 5, rotate_train=False, name="omniglot")
 elif config.dataset == "sine":
     tasks = experiment_lib.build_experiment(config).tasks  # generated: no data
+    keras.backend.clear_session()  # the model below gets the export's layer names again
 else:
     fail(f"{old_path} is a {config.dataset} export; this script checks Omniglot and sine "
          "exports only")

@@ -157,6 +157,18 @@ def test_tf1_session_loader_and_saved_model_cli(sine_run, tmp_path):
     np.testing.assert_allclose(np.load(tmp_path / "cli" / "predictions.npy"), expected, **TOLERANCE)
 
 
+def test_loading_an_export_warns_of_no_unsaved_custom_gradients(classifier, caplog):
+    """The batch norm's closed-form second derivative (a custom gradient of a custom
+    gradient, which a SavedModel cannot keep) is left out of exports: they differentiate
+    once, and loading one printed a warning per function that used it."""
+    _, path = classifier
+    with caplog.at_level("WARNING"):
+        model = tf.saved_model.load(path)
+    assert [r for r in caplog.records if "custom gradients" in r.getMessage()] == []
+    library = model.signatures["adapt"].graph.as_graph_def().library.function
+    assert any(node.op == "FusedBatchNormGradV3" for f in library for node in f.node_def)
+
+
 def test_bad_requests_fail_clearly_and_the_next_request_works(classifier):
     experiment, path = classifier
     model = tf.saved_model.load(path)

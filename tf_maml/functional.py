@@ -111,8 +111,37 @@ def _fused_batch_norm_training(x, scale, offset, epsilon):
     return normalize(x, scale, offset)
 
 
+_FIRST_DERIVATIVES = threading.local()
+
+
+@contextlib.contextmanager
+def first_derivatives_only():
+    """Within it (while functions are traced), the fused batch norm's gradient is
+    TensorFlow's kernel alone, without the closed-form second derivative.
+
+    For exports: their adaptation differentiates once, and a SavedModel cannot
+    keep a custom gradient's own gradient (loading warns "Importing a function
+    ... with ops with unsaved custom gradients" for each). The values are the
+    same kernels' either way; the kernel stays differentiable (TensorFlow's
+    registered gradient), only slower.
+    """
+    previous = getattr(_FIRST_DERIVATIVES, "on", False)
+    _FIRST_DERIVATIVES.on = True
+    try:
+        yield
+    finally:
+        _FIRST_DERIVATIVES.on = previous
+
+
 def _fused_batch_norm_gradient(x, scale, dy, reserve, epsilon):
     """`(dx, dscale, doffset)` of `_fused_batch_norm_training`, with its closed-form derivative."""
+    if getattr(_FIRST_DERIVATIVES, "on", False):
+        dx, dscale, doffset, _, _ = tf.raw_ops.FusedBatchNormGradV3(
+            y_backprop=dy, x=x, scale=scale, reserve_space_1=reserve[0],
+            reserve_space_2=reserve[1], reserve_space_3=reserve[2], epsilon=epsilon,
+            data_format="NHWC", is_training=True)
+        return dx, dscale, doffset
+
     @tf.custom_gradient
     def gradient(x, scale, g):
         dx, dscale, doffset, _, _ = tf.raw_ops.FusedBatchNormGradV3(

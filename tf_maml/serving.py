@@ -964,14 +964,15 @@ def export(experiment, export_dir, version, num_eval_steps, inner_lr=None, overw
                         algorithm_class.__qualname__, config.algorithm, config.algorithm)
     signatures = AdaptationSignatures(experiment.algorithm, experiment.spec, num_eval_steps,
                                       inner_lr, limits, image_format)
-    archive = build_export_archive(signatures)
+    with functional.first_derivatives_only():  # nothing is differentiated twice in serving
+        archive = build_export_archive(signatures)
     recorded = config_lib.as_stored(config).to_dict()
     if config.dataset == "custom":
         # Tasks given in code (the Keras face): the config's N-way K-shot fields are its
         # defaults, not the tasks' shape; leave them out rather than record a wrong one.
         for name in CUSTOM_UNRECORDED_FIELDS:
             recorded.pop(name, None)
-    return write_version(archive, path, {
+    record = {
         **recorded, "export_num_eval_steps": num_eval_steps,
         "export_inner_lr": inner_lr, "export_limits": limits.to_dict(),
         "export_algorithm_class": f"{algorithm_class.__module__}.{algorithm_class.__qualname__}",
@@ -979,8 +980,10 @@ def export(experiment, export_dir, version, num_eval_steps, inner_lr=None, overw
         "export_eval_inner_batch_size": getattr(experiment.algorithm, "eval_inner_batch_size",
                                                 None),
         "export_image_format": image_format.to_dict() if image_format else None,
-        "export_signatures": list(signatures.signature_names)},
-        {DATA_FINGERPRINT_ASSET: data_fingerprint} if data_fingerprint else None)
+        "export_signatures": list(signatures.signature_names)}
+    with functional.first_derivatives_only():  # a save traces the functions again
+        return write_version(archive, path, record, {DATA_FINGERPRINT_ASSET: data_fingerprint}
+                             if data_fingerprint else None)
 
 
 def check_version(version):
