@@ -323,8 +323,10 @@ def test_folder_shows_transparent_images_over_white(tmp_path):
         drawing("LA", (0, 0), (0, 255)).save(root / f"c{c}" / "c.png")
         drawing("L", 0, 0).save(root / f"c{c}" / "d.png", transparency=0)  # tRNS, no alpha
         drawing("RGBA", (0, 0, 0, 0), (0, 0, 0, 128)).save(root / f"c{c}" / "e.png")
+        # A GIF's transparency is not composited: TensorFlow's GIF decoder has no alpha.
+        drawing("L", 0, 255).save(root / f"c{c}" / "f.gif", transparency=0)
     images, counts, _ = sources.load_folder(str(root), channels=1)  # RGBA would choose 3
-    assert images.shape == (10, 20, 20, 1) and counts.tolist() == [5, 5]
+    assert images.shape == (12, 20, 20, 1) and counts.tolist() == [6, 6]
     on_white = images[0, ..., 0]
     assert on_white.min() == 0 and np.median(on_white) == 255
     for i in (1, 2):
@@ -333,6 +335,7 @@ def test_folder_shows_transparent_images_over_white(tmp_path):
     half = images[4, ..., 0]  # half-transparent black ink: mid-gray strokes
     np.testing.assert_array_equal(half[on_white == 255], 255)
     assert set(np.unique(half[on_white == 0])) == {127}
+    np.testing.assert_array_equal(images[5, ..., 0], 255 - on_white)  # as drawn: white ink
 
 
 def test_folder_scales_16_bit_images_and_refuses_wider_ones(tmp_path):

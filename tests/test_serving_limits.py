@@ -305,13 +305,17 @@ def _transparent_drawings(size=28):
             "RGBA half ink": (drawing("RGBA", (0, 0, 0, 0), (10, 200, 30, 128)), {}),
             "P tRNS": (palette, {"transparency": 0}),
             "L tRNS": (drawing("L", 0, 50), {"transparency": 0}),
-            "1-bit tRNS": (drawing("L", 255, 0).convert("1"), {"transparency": 255})}
+            "16-bit tRNS": (Image.fromarray(np.asarray(drawing("L", 0, 50), np.uint16) * 257),
+                            {"transparency": 0}),
+            # Transparent ink on opaque white: an all-white image.
+            "1-bit tRNS": (drawing("L", 255, 0).convert("1"), {"transparency": 0})}
     encoded = {}
     for name, (image, options) in pngs.items():
         out = io.BytesIO()
         image.save(out, format="PNG", **options)
         encoded[name] = out.getvalue()
-    assert encoded["1-bit tRNS"][24] == 1  # bit depth: TensorFlow's alpha fill is 1 here
+    # Bit depths: TensorFlow's alpha fill is 1 at 1 bit, so tRNS must be looked for there.
+    assert encoded["1-bit tRNS"][24] == 1 and encoded["16-bit tRNS"][24] == 16
     out = io.BytesIO()
     drawing("L", 255, 0).save(out, format="PNG")
     return encoded, out.getvalue()
@@ -328,15 +332,18 @@ def test_image_signatures_show_transparent_pngs_over_white(omniglot_signatures):
     on_white = omniglot_signatures.decode_images(tf.constant([opaque]))["x"].numpy()[0, ..., 0]
     assert 0.05 < on_white.mean() < 0.5  # Omniglot's convention: ink 1 on a 0 background
     names = list(transparent)
-    for name in ("RGBA", "LA", "P tRNS", "1-bit tRNS"):  # opaque black ink
+    for name in ("RGBA", "LA", "P tRNS"):  # opaque black ink
         np.testing.assert_array_equal(decoded[names.index(name)], on_white, err_msg=name)
-    # Partly transparent or gray ink: as PIL composites it over white (the folder loader).
+    np.testing.assert_array_equal(decoded[names.index("1-bit tRNS")], 0)
+    # Every kind as the folder loader composites it with PIL (partly transparent or gray
+    # ink included): training and serving see the same pixels.
     for i, (name, data) in enumerate(transparent.items()):
         with Image.open(io.BytesIO(data)) as image:
             image.load()
-            want = 255 - np.asarray(sources._over_white(image).convert("L"), np.float32)
+            want = 255 - np.asarray(sources._png_over_white(image, name).convert("L"),
+                                    np.float32)
         np.testing.assert_allclose(decoded[i] * 255, want, atol=1e-3, err_msg=name)
-        assert 0 < decoded[i].mean() < 0.5, name
+        assert name == "1-bit tRNS" or 0 < decoded[i].mean() < 0.5, name
     # Opaque images keep the training decoder's exact pixels.
     np.testing.assert_array_equal(on_white * np.float32(255),
                                   omniglot._decode(opaque, "page").astype(np.float32))

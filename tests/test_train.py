@@ -224,9 +224,21 @@ def test_an_interrupt_inside_a_finalizer_prints_nothing_and_still_stops(monkeypa
 
         Broken()
         assert "ValueError: unrelated" in capfd.readouterr().err
+        # ... also while the interrupt is being handled (a checkpoint being saved): the
+        # finalizer's error has the interrupt as context, not as cause. Reported, and
+        # no signal is sent again.
+        try:
+            raise KeyboardInterrupt("received signal 15")
+        except KeyboardInterrupt:
+            Broken()
+            time.sleep(0.5)  # a signal sent again would interrupt this
+        assert "ValueError: unrelated" in capfd.readouterr().err
+        # An interrupt that escaped main's handling: one line, no traceback.
+        sys.excepthook(KeyboardInterrupt, KeyboardInterrupt("received signal 15"), None)
+        assert capfd.readouterr().err == "Interrupted (received signal 15).\n"
     finally:
         signal.signal(signal.SIGTERM, previous)
-    assert train_cli._from_interrupt(SystemError("x").with_traceback(None)) is False
+    assert train_cli._from_interrupt(SystemError("x")) is False
 
 
 def test_interrupt_reports_what_is_saved(tmp_path, monkeypatch):

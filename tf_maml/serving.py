@@ -256,31 +256,44 @@ def _encoded_image_size(data):
     ], default=lambda: (zero, zero))
 
 
-def _png_may_be_transparent(data):
-    """Whether a PNG has an alpha channel (color types 4, 6) or a tRNS chunk (before IDAT).
+# Chunks read before IDAT when a PNG of under 8 bits is searched for a tRNS chunk (writers
+# put a handful there); a file with more is taken as opaque.
+_MAX_PNG_CHUNKS = 64
 
-    TensorFlow's `decode_png(channels=4)` gives the alpha of such files; for other
-    files of under 8 bits it fills alpha with the source's maximum value (1 for a
-    1-bit image), not 255, so it cannot tell transparency by itself.
+
+def _png_is_transparent(data):
+    """Whether PNG `data` has a pixel that is not opaque.
+
+    `decode_png(channels=4)` gives the true alpha of files with an alpha channel
+    or a tRNS chunk and of 8- and 16-bit files (255 where they have none); below
+    8 bits without tRNS it fills alpha with the source's maximum value (1 for a
+    1-bit image), so such files are first searched for a tRNS chunk (among the
+    first `_MAX_PNG_CHUNKS` chunks before IDAT).
     """
     padded = tf.strings.join([data, tf.constant(b"\0" * 26)])
-    color_type = tf.io.decode_raw(tf.strings.substr(padded, 25, 1), tf.uint8)[0]
-    alpha_channel = tf.logical_or(tf.equal(color_type, 4), tf.equal(color_type, 6))
-    size = tf.strings.length(data, unit="BYTE")
+    bit_depth = tf.io.decode_raw(tf.strings.substr(padded, 24, 1), tf.uint8)[0]
+    size = tf.cast(tf.strings.length(data, unit="BYTE"), tf.int64)
 
-    def body(offset, found, done):
-        head = tf.cast(tf.io.decode_raw(tf.strings.substr(data, offset, 8), tf.uint8), tf.int64)
-        length = head[0] * 2 ** 24 + head[1] * 2 ** 16 + head[2] * 2 ** 8 + head[3]
-        kind = tf.strings.substr(data, offset + 4, 4)
-        end = tf.logical_or(tf.equal(kind, b"IDAT"), tf.equal(kind, b"IEND"))
-        return (offset + 12 + length, tf.equal(kind, b"tRNS"), end)
+    def has_trns():
+        def body(offset, found, done):
+            head = tf.cast(tf.io.decode_raw(tf.strings.substr(data, offset, 8), tf.uint8),
+                           tf.int64)
+            length = head[0] * 2 ** 24 + head[1] * 2 ** 16 + head[2] * 2 ** 8 + head[3]
+            kind = tf.strings.substr(data, offset + 4, 4)
+            end = tf.logical_or(tf.equal(kind, b"IDAT"), tf.equal(kind, b"IEND"))
+            return offset + 12 + length, tf.equal(kind, b"tRNS"), end
 
-    _, trns, _ = tf.while_loop(
-        lambda offset, found, done: tf.logical_and(
-            tf.logical_not(tf.logical_or(found, done)),
-            offset + 8 <= tf.cast(size, tf.int64)),
-        body, (tf.constant(8, tf.int64), tf.constant(False), tf.constant(False)))
-    return tf.logical_or(alpha_channel, trns)
+        _, found, _ = tf.while_loop(
+            lambda offset, found, done: tf.logical_and(
+                tf.logical_not(tf.logical_or(found, done)), offset + 8 <= size),
+            body, (tf.constant(8, tf.int64), tf.constant(False), tf.constant(False)),
+            maximum_iterations=_MAX_PNG_CHUNKS)
+        return found
+
+    alpha_is_true = tf.cond(bit_depth >= 8, lambda: tf.constant(True), has_trns)
+    return tf.cond(alpha_is_true,
+                   lambda: tf.reduce_any(tf.io.decode_png(data, channels=4)[..., 3] < 255),
+                   lambda: tf.constant(False))
 
 
 def _dim(x, index):
@@ -659,8 +672,8 @@ class AdaptationSignatures:
         height, width, channels = self.input_shape
         invert = self.image_format.invert
         rank_ok = tf.equal(tf.rank(images), 1)
-        checks = [_check(rank_ok, f"{name} must have shape [num_images] (encoded PNG or JPEG "
-                                  "images); got shape", [tf.shape(images)])]
+        checks = [_check(rank_ok, f"{name} must have shape [num_images] (encoded PNG, JPEG, "
+                                  "GIF or BMP images); got shape", [tf.shape(images)])]
         count = _dim(images, 0)
         with tf.control_dependencies(checks):
             checks.append(_check(count > 0, f"{name} must not be empty"))
@@ -703,12 +716,12 @@ class AdaptationSignatures:
                 rgba = tf.cast(tf.io.decode_png(data, channels=4), tf.float32)
                 alpha = rgba[..., 3:] / 255.0
                 rgb = tf.round(rgba[..., :3] * alpha + 255.0 * (1.0 - alpha))
+                # Gray as for GIF and BMP: TensorFlow's luma weights, which round a colored
+                # pixel one level off PIL's "L" now and then (gray ones match exactly).
                 return tf.round(tf.image.rgb_to_grayscale(rgb)) if channels == 1 else rgb
 
-            transparent = tf.cond(
-                tf.logical_and(tf.equal(prefix, b"\x89PNG"), _png_may_be_transparent(data)),
-                lambda: tf.reduce_any(tf.io.decode_png(data, channels=4)[..., 3] < 255),
-                lambda: tf.constant(False))
+            transparent = tf.cond(tf.equal(prefix, b"\x89PNG"),
+                                  lambda: _png_is_transparent(data), lambda: tf.constant(False))
             image = tf.cond(transparent, over_white, opaque)
             same = tf.reduce_all(tf.equal(tf.shape(image)[:2], [height, width]))
             image = tf.cond(same, lambda: image, lambda: tf.clip_by_value(tf.round(

@@ -35,12 +35,18 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt(f"received signal {signum}")
 
 
-def _from_interrupt(error):
+def _from_interrupt(error, handled=None):
     """Whether `error` is a KeyboardInterrupt or was raised while handling one (a signal
     that reached Python inside TensorFlow's C++, which reports `SystemError: ...
-    returned a result with an exception set` with the interrupt as its context)."""
+    returned a result with an exception set` with the interrupt as its context).
+
+    The chain is followed no further than `handled`: an exception that the code
+    around a finalizer was handling is the finalizer's context, not its cause (an
+    unrelated error of a finalizer run while a checkpoint is saved after an
+    interrupt is not that interrupt).
+    """
     seen = set()
-    while error is not None and id(error) not in seen:
+    while error is not None and error is not handled and id(error) not in seen:
         if isinstance(error, KeyboardInterrupt):
             return True
         seen.add(id(error))
@@ -62,9 +68,11 @@ def _quiet_interrupts():
     def quiet_excepthook(kind, error, traceback):
         if not (_SIGNALS and _from_interrupt(error)):
             excepthook(kind, error, traceback)
+        else:  # one that escaped main's handling (before training began): one line
+            print(f"Interrupted (received signal {_SIGNALS[0]}).", file=sys.stderr)
 
     def quiet_unraisablehook(unraisable):
-        if not (_SIGNALS and _from_interrupt(unraisable.exc_value)):
+        if not (_SIGNALS and _from_interrupt(unraisable.exc_value, sys.exc_info()[1])):
             unraisablehook(unraisable)
         else:  # a moment later, from another thread: after the finalizer has returned
             timer = threading.Timer(0.2, os.kill, (os.getpid(), _SIGNALS[-1]))

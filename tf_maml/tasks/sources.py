@@ -537,17 +537,25 @@ def _to_8_bits(image, path):
     return Image.fromarray(np.rint(values / 257).astype(np.uint8))
 
 
-def _over_white(image):
-    """`image` with its transparency (alpha, or a transparent palette or gray value)
-    composited over a white background, as an image viewer shows it; others unchanged.
+def _png_over_white(image, path):
+    """A PNG's transparent pixels (alpha, or a transparent palette entry or gray or RGB
+    value) composited over white, as the export's image signatures do; 16-bit gray is
+    scaled to 8 bits (`_to_8_bits`). Other images are returned as `_to_8_bits` gives them.
 
-    Without this, PIL's conversion to "L" or "RGB" drops the alpha channel: a drawing of
-    black strokes on transparent black pixels would become a black square.
+    Without this, PIL's conversion to "L" or "RGB" drops the alpha channel: black strokes
+    drawn on transparent black pixels would become a black square. Only PNGs: TensorFlow's
+    GIF decoder, which serving uses, gives no alpha, so a GIF is decoded as it is there.
     """
-    if image.mode not in ("RGBA", "RGBa", "LA", "La", "PA") and "transparency" not in image.info:
-        return image
     from PIL import Image
-    rgba = image.convert("RGBA")
+    eight_bit = _to_8_bits(image, path)
+    if image.format != "PNG" or (image.mode not in ("RGBA", "LA", "PA")
+                                 and "transparency" not in image.info):
+        return eight_bit
+    if eight_bit is not image:  # 16-bit gray with a transparent value: its alpha from it
+        alpha = np.where(np.asarray(image) == image.info["transparency"], 0, 255)
+        eight_bit = Image.fromarray(np.stack([np.asarray(eight_bit),
+                                              alpha.astype(np.uint8)], -1), "LA")
+    rgba = eight_bit.convert("RGBA")
     return Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba).convert("RGB")
 
 
@@ -577,7 +585,7 @@ def _decode_folder(data_dir, classes, image_size, channels):
     images = []
     for path in paths:
         with _open(path) as image:
-            image = _over_white(_to_8_bits(image, path)).convert("L" if channels == 1 else "RGB")
+            image = _png_over_white(image, path).convert("L" if channels == 1 else "RGB")
             if image_size is not None:
                 image = image.resize(image_size[::-1], Image.LANCZOS)
             array = np.asarray(image, dtype=np.uint8)
@@ -607,7 +615,9 @@ def load_folder(data_dir, image_size=None, channels=None, cache_dir=None):
     `data_dir/<class>/<image>` (images in nested folders count for their
     class; hidden files are skipped), PNG, JPEG, BMP or GIF (first frame).
     16-bit grayscale images are scaled to 8 bits (v / 257, rounded);
-    transparent pixels are composited over white, as a viewer shows them.
+    a PNG's transparent pixels are composited over white, as a viewer shows
+    them (a GIF's are not: TensorFlow's decoder, which serving uses, has no
+    alpha).
 
     Args:
         data_dir: the folder.
