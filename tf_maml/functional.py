@@ -111,7 +111,21 @@ def _fused_batch_norm_training(x, scale, offset, epsilon):
     return normalize(x, scale, offset)
 
 
-_FIRST_DERIVATIVES = threading.local()
+class _Switch(threading.local):
+    """A per-thread flag, off unless inside `with switch.turned_on():` (nestable)."""
+
+    on = False
+
+    @contextlib.contextmanager
+    def turned_on(self):
+        previous, self.on = self.on, True
+        try:
+            yield
+        finally:
+            self.on = previous
+
+
+_FIRST_DERIVATIVES = _Switch()
 
 
 @contextlib.contextmanager
@@ -125,29 +139,25 @@ def first_derivatives_only():
     same kernels' either way; the kernel stays differentiable (TensorFlow's
     registered gradient), only slower.
     """
-    previous = getattr(_FIRST_DERIVATIVES, "on", False)
-    _FIRST_DERIVATIVES.on = True
-    try:
+    with _FIRST_DERIVATIVES.turned_on():
         yield
-    finally:
-        _FIRST_DERIVATIVES.on = previous
 
 
 def _fused_batch_norm_gradient(x, scale, dy, reserve, epsilon):
     """`(dx, dscale, doffset)` of `_fused_batch_norm_training`, with its closed-form derivative."""
-    if getattr(_FIRST_DERIVATIVES, "on", False):
-        dx, dscale, doffset, _, _ = tf.raw_ops.FusedBatchNormGradV3(
-            y_backprop=dy, x=x, scale=scale, reserve_space_1=reserve[0],
-            reserve_space_2=reserve[1], reserve_space_3=reserve[2], epsilon=epsilon,
-            data_format="NHWC", is_training=True)
-        return dx, dscale, doffset
-
-    @tf.custom_gradient
-    def gradient(x, scale, g):
+    def kernel(x, scale, g):
         dx, dscale, doffset, _, _ = tf.raw_ops.FusedBatchNormGradV3(
             y_backprop=g, x=x, scale=scale, reserve_space_1=reserve[0],
             reserve_space_2=reserve[1], reserve_space_3=reserve[2], epsilon=epsilon,
             data_format="NHWC", is_training=True)
+        return dx, dscale, doffset
+
+    if _FIRST_DERIVATIVES.on:
+        return kernel(x, scale, dy)
+
+    @tf.custom_gradient
+    def gradient(x, scale, g):
+        dx, dscale, doffset = kernel(x, scale, g)
 
         def grad(a, c, e):
             a = tf.zeros_like(x) if a is None else a
@@ -780,7 +790,7 @@ def _check_single_input_output(model):
             "model that takes and returns a single tensor.")
 
 
-_LOSSES_IGNORED = threading.local()
+_LOSSES_IGNORED = _Switch()
 
 
 @contextlib.contextmanager
@@ -791,12 +801,8 @@ def keras_losses_ignored():
     For loading what was saved then (`MetaLearner.from_config` uses it, with a
     warning); a new model should have its regularizers removed instead.
     """
-    previous = getattr(_LOSSES_IGNORED, "on", False)
-    _LOSSES_IGNORED.on = True
-    try:
+    with _LOSSES_IGNORED.turned_on():
         yield
-    finally:
-        _LOSSES_IGNORED.on = previous
 
 
 def check_no_regularization(model):
@@ -947,7 +953,7 @@ def make_forward(model, vectorize="auto"):
             f"model {model.name!r} has no trainable weights, so there is nothing to adapt "
             "(are its layers frozen, trainable=False?)")
     _check_single_input_output(model)
-    check_losses = not getattr(_LOSSES_IGNORED, "on", False)
+    check_losses = not _LOSSES_IGNORED.on
     if check_losses:
         check_no_regularization(model)
     variable_index = {id(v): i for i, v in enumerate(model.trainable_variables)}
