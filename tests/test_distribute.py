@@ -63,7 +63,7 @@ def _free_ports(n):
 def _run_workers(model_dir, num_iterations, tmp_path, tag):
     """Runs two workers; each gets its own TMPDIR, and the non-chief a umask of 077.
 
-    Returns their final weights and what each reported (multi_worker.py's .json).
+    Returns their final weights and what each reported (multi_worker.py's .json), per worker.
     """
     ports = _free_ports(2)
     cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
@@ -106,7 +106,7 @@ def _run_workers(model_dir, num_iterations, tmp_path, tag):
     (worker_dir,) = other["worker_dirs"]
     assert worker_dir.startswith(str(workers[1][2])) and other["worker_dirs_exist"] == [False]
     _assert_written_by_the_chief_only(model_dir, chief["pid"], other["pid"])
-    return [dict(np.load(out)) for _, out, _ in workers]
+    return [dict(np.load(out)) for _, out, _ in workers], reports
 
 
 def _assert_written_by_the_chief_only(model_dir, chief_pid, other_pid):
@@ -123,7 +123,8 @@ def _assert_written_by_the_chief_only(model_dir, chief_pid, other_pid):
 
 def test_two_workers_agree_checkpoint_and_resume(tmp_path):
     model_dir = str(tmp_path / "run")
-    first = _run_workers(model_dir, 6, tmp_path, "a")
+    first, reports = _run_workers(model_dir, 6, tmp_path, "a")
+    assert [r["start_steps"] for r in reports] == [[0], [0]]
     assert int(first[0]["step"]) == int(first[1]["step"]) == 6
     for key in first[0]:
         np.testing.assert_array_equal(first[0][key], first[1][key])
@@ -135,8 +136,10 @@ def test_two_workers_agree_checkpoint_and_resume(tmp_path):
         "checkpoint", "ckpt-4.data-00000-of-00001", "ckpt-4.index",
         "ckpt-6.data-00000-of-00001", "ckpt-6.index"]
     # Resuming continues the same run on both workers...
-    resumed = _run_workers(model_dir, 8, tmp_path, "b")
+    resumed, reports = _run_workers(model_dir, 8, tmp_path, "b")
     assert int(resumed[0]["step"]) == 8
+    # (from the checkpoint at 6: a rerun from 0 would end with the same weights)
+    assert [r["start_steps"] for r in reports] == [[6], [6]]
     for key in resumed[0]:
         np.testing.assert_array_equal(resumed[0][key], resumed[1][key])
     # ...and the two workers computed what one device computes for the same run.

@@ -349,7 +349,7 @@ def test_a_failed_first_run_writes_nothing_and_the_corrected_one_runs(tmp_path):
     with pytest.raises(ValueError, match="fewer than n_way=5"):
         trainer.train(config, model_dir)
     assert not os.path.exists(model_dir)
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(FileNotFoundError, match=r"MiniImagenet data_dir '.*x' does not exist"):
         trainer.train(config_lib.Config(**{**config.to_dict(), "data_dir": str(tmp_path / "x")}),
                       model_dir)
     assert not os.path.exists(model_dir)
@@ -549,7 +549,7 @@ def test_a_second_trainer_on_the_same_model_dir_is_refused(tmp_path):
     trainer._unlock(trainer._lock_run_dir(model_dir))  # released when the run ended
     # A first run that cannot start (its data is missing) leaves no model_dir behind.
     missing = str(tmp_path / "never")
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(FileNotFoundError, match=r"image folder data_dir '.*no_data' does not exist"):
         trainer.train(config_lib.Config(dataset="folder", data_dir=str(tmp_path / "no_data"),
                                         num_iterations=1), missing)
     assert not os.path.exists(missing)

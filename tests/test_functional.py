@@ -1,5 +1,7 @@
 """The functional forward equals Keras' own forward, for every kind of model."""
 
+import threading
+
 import keras
 import numpy as np
 import pytest
@@ -386,3 +388,27 @@ def test_fused_batch_norm_second_derivative_equals_the_composite_formula(used):
     got = derivatives(lambda *a: functional._fused_batch_norm_training(*a, 1e-3), tf.float32)
     errors = _normalized_errors(got, expected)
     assert max(errors) < 1e-5, errors
+    # Exports trace without the closed form (TensorFlow's registered gradient of the kernel):
+    # the same derivatives.
+    with functional.first_derivatives_only():
+        got = derivatives(lambda *a: functional._fused_batch_norm_training(*a, 1e-3),
+                          tf.float32)
+    errors = _normalized_errors(got, expected)
+    assert max(errors) < 1e-5, errors
+
+
+def test_first_derivatives_only_is_per_thread_and_always_turned_off_again():
+    """Training after an export in the same process (or beside one, in another thread)
+    keeps the closed-form second derivative."""
+    switch = functional._FIRST_DERIVATIVES
+    seen_by_other_thread = []
+    with pytest.raises(RuntimeError, match="trace failed"):
+        with functional.first_derivatives_only():
+            with functional.first_derivatives_only():
+                assert switch.on
+            assert switch.on  # still inside the outer one
+            other = threading.Thread(target=lambda: seen_by_other_thread.append(switch.on))
+            other.start()
+            other.join()
+            raise RuntimeError("trace failed")
+    assert not switch.on and seen_by_other_thread == [False]

@@ -252,6 +252,12 @@ def test_subclassed_model_adapts_after_fit_on_a_dataset():
     predictions = learner.adapt_and_predict(episode.support_x[0], episode.support_y[0],
                                             episode.query_x[0])
     assert predictions.shape == (6, 3) and np.isfinite(predictions).all()
+    # It adapted: the support loss after the inner steps is below the meta-initialization's.
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    support_x, support_y = episode.support_x[0], episode.support_y[0]
+    before = float(loss(support_y, learner(support_x)))
+    after = float(loss(support_y, learner.adapt_and_predict(support_x, support_y, support_x)))
+    assert after < before - 1e-3, (before, after)
     with pytest.raises(ValueError) as e:
         learner.adapt_and_predict(episode.support_x[0, :, :5], episode.support_y[0],
                                   episode.query_x[0, :, :5])

@@ -157,8 +157,21 @@ def test_interrupted_rl_run_with_adam_resumes_exactly(tmp_path, monkeypatch):
         trainer.train(config, str(tmp_path / "resumed"))
     assert info.value.step == 3 and info.value.saved
     monkeypatch.setattr(trainer, "_validate_rl", real_validate)
+    # Count the meta-iterations the rerun trains: a rerun that ignored the checkpoint and
+    # trained 0 -> 4 again would end with the same state (training is deterministic).
+    real_make_step, calls = trainer.make_rl_train_step, []
+
+    def counted_step(*args, **kwargs):
+        train_step = real_make_step(*args, **kwargs)
+
+        def step_fn():
+            calls.append(1)
+            return train_step()
+        return step_fn
+
+    monkeypatch.setattr(trainer, "make_rl_train_step", counted_step)
     _, step = trainer.train(config, str(tmp_path / "resumed"))
-    assert step == 4
+    assert step == 4 and len(calls) == 1  # resumed at 3: one iteration, not four
     # Adam's moments are restored too.
     assert any("optimizer" in name for name in _state(str(tmp_path / "straight")))
     _assert_same_state(str(tmp_path / "resumed"), str(tmp_path / "straight"))

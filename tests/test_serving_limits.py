@@ -4,8 +4,10 @@ Fast tests on the in-process signatures (no SavedModel written, except by fakes)
 tests/test_export.py checks the same signatures loaded from disk and on the wire.
 """
 
+import ctypes
 import io
 import os
+import sys
 import threading
 import time
 
@@ -284,7 +286,8 @@ def test_image_signatures_preprocess_as_training(omniglot_signatures):
     want = omniglot_signatures.adapt(decoded[:6], labels, decoded[4:])
     for key in ("predictions", "probabilities"):
         np.testing.assert_allclose(got[key].numpy(), want[key].numpy(), **TOLERANCE)
-    with pytest.raises(tf.errors.InvalidArgumentError):
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match="images: an image is not a PNG, JPEG, GIF or BMP image"):
         omniglot_signatures.decode_images(tf.constant([b"not an image"]))
 
 
@@ -420,9 +423,42 @@ def _version_mark(path):
     return mark
 
 
+def _system_swaps_directories(tmp_path):
+    """Whether this system and file system swap two directories atomically, asked of the C
+    library directly (not through `serving._exchange`, the code under test)."""
+    a, b = tmp_path / "probe_a", tmp_path / "probe_b"
+    os.makedirs(a / "in_a")
+    os.makedirs(b)
+    if not sys.platform.startswith("linux"):
+        return False
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
+                          ctypes.c_uint]
+    swapped = renameat2(-100, os.fsencode(a), -100, os.fsencode(b), 2) == 0  # RENAME_EXCHANGE
+    assert swapped == os.path.isdir(b / "in_a")
+    return swapped
+
+
+def _counting_exchanges(monkeypatch):
+    """Spies on `serving._exchange`; returns the list of its results."""
+    results, real = [], serving._exchange
+
+    def spy(a, b):
+        results.append(real(a, b))
+        return results[-1]
+
+    monkeypatch.setattr(serving, "_exchange", spy)
+    return results
+
+
 @pytest.mark.parametrize("atomic", [True, False])
 def test_overwrite_keeps_a_complete_version_in_place(atomic, tmp_path, monkeypatch):
     experiment = _experiment("sine_maml")
+    if atomic and not _system_swaps_directories(tmp_path / "probe"):
+        pytest.skip("this file system cannot swap directories atomically")
+    exchanges = _counting_exchanges(monkeypatch)
     if not atomic:
         monkeypatch.setattr(serving, "_exchange", lambda a, b: False)
     monkeypatch.setattr(serving, "build_export_archive", lambda s: _FakeArchive("old"))
@@ -436,16 +472,17 @@ def test_overwrite_keeps_a_complete_version_in_place(atomic, tmp_path, monkeypat
     monkeypatch.setattr(serving, "build_export_archive", lambda s: _FakeArchive("new"))
     assert serving.export(experiment, str(tmp_path), 3, 2, overwrite=True) == path
     assert _version_mark(path) == "new"
-    assert sorted(os.listdir(tmp_path)) == ["3"]
+    assert sorted(os.listdir(tmp_path)) == (["3", "probe"] if atomic else ["3"])
+    if atomic:  # the swap, not the rename-aside fallback, put the new version in place
+        assert exchanges == [True]
 
 
 def test_overwrite_never_leaves_the_version_missing(tmp_path, monkeypatch):
     """TF Serving polls the directory: at no moment may the version be absent."""
     experiment = _experiment("sine_maml")
-    os.makedirs(tmp_path / "a")
-    os.makedirs(tmp_path / "b")
-    if not serving._exchange(str(tmp_path / "a"), str(tmp_path / "b")):
+    if not _system_swaps_directories(tmp_path / "probe"):
         pytest.skip("this file system cannot swap directories atomically")
+    exchanges = _counting_exchanges(monkeypatch)
     tmp_path = tmp_path / "a"
     monkeypatch.setattr(serving, "build_export_archive", lambda s: _FakeArchive("v0"))
     path = serving.export(experiment, str(tmp_path), 1, 2)
@@ -468,6 +505,7 @@ def test_overwrite_never_leaves_the_version_missing(tmp_path, monkeypatch):
         watcher.join()
     assert not missing
     assert _version_mark(path) == "v30"
+    assert exchanges == [True] * 30
 
 
 def test_export_refuses_non_finite_parameters_and_bad_versions(tmp_path):

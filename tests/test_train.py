@@ -138,7 +138,7 @@ def _one_worker_cluster():
 
 
 @pytest.mark.parametrize("strategy", ["default", "multi_worker"])
-def test_sigterm_saves_a_checkpoint_and_the_run_resumes(tmp_path, strategy):
+def test_sigterm_saves_a_checkpoint_and_the_run_resumes(tmp_path, strategy, start_steps):
     """multi_worker: TensorFlow's preemption notifier took SIGTERM over ("SIGTERM caught")
     and training went on until the SIGKILL that follows, losing the work since the last
     checkpoint."""
@@ -165,6 +165,7 @@ def test_sigterm_saves_a_checkpoint_and_the_run_resumes(tmp_path, strategy):
         config.num_iterations = step + 5
         _, resumed = trainer.train(config, model_dir)
         assert resumed == step + 5
+        assert start_steps == [step]  # resumed where the signal saved it, not from 0
 
 
 def test_sigterm_before_the_first_step_says_nothing_was_saved(tmp_path):
