@@ -134,11 +134,21 @@ def test_episode_datasets_are_accepted_as_well():
     tasks = SineTasks()
     episodes = tf.data.Dataset.range(10).map(
         lambda i: tasks.sample(tf_maml.tasks.step_seed(0, i), 5))
+    as_dicts = episodes.map(lambda e: e._asdict())
     learner = _sine_learner()
+    initial = [w.copy() for w in learner.get_weights()]
     history = learner.fit(episodes.repeat(), epochs=1, steps_per_epoch=10, verbose=0)
     assert np.isfinite(history.history["loss"][0])
-    as_dicts = episodes.map(lambda e: e._asdict())
-    assert np.isfinite(learner.evaluate(as_dicts, return_dict=True, verbose=0)["loss"])
+    trained = learner.get_weights()
+    assert max(np.abs(a - b).max() for a, b in zip(trained, initial)) > 1e-3  # it trained
+    # Dicts are the same episodes: the same training and the same evaluation.
+    from_dicts = _sine_learner()
+    from_dicts.fit(as_dicts.repeat(), epochs=1, steps_per_epoch=10, verbose=0)
+    for a, b in zip(from_dicts.get_weights(), trained):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    on_dicts = learner.evaluate(as_dicts, return_dict=True, verbose=0)["loss"]
+    on_episodes = learner.evaluate(episodes, return_dict=True, verbose=0)["loss"]
+    assert np.isfinite(on_dicts) and on_dicts == pytest.approx(on_episodes, rel=1e-5)
 
 
 def test_keras_save_and_load_round_trip_continues_identically(tmp_path):
@@ -220,9 +230,12 @@ def test_a_strategy_step_compiled_with_xla_trains_and_stops_on_divergence():
             learner = MetaLearner(models.mlp(), inner_lr=inner_lr)
             learner.compile(optimizer=keras.optimizers.Adam(1e-3), loss="mse", jit_compile=True)
         if inner_lr < 1:
+            initial = [w.copy() for w in learner.get_weights()]
             history = learner.fit(Episodes(SineTasks(), 4), epochs=1, steps_per_epoch=2,
                                   verbose=0)
             assert np.isfinite(history.history["loss"][0])
+            moved = max(np.abs(a - b).max() for a, b in zip(learner.get_weights(), initial))
+            assert moved > 1e-4, moved  # two Adam steps of 1e-3 trained it
         else:
             with pytest.raises(ValueError, match=r"^meta-training diverged (at|by) step 1") as e:
                 learner.fit(Episodes(SineTasks(), 4), epochs=1, steps_per_epoch=2, verbose=0)
@@ -301,8 +314,11 @@ def test_learning_rate_schedules_drive_the_meta_optimizer():
     learner = _sine_learner()
     schedule = keras.optimizers.schedules.PiecewiseConstantDecay([3], [1e-3, 0.0])
     learner.compile(optimizer=keras.optimizers.SGD(schedule), loss="mse")
+    initial = [w.copy() for w in learner.get_weights()]
     learner.fit(Episodes(SineTasks(), 5), epochs=1, steps_per_epoch=4, verbose=0)
     after_four = [w.copy() for w in learner.get_weights()]
+    # 1e-3 for the first steps: the weights moved...
+    assert max(np.abs(a - b).max() for a, b in zip(after_four, initial)) > 1e-5
     learner.fit(Episodes(SineTasks(), 5), epochs=1, steps_per_epoch=3, verbose=0)
     for a, b in zip(after_four, learner.get_weights()):  # the rate is 0 from step 4 on
         np.testing.assert_array_equal(a, b)
@@ -372,13 +388,19 @@ def test_adapt_and_predict_takes_one_task_or_many():
     assert error(one) < error(before)
     with pytest.raises(ValueError, match="support_x must be"):
         learner.adapt_and_predict(np.zeros((2, 3, 4, 1)), np.zeros((2, 3)), np.zeros((2, 3, 1)))
+    # num_steps and inner_lr are taken: 0 steps or a zero rate predict as the initialization.
+    task = (episode.support_x[1], episode.support_y[1], episode.query_x[1])
+    np.testing.assert_allclose(learner.adapt_and_predict(*task, num_steps=0), before,
+                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(learner.adapt_and_predict(*task, inner_lr=0.0), before,
+                               rtol=1e-5, atol=1e-6)
+    assert error(learner.adapt_and_predict(*task, num_steps=1)) > error(one)
     # A step size as a tensor or a 0-d array is a number like any other.
-    by_float = learner.adapt_and_predict(episode.support_x[1], episode.support_y[1],
-                                         episode.query_x[1], inner_lr=0.05)
+    by_float = learner.adapt_and_predict(*task, inner_lr=0.05)
+    assert np.abs(by_float - learner.adapt_and_predict(*task)).max() > 1e-3
     for rate in (tf.constant(0.05), np.array(0.05, np.float32)):
-        np.testing.assert_allclose(learner.adapt_and_predict(
-            episode.support_x[1], episode.support_y[1], episode.query_x[1], inner_lr=rate),
-            by_float, rtol=1e-6)
+        np.testing.assert_allclose(learner.adapt_and_predict(*task, inner_lr=rate),
+                                   by_float, rtol=1e-6)
 
 
 def test_user_mistakes_get_clear_errors():
@@ -456,8 +478,16 @@ def test_models_we_did_not_design_and_their_mistakes():
     model(np.zeros((1, 1), np.float32))
     learner = MetaLearner(model, inner_lr=0.01)
     learner.compile(optimizer="adam", loss="mse")
+    initial = [w.copy() for w in learner.get_weights()]
     history = learner.fit(Episodes(SineTasks(), 5), epochs=1, steps_per_epoch=2, verbose=0)
     assert np.isfinite(history.history["loss"][0])
+    assert max(np.abs(a - b).max() for a, b in zip(learner.get_weights(), initial)) > 1e-4
+    # ...and it adapts: the support loss after a step of a larger rate is below the initial one.
+    task = SineTasks().sample(tf_maml.tasks.step_seed(3, 0), 1, "test")
+    support_x, support_y = task.support_x[0], task.support_y[0]
+    adapted = learner.adapt_and_predict(support_x, support_y, support_x, inner_lr=0.05)
+    loss = lambda p: float(np.mean((p - support_y.numpy()) ** 2))  # noqa: E731
+    assert loss(adapted) < loss(learner.predict(support_x, verbose=0)) - 1e-4
     # Evaluation episodes of the training split end (100 tasks by default).
     assert np.isfinite(learner.evaluate(Episodes(SineTasks(), 25), return_dict=True,
                                         verbose=0)["loss"])

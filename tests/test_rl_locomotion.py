@@ -263,8 +263,22 @@ def test_a_sampling_horizon_longer_than_the_environments_runs_on():
     policy = GaussianPolicy(gaussian_mlp_policy(17, 6, hidden=(4,)))
     batch = sample_trajectories(env, policy, core.broadcast_to_tasks(policy.variables, 2),
                                 policy_goals, 1, tf.constant([0, 1], tf.int64), horizon=1005)
-    assert batch.rewards.shape == (2, 1, 1005)   # past Gymnasium's 1000-step limit, no reset
-    assert np.all(np.isfinite(batch.rewards.numpy()))
+    assert batch.rewards.shape == (2, 1, 1005)   # past Gymnasium's 1000-step limit...
+    assert np.all(np.isfinite(batch.rewards.numpy())) and float(tf.reduce_min(batch.mask)) == 1
+    # ...and no reset: the simulation goes on from step 998's state, as a fresh one replays it.
+    locomotion._log_mujoco_warnings_once()
+    cheetah = gym.make("HalfCheetah-v5", frame_skip=1)
+    cheetah.reset()
+    state = batch.observations[1, 0, 998].numpy().astype(np.float64)
+    cheetah.unwrapped.set_state(np.concatenate([[0.0], state[:8]]), state[8:])
+    for t in range(998, 1005):
+        action = np.clip(batch.actions[1, 0, t].numpy(), -1, 1)
+        observation, _, _, _, info = cheetah.step(action)
+        expected = float(policy_goals[1]) * info["x_velocity"] - 0.05 * np.sum(np.square(action))
+        assert float(batch.rewards[1, 0, t]) == pytest.approx(expected, rel=1e-3, abs=1e-3), t
+        if t < 1004:
+            np.testing.assert_allclose(batch.observations[1, 0, t + 1].numpy(), observation,
+                                       rtol=1e-3, atol=1e-3, err_msg=f"step {t + 1}")
 
 
 def test_missing_gymnasium_and_xla_are_one_line_errors(tmp_path, monkeypatch):

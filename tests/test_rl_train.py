@@ -55,7 +55,9 @@ def test_cli_trains_rl_and_a_rerun_resumes_exactly(tmp_path):
     assert "return_after=" in first.stderr and "kl=" in first.stderr
     second = _run(*common, "--num_iterations=4")
     assert second.returncode == 0, second.stderr
-    assert "Resumed from" in second.stderr
+    # It resumed at the checkpoint's step (a rerun from 0 would end in the same state).
+    assert re.search(r"Resumed from \S*ckpt-2 at step 2\b", second.stderr), second.stderr
+    assert "step 3/4" in second.stderr and "step 1/4" not in second.stderr
     config = config_lib.load(resumed)
     assert config.dataset == "navigation2d" and config.outer_optimizer == "trpo"
     assert config.max_kl == 0.01 and config.num_iterations == 4
