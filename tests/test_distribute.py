@@ -13,6 +13,7 @@ import sys
 
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from tf_maml import distribute
 
@@ -209,3 +210,53 @@ def test_tpu_strategy_without_a_tpu_is_one_line_naming_the_flag(monkeypatch):
     monkeypatch.delenv("TPU_NAME", raising=False)
     with pytest.raises(ValueError, match=r"^--strategy=tpu found no usable TPU .*TPU_NAME"):
         distribute.make_strategy("tpu")
+
+
+def test_workers_started_with_different_settings_are_refused(tmp_path):
+    """Two workers with different flags trained together silently (the logged meta-loss a
+    mix of both), and the run's config.json recorded the chief's only."""
+    model_dir = tmp_path / "run"
+    cluster = {"worker": [f"127.0.0.1:{p}" for p in _free_ports(2)]}
+    workers = []
+    for index, inner_lr in enumerate(["0.01", "0.05"]):
+        env = dict(ENV, TF_CONFIG=json.dumps({"cluster": cluster,
+                                              "task": {"type": "worker", "index": index}}))
+        workers.append(subprocess.Popen(
+            [sys.executable, "-m", "tf_maml.train", "--dataset=sine", f"--model_dir={model_dir}",
+             "--num_iterations=2", "--noevaluate", "--strategy=multi_worker",
+             f"--inner_lr={inner_lr}", "--data_dir=" + str(tmp_path / f"may_differ{index}")],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    for process in workers:
+        try:
+            _, stderr = process.communicate(timeout=300)
+        except subprocess.TimeoutExpired:
+            for p in workers:
+                p.kill()
+            raise
+        assert process.returncode == 1, stderr[-3000:]
+        assert ("error: the workers of this multi-worker run were started with different "
+                "settings") in stderr and "Traceback" not in stderr, stderr[-3000:]
+    assert not model_dir.exists()
+
+
+def test_a_lost_worker_is_one_line_that_says_how_to_resume():
+    from tf_maml import trainer
+    error = tf.errors.UnavailableError(None, None, "Collective ops is aborted by: Socket closed"
+                                       "\nAdditional GRPC error information ...")
+    assert trainer._lost_worker(error)
+    assert not trainer._lost_worker(tf.errors.InvalidArgumentError(None, None, "bad shape"))
+    chief = trainer._lost_worker_message(error, 460, True, "/runs/a/checkpoints/ckpt-460",
+                                         "/runs/a")
+    assert chief == ("another worker of this multi-worker run stopped or became unreachable "
+                     "during step 461 (Collective ops is aborted by: Socket closed); the latest "
+                     "checkpoint is /runs/a/checkpoints/ckpt-460. Rerun the same command on "
+                     "every worker to resume from the chief's latest checkpoint")
+    other = trainer._lost_worker_message(error, 460, False, None, "/runs/a")
+    assert "the chief worker writes the checkpoints into /runs/a" in other
+    # A worker other than the chief, interrupted: not "no checkpoint has been written".
+    from tf_maml import train
+    message = train._interrupted_message(trainer.Interrupted(460, None, None, chief=False),
+                                         "/runs/a")
+    assert message == ("Interrupted at step 460 (a worker other than the chief, which writes "
+                       "the run's checkpoints). Rerun the same command on every worker to "
+                       "resume from the chief's latest checkpoint in /runs/a.")

@@ -8,6 +8,7 @@ unevenly the tasks split. Batch normalization statistics stay per task (the
 forward computes them itself; nothing is synchronized across replicas).
 """
 
+import hashlib
 import json
 import os
 import signal
@@ -19,8 +20,11 @@ import tensorflow as tf
 from tf_maml import compat
 from tf_maml.config import STRATEGIES
 
-__all__ = ["STRATEGIES", "make_strategy", "replica_task_counts", "is_chief",
-           "is_chief_worker_process", "worker_dir"]
+__all__ = ["STRATEGIES", "make_strategy", "replica_task_counts", "check_same_config",
+           "is_chief", "is_chief_worker_process", "is_multi_worker", "worker_dir"]
+
+#: Config fields that may differ between the workers of one run: paths on each machine.
+PER_MACHINE_FIELDS = ("data_dir", "cache_dir")
 
 
 def make_strategy(name):
@@ -128,6 +132,48 @@ def replica_task_counts(num_tasks, num_replicas):
                          f"({num_replicas}): every replica needs at least one task")
     base, extra = divmod(num_tasks, num_replicas)
     return [base + (1 if r < extra else 0) for r in range(num_replicas)]
+
+
+def is_multi_worker(strategy):
+    """Whether `strategy` spans several worker processes (a cluster of more than one task)."""
+    resolver = compat.cluster_resolver(strategy)
+    if resolver is None:
+        return False
+    cluster = resolver.cluster_spec().as_dict()
+    return sum(len(tasks) for job, tasks in cluster.items() if job in ("chief", "worker")) > 1
+
+
+def check_same_config(strategy, config):
+    """Refuses a multi-worker run whose workers were started with different settings.
+
+    Every worker must take part (one all-reduce of 64 bits of a hash of the
+    config, without `PER_MACHINE_FIELDS`); a no-op on one worker.
+
+    Args:
+        strategy: the run's strategy.
+        config: this worker's `Config`.
+
+    Raises:
+        ValueError: the workers' configs differ.
+    """
+    if not is_multi_worker(strategy):
+        return
+    settings = {k: v for k, v in config.to_dict().items() if k not in PER_MACHINE_FIELDS}
+    digest = int.from_bytes(hashlib.sha256(
+        json.dumps(settings, sort_keys=True, default=str).encode()).digest()[:8], "little")
+    bits = tf.constant([(digest >> i) & 1 for i in range(64)], tf.float32)
+
+    @tf.function
+    def mean_over_workers():
+        return strategy.reduce(tf.distribute.ReduceOp.MEAN,
+                               strategy.run(lambda: tf.identity(bits)), axis=None)
+
+    mean = mean_over_workers().numpy()
+    if not all(value in (0.0, 1.0) for value in mean):
+        raise ValueError(
+            "the workers of this multi-worker run were started with different settings: run "
+            "the same command (the same flags and flagfile) on every worker; only "
+            f"{' and '.join('--' + f for f in PER_MACHINE_FIELDS)} may differ")
 
 
 def is_chief(strategy):

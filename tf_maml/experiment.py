@@ -151,21 +151,26 @@ def check_same_data(model_dir, fingerprint, data_dir):
         fingerprint: `tasks.data_fingerprint` of the data found now (None: no check).
         data_dir: where that data was read, for the message.
 
+    Returns:
+        Whether the data was checked against a readable record.
+
     Raises:
         ValueError: the data differs from the recorded one.
     """
     path = os.path.join(model_dir, DATA_FILENAME)
     if fingerprint is None:
-        return
+        return False
     if not os.path.exists(path):
         # A run from before the record, or one whose record was removed: say so, never silently.
         logging.warning("%s has no %s: the data at data_dir=%r cannot be checked against the "
                         "data the run was trained on", model_dir, DATA_FILENAME, data_dir)
-        return
+        return False
     saved = read_data_fingerprint(path)
-    if saved is not None:
-        compare_data_fingerprints(saved, fingerprint, data_dir, f"the run in {model_dir}", path,
-                                  "Use the run's own data, or train in a new --model_dir")
+    if saved is None:
+        return False
+    compare_data_fingerprints(saved, fingerprint, data_dir, f"the run in {model_dir}", path,
+                              "Use the run's own data, or train in a new --model_dir")
+    return True
 
 
 def read_data_fingerprint(path):

@@ -87,6 +87,9 @@ def _interrupted_message(error, model_dir):
     if isinstance(error, trainer.Interrupted):
         text = error.describe()
         text = text[0].upper() + text[1:]
+        if not error.chief:
+            return (f"{text}. Rerun the same command on every worker to resume from the "
+                    f"chief's latest checkpoint in {model_dir}.")
         if error.saved or error.latest:
             return f"{text}. Rerun the same command to resume."
         return f"{text} in {model_dir}. Rerun the same command to start again."

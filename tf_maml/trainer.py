@@ -235,13 +235,19 @@ class Interrupted(KeyboardInterrupt):
         step: the step reached.
         saved: the checkpoint written on the way out, or `None`.
         latest: the run's newest checkpoint now (`saved`, an earlier one, or `None`).
+        chief: whether this process writes the run's checkpoints (false for the
+            other workers of a multi-worker run: `saved` and `latest` are then
+            `None`, whatever the chief wrote).
     """
 
-    def __init__(self, step, saved, latest):
-        self.step, self.saved, self.latest = step, saved, latest
+    def __init__(self, step, saved, latest, chief=True):
+        self.step, self.saved, self.latest, self.chief = step, saved, latest, chief
         super().__init__(self.describe())
 
     def describe(self):
+        if not self.chief:
+            return (f"interrupted at step {self.step} (a worker other than the chief, which "
+                    "writes the run's checkpoints)")
         if self.saved:
             return f"interrupted at step {self.step}; saved checkpoint {self.saved}"
         if self.latest:
@@ -368,7 +374,10 @@ def train(config, model_dir, tasks=None):
         meta-initialization) and the final step.
 
     Raises:
-        ValueError: invalid config, bad data, or `model_dir` holds a different run.
+        ValueError: invalid config, bad data, `model_dir` holds a different run, or
+            the workers of a multi-worker run were started with different configs.
+        ConnectionError: another worker of a multi-worker run stopped or became
+            unreachable (the message names the chief's latest checkpoint).
         experiment.CheckpointError: (a `ValueError`) `model_dir` holds
             checkpoints but none can be read; training does not start over
             on top of them.
@@ -409,6 +418,9 @@ def _train(config, model_dir, tasks, run_log):
                              "family")
         return _train_rl(config, model_dir, run_log)
     strategy = distribute.make_strategy(config.strategy)
+    # Refused before anything is written: too small a meta-batch, workers that disagree.
+    distribute.replica_task_counts(config.meta_batch_size, strategy.num_replicas_in_sync)
+    distribute.check_same_config(strategy, config)
     chief = distribute.is_chief(strategy)
     run_log.enabled = chief
     checkpoint_dir = os.path.join(model_dir, CHECKPOINT_SUBDIR)
@@ -423,9 +435,10 @@ def _train(config, model_dir, tasks, run_log):
         step = tf.Variable(0, dtype=tf.int64, name="step",
                            aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
     fingerprint = tasks_lib.data_fingerprint(experiment.tasks)
+    data_checked = True
     if experiment_lib.checkpoint_paths(checkpoint_dir):
         experiment_lib.check_same_spec(model_dir, experiment.tasks, config.data_dir)
-        experiment_lib.check_same_data(model_dir, fingerprint, config.data_dir)
+        data_checked = experiment_lib.check_same_data(model_dir, fingerprint, config.data_dir)
     checkpoint = experiment_lib.make_checkpoint(experiment, optimizer=optimizer, step=step)
     all_finite = _make_finite_check(algorithm.meta_variables + algorithm.state_variables)
     # Every worker resumes from the chief's checkpoints: the newest readable one.
@@ -435,6 +448,11 @@ def _train(config, model_dir, tasks, run_log):
         config_lib.save(_as_trained(config, step), model_dir)
         experiment_lib.save_spec(experiment.spec, model_dir)
         if fingerprint is not None:
+            if latest and not data_checked:
+                logging.warning(
+                    "%s now records the data found at data_dir=%r as the run's: later resumes "
+                    "are checked against it, so make sure it is the data the run was trained on",
+                    os.path.join(model_dir, experiment_lib.DATA_FILENAME), config.data_dir)
             experiment_lib.save_data_fingerprint(fingerprint, model_dir)
     run_log.start()
     start = int(step.numpy())
@@ -472,8 +490,13 @@ def _train(config, model_dir, tasks, run_log):
         current = _run_loop(
             config, step, all_finite, manager, writer, start, latest,
             lambda num_steps: train_loop(iterator, tf.constant(num_steps, tf.int64)),
-            lambda current: _validate(experiment, curve_fn, writer, current), chief=chief)
+            lambda current: _validate(experiment, curve_fn, writer, current), chief=chief,
+            optimizer=optimizer)
     except tf.errors.OpError as e:
+        if distribute.is_multi_worker(strategy) and _lost_worker(e):
+            raise ConnectionError(_lost_worker_message(e, int(step.numpy()), chief,
+                                                       manager.latest_checkpoint,
+                                                       model_dir)) from None
         # A user's task function that failed in the input pipeline (`tasks.FunctionTasks`).
         message = tasks_lib.sources.user_error(e)
         if message is None:
@@ -484,6 +507,24 @@ def _train(config, model_dir, tasks, run_log):
         if not chief:
             tf.io.gfile.rmtree(output_dir)
     return experiment, current
+
+
+def _lost_worker(error):
+    """Whether a multi-worker step failed because another worker stopped or is unreachable."""
+    text = str(error)
+    return (isinstance(error, (tf.errors.UnavailableError, tf.errors.CancelledError,
+                               tf.errors.AbortedError, tf.errors.DeadlineExceededError))
+            or "Collective ops is aborted" in text or "Socket closed" in text)
+
+
+def _lost_worker_message(error, step, chief, latest, model_dir):
+    first_line = experiment_lib.error_text(error, limit=300)
+    where = (f"the latest checkpoint is {latest}" if chief and latest else
+             "no checkpoint has been written yet" if chief else
+             f"the chief worker writes the checkpoints into {model_dir}")
+    return (f"another worker of this multi-worker run stopped or became unreachable during "
+            f"step {step + 1} ({first_line}); {where}. Rerun the same command on every worker "
+            "to resume from the chief's latest checkpoint")
 
 
 LOG_FILENAME = "train.log"
@@ -663,7 +704,7 @@ def _as_trained(config, step):
 
 
 def _run_loop(config, step, all_finite, manager, writer, start, latest, run_steps, validate=None,
-              chief=True, progress=None):
+              chief=True, progress=None, optimizer=None):
     """The meta-training loop shared by every kind of run: logs, validation, checkpoints.
 
     Args:
@@ -681,6 +722,11 @@ def _run_loop(config, step, all_finite, manager, writer, start, latest, run_step
         validate: `validate(step)`, called every `validate_every` steps (chief only).
         chief: whether this worker writes logs and summaries.
         progress: a `_Progress` (default: steps/s and ETA only).
+        optimizer: the Keras optimizer whose `iterations` counts the steps
+            (one update per step). A step that failed part-way (a multi-worker
+            all-reduce whose peer died) may have counted it although nothing
+            was applied; the checkpoint saved on the way out counts it as
+            the step variable does.
 
     Returns:
         The final step.
@@ -690,6 +736,8 @@ def _run_loop(config, step, all_finite, manager, writer, start, latest, run_step
     """
     progress = progress or _Progress(start, config.num_iterations)
     saved = {"step": start, "path": latest}
+    updates_before_start = (None if optimizer is None else
+                            int(optimizer.iterations.numpy()) - start)
     current = start
     steps_per_call = 1
 
@@ -746,6 +794,9 @@ def _run_loop(config, step, all_finite, manager, writer, start, latest, run_step
         # current step, unless it is already saved or not finite.
         current = int(step.numpy())
         saved_now = None
+        if (optimizer is not None
+                and int(optimizer.iterations.numpy()) != current + updates_before_start):
+            optimizer.iterations.assign(current + updates_before_start)
         if current != saved["step"] and not isinstance(e, CheckpointSaveError):
             try:
                 if bool(all_finite()):
@@ -756,7 +807,8 @@ def _run_loop(config, step, all_finite, manager, writer, start, latest, run_step
             except Exception as save_error:  # noqa: BLE001 -- report the original error
                 logging.warning("Could not save a checkpoint at step %d: %s", current, save_error)
         if isinstance(e, KeyboardInterrupt):
-            raise Interrupted(current, saved_now if chief else None, saved["path"]) from None
+            raise Interrupted(current, saved_now if chief else None, saved["path"],
+                              chief=chief) from None
         raise
     return current
 
