@@ -245,12 +245,18 @@ def test_a_lost_worker_is_one_line_that_says_how_to_resume():
                                        "\nAdditional GRPC error information ...")
     assert trainer._lost_worker(error)
     assert not trainer._lost_worker(tf.errors.InvalidArgumentError(None, None, "bad shape"))
+    # An input pipeline's own timeout is not a lost worker.
+    assert not trainer._lost_worker(tf.errors.DeadlineExceededError(None, None, "read timed out"))
     chief = trainer._lost_worker_message(error, 460, True, "/runs/a/checkpoints/ckpt-460",
                                          "/runs/a")
     assert chief == ("another worker of this multi-worker run stopped or became unreachable "
-                     "during step 461 (Collective ops is aborted by: Socket closed); the latest "
-                     "checkpoint is /runs/a/checkpoints/ckpt-460. Rerun the same command on "
-                     "every worker to resume from the chief's latest checkpoint")
+                     "during step 461 (Collective ops is aborted by: Socket closed; see the "
+                     "other workers' logs for the cause); the latest checkpoint is "
+                     "/runs/a/checkpoints/ckpt-460. Rerun the same command on every worker to "
+                     "resume from the chief's latest checkpoint")
+    first = trainer._lost_worker_message(error, 0, True, None, "/runs/a")
+    assert "no checkpoint has been written yet. Rerun the same command on every worker to " \
+           "start again" in first
     other = trainer._lost_worker_message(error, 460, False, None, "/runs/a")
     assert "the chief worker writes the checkpoints into /runs/a" in other
     # A worker other than the chief, interrupted: not "no checkpoint has been written".

@@ -794,6 +794,7 @@ def test_too_small_a_meta_batch_for_the_replicas_writes_nothing(tmp_path, monkey
     from tf_maml import distribute
     monkeypatch.setattr(distribute, "make_strategy",
                         lambda name: SimpleNamespace(num_replicas_in_sync=2))
+    monkeypatch.setattr(distribute, "is_multi_worker", lambda strategy: False)
     with pytest.raises(ValueError, match=r"meta_batch_size=1 is smaller than the number of "
                                          r"replicas \(2\)"):
         trainer.train(config_lib.Config(meta_batch_size=1, strategy="mirrored"),

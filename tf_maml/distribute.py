@@ -137,7 +137,7 @@ def replica_task_counts(num_tasks, num_replicas):
 def is_multi_worker(strategy):
     """Whether `strategy` spans several worker processes (a cluster of more than one task)."""
     resolver = compat.cluster_resolver(strategy)
-    if resolver is None:
+    if resolver is None or resolver.task_type == "evaluator":  # outside the training group
         return False
     cluster = resolver.cluster_spec().as_dict()
     return sum(len(tasks) for job, tasks in cluster.items() if job in ("chief", "worker")) > 1

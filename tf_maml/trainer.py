@@ -419,8 +419,8 @@ def _train(config, model_dir, tasks, run_log):
         return _train_rl(config, model_dir, run_log)
     strategy = distribute.make_strategy(config.strategy)
     # Refused before anything is written: too small a meta-batch, workers that disagree.
-    distribute.replica_task_counts(config.meta_batch_size, strategy.num_replicas_in_sync)
     distribute.check_same_config(strategy, config)
+    distribute.replica_task_counts(config.meta_batch_size, strategy.num_replicas_in_sync)
     chief = distribute.is_chief(strategy)
     run_log.enabled = chief
     checkpoint_dir = os.path.join(model_dir, CHECKPOINT_SUBDIR)
@@ -493,15 +493,15 @@ def _train(config, model_dir, tasks, run_log):
             lambda current: _validate(experiment, curve_fn, writer, current), chief=chief,
             optimizer=optimizer)
     except tf.errors.OpError as e:
+        # A user's task function that failed in the input pipeline (`tasks.FunctionTasks`).
+        message = tasks_lib.sources.user_error(e)
+        if message is not None:
+            raise ValueError(message) from None
         if distribute.is_multi_worker(strategy) and _lost_worker(e):
             raise ConnectionError(_lost_worker_message(e, int(step.numpy()), chief,
                                                        manager.latest_checkpoint,
                                                        model_dir)) from None
-        # A user's task function that failed in the input pipeline (`tasks.FunctionTasks`).
-        message = tasks_lib.sources.user_error(e)
-        if message is None:
-            raise
-        raise ValueError(message) from None
+        raise
     finally:
         writer.flush()
         if not chief:
@@ -512,9 +512,8 @@ def _train(config, model_dir, tasks, run_log):
 def _lost_worker(error):
     """Whether a multi-worker step failed because another worker stopped or is unreachable."""
     text = str(error)
-    return (isinstance(error, (tf.errors.UnavailableError, tf.errors.CancelledError,
-                               tf.errors.AbortedError, tf.errors.DeadlineExceededError))
-            or "Collective ops is aborted" in text or "Socket closed" in text)
+    return any(sign in text for sign in ("Collective ops is aborted", "Socket closed",
+                                         "tasks are unhealthy", "Connection reset"))
 
 
 def _lost_worker_message(error, step, chief, latest, model_dir):
@@ -522,9 +521,11 @@ def _lost_worker_message(error, step, chief, latest, model_dir):
     where = (f"the latest checkpoint is {latest}" if chief and latest else
              "no checkpoint has been written yet" if chief else
              f"the chief worker writes the checkpoints into {model_dir}")
+    rerun = ("to start again" if chief and not latest else
+             "to resume from the chief's latest checkpoint")
     return (f"another worker of this multi-worker run stopped or became unreachable during "
-            f"step {step + 1} ({first_line}); {where}. Rerun the same command on every worker "
-            "to resume from the chief's latest checkpoint")
+            f"step {step + 1} ({first_line}; see the other workers' logs for the cause); "
+            f"{where}. Rerun the same command on every worker {rerun}")
 
 
 LOG_FILENAME = "train.log"
@@ -801,14 +802,15 @@ def _run_loop(config, step, all_finite, manager, writer, start, latest, run_step
             try:
                 if bool(all_finite()):
                     saved_now = save(current)
-                    logging.info("Saved checkpoint at step %d", current)
+                    if chief:
+                        logging.info("Saved checkpoint at step %d", current)
                 else:
                     logging.warning("Not saving step %d: its weights are not finite", current)
             except Exception as save_error:  # noqa: BLE001 -- report the original error
                 logging.warning("Could not save a checkpoint at step %d: %s", current, save_error)
         if isinstance(e, KeyboardInterrupt):
-            raise Interrupted(current, saved_now if chief else None, saved["path"],
-                              chief=chief) from None
+            raise Interrupted(current, saved_now if chief else None,
+                              saved["path"] if chief else None, chief=chief) from None
         raise
     return current
 
