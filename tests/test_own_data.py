@@ -338,6 +338,40 @@ def test_folder_shows_transparent_images_over_white(tmp_path):
     np.testing.assert_array_equal(images[5, ..., 0], 255 - on_white)  # as drawn: white ink
 
 
+def test_folder_turns_jpegs_by_their_exif_orientation(tmp_path):
+    """A photo stored sideways (EXIF orientation 6, as phones write it) trains as it is
+    shown, and its turned size is the size the mixed-sizes check sees."""
+    from PIL import Image
+    upright = np.full((30, 20), 255, np.uint8)  # 30 high, 20 wide
+    upright[3:8, 2:15] = 0
+    upright[8:26, 11:15] = 0
+    root = tmp_path / "images"
+    for c in range(2):
+        (root / f"c{c}").mkdir(parents=True)
+        Image.fromarray(upright).save(root / f"c{c}" / "a.png")
+        # Stored turned 90 degrees counter-clockwise (20 high, 30 wide); orientation 6 says
+        # "turn it 90 degrees clockwise to show it".
+        exif = Image.Exif()
+        exif[0x0112] = 6
+        Image.fromarray(np.ascontiguousarray(np.rot90(upright, 1))).save(
+            root / f"c{c}" / "b.jpg", quality=95, exif=exif.tobytes())
+        Image.fromarray(np.ascontiguousarray(np.rot90(upright, 1))).save(
+            root / f"c{c}" / "c.jpg", quality=95)  # no orientation: shown (and kept) as stored
+    images, counts, _ = sources.load_folder(str(root), channels=1, image_size=(30, 20))
+    assert counts.tolist() == [3, 3]
+    png, photo = images[0, ..., 0].astype(int), images[1, ..., 0].astype(int)
+    assert np.abs(photo - png).max() < 40 and np.abs(photo - png).mean() < 3
+    # Without a size to resize to, the turned photo has the PNG's size: one size, no error;
+    # the unturned JPEG is 20x30 and is named.
+    (root / "c0" / "c.jpg").unlink()
+    (root / "c1" / "c.jpg").unlink()
+    images, _, _ = sources.load_folder(str(root), channels=1)
+    assert images.shape == (4, 30, 20, 1)
+    Image.fromarray(np.ascontiguousarray(np.rot90(upright, 1))).save(root / "c1" / "c.jpg")
+    with pytest.raises(ValueError, match=r"mixed image sizes in .*c\.jpg is 30x20"):
+        sources.load_folder(str(root), channels=1)
+
+
 def test_folder_scales_16_bit_images_and_refuses_wider_ones(tmp_path):
     from PIL import Image
     gradient = np.tile(np.linspace(0, 65535, 20).astype(np.uint16), (20, 1))

@@ -352,6 +352,79 @@ def test_image_signatures_show_transparent_pngs_over_white(omniglot_signatures):
                                   omniglot._decode(opaque, "page").astype(np.float32))
 
 
+def _exif_jpeg(pixels, orientation, byte_order="II"):
+    """`pixels` as a JPEG whose EXIF says `orientation`, in either TIFF byte order."""
+    import struct
+
+    from PIL import Image
+    form = "<" if byte_order == "II" else ">"
+    exif = (b"Exif\0\0" + byte_order.encode() + struct.pack(form + "HI", 42, 8)
+            + struct.pack(form + "H", 2)  # two entries: another tag, then the orientation
+            + struct.pack(form + "HHI", 0x010F, 2, 4) + b"cam\0"  # Make, inline
+            + struct.pack(form + "HHIHH", 0x0112, 3, 1, orientation, 0) + struct.pack(form + "I", 0))
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format="JPEG", exif=exif, quality=95)
+    return out.getvalue()
+
+
+def test_image_signatures_turn_jpegs_by_their_exif_orientation(omniglot_signatures):
+    """A phone's photo is stored sideways with an EXIF orientation: served as it is shown."""
+    from PIL import Image, ImageOps
+    rng = np.random.default_rng(3)
+    pixels = np.full((28, 28), 255, np.uint8)
+    pixels[4:9, 3:20] = 0  # an asymmetric mark: every orientation gives other pixels
+    pixels[9:24, 15:19] = 0
+    pixels = np.clip(pixels.astype(int) + rng.integers(-3, 4, pixels.shape), 0, 255).astype(
+        np.uint8)
+    upright = {order: omniglot_signatures.decode_images(
+        tf.constant([_exif_jpeg(pixels, 1, order)]))["x"].numpy()[0, ..., 0]
+        for order in ("II", "MM")}
+    # The same entropy-coded pixels (one encoder, one image): only the orientation differs.
+    turned = {2: upright["II"][:, ::-1], 3: np.rot90(upright["II"], 2),
+              4: upright["II"][::-1], 5: upright["II"].T, 6: np.rot90(upright["II"], -1),
+              7: np.rot90(upright["II"].T, 2), 8: np.rot90(upright["II"], 1)}
+    for order in ("II", "MM"):
+        for orientation, want in turned.items():
+            data = _exif_jpeg(pixels, orientation, order)
+            got = omniglot_signatures.decode_images(tf.constant([data]))["x"].numpy()[0, ..., 0]
+            np.testing.assert_array_equal(got, want, err_msg=f"{order} {orientation}")
+            # PIL's exif_transpose (the folder loader's) turns the same way.
+            with Image.open(io.BytesIO(data)) as image:
+                decoded = tf.io.decode_jpeg(data).numpy()
+                copy = Image.fromarray(decoded[..., 0])
+                copy.info["exif"] = image.info["exif"]
+                np.testing.assert_array_equal(
+                    got, (255 - np.asarray(ImageOps.exif_transpose(copy), np.float32)) / np.float32(255),
+                    err_msg=f"{order} {orientation}")
+        assert not np.array_equal(upright[order], turned[6])
+    np.testing.assert_array_equal(upright["MM"], upright["II"])
+    # No EXIF, an orientation outside 1-8, or metadata cut short: taken as upright.
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format="JPEG", quality=95)
+    plain = out.getvalue()
+    for data in (plain, _exif_jpeg(pixels, 9), _exif_jpeg(pixels, 0)):
+        np.testing.assert_array_equal(serving._jpeg_orientation(tf.constant(data)).numpy(), 1)
+    damaged = _exif_jpeg(pixels, 6)
+    for cut in (4, 12, 24, 30, 40):
+        assert serving._jpeg_orientation(tf.constant(damaged[:cut])).numpy() == 1, cut
+    assert serving._jpeg_orientation(tf.constant(damaged)).numpy() == 6
+
+
+def test_a_damaged_image_names_its_input(omniglot_signatures):
+    """A header that reads well over damaged data fails in the decoder itself, whose error
+    names its node: under the input's name."""
+    rng = np.random.default_rng(4)
+    good = _drawing(rng, 28)
+    damaged = good[:40] + b"\0" * 20 + good[60:]
+    adapt_images = tf.function(omniglot_signatures.adapt_images)
+    labels = tf.constant([0, 1, 2])
+    for support, query, name in (([good, good, damaged], [good], "support_images"),
+                                 ([good, good, good], [damaged], "query_images")):
+        with pytest.raises(tf.errors.InvalidArgumentError,
+                           match=rf"(?s)Invalid PNG.*node decode_{name}/"):
+            adapt_images(tf.constant(support), labels, tf.constant(query))
+
+
 def test_image_signatures_refuse_huge_images_before_decoding(omniglot_signatures):
     """Sizes come from the headers: a small file of a huge blank image is not decompressed."""
     from PIL import Image

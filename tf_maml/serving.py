@@ -296,6 +296,106 @@ def _png_is_transparent(data):
                    lambda: tf.constant(False))
 
 
+# JPEG segments read before the image data when looking for the EXIF orientation (APP0,
+# APP1 and a few others come first), and entries of its first IFD searched for the tag.
+_MAX_JPEG_SEGMENTS = 32
+_MAX_EXIF_ENTRIES = 64
+
+
+def _jpeg_orientation(data):
+    """The EXIF orientation (1-8) of JPEG `data`, int32; 1 where it has none.
+
+    Reads the first APP1 segment that starts with `Exif\\0\\0` among the first
+    `_MAX_JPEG_SEGMENTS` segments, and the orientation tag (0x0112) among the first
+    `_MAX_EXIF_ENTRIES` entries of its first IFD, in either byte order, as PIL's
+    `ImageOps.exif_transpose` does (the folder loader applies that). Damaged or
+    truncated metadata reads as 1 (bytes past the end read as zeros); values
+    outside 1-8 too.
+    """
+    size = tf.cast(tf.strings.length(data, unit="BYTE"), tf.int64)
+    padded = tf.strings.join([data, tf.constant(b"\0" * 8)])
+
+    def read(position, count):  # unsigned big-endian bytes; zeros past the end
+        position = tf.clip_by_value(position, 0, size)
+        return tf.cast(tf.io.decode_raw(tf.strings.substr(padded, position, count), tf.uint8),
+                       tf.int64)
+
+    def big_endian(values):
+        return sum(values[i] * 256 ** (len(values) - 1 - i) for i in range(len(values)))
+
+    def find_exif():
+        def body(offset, found, done):
+            head = read(offset, 4)
+            marker_ok = tf.equal(head[0], 0xFF)
+            # Start of scan or end of image: no more metadata; a non-marker: damaged.
+            stop = tf.logical_or(tf.logical_not(marker_ok),
+                                 tf.logical_or(tf.equal(head[1], 0xDA), tf.equal(head[1], 0xD9)))
+            exif = tf.logical_and(tf.equal(head[1], 0xE1), tf.equal(
+                tf.strings.substr(padded, tf.minimum(offset + 4, size), 6), b"Exif\0\0"))
+            found_here = tf.logical_and(tf.logical_not(stop), exif)
+            next_offset = tf.where(found_here, offset, offset + 2 + big_endian([head[2], head[3]]))
+            return next_offset, found_here, stop
+
+        offset, found, _ = tf.while_loop(
+            lambda offset, found, done: tf.logical_not(tf.logical_or(found, done)) & (
+                offset + 4 <= size),
+            body, (tf.constant(2, tf.int64), tf.constant(False), tf.constant(False)),
+            maximum_iterations=_MAX_JPEG_SEGMENTS)
+        return offset, found
+
+    def orientation_at(tiff):
+        little = tf.equal(tf.strings.substr(padded, tf.minimum(tiff, size), 2), b"II")
+
+        def number(position, count):
+            values = read(position, count)
+            return tf.where(little, big_endian([values[i] for i in reversed(range(count))]),
+                            big_endian([values[i] for i in range(count)]))
+
+        ifd = tiff + number(tiff + 4, 4)
+        entries = tf.minimum(number(ifd, 2), _MAX_EXIF_ENTRIES)
+
+        def body(index, value):
+            entry = ifd + 2 + 12 * index
+            kind = number(entry + 2, 2)
+            found = tf.equal(number(entry, 2), 0x0112)
+            read_value = tf.where(tf.equal(kind, 4), number(entry + 8, 4), number(entry + 8, 2))
+            return index + 1, tf.where(found, read_value, value)
+
+        _, value = tf.while_loop(lambda index, value: (index < entries) & tf.equal(value, 0),
+                                 body, (tf.constant(0, tf.int64), tf.constant(0, tf.int64)),
+                                 maximum_iterations=_MAX_EXIF_ENTRIES)
+        return value
+
+    offset, found = find_exif()
+    value = tf.cond(found, lambda: orientation_at(offset + 10), lambda: tf.constant(0, tf.int64))
+    valid = tf.logical_and(value >= 1, value <= 8)
+    return tf.cast(tf.where(valid, value, 1), tf.int32)
+
+
+def _oriented(image, orientation):
+    """`image` `[height, width, channels]` turned upright for its EXIF `orientation` (1-8).
+
+    The transformations of PIL's `ImageOps.exif_transpose`: 2 mirrors left-right,
+    3 turns 180°, 4 mirrors top-bottom, 5 transposes, 6 turns 90° clockwise,
+    7 transposes across the other diagonal, 8 turns 90° counter-clockwise.
+    """
+    # Plain reverses and transposes: tf.image's versions add shape assertions, which inside
+    # the decoding loop make Grappler log a warning on every trace.
+    def transposed():
+        return tf.transpose(image, [1, 0, 2])
+
+    return tf.switch_case(orientation - 1, [
+        lambda: image,
+        lambda: tf.reverse(image, [1]),
+        lambda: tf.reverse(image, [0, 1]),
+        lambda: tf.reverse(image, [0]),
+        transposed,
+        lambda: tf.reverse(transposed(), [1]),
+        lambda: tf.reverse(transposed(), [0, 1]),
+        lambda: tf.reverse(transposed(), [0]),
+    ])
+
+
 def _dim(x, index):
     """`tf.shape(x)[index]`, or -1 when `x` has no such axis (never fails, for any rank)."""
     return tf.concat([tf.shape(x), tf.fill([index + 1], -1)], 0)[index]
@@ -723,6 +823,9 @@ class AdaptationSignatures:
             transparent = tf.cond(tf.equal(prefix, b"\x89PNG"),
                                   lambda: _png_is_transparent(data), lambda: tf.constant(False))
             image = tf.cond(transparent, over_white, opaque)
+            # A photo's EXIF orientation, as a viewer (and the folder loader) applies it.
+            image = tf.cond(tf.equal(tf.strings.substr(prefix, 0, 2), b"\xff\xd8"),
+                            lambda: _oriented(image, _jpeg_orientation(data)), lambda: image)
             same = tf.reduce_all(tf.equal(tf.shape(image)[:2], [height, width]))
             image = tf.cond(same, lambda: image, lambda: tf.clip_by_value(tf.round(
                 tf.image.resize(image, [height, width], method=self.image_format.resize,
@@ -735,9 +838,12 @@ class AdaptationSignatures:
                 return tf.cast(image, self.dtype)
             return tf.cast(image / 255.0, self.dtype)
 
-        return tf.map_fn(decode, images,
-                         fn_output_signature=tf.TensorSpec([height, width, channels],
-                                                           self.dtype))
+        # Under the input's name: a decoder's own error (a damaged image whose header reads
+        # well) names its node, and so the input.
+        with tf.name_scope(f"decode_{name}"):
+            return tf.map_fn(decode, images,
+                             fn_output_signature=tf.TensorSpec([height, width, channels],
+                                                               self.dtype))
 
     # -- signatures -----------------------------------------------------------------------------
 

@@ -36,7 +36,7 @@ __all__ = ["ClassPoolTasks", "FunctionTasks", "array_tasks", "folder_tasks", "tf
 SPLITS = ("train", "val", "test")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
 # Part of the folder cache key: bump when the decoded arrays change for the same files.
-_CACHE_VERSION = 3
+_CACHE_VERSION = 4
 _GRAY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 _MAX_NAMED = 8
 # Marks the message of a user mistake found inside a graph or a tf.data pipeline (`checked`),
@@ -559,6 +559,30 @@ def _png_over_white(image, path):
     return Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba).convert("RGB")
 
 
+# EXIF orientations that swap an image's width and height.
+_TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)
+
+
+def _orientation(image):
+    """A JPEG's EXIF orientation (1 where it has none; other formats: 1)."""
+    if image.format != "JPEG":
+        return 1
+    try:
+        return image.getexif().get(0x0112, 1)
+    except Exception:  # damaged metadata: taken as none, as the export's signatures do
+        return 1
+
+
+def _upright(image):
+    """A JPEG turned as its EXIF orientation says (a phone's photos are stored sideways),
+    as a viewer and the export's image signatures show it; other images unchanged
+    (TensorFlow's decoders, which serving uses, read no other format's orientation)."""
+    from PIL import ImageOps
+    if _orientation(image) == 1:
+        return image
+    return ImageOps.exif_transpose(image)
+
+
 def _decode_folder(data_dir, classes, image_size, channels):
     """`(images [examples, H, W, C] uint8, counts [classes])` decoded with PIL."""
     from PIL import Image
@@ -568,7 +592,10 @@ def _decode_folder(data_dir, classes, image_size, channels):
         try:
             with Image.open(path) as image:
                 modes.add(image.mode)
-                sizes.setdefault(image.size, path)
+                size = image.size
+                if _orientation(image) in _TRANSPOSING_ORIENTATIONS:
+                    size = size[::-1]  # as it is shown, turned a quarter
+                sizes.setdefault(size, path)
         except Exception as e:  # PIL raises many types for bad data
             raise ValueError(f"{path}: not a readable image ({e})") from None
         if image.mode == "F":
@@ -585,7 +612,8 @@ def _decode_folder(data_dir, classes, image_size, channels):
     images = []
     for path in paths:
         with _open(path) as image:
-            image = _png_over_white(image, path).convert("L" if channels == 1 else "RGB")
+            image = _png_over_white(_upright(image), path).convert(
+                "L" if channels == 1 else "RGB")
             if image_size is not None:
                 image = image.resize(image_size[::-1], Image.LANCZOS)
             array = np.asarray(image, dtype=np.uint8)
@@ -617,7 +645,8 @@ def load_folder(data_dir, image_size=None, channels=None, cache_dir=None):
     16-bit grayscale images are scaled to 8 bits (v / 257, rounded);
     a PNG's transparent pixels are composited over white, as a viewer shows
     them (a GIF's are not: TensorFlow's decoder, which serving uses, has no
-    alpha).
+    alpha); a JPEG is turned as its EXIF orientation says (phones store photos
+    sideways), as the export's image signatures do.
 
     Args:
         data_dir: the folder.
