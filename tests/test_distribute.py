@@ -239,6 +239,40 @@ def test_workers_started_with_different_settings_are_refused(tmp_path):
     assert not model_dir.exists()
 
 
+@pytest.mark.parametrize("where", ["check_same_config", "restore"])
+def test_a_worker_lost_while_the_workers_start_is_one_line(where, tmp_path, monkeypatch):
+    """Comparing the workers' settings and restoring run collectives too: a worker lost
+    there is the same one line (with nothing written), not the collective's error."""
+    from tf_maml import config as config_lib
+    from tf_maml import distribute as distribute_lib
+    from tf_maml import trainer
+
+    def lost(*args, **kwargs):
+        raise tf.errors.UnavailableError(None, None, "Collective ops is aborted by: Socket "
+                                         "closed\nAdditional GRPC error information ...")
+
+    monkeypatch.setattr(distribute_lib, "is_multi_worker", lambda strategy: True)
+    if where == "restore":
+        monkeypatch.setattr(trainer, "_restore", lost)
+    else:
+        monkeypatch.setattr(distribute_lib, "check_same_config", lost)
+    config = config_lib.Config(dataset="sine", num_iterations=2, meta_batch_size=2)
+    with pytest.raises(ConnectionError) as raised:
+        trainer.train(config, str(tmp_path / "run"))
+    assert str(raised.value) == (
+        "another worker of this multi-worker run stopped or became unreachable while the "
+        "workers were starting, before the first step (Collective ops is aborted by: Socket "
+        "closed; see the other workers' logs for the cause); nothing was trained. Rerun the "
+        "same command on every worker")
+    assert not (tmp_path / "run" / "config.json").exists()
+    # Any other error of those steps is not taken for a lost worker.
+    monkeypatch.setattr(distribute_lib, "check_same_config",
+                        lambda *args: (_ for _ in ()).throw(
+                            tf.errors.InvalidArgumentError(None, None, "bad shape")))
+    with pytest.raises(tf.errors.InvalidArgumentError, match="bad shape"):
+        trainer.train(config, str(tmp_path / "run"))
+
+
 def test_a_lost_worker_is_one_line_that_says_how_to_resume():
     from tf_maml import trainer
     error = tf.errors.UnavailableError(None, None, "Collective ops is aborted by: Socket closed"

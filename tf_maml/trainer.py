@@ -18,6 +18,7 @@ being finite: a checkpoint never holds non-finite weights.
 """
 
 import collections
+import contextlib
 import dataclasses
 import logging as std_logging
 import math
@@ -418,31 +419,32 @@ def _train(config, model_dir, tasks, run_log):
                              "family")
         return _train_rl(config, model_dir, run_log)
     strategy = distribute.make_strategy(config.strategy)
-    # Refused before anything is written: too small a meta-batch, workers that disagree.
-    distribute.check_same_config(strategy, config)
-    distribute.replica_task_counts(config.meta_batch_size, strategy.num_replicas_in_sync)
-    chief = distribute.is_chief(strategy)
-    run_log.enabled = chief
-    checkpoint_dir = os.path.join(model_dir, CHECKPOINT_SUBDIR)
-    run_log.run_dir_lock = _prepare_run_dir(config, model_dir, checkpoint_dir, chief)
+    with _lost_worker_while_starting(strategy):
+        # Refused before anything is written: too small a meta-batch, workers that disagree.
+        distribute.check_same_config(strategy, config)
+        distribute.replica_task_counts(config.meta_batch_size, strategy.num_replicas_in_sync)
+        chief = distribute.is_chief(strategy)
+        run_log.enabled = chief
+        checkpoint_dir = os.path.join(model_dir, CHECKPOINT_SUBDIR)
+        run_log.run_dir_lock = _prepare_run_dir(config, model_dir, checkpoint_dir, chief)
 
-    with strategy.scope():
-        experiment = experiment_lib.build_experiment(config, tasks)
-        model = experiment.model
-        algorithm = experiment.algorithm
-        optimizer = algorithm.make_optimizer(config.meta_lr, config.num_iterations)
-        optimizer.build(algorithm.meta_variables)
-        step = tf.Variable(0, dtype=tf.int64, name="step",
-                           aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
-    fingerprint = tasks_lib.data_fingerprint(experiment.tasks)
-    data_checked = True
-    if experiment_lib.checkpoint_paths(checkpoint_dir):
-        experiment_lib.check_same_spec(model_dir, experiment.tasks, config.data_dir)
-        data_checked = experiment_lib.check_same_data(model_dir, fingerprint, config.data_dir)
-    checkpoint = experiment_lib.make_checkpoint(experiment, optimizer=optimizer, step=step)
-    all_finite = _make_finite_check(algorithm.meta_variables + algorithm.state_variables)
-    # Every worker resumes from the chief's checkpoints: the newest readable one.
-    latest = _restore(config, checkpoint, checkpoint_dir, step, all_finite)
+        with strategy.scope():
+            experiment = experiment_lib.build_experiment(config, tasks)
+            model = experiment.model
+            algorithm = experiment.algorithm
+            optimizer = algorithm.make_optimizer(config.meta_lr, config.num_iterations)
+            optimizer.build(algorithm.meta_variables)
+            step = tf.Variable(0, dtype=tf.int64, name="step",
+                               aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+        fingerprint = tasks_lib.data_fingerprint(experiment.tasks)
+        data_checked = True
+        if experiment_lib.checkpoint_paths(checkpoint_dir):
+            experiment_lib.check_same_spec(model_dir, experiment.tasks, config.data_dir)
+            data_checked = experiment_lib.check_same_data(model_dir, fingerprint, config.data_dir)
+        checkpoint = experiment_lib.make_checkpoint(experiment, optimizer=optimizer, step=step)
+        all_finite = _make_finite_check(algorithm.meta_variables + algorithm.state_variables)
+        # Every worker resumes from the chief's checkpoints: the newest readable one.
+        latest = _restore(config, checkpoint, checkpoint_dir, step, all_finite)
     # The run can start: only now is anything written.
     if chief:
         config_lib.save(_as_trained(config, step), model_dir)
@@ -509,6 +511,18 @@ def _train(config, model_dir, tasks, run_log):
     return experiment, current
 
 
+@contextlib.contextmanager
+def _lost_worker_while_starting(strategy):
+    """A worker lost while the workers compare settings or restore: one line, not the
+    collective's error (the step loop reports its own, with the step)."""
+    try:
+        yield
+    except tf.errors.OpError as e:
+        if distribute.is_multi_worker(strategy) and _lost_worker(e):
+            raise ConnectionError(_lost_worker_message(e, None, False, None, None)) from None
+        raise
+
+
 def _lost_worker(error):
     """Whether a multi-worker step failed because another worker stopped or is unreachable."""
     text = str(error)
@@ -518,6 +532,11 @@ def _lost_worker(error):
 
 def _lost_worker_message(error, step, chief, latest, model_dir):
     first_line = experiment_lib.error_text(error, limit=300)
+    if step is None:
+        return (f"another worker of this multi-worker run stopped or became unreachable while "
+                f"the workers were starting, before the first step ({first_line}; see the other "
+                f"workers' logs for the cause); nothing was trained. Rerun the same command on "
+                f"every worker")
     where = (f"the latest checkpoint is {latest}" if chief and latest else
              "no checkpoint has been written yet" if chief else
              f"the chief worker writes the checkpoints into {model_dir}")
