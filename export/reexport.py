@@ -66,9 +66,12 @@ if set(saved) - restored:
     fail(f"variables of {old_path} with no place in the rebuilt model: "
          f"{sorted(set(saved) - restored)}")
 print("restored", len(restored), "variables")
+fingerprint_path = os.path.join(old_path, "assets.extra", serving.DATA_FINGERPRINT_ASSET)
+fingerprint = (json.load(open(fingerprint_path)) if os.path.exists(fingerprint_path)
+               else None)  # the run's data record, kept
 new = serving.export(experiment, new_base, version, record["export_num_eval_steps"],
                      inner_lr=record["export_inner_lr"], limits=record["export_limits"],
-                     overwrite=True)
+                     overwrite=True, data_fingerprint=fingerprint)
 print("exported", new)
 
 # Every signature answers as the old export did, on held-out tasks of the real archives.

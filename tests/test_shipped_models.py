@@ -8,6 +8,7 @@ it is set but the files are missing.
 """
 
 import glob
+import io
 import json
 import os
 
@@ -102,6 +103,28 @@ def test_shipped_omniglot_model_classifies_held_out_characters(name, omniglot_ch
     figure = MANIFEST[name]["meta_test"]["mean"]
     # 96 tasks: a 95% interval of about 1-2 points around the 600-task figure.
     assert accuracy >= figure - 0.04, (name, accuracy, figure)
+
+
+@pytest.mark.parametrize("name", _names("omniglot"))
+def test_shipped_image_models_decode_with_todays_code(name):
+    """The shipped exports decode as the code does now: a JPEG turned by its EXIF
+    orientation (6: shown turned 90 degrees clockwise)."""
+    from PIL import Image
+    pixels = np.full((28, 28), 255, np.uint8)
+    pixels[4:9, 3:20] = 0
+    pixels[9:24, 15:19] = 0
+
+    def jpeg(orientation):
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        out = io.BytesIO()
+        Image.fromarray(pixels).save(out, format="JPEG", quality=95, exif=exif.tobytes())
+        return out.getvalue()
+
+    decode = tf.saved_model.load(_path(name)).signatures["decode_images"]
+    upright, turned = decode(images=tf.constant([jpeg(1), jpeg(6)]))["x"].numpy()[..., 0]
+    assert upright.max() > 0.5
+    np.testing.assert_array_equal(turned, np.rot90(upright, -1))
 
 
 @pytest.mark.parametrize("name", _names("sine"))

@@ -315,50 +315,41 @@ def _jpeg_orientation(data):
     size = tf.cast(tf.strings.length(data, unit="BYTE"), tf.int64)
     padded = tf.strings.join([data, tf.constant(b"\0" * 8)])
 
-    def read(position, count):  # unsigned big-endian bytes; zeros past the end
+    def number(position, count, little=False):  # unsigned; bytes past the end read as zeros
         position = tf.clip_by_value(position, 0, size)
-        return tf.cast(tf.io.decode_raw(tf.strings.substr(padded, position, count), tf.uint8),
-                       tf.int64)
-
-    def big_endian(values):
-        return sum(values[i] * 256 ** (len(values) - 1 - i) for i in range(len(values)))
+        values = tf.cast(tf.io.decode_raw(tf.strings.substr(padded, position, count), tf.uint8),
+                         tf.int64)
+        powers = tf.constant([256 ** i for i in range(count)], tf.int64)
+        return tf.reduce_sum(values * tf.where(little, powers, tf.reverse(powers, [0])))
 
     def find_exif():
         def body(offset, found, done):
-            head = read(offset, 4)
-            marker_ok = tf.equal(head[0], 0xFF)
+            marker = number(offset, 2)
             # Start of scan or end of image: no more metadata; a non-marker: damaged.
-            stop = tf.logical_or(tf.logical_not(marker_ok),
-                                 tf.logical_or(tf.equal(head[1], 0xDA), tf.equal(head[1], 0xD9)))
-            exif = tf.logical_and(tf.equal(head[1], 0xE1), tf.equal(
-                tf.strings.substr(padded, tf.minimum(offset + 4, size), 6), b"Exif\0\0"))
-            found_here = tf.logical_and(tf.logical_not(stop), exif)
-            next_offset = tf.where(found_here, offset, offset + 2 + big_endian([head[2], head[3]]))
+            stop = (marker < 0xFF00) | tf.equal(marker, 0xFFDA) | tf.equal(marker, 0xFFD9)
+            exif = tf.equal(marker, 0xFFE1) & tf.equal(
+                tf.strings.substr(padded, tf.minimum(offset + 4, size), 6), b"Exif\0\0")
+            found_here = tf.logical_not(stop) & exif
+            next_offset = tf.where(found_here, offset, offset + 2 + number(offset + 2, 2))
             return next_offset, found_here, stop
 
         offset, found, _ = tf.while_loop(
-            lambda offset, found, done: tf.logical_not(tf.logical_or(found, done)) & (
-                offset + 4 <= size),
+            lambda offset, found, done: tf.logical_not(found | done) & (offset + 4 <= size),
             body, (tf.constant(2, tf.int64), tf.constant(False), tf.constant(False)),
             maximum_iterations=_MAX_JPEG_SEGMENTS)
         return offset, found
 
     def orientation_at(tiff):
         little = tf.equal(tf.strings.substr(padded, tf.minimum(tiff, size), 2), b"II")
-
-        def number(position, count):
-            values = read(position, count)
-            return tf.where(little, big_endian([values[i] for i in reversed(range(count))]),
-                            big_endian([values[i] for i in range(count)]))
-
-        ifd = tiff + number(tiff + 4, 4)
-        entries = tf.minimum(number(ifd, 2), _MAX_EXIF_ENTRIES)
+        ifd = tiff + number(tiff + 4, 4, little)
+        entries = tf.minimum(number(ifd, 2, little), _MAX_EXIF_ENTRIES)
 
         def body(index, value):
             entry = ifd + 2 + 12 * index
-            kind = number(entry + 2, 2)
-            found = tf.equal(number(entry, 2), 0x0112)
-            read_value = tf.where(tf.equal(kind, 4), number(entry + 8, 4), number(entry + 8, 2))
+            found = tf.equal(number(entry, 2, little), 0x0112)
+            # SHORT (3), as written; LONG (4) read as PIL does.
+            long = tf.equal(number(entry + 2, 2, little), 4)
+            read_value = tf.where(long, number(entry + 8, 4, little), number(entry + 8, 2, little))
             return index + 1, tf.where(found, read_value, value)
 
         _, value = tf.while_loop(lambda index, value: (index < entries) & tf.equal(value, 0),
