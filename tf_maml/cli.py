@@ -77,7 +77,9 @@ _HELP = {
     "transductive_support": "Evaluation, with --transductive: the batch also holds the support "
                             "set; ignored without it.",
     "seed": "Seed of the initialization and of every sampled task.",
-    "jit_compile": "XLA: auto (on for dense-only models on CPU), true or false.",
+    "jit_compile": "XLA: auto (on for models on the layer-batched forward, except "
+                   "convolutions on CPU, second-order max-pooling, recurrent layers, "
+                   "recomputed inner steps and meta-RL), true or false.",
     "strategy": f"tf.distribute: {', '.join(config_lib.STRATEGIES)} (default: one device; "
                 "mirrored: all local GPUs; multi_worker: cluster from TF_CONFIG).",
     "log_every": "Steps between progress lines and summaries.",

@@ -141,8 +141,10 @@ class Config:
             (your images in `data_dir`, one sub-folder per class), "tfds:NAME"
             (a TensorFlow Datasets image-classification data set, e.g.
             "tfds:emnist/balanced"), "custom" (a task family given in code;
-            `tf_maml.tasks.build` cannot build it) or "navigation2d" (meta-RL:
-            2D point navigation, the paper's section 5.3, with `tf_maml.rl`).
+            `tf_maml.tasks.build` cannot build it), or meta-RL (the paper's
+            section 5.3, with `tf_maml.rl`): "navigation2d" (2D point
+            navigation), "halfcheetah_velocity" or "halfcheetah_direction"
+            (Gymnasium's MuJoCo HalfCheetah, the `[rl]` extra).
         data_dir: local data (Omniglot: Lake's archives or folders; MiniImagenet:
             `images/` and the split CSVs; folder: the class sub-folders;
             tfds: TFDS' data directory, empty for its default). Empty: Omniglot
