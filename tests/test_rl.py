@@ -398,6 +398,14 @@ def test_several_inner_steps_resample_and_the_meta_step_is_a_pure_function(small
         np.testing.assert_array_equal(a, b)
     assert float(logs_a["return_after"]) == float(logs_b["return_after"])
     assert int(logs_a["env_steps"]) == 3 * 3 * 4 * 10
+    # The logged exploration noise is the meta-policy's std, averaged over the actions.
+    saved_log_std = two.policy.log_std.numpy()
+    two.policy.log_std.assign(np.log([0.5, 2.0]).astype(saved_log_std.dtype))
+    try:
+        assert float(two.meta_step(tf.constant(4, tf.int64))[2]["policy_std"]) == \
+            pytest.approx(1.25)
+    finally:
+        two.policy.log_std.assign(saved_log_std)
     assert two.step_sizes(3) == [0.5, 0.25, 0.25]
 
 

@@ -72,7 +72,7 @@ def test_cli_trains_rl_and_a_rerun_resumes_exactly(tmp_path):
             event = tf.compat.v1.Event.FromString(record.numpy())
             tags.update(value.tag for value in event.summary.value)
     assert {"return_before", "return_after", "kl", "backtracks", "env_steps_per_second",
-            "loss_after"} <= tags
+            "loss_after", "policy_std"} <= tags
     # The surrogate before the update is zero by construction: not logged.
     assert "meta_loss" not in tags and "loss" not in tags
 

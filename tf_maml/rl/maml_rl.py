@@ -355,8 +355,9 @@ class MAMLRL:
             `meta_variables` (meta-gradients for Adam, θ − θ_new for TRPO; see
             the class docstring); `logs` a dict of scalars: `return_before`,
             `return_after` (average undiscounted returns before and after
-            adaptation), `loss_after`, `kl`, `accepted`, `backtracks`,
-            `step_size` (TRPO), `env_steps`.
+            adaptation), `policy_std` (the meta-policy's action std, averaged
+            over the action's dimensions), `loss_after`, `kl`, `accepted`,
+            `backtracks`, `step_size` (TRPO), `env_steps`.
         """
         iteration = tf.convert_to_tensor(iteration)
         task_seed, rollout_seed = self.iteration_seeds(iteration)
@@ -369,6 +370,8 @@ class MAMLRL:
         before = meta_batch.train[0] if meta_batch.train else meta_batch.valid
         logs = {"return_before": average_return(before),
                 "return_after": average_return(meta_batch.valid),
+                # The exploration noise, which the control cost charges for (0.15 a step at std 1).
+                "policy_std": tf.reduce_mean(tf.exp(tf.convert_to_tensor(self.policy.log_std))),
                 "env_steps": tf.cast(steps, tf.int64)}
         if self.outer == "trpo":
             new_params, info = trpo.trpo_step(
