@@ -17,7 +17,7 @@ setup(
         "absl-py",
         "tensorboard",
         "matplotlib",
-        "pillow",
+        "pillow>=9.1",  # Image.Transpose
         "tensorflow-datasets",
         # TFDS imports it when it downloads a dataset but does not require it.
         "importlib_resources",

@@ -357,16 +357,21 @@ def test_folder_turns_jpegs_by_their_exif_orientation(tmp_path):
             root / f"c{c}" / "b.jpg", quality=95, exif=exif.tobytes())
         Image.fromarray(np.ascontiguousarray(np.rot90(upright, 1))).save(
             root / f"c{c}" / "c.jpg", quality=95)  # no orientation: shown (and kept) as stored
+        # A JPEG holding several pictures (PIL's "MPO"; many phones' photos): the same.
+        Image.fromarray(np.ascontiguousarray(np.rot90(upright, 1))).save(
+            root / f"c{c}" / "d.jpg", "MPO", save_all=True, quality=95, exif=exif.tobytes(),
+            append_images=[Image.fromarray(upright)])
     images, counts, _ = sources.load_folder(str(root), channels=1, image_size=(30, 20))
-    assert counts.tolist() == [3, 3]
-    png, photo = images[0, ..., 0].astype(int), images[1, ..., 0].astype(int)
+    assert counts.tolist() == [4, 4]
+    png, photo, mpo = (images[i, ..., 0].astype(int) for i in (0, 1, 3))
     assert np.abs(photo - png).max() < 40 and np.abs(photo - png).mean() < 3
+    assert np.abs(mpo - png).max() < 40 and np.abs(mpo - png).mean() < 3
     # Without a size to resize to, the turned photo has the PNG's size: one size, no error;
     # the unturned JPEG is 20x30 and is named.
     (root / "c0" / "c.jpg").unlink()
     (root / "c1" / "c.jpg").unlink()
     images, _, _ = sources.load_folder(str(root), channels=1)
-    assert images.shape == (4, 30, 20, 1)
+    assert images.shape == (6, 30, 20, 1)
     Image.fromarray(np.ascontiguousarray(np.rot90(upright, 1))).save(root / "c1" / "c.jpg")
     with pytest.raises(ValueError, match=r"mixed image sizes in .*c\.jpg is 30x20"):
         sources.load_folder(str(root), channels=1)

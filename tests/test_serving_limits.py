@@ -410,6 +410,76 @@ def test_image_signatures_turn_jpegs_by_their_exif_orientation(omniglot_signatur
     assert serving._jpeg_orientation(tf.constant(damaged)).numpy() == 6
 
 
+def _crafted_jpegs():
+    """`(name, JPEG bytes, orientation a viewer applies)` for layouts phones and editors write,
+    and damaged ones: what the image signatures and the folder loader must agree on."""
+    import struct
+
+    from PIL import Image
+    out = io.BytesIO()
+    Image.fromarray(np.full((8, 12), 200, np.uint8)).save(out, format="JPEG")
+    plain = out.getvalue()
+
+    def segment(marker, payload):
+        return struct.pack(">HH", marker, len(payload) + 2) + payload
+
+    def exif(entries, order=b"II", magic=42, prefix=b"Exif\0\0", extra=b""):
+        form = "<" if order == b"II" else ">"
+        ifd = struct.pack(form + "H", len(entries)) + b"".join(
+            struct.pack(form + "HHI", tag, kind, count) + value for tag, kind, count, value in entries)
+        return segment(0xFFE1, prefix + order + struct.pack(form + "HI", magic, 8) + ifd
+                       + struct.pack(form + "I", 0) + extra)  # extra at 26 for one entry
+
+    def short(value, order=b"II"):
+        return struct.pack(("<" if order == b"II" else ">") + "HH", value, 0)
+
+    def long(value, order=b"II"):
+        return struct.pack(("<" if order == b"II" else ">") + "I", value)
+
+    def jpeg(*segments):
+        return plain[:2] + b"".join(segments) + plain[2:]
+
+    orientation = exif([(0x0112, 3, 1, short(6))])
+    xmp = segment(0xFFE1, b"http://ns.adobe.com/xap/1.0/\0<x:xmpmeta tiff:Orientation='3'/>")
+    return [
+        ("SHORT, little-endian", jpeg(orientation), 6),
+        ("SHORT, big-endian", jpeg(exif([(0x0112, 3, 1, short(8, b"MM"))], b"MM")), 8),
+        ("LONG, little-endian", jpeg(exif([(0x0112, 4, 1, long(5))])), 5),
+        ("LONG, big-endian", jpeg(exif([(0x0112, 4, 1, long(7, b"MM"))], b"MM")), 7),
+        ("SSHORT", jpeg(exif([(0x0112, 8, 1, short(2))])), 2),
+        ("after other tags", jpeg(exif([(0x010F, 2, 4, b"cam\0"), (0x0112, 3, 1, short(3))])), 3),
+        ("XMP segment first", jpeg(xmp, orientation), 6),
+        ("a comment first", jpeg(segment(0xFFFE, b"hello"), orientation), 6),
+        ("fill bytes first", jpeg(b"\xff\xff\xff", orientation), 6),
+        ("a standalone marker first", jpeg(b"\xff\xd0", orientation), 6),
+        ("no Exif", plain, 1),
+        ("orientation 9", jpeg(exif([(0x0112, 3, 1, short(9))])), 1),
+        ("orientation 0", jpeg(exif([(0x0112, 3, 1, short(0))])), 1),
+        ("a BYTE", jpeg(exif([(0x0112, 1, 1, b"\x06\0\0\0")])), 1),
+        ("two values: the first", jpeg(exif([(0x0112, 3, 2, struct.pack("<HH", 6, 3))])), 6),
+        ("three values, elsewhere", jpeg(exif([(0x0112, 3, 3, long(26))],
+                                              extra=struct.pack("<HHH", 4, 3, 2))), 4),
+        ("another byte order mark", jpeg(exif([(0x0112, 3, 1, short(6))], b"XX")), 1),
+        ("not TIFF's 42", jpeg(exif([(0x0112, 3, 1, short(6))], magic=43)), 1),
+        ("not Exif", jpeg(exif([(0x0112, 3, 1, short(6))], prefix=b"Exit\0\0")), 1),
+        ("cut in the IFD", jpeg(orientation)[:len(orientation) - 8], 1),
+    ]
+
+
+@pytest.mark.filterwarnings("ignore:Metadata Warning")  # PIL on the orientation of 2 and 3 values
+def test_image_signatures_read_exif_orientations_as_the_folder_loader_does():
+    from PIL import Image
+
+    from tf_maml.tasks import sources
+    for name, data, want in _crafted_jpegs():
+        assert serving._jpeg_orientation(tf.constant(data)).numpy() == want, name
+        try:
+            with Image.open(io.BytesIO(data)) as image:
+                assert sources._orientation(image) == want, name
+        except OSError:  # a file PIL cannot open: the folder loader refuses it
+            assert name == "cut in the IFD", name
+
+
 def test_a_damaged_image_names_its_input(omniglot_signatures):
     """A header that reads well over damaged data fails in the decoder itself, whose error
     names its node: under the input's name."""

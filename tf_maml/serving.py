@@ -296,21 +296,27 @@ def _png_is_transparent(data):
                    lambda: tf.constant(False))
 
 
-# JPEG segments read before the image data when looking for the EXIF orientation (APP0,
-# APP1 and a few others come first), and entries of its first IFD searched for the tag.
-_MAX_JPEG_SEGMENTS = 32
+# JPEG segments (and fill bytes) read before the image data when looking for the EXIF
+# orientation (APP0, APP1 and a few others come first), and entries of its first IFD searched
+# for the tag.
+_MAX_JPEG_SEGMENTS = 64
 _MAX_EXIF_ENTRIES = 64
+# TIFF field types an orientation is read from: SHORT, LONG, SSHORT, SLONG (PIL reads these
+# as a number; other types as bytes, a fraction or a float, which it does not turn by).
+_EXIF_NUMBER_TYPES = {3: 2, 4: 4, 8: 2, 9: 4}  # type -> bytes
 
 
 def _jpeg_orientation(data):
     """The EXIF orientation (1-8) of JPEG `data`, int32; 1 where it has none.
 
-    Reads the first APP1 segment that starts with `Exif\\0\\0` among the first
-    `_MAX_JPEG_SEGMENTS` segments, and the orientation tag (0x0112) among the first
-    `_MAX_EXIF_ENTRIES` entries of its first IFD, in either byte order, as PIL's
-    `ImageOps.exif_transpose` does (the folder loader applies that). Damaged or
-    truncated metadata reads as 1 (bytes past the end read as zeros); values
-    outside 1-8 too.
+    What the folder loader reads with PIL (`tasks.sources._orientation`): the
+    first APP1 segment that starts with `Exif\\0\\0` (fill bytes, standalone
+    markers and segments of any length before it; among the first
+    `_MAX_JPEG_SEGMENTS`), a TIFF header in either byte order, and the first
+    orientation tag (0x0112) among the first `_MAX_EXIF_ENTRIES` entries of its
+    first IFD: the first value of a `_EXIF_NUMBER_TYPES` type. Anything else, damaged
+    or truncated metadata (bytes past the end read as zeros) or a value outside
+    1-8 reads as 1. Never fails.
     """
     size = tf.cast(tf.strings.length(data, unit="BYTE"), tf.int64)
     padded = tf.strings.join([data, tf.constant(b"\0" * 8)])
@@ -330,8 +336,12 @@ def _jpeg_orientation(data):
             exif = tf.equal(marker, 0xFFE1) & tf.equal(
                 tf.strings.substr(padded, tf.minimum(offset + 4, size), 6), b"Exif\0\0")
             found_here = tf.logical_not(stop) & exif
-            next_offset = tf.where(found_here, offset, offset + 2 + number(offset + 2, 2))
-            return next_offset, found_here, stop
+            fill = tf.equal(marker, 0xFFFF)  # a fill byte before a marker
+            standalone = ((marker >= 0xFFD0) & (marker <= 0xFFD7)) | tf.equal(marker, 0xFF01)
+            length = tf.maximum(number(offset + 2, 2), 2)  # as PIL: at least its own 2 bytes
+            step = tf.where(fill, tf.constant(1, tf.int64),
+                            tf.where(standalone, tf.constant(2, tf.int64), 2 + length))
+            return tf.where(found_here, offset, offset + step), found_here, stop
 
         offset, found, _ = tf.while_loop(
             lambda offset, found, done: tf.logical_not(found | done) & (offset + 4 <= size),
@@ -340,21 +350,30 @@ def _jpeg_orientation(data):
         return offset, found
 
     def orientation_at(tiff):
-        little = tf.equal(tf.strings.substr(padded, tf.minimum(tiff, size), 2), b"II")
+        order = tf.strings.substr(padded, tf.minimum(tiff, size), 2)
+        little = tf.equal(order, b"II")
+        header_ok = (little | tf.equal(order, b"MM")) & tf.equal(number(tiff + 2, 2, little), 42)
         ifd = tiff + number(tiff + 4, 4, little)
-        entries = tf.minimum(number(ifd, 2, little), _MAX_EXIF_ENTRIES)
+        entries = tf.where(header_ok, tf.minimum(number(ifd, 2, little), _MAX_EXIF_ENTRIES), 0)
 
-        def body(index, value):
+        def body(index, value, found):
             entry = ifd + 2 + 12 * index
-            found = tf.equal(number(entry, 2, little), 0x0112)
-            # SHORT (3), as written; LONG (4) read as PIL does.
-            long = tf.equal(number(entry + 2, 2, little), 4)
-            read_value = tf.where(long, number(entry + 8, 4, little), number(entry + 8, 2, little))
-            return index + 1, tf.where(found, read_value, value)
+            kind = number(entry + 2, 2, little)
+            count = number(entry + 4, 4, little)
+            read_value = tf.constant(0, tf.int64)
+            for type_code, width in _EXIF_NUMBER_TYPES.items():
+                # The first value (PIL takes it where there are several): in the entry when
+                # they all fit in its 4 bytes, else where the entry points.
+                at = tf.where(count * width <= 4, entry + 8, tiff + number(entry + 8, 4, little))
+                read_value = tf.where(tf.equal(kind, type_code) & (count >= 1),
+                                      number(at, width, little), read_value)
+            is_tag = tf.equal(number(entry, 2, little), 0x0112)
+            return index + 1, tf.where(is_tag, read_value, value), is_tag
 
-        _, value = tf.while_loop(lambda index, value: (index < entries) & tf.equal(value, 0),
-                                 body, (tf.constant(0, tf.int64), tf.constant(0, tf.int64)),
-                                 maximum_iterations=_MAX_EXIF_ENTRIES)
+        _, value, _ = tf.while_loop(
+            lambda index, value, found: (index < entries) & tf.logical_not(found), body,
+            (tf.constant(0, tf.int64), tf.constant(0, tf.int64), tf.constant(False)),
+            maximum_iterations=_MAX_EXIF_ENTRIES)
         return value
 
     offset, found = find_exif()

@@ -519,7 +519,9 @@ def _lost_worker_while_starting(strategy):
         yield
     except tf.errors.OpError as e:
         if distribute.is_multi_worker(strategy) and _lost_worker(e):
-            raise ConnectionError(_lost_worker_message(e, None, False, None, None)) from None
+            # Chained: the wrapped steps also read data and checkpoints, whose own errors
+            # could read alike (a network file system's 'Connection reset').
+            raise ConnectionError(_lost_worker_message(e, None, False, None, None)) from e
         raise
 
 

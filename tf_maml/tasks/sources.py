@@ -564,23 +564,35 @@ _TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)
 
 
 def _orientation(image):
-    """A JPEG's EXIF orientation (1 where it has none; other formats: 1)."""
-    if image.format != "JPEG":
+    """A JPEG's EXIF orientation (1-8; 1 where it has none or another format).
+
+    The export's image signatures read the same (`serving._jpeg_orientation`):
+    the Exif segment's orientation only when it is one number (PIL's `getexif`
+    would also fall back on an XMP packet's, which they cannot), and JPEGs
+    holding several pictures (PIL's format "MPO", many phones' photos) too.
+    """
+    from PIL import Image
+    if image.format not in ("JPEG", "MPO") or not image.info.get("exif"):
         return 1
     try:
-        return image.getexif().get(0x0112, 1)
+        exif = Image.Exif()
+        exif.load(image.info["exif"])
+        value = exif.get(0x0112, 1)
     except Exception:  # damaged metadata: taken as none, as the export's signatures do
         return 1
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
 
 
 def _upright(image):
     """A JPEG turned as its EXIF orientation says (a phone's photos are stored sideways),
     as a viewer and the export's image signatures show it; other images unchanged
     (TensorFlow's decoders, which serving uses, read no other format's orientation)."""
-    from PIL import ImageOps
-    if _orientation(image) == 1:
-        return image
-    return ImageOps.exif_transpose(image)
+    from PIL import Image
+    method = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+              4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
+              6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+              8: Image.Transpose.ROTATE_90}.get(_orientation(image))
+    return image if method is None else image.transpose(method)
 
 
 def _decode_folder(data_dir, classes, image_size, channels):
