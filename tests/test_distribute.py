@@ -266,9 +266,10 @@ def test_a_worker_lost_while_the_workers_start_is_one_line(where, tmp_path, monk
         "same command on every worker")
     assert not (tmp_path / "run" / "config.json").exists()
     # Any other error of those steps is not taken for a lost worker.
-    monkeypatch.setattr(distribute_lib, "check_same_config",
-                        lambda *args: (_ for _ in ()).throw(
-                            tf.errors.InvalidArgumentError(None, None, "bad shape")))
+    def bad_shape(*args, **kwargs):
+        raise tf.errors.InvalidArgumentError(None, None, "bad shape")
+
+    monkeypatch.setattr(distribute_lib, "check_same_config", bad_shape)
     with pytest.raises(tf.errors.InvalidArgumentError, match="bad shape"):
         trainer.train(config, str(tmp_path / "run"))
 

@@ -360,11 +360,12 @@ def _jpeg_orientation(data):
             entry = ifd + 2 + 12 * index
             kind = number(entry + 2, 2, little)
             count = number(entry + 4, 4, little)
+            pointed = tiff + number(entry + 8, 4, little)
             read_value = tf.constant(0, tf.int64)
             for type_code, width in _EXIF_NUMBER_TYPES.items():
                 # The first value (PIL takes it where there are several): in the entry when
                 # they all fit in its 4 bytes, else where the entry points.
-                at = tf.where(count * width <= 4, entry + 8, tiff + number(entry + 8, 4, little))
+                at = tf.where(count * width <= 4, entry + 8, pointed)
                 read_value = tf.where(tf.equal(kind, type_code) & (count >= 1),
                                       number(at, width, little), read_value)
             is_tag = tf.equal(number(entry, 2, little), 0x0112)
