@@ -7,9 +7,11 @@ runs in its own process (tests/scripts/).
 import json
 import re
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -61,35 +63,63 @@ def _free_ports(n):
     return ports
 
 
+#: What a worker says when another program took its port between `_free_ports` and its start.
+PORT_TAKEN = "could not start its server on port"
+
+
+def _wait_all(processes, timeout):
+    """Waits for every process; one that fails ends the others (they would wait for it)."""
+    deadline = time.monotonic() + timeout
+    while any(p.poll() is None for p in processes):
+        if time.monotonic() > deadline or any(p.poll() not in (None, 0) for p in processes):
+            for p in processes:
+                if p.poll() is None:
+                    p.kill()
+            if time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(processes[0].args, timeout)
+            break
+        time.sleep(0.2)
+    for p in processes:
+        p.wait()
+
+
 def _run_workers(model_dir, num_iterations, tmp_path, tag):
     """Runs two workers; each gets its own TMPDIR, and the non-chief a umask of 077.
 
+    Ports are picked free and released before the workers bind them: another process
+    may take one in between, which a worker reports before writing anything; the pair is
+    then started again on new ports (at most three times).
+
     Returns their final weights and what each reported (multi_worker.py's .json), per worker.
     """
-    ports = _free_ports(2)
-    cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
-    workers = []
-    for index in range(2):
-        tmpdir = tmp_path / f"{tag}_tmp{index}"
-        tmpdir.mkdir()
-        env = dict(ENV, TMPDIR=str(tmpdir),
-                   TF_CONFIG=json.dumps({"cluster": cluster,
-                                         "task": {"type": "worker", "index": index}}))
-        out = str(tmp_path / f"{tag}_worker{index}.npz")
-        # Files the non-chief (worker 1) creates are private (0600/0700): any of them found
-        # in model_dir afterwards was written by the wrong worker.
-        umask = 0o022 if index == 0 else 0o077
-        workers.append((subprocess.Popen(
-            [sys.executable, os.path.join(SCRIPTS, "multi_worker.py"), model_dir,
-             str(num_iterations), out], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            text=True, preexec_fn=lambda umask=umask: os.umask(umask)), out, tmpdir))
-    for process, _, _ in workers:
-        try:
-            _, stderr = process.communicate(timeout=600)
-        except subprocess.TimeoutExpired:
-            for p, _, _ in workers:
-                p.kill()
-            raise
+    for attempt in range(3):
+        ports = _free_ports(2)
+        cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
+        workers = []
+        for index in range(2):
+            tmpdir = tmp_path / f"{tag}{attempt}_tmp{index}"
+            tmpdir.mkdir()
+            env = dict(ENV, TMPDIR=str(tmpdir),
+                       TF_CONFIG=json.dumps({"cluster": cluster,
+                                             "task": {"type": "worker", "index": index}}))
+            out = str(tmp_path / f"{tag}{attempt}_worker{index}.npz")
+            log = open(out + ".stderr", "w")
+            # Files the non-chief (worker 1) creates are private (0600/0700): any of them
+            # found in model_dir afterwards was written by the wrong worker.
+            umask = 0o022 if index == 0 else 0o077
+            workers.append((subprocess.Popen(
+                [sys.executable, os.path.join(SCRIPTS, "multi_worker.py"), model_dir,
+                 str(num_iterations), out], env=env, stdout=subprocess.DEVNULL, stderr=log,
+                preexec_fn=lambda umask=umask: os.umask(umask)), out, tmpdir))
+            log.close()
+        _wait_all([process for process, _, _ in workers], timeout=600)
+        errors = []
+        for _, out, _ in workers:
+            with open(out + ".stderr") as f:
+                errors.append(f.read())
+        if not any(PORT_TAKEN in e for e in errors):
+            break
+    for (process, _, _), stderr in zip(workers, errors):
         assert process.returncode == 0, stderr[-3000:]
     reports = []
     for index, (_, out, tmpdir) in enumerate(workers):
@@ -236,6 +266,64 @@ def test_workers_started_with_different_settings_are_refused(tmp_path):
         assert process.returncode == 1, stderr[-3000:]
         assert ("error: the workers of this multi-worker run were started with different "
                 "settings") in stderr and "Traceback" not in stderr, stderr[-3000:]
+    assert not model_dir.exists()
+
+
+def _worker_env(ports, index):
+    return dict(ENV, TF_CONFIG=json.dumps({
+        "cluster": {"worker": [f"127.0.0.1:{p}" for p in ports]},
+        "task": {"type": "worker", "index": index}}))
+
+
+def test_a_taken_port_is_one_line_naming_it(tmp_path):
+    """A worker whose port another program held stopped with "error: Could not start gRPC
+    server", naming neither the port nor the cause."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = _python("-m", "tf_maml.train", "--dataset=sine", f"--model_dir={tmp_path / 'run'}",
+                         "--num_iterations=2", "--noevaluate", "--strategy=multi_worker",
+                         env=_worker_env([port, *_free_ports(1)], 0), timeout=300)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert (f"error: --strategy=multi_worker: worker 0 could not start its server on port {port} "
+            f"(its address in TF_CONFIG is 127.0.0.1:{port}): the port is taken"
+            ) in result.stderr and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("index", [0, 1])
+def test_a_worker_waiting_for_the_others_says_so_and_stops_on_ctrl_c(index, tmp_path):
+    """A worker started alone waits in TensorFlow's C++ for the others, holding Python's
+    lock: it printed nothing and ignored Ctrl-C until its peers came."""
+    ports = _free_ports(2)
+    model_dir = tmp_path / "run"
+    with open(tmp_path / "stderr", "w") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "tf_maml.train", "--dataset=sine", f"--model_dir={model_dir}",
+             "--num_iterations=2", "--noevaluate", "--strategy=multi_worker"],
+            env=_worker_env(ports, index), stdout=subprocess.DEVNULL, stderr=log,
+            # As at a terminal (test runners may start workers with SIGINT ignored).
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        deadline = time.monotonic() + 240
+        while "connects to the other workers" not in (tmp_path / "stderr").read_text():
+            assert process.poll() is None and time.monotonic() < deadline, (
+                (tmp_path / "stderr").read_text()[-3000:])
+            time.sleep(0.2)
+        time.sleep(2)  # into TensorFlow's wait
+        assert process.poll() is None
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=30)
+    finally:
+        process.kill()
+        process.wait()
+    stderr = (tmp_path / "stderr").read_text()
+    other = 1 - index
+    assert (f"Worker {index} of 2 (127.0.0.1:{ports[index]}) connects to the other workers of "
+            f"the cluster (worker {other} at 127.0.0.1:{ports[other]})") in stderr, stderr[-3000:]
+    assert "Ctrl-C stops it meanwhile (nothing has been written yet)" in stderr
+    assert process.returncode == -signal.SIGINT, stderr[-3000:]
     assert not model_dir.exists()
 
 

@@ -8,6 +8,7 @@ unevenly the tasks split. Batch normalization statistics stay per task (the
 forward computes them itself; nothing is synchronized across replicas).
 """
 
+import contextlib
 import hashlib
 import json
 import os
@@ -16,6 +17,7 @@ import tempfile
 import threading
 
 import tensorflow as tf
+from absl import logging
 
 from tf_maml import compat
 from tf_maml.config import STRATEGIES
@@ -47,16 +49,22 @@ def make_strategy(name):
     if name == "mirrored":
         return tf.distribute.MirroredStrategy()
     if name == "multi_worker":
-        _check_tf_config(os.environ.get("TF_CONFIG"))
+        tf_config = _check_tf_config(os.environ.get("TF_CONFIG"))
         # TensorFlow's preemption notifier takes over SIGTERM while the strategy starts
         # (it only logs "SIGTERM caught"): a preempted worker would train on and lose its
         # work at the SIGKILL that follows. The process's own handler is put back (the
-        # CLI's checkpoints and stops). While the strategy waits for the other workers to
-        # connect, SIGTERM stays TensorFlow's.
+        # CLI's checkpoints and stops).
         previous = _sigterm_handler()
-        strategy = tf.distribute.MultiWorkerMirroredStrategy()
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        try:
+            with _waiting_for_the_other_workers(tf_config):
+                strategy = tf.distribute.MultiWorkerMirroredStrategy()
+        except tf.errors.UnknownError as error:
+            if "could not start grpc server" not in str(error).lower():
+                raise
+            raise ValueError(_server_not_started(tf_config)) from None
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
         return strategy
     if name == "tpu":
         try:
@@ -83,6 +91,9 @@ def _sigterm_handler():
 def _check_tf_config(text):
     """Refuses a `TF_CONFIG` that MultiWorkerMirroredStrategy could not use, in one line.
 
+    Returns:
+        The parsed `TF_CONFIG`.
+
     Raises:
         ValueError: unset, not JSON, or without a cluster holding this process's task.
     """
@@ -103,7 +114,7 @@ def _check_tf_config(text):
         raise ValueError("TF_CONFIG has no 'task' naming this process, e.g. "
                          "{'type': 'worker', 'index': 0}")
     if task["type"] == "evaluator":  # TensorFlow's side-car evaluator sits outside the cluster
-        return
+        return tf_config
     addresses = cluster.get(task["type"])
     index = task.get("index", 0)
     try:  # TensorFlow reads int(index): "1" is index 1
@@ -119,6 +130,66 @@ def _check_tf_config(text):
         sizes = {job: len(a) if isinstance(a, (list, dict)) else a for job, a in cluster.items()}
         raise ValueError(f"TF_CONFIG's task {task['type']!r} index {task.get('index', 0)!r} is "
                          f"not in its cluster (tasks per job: {sizes})")
+    return tf_config
+
+
+def _tasks(tf_config):
+    """This process's (job, index) and the cluster's training tasks as {(job, index): address}."""
+    task = tf_config["task"]
+    me = (task["type"], int(task.get("index", 0) or 0))
+    tasks = {}
+    for job in ("chief", "worker"):
+        addresses = tf_config["cluster"].get(job) or []
+        items = (enumerate(addresses) if isinstance(addresses, list)
+                 else ((int(i), a) for i, a in addresses.items()))
+        tasks.update({(job, index): address for index, address in items})
+    return me, tasks
+
+
+def _server_not_started(tf_config):
+    """The one-line error for a worker whose gRPC server could not listen."""
+    me, tasks = _tasks(tf_config)
+    address = tasks.get(me, "?")
+    port = str(address).rsplit(":", 1)[-1]
+    return (f"--strategy=multi_worker: {me[0]} {me[1]} could not start its server on port "
+            f"{port} (its address in TF_CONFIG is {address}): the port is taken (by another "
+            "program, or by this worker started twice) or not allowed; free it or give this "
+            "worker another port in every worker's TF_CONFIG")
+
+
+@contextlib.contextmanager
+def _waiting_for_the_other_workers(tf_config):
+    """Says that the worker waits for the others, and lets Ctrl-C and SIGTERM stop the wait.
+
+    MultiWorkerMirroredStrategy's constructor blocks in C++, holding Python's lock,
+    until every worker of the cluster has connected: no Python thread runs and no
+    Python signal handler is called meanwhile. Without this, a worker started alone
+    printed nothing and ignored Ctrl-C until its peers came. So the notice comes before
+    the wait, and SIGINT (where not ignored) takes its default action while it lasts: it
+    ends the process at once, as nothing of the run has been written yet. SIGTERM does
+    the same until TensorFlow's preemption notifier takes it over during the wait (it
+    logs "SIGTERM caught" and waits on; SIGKILL stops it). The handlers are put back
+    after.
+    """
+    me, tasks = _tasks(tf_config)
+    if me in tasks and len(tasks) > 1:
+        others = ", ".join(f"{job} {index} at {address}" for (job, index), address
+                           in sorted(tasks.items()) if (job, index) != me)
+        logging.info("%s %d of %d (%s) connects to the other workers of the cluster (%s) and "
+                     "waits until every one has started with the same command and its own "
+                     "TF_CONFIG task; Ctrl-C stops it meanwhile (nothing has been written "
+                     "yet).", me[0].capitalize(), me[1], len(tasks), tasks[me], others)
+    restore = {}
+    if threading.current_thread() is threading.main_thread():
+        for number in (signal.SIGINT, signal.SIGTERM):
+            handler = signal.getsignal(number)
+            if handler not in (signal.SIG_IGN, signal.SIG_DFL, None):
+                restore[number] = signal.signal(number, signal.SIG_DFL)
+    try:
+        yield
+    finally:
+        for number, handler in restore.items():
+            signal.signal(number, handler)
 
 
 def replica_task_counts(num_tasks, num_replicas):
