@@ -76,6 +76,8 @@ def _wait_all(processes, timeout):
                 if p.poll() is None:
                     p.kill()
             if time.monotonic() > deadline:
+                for p in processes:
+                    p.wait()
                 raise subprocess.TimeoutExpired(processes[0].args, timeout)
             break
         time.sleep(0.2)
@@ -119,8 +121,11 @@ def _run_workers(model_dir, num_iterations, tmp_path, tag):
                 errors.append(f.read())
         if not any(PORT_TAKEN in e for e in errors):
             break
-    for (process, _, _), stderr in zip(workers, errors):
-        assert process.returncode == 0, stderr[-3000:]
+    # A worker that failed ended the other (-9): show what every failed worker said.
+    assert all(process.returncode == 0 for process, _, _ in workers), "\n".join(
+        f"worker {index} (status {process.returncode}): {stderr[-3000:]}"
+        for index, ((process, _, _), stderr) in enumerate(zip(workers, errors))
+        if process.returncode != 0)
     reports = []
     for index, (_, out, tmpdir) in enumerate(workers):
         with open(out + ".json") as f:
@@ -290,6 +295,42 @@ def test_a_taken_port_is_one_line_naming_it(tmp_path):
             f"(its address in TF_CONFIG is 127.0.0.1:{port}): the port is taken"
             ) in result.stderr and "Traceback" not in result.stderr, result.stderr[-3000:]
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("outcome", ["starts", "port_taken"])
+def test_the_signal_handlers_are_put_back_after_the_workers_connect(outcome, monkeypatch):
+    """SIGINT and SIGTERM take their default action only while the strategy waits for the
+    other workers: left so, Ctrl-C or a preemption during training would kill the worker
+    without its checkpoint."""
+    ports = _free_ports(2)
+    monkeypatch.setenv("TF_CONFIG", _worker_env(ports, 1)["TF_CONFIG"])
+    during = {}
+
+    def strategy():
+        during.update({n: signal.getsignal(n) for n in (signal.SIGINT, signal.SIGTERM)})
+        if outcome == "port_taken":
+            raise tf.errors.UnknownError(None, None, "Could not start gRPC server")
+        return "strategy"
+
+    def handler(number, frame):
+        raise AssertionError("not called")
+
+    monkeypatch.setattr(tf.distribute, "MultiWorkerMirroredStrategy", strategy)
+    before = {n: signal.signal(n, handler) for n in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        if outcome == "starts":
+            assert distribute.make_strategy("multi_worker") == "strategy"
+        else:
+            with pytest.raises(ValueError, match=(
+                    rf"^--strategy=multi_worker: worker 1 could not start its server on port "
+                    rf"{ports[1]} \(its address in TF_CONFIG is 127.0.0.1:{ports[1]}\)")):
+                distribute.make_strategy("multi_worker")
+        after = {n: signal.getsignal(n) for n in (signal.SIGINT, signal.SIGTERM)}
+    finally:
+        for number, previous in before.items():
+            signal.signal(number, previous)
+    assert during == {signal.SIGINT: signal.SIG_DFL, signal.SIGTERM: signal.SIG_DFL}
+    assert after == {signal.SIGINT: handler, signal.SIGTERM: handler}
 
 
 @pytest.mark.parametrize("index", [0, 1])

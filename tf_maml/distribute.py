@@ -58,7 +58,7 @@ def make_strategy(name):
         try:
             with _waiting_for_the_other_workers(tf_config):
                 strategy = tf.distribute.MultiWorkerMirroredStrategy()
-        except tf.errors.UnknownError as error:
+        except tf.errors.OpError as error:  # UnknownError in TensorFlow 2.21
             if "could not start grpc server" not in str(error).lower():
                 raise
             raise ValueError(_server_not_started(tf_config)) from None
@@ -171,14 +171,6 @@ def _waiting_for_the_other_workers(tf_config):
     logs "SIGTERM caught" and waits on; SIGKILL stops it). The handlers are put back
     after.
     """
-    me, tasks = _tasks(tf_config)
-    if me in tasks and len(tasks) > 1:
-        others = ", ".join(f"{job} {index} at {address}" for (job, index), address
-                           in sorted(tasks.items()) if (job, index) != me)
-        logging.info("%s %d of %d (%s) connects to the other workers of the cluster (%s) and "
-                     "waits until every one has started with the same command and its own "
-                     "TF_CONFIG task; Ctrl-C stops it meanwhile (nothing has been written "
-                     "yet).", me[0].capitalize(), me[1], len(tasks), tasks[me], others)
     restore = {}
     if threading.current_thread() is threading.main_thread():
         for number in (signal.SIGINT, signal.SIGTERM):
@@ -186,6 +178,18 @@ def _waiting_for_the_other_workers(tf_config):
             if handler not in (signal.SIG_IGN, signal.SIG_DFL, None):
                 restore[number] = signal.signal(number, signal.SIG_DFL)
     try:
+        me, tasks = _tasks(tf_config)
+        if me in tasks and len(tasks) > 1:
+            others = ", ".join(f"{job} {index} at {address}" for (job, index), address
+                               in sorted(tasks.items()) if (job, index) != me)
+            # Ctrl-C stops the wait only where it now takes its default action (not where it
+            # is ignored, as for `&` jobs, nor where the strategy is made off the main thread).
+            stop = (" Ctrl-C stops it meanwhile (nothing has been written yet)."
+                    if signal.getsignal(signal.SIGINT) is signal.SIG_DFL else "")
+            logging.info("%s %d of %d (%s) connects to the other workers of the cluster (%s) and "
+                         "waits until every one has started with the same command and its own "
+                         "TF_CONFIG task.%s", me[0].capitalize(), me[1], len(tasks), tasks[me],
+                         others, stop)
         yield
     finally:
         for number, handler in restore.items():
