@@ -72,3 +72,36 @@ def offline(monkeypatch):
     monkeypatch.setattr(urllib.request, "getproxies", lambda: {})
     monkeypatch.setattr(socket, "create_connection", refuse)
     return attempts
+
+
+def _reserve_ports(n):
+    """Picks `n` local TCP ports that no other program is handed for about a minute.
+
+    A port found free and released can be taken by another program (an outgoing
+    connection's local port, another test's server) before the test's server binds it.
+    Each port here is left in TIME_WAIT by a connection closed from its server's side
+    (as Yelp's ephemeral-port-reserve does): the kernel hands it to no one else until
+    that ends, while a server that sets SO_REUSEADDR, as gRPC's does, can bind it.
+    """
+    import socket
+    ports = []
+    for _ in range(n):
+        with socket.socket() as server:
+            server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            server.bind(("127.0.0.1", 0))
+            server.listen(1)
+            port = server.getsockname()[1]
+            with socket.socket() as client:
+                client.connect(("127.0.0.1", port))
+                accepted, _ = server.accept()
+                accepted.close()  # this side closes first: its port goes to TIME_WAIT
+        ports.append(port)
+    return ports
+
+
+@pytest.fixture
+def free_ports():
+    """Returns a function of `n` that gives `n` local ports reserved for the test's servers
+    (see `_reserve_ports`)."""
+    return _reserve_ports
+

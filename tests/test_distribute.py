@@ -53,17 +53,7 @@ def test_replica_task_counts():
         distribute.replica_task_counts(2, 4)
 
 
-def _free_ports(n):
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
-#: What a worker says when another program took its port between `_free_ports` and its start.
+#: What a worker says when another program took its port (see `free_ports` in conftest.py).
 PORT_TAKEN = "could not start its server on port"
 
 
@@ -85,17 +75,17 @@ def _wait_all(processes, timeout):
         p.wait()
 
 
-def _run_workers(model_dir, num_iterations, tmp_path, tag):
+def _run_workers(model_dir, num_iterations, tmp_path, tag, free_ports):
     """Runs two workers; each gets its own TMPDIR, and the non-chief a umask of 077.
 
-    Ports are picked free and released before the workers bind them: another process
-    may take one in between, which a worker reports before writing anything; the pair is
-    then started again on new ports (at most three times).
+    Ports come reserved (`free_ports`); should another program take one anyway, a worker
+    reports it before writing anything and the pair is started again on new ports (at most
+    three times).
 
     Returns their final weights and what each reported (multi_worker.py's .json), per worker.
     """
     for attempt in range(3):
-        ports = _free_ports(2)
+        ports = free_ports(2)
         cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
         workers = []
         for index in range(2):
@@ -157,9 +147,9 @@ def _assert_written_by_the_chief_only(model_dir, chief_pid, other_pid):
     assert [name for name in events if f".{chief_pid}." in name], events
 
 
-def test_two_workers_agree_checkpoint_and_resume(tmp_path):
+def test_two_workers_agree_checkpoint_and_resume(tmp_path, free_ports):
     model_dir = str(tmp_path / "run")
-    first, reports = _run_workers(model_dir, 6, tmp_path, "a")
+    first, reports = _run_workers(model_dir, 6, tmp_path, "a", free_ports)
     assert [r["start_steps"] for r in reports] == [[0], [0]]
     assert int(first[0]["step"]) == int(first[1]["step"]) == 6
     for key in first[0]:
@@ -172,7 +162,7 @@ def test_two_workers_agree_checkpoint_and_resume(tmp_path):
         "checkpoint", "ckpt-4.data-00000-of-00001", "ckpt-4.index",
         "ckpt-6.data-00000-of-00001", "ckpt-6.index"]
     # Resuming continues the same run on both workers...
-    resumed, reports = _run_workers(model_dir, 8, tmp_path, "b")
+    resumed, reports = _run_workers(model_dir, 8, tmp_path, "b", free_ports)
     assert int(resumed[0]["step"]) == 8
     # (from the checkpoint at 6: a rerun from 0 would end with the same weights)
     assert [r["start_steps"] for r in reports] == [[6], [6]]
@@ -247,11 +237,11 @@ def test_tpu_strategy_without_a_tpu_is_one_line_naming_the_flag(monkeypatch):
         distribute.make_strategy("tpu")
 
 
-def test_workers_started_with_different_settings_are_refused(tmp_path):
+def test_workers_started_with_different_settings_are_refused(tmp_path, free_ports):
     """Two workers with different flags trained together silently (the logged meta-loss a
     mix of both), and the run's config.json recorded the chief's only."""
     model_dir = tmp_path / "run"
-    cluster = {"worker": [f"127.0.0.1:{p}" for p in _free_ports(2)]}
+    cluster = {"worker": [f"127.0.0.1:{p}" for p in free_ports(2)]}
     workers = []
     for index, inner_lr in enumerate(["0.01", "0.05"]):
         env = dict(ENV, TF_CONFIG=json.dumps({"cluster": cluster,
@@ -280,7 +270,7 @@ def _worker_env(ports, index):
         "task": {"type": "worker", "index": index}}))
 
 
-def test_a_taken_port_is_one_line_naming_it(tmp_path):
+def test_a_taken_port_is_one_line_naming_it(tmp_path, free_ports):
     """A worker whose port another program held stopped with "error: Could not start gRPC
     server", naming neither the port nor the cause."""
     with socket.socket() as taken:
@@ -289,7 +279,7 @@ def test_a_taken_port_is_one_line_naming_it(tmp_path):
         port = taken.getsockname()[1]
         result = _python("-m", "tf_maml.train", "--dataset=sine", f"--model_dir={tmp_path / 'run'}",
                          "--num_iterations=2", "--noevaluate", "--strategy=multi_worker",
-                         env=_worker_env([port, *_free_ports(1)], 0), timeout=300)
+                         env=_worker_env([port, *free_ports(1)], 0), timeout=300)
     assert result.returncode == 1, result.stderr[-3000:]
     assert (f"error: --strategy=multi_worker: worker 0 could not start its server on port {port} "
             f"(its address in TF_CONFIG is 127.0.0.1:{port}): the port is taken"
@@ -298,11 +288,12 @@ def test_a_taken_port_is_one_line_naming_it(tmp_path):
 
 
 @pytest.mark.parametrize("outcome", ["starts", "port_taken"])
-def test_the_signal_handlers_are_put_back_after_the_workers_connect(outcome, monkeypatch):
+def test_the_signal_handlers_are_put_back_after_the_workers_connect(outcome, monkeypatch,
+                                                                   free_ports):
     """SIGINT and SIGTERM take their default action only while the strategy waits for the
     other workers: left so, Ctrl-C or a preemption during training would kill the worker
     without its checkpoint."""
-    ports = _free_ports(2)
+    ports = free_ports(2)
     monkeypatch.setenv("TF_CONFIG", _worker_env(ports, 1)["TF_CONFIG"])
     during = {}
 
@@ -334,10 +325,11 @@ def test_the_signal_handlers_are_put_back_after_the_workers_connect(outcome, mon
 
 
 @pytest.mark.parametrize("index", [0, 1])
-def test_a_worker_waiting_for_the_others_says_so_and_stops_on_ctrl_c(index, tmp_path):
+def test_a_worker_waiting_for_the_others_says_so_and_stops_on_ctrl_c(index, tmp_path,
+                                                                     free_ports):
     """A worker started alone waits in TensorFlow's C++ for the others, holding Python's
     lock: it printed nothing and ignored Ctrl-C until its peers came."""
-    ports = _free_ports(2)
+    ports = free_ports(2)
     model_dir = tmp_path / "run"
     with open(tmp_path / "stderr", "w") as log:
         process = subprocess.Popen(

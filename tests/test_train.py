@@ -4,7 +4,6 @@ import json
 import os
 import queue
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -129,16 +128,14 @@ class _Child:
             self.process.wait()
 
 
-def _one_worker_cluster():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+def _one_worker_cluster(port):
     return {"TF_CONFIG": json.dumps({"cluster": {"worker": [f"127.0.0.1:{port}"]},
                                      "task": {"type": "worker", "index": 0}})}
 
 
 @pytest.mark.parametrize("strategy", ["default", "multi_worker"])
-def test_sigterm_saves_a_checkpoint_and_the_run_resumes(tmp_path, strategy, start_steps):
+def test_sigterm_saves_a_checkpoint_and_the_run_resumes(tmp_path, strategy, start_steps,
+                                                        free_ports):
     """multi_worker: TensorFlow's preemption notifier took SIGTERM over ("SIGTERM caught")
     and training went on until the SIGKILL that follows, losing the work since the last
     checkpoint."""
@@ -146,7 +143,7 @@ def test_sigterm_saves_a_checkpoint_and_the_run_resumes(tmp_path, strategy, star
     child = _Child(["tf_maml.train", f"--model_dir={model_dir}", "--num_iterations=10000000",
                     "--log_every=200", "--checkpoint_every=10000000", "--validate_every=0",
                     "--noevaluate", f"--strategy={strategy}"], timeout=240,
-                   env=_one_worker_cluster() if strategy == "multi_worker" else None)
+                   env=_one_worker_cluster(*free_ports(1)) if strategy == "multi_worker" else None)
     try:
         child.wait_for("steps/s")  # step 200 is done: a checkpoint is due at SIGTERM
         child.process.send_signal(signal.SIGTERM)
