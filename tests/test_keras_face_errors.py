@@ -409,11 +409,17 @@ def _no_support(element):
             "support_y": element["support_y"][:, :0]}
 
 
-def _empty_support_of_unknown_size():
+def _no_query(element):
+    return {**element, "query_x": element["query_x"][:, :0],
+            "query_y": element["query_y"][:, :0]}
+
+
+def _empty_support_of_unknown_size(empty="support"):
     """A dataset whose example axis is unknown until it runs: the check runs in tf.data."""
     x = np.random.default_rng(0).random((4, 3, 8), np.float32)
     y = np.tile(np.arange(3, dtype=np.int32), (4, 1))
-    element = {"support_x": x[:, :0], "support_y": y[:, :0], "query_x": x, "query_y": y}
+    element = {"support_x": x, "support_y": y, "query_x": x, "query_y": y}
+    element.update({f"{empty}_x": x[:, :0], f"{empty}_y": y[:, :0]})
     spec = {"support_x": tf.TensorSpec([4, None, 8], tf.float32),
             "support_y": tf.TensorSpec([4, None], tf.int32),
             "query_x": tf.TensorSpec([4, None, 8], tf.float32),
@@ -470,6 +476,15 @@ def _with_a_nan():
      r"^the support set is empty: adaptation needs at least one example$"),
     (lambda: _learner().fit(_empty_support_of_unknown_size(), verbose=0),
      r"^a meta-batch has empty support sets"),
+    # An empty query set trained on a NaN meta-loss ("diverged: lower inner_lr") or failed in
+    # the batch norm's kernel.
+    (lambda: _learner().fit(_episodes([0, 1, 2]).map(_no_query), verbose=0),
+     r"^the query set is empty: give at least one query example per task"),
+    (lambda: _learner().fit(_empty_support_of_unknown_size("query"), verbose=0),
+     r"^a meta-batch has empty query sets \(query_x of shape \[tasks, 0, \.\.\.\]\): the "
+     r"meta-loss needs at least one query example per task$"),
+    (lambda: _learner().adapt_and_predict(_X, np.arange(3), _X[:0]),
+     r"^the query set is empty"),
     (lambda: _learner().adapt_and_predict(_X, np.arange(3), np.full_like(_X, np.inf)),
      r"^query_x holds NaN or infinite values$"),
     (lambda: _learner().adapt_and_predict(_X, np.arange(3), _X, inner_lr=-1.0),

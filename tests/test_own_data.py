@@ -131,8 +131,27 @@ def test_split_classes():
         tasks_lib.split_classes(range(10), "0.5,0.6,0.2")
     with pytest.raises(ValueError, match="not in the data: 99"):
         tasks_lib.split_classes(range(10), {"train": [1, 99], "test": [2]})
-    with pytest.raises(ValueError, match="more than one split"):
+    with pytest.raises(ValueError, match="more than one split or twice: 2$"):
         tasks_lib.split_classes(range(10), {"train": [1, 2], "test": [2, 3]})
+    # A class twice in one split is named alone (the message listed the whole split).
+    with pytest.raises(ValueError, match="more than one split or twice: 3$"):
+        tasks_lib.split_classes(range(10), {"train": [1, 2], "test": [4, 3, 5, 3]})
+
+
+def test_a_repeated_class_is_named_as_the_user_named_it():
+    """The message gave positions in the class list: "twice: 5" for the class labelled 150."""
+    x, y = _features([4] * 8)
+    labels = y * 10 + 100
+    with pytest.raises(ValueError, match="more than one split or twice: 150$"):
+        tasks_lib.array_tasks(x, labels, 2, 1, 1, class_split={
+            "train": [100, 110, 120], "val": [140, 150], "test": [150, 160, 170]})
+    # Classes short of a larger k_shot are named in order (the split's are shuffled).
+    tasks = tasks_lib.array_tasks(*_features(COUNTS), 2, 1, 1, class_split="0.5,0,0.5")
+    short = sorted(c for c, n in zip(tasks.class_names["train"], tasks.counts["train"]) if n < 7)
+    assert list(tasks.class_names["train"]) != sorted(tasks.class_names["train"])
+    with pytest.raises(ValueError, match=r"class\(es\) have fewer than train_k_shot \+ k_query = "
+                       r"7 examples: " + ", ".join(f"{c} \\(\\d\\)" for c in short[:3])):
+        tasks.check_k_shot(6, label="train_k_shot")
 
 
 def test_array_tasks_errors_name_the_problem(caplog):
@@ -303,6 +322,9 @@ def test_folder_errors_are_clear(image_folder, tmp_path):
     with pytest.raises(ValueError, match=r"class\(es\) have fewer than k_shot \+ k_query = 8 "
                                          r"examples: char_00 \(6\), char_01 \(7\), char_07 \(6\)"):
         tasks_lib.folder_tasks(str(image_folder), 2, 4, 4, image_size=14)
+    with pytest.raises(ValueError, match=r"more than one split or twice: char_02$"):
+        tasks_lib.folder_tasks(str(image_folder), 2, 1, 1, image_size=14, class_split={
+            "train": ["char_02", "char_03", "char_02"], "test": ["char_04", "char_05"]})
 
 
 def test_folder_shows_transparent_images_over_white(tmp_path):

@@ -613,6 +613,9 @@ class MetaLearner(keras.Model):
                                  f"{outputs} per example, got {name}_y of shape {shown(y)}")
         if support_x.rank is not None and support_x.rank > 1 and support_x[1] == 0:
             raise ValueError("the support set is empty: adaptation needs at least one example")
+        if query_x.rank is not None and query_x.rank > 1 and query_x[1] == 0:
+            raise ValueError("the query set is empty: give at least one query example per "
+                             "task (the meta-loss and the predictions are on the query set)")
         if not single and not query_x[:1].is_compatible_with(support_x[:1]):
             raise ValueError(f"support_x and query_x must hold the same tasks, got "
                              f"{support_x[0]} and {query_x[0]} tasks")
@@ -1242,6 +1245,10 @@ def _values_checked(*element):
     checks = [(tf.shape(episode.support_x)[1] > 0,
                "a meta-batch has empty support sets (support_x of shape [tasks, 0, ...]): "
                "adaptation needs at least one example per task")]
+    if episode.query_x is not None:
+        checks.append((tf.shape(episode.query_x)[1] > 0,
+                       "a meta-batch has empty query sets (query_x of shape [tasks, 0, ...]): "
+                       "the meta-loss needs at least one query example per task"))
     for name in Episode._fields:
         t = getattr(episode, name)
         if t is not None and t.dtype.is_floating:

@@ -172,7 +172,12 @@ class ClassPoolTasks:
 
     def _check_counts(self, split, counts, names, k_shot, label="k_shot"):
         need = k_shot + self.k_query
-        small = [f"{n} ({c})" for n, c in zip(names, counts) if c < need]
+        small = [(n, c) for n, c in zip(names, counts) if c < need]
+        try:  # the split's classes come shuffled: name them in order
+            small.sort(key=lambda pair: pair[0])
+        except TypeError:
+            small.sort(key=lambda pair: str(pair[0]))
+        small = [f"{n} ({c})" for n, c in small]
         if small:
             raise ValueError(
                 f"{self.name}: {len(small)} {split} class(es) have fewer than {label} + k_query "
@@ -237,7 +242,7 @@ class ClassPoolTasks:
 # -- class splits -------------------------------------------------------------------------------
 
 
-def split_classes(classes, class_split=DEFAULT_CLASS_SPLIT, seed=0, name="data"):
+def split_classes(classes, class_split=DEFAULT_CLASS_SPLIT, seed=0, name="data", labels=None):
     """Splits class ids into disjoint meta-training, meta-validation and meta-test classes.
 
     Args:
@@ -249,6 +254,8 @@ def split_classes(classes, class_split=DEFAULT_CLASS_SPLIT, seed=0, name="data")
             sequence of 3 lists of ids. Classes not listed are left out.
         seed: the shuffle seed of a fractional split.
         name: the data's name, for messages.
+        labels: what messages call class id `i`: `labels[i]` (the user's class
+            names, when `classes` are positions in a list of them); None: the ids.
 
     Returns:
         dict split -> numpy array of class ids ("val" absent when empty).
@@ -282,10 +289,15 @@ def split_classes(classes, class_split=DEFAULT_CLASS_SPLIT, seed=0, name="data")
             if missing:
                 raise ValueError(f"{name}: class_split {split} names classes that are not in "
                                  f"the data: {_names(missing)}")
-            repeated = [i for i in ids if i in seen]
-            if repeated or len(set(ids)) != len(ids):
+            here, repeated = set(), {}
+            for i in ids:
+                if i in seen or i in here:
+                    repeated[i] = None  # in order, once each
+                here.add(i)
+            if repeated:
+                shown = repeated if labels is None else (labels[i] for i in repeated)
                 raise ValueError(f"{name}: class_split lists classes in more than one split "
-                                 f"or twice: {_names(repeated or ids)}")
+                                 f"or twice: {_names(shown)}")
             seen.update(ids)
             if ids:
                 out[split] = np.asarray(ids)
@@ -319,7 +331,8 @@ def _pools_from_split(per_class, names, class_split, seed, n_way, k_shot, k_quer
     if len(names) < n_way:
         raise ValueError(f"{name}: {len(names)} classes, fewer than n_way={n_way}")
     index = {n: i for i, n in enumerate(names)}
-    parts = split_classes(range(len(names)), _by_index(class_split, index, name), seed, name)
+    parts = split_classes(range(len(names)), _by_index(class_split, index, name), seed, name,
+                          labels=names)
     for split, ids in parts.items():
         if len(ids) < n_way:
             how = (f"class_split {class_split!r}" if isinstance(class_split, str)
