@@ -322,6 +322,16 @@ def test_folder_errors_are_clear(image_folder, tmp_path):
     with pytest.raises(ValueError, match=r"class\(es\) have fewer than k_shot \+ k_query = 8 "
                                          r"examples: char_00 \(6\), char_01 \(7\), char_07 \(6\)"):
         tasks_lib.folder_tasks(str(image_folder), 2, 4, 4, image_size=14)
+    # A broken link was a bare "[Errno 2] No such file or directory" with a cache (the
+    # CLI's default), where `ls` shows the file.
+    broken = tmp_path / "broken"
+    shutil.copytree(image_folder, broken)
+    os.symlink(tmp_path / "gone.png", broken / "char_01" / "gone.png")
+    for cache_dir in (None, str(tmp_path / "cache")):
+        with pytest.raises(FileNotFoundError, match=r"char_01/gone.png: a broken link \(to "
+                           r"'.*gone.png', which does not exist\); restore its target or "
+                           r"remove the link$"):
+            tasks_lib.folder_tasks(str(broken), 2, 1, 1, image_size=14, cache_dir=cache_dir)
     with pytest.raises(ValueError, match=r"more than one split or twice: char_02$"):
         tasks_lib.folder_tasks(str(image_folder), 2, 1, 1, image_size=14, class_split={
             "train": ["char_02", "char_03", "char_02"], "test": ["char_04", "char_05"]})

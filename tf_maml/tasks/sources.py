@@ -469,6 +469,10 @@ def _list_folder(data_dir):
                 path = os.path.join(root, f)
                 if os.path.splitext(f)[1].lower() not in IMAGE_EXTENSIONS:
                     skipped.append(os.path.relpath(path, data_dir))
+                elif not os.path.exists(path):  # a link whose target is gone
+                    raise FileNotFoundError(
+                        f"{path}: a broken link (to {os.readlink(path)!r}, which does not "
+                        "exist); restore its target or remove the link")
                 elif os.path.realpath(path) in seen_files:
                     repeated.append(os.path.relpath(path, data_dir))
                 else:
