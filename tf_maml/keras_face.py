@@ -356,6 +356,21 @@ class MetaLearner(keras.Model):
 
     # -- configuration --------------------------------------------------------------------------
 
+    def save(self, filepath, *args, **kwargs):
+        """Saves the learner as a `.keras` file (Keras' `Model.save`).
+
+        Raises:
+            ValueError: a legacy HDF5 path (`.h5`, `.hdf5`): Keras writes it, but the
+                file cannot be loaded back as a MetaLearner.
+        """
+        if str(filepath).lower().endswith((".h5", ".hdf5")):
+            raise ValueError(
+                f"MetaLearner.save({str(filepath)!r}): a MetaLearner saves to the .keras format "
+                "only (Keras' legacy .h5 format writes it but cannot load it back); use a "
+                "path ending in .keras, learner.save_weights('....weights.h5') for the "
+                "weights alone, or learner.export(...) for a SavedModel")
+        return super().save(filepath, *args, **kwargs)
+
     def get_config(self):
         config = super().get_config()
         config.update(model=keras.saving.serialize_keras_object(self.model),
