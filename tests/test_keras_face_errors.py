@@ -493,6 +493,9 @@ def _with_a_nan():
      r"^query_x holds NaN or infinite values$"),
     (lambda: _learner().adapt_and_predict(_X, np.arange(3), _X, inner_lr=-1.0),
      r"^inner_lr must be a finite number >= 0, got -1\.0$"),
+    # (export: raised from deep in tracing, as "SGD's inner_lr ...")
+    (lambda: _learner().export("never_written", inner_lr=-1.0),
+     r"^inner_lr must be a finite number >= 0 \(or None: the algorithm's rates\), got -1\.0$"),
     (lambda: _regression_learner().adapt_and_predict(_X, np.ones((3, 1), np.float32), _X,
                                                      inner_lr=1e10, num_steps=5),
      r"^the adaptation diverged: predictions are not finite \(is inner_lr too large\?\)$"),

@@ -706,6 +706,14 @@ def test_config_own_data_fields():
                          (dict(image_channels=2), "image_channels must be 0")):
         with pytest.raises(ValueError, match=message):
             config_lib.Config(**bad).validate()
+    # One problem, one message: a misspelt dataset was also told its class_split was ignored,
+    # a negative n_way also that it must be at least 2.
+    for bad, message in ((dict(dataset="Folder", class_split="0.5,0.25,0.25"),
+                          r"got 'Folder'$"),
+                         (dict(dataset="folder", data_dir="/x", n_way=-2),
+                          r"^n_way must be a positive integer, got -2$")):
+        with pytest.raises(ValueError, match=message):
+            config_lib.Config(**bad).validate()
     folder = config_lib.Config(dataset="folder", data_dir="/x")
     with pytest.raises(ValueError, match="the input shape is known only from the data"):
         tasks_lib.spec(folder)

@@ -371,9 +371,9 @@ class Config:
             if not condition:
                 problems.append(message)
 
-        need(is_known_dataset(self.dataset),
-             f"dataset must be one of {', '.join(DATASETS)} or {TFDS_PREFIX}NAME (a TensorFlow "
-             f"Datasets name), got {self.dataset!r}")
+        if not is_known_dataset(self.dataset):  # the checks below depend on the dataset
+            raise ValueError(f"dataset must be one of {', '.join(DATASETS)} or {TFDS_PREFIX}NAME "
+                             f"(a TensorFlow Datasets name), got {self.dataset!r}")
         need(self.dataset != "folder" or self.data_dir,
              "dataset folder needs data_dir (a directory with one sub-folder of images per "
              "class)")
@@ -495,7 +495,7 @@ class Config:
              f"omniglot_validation_characters ({self.omniglot_validation_characters}) must be "
              f"0 or at least n_way ({self.n_way}): a validation task needs n_way characters")
         need(self.dataset in ("sine", "custom") + RL_DATASETS or not isinstance(self.n_way, int)
-             or self.n_way >= 2,
+             or self.n_way >= 2 or self.n_way < 1,  # (below 1: "a positive integer", above)
              f"n_way must be at least 2 for classification (one class leaves nothing to tell "
              f"apart), got {self.n_way}")
         need(self.omniglot_resize_filter in OMNIGLOT_RESIZE_FILTERS,
