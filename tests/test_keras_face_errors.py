@@ -537,3 +537,18 @@ def test_calling_the_learner_scales_uint8_images_as_predict_does():
     raw = np.array([[255, 51]], np.uint8)
     np.testing.assert_allclose(learner(raw), learner.predict(raw, verbose=0), rtol=1e-6)
     np.testing.assert_allclose(learner(raw), learner(raw.astype(np.float32) / 255), rtol=1e-6)
+
+
+def test_layers_random_in_training_are_named_in_a_warning(caplog):
+    """Augmentation layers stay active in adaptation and in the exported signatures (the
+    library calls the model in training mode): RandomFlip flipped served query images,
+    silently."""
+    model = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.RandomFlip(name="flip"),
+                              keras.layers.GaussianNoise(0.1, name="noise"),
+                              keras.layers.Flatten(), keras.layers.Dense(3)])
+    MetaLearner(model)
+    assert "layer(s) flip (RandomFlip), noise (GaussianNoise) of model" in caplog.text
+    assert "Data augmentation belongs in the input pipeline" in caplog.text
+    caplog.clear()
+    _learner()
+    assert "random numbers" not in caplog.text

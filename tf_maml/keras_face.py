@@ -322,6 +322,17 @@ class MetaLearner(keras.Model):
         except TypeError as e:
             raise ValueError(str(e)) from None
         self.model = model
+        random_layers = [f"{layer.name} ({type(layer).__name__})"
+                         for layer in compat.all_layers(model)[1:]
+                         if compat.seed_generators(layer)]
+        if random_layers:
+            logging.warning(
+                "MetaLearner: layer(s) %s of model %r draw random numbers in training mode, "
+                "which adaptation, evaluation, adapt_and_predict and the exported signatures "
+                "all use (batch norm's per-task statistics need it): they stay active there, "
+                "and predictions vary from call to call. Data augmentation belongs in the "
+                "input pipeline (a tf.data map), not in the model", ", ".join(random_layers),
+                model.name)
         self.forward = functional.make_forward(model)
         self._input_dtype = functional.integer_input_dtype(model)
         self.algorithm = algorithms.build(self.meta_config, model, self.forward,
