@@ -557,10 +557,20 @@ def _run(*args, cwd=None):
     ("tf_maml.train", ("--model_dir", "--inner_lr", "--meta_batch_size", "--dataset")),
     ("tf_maml.evaluate", ("--model_dir", "--num_eval_steps", "--original_test_goals")),
     ("tf_maml.export", ("--export_dir", "--inner_lr", "--checkpoint"))])
-def test_help_lists_the_commands_flags(command, own):
+@pytest.mark.parametrize("started_as", ["module", "console_script"])
+def test_help_lists_the_commands_flags(command, own, started_as):
     """`--help` lists the configuration's flags, which tf_maml.cli defines (before: only the
-    two or three flags of the command's own module; the rest under --helpfull)."""
-    result = _run(command, "--help")  # absl's --help exits with status 1
+    two or three flags of the command's own module; the rest under --helpfull), whether the
+    command starts as `python -m tf_maml.train` or as setup.py's `tf_maml_train` (which
+    listed no flag and no description)."""
+    if started_as == "module":
+        result = _run(command, "--help")  # absl's --help exits with status 1
+    else:
+        script = os.path.join(os.path.dirname(sys.executable), command.replace(".", "_"))
+        assert os.path.exists(script), f"{script}: installed by pip install -e ."
+        result = subprocess.run([script, "--help"], capture_output=True, text=True,
+                                env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"), timeout=600)
+    assert f"python -m {command}" in result.stdout  # the module's description
     listed = {line.split(":")[0].strip().split("--", 1)[-1]
               for line in result.stdout.splitlines() if line.startswith("  --")}
     for flag in own:

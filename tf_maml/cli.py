@@ -176,6 +176,27 @@ def overrides_from_flags(names):
     return {name: flags.FLAGS[name].value for name in names if flags.FLAGS[name].present}
 
 
+def run(main, module):
+    """Runs an entry point's `main` under absl, with its `--help` also as a console script.
+
+    absl's `--help` shows the docstring of `__main__` and the key flags of the module
+    named by `sys.argv[0]`: right for `python -m tf_maml.train`, but a console script
+    (`tf_maml_train`) is a wrapper without either, and its help listed no flag.
+
+    Args:
+        main: the entry point's `main(argv)`.
+        module: the entry point's module object.
+    """
+    script = sys.argv[0]
+    main_module = sys.modules.get("__main__")
+    if main_module is not module:  # a console script's wrapper
+        for flag in flags.FLAGS.get_key_flags_for_module(module.__name__):
+            flags.FLAGS.register_key_flag_for_module(script, flag)
+        if main_module is not None and not main_module.__doc__:
+            main_module.__doc__ = module.__doc__
+    app.run(main)
+
+
 def no_positional_arguments(argv):
     """Rejects positional arguments (absl passes them in `argv[1:]`)."""
     if len(argv) > 1:

@@ -17,8 +17,9 @@ steps) on the meta-test tasks of the config it records, as it is served; only
 """
 
 import os
+import sys
 
-from absl import app, flags, logging
+from absl import flags, logging
 
 from tf_maml import cli, reporting
 from tf_maml import config as config_lib
@@ -94,7 +95,7 @@ def main(argv):
 
 
 def run():
-    app.run(main)
+    cli.run(main, sys.modules[__name__])
 
 
 if __name__ == "__main__":

@@ -19,8 +19,9 @@ inner_lr), limited by --max_episodes, --max_horizon, --max_query_observations.
 
 import dataclasses
 import os
+import sys
 
-from absl import app, flags, logging
+from absl import flags, logging
 
 from tf_maml import cli, serving
 from tf_maml import config as config_lib
@@ -128,7 +129,7 @@ def main(argv):
 
 
 def run():
-    app.run(main)
+    cli.run(main, sys.modules[__name__])
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import signal
 import sys
 import threading
 
-from absl import app, flags, logging
+from absl import flags, logging
 
 from tf_maml import cli, distribute, reporting, trainer
 from tf_maml import experiment as experiment_lib
@@ -143,7 +143,7 @@ def main(argv):
 
 
 def run():
-    app.run(main)
+    cli.run(main, sys.modules[__name__])
 
 
 if __name__ == "__main__":
