@@ -510,6 +510,52 @@ def test_evaluate_export_reproduces_the_runs_evaluation(sine_run, tmp_path):
         reporting.evaluate_and_report(os.path.dirname(path))
 
 
+def test_ctrl_c_during_an_export_is_one_line_and_leaves_no_partial_version(sine_run, tmp_path):
+    """Ctrl-C during `tf_maml.export` printed a 30-frame traceback and died by the signal."""
+    _, model_dir, _ = sine_run
+    # Ctrl-C as the written version is about to be renamed into place.
+    script = ("import runpy, sys\nfrom tf_maml import serving\n"
+              "def interrupted(*args): raise KeyboardInterrupt\n"
+              "serving._swap_in = interrupted\n"
+              f"sys.argv = ['export', '--model_dir={model_dir}', '--export_dir={tmp_path}']\n"
+              "runpy.run_module('tf_maml.export', run_name='__main__')\n")
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            env=env, timeout=300)
+    assert result.returncode == 130, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert ("Interrupted; the export did not finish. A version appears in --export_dir only "
+            "when complete") in result.stderr
+    assert sorted(os.listdir(tmp_path)) == ["300.tmp"]  # TF Serving loads numbered ones only
+    again = subprocess.run([sys.executable, "-m", "tf_maml.export", f"--model_dir={model_dir}",
+                            f"--export_dir={tmp_path}"], capture_output=True, text=True,
+                           env=env, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert sorted(os.listdir(tmp_path)) == ["300"]
+
+
+def test_an_interrupted_evaluation_says_which_results_it_had_written(sine_run, tmp_path):
+    """It said "no results were written" beside the eval_results.json it had written."""
+    _, model_dir, _ = sine_run
+    (tmp_path / "sine_fit.png").write_bytes(b"an earlier evaluation's")
+    os.utime(tmp_path / "sine_fit.png", (0, 0))
+    script = ("import os, runpy, sys\nfrom tf_maml import reporting\n"
+              "def interrupted(model_dir, output_dir, **kwargs):\n"
+              "    open(os.path.join(output_dir, 'eval_results.json'), 'w').close()\n"
+              "    raise KeyboardInterrupt\n"
+              "reporting.evaluate_and_report = interrupted\n"
+              f"sys.argv = ['evaluate', '--model_dir={model_dir}', '--output_dir={tmp_path}']\n"
+              "runpy.run_module('tf_maml.evaluate', run_name='__main__')\n")
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            env=env, timeout=300)
+    assert result.returncode == 130, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert (f"Interrupted; the evaluation was not finished. It had written eval_results.json "
+            f"in {tmp_path}; any other results there are from an earlier evaluation. Rerun to "
+            f"evaluate again") in result.stderr, result.stderr[-3000:]
+
+
 def test_export_cli_writes_a_versioned_model(sine_run, tmp_path):
     _, model_dir, _ = sine_run
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")

@@ -18,6 +18,7 @@ steps) on the meta-test tasks of the config it records, as it is served; only
 
 import os
 import sys
+import time
 
 from absl import flags, logging
 
@@ -46,8 +47,25 @@ flags.adopt_module_key_flags(cli)
 FLAGS = flags.FLAGS
 
 
+def _interrupted_message(directory, start):
+    """What an interrupted evaluation says: which of its results it had written, if any."""
+    written = []
+    if directory and os.path.isdir(directory):
+        for name in sorted(os.listdir(directory)):
+            path = os.path.join(directory, name)
+            if (os.path.isfile(path) and name != "train.log"
+                    and os.path.getmtime(path) >= start):
+                written.append(name)
+    if not written:
+        return "Interrupted; the evaluation was not finished and no results were written."
+    return (f"Interrupted; the evaluation was not finished. It had written {', '.join(written)} "
+            f"in {directory}; any other results there are from an earlier evaluation. Rerun "
+            "to evaluate again")
+
+
 def main(argv):
     cli.no_positional_arguments(argv)
+    start = time.time() - 1  # (file times may be coarser than the clock)
     logging.set_verbosity(logging.INFO)
     # Flags given on the command line override the run's saved config.
     overrides = cli.overrides_from_flags(OVERRIDABLE)
@@ -66,8 +84,8 @@ def main(argv):
             for steps, mean, ci in zip(result["steps"], result["mean"], result["ci95"]):
                 print(f"{steps:>5} | {mean:.4f} ± {ci:.4f}")
         except KeyboardInterrupt:
-            logging.warning("Interrupted; the evaluation was not finished.")
-            raise SystemExit(130)
+            logging.warning(_interrupted_message(output_dir, start))
+            raise SystemExit(130) from None
         except cli.USER_ERRORS as e:
             cli.fail(cli.describe(e))
         return
@@ -87,9 +105,8 @@ def main(argv):
                                       output_dir=output_dir,
                                       oracle_dir=FLAGS.oracle_dir, **overrides)
     except KeyboardInterrupt:
-        logging.warning("Interrupted; the evaluation was not finished and no results were "
-                        "written.")
-        raise SystemExit(130)
+        logging.warning(_interrupted_message(output_dir or FLAGS.model_dir, start))
+        raise SystemExit(130) from None
     except cli.USER_ERRORS as e:
         cli.fail(cli.describe(e))
 

@@ -117,6 +117,12 @@ def main(argv):
                               data_fingerprint=fingerprint)
     except cli.USER_ERRORS as e:
         cli.fail(cli.describe(e))
+    except KeyboardInterrupt:
+        logging.warning("Interrupted; the export did not finish. A version appears in "
+                        "--export_dir only when complete (it is written to <version>.tmp, then "
+                        "renamed), so any numbered version there is whole: the new one if it "
+                        "was renamed in, else what was there before")
+        raise SystemExit(130) from None
     where = f"limits in {path}/assets.extra/{serving.CONFIG_ASSET}"
     if config.is_rl:
         rate = inner_lr if inner_lr is not None else config.inner_lr
