@@ -669,6 +669,9 @@ def test_options_of_another_algorithm_are_refused(options, message):
     (dict(dataset="halfcheetah_velocity", transductive=False),
      "transductive is for supervised datasets"),
     (dict(dataset="navigation2d", data_dir="/data"), "data_dir is for supervised datasets"),
+    (dict(dataset="sine", data_dir="/data"),
+     r"data_dir is for datasets read from files \(omniglot, miniimagenet, folder, tfds\) "
+     r"\(got dataset sine, where it would be ignored\)"),
     (dict(dataset="navigation2d", meta_lr=0.5),
      "meta_lr is for outer_optimizer=adam \\(TRPO's step size is max_kl\\) \\(got "
      "outer_optimizer=trpo"),

@@ -249,7 +249,7 @@ def test_workers_started_with_different_settings_are_refused(tmp_path, free_port
         workers.append(subprocess.Popen(
             [sys.executable, "-m", "tf_maml.train", "--dataset=sine", f"--model_dir={model_dir}",
              "--num_iterations=2", "--noevaluate", "--strategy=multi_worker",
-             f"--inner_lr={inner_lr}", "--data_dir=" + str(tmp_path / f"may_differ{index}")],
+             f"--inner_lr={inner_lr}", "--cache_dir=" + str(tmp_path / f"may_differ{index}")],
             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     for process in workers:
         try:

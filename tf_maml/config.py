@@ -84,6 +84,7 @@ def ignored_options(values):
                 ignored["split_seed"] = "datasets omniglot, folder and tfds:NAME"
         if dataset == "sine":
             ignored["n_way"] = "classification datasets"
+            ignored["data_dir"] = "datasets read from files (omniglot, miniimagenet, folder, tfds)"
     return ignored
 
 

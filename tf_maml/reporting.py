@@ -85,8 +85,8 @@ def _export_config(path, overrides):
     unknown = sorted(set(overrides) - set(EXPORT_OVERRIDABLE))
     if unknown:
         raise ValueError(f"an export's protocol is fixed when it is exported; only "
-                         f"{', '.join(EXPORT_OVERRIDABLE)} may be given with it, not "
-                         f"{', '.join(unknown)}")
+                         f"{', '.join(EXPORT_OVERRIDABLE)} (and output_dir, where the results "
+                         f"go) may be given with it, not {', '.join(unknown)}")
     return dataclasses.replace(config, **overrides).validate(), record
 
 
