@@ -577,6 +577,20 @@ def test_help_lists_the_commands_flags(command, own, started_as):
         assert flag[2:] in listed or f"[no]{flag[2:]}" in listed, (flag, sorted(listed))
 
 
+def test_a_stray_word_is_one_line_not_the_whole_help(tmp_path):
+    """A flagfile line without its -- (or a stray word) printed the 233 lines of --help
+    above the error."""
+    (tmp_path / "typo.flags").write_text("num_iterations=10\n--inner_lr=0.02\n")
+    result = _run("tf_maml.train", f"--flagfile={tmp_path / 'typo.flags'}",
+                  f"--model_dir={tmp_path / 'run'}")
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: unexpected argument 'num_iterations=10': flags start with -- (--name=value, "
+        "in a flagfile too; see --help)")
+    assert "--inner_lr" not in result.stderr + result.stdout  # no help text
+    assert not (tmp_path / "run").exists()
+
+
 def test_cli_trains_evaluates_and_reports_errors(tmp_path):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     model_dir = str(tmp_path / "run")

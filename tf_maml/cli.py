@@ -200,7 +200,10 @@ def run(main, module):
 def no_positional_arguments(argv):
     """Rejects positional arguments (absl passes them in `argv[1:]`)."""
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+        # One line (absl's UsageError printed the whole --help above it).
+        fail(f"unexpected argument{'s' if len(argv) > 2 else ''} "
+             f"{', '.join(repr(a) for a in argv[1:])}: flags start with -- "
+             f"(--name=value, in a flagfile too; see --help)")
 
 
 # What an entry point reports in one line (`fail(describe(e))`) rather than a traceback:
