@@ -495,6 +495,17 @@ def test_a_damaged_image_names_its_input(omniglot_signatures):
             adapt_images(tf.constant(support), labels, tf.constant(query))
 
 
+def test_adapt_images_names_its_own_inputs(omniglot_signatures):
+    """A label count that did not match the images named support_x, which adapt_images
+    does not take."""
+    good = _drawing(np.random.default_rng(5), 28)
+    adapt_images = tf.function(omniglot_signatures.adapt_images)
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match=r"support_y must have one label per support_images example; got "
+                             r"label and example counts"):
+        adapt_images(tf.constant([good] * 3), tf.constant([0, 1]), tf.constant([good]))
+
+
 def test_image_signatures_refuse_huge_images_before_decoding(omniglot_signatures):
     """Sizes come from the headers: a small file of a huge blank image is not decompressed."""
     from PIL import Image

@@ -479,8 +479,12 @@ def _validated_examples(name, x, shape, limit, limit_name, task_major, max_tasks
     return _gated(x, shape_ok, checks, [None] * lead + list(shape))
 
 
-def _validated_labels(y, support_x, classification, output_size, task_major):
-    """Asserts `support_y` matches `support_x` (validated) example by example."""
+def _validated_labels(y, support_x, classification, output_size, task_major,
+                      x_name="support_x"):
+    """Asserts `support_y` matches `support_x` (validated) example by example.
+
+    `x_name` names the examples' input in messages (`support_images` for `adapt_images`).
+    """
     lead = 2 if task_major else 1
     rows = tf.shape(support_x)[:lead]
     names = _lead_names(task_major)
@@ -491,7 +495,7 @@ def _validated_labels(y, support_x, classification, output_size, task_major):
         padded = tf.concat([tf.shape(y), tf.fill([lead], -1)], 0)[:lead]
         same = tf.reduce_all(tf.equal(padded, rows))
         with tf.control_dependencies(checks):
-            checks.append(_check(same, "support_y must have one label per support_x example; "
+            checks.append(_check(same, f"support_y must have one label per {x_name} example; "
                                        "got label and example counts", [padded, rows]))
         with tf.control_dependencies(checks):
             checks.append(_check(tf.reduce_all((y >= 0) & (y < output_size)),
@@ -503,7 +507,7 @@ def _validated_labels(y, support_x, classification, output_size, task_major):
     padded = tf.concat([tf.shape(y), tf.fill([lead], -1)], 0)[:lead]
     same = tf.reduce_all(tf.equal(padded, rows))
     with tf.control_dependencies(checks):
-        checks.append(_check(same, "support_y must have one row per support_x example; got "
+        checks.append(_check(same, f"support_y must have one row per {x_name} example; got "
                                    "row and example counts", [padded, rows]))
     with tf.control_dependencies(checks):
         checks.append(_check(tf.reduce_all(tf.math.is_finite(y)),
@@ -671,12 +675,12 @@ class AdaptationSignatures:
             result["probabilities"] = tf.nn.softmax(predictions)
         return result
 
-    def _support(self, support_x, support_y, task_major):
-        support_x = _validated_examples("support_x", support_x, self.input_shape,
+    def _support(self, support_x, support_y, task_major, x_name="support_x"):
+        support_x = _validated_examples(x_name, support_x, self.input_shape,
                                         self.limits.max_support_examples, "max_support_examples",
                                         task_major, self.limits.max_tasks)
         support_y = _validated_labels(support_y, support_x, self.classification,
-                                      self.output_size, task_major)
+                                      self.output_size, task_major, x_name)
         if not task_major:
             support_x, support_y = support_x[None], support_y[None]
         return support_x, support_y
@@ -705,8 +709,9 @@ class AdaptationSignatures:
 
     def _finite(self, values, task_major, message=None):
         """Asserts `values` `[tasks, ...]` are finite: divergence is an error, not NaN."""
-        message = message or ("the adaptation diverged: predictions are not finite (is inner_lr "
-                              "too large?)")
+        message = message or ("the adaptation diverged: predictions are not finite (inputs far "
+                              "from the scale of the training data, or a step size too large "
+                              "for them?)")
         finite = tf.reduce_all(tf.math.is_finite(values), axis=list(range(1, values.shape.rank)))
         check = _check(tf.reduce_all(finite), message + ("; in tasks" if task_major else ""),
                        [tf.where(~finite)[:, 0]] if task_major else [])
@@ -725,9 +730,9 @@ class AdaptationSignatures:
         steps = tf.constant(self.num_eval_steps, tf.int32)
         return self.algorithm.predict(self.meta_params, adapted, query_x, steps)
 
-    def _tasks(self, support_x, support_y, query_x, task_major):
-        support_x, support_y = self._support(support_x, support_y, task_major)
-        query_x = self._query(query_x, support_x, task_major)
+    def _tasks(self, support_x, support_y, query_x, task_major, names=("support_x", "query_x")):
+        support_x, support_y = self._support(support_x, support_y, task_major, names[0])
+        query_x = self._query(query_x, support_x, task_major, names[1])
         predictions = self._finite(self._fixed_fn(support_x, support_y, query_x), task_major)
         return self._outputs(predictions if task_major else predictions[0])
 
@@ -886,7 +891,8 @@ class AdaptationSignatures:
         adapted = self._adapted_fn(support_x, support_y)
         steps = tf.constant(self.num_eval_steps, tf.int32)
         weights = self.algorithm.full_weights(self.meta_params, adapted, steps)
-        message = "the adaptation diverged: adapted weights are not finite (is inner_lr too large?)"
+        message = ("the adaptation diverged: adapted weights are not finite (inputs far from the "
+                   "scale of the training data, or a step size too large for them?)")
         return {name: self._finite(w, False, message)[0]
                 for name, w in zip(self.weight_names, weights)}
 
@@ -910,7 +916,8 @@ class AdaptationSignatures:
                                  self.limits.max_support_examples, "max_support_examples")
         query_x = self._images("query_images", query_images, self.limits.max_query_examples,
                                "max_query_examples")
-        return self.adapt(support_x, support_y, query_x)
+        return self._tasks(support_x, support_y, query_x, task_major=False,
+                           names=("support_images", "query_images"))
 
 
 def build_export_archive(signatures):
