@@ -575,3 +575,13 @@ def test_what_killed_saves_left_is_removed_when_the_run_resumes(tmp_path):
     left = sorted(os.listdir(checkpoints))
     assert "ckpt-3_temp" not in left and "checkpoint.tmp0123abcd" not in left
     assert "notes_temp" in left and "ckpt-4.index" in left
+
+
+def test_an_empty_model_dir_is_named_not_errno_2(tmp_path, monkeypatch):
+    """`--model_dir=$UNSET` warned "Could not lock  (...)", then failed with "[Errno 2] No
+    such file or directory: ''"."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=r"^model_dir is empty \(an unset variable\?\): give a "
+                                         r"directory$"):
+        trainer.train(config_lib.Config(num_iterations=1, meta_batch_size=2), "")
+    assert not os.listdir(tmp_path)

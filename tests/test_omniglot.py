@@ -471,6 +471,11 @@ def test_a_crash_while_writing_the_cache_leaves_none_behind(tmp_path, monkeypatc
 def test_bad_data_gives_clear_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist; expected a directory holding"):
         omniglot.load_characters(str(tmp_path / "missing"))
+    # The archive itself given as data_dir: it exists (it "did not").
+    (tmp_path / "images_background.zip").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match=r"images_background.zip' is a file, not a "
+                                                r"directory \(give the directory that holds it\)"):
+        omniglot.load_characters(str(tmp_path / "images_background.zip"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="images_background.zip nor the folder"):
         omniglot.load_characters(str(tmp_path / "empty"))

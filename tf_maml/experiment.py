@@ -448,7 +448,12 @@ def check_writable(path, name):
     Args:
         path: the directory.
         name: what it is, for the message (e.g. "--model_dir").
+
+    Raises:
+        ValueError: `path` is empty.
     """
+    if not path or not path.strip():
+        raise ValueError(f"{name} is empty (an unset variable?): give a directory")
     if "://" in path:
         return
     existing = os.path.abspath(path)

@@ -139,7 +139,9 @@ def miniimagenet_tasks(n_way, k_shot, k_query, data_dir, cache_dir=None):
     """
     data_dir = os.path.expanduser(data_dir) if data_dir else data_dir
     if not data_dir or not os.path.isdir(data_dir):
-        raise FileNotFoundError(f"MiniImagenet data_dir {data_dir!r} does not exist")
+        what = ("is a file, not a directory (give the directory that holds images/ and the "
+                "split CSVs)" if data_dir and os.path.exists(data_dir) else "does not exist")
+        raise FileNotFoundError(f"MiniImagenet data_dir {data_dir!r} {what}")
     listed = {split: _read_csv(os.path.join(data_dir, name)) if os.path.isfile(
         os.path.join(data_dir, name)) else {} for split, name in SPLIT_FILES.items()}
     images = {split: {name for names in by_label.values() for name in names}

@@ -84,8 +84,10 @@ def _decode(data, path, resize_filter="lanczos"):
 def _source_files(data_dir):
     """[(archive name, path, is_zip)] for both archives, or raises with what is expected."""
     if not os.path.isdir(data_dir):
+        what = ("is a file, not a directory (give the directory that holds it)"
+                if os.path.exists(data_dir) else "does not exist")
         raise FileNotFoundError(
-            f"Omniglot data_dir {data_dir!r} does not exist; expected a directory holding "
+            f"Omniglot data_dir {data_dir!r} {what}; expected a directory holding "
             f"images_background.zip and images_evaluation.zip (or their extracted folders)")
     found = []
     for archive in ARCHIVES:
