@@ -45,11 +45,11 @@ def spy_episode_dataset(sample_fn, seed, start_step, num_steps, stream=0):
 distribute.make_strategy, distribute.worker_dir = spy_make_strategy, spy_worker_dir
 tasks.episode_dataset = spy_episode_dataset
 # Paths on each machine may differ between workers (each worker has its own TMPDIR): the
-# workers' comparison of their settings leaves them out.
+# workers' comparison of their settings leaves them out (cache_dir here; data_dir, the
+# other, is refused for sine).
 config = config_lib.Config(strategy=strategy_name, meta_batch_size=6,
                            num_iterations=num_iterations, checkpoint_every=4, log_every=2,
                            validate_every=0, jit_compile="false",
-                           data_dir=os.path.join(tempfile.gettempdir(), "data"),
                            cache_dir=os.path.join(tempfile.gettempdir(), "cache"))
 experiment, step = trainer.train(config, model_dir)
 np.savez(out, step=step, *[v.numpy() for v in experiment.model.trainable_variables])
