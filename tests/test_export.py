@@ -554,7 +554,20 @@ def test_an_interrupted_evaluation_says_which_results_it_had_written(sine_run, t
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
     assert (f"Interrupted; the evaluation was not finished. It had written eval_results.json "
             f"in {tmp_path}; any other results there are from an earlier evaluation. Rerun to "
-            f"evaluate again") in result.stderr, result.stderr[-3000:]
+            f"evaluate again.") in result.stderr, result.stderr[-3000:]
+    # An unset variable as --output_dir: "" fell back to --model_dir, where another
+    # protocol's results replaced the run's own.
+    results = os.path.join(model_dir, reporting.RESULTS_FILENAME)
+    kept = os.stat(results).st_mtime_ns if os.path.exists(results) else None
+    empty = subprocess.run([sys.executable, "-m", "tf_maml.evaluate", f"--model_dir={model_dir}",
+                            "--num_eval_tasks=3", "--output_dir="], capture_output=True,
+                           text=True, env=env, timeout=300)
+    assert empty.returncode == 1, empty.stderr[-3000:]
+    assert empty.stderr.strip().splitlines()[-1] == (
+        "error: --output_dir is empty (an unset variable?): give a directory")
+    assert (os.stat(results).st_mtime_ns if os.path.exists(results) else None) == kept
+    with pytest.raises(ValueError, match=r"^--output_dir is empty"):
+        reporting.evaluate_and_report(model_dir, output_dir="")
 
 
 def test_export_cli_writes_a_versioned_model(sine_run, tmp_path):

@@ -18,7 +18,6 @@ steps) on the meta-test tasks of the config it records, as it is served; only
 
 import os
 import sys
-import time
 
 from absl import flags, logging
 
@@ -47,35 +46,49 @@ flags.adopt_module_key_flags(cli)
 FLAGS = flags.FLAGS
 
 
-def _interrupted_message(directory, start):
-    """What an interrupted evaluation says: which of its results it had written, if any."""
-    written = []
-    if directory and os.path.isdir(directory):
-        for name in sorted(os.listdir(directory)):
-            path = os.path.join(directory, name)
-            if (os.path.isfile(path) and name != "train.log"
-                    and os.path.getmtime(path) >= start):
-                written.append(name)
+def _files(directory):
+    """{name: (mtime_ns, size)} of the files directly in `directory` ({} if none)."""
+    if not directory or not os.path.isdir(directory):
+        return {}
+    found = {}
+    for entry in os.scandir(directory):
+        if entry.is_file():
+            stat = entry.stat()
+            found[entry.name] = (stat.st_mtime_ns, stat.st_size)
+    return found
+
+
+def _interrupted_message(directory, before):
+    """What an interrupted evaluation says: which results it had written in `directory`
+    (files new or changed since `before`, `_files` before it began writing; None: it had not
+    got that far), if any."""
+    after = {} if before is None else _files(directory)
+    written = sorted(name for name, stat in after.items()
+                     if name != "train.log" and before.get(name) != stat)
     if not written:
         return "Interrupted; the evaluation was not finished and no results were written."
     return (f"Interrupted; the evaluation was not finished. It had written {', '.join(written)} "
             f"in {directory}; any other results there are from an earlier evaluation. Rerun "
-            "to evaluate again")
+            "to evaluate again.")
 
 
 def main(argv):
     cli.no_positional_arguments(argv)
-    start = time.time() - 1  # (file times may be coarser than the clock)
     logging.set_verbosity(logging.INFO)
     # Flags given on the command line override the run's saved config.
     overrides = cli.overrides_from_flags(OVERRIDABLE)
     output_dir = FLAGS.output_dir
+    if output_dir is not None and not output_dir.strip():
+        # ("" would fall back to --model_dir, over the run's own results.)
+        cli.fail("--output_dir is empty (an unset variable?): give a directory")
+    before = None  # the results' directory before the evaluation writes (None: not yet known)
     if (FLAGS.model_dir is None) == (FLAGS.saved_model is None):
         cli.fail("give --model_dir (a run of tf_maml.train) or --saved_model (an export of "
                  "tf_maml.export), one of them")
     if FLAGS.saved_model is not None:
         if FLAGS.baseline_dir or FLAGS.oracle_dir:
             cli.fail("--baseline_dir and --oracle_dir go with --model_dir, not --saved_model")
+        before = _files(output_dir)
         try:
             result = reporting.evaluate_export(FLAGS.saved_model, output_dir=output_dir,
                                                **overrides)
@@ -84,7 +97,7 @@ def main(argv):
             for steps, mean, ci in zip(result["steps"], result["mean"], result["ci95"]):
                 print(f"{steps:>5} | {mean:.4f} ± {ci:.4f}")
         except KeyboardInterrupt:
-            logging.warning(_interrupted_message(output_dir, start))
+            logging.warning(_interrupted_message(output_dir, before))
             raise SystemExit(130) from None
         except cli.USER_ERRORS as e:
             cli.fail(cli.describe(e))
@@ -101,11 +114,12 @@ def main(argv):
                 f"{k}={v}" for k, v in sorted(protocol.items())))
             logging.info("Protocol flags given (%s): results go to %s",
                          ", ".join(sorted(protocol)), output_dir)
+        before = _files(output_dir or FLAGS.model_dir)
         reporting.evaluate_and_report(FLAGS.model_dir, baseline_dir=FLAGS.baseline_dir,
                                       output_dir=output_dir,
                                       oracle_dir=FLAGS.oracle_dir, **overrides)
     except KeyboardInterrupt:
-        logging.warning(_interrupted_message(output_dir or FLAGS.model_dir, start))
+        logging.warning(_interrupted_message(output_dir or FLAGS.model_dir, before))
         raise SystemExit(130) from None
     except cli.USER_ERRORS as e:
         cli.fail(cli.describe(e))

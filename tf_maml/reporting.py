@@ -145,7 +145,7 @@ def evaluate_export(saved_model, output_dir=None, **overrides):
     if config.dataset == "custom":
         raise ValueError(f"{path} was meta-trained on tasks given in code (dataset 'custom'): "
                          "sample them yourself and call its adapt_tasks signature")
-    if output_dir:
+    if output_dir is not None:
         experiment_lib.check_writable(output_dir, "--output_dir")
     tasks = tasks_lib.build(config)
     fingerprint = tasks_lib.data_fingerprint(tasks)
@@ -255,7 +255,7 @@ def evaluate_and_report(model_dir, baseline_dir=None, output_dir=None, oracle_di
     if oracle_dir:
         _check_oracle(config_lib.load(model_dir, "--model_dir"),
                       config_lib.load(oracle_dir, "--oracle_dir"), oracle_dir)
-    if output_dir:
+    if output_dir is not None:
         experiment_lib.check_writable(output_dir, "--output_dir")
     else:
         output_dir = model_dir
