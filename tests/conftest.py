@@ -104,4 +104,3 @@ def free_ports():
     """Returns a function of `n` that gives `n` local ports reserved for the test's servers
     (see `_reserve_ports`)."""
     return _reserve_ports
-

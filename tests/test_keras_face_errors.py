@@ -485,10 +485,6 @@ def _with_a_nan():
      r"meta-loss needs at least one query example per task$"),
     (lambda: _learner().adapt_and_predict(_X, np.arange(3), _X[:0]),
      r"^the query set is empty"),
-    # Keras wrote .h5 with a deprecation warning; loading it failed ("Unknown layer").
-    (lambda: _learner().save("learner.H5"),
-     r"^MetaLearner.save\('learner.H5'\): a MetaLearner saves to the .keras format only "
-     r"\(Keras' legacy .h5 format writes it but cannot load it back\)"),
     (lambda: _learner().adapt_and_predict(_X, np.arange(3), np.full_like(_X, np.inf)),
      r"^query_x holds NaN or infinite values$"),
     (lambda: _learner().adapt_and_predict(_X, np.arange(3), _X, inner_lr=-1.0),
@@ -498,7 +494,8 @@ def _with_a_nan():
      r"^inner_lr must be a finite number >= 0 \(or None: the algorithm's rates\), got -1\.0$"),
     (lambda: _regression_learner().adapt_and_predict(_X, np.ones((3, 1), np.float32), _X,
                                                      inner_lr=1e10, num_steps=5),
-     r"^the adaptation diverged: predictions are not finite \(is inner_lr too large\?\)$"),
+     r"^the adaptation diverged: predictions are not finite \(inputs far from the scale of "
+     r"the training data, or a step size too large for them\?\)$"),
     (lambda: _categorical_learner().fit(_episodes([0, 1, 2]), verbose=0),
      r"^support_y holds integer class ids but categorical_crossentropy takes one-hot labels"),
     (lambda: _categorical_learner().fit(Episodes(_tasks(), 2), steps_per_epoch=1, verbose=0),
@@ -552,3 +549,18 @@ def test_layers_random_in_training_are_named_in_a_warning(caplog):
     caplog.clear()
     _learner()
     assert "random numbers" not in caplog.text
+    # Dropout alone: named, without the advice on augmentation.
+    MetaLearner(keras.Sequential([keras.Input((8,)), keras.layers.Dropout(0.1, name="drop"),
+                                  keras.layers.Dense(3)]))
+    assert "layer(s) drop (Dropout) of model" in caplog.text
+    assert "augmentation" not in caplog.text
+
+
+def test_a_legacy_h5_path_is_refused_before_anything_is_written(tmp_path):
+    """Keras wrote .h5 with a deprecation warning; loading it failed ("Unknown layer")."""
+    path = str(tmp_path / "learner.h5")
+    with pytest.raises(ValueError) as e:
+        _learner().save(path)
+    _one_line(e, r"^MetaLearner.save\('.*learner.h5'\): a MetaLearner saves to the .keras "
+                 r"format only \(Keras' legacy .h5 format writes it but cannot load it back\)")
+    assert not list(tmp_path.iterdir())

@@ -451,6 +451,8 @@ def check_writable(path, name):
 
     Raises:
         ValueError: `path` is empty.
+        NotADirectoryError: a file stands where a directory would be.
+        PermissionError: the directory (or the nearest existing parent) is not writable.
     """
     if not path or not path.strip():
         raise ValueError(f"{name} is empty (an unset variable?): give a directory")

@@ -121,7 +121,8 @@ def main(argv):
         logging.warning("Interrupted; the export did not finish. A version appears in "
                         "--export_dir only when complete (it is written to <version>.tmp, then "
                         "renamed), so any numbered version there is whole: the new one if it "
-                        "was renamed in, else what was there before")
+                        "was renamed in, else what was there before. A leftover <version>.tmp "
+                        "is ignored by TF Serving and removed by the next export.")
         raise SystemExit(130) from None
     where = f"limits in {path}/assets.extra/{serving.CONFIG_ASSET}"
     if config.is_rl:

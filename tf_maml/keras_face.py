@@ -322,17 +322,19 @@ class MetaLearner(keras.Model):
         except TypeError as e:
             raise ValueError(str(e)) from None
         self.model = model
-        random_layers = [f"{layer.name} ({type(layer).__name__})"
-                         for layer in compat.all_layers(model)[1:]
+        random_layers = [layer for layer in compat.all_layers(model)[1:]
                          if compat.seed_generators(layer)]
         if random_layers:
+            augmenting = any("dropout" not in type(layer).__name__.lower()
+                             for layer in random_layers)
             logging.warning(
                 "MetaLearner: layer(s) %s of model %r draw random numbers in training mode, "
                 "which adaptation, evaluation, adapt_and_predict and the exported signatures "
                 "all use (batch norm's per-task statistics need it): they stay active there, "
-                "and predictions vary from call to call. Data augmentation belongs in the "
-                "input pipeline (a tf.data map), not in the model", ", ".join(random_layers),
-                model.name)
+                "and predictions vary from call to call.%s",
+                ", ".join(f"{layer.name} ({type(layer).__name__})" for layer in random_layers),
+                model.name, " Data augmentation belongs in the input pipeline (a tf.data map), "
+                "not in the model" if augmenting else "")
         self.forward = functional.make_forward(model)
         self._input_dtype = functional.integer_input_dtype(model)
         self.algorithm = algorithms.build(self.meta_config, model, self.forward,
@@ -370,6 +372,13 @@ class MetaLearner(keras.Model):
     def save(self, filepath, *args, **kwargs):
         """Saves the learner as a `.keras` file (Keras' `Model.save`).
 
+        Args:
+            filepath: a path ending in `.keras`.
+            *args, **kwargs: passed on to `keras.Model.save`.
+
+        Returns:
+            What `keras.Model.save` returns (None).
+
         Raises:
             ValueError: a legacy HDF5 path (`.h5`, `.hdf5`): Keras writes it, but the
                 file cannot be loaded back as a MetaLearner.
@@ -378,7 +387,7 @@ class MetaLearner(keras.Model):
             raise ValueError(
                 f"MetaLearner.save({str(filepath)!r}): a MetaLearner saves to the .keras format "
                 "only (Keras' legacy .h5 format writes it but cannot load it back); use a "
-                "path ending in .keras, learner.save_weights('....weights.h5') for the "
+                "path ending in .keras, learner.save_weights('name.weights.h5') for the "
                 "weights alone, or learner.export(...) for a SavedModel")
         return super().save(filepath, *args, **kwargs)
 
@@ -1011,8 +1020,9 @@ class MetaLearner(keras.Model):
             tf.constant(0.0 if inner_lr is None else value, dtype))
         predictions = predictions.numpy()
         if np.issubdtype(predictions.dtype, np.floating) and not np.isfinite(predictions).all():
-            raise ValueError("the adaptation diverged: predictions are not finite (is inner_lr "
-                             "too large?)")
+            raise ValueError("the adaptation diverged: predictions are not finite (inputs far "
+                             "from the scale of the training data, or a step size too large "
+                             "for them?)")
         return predictions[0] if single else predictions
 
     # -- evaluation with the CLI's protocol -----------------------------------------------------
@@ -1264,7 +1274,7 @@ class _StartAtIteration(keras.callbacks.Callback):
 
 
 def _values_checked(*element):
-    """A user's meta-batch, after checks that its support sets are not empty and that its
+    """A user's meta-batch, after checks that its support and query sets are not empty and its
     float tensors are finite (a NaN would otherwise train every weight to NaN)."""
     element = element[0] if len(element) == 1 else element
     episode = _as_episode(element)

@@ -1071,11 +1071,16 @@ def export(experiment, export_dir, version, num_eval_steps, inner_lr=None, overw
         return rl_serving.export_policy(experiment, export_dir, version, inner_lr, overwrite,
                                         limits)
     version = check_version(version)
-    if inner_lr is not None and (isinstance(inner_lr, (bool, np.bool_)) or not isinstance(
-            inner_lr, (int, float, np.integer, np.floating)) or not 0 <= inner_lr < math.inf):
-        raise ValueError(f"inner_lr must be a finite number >= 0 (or None: the algorithm's "
-                         f"rates), got {inner_lr!r}")
-    inner_lr = None if inner_lr is None else float(inner_lr)  # (numpy's: not JSON)
+    if inner_lr is not None:
+        try:
+            value = (None if isinstance(inner_lr, (bool, np.bool_, str, bytes))
+                     else float(inner_lr))
+        except (TypeError, ValueError, OverflowError):
+            value = None
+        if value is None or not math.isfinite(value) or value < 0:
+            raise ValueError(f"inner_lr must be a finite number >= 0 (or None: the "
+                             f"algorithm's rates), got {inner_lr!r}")
+        inner_lr = value  # (a float: numpy's is not JSON)
     if not config.transductive or config.transductive_support:
         logging.warning(
             "The run's evaluation protocol is %s, but the exported adapt signatures predict a "

@@ -469,7 +469,7 @@ def _list_folder(data_dir):
                 path = os.path.join(root, f)
                 if os.path.splitext(f)[1].lower() not in IMAGE_EXTENSIONS:
                     skipped.append(os.path.relpath(path, data_dir))
-                elif not os.path.exists(path):  # a link whose target is gone
+                elif os.path.islink(path) and not os.path.exists(path):  # target gone
                     raise FileNotFoundError(
                         f"{path}: a broken link (to {os.readlink(path)!r}, which does not "
                         "exist); restore its target or remove the link")
