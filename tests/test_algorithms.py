@@ -647,6 +647,12 @@ def test_carry_inner_state_needs_reptile_with_adam(options, message):
     (dict(algorithm="metasgd", num_inner_steps=0), "pretrained baseline, is for algorithm=maml"),
     (dict(algorithm="anil", num_inner_steps=0), "pretrained baseline, is for algorithm=maml"),
     (dict(dataset="omniglot", n_way=1), "n_way must be at least 2 for classification"),
+    (dict(algorithm="reptile", meta_gradient_clip=10.0),
+     r"^meta_gradient_clip is for algorithm=maml, anil, metasgd or mamlpp \(got "
+     r"algorithm=reptile, where it would be ignored\)$"),
+    (dict(dataset="navigation2d", meta_gradient_clip=10.0),
+     "meta_gradient_clip is for supervised datasets"),
+    (dict(meta_gradient_clip=-1.0), "meta_gradient_clip must be a non-negative number"),
 ])
 def test_options_of_another_algorithm_are_refused(options, message):
     """An option the chosen algorithm would ignore is an error, not silently dropped."""

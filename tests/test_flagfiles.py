@@ -22,17 +22,18 @@ _CHEETAH = dict(outer_optimizer="trpo", cg_iterations=10, cg_damping=1e-5, backt
 RECIPES = {
     "omniglot_5way": dict(dataset="omniglot", n_way=5, meta_batch_size=32, num_inner_steps=1,
                           inner_lr=0.4, meta_lr=1e-3, num_iterations=60000,
-                          augment_rotations=True, omniglot_split="paper"),
+                          augment_rotations=True, omniglot_split="paper",
+                          meta_gradient_clip=0.0),  # the original clips for MiniImagenet only
     "omniglot_20way": dict(dataset="omniglot", n_way=20, meta_batch_size=16, num_inner_steps=5,
                            inner_lr=0.1, meta_lr=1e-3, num_iterations=60000,
-                           augment_rotations=True, omniglot_split="paper"),
+                           augment_rotations=True, omniglot_split="paper", meta_gradient_clip=0.0),
     "omniglot_20way_1shot_lake": dict(dataset="omniglot", n_way=20, meta_batch_size=16,
                                       num_inner_steps=5, inner_lr=0.1, meta_lr=1e-3,
                                       num_iterations=60000, augment_rotations=True,
                                       omniglot_split="lake"),
     "miniimagenet_5way": dict(dataset="miniimagenet", n_way=5, meta_batch_size=4,
                               num_inner_steps=5, inner_lr=0.01, k_query=15, num_eval_steps=10,
-                              model="conv4_maxpool"),
+                              model="conv4_maxpool", meta_gradient_clip=10.0),
     "sine": dict(dataset="sine", k_shot=10, meta_batch_size=25, inner_lr=0.01,
                  num_iterations=70000),
     # The family: each paper's own recipe.

@@ -220,6 +220,22 @@ def test_mixed_float16_steps_are_the_meta_gradients_not_2_to_the_15_smaller():
     assert 0.5 < changes["mixed_float16"] / changes["float32"] < 2, changes
 
 
+def test_meta_gradient_clip_bounds_every_element_of_the_update():
+    """One SGD(1) step moves no weight by more than meta_gradient_clip, and some by exactly
+    that much; without the clip the same step moves some weight further."""
+    changes = {}
+    for clip in (0.0, 0.01):
+        keras.utils.set_random_seed(0)
+        learner = MetaLearner(models.mlp(), inner_lr=0.01, meta_gradient_clip=clip)
+        learner.compile(optimizer=keras.optimizers.SGD(1.0), loss="mse", jit_compile=False)
+        before = [w.copy() for w in learner.get_weights()]
+        learner.fit(Episodes(SineTasks(), 5), epochs=1, steps_per_epoch=1, verbose=0)
+        changes[clip] = max(float(np.abs(a - b).max())
+                            for a, b in zip(before, learner.get_weights()))
+    assert changes[0.01] == pytest.approx(0.01, rel=1e-6)
+    assert changes[0.0] > 0.05, changes
+
+
 def test_a_strategy_step_compiled_with_xla_trains_and_stops_on_divergence():
     """Under a strategy with jit_compile=True the in-graph check compiles (it once formatted
     its message in the graph, which XLA cannot) and a diverging run still stops in one line."""
@@ -345,7 +361,7 @@ def test_killed_fit_resumes_with_backup_and_restore_exactly(tmp_path):
         np.testing.assert_array_equal(np.array(a), np.array(b))
 
 
-@pytest.mark.parametrize("algorithm", ["maml", "reptile_carried"])
+@pytest.mark.parametrize("algorithm", ["maml", "reptile_carried", "maml_clip"])
 def test_two_replicas_equal_one_device(tmp_path, algorithm):
     single, mirrored = str(tmp_path / "single.json"), str(tmp_path / "mirrored.json")
     for mode, out in (("single", single), ("mirrored:2", mirrored)):

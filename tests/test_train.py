@@ -312,6 +312,32 @@ def test_train_step_logs_are_finite(num_inner_steps):
     assert ("support_loss_before_adaptation" in logs) == bool(num_inner_steps)
 
 
+@pytest.mark.parametrize("algorithm", ["maml", "metasgd"])
+def test_meta_gradient_clip_and_norm_are_those_of_the_meta_gradient(algorithm):
+    """A step with SGD(1) subtracts the meta-gradient clipped elementwise, and logs the
+    global norm of the unclipped one."""
+    import keras
+    clip = 0.01
+    experiment = experiment_lib.build_experiment(config_lib.Config(
+        meta_batch_size=4, algorithm=algorithm, meta_gradient_clip=clip, jit_compile="false"))
+    variables = experiment.algorithm.meta_variables
+    episode = experiment.tasks.sample(tf.constant([0, 1], tf.int64), 4)
+    _, grads, _ = experiment.algorithm.meta_step(episode, 0.25, tf.constant(0, tf.int64))
+    before = [v.numpy().copy() for v in variables]
+    optimizer = keras.optimizers.SGD(1.0)
+    optimizer.build(variables)
+    train_step = trainer.make_train_step(experiment, optimizer, tf.Variable(0, dtype=tf.int64))
+    logs = train_step(episode)
+    assert float(logs["meta_gradient_norm"]) == pytest.approx(
+        float(tf.linalg.global_norm(grads)), rel=1e-5)
+    clipped = 0
+    for b, v, g in zip(before, variables, grads):
+        np.testing.assert_allclose(v.numpy(), b - np.clip(g.numpy(), -clip, clip), rtol=0,
+                                   atol=1e-6)
+        clipped += int(np.sum(np.abs(g.numpy()) > clip))
+    assert clipped > 0  # the clip acted
+
+
 def test_resume_refuses_other_data_and_follows_moved_data(tmp_path):
     """data_dir may change on resume (moved data), the classes may not (a redrawn split)."""
     import shutil

@@ -49,6 +49,8 @@ _HELP = {
     "num_eval_steps": "Inner gradient steps at evaluation.",
     "inner_lr": "Inner-loop step size (alpha).",
     "meta_lr": "Meta (Adam) learning rate (beta).",
+    "meta_gradient_clip": "Clip each element of the meta-gradient to [-c, c] before the "
+                          "meta-update (the original MAML code's 10 for MiniImagenet); 0: off.",
     "first_order": "First-order MAML (no second derivatives).",
     "recompute_inner_steps": "Second order: recompute the inner steps' activations in the "
                              "backward pass instead of keeping them (memory for many inner "

@@ -66,10 +66,12 @@ def ignored_options(values):
                if owner != algorithm for name in names}
     if algorithm == "reptile":
         ignored["first_order"] = "algorithms other than reptile"
+        ignored["meta_gradient_clip"] = "algorithm=maml, anil, metasgd or mamlpp"
     elif values.get("num_inner_steps", defaults.num_inner_steps) == 0:
         ignored["first_order"] = "runs with inner steps"
     if rl:
-        ignored.update({name: "supervised datasets" for name in SUPERVISED_OPTIONS})
+        ignored.update({name: "supervised datasets"
+                        for name in SUPERVISED_OPTIONS + ("meta_gradient_clip",)})
         if values.get("outer_optimizer", defaults.outer_optimizer) == "trpo":
             ignored["meta_lr"] = "outer_optimizer=adam (TRPO's step size is max_kl)"
         else:
@@ -187,6 +189,11 @@ class Config:
             reported after each step 0..num_eval_steps).
         inner_lr: inner-loop step size α.
         meta_lr: Adam learning rate β of the meta-update.
+        meta_gradient_clip: clip every element of the meta-gradient to
+            [−meta_gradient_clip, meta_gradient_clip] before the meta-update, as
+            the original MAML code does for MiniImagenet (10); 0: no clipping.
+            Not for Reptile (its update is not a gradient) nor reinforcement
+            learning.
         first_order: first-order MAML (no second derivatives).
         recompute_inner_steps: second order: recompute each inner step's
             activations when the meta-gradient needs them instead of keeping
@@ -309,6 +316,7 @@ class Config:
     num_eval_steps: int = 10
     inner_lr: float = 0.01
     meta_lr: float = 0.001
+    meta_gradient_clip: float = 0.0
     first_order: bool = False
     recompute_inner_steps: bool = False
     algorithm: str = "maml"
@@ -456,6 +464,10 @@ class Config:
                  f"{name} must be below 2**32, got {getattr(self, name)!r}")
         need(self.num_iterations < 2**62,
              f"num_iterations must be below 2**62, got {self.num_iterations!r}")
+        need(isinstance(self.meta_gradient_clip, (int, float))
+             and 0 <= self.meta_gradient_clip < float("inf"),
+             f"meta_gradient_clip must be a non-negative number (0: no clipping), got "
+             f"{self.meta_gradient_clip!r}")
         need(isinstance(self.meta_step_size_final, (int, float))
              and 0 <= self.meta_step_size_final < float("inf"),
              f"meta_step_size_final must be a non-negative number, got "

@@ -23,7 +23,8 @@ from tf_maml import compat
 from tf_maml.config import STRATEGIES
 
 __all__ = ["STRATEGIES", "make_strategy", "replica_task_counts", "check_same_config",
-           "is_chief", "is_chief_worker_process", "is_multi_worker", "worker_dir"]
+           "is_chief", "is_chief_worker_process", "is_multi_worker", "worker_dir",
+           "clip_meta_gradients"]
 
 #: Config fields that may differ between the workers of one run: paths on each machine.
 PER_MACHINE_FIELDS = ("data_dir", "cache_dir")
@@ -207,6 +208,36 @@ def replica_task_counts(num_tasks, num_replicas):
                          f"({num_replicas}): every replica needs at least one task")
     base, extra = divmod(num_tasks, num_replicas)
     return [base + (1 if r < extra else 0) for r in range(num_replicas)]
+
+
+def clip_meta_gradients(grads, clip_value=0.0):
+    """The meta-gradient's global norm, and its elements clipped to [-clip_value, clip_value].
+
+    Under a strategy each replica holds its share of the meta-gradient, which the
+    Keras optimizer sums in `apply_gradients`; a clip (or a norm) of those shares
+    would not be the single-device one. The shares are summed here first, and each
+    replica passes the optimizer 1/replicas of the clipped sum, so that the update
+    equals the single-device one (to round-off).
+
+    Args:
+        grads: this replica's meta-gradient (a list of tensors).
+        clip_value: clip bound; 0 leaves the gradient as it is (the norm is still
+            computed).
+
+    Returns:
+        `(grads, norm)`: what this replica passes to `apply_gradients`, and the
+        global norm of the whole meta-gradient before clipping.
+    """
+    replica = tf.distribute.get_replica_context()
+    replicas = replica.num_replicas_in_sync if replica is not None else 1
+    total = replica.all_reduce(tf.distribute.ReduceOp.SUM, grads) if replicas > 1 else grads
+    norm = tf.linalg.global_norm(total)
+    if not clip_value:
+        return grads, norm
+    clipped = [tf.clip_by_value(g, -clip_value, clip_value) for g in total]
+    if replicas > 1:
+        clipped = [g / replicas for g in clipped]
+    return clipped, norm
 
 
 def is_multi_worker(strategy):

@@ -50,6 +50,7 @@ __all__ = ["MetaLearner", "Episodes", "keras_task_loss"]
 # options and the evaluation protocol); the rest of `Config` is the CLI's.
 LEARNER_FIELDS = (
     "algorithm", "inner_lr", "num_inner_steps", "num_eval_steps", "first_order", "meta_lr",
+    "meta_gradient_clip",
     "num_iterations", "msl_epochs", "first_order_epochs", "iterations_per_epoch", "per_step_bn",
     "learn_inner_lr", "min_meta_lr", "inner_optimizer", "inner_batch_size",
     "eval_inner_batch_size",
@@ -275,6 +276,9 @@ class MetaLearner(keras.Model):
             `train_k_shot`, `transductive`, `seed`, `meta_batch_size` (the
             default for task families passed without `Episodes`),
             `meta_lr` and `num_iterations` (for `default_optimizer`),
+            `meta_gradient_clip` (each element of the meta-gradient, summed
+            over replicas, clipped to this before the update; unlike a Keras
+            optimizer's `clipvalue`, which clips each replica's share),
             `recompute_inner_steps` (memory for many second-order inner
             steps), `transductive_support`; and Keras' `trainable`, `dtype`.
         name: the learner's name.
@@ -854,6 +858,9 @@ class MetaLearner(keras.Model):
         # `fit` then stops with a one-line error (`_StopWhenDiverged`) and the weights are
         # those of the last good step (the CLI's trainer keeps its last checkpoint).
         finite = _all_finite([loss, *grads])
+        if self.meta_config.meta_gradient_clip:  # on the sum over replicas, as the CLI's
+            grads, _ = distribute.clip_meta_gradients(grads,
+                                                      self.meta_config.meta_gradient_clip)
         if isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
             # Keras' compile wraps the optimizer in one under a mixed_float16 policy; it
             # divides the gradients by its loss scale, which the meta-step did not apply

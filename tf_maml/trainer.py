@@ -70,7 +70,9 @@ def make_train_step(experiment, optimizer, step_counter, jit_compile=False, stra
     replicas take one more when the split is uneven). Each replica's meta-loss
     is its tasks' summed query loss divided by the *global* task count; the
     Keras optimizer sums the replicas' gradients in `apply_gradients`, which
-    gives exactly the single-device meta-gradient.
+    gives exactly the single-device meta-gradient. Its norm and
+    `config.meta_gradient_clip` are taken on that sum
+    (`distribute.clip_meta_gradients`).
 
     Args:
         experiment: an `Experiment`.
@@ -83,8 +85,10 @@ def make_train_step(experiment, optimizer, step_counter, jit_compile=False, stra
     Returns:
         A `tf.function` taking a global `Episode`; its logs are scalars over
         the whole meta-batch: `meta_loss`, `support_loss_before_adaptation`
-        (not for the pretrained baseline, which has no inner steps) and the
-        query metric after adaptation.
+        (not for the pretrained baseline, which has no inner steps), the
+        query metric after adaptation and `meta_gradient_norm` (the global norm
+        of the meta-gradient before `config.meta_gradient_clip`; not for
+        Reptile, whose outer update is not a gradient).
     """
     config = experiment.config
     algorithm = experiment.algorithm
@@ -95,6 +99,8 @@ def make_train_step(experiment, optimizer, step_counter, jit_compile=False, stra
     offsets = [sum(counts[:r]) for r in range(len(counts))]
     scale = 1.0 / config.meta_batch_size
     metric = f"query_{experiment.metric_name}"
+    replicas = strategy.num_replicas_in_sync
+    gradient_update = config.algorithm != "reptile"  # Reptile's update is not a gradient
 
     # AutoGraph off, as in Keras' own `fit`: the library's graph code has its control flow
     # explicit (tf.while_loop, tf.cond), and converting it took two thirds of the tracing time.
@@ -109,10 +115,16 @@ def make_train_step(experiment, optimizer, step_counter, jit_compile=False, stra
                                                       * scale)
         logs[metric] = tf.reduce_sum(
             experiment.metric_fn(episode.query_y, outputs.query_predictions)) * scale
+        if gradient_update and replicas == 1:  # inside the compiled function: cheaper
+            grads, logs["meta_gradient_norm"] = distribute.clip_meta_gradients(
+                grads, config.meta_gradient_clip)
         return grads, outputs.state_updates or [], logs
 
     def replica_step(episode):
         grads, state_updates, logs = compute(episode, step_counter.read_value())
+        if gradient_update and replicas > 1:  # the sum over replicas, outside `compute`
+            grads, norm = distribute.clip_meta_gradients(grads, config.meta_gradient_clip)
+            logs = dict(logs, meta_gradient_norm=norm / replicas)
         optimizer.apply_gradients(zip(grads, variables))
         # The algorithm's state (Reptile's carried Adam moments): each replica
         # assigns its value, combined over replicas by the variables' aggregation.

@@ -5,7 +5,8 @@ usage: keras_face_run.py MODE OUT_JSON [BACKUP_DIR]
         mirrored:N    MirroredStrategy over N logical CPUs
         backup        BackupAndRestore in BACKUP_DIR; if KILL_AT=epoch,batch is set, the
                       process kills itself (SIGKILL) at that batch
-  ALGO=reptile_carried: Reptile with Adam's state carried across tasks (default: maml)
+  ALGO=reptile_carried: Reptile with Adam's state carried across tasks (default: maml);
+  ALGO=maml_clip: MAML with the meta-gradient clipped (meta_gradient_clip), SGD outer steps
 """
 
 import json
@@ -53,9 +54,12 @@ with strategy.scope():
         algorithm, options = "reptile", dict(inner_optimizer="adam", carry_inner_state=True,
                                              num_inner_steps=3, meta_step_size=0.5,
                                              meta_step_size_final=0.5)
+    if algorithm == "maml_clip":
+        algorithm, options = "maml", dict(meta_gradient_clip=0.02)
     learner = tf_maml.MetaLearner(tf_maml.models.mlp(), algorithm=algorithm,
                                   inner_lr=0.01, **{"num_inner_steps": 1, **options})
-    learner.compile(optimizer=(learner.default_optimizer() if options
+    learner.compile(optimizer=(keras.optimizers.SGD(0.5) if "meta_gradient_clip" in options
+                               else learner.default_optimizer() if options
                                else keras.optimizers.Adam(1e-3)),
                     loss="mse", metrics=["mse"], jit_compile=False)
 callbacks = []

@@ -1,9 +1,10 @@
 """Runs meta-steps on one device and under MirroredStrategy over N logical CPUs; prints the gap.
 
-usage: mirrored_step.py NUM_REPLICAS first|second sine|conv|reptile
+usage: mirrored_step.py NUM_REPLICAS first|second sine|conv|conv_clip|reptile
 
 reptile: Reptile on sine with Adam's state carried across tasks (the replicas
-each assign their share of the new state).
+each assign their share of the new state). conv_clip: conv with the meta-gradient
+clipped to [-CLIP, CLIP] (the clip must act on the sum over replicas).
 """
 
 import json
@@ -25,6 +26,7 @@ from tf_maml import trainer  # noqa: E402
 from tf_maml.tasks import ImageClassTasks  # noqa: E402
 
 META_BATCH = 5  # uneven over 2 and 4 replicas on purpose
+CLIP = 0.004
 if kind == "sine":
     tasks = None
     config = config_lib.Config(meta_batch_size=META_BATCH, first_order=order == "first",
@@ -39,7 +41,8 @@ else:
     tasks = ImageClassTasks({"train": images, "test": images}, 3, 1, 2)
     config = config_lib.Config(dataset="omniglot", n_way=3, k_shot=1, k_query=2, inner_lr=0.4,
                                meta_batch_size=META_BATCH, first_order=order == "first",
-                               jit_compile="false")
+                               jit_compile="false",
+                               meta_gradient_clip=CLIP if kind == "conv_clip" else 0.0)
 
 results = {}
 for name in ("single", "mirrored"):
@@ -68,8 +71,10 @@ print(json.dumps({
                              zip(single[0], [v.numpy() for v in
                                              experiment_lib.build_experiment(config, tasks)
                                              .model.trainable_variables])),
-    "log_gap": max(abs(single[1][k] - mirrored[1][k]) for k in single[1]),
+    "log_gap": max(abs(single[1][k] - mirrored[1][k]) for k in single[1]
+                   if k != "meta_gradient_norm"),
     "steps": [single[2], mirrored[2]],
+    "norms": [single[1].get("meta_gradient_norm"), mirrored[1].get("meta_gradient_norm")],
     # The algorithm's state (Reptile's carried Adam moments and step count), relative.
     "state_gaps": [float(np.max(np.abs(a - b)) / max(np.max(np.abs(a)), 1e-30))
                    for a, b in zip(single[3], mirrored[3])],
