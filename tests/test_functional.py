@@ -355,13 +355,22 @@ def test_exact_moments_context_restores_keras():
     assert nn._compute_moments is original
 
 
-@pytest.mark.parametrize("used", ["all", "dx_only"])
-def test_fused_batch_norm_second_derivative_equals_the_composite_formula(used):
+@pytest.mark.parametrize("used,inputs", [("all", "normal"), ("dx_only", "normal"),
+                                         ("all", "strokes")])
+def test_fused_batch_norm_second_derivative_equals_the_composite_formula(used, inputs):
     # The closed-form derivative of the fused gradient kernel against autodiff of
     # the textbook formula in float64, for a nonlinear use of every output of the
     # gradient (dx, dγ, dβ), or of dx alone (the other cotangents arrive as None).
+    # "strokes": what Omniglot's first layer sees, a background of exact ties (90% zeros),
+    # one channel constant (zero variance: x̂ = 0, r = ε^-½) and one far from zero (mean
+    # 100 times its spread).
     rng = np.random.default_rng(0)
     x = rng.normal(size=(6, 5, 5, 8)) * 2 + 1
+    if inputs == "strokes":
+        x = np.where(rng.uniform(size=x.shape) < 0.9, 0.0, rng.uniform(0.5, 1.0, x.shape))
+        x[..., 3] = 0.7
+        x[..., 5] = 100 + rng.normal(size=x.shape[:3])
+    x = x.astype(np.float32).astype(np.float64)  # the reference sees the float32 inputs
     gamma, beta = rng.normal(size=8) + 1, rng.normal(size=8)
     weights = rng.normal(size=(6, 5, 5, 8))
 
@@ -385,16 +394,21 @@ def test_fused_batch_norm_second_derivative_equals_the_composite_formula(used):
         return [dx, dgamma, dbeta] + outer.gradient(meta, inputs)
 
     expected = derivatives(composite, tf.float64)
+    # What float32 allows: in a zero-variance channel the second derivative with respect
+    # to x multiplies the float32 mean's round-off by r³ (observed: 2e-4 of the largest
+    # entry for the composite formula itself, 6e-4 for the fused kernels either way).
+    allowed = [max(1e-5, 5 * e) for e in _normalized_errors(derivatives(composite, tf.float32),
+                                                            expected)]
     got = derivatives(lambda *a: functional._fused_batch_norm_training(*a, 1e-3), tf.float32)
     errors = _normalized_errors(got, expected)
-    assert max(errors) < 1e-5, errors
+    assert all(e < a for e, a in zip(errors, allowed)), (errors, allowed)
     # Exports trace without the closed form (TensorFlow's registered gradient of the kernel):
     # the same derivatives.
     with functional.first_derivatives_only():
         got = derivatives(lambda *a: functional._fused_batch_norm_training(*a, 1e-3),
                           tf.float32)
     errors = _normalized_errors(got, expected)
-    assert max(errors) < 1e-5, errors
+    assert all(e < a for e, a in zip(errors, allowed)), (errors, allowed)
 
 
 def test_first_derivatives_only_is_per_thread_and_always_turned_off_again():
