@@ -75,3 +75,19 @@ def test_xla_compiler_bench_times_the_program_and_names_a_missing_jax():
         import jax  # noqa: F401
     except ImportError:
         assert "JAX is not installed in the peer interpreter" in out
+
+
+def test_meta_gradient_precision_bench_compares_each_path_with_float64():
+    """Random strokes, a smooth activation: every float32 path is within round-off of the
+    float64 reference (a bound on correctness, not a speed figure)."""
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "bench", "meta_gradient_precision.py"),
+         "--activation=softplus", "--n_way=3", "--meta_batch_size=2", "--num_inner_steps=2"],
+        capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    rows = [line for line in result.stdout.splitlines()
+            if line.startswith(("layer-batched", "per-task", "float64, weights"))]
+    assert len(rows) == 3, result.stdout
+    for row in rows:
+        max_error = float(row.split()[-2])
+        assert max_error < 1e-4, row
