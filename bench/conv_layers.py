@@ -63,6 +63,7 @@ def main(argv):
     """Runs the benchmark (see the module docstring)."""
     del argv
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    import tf_maml  # noqa: F401 - first: its oneDNN default (tf_maml/__init__.py)
     import tensorflow as tf
 
     import flops

@@ -23,6 +23,7 @@ def exported_adapt(n_way, k_shot, k_query, inner_lr, num_eval_steps):
         arguments of one request (one task). The export is deleted afterwards.
     """
     import numpy as np
+    import tf_maml  # noqa: F401 - first: its oneDNN default (tf_maml/__init__.py)
     import tensorflow as tf
 
     from tf_maml import config as config_lib

@@ -173,6 +173,7 @@ def matmul_peak(threads=0, size=1024, seconds=1.0):
     Returns:
         The best GFLOP/s over the repetitions.
     """
+    import tf_maml  # noqa: F401 - first: its oneDNN default (tf_maml/__init__.py)
     import tensorflow as tf
 
     if threads:

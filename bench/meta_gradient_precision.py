@@ -42,6 +42,7 @@ FLAGS = flags.FLAGS
 def main(argv):
     del argv
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    import tf_maml  # noqa: F401 - first: its oneDNN default (tf_maml/__init__.py)
     import keras
     import numpy as np
     import tensorflow as tf

@@ -86,6 +86,7 @@ def build(workload, order, xla, algorithm="maml", num_inner_steps=0, steps_per_c
         the forward is the layer-batched one.
     """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    import tf_maml  # noqa: F401 - first: its oneDNN default (tf_maml/__init__.py)
     import keras
     import tensorflow as tf
 

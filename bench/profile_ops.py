@@ -125,6 +125,7 @@ def main(argv):
     del argv
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     import numpy as np
+    import tf_maml  # noqa: F401 - first: its oneDNN default (tf_maml/__init__.py)
     import tensorflow as tf
 
     if FLAGS.steps_per_call != 1:

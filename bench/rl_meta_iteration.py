@@ -31,6 +31,7 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import tf_maml  # noqa: E402, F401 - first: its oneDNN default (tf_maml/__init__.py)
 import tensorflow as tf  # noqa: E402
 from absl import app, flags  # noqa: E402
 

@@ -29,6 +29,7 @@ FLAGS = flags.FLAGS
 
 def child(num_replicas):
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    import tf_maml  # noqa: F401 - first: its oneDNN default (tf_maml/__init__.py)
     import tensorflow as tf
     if FLAGS.devices == "cpu":
         cpu = tf.config.list_physical_devices("CPU")[0]

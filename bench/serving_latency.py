@@ -56,6 +56,7 @@ def main(argv):
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     logging.set_verbosity(logging.WARNING)
     import numpy as np
+    import tf_maml  # noqa: F401 - first: its oneDNN default (tf_maml/__init__.py)
     import tensorflow as tf
 
     tf.config.threading.set_intra_op_parallelism_threads(FLAGS.intra_op_threads)

@@ -16,6 +16,7 @@ import os
 import sys
 import zipfile
 
+import tf_maml  # noqa: F401 - first: its oneDNN default (tf_maml/__init__.py)
 import keras
 import numpy as np
 import tensorflow as tf

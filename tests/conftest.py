@@ -2,6 +2,9 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+# tf_maml first, as a user's program would: on x86-64 it turns TensorFlow's oneDNN kernels on
+# (TF_ENABLE_ONEDNN_OPTS=1, unless set) before TensorFlow is imported, which Keras does.
+import tf_maml  # noqa: E402, F401
 import keras  # noqa: E402
 import pytest  # noqa: E402
 

@@ -380,8 +380,42 @@ def test_onednn_off_conv_falls_back_and_differentiates():
                             text=True, timeout=120,
                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert result.returncode == 0, result.stderr[-3000:]
-    # Plain CPU kernels have no grouped-convolution gradients: the per-task path.
+    # Plain CPU kernels have no grouped-convolution gradients: the per-task path, and the
+    # reason says how to turn oneDNN on (the same text is logged as a warning).
     assert "VECTORIZED False" in result.stdout and "grouped" in result.stdout, result.stdout
+    assert "set TF_ENABLE_ONEDNN_OPTS=1 before TensorFlow is imported" in result.stdout
+    assert "runs task by task, slower" in result.stderr, result.stderr[-2000:]
+
+
+ONEDNN_DEFAULT_SCRIPT = """
+import os, sys
+order = sys.argv[1]
+if order == "tensorflow_first":
+    import tensorflow
+import tf_maml
+from tf_maml import compat
+print(os.environ.get("TF_ENABLE_ONEDNN_OPTS"), compat.onednn_enabled())
+"""
+
+
+@pytest.mark.parametrize("preset,order,expected", [
+    (None, "tf_maml_first", "1 True"),
+    ("0", "tf_maml_first", "0 False"),
+    (None, "tensorflow_first", "None"),  # too late to choose: TensorFlow's own default stands
+])
+def test_importing_tf_maml_first_turns_onednn_on_unless_told_otherwise(preset, order, expected):
+    """On x86-64 TensorFlow turns oneDNN on by default only on CPUs with AVX-512 VNNI, BF16 or
+    AMX; without it conv models lose the layer-batched path. tf_maml sets
+    TF_ENABLE_ONEDNN_OPTS=1 when imported before TensorFlow, unless the variable is set."""
+    import platform  # noqa: PLC0415
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        pytest.skip("tf_maml leaves TensorFlow's oneDNN default alone off x86-64")
+    env = {k: v for k, v in os.environ.items() if k != "TF_ENABLE_ONEDNN_OPTS"}
+    env.update(TF_CPP_MIN_LOG_LEVEL="3", **({"TF_ENABLE_ONEDNN_OPTS": preset} if preset else {}))
+    result = subprocess.run([sys.executable, "-c", ONEDNN_DEFAULT_SCRIPT, order], env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split()[:len(expected.split())] == expected.split(), result.stdout
 
 
 # ---------------------------------------------------------------------------

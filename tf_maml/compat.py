@@ -18,7 +18,7 @@ import contextlib
 
 __all__ = ["cluster_resolver", "keras_moments_replaced", "functional_model_class", "all_layers",
            "seed_generators", "inbound_node_count", "dropout_noise_shape", "dropout_seed",
-           "eager_device_name", "model_supports_jit", "keras_trainer_hooks"]
+           "eager_device_name", "model_supports_jit", "keras_trainer_hooks", "onednn_enabled"]
 
 
 def cluster_resolver(strategy):
@@ -138,3 +138,18 @@ def eager_device_name():
     import tensorflow as tf  # noqa: PLC0415
     from tensorflow.python.eager import context  # noqa: PLC0415
     return context.context().device_name if tf.executing_eagerly() else ""
+
+
+def onednn_enabled():
+    """Whether TensorFlow's oneDNN CPU kernels are on in this process (None: unknown).
+
+    TensorFlow decides once, when it is imported, from `TF_ENABLE_ONEDNN_OPTS`
+    and, when that is unset, the CPU (on x86-64 only CPUs with AVX-512 VNNI,
+    BF16 or AMX get them by default). Relies on
+    `tensorflow.python.util._pywrap_util_port.IsMklEnabled` (TF 2.x).
+    """
+    try:
+        from tensorflow.python.util import _pywrap_util_port  # noqa: PLC0415
+        return bool(_pywrap_util_port.IsMklEnabled())
+    except (ImportError, AttributeError):
+        return None

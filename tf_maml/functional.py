@@ -40,6 +40,7 @@ import threading
 import keras
 import numpy as np
 import tensorflow as tf
+from absl import logging
 
 from tf_maml import compat
 
@@ -534,9 +535,14 @@ def _plan_conv2d(layer, layout, dtype):
     if _activation_kind(layer.activation) != "elementwise":
         raise _Unsupported("Conv2D with a non-elementwise activation")
     if not _grouped_conv_differentiable(dtype, strided, dilated, padding):
+        hint = "(TensorFlow's CPU kernels need oneDNN and float32/bfloat16)"
+        if (tf.as_dtype(dtype) in (tf.float32, tf.bfloat16) and compat.onednn_enabled() is False
+                and "GPU" not in compat.eager_device_name().upper()):
+            hint = ("(TensorFlow's oneDNN CPU kernels, which have them, are off in this process: "
+                    "set TF_ENABLE_ONEDNN_OPTS=1 before TensorFlow is imported, or import "
+                    "tf_maml before TensorFlow or Keras, which sets it unless it is set)")
         raise _Unsupported(
-            f"this device has no exact gradient kernel for grouped {dtype} convolutions "
-            "(TensorFlow's CPU kernels need oneDNN and float32/bfloat16)")
+            f"this device has no exact gradient kernel for grouped {dtype} convolutions {hint}")
     kernel = _variable(layer, "kernel")
     bias = _variable(layer, "bias") if layer.use_bias else None
     activation = layer.activation
@@ -968,6 +974,8 @@ def make_forward(model, vectorize="auto"):
             if vectorize == "layers":
                 raise ValueError(
                     f"model {model.name!r} cannot use the layer-batched path: {reason}") from None
+            if "TF_ENABLE_ONEDNN_OPTS" in reason:
+                logging.warning("model %r runs task by task, slower: %s", model.name, reason)
 
     if plan is not None:
         steps, final_layout, dtype, input_dtype = plan

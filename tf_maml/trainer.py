@@ -475,10 +475,13 @@ def _train(config, model_dir, tasks, run_log):
         return experiment, start
 
     jit = experiment_lib.resolve_jit_compile(config, model, experiment.forward.vectorized)
-    logging.info("Meta-training %s with %s on %s: %d iterations, layer-batched forward: %s, "
+    logging.info("Meta-training %s with %s on %s: %d iterations, layer-batched forward: %s%s, "
                  "XLA: %s, %d replica(s)", config.model_for(experiment.spec.input_shape),
                  algorithm.name, config.dataset, config.num_iterations,
-                 experiment.forward.vectorized, jit, strategy.num_replicas_in_sync)
+                 experiment.forward.vectorized,
+                 f" ({experiment.forward.unsupported_reason})"
+                 if experiment.forward.unsupported_reason else "",
+                 jit, strategy.num_replicas_in_sync)
     classes = getattr(experiment.tasks, "num_classes", None)
     if config.validate_every and isinstance(classes, dict):
         logging.info("Validation every %d iterations: %d tasks of the %s", config.validate_every,
