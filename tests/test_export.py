@@ -134,6 +134,57 @@ def test_fresh_process_load_matches_in_process_model(kind, sine_run, classifier,
                                    tf.nn.softmax(expected[steps]).numpy(), **TOLERANCE)
 
 
+ONEDNN_OFF_SCRIPT = """
+import sys, numpy as np, tensorflow as tf
+from tensorflow.python.util import _pywrap_util_port
+assert not _pywrap_util_port.IsMklEnabled(), "oneDNN is on"
+model = tf.saved_model.load(sys.argv[1])
+tasks = dict(np.load(sys.argv[2]))
+out = {}
+for suffix in ("", "_custom"):
+    many, one = model.signatures["adapt_tasks" + suffix], model.signatures["adapt" + suffix]
+    names = many.structured_input_signature[1]
+    inputs = {k: v for k, v in tasks.items() if k in names}
+    out["tasks" + suffix] = many(**{k: tf.constant(v) for k, v in inputs.items()})[
+        "predictions"].numpy()
+    out["each" + suffix] = np.stack([one(**{k: tf.constant(v[i]) for k, v in inputs.items()})[
+        "predictions"].numpy() for i in range(len(tasks["support_x"]))])
+np.savez(sys.argv[3], **out)
+"""
+
+
+@pytest.mark.parametrize("algorithm", ["maml", "anil"])
+def test_task_major_signatures_answer_where_onednn_is_off(algorithm, tmp_path):
+    """A conv model's adapt_tasks and adapt_tasks_custom answer several tasks in a process
+    with oneDNN off (TF Serving, a CPU without AVX-512), which has no gradients of grouped
+    convolutions: MAML's tasks one at a time, ANIL's body (forward only) batched; each task
+    as adapt and adapt_custom answer it alone."""
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 255, (8, 6, 12, 12, 1), dtype=np.uint8)
+    tasks = ImageClassTasks({"train": images, "test": images}, n_way=3, k_shot=2, k_query=2)
+    config = config_lib.Config(dataset="omniglot", n_way=3, k_shot=2, k_query=2, inner_lr=0.4,
+                               num_eval_steps=3, algorithm=algorithm)
+    experiment = experiment_lib.build_experiment(config, tasks)
+    assert experiment.algorithm.adapts_through_grouped_convolutions == (algorithm == "maml")
+    path = serving.export(experiment, str(tmp_path / "serving"), 1, 3, 0.4,
+                          limits=CLASSIFIER_LIMITS, image_format=None)
+    episode = tasks.sample(tf.constant([3, 7], tf.int64), 3, "test")
+    np.savez(tmp_path / "tasks.npz", **{k: getattr(episode, k).numpy()
+                                        for k in ("support_x", "support_y", "query_x")},
+             inner_steps=np.int32([2, 0, 4]), inner_lr=np.float32([0.4, 0.3, 0.2]))
+    script = tmp_path / "load.py"
+    script.write_text(ONEDNN_OFF_SCRIPT)
+    result = subprocess.run([sys.executable, str(script), path, str(tmp_path / "tasks.npz"),
+                             str(tmp_path / "out.npz")], capture_output=True, text=True,
+                            env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3",
+                                     TF_ENABLE_ONEDNN_OPTS="0"), timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = dict(np.load(tmp_path / "out.npz"))
+    for suffix in ("", "_custom"):
+        np.testing.assert_allclose(out["tasks" + suffix], out["each" + suffix], **TOLERANCE)
+    assert not np.allclose(out["tasks_custom"][0], out["tasks_custom"][1])  # 2 steps, and 0
+
+
 def test_tf1_session_loader_and_saved_model_cli(sine_run, tmp_path):
     experiment, _, path = sine_run
     inputs, episode = _task(experiment, seed=3)
@@ -712,12 +763,14 @@ def test_every_algorithm_exports_its_own_adaptation(algorithms, tmp_path):
         assert not np.allclose(own[0][0].numpy(), own[3][0].numpy())
         adapted_predictions[name] = own[3][0].numpy()
         # Per-task step counts: each task as its own adaptation (MAML++'s per-step batch
-        # norm read at each task's own step).
-        _, curve = evaluation.adaptation_curve(algorithm, params, tasks_episode,
-                                               experiment.metric_fn, 3, inner_lr=0.3)
+        # norm read at each task's own step), of that task alone as the export answers a
+        # conv model's tasks (one at a time: test_task_major_signatures_answer_where_...).
         for i, steps in enumerate(task_steps):
+            one_task = type(tasks_episode)(*(value[i:i + 1] for value in tasks_episode))
+            _, curve = evaluation.adaptation_curve(algorithm, params, one_task,
+                                                   experiment.metric_fn, 3, inner_lr=0.3)
             np.testing.assert_allclose(out[f"{name}/adapt_tasks_custom/predictions"][i],
-                                       curve[steps][i].numpy(), **TOLERANCE)
+                                       curve[steps][0].numpy(), **TOLERANCE)
     # The algorithms really adapt differently (learned rates, head only, Adam, carried Adam).
     assert sorted(adapted_predictions) == sorted(algorithms)
     if "reptile_carried" in algorithms:

@@ -11,6 +11,8 @@ import glob
 import io
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -103,6 +105,37 @@ def test_shipped_omniglot_model_classifies_held_out_characters(name, omniglot_ch
     figure = MANIFEST[name]["meta_test"]["mean"]
     # 96 tasks: a 95% interval of about 1-2 points around the 600-task figure.
     assert accuracy >= figure - 0.04, (name, accuracy, figure)
+
+
+ONEDNN_OFF_SCRIPT = """
+import json, sys, numpy as np, tensorflow as tf
+from tensorflow.python.util import _pywrap_util_port
+assert not _pywrap_util_port.IsMklEnabled(), "oneDNN is on"
+config = json.loads(sys.argv[2])
+model = tf.saved_model.load(sys.argv[1])
+rng = np.random.default_rng(0)
+n, k = config["n_way"], config["k_shot"]
+tasks = {"support_x": rng.uniform(0, 1, (2, n * k, 28, 28, 1)).astype(np.float32),
+         "support_y": np.tile(np.repeat(np.arange(n, dtype=np.int32), k), (2, 1)),
+         "query_x": rng.uniform(0, 1, (2, n, 28, 28, 1)).astype(np.float32)}
+together = model.signatures["adapt_tasks"](**tasks)["predictions"].numpy()
+for i in range(2):
+    alone = model.signatures["adapt"](**{key: v[i] for key, v in tasks.items()})["predictions"]
+    np.testing.assert_allclose(together[i], alone.numpy(), rtol=1e-5, atol=1e-5)
+"""
+
+
+@pytest.mark.parametrize("name", _names("omniglot"))
+def test_shipped_omniglot_models_answer_several_tasks_with_onednn_off(name, tmp_path):
+    """TF Serving, or a loader on a CPU without AVX-512, may run without oneDNN, which alone
+    has gradients of grouped convolutions: `adapt_tasks` answers each task as `adapt` does."""
+    script = tmp_path / "load.py"
+    script.write_text(ONEDNN_OFF_SCRIPT)
+    result = subprocess.run([sys.executable, str(script), _path(name), json.dumps(_config(name))],
+                            capture_output=True, text=True, timeout=300,
+                            env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3",
+                                     TF_ENABLE_ONEDNN_OPTS="0"))
+    assert result.returncode == 0, result.stderr[-3000:]
 
 
 @pytest.mark.parametrize("name", _names("omniglot"))

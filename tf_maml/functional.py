@@ -912,6 +912,11 @@ def make_forward(model, vectorize="auto"):
         ...]`. `forward.vectorized` tells which path was chosen, and
         `forward.unsupported_reason` why the fast path was not taken (None
         when it was, or with `vectorize="map_fn"`).
+        `forward.uses_grouped_convolutions` tells whether it runs grouped
+        convolutions (the layer-batched path of a model with `Conv2D`
+        layers): their gradients exist on CPU only with oneDNN on, so a graph
+        that differentiates through them for several tasks at once fails
+        where it is off (one task at a time, a plain convolution, works).
 
         `training=True` means what it means in Keras: batch normalization uses
         the statistics of each task's batch (the MAML paper's behaviour),
@@ -1057,4 +1062,6 @@ def make_forward(model, vectorize="auto"):
 
     forward.vectorized = plan is not None
     forward.unsupported_reason = reason
+    forward.uses_grouped_convolutions = plan is not None and any(
+        type(layer) is keras.layers.Conv2D for layer in _layer_chain(model))
     return forward

@@ -658,6 +658,11 @@ class AdaptationSignatures:
         self._custom_fn = tf.function(self._adapt_and_predict, input_signature=[
             x, y, x, tf.TensorSpec([None], tf.int32), tf.TensorSpec([None], self.dtype)],
             autograph=False)
+        # Task-major requests are answered one task at a time where adapting several at
+        # once would differentiate grouped convolutions: their gradient kernels exist on
+        # CPU only with oneDNN on, which a server (TF Serving, a loader on a CPU without
+        # AVX-512) may not have; one task's convolution is a plain one, valid everywhere.
+        self.one_task_at_a_time = algorithm.adapts_through_grouped_convolutions
 
     @property
     def meta_params(self):
@@ -730,18 +735,31 @@ class AdaptationSignatures:
         steps = tf.constant(self.num_eval_steps, tf.int32)
         return self.algorithm.predict(self.meta_params, adapted, query_x, steps)
 
+    def _task_by_task(self, task_major, fn, *args):
+        """`fn` of task-major `args`, run on each task alone where the export asks for it.
+
+        Each task is a one-task call of `fn` (so its answer is `fn`'s for that
+        task alone); `tf.map_fn` runs up to 10 tasks in parallel.
+        """
+        if not (task_major and self.one_task_at_a_time):
+            return fn(*args)
+        output = fn.get_concrete_function().structured_outputs
+        return tf.map_fn(lambda task: fn(*[value[None] for value in task])[0], args,
+                         fn_output_signature=tf.TensorSpec(output.shape[1:], output.dtype))
+
     def _tasks(self, support_x, support_y, query_x, task_major, names=("support_x", "query_x")):
         support_x, support_y = self._support(support_x, support_y, task_major, names[0])
         query_x = self._query(query_x, support_x, task_major, names[1])
-        predictions = self._finite(self._fixed_fn(support_x, support_y, query_x), task_major)
+        predictions = self._task_by_task(task_major, self._fixed_fn, support_x, support_y, query_x)
+        predictions = self._finite(predictions, task_major)
         return self._outputs(predictions if task_major else predictions[0])
 
     def _tasks_custom(self, support_x, support_y, query_x, inner_steps, inner_lr, task_major):
         support_x, support_y = self._support(support_x, support_y, task_major)
         query_x = self._query(query_x, support_x, task_major)
         inner_steps, inner_lr = self._custom_inputs(inner_steps, inner_lr, support_x, task_major)
-        predictions = self._custom_fn(support_x, support_y, query_x, inner_steps,
-                                      tf.cast(inner_lr, self.dtype))
+        predictions = self._task_by_task(task_major, self._custom_fn, support_x, support_y,
+                                         query_x, inner_steps, tf.cast(inner_lr, self.dtype))
         predictions = self._finite(predictions, task_major)
         return self._outputs(predictions if task_major else predictions[0])
 

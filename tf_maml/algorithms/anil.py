@@ -116,6 +116,13 @@ class ANIL(MAML):
             self.body_forward = functional.make_forward(body)
             self.head_forward = functional.make_forward(head)
 
+    @property
+    def adapts_through_grouped_convolutions(self):
+        if self.body_forward is None:
+            return super().adapts_through_grouped_convolutions
+        # The body only runs forward (grouped convolutions have forward kernels everywhere).
+        return bool(getattr(self.head_forward, "uses_grouped_convolutions", False))
+
     def task_inputs(self, meta_params, x, training=True):
         if self.body_forward is None:
             return x

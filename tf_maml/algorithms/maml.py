@@ -149,6 +149,15 @@ class MAML:
 
     # -- adaptation -------------------------------------------------------------------------------
 
+    @property
+    def adapts_through_grouped_convolutions(self):
+        """Whether adapting several tasks at once differentiates grouped convolutions.
+
+        Their gradient kernels exist on CPU only with oneDNN on; the export
+        answers a request's tasks one at a time when this is true.
+        """
+        return bool(getattr(self.forward, "uses_grouped_convolutions", False))
+
     def initial_weights(self, meta_params, num_tasks):
         """The task-batched starting point of the adapted weights (the adapted subset only)."""
         params, _ = self.split(meta_params)
