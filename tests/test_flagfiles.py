@@ -3,6 +3,8 @@
 import dataclasses
 import glob
 import os
+import subprocess
+import sys
 
 import pytest
 from absl import flags
@@ -93,13 +95,7 @@ def _parse(path):
     """The `Config` absl makes of a flagfile, exactly as `python -m tf_maml.train` would."""
     flag_values = flags.FlagValues()
     cli.define_config_flags(flag_values=flag_values)
-    # Nested --flagfile paths are relative to the repository root, where commands run.
-    cwd = os.getcwd()
-    os.chdir(os.path.dirname(FLAGS_DIR))
-    try:
-        flag_values(["train", f"--flagfile={path}"])
-    finally:
-        os.chdir(cwd)
+    flag_values(["train", *cli.expand_flagfiles([f"--flagfile={path}"])])
     return {name: flag_values[name].value for name in FIELDS if flag_values[name].present}
 
 
@@ -165,3 +161,53 @@ def test_absl_parses_a_bad_flagfile_value_as_an_error(tmp_path):
     bad.write_text("--algorithm=mamlpp\n--num_inner_steps=zero\n")
     with pytest.raises(flags.IllegalFlagValueError):
         _parse(str(bad))
+
+
+def test_a_flagfile_includes_the_file_beside_it_from_any_directory(tmp_path, monkeypatch):
+    recipes = tmp_path / "recipes"
+    (recipes / "more").mkdir(parents=True)
+    (recipes / "base.flags").write_text("# the base\n--n_way=7\n// also a comment\n\n--k_shot=3\n")
+    (recipes / "more" / "child.flags").write_text("--flagfile=../base.flags\n--k_shot=4\n")
+    (recipes / "top.flags").write_text("--seed=5\n--flagfile=more/child.flags\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    # Each included file's flags in its place, later flags overriding earlier ones (as absl).
+    assert cli.expand_flagfiles([f"--flagfile={recipes / 'top.flags'}", "--k_shot=9", "--",
+                                 "--flagfile=x"]) == [
+        "--seed=5", "--n_way=7", "--k_shot=3", "--k_shot=4", "--k_shot=9", "--", "--flagfile=x"]
+    # A path not beside the including file is read from the working directory, as absl does.
+    (elsewhere / "cwd.flags").write_text("--n_way=2\n")
+    (recipes / "uses_cwd.flags").write_text("--flagfile=cwd.flags\n")
+    assert cli.expand_flagfiles(["--flagfile", str(recipes / "uses_cwd.flags")]) == ["--n_way=2"]
+    # The shipped recipes include each other by name: the same config from any directory.
+    assert _parse(os.path.join(FLAGS_DIR, "anil_omniglot_20way_1shot.flags"))["n_way"] == 20
+
+
+def test_a_missing_or_circular_flagfile_is_one_line_naming_the_file(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a.flags").write_text("--flagfile=gone.flags\n")
+    with pytest.raises(ValueError, match=r"cannot read flagfile gone.flags \(included by "
+                                         r"a.flags\): No such file"):
+        cli.expand_flagfiles(["--flagfile=a.flags"])
+    (tmp_path / "b.flags").write_text("--flagfile=c.flags\n")
+    (tmp_path / "c.flags").write_text("--flagfile=b.flags\n")
+    with pytest.raises(ValueError, match=r"flagfile .*b.flags \(included by .*c.flags\) "
+                                         "includes itself"):
+        cli.expand_flagfiles(["--flagfile=b.flags"])
+    # The command line: a shipped recipe from another directory reaches the config (whose
+    # validation then refuses the bad value, before anything runs); a missing file is one line.
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    recipe = os.path.join(FLAGS_DIR, "sine_anil.flags")
+    result = subprocess.run([sys.executable, "-m", "tf_maml.train", f"--flagfile={recipe}",
+                             f"--model_dir={tmp_path / 'run'}", "--num_inner_steps=-1"],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 1 and "num_inner_steps" in result.stderr, result.stderr[-2000:]
+    assert "flagfile" not in result.stderr, result.stderr[-2000:]
+    result = subprocess.run([sys.executable, "-m", "tf_maml.train", "--flagfile=a.flags",
+                             f"--model_dir={tmp_path / 'run'}"],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: cannot read flagfile gone.flags (included by a.flags): No such file or "
+        "directory"), result.stderr[-2000:]

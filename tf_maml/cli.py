@@ -5,6 +5,7 @@ pass the `Config` on.
 """
 
 import dataclasses
+import os
 import sys
 
 import tensorflow as tf
@@ -178,6 +179,77 @@ def overrides_from_flags(names):
     return {name: flags.FLAGS[name].value for name in names if flags.FLAGS[name].present}
 
 
+_FLAGFILE_PREFIXES = ("--flagfile=", "-flagfile=")
+
+
+def expand_flagfiles(args, _including=None, _stack=()):
+    """Command-line arguments with every `--flagfile` replaced by the flags it holds.
+
+    Read as absl reads flagfiles (one flag per line; blank lines and lines
+    starting with `#` or `//` skipped; nested `--flagfile=` lines expanded in
+    place; nothing after `--`), except that a relative path inside a flagfile
+    names a file beside that flagfile first, and only otherwise one relative to
+    the working directory (as absl alone does): a recipe that includes another
+    works from any directory.
+
+    Args:
+        args: the arguments after the program name.
+
+    Returns:
+        The arguments with no `--flagfile` left.
+
+    Raises:
+        ValueError: a flagfile that cannot be read, or one that includes itself.
+
+    Example:
+
+    ```python
+    expand_flagfiles(["--flagfile=flags/anil_omniglot_20way_1shot.flags", "--seed=1"])
+    ```
+    """
+    expanded, index = [], 0
+    while index < len(args):
+        arg = args[index]
+        if arg == "--":
+            expanded.extend(args[index:])
+            break
+        if arg in ("--flagfile", "-flagfile") and _including is None and index + 1 < len(args):
+            path, index = args[index + 1], index + 2
+        elif arg.startswith(_FLAGFILE_PREFIXES):
+            path, index = arg.split("=", 1)[1], index + 1
+        else:
+            expanded.append(arg)
+            index += 1
+            continue
+        if not path:  # as absl: an empty value names no file
+            continue
+        if _including is not None and not os.path.isabs(path):
+            beside = os.path.join(os.path.dirname(_including), path)
+            if os.path.isfile(beside):
+                path = beside
+        where = f" (included by {_including})" if _including else ""
+        if os.path.realpath(path) in _stack:
+            raise ValueError(f"flagfile {path}{where} includes itself")
+        try:
+            with open(path) as f:
+                lines = f.readlines()
+        except OSError as e:
+            raise ValueError(f"cannot read flagfile {path}{where}: {e.strerror or e}") from None
+        flag_lines = [line.strip() for line in lines
+                      if not line.isspace() and not line.startswith(("#", "//"))]
+        expanded.extend(expand_flagfiles(flag_lines, path, _stack + (os.path.realpath(path),)))
+    return expanded
+
+
+def parse_flags(argv):
+    """absl's parser, on the arguments with their flagfiles expanded (`expand_flagfiles`)."""
+    try:
+        args = expand_flagfiles(argv[1:])
+    except ValueError as e:
+        fail(str(e))
+    return app.parse_flags_with_usage(argv[:1] + args)
+
+
 def run(main, module):
     """Runs an entry point's `main` under absl, with its `--help` also as a console script.
 
@@ -196,7 +268,7 @@ def run(main, module):
             flags.FLAGS.register_key_flag_for_module(script, flag)
         if main_module is not None and not main_module.__doc__:
             main_module.__doc__ = module.__doc__
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)
 
 
 def no_positional_arguments(argv):
