@@ -185,6 +185,61 @@ def test_task_major_signatures_answer_where_onednn_is_off(algorithm, tmp_path):
     assert not np.allclose(out["tasks_custom"][0], out["tasks_custom"][1])  # 2 steps, and 0
 
 
+DILATED_SCRIPT = """
+import sys, numpy as np, tensorflow as tf
+model = tf.saved_model.load(sys.argv[1])
+rng = np.random.default_rng(0)
+try:
+    model.signatures["adapt"](support_x=rng.uniform(0, 1, (3, 12, 12, 1)).astype(np.float32),
+                              support_y=np.arange(3, dtype=np.int32),
+                              query_x=rng.uniform(0, 1, (2, 12, 12, 1)).astype(np.float32))
+    print("adapted")
+except tf.errors.OpError as e:
+    print("failed:", e.message)
+"""
+
+
+def test_a_dilated_conv_models_export_warns_it_adapts_only_with_onednn(tmp_path, caplog):
+    """TensorFlow's CPU kernels differentiate dilated convolutions only with oneDNN on (not
+    a grouping matter: one task fails too); the export says so, naming the layers."""
+    import keras
+    import tf_maml
+    layers = keras.layers
+    model = keras.Sequential([keras.Input((12, 12, 1)),
+                              layers.Conv2D(4, 3, dilation_rate=2, name="dilated"),
+                              layers.Flatten(), layers.Dense(3)])
+    learner = tf_maml.MetaLearner(model, inner_lr=0.4, num_inner_steps=1, num_eval_steps=2)
+    learner.compile(optimizer="adam",
+                    loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    with caplog.at_level("WARNING"):
+        path = learner.export(str(tmp_path / "dilated"))
+    warnings = [r.getMessage() for r in caplog.records if "dilation" in r.getMessage()]
+    assert len(warnings) == 1 and warnings[0].startswith("Layers dilated have dilation rates "
+                                                         "above 1"), warnings
+    script = tmp_path / "load.py"
+    script.write_text(DILATED_SCRIPT)
+    answers = {}
+    for onednn in ("0", "1"):
+        result = subprocess.run([sys.executable, str(script), path], capture_output=True,
+                                text=True, timeout=300, env=dict(
+                                    os.environ, TF_CPP_MIN_LOG_LEVEL="3",
+                                    TF_ENABLE_ONEDNN_OPTS=onednn))
+        assert result.returncode == 0, result.stderr[-2000:]
+        answers[onednn] = result.stdout
+    assert "dilation rates larger than 1" in answers["0"], answers
+    assert answers["1"].strip() == "adapted", answers
+    # A model without dilation exports without the warning.
+    caplog.clear()
+    plain = keras.Sequential([keras.Input((12, 12, 1)), layers.Conv2D(4, 3), layers.Flatten(),
+                              layers.Dense(3)])
+    learner = tf_maml.MetaLearner(plain, inner_lr=0.4, num_inner_steps=1, num_eval_steps=2)
+    learner.compile(optimizer="adam",
+                    loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    with caplog.at_level("WARNING"):
+        learner.export(str(tmp_path / "plain"))
+    assert not [r for r in caplog.records if "dilation" in r.getMessage()]
+
+
 def test_tf1_session_loader_and_saved_model_cli(sine_run, tmp_path):
     experiment, _, path = sine_run
     inputs, episode = _task(experiment, seed=3)

@@ -259,6 +259,27 @@ def has_random_layers(model):
     return any(compat.seed_generators(layer) for layer in compat.all_layers(model))
 
 
+def dilated_convolution_layers(model):
+    """Names of the model's layers with a dilation rate above 1 (at any depth).
+
+    TensorFlow's CPU kernels differentiate such convolutions only with oneDNN
+    on ("Current CPU implementations do not yet support dilation rates larger
+    than 1"), on every path: adapting the model needs oneDNN there (or a GPU).
+
+    Args:
+        model: a Keras model.
+
+    Returns:
+        A list of layer names (empty for most models).
+    """
+    names = []
+    for layer in compat.all_layers(model):
+        rate = getattr(layer, "dilation_rate", None)
+        if rate is not None and any(int(r) > 1 for r in tf.nest.flatten(rate)):
+            names.append(layer.name)
+    return names
+
+
 def integer_input_dtype(model):
     """The model's input dtype where it declares an integer one, else None.
 

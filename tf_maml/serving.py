@@ -1120,6 +1120,14 @@ def export(experiment, export_dir, version, num_eval_steps, inner_lr=None, overw
         image_format = image_format_for(config.dataset, experiment.spec.input_shape,
                                         config.omniglot_resize_filter)
     path = version_path(export_dir, version, overwrite)
+    dilated = functional.dilated_convolution_layers(experiment.model)
+    if dilated:
+        logging.warning(
+            "Layers %s have dilation rates above 1: TensorFlow's CPU kernels differentiate "
+            "them only with oneDNN on, so this export adapts only where oneDNN is on (or on a "
+            "GPU); on a CPU without it (a TF Serving build without oneDNN, "
+            "TF_ENABLE_ONEDNN_OPTS=0) every adapt signature fails. Use dilation_rate=1 to "
+            "serve anywhere", ", ".join(dilated))
     check_finite_parameters(experiment)
     algorithm_class = type(experiment.algorithm)
     if algorithm_class is not algorithms_lib.ALGORITHMS.get(config.algorithm):
