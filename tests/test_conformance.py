@@ -373,6 +373,13 @@ def test_onednn_off_conv_falls_back_and_differentiates():
         second = outer.gradient(total, weights)
         assert all(g is not None for g in first + second)
         print("VECTORIZED", forward.vectorized, forward.unsupported_reason)
+        # Dilated convolutions have no gradient here at all (one task either): a warning
+        # at planning time, naming the layer, rather than only TensorFlow's error later.
+        dilated = keras.Sequential([keras.Input((6, 6, 2)),
+                                    keras.layers.Conv2D(3, 2, dilation_rate=2, name="holes"),
+                                    keras.layers.Flatten(), keras.layers.Dense(2)])
+        functional.make_forward(dilated)
+        functional.make_forward(model)  # no dilation: no such warning
     """)
     env = dict(os.environ, TF_ENABLE_ONEDNN_OPTS="0", TF_CPP_MIN_LOG_LEVEL="2",
                CUDA_VISIBLE_DEVICES="-1")
@@ -385,6 +392,8 @@ def test_onednn_off_conv_falls_back_and_differentiates():
     assert "VECTORIZED False" in result.stdout and "grouped" in result.stdout, result.stdout
     assert "set TF_ENABLE_ONEDNN_OPTS=1 before TensorFlow is imported" in result.stdout
     assert "runs task by task, slower" in result.stderr, result.stderr[-2000:]
+    assert result.stderr.count("dilation rates above 1") == 1, result.stderr[-2000:]
+    assert "layers holes have dilation rates above 1" in result.stderr, result.stderr[-2000:]
 
 
 ONEDNN_DEFAULT_SCRIPT = """

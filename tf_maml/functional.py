@@ -1002,6 +1002,15 @@ def make_forward(model, vectorize="auto"):
                     f"model {model.name!r} cannot use the layer-batched path: {reason}") from None
             if "TF_ENABLE_ONEDNN_OPTS" in reason:
                 logging.warning("model %r runs task by task, slower: %s", model.name, reason)
+    dilated = dilated_convolution_layers(model)
+    if (dilated and compat.onednn_enabled() is False
+            and not tf.config.list_physical_devices("GPU")):
+        logging.warning(
+            "model %r: layers %s have dilation rates above 1, which TensorFlow's CPU kernels "
+            "differentiate only with oneDNN on, so adapting or meta-training the model fails "
+            "here; set TF_ENABLE_ONEDNN_OPTS=1 before TensorFlow is imported (import tf_maml "
+            "first does, unless the variable is set), or use a GPU",
+            model.name, ", ".join(dilated))
 
     if plan is not None:
         steps, final_layout, dtype, input_dtype = plan
