@@ -1,7 +1,7 @@
 """Benchmark: what answering a conv model's tasks one at a time costs `adapt_tasks`.
 
     python bench/serving_tasks.py
-    python bench/serving_tasks.py --tasks=1,4,16 --requests=50 --requests=20
+    python bench/serving_tasks.py --tasks=1,4,16 --requests=50
 
 The export answers a conv model's task-major requests (`adapt_tasks`,
 `adapt_tasks_custom`) one task at a time, because the gradients of grouped

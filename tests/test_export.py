@@ -182,7 +182,29 @@ def test_task_major_signatures_answer_where_onednn_is_off(algorithm, tmp_path):
     out = dict(np.load(tmp_path / "out.npz"))
     for suffix in ("", "_custom"):
         np.testing.assert_allclose(out["tasks" + suffix], out["each" + suffix], **TOLERANCE)
-    assert not np.allclose(out["tasks_custom"][0], out["tasks_custom"][1])  # 2 steps, and 0
+    # The per-task step counts were honoured: task 1 (0 steps) is not adapt_tasks' 3 steps.
+    assert not np.allclose(out["tasks_custom"][1], out["tasks"][1])
+
+
+def test_a_forward_of_ones_own_on_a_conv_model_is_answered_task_by_task():
+    """A forward not made by make_forward says nothing of grouped convolutions: a model with
+    Conv2D layers is then assumed to have them (one task at a time is right everywhere)."""
+    import keras
+    from tf_maml import algorithms, functional, losses
+    conv = keras.Sequential([keras.Input((6, 6, 1)), keras.layers.Conv2D(2, 3),
+                             keras.layers.Flatten(), keras.layers.Dense(2)])
+    dense = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+    for model, expected in ((conv, True), (dense, False)):
+        made = functional.make_forward(model)
+
+        def own(weights, x, training=True, seed=None, made=made):
+            return made(weights, x, training, seed)
+
+        algorithm = algorithms.MAML(model, own, losses.mean_squared_error, 0.1, 1)
+        assert algorithm.adapts_through_grouped_convolutions is expected
+        assert algorithms.MAML(model, made, losses.mean_squared_error, 0.1, 1
+                               ).adapts_through_grouped_convolutions is (
+                                   expected and made.vectorized)
 
 
 DILATED_SCRIPT = """

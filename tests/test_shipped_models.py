@@ -122,13 +122,21 @@ together = model.signatures["adapt_tasks"](**tasks)["predictions"].numpy()
 for i in range(2):
     alone = model.signatures["adapt"](**{key: v[i] for key, v in tasks.items()})["predictions"]
     np.testing.assert_allclose(together[i], alone.numpy(), rtol=1e-5, atol=1e-5)
+custom = model.signatures["adapt_tasks_custom"](**tasks, inner_steps=np.int32([1, 0]),
+                                                inner_lr=np.float32([0.1, 0.1]))["predictions"]
+for i in range(2):
+    alone = model.signatures["adapt_custom"](**{key: v[i] for key, v in tasks.items()},
+                                             inner_steps=np.int32([1, 0][i]),
+                                             inner_lr=np.float32(0.1))["predictions"]
+    np.testing.assert_allclose(custom[i].numpy(), alone.numpy(), rtol=1e-5, atol=1e-5)
 """
 
 
 @pytest.mark.parametrize("name", _names("omniglot"))
 def test_shipped_omniglot_models_answer_several_tasks_with_onednn_off(name, tmp_path):
     """TF Serving, or a loader on a CPU without AVX-512, may run without oneDNN, which alone
-    has gradients of grouped convolutions: `adapt_tasks` answers each task as `adapt` does."""
+    has gradients of grouped convolutions: `adapt_tasks` (`adapt_tasks_custom`) answers each task
+    as `adapt` (`adapt_custom`) does."""
     script = tmp_path / "load.py"
     script.write_text(ONEDNN_OFF_SCRIPT)
     result = subprocess.run([sys.executable, str(script), _path(name), json.dumps(_config(name))],
