@@ -297,6 +297,37 @@ def test_loading_an_export_warns_of_no_unsaved_custom_gradients(classifier, capl
     assert any(node.op == "FusedBatchNormGradV3" for f in library for node in f.node_def)
 
 
+def test_each_signature_is_traced_once_and_the_root_keeps_the_variables(classifier, tmp_path):
+    """Keras' ExportArchive traced every endpoint twice (once more inside the save, whose
+    context is part of tf.function's cache key), doubling an export's time: ours traces once.
+    The loaded root lists the model's and the algorithm's variables, as Keras' did."""
+    experiment, _ = classifier
+    traces = []
+    originals = {name: getattr(serving.AdaptationSignatures, name)
+                 for name in ("serve", "adapt", "adapt_custom", "adapt_tasks")}
+
+    def counting(name):
+        def method(self, *args):
+            traces.append(name)
+            return originals[name](self, *args)
+        return method
+
+    with mock.patch.multiple(serving.AdaptationSignatures,
+                             **{name: counting(name) for name in originals}):
+        path = serving.export(experiment, str(tmp_path), 1, 3, 0.4, limits=CLASSIFIER_LIMITS)
+    assert sorted(traces) == sorted(originals)
+    loaded = tf.saved_model.load(path)
+    expected = {v.path for v in experiment.model.trainable_variables}
+    assert {v.name.split(":")[0] for v in loaded.trainable_variables} == expected
+    assert len(loaded.variables) == len(loaded.trainable_variables) + len(
+        loaded.non_trainable_variables) >= len(expected)
+    inputs, _ = _task(experiment)
+    np.testing.assert_allclose(
+        loaded.adapt(**{k: tf.constant(v) for k, v in inputs.items()})["predictions"],
+        loaded.signatures["adapt"](**{k: tf.constant(v) for k, v in inputs.items()})[
+            "predictions"], **TOLERANCE)
+
+
 def test_bad_requests_fail_clearly_and_the_next_request_works(classifier):
     experiment, path = classifier
     model = tf.saved_model.load(path)

@@ -61,7 +61,6 @@ import os
 import re
 import sys
 
-import keras
 import numpy as np
 import tensorflow as tf
 from absl import logging
@@ -938,16 +937,85 @@ class AdaptationSignatures:
                            names=("support_images", "query_images"))
 
 
+class SignatureArchive:
+    """A SavedModel of serving signatures, each traced once.
+
+    `keras.export.ExportArchive`'s interface (`track`, `add_endpoint`,
+    `write_out`) and layout (the signatures, also as attributes of the root, and
+    its `variables`, `trainable_variables` and `non_trainable_variables`), but
+    each endpoint is traced once, when it is added. Keras' archive traces every
+    endpoint twice: once to list its variables and again inside
+    `tf.saved_model.save`, whose save context is part of `tf.function`'s cache
+    key; an adaptation signature's trace (the inner loop and its gradients)
+    is most of an export's time. Here the root holds the traced
+    `ConcreteFunction`s, which saving does not retrace.
+
+    Example:
+
+    ```python
+    archive = SignatureArchive()
+    archive.track(model)
+    archive.add_endpoint("serving_default", model.__call__,
+                         [tf.TensorSpec(None, tf.float32, name="x")])
+    archive.write_out("/tmp/model/1")
+    ```
+    """
+
+    def __init__(self):
+        self._tracked = []
+        self._functions = {}
+
+    def track(self, resource):
+        """Keeps `resource` (a layer or any trackable) with the SavedModel."""
+        self._tracked.append(resource)
+
+    def add_endpoint(self, name, fn, input_signature):
+        """Traces `fn` for `input_signature` and adds it as signature `name`.
+
+        Returns:
+            The `ConcreteFunction`.
+
+        Raises:
+            ValueError: `name` is taken.
+        """
+        if name in self._functions:
+            raise ValueError(f"Endpoint name {name!r} is already taken.")
+        function = tf.function(fn, input_signature=input_signature, autograph=False)
+        self._functions[name] = function.get_concrete_function()
+        return self._functions[name]
+
+    def write_out(self, filepath, options=None, verbose=False):
+        """Writes the SavedModel to `filepath` (`verbose` is Keras' argument, unused)."""
+        del verbose
+        if not self._functions:
+            raise ValueError("No endpoints have been set yet. Call add_endpoint().")
+        root = tf.__internal__.tracking.AutoTrackable()
+        seen, trainable, other = set(), [], []
+        for function in self._functions.values():
+            for variable in function.variables:
+                if id(variable) not in seen:
+                    seen.add(id(variable))
+                    (trainable if variable.trainable else other).append(variable)
+        root.variables = trainable + other
+        root.trainable_variables = trainable
+        root.non_trainable_variables = other
+        for name, function in self._functions.items():
+            setattr(root, name, function)
+        signatures = dict(self._functions)
+        signatures.setdefault("serving_default", next(iter(self._functions.values())))
+        tf.saved_model.save(root, filepath, signatures=signatures, options=options)
+
+
 def build_export_archive(signatures):
-    """Builds the `keras.export.ExportArchive` with the serving signatures.
+    """Builds the `SignatureArchive` with the serving signatures.
 
     Args:
         signatures: an `AdaptationSignatures`.
 
     Returns:
-        A `keras.export.ExportArchive`, ready for `write_out`.
+        A `SignatureArchive`, ready for `write_out`.
     """
-    archive = keras.export.ExportArchive()
+    archive = SignatureArchive()
     archive.track(signatures.model)
     if signatures.algorithm.saved_variables:
         archive.track(signatures.algorithm.state)
@@ -1155,7 +1223,7 @@ def export(experiment, export_dir, version, num_eval_steps, inner_lr=None, overw
                                                 None),
         "export_image_format": image_format.to_dict() if image_format else None,
         "export_signatures": list(signatures.signature_names)}
-    with functional.first_derivatives_only():  # a save traces the functions again
+    with functional.first_derivatives_only():  # (the save does not retrace the signatures)
         return write_version(archive, path, record, {DATA_FINGERPRINT_ASSET: data_fingerprint}
                              if data_fingerprint else None)
 

@@ -42,7 +42,6 @@ input, and the next request is served.
 
 import dataclasses
 
-import keras
 import tensorflow as tf
 
 from tf_maml import serving
@@ -274,8 +273,8 @@ class PolicySignatures:
 
 
 def build_policy_archive(signatures):
-    """The `keras.export.ExportArchive` of a `PolicySignatures`, ready for `write_out`."""
-    archive = keras.export.ExportArchive()
+    """The `tf_maml.serving.SignatureArchive` of a `PolicySignatures`, ready for `write_out`."""
+    archive = serving.SignatureArchive()
     archive.track(signatures.model)
     archive.track(signatures.algorithm.state)  # the log-std
     dtype = signatures.dtype
