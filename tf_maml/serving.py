@@ -61,6 +61,7 @@ import os
 import re
 import sys
 
+import keras
 import numpy as np
 import tensorflow as tf
 from absl import logging
@@ -941,14 +942,20 @@ class SignatureArchive:
     """A SavedModel of serving signatures, each traced once.
 
     `keras.export.ExportArchive`'s interface (`track`, `add_endpoint`,
-    `write_out`) and layout (the signatures, also as attributes of the root, and
-    its `variables`, `trainable_variables` and `non_trainable_variables`), but
+    `write_out`) and the layout TF Serving and `tf.saved_model.load` see (the
+    signatures; the root's `variables`, `trainable_variables` and
+    `non_trainable_variables`, the tracked layers' in their order first), but
     each endpoint is traced once, when it is added. Keras' archive traces every
     endpoint twice: once to list its variables and again inside
     `tf.saved_model.save`, whose save context is part of `tf.function`'s cache
-    key; an adaptation signature's trace (the inner loop and its gradients)
-    is most of an export's time. Here the root holds the traced
-    `ConcreteFunction`s, which saving does not retrace.
+    key; an adaptation signature's trace (the inner loop and its gradients) is
+    most of an export's time. Here the root holds the traced
+    `ConcreteFunction`s (loaded, they are called as Keras' endpoints are, but
+    have no `get_concrete_function`), which saving does not retrace. Tracing
+    outside the save context has one cost: under a `tf.distribute` strategy, an
+    endpoint that assigns to a variable, or reads a variable synchronized on
+    read by sum, cannot be saved (TensorFlow marks such traces unsaveable);
+    the adaptation signatures do neither.
 
     Example:
 
@@ -966,7 +973,18 @@ class SignatureArchive:
         self._functions = {}
 
     def track(self, resource):
-        """Keeps `resource` (a layer or any trackable) with the SavedModel."""
+        """Keeps `resource` with the SavedModel: a built layer's variables, in its order, and
+        any lookup tables or other resources it holds.
+
+        Raises:
+            ValueError: `resource` is a layer not built yet, or not trackable.
+        """
+        if isinstance(resource, keras.layers.Layer) and not resource.built:
+            raise ValueError(f"the layer {resource.name!r} is not built yet: call it on "
+                             "data (or build it) before exporting it")
+        if not isinstance(resource, tf.__internal__.tracking.Trackable):
+            raise ValueError(f"cannot track {resource!r}: not a layer or a TensorFlow "
+                             "trackable")
         self._tracked.append(resource)
 
     def add_endpoint(self, name, fn, input_signature):
@@ -984,21 +1002,56 @@ class SignatureArchive:
         self._functions[name] = function.get_concrete_function()
         return self._functions[name]
 
+    def _variables(self):
+        """The tracked layers' variables in their order, then the other variables the
+        endpoints use (the tracked objects' in their order, the rest by name)."""
+        ordered, seen = [], set()
+
+        def add(variable):
+            # The tf.Variable behind a Keras variable: the one a traced function captures.
+            value = getattr(variable, "value", None)
+            variable = value if isinstance(value, tf.Variable) else variable
+            if id(variable) not in seen:
+                seen.add(id(variable))
+                ordered.append(variable)
+
+        for resource in self._tracked:
+            if isinstance(resource, keras.layers.Layer):
+                for variable in resource.variables:
+                    add(variable)
+        used = [v for function in self._functions.values() for v in function.variables]
+        handles = {id(v.handle) for v in used}
+        for resource in self._tracked:
+            for variable in getattr(resource, "variables", None) or ():
+                if id(getattr(variable, "handle", None)) in handles:
+                    add(variable)
+        for variable in sorted(used, key=lambda v: v.name):
+            add(variable)
+        return ordered
+
+    def _resources(self):
+        """Lookup tables and other non-variable resources among the tracked objects."""
+        found = []
+        for resource in self._tracked:
+            try:
+                descendants = tf.train.TrackableView(resource).descendants()
+            except TypeError:  # an object whose children cannot be listed: Keras skips it too
+                continue
+            found += [d for d in descendants
+                      if isinstance(d, tf.saved_model.experimental.TrackableResource)]
+        return found
+
     def write_out(self, filepath, options=None, verbose=False):
         """Writes the SavedModel to `filepath` (`verbose` is Keras' argument, unused)."""
         del verbose
         if not self._functions:
             raise ValueError("No endpoints have been set yet. Call add_endpoint().")
         root = tf.__internal__.tracking.AutoTrackable()
-        seen, trainable, other = set(), [], []
-        for function in self._functions.values():
-            for variable in function.variables:
-                if id(variable) not in seen:
-                    seen.add(id(variable))
-                    (trainable if variable.trainable else other).append(variable)
-        root.variables = trainable + other
-        root.trainable_variables = trainable
-        root.non_trainable_variables = other
+        variables = self._variables()
+        root.variables = variables
+        root.trainable_variables = [v for v in variables if v.trainable]
+        root.non_trainable_variables = [v for v in variables if not v.trainable]
+        root._misc_assets = self._resources()  # Keras' name for them
         for name, function in self._functions.items():
             setattr(root, name, function)
         signatures = dict(self._functions)
