@@ -189,13 +189,17 @@ def test_task_major_signatures_answer_where_onednn_is_off(algorithm, tmp_path):
 
 def test_a_forward_of_ones_own_on_a_conv_model_is_answered_task_by_task():
     """A forward not made by make_forward says nothing of grouped convolutions: a model with
-    Conv2D layers is then assumed to have them (one task at a time is right everywhere)."""
+    convolution layers of any kind is then assumed to have them (one task at a time is right
+    everywhere)."""
     import keras
     from tf_maml import algorithms, functional, losses
     conv = keras.Sequential([keras.Input((6, 6, 1)), keras.layers.Conv2D(2, 3),
                              keras.layers.Flatten(), keras.layers.Dense(2)])
+    separable = keras.Sequential([keras.Input((6, 6, 1)), keras.layers.SeparableConv2D(2, 3),
+                                  keras.layers.MaxPooling2D(), keras.layers.Flatten(),
+                                  keras.layers.Dense(2)])
     dense = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
-    for model, expected in ((conv, True), (dense, False)):
+    for model, expected in ((conv, True), (separable, True), (dense, False)):
         made = functional.make_forward(model)
 
         def own(weights, x, training=True, seed=None, made=made):

@@ -259,6 +259,22 @@ def has_random_layers(model):
     return any(compat.seed_generators(layer) for layer in compat.all_layers(model))
 
 
+def convolution_layers(model):
+    """Names of the model's convolution layers of any kind (at any depth).
+
+    A convolution here is a layer with a kernel size and a dilation rate: Keras'
+    1-3D, depthwise, separable and transposed convolutions.
+
+    Args:
+        model: a Keras model.
+
+    Returns:
+        A list of layer names.
+    """
+    return [layer.name for layer in compat.all_layers(model)
+            if hasattr(layer, "kernel_size") and hasattr(layer, "dilation_rate")]
+
+
 def dilated_convolution_layers(model):
     """Names of the model's layers with a dilation rate above 1 (at any depth).
 

@@ -23,7 +23,7 @@ import numbers
 import keras
 import tensorflow as tf
 
-from tf_maml import compat, core, functional
+from tf_maml import core, functional
 
 __all__ = ["MAML", "MetaStepOutputs"]
 
@@ -157,9 +157,8 @@ class MAML:
         answers a request's tasks one at a time when this is true.
         """
         flag = getattr(self.forward, "uses_grouped_convolutions", None)
-        if flag is None:  # a forward not made by make_forward: any Conv2D may be grouped
-            return any(type(layer) is keras.layers.Conv2D
-                       for layer in compat.all_layers(self.model))
+        if flag is None:  # a forward not made by make_forward: any convolution may be grouped
+            return bool(functional.convolution_layers(self.model))
         return bool(flag)
 
     def initial_weights(self, meta_params, num_tasks):
