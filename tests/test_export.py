@@ -18,7 +18,7 @@ import tensorflow as tf
 
 from tf_maml import config as config_lib
 from tf_maml import experiment as experiment_lib
-from tf_maml import evaluation, reporting, serving, trainer
+from tf_maml import evaluation, files, reporting, serving, trainer
 from tf_maml.tasks import ImageClassTasks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -730,6 +730,59 @@ def test_ctrl_c_during_an_export_is_one_line_and_leaves_no_partial_version(sine_
                            env=env, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
     assert sorted(os.listdir(tmp_path)) == ["300"]
+
+
+def test_an_export_finding_its_version_written_meanwhile_refuses_to_replace_it(sine_run,
+                                                                               tmp_path):
+    """Two exports to one version: both said "exported", and the second silently replaced
+    the first's (or they deleted each other's files in the shared `<version>.tmp`)."""
+    experiment, _, _ = sine_run
+    build = serving.build_export_archive
+    marker = tmp_path / "7" / "written_by_the_other_export"
+
+    def built_while_another_export_finished(signatures):
+        archive = build(signatures)
+        marker.parent.mkdir()
+        marker.write_text("")
+        return archive
+
+    with mock.patch.object(serving, "build_export_archive", built_while_another_export_finished):
+        with pytest.raises(ValueError, match=r"7 already exists: another export wrote it while "
+                                             r"this one was being built"):
+            serving.export(experiment, str(tmp_path), 7, 2)
+    assert marker.exists() and sorted(os.listdir(tmp_path)) == ["7"]
+    marker.unlink()
+    marker.parent.rmdir()
+    with mock.patch.object(serving, "build_export_archive", built_while_another_export_finished):
+        serving.export(experiment, str(tmp_path), 7, 2, overwrite=True)
+    assert not marker.exists() and sorted(os.listdir(tmp_path)) == ["7"]
+
+
+def test_directory_lock_makes_a_second_process_wait(tmp_path):
+    """The lock an export holds on its export_dir while it writes a version."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys\nfrom tf_maml import files\n"
+         f"with files.directory_lock({str(tmp_path)!r}):\n"
+         "    print('locked', flush=True)\n    sys.stdin.readline()\n"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        entered = threading.Event()
+
+        def enter():
+            with files.directory_lock(str(tmp_path)):
+                entered.set()
+
+        waiter = threading.Thread(target=enter)
+        waiter.start()
+        assert not entered.wait(1.0)  # held by the other process
+        holder.stdin.write("release\n")
+        holder.stdin.flush()
+        assert entered.wait(30)
+        waiter.join()
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 def test_an_interrupted_evaluation_says_which_results_it_had_written(sine_run, tmp_path):

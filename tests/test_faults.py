@@ -413,6 +413,15 @@ def _skip_unless_permissions_apply(path, preexec_fn):
         pytest.skip("permission bits do not apply to this user")
 
 
+def test_a_model_dir_that_cannot_be_created_is_one_line_without_a_lock_warning(caplog):
+    """Under /sys or /proc `os.access` lets root through, and creating the directory fails:
+    the trainer warned it could not lock it, then failed with a bare errno."""
+    path = "/sys/tf_maml_cannot_be_here" if os.path.isdir("/sys") else "/proc/tf_maml_here"
+    with pytest.raises(OSError, match=rf"^model_dir {path} cannot be created \(.+\)$"):
+        trainer._lock_run_dir(path)
+    assert "Could not lock" not in caplog.text and not os.path.exists(path)
+
+
 def test_unwritable_directories_are_reported_up_front_in_one_line(trained_run, tmp_path):
     readonly = tmp_path / "readonly"
     readonly.mkdir()
@@ -510,10 +519,30 @@ def test_a_checkpoint_of_another_run_is_refused_not_exported(run_copy, tmp_path)
     trainer.train(config_lib.Config(algorithm="mamlpp", num_iterations=10, num_inner_steps=2,
                                     **TINY), other)
     with pytest.raises(experiment_lib.CheckpointError,
-                       match=r"belongs to the run in .*mamlpp, trained with algorithm 'mamlpp' "
-                             r"\(here 'maml'\), num_inner_steps 2 \(here 1\): use that run's"):
+                       match=r"(?=.*algorithm 'mamlpp' \(here 'maml'\))(?=.*num_inner_steps 2 "
+                             r"\(here 1\))belongs to the run in .*mamlpp, trained with .*: use "
+                             r"that run's"):
         experiment_lib.restore(run_copy, checkpoint_path=os.path.join(other, "checkpoints",
                                                                       "ckpt-10"))
+    # A run that differs only in how it was trained (another seed: other tasks; another
+    # split would have trained on this run's test classes) was exported as this run,
+    # labelled with this run's config. What a resume may change (num_iterations) passes.
+    sibling = str(tmp_path / "seed1")
+    shutil.copytree(run_copy, sibling)
+    config_path = os.path.join(sibling, config_lib.CONFIG_FILENAME)
+    with open(config_path) as f:
+        values = json.load(f)
+    with open(config_path, "w") as f:
+        json.dump({**values, "seed": 1, "num_iterations": 50}, f)
+    with pytest.raises(experiment_lib.CheckpointError,
+                       match=r"belongs to the run in .*seed1, trained with seed 1 \(here 0\): "
+                             r"use that run's model_dir$"):
+        experiment_lib.restore(run_copy, checkpoint_path=os.path.join(sibling, "checkpoints",
+                                                                      "ckpt-10"))
+    with open(config_path, "w") as f:
+        json.dump({**values, "num_iterations": 50}, f)
+    experiment_lib.restore(run_copy, checkpoint_path=os.path.join(sibling, "checkpoints",
+                                                                  "ckpt-10"))
     foreign = tf.train.Checkpoint(v=tf.Variable(1.0)).write(str(tmp_path / "foreign" / "ckpt-1"))
     result = _cli("tf_maml.export", f"--model_dir={run_copy}", f"--checkpoint={foreign}",
                   f"--export_dir={tmp_path / 'export'}")

@@ -253,8 +253,8 @@ def test_bad_requests_fail_clearly_and_the_next_request_works(rl_export):
         (custom, {"inner_lr": tf.constant([0.1])}, "inner_lr must be a scalar"),
         # A step size that makes the adaptation diverge: an error, not NaN with status OK.
         (custom, {"inner_lr": tf.constant(3e38)},
-         "the adaptation diverged: (action_mean|log_std) is not finite \\(is inner_lr too "
-         "large\\?\\)"),
+         "the adaptation diverged: (action_mean|log_std) is not finite \\(episodes far from "
+         "the scale of the training ones, or an inner_lr too large for them\\?\\)"),
     ]
     for signature, change, message in bad_requests:
         request = ({"observations": QUERY} if signature is serve else

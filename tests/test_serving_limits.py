@@ -681,6 +681,6 @@ def test_export_refuses_non_finite_parameters_and_bad_versions(tmp_path):
         finally:
             variable.assign(saved)
     assert not os.listdir(tmp_path)  # nothing written
-    for version in (0, -3, True, 1.5, "2"):
+    for version in (0, -3, True, 1.5, "2", 2**63):  # (TF Serving reads versions as int64)
         with pytest.raises(ValueError, match="version must be a positive integer"):
             serving.export(experiment, str(tmp_path), version, 3)

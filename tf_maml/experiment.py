@@ -468,16 +468,13 @@ def check_writable(path, name):
         raise PermissionError(f"{name} {path} is not writable{where}")
 
 
-# What a checkpoint's meta-parameters mean: a checkpoint of a run that differs in these
-# cannot stand for this run's (its variables may even restore, meaning something else).
-_DEFINING_FIELDS = ("dataset", "algorithm", "model_name", "n_way", "num_inner_steps",
-                    "inner_lr")
-_MAMLPP_DEFINING_FIELDS = ("per_step_bn", "learn_inner_lr")
-
-
+# A checkpoint of a run that differs in what a resume may not change cannot stand for this
+# run's (its variables may even restore, meaning something else, or trained on other data).
 def _check_same_run(checkpoint_path, model_dir):
     """Raises CheckpointError if `checkpoint_path` sits in another run's directory whose
-    config differs from `model_dir`'s in what the meta-parameters mean."""
+    config differs from `model_dir`'s in a field a resume could not change (what the
+    meta-parameters mean, and how they were trained: data split, seeds, shots): the export
+    and evaluation would record `model_dir`'s config beside another run's weights."""
     owner = os.path.dirname(os.path.dirname(os.path.abspath(checkpoint_path)))
     if (os.path.realpath(owner) == os.path.realpath(model_dir)
             or not os.path.exists(os.path.join(owner, config_lib.CONFIG_FILENAME))):
@@ -487,9 +484,12 @@ def _check_same_run(checkpoint_path, model_dir):
     except ValueError:
         return
     ours = config_lib.load(model_dir)
-    fields = _DEFINING_FIELDS + (_MAMLPP_DEFINING_FIELDS if ours.algorithm == "mamlpp" else ())
-    changed = [f"{name} {getattr(theirs, name)!r} (here {getattr(ours, name)!r})"
-               for name in fields if getattr(theirs, name) != getattr(ours, name)]
+    theirs_values, ours_values = theirs.to_dict(), ours.to_dict()
+    if theirs.model_name == ours.model_name:  # "auto" and the model it resolves to
+        theirs_values["model"] = ours_values["model"]
+    changed = [f"{name} {theirs_values[name]!r} (here {value!r})"
+               for name, value in ours_values.items()
+               if name not in config_lib.RESUMABLE_FIELDS and theirs_values[name] != value]
     if changed:
         raise CheckpointError(f"checkpoint {checkpoint_path} belongs to the run in {owner}, "
                               f"trained with {', '.join(changed)}: use that run's model_dir")

@@ -63,8 +63,9 @@ def _checked_flags():
     for name in ("model_dir", "export_dir"):
         if not FLAGS[name].value.strip():
             raise ValueError(f"--{name} is empty (an unset variable?): give a directory")
-    if FLAGS.version is not None and FLAGS.version < 1:
-        raise ValueError(f"--version must be a positive integer, got {FLAGS.version}")
+    if FLAGS.version is not None and not 1 <= FLAGS.version < 2**63:
+        raise ValueError(f"--version must be a positive integer below 2**63 (TF Serving reads "
+                         f"versions as int64), got {FLAGS.version}")
     limits = {name: FLAGS[name].value for name in {**LIMIT_FLAGS, **POLICY_LIMIT_FLAGS}
               if FLAGS[name].value is not None}
     for name, value in limits.items():
@@ -132,7 +133,8 @@ def main(argv):
         return
     rates = inner_lr if inner_lr is not None else f"the {config.algorithm} rates"
     print(f"exported step {step} of {FLAGS.model_dir} to {path} "
-          f"(adapt: {num_eval_steps} steps with {rates}; {where})")
+          f"(adapt: {num_eval_steps} step{'' if num_eval_steps == 1 else 's'} with {rates}; "
+          f"{where})")
 
 
 def run():

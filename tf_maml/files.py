@@ -5,7 +5,9 @@ import json
 import os
 import uuid
 
-__all__ = ["replaced_atomically", "write_json", "saved_model_versions"]
+from absl import logging
+
+__all__ = ["replaced_atomically", "write_json", "saved_model_versions", "directory_lock"]
 
 
 @contextlib.contextmanager
@@ -60,3 +62,46 @@ def saved_model_versions(path):
         return []
     return sorted(int(name) for name in names if name.isdigit()
                   and os.path.isfile(os.path.join(path, name, "saved_model.pb")))
+
+
+@contextlib.contextmanager
+def directory_lock(path, waiting_message=None):
+    """Holds an exclusive lock on the directory `path` while the block runs.
+
+    An advisory `flock` on the directory itself (no file is left behind),
+    waited for if another process holds it; the kernel drops it when its
+    process ends, however it ends. Where locks are not available (remote
+    storage, some network file systems, not POSIX) the block runs unlocked.
+
+    Args:
+        path: an existing local directory.
+        waiting_message: logged once if the lock is held by another process.
+
+    Example:
+
+    ```python
+    with directory_lock(export_dir):
+        ...  # no other export writes into export_dir meanwhile
+    ```
+    """
+    fd = None
+    if "://" not in path:
+        try:
+            import fcntl  # noqa: PLC0415 -- POSIX only
+            fd = os.open(path, os.O_RDONLY)
+        except (ImportError, OSError):
+            fd = None
+    try:
+        if fd is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if waiting_message:
+                    logging.info(waiting_message)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            except OSError:
+                pass  # not supported here: unlocked
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)  # releases the lock

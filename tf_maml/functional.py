@@ -247,16 +247,72 @@ def _seed_state_variables(model):
     return [v for v in model.non_trainable_variables if id(v) in states]
 
 
-def has_random_layers(model):
-    """Whether the model draws random numbers in training (dropout and other seeded layers).
+def random_layers(model):
+    """The model's layers that draw random numbers in training (dropout, noise, augmentation).
+
+    A layer counts if it owns a Keras `SeedGenerator`, except a recurrent cell
+    whose `dropout` and `recurrent_dropout` are both 0 (Keras gives every
+    cell a generator; such a cell never draws from it).
 
     Args:
         model: a Keras model.
 
     Returns:
-        True if any of its layers owns a Keras `SeedGenerator`.
+        A list of layers (a subclassed model itself among them if it draws), in
+        `compat.all_layers` order.
     """
-    return any(compat.seed_generators(layer) for layer in compat.all_layers(model))
+    found = []
+    for layer in compat.all_layers(model):
+        if not compat.seed_generators(layer):
+            continue
+        rates = [getattr(layer, name, None) for name in ("dropout", "recurrent_dropout")]
+        rates = [r for r in rates if isinstance(r, (int, float)) and not isinstance(r, bool)]
+        if not rates or any(r > 0 for r in rates):
+            found.append(layer)
+    return found
+
+
+def has_random_layers(model):
+    """Whether the model draws random numbers in training (see `random_layers`).
+
+    Args:
+        model: a Keras model.
+
+    Returns:
+        True if any of its layers does.
+    """
+    return bool(random_layers(model))
+
+
+def output_is_softmax(model):
+    """Whether the model's output is a softmax (probabilities rather than logits).
+
+    Read from the layer that makes the output of a functional or `Sequential`
+    model (nested models followed): a `Softmax` layer, or a layer whose
+    `activation` is Keras' softmax.
+
+    Args:
+        model: a Keras model.
+
+    Returns:
+        True or False, or None where the model does not say (a subclassed model).
+    """
+    seen = set()
+    while id(model) not in seen:
+        seen.add(id(model))
+        try:
+            layer = model.outputs[0]._keras_history.operation
+        except (AttributeError, IndexError, TypeError, ValueError):
+            return None
+        if isinstance(layer, keras.layers.Softmax):
+            return True
+        if isinstance(layer, keras.Model):
+            model = layer
+            continue
+        activation = getattr(layer, "activation", None)
+        return activation is keras.activations.softmax or (
+            getattr(activation, "__name__", None) == "softmax")
+    return None
 
 
 def convolution_layers(model):

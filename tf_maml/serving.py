@@ -5,7 +5,8 @@ Signatures, one task per request (no task axis in the inputs):
 * `serving_default`: `x` -> `predictions` with the meta-initialization.
 * `adapt`: `support_x`, `support_y`, `query_x` -> `predictions` for the query
   set after `num_eval_steps` inner steps of size `inner_lr` (the training run's
-  values) on the support set; classification also returns `probabilities`.
+  values) on the support set; classification also returns `probabilities` (the
+  softmax of `predictions`, or `predictions` themselves for a model ending in a softmax).
 * `adapt_custom`: the same plus scalar inputs `inner_steps` (int32) and
   `inner_lr` (float32).
 * `adapted_weights`: `support_x`, `support_y` -> the adapted weights, one
@@ -24,7 +25,8 @@ apply):
 Image models (Omniglot, MiniImagenet, image folder and TFDS exports) also have:
 
 * `decode_images`: `images` `[n]` encoded PNG/JPEG/BMP/GIF -> `x`, the
-  model's input, preprocessed as in training (see `ImageFormat`).
+  model's input, preprocessed as in training up to the resampling filter (see
+  `ImageFormat`).
 * `adapt_images`: `support_images` `[k]`, `support_y`, `query_images` `[q]`
   -> `adapt` on the decoded images.
 
@@ -68,7 +70,7 @@ from absl import logging
 
 from tf_maml import algorithms as algorithms_lib
 from tf_maml import config as config_lib
-from tf_maml import core, functional
+from tf_maml import core, files, functional
 
 __all__ = ["AdaptationSignatures", "build_export_archive", "export", "ServingLimits",
            "ImageFormat", "default_limits", "image_format_for", "check_finite_parameters",
@@ -449,10 +451,12 @@ def _lead_names(task_major, what="num_examples"):
 
 
 def _validated_examples(name, x, shape, limit, limit_name, task_major, max_tasks=None,
-                        what="examples"):
+                        what="examples", integer_dtype=None):
     """Asserts `x` is `[(tasks,) n, *shape]`, non-empty, finite, within the limits.
 
-    `what` names the rows in the messages ("examples", "observations").
+    `what` names the rows in the messages ("examples", "observations");
+    `integer_dtype` (a model declaring integer inputs) also asserts whole
+    numbers within its range.
 
     Returns:
         `x` with its static shape.
@@ -476,6 +480,14 @@ def _validated_examples(name, x, shape, limit, limit_name, task_major, max_tasks
         # Only once the size is known to be within the limits.
         checks.append(_check(tf.reduce_all(tf.math.is_finite(x)),
                              f"{name} has NaN or infinite values"))
+    if integer_dtype is not None:
+        with tf.control_dependencies(checks):
+            whole = tf.reduce_all(tf.equal(x, tf.round(x)))
+            in_range = tf.reduce_all((x >= integer_dtype.min) & (x <= integer_dtype.max))
+            checks.append(_check(whole & in_range, f"{name} must hold whole numbers in "
+                                 f"[{integer_dtype.min}, {integer_dtype.max}]: the model "
+                                 f"takes {integer_dtype.name} inputs (pixels 0-255 or ids, "
+                                 "not images scaled to [0, 1]); got other values"))
     return _gated(x, shape_ok, checks, [None] * lead + list(shape))
 
 
@@ -488,6 +500,7 @@ def _validated_labels(y, support_x, classification, output_size, task_major,
     lead = 2 if task_major else 1
     rows = tf.shape(support_x)[:lead]
     names = _lead_names(task_major)
+    counts = "[num_tasks num_examples]" if task_major else "[num_examples]"
     if classification:
         expected = f"{_shape_text(names, [])} integer labels in [0, {output_size})"
         shape_ok = tf.equal(tf.rank(y), lead)
@@ -496,7 +509,7 @@ def _validated_labels(y, support_x, classification, output_size, task_major,
         same = tf.reduce_all(tf.equal(padded, rows))
         with tf.control_dependencies(checks):
             checks.append(_check(same, f"support_y must have one label per {x_name} example; "
-                                       "got label and example counts", [padded, rows]))
+                                       f"got label and example counts {counts}", [padded, rows]))
         with tf.control_dependencies(checks):
             checks.append(_check(tf.reduce_all((y >= 0) & (y < output_size)),
                                  f"support_y labels must be in [0, {output_size}); got", [y]))
@@ -508,7 +521,7 @@ def _validated_labels(y, support_x, classification, output_size, task_major,
     same = tf.reduce_all(tf.equal(padded, rows))
     with tf.control_dependencies(checks):
         checks.append(_check(same, f"support_y must have one row per {x_name} example; got "
-                                   "row and example counts", [padded, rows]))
+                                   f"row and example counts {counts}", [padded, rows]))
     with tf.control_dependencies(checks):
         checks.append(_check(tf.reduce_all(tf.math.is_finite(y)),
                              "support_y has NaN or infinite values"))
@@ -608,6 +621,10 @@ class AdaptationSignatures:
             rates, or `None` to use the algorithm's (learned rates included).
         limits: `ServingLimits` (default: `default_limits(spec)`).
         image_format: an `ImageFormat` to add the image signatures, or `None`.
+        outputs_probabilities: (classification) whether the model's outputs are
+            already probabilities, so that `probabilities` repeats
+            `predictions` instead of taking their softmax; `None`: as
+            `functional.output_is_softmax(model)` says (False where it cannot).
 
     Raises:
         ValueError: bad limits, or `num_eval_steps` above `max_inner_steps`.
@@ -621,10 +638,13 @@ class AdaptationSignatures:
     """
 
     def __init__(self, algorithm, spec, num_eval_steps, inner_lr=None, limits=None,
-                 image_format=None):
+                 image_format=None, outputs_probabilities=None):
         self.algorithm = algorithm
         self.model = algorithm.model
         self.classification = spec.is_classification
+        if outputs_probabilities is None:
+            outputs_probabilities = bool(functional.output_is_softmax(self.model))
+        self.outputs_probabilities = bool(outputs_probabilities) and self.classification
         self.input_shape = list(spec.input_shape)
         self.output_size = spec.output_size
         self.limits = (limits or default_limits(spec)).validate()
@@ -643,7 +663,8 @@ class AdaptationSignatures:
                              f"{self.input_shape}")
         self.dtype = self.model.trainable_variables[0].dtype
         # A model declaring integer inputs (keras.Input(dtype="uint8")) gets raw pixels.
-        self.takes_integer_pixels = functional.integer_input_dtype(self.model) is not None
+        self.integer_input_dtype = functional.integer_input_dtype(self.model)
+        self.takes_integer_pixels = self.integer_input_dtype is not None
         self.label_dtype = tf.int32 if self.classification else self.dtype
         self.weight_names = _weight_names(self.model)
         # The adaptation itself, task-major, traced once and called (after each
@@ -677,13 +698,16 @@ class AdaptationSignatures:
     def _outputs(self, predictions):
         result = {"predictions": predictions}
         if self.classification:
-            result["probabilities"] = tf.nn.softmax(predictions)
+            # (a softmax model's outputs are probabilities already)
+            result["probabilities"] = (tf.identity(predictions) if self.outputs_probabilities
+                                       else tf.nn.softmax(predictions))
         return result
 
     def _support(self, support_x, support_y, task_major, x_name="support_x"):
         support_x = _validated_examples(x_name, support_x, self.input_shape,
                                         self.limits.max_support_examples, "max_support_examples",
-                                        task_major, self.limits.max_tasks)
+                                        task_major, self.limits.max_tasks,
+                                        integer_dtype=self.integer_input_dtype)
         support_y = _validated_labels(support_y, support_x, self.classification,
                                       self.output_size, task_major, x_name)
         if not task_major:
@@ -693,7 +717,8 @@ class AdaptationSignatures:
     def _query(self, query_x, support_x, task_major, name="query_x"):
         query_x = _validated_examples(name, query_x, self.input_shape,
                                       self.limits.max_query_examples, "max_query_examples",
-                                      task_major, self.limits.max_tasks)
+                                      task_major, self.limits.max_tasks,
+                                      integer_dtype=self.integer_input_dtype)
         if not task_major:
             return query_x[None]
         return _same_tasks(query_x, support_x)
@@ -1163,7 +1188,7 @@ def _swap_in(new, path):
 
 
 def export(experiment, export_dir, version, num_eval_steps, inner_lr=None, overwrite=False,
-           limits=None, image_format="auto", data_fingerprint=None):
+           limits=None, image_format="auto", data_fingerprint=None, outputs_probabilities=None):
     """Writes the SavedModel to `<export_dir>/<version>/` (TF Serving's layout).
 
     The run's config, the limits and the signatures are written to
@@ -1189,6 +1214,8 @@ def export(experiment, export_dir, version, num_eval_steps, inner_lr=None, overw
             export CLI passes the run's `data_fingerprint.json`), written to
             `assets.extra/tf_maml_data_fingerprint.json` so that evaluating the
             export (`reporting.evaluate_export`) refuses other data.
+        outputs_probabilities: see `AdaptationSignatures` (`None`: read from
+            the model).
 
     Returns:
         The version's path.
@@ -1258,7 +1285,7 @@ def export(experiment, export_dir, version, num_eval_steps, inner_lr=None, overw
                         "restored from the config would build %r", algorithm_class.__module__,
                         algorithm_class.__qualname__, config.algorithm, config.algorithm)
     signatures = AdaptationSignatures(experiment.algorithm, experiment.spec, num_eval_steps,
-                                      inner_lr, limits, image_format)
+                                      inner_lr, limits, image_format, outputs_probabilities)
     with functional.first_derivatives_only():  # nothing is differentiated twice in serving
         archive = build_export_archive(signatures)
     recorded = config_lib.as_stored(config).to_dict()
@@ -1275,17 +1302,20 @@ def export(experiment, export_dir, version, num_eval_steps, inner_lr=None, overw
         "export_eval_inner_batch_size": getattr(experiment.algorithm, "eval_inner_batch_size",
                                                 None),
         "export_image_format": image_format.to_dict() if image_format else None,
+        "export_outputs_probabilities": signatures.outputs_probabilities,
         "export_signatures": list(signatures.signature_names)}
     with functional.first_derivatives_only():  # (the save does not retrace the signatures)
         return write_version(archive, path, record, {DATA_FINGERPRINT_ASSET: data_fingerprint}
-                             if data_fingerprint else None)
+                             if data_fingerprint else None, overwrite=overwrite)
 
 
 def check_version(version):
-    """The version as an int; `ValueError` unless it is a positive integer."""
-    if not isinstance(version, (int, np.integer)) or isinstance(version, bool) or version < 1:
-        raise ValueError(f"version must be a positive integer (TF Serving serves only numeric "
-                         f"version names; this tool numbers them from 1), got {version!r}")
+    """The version as an int; `ValueError` unless it is an integer in [1, 2**63)."""
+    if (not isinstance(version, (int, np.integer)) or isinstance(version, bool) or version < 1
+            or version >= 2**63):
+        raise ValueError(f"version must be a positive integer below 2**63 (TF Serving serves "
+                         f"only numeric version names and reads them as int64; this tool "
+                         f"numbers them from 1), got {version!r}")
     return int(version)
 
 
@@ -1302,27 +1332,40 @@ def version_path(export_dir, version, overwrite):
     return path
 
 
-def write_version(archive, path, record, extra_records=None):
+def write_version(archive, path, record, extra_records=None, overwrite=False):
     """Writes `archive` and `record` (`assets.extra/tf_maml_config.json`) to `path`, atomically.
 
     `extra_records` (file name -> JSON value) go beside it in `assets.extra`.
 
     The version is written to `<path>.tmp` and swapped into place once
-    complete (`_swap_in`).
+    complete (`_swap_in`), under a lock on the export directory: two exports
+    into one directory take turns, and the second finds the first's version.
 
     Returns:
         `path`.
+
+    Raises:
+        ValueError: `path` exists (written meanwhile by another export) and
+            not `overwrite`.
     """
-    tmp = path + ".tmp"
-    if tf.io.gfile.exists(tmp):
-        tf.io.gfile.rmtree(tmp)
-    archive.write_out(tmp, verbose=False)
-    extra = os.path.join(tmp, "assets.extra")
-    tf.io.gfile.makedirs(extra)
-    with tf.io.gfile.GFile(os.path.join(extra, CONFIG_ASSET), "w") as f:
-        f.write(json.dumps(record, indent=2, sort_keys=True))
-    for name, value in (extra_records or {}).items():
-        with tf.io.gfile.GFile(os.path.join(extra, name), "w") as f:
-            f.write(json.dumps(value, indent=1))
-    _swap_in(tmp, path)  # TF Serving never sees a half-written version, nor none
+    export_dir = os.path.dirname(path)
+    tf.io.gfile.makedirs(export_dir)
+    with files.directory_lock(export_dir, f"Waiting for another export into {export_dir} to "
+                              "finish"):
+        if tf.io.gfile.exists(path) and not overwrite:
+            raise ValueError(f"{path} already exists: another export wrote it while this one "
+                             "was being built; pass another version (--version) or "
+                             "overwrite=True (--overwrite)")
+        tmp = path + ".tmp"
+        if tf.io.gfile.exists(tmp):  # left by an export that was killed
+            tf.io.gfile.rmtree(tmp)
+        archive.write_out(tmp, verbose=False)
+        extra = os.path.join(tmp, "assets.extra")
+        tf.io.gfile.makedirs(extra)
+        with tf.io.gfile.GFile(os.path.join(extra, CONFIG_ASSET), "w") as f:
+            f.write(json.dumps(record, indent=2, sort_keys=True))
+        for name, value in (extra_records or {}).items():
+            with tf.io.gfile.GFile(os.path.join(extra, name), "w") as f:
+                f.write(json.dumps(value, indent=1))
+        _swap_in(tmp, path)  # TF Serving never sees a half-written version, nor none
     return path

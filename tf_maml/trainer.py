@@ -680,8 +680,11 @@ def _lock_run_dir(model_dir):
         return None
     created = not os.path.exists(model_dir)
     try:
-        import fcntl  # noqa: PLC0415 -- POSIX only
         os.makedirs(model_dir, exist_ok=True)
+    except OSError as e:  # (/sys, /proc: os.access lets root through; creating fails)
+        raise type(e)(f"model_dir {model_dir} cannot be created ({e.strerror})") from None
+    try:
+        import fcntl  # noqa: PLC0415 -- POSIX only
         fd = os.open(model_dir, os.O_RDONLY)
     except (ImportError, OSError) as e:
         logging.warning("Could not lock %s (%s); make sure no other trainer uses it", model_dir, e)

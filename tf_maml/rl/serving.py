@@ -269,7 +269,9 @@ class PolicySignatures:
                                                               lengths)
         query = self._observations("query_observations", query_observations)
         return self._finite(self._adapt_fn(observations, actions, rewards, mask, query, inner_lr),
-                            "the adaptation diverged", "is inner_lr too large?")
+                            "the adaptation diverged",
+                            "episodes far from the scale of the training ones, or an inner_lr "
+                            "too large for them?")
 
 
 def build_policy_archive(signatures):
@@ -341,4 +343,4 @@ def export_policy(experiment, export_dir, version, inner_lr=None, overwrite=Fals
             experiment.config, "goal_observed", False) else 0,
         "export_action_dim": signatures.action_dim,
         "export_limits": limits.to_dict(),
-        "export_signatures": list(signatures.signature_names)})
+        "export_signatures": list(signatures.signature_names)}, overwrite=overwrite)
