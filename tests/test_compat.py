@@ -56,6 +56,21 @@ def test_all_layers_seed_generators_and_inbound_nodes():
     assert compat.inbound_node_count(dense) == 1
 
 
+def test_first_call_input_shape_is_the_batch_a_subclassed_model_was_built_with():
+    class Sub(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.dense = keras.layers.Dense(2)
+
+        def call(self, inputs):
+            return self.dense(inputs)
+
+    model = Sub()
+    assert compat.first_call_input_shape(model) is None
+    model(np.zeros((5, 7, 3), np.float32))
+    assert compat.first_call_input_shape(model) == (5, 7, 3)
+
+
 def test_dropout_helpers_reproduce_keras_dropout():
     layer = keras.layers.Dropout(0.4, seed=3)
     x = tf.ones([5, 6])

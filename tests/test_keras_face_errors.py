@@ -5,6 +5,8 @@ task function that fails late in training; and the export of a subclassed
 model, whose shapes only the task family knows.
 """
 
+import json
+
 import keras
 import numpy as np
 import pytest
@@ -430,6 +432,24 @@ def _empty_support_of_unknown_size(empty="support"):
 _X = np.random.default_rng(1).random((3, 8), np.float32)
 
 
+def _frozen_after_wrapping():
+    learner = _learner(keras.Sequential([keras.Input((8,)), keras.layers.Dense(4),
+                                         keras.layers.Dense(3)]))
+    learner.model.layers[0].trainable = False
+    return learner
+
+
+def _hits(y_true, y_pred):  # per example, [tasks, queries]: not a per-task metric
+    return tf.cast(tf.equal(tf.cast(y_true, tf.int64), tf.argmax(y_pred, -1)), tf.float32)
+
+
+def _string_input_model():
+    inputs = keras.Input((3,), dtype="string")
+    ids = keras.layers.StringLookup(vocabulary=list("abcdef"))(inputs)
+    pooled = keras.layers.GlobalAveragePooling1D()(keras.layers.Embedding(8, 4)(ids))
+    return keras.Model(inputs, keras.layers.Dense(2)(pooled))
+
+
 def _tasks(features=None):
     """3-way 1-shot tasks over 30 classes of 8 features (`features` replaces them)."""
     x = np.random.default_rng(2).random((60, 8), np.float32) if features is None else features
@@ -507,6 +527,34 @@ def _with_a_nan():
     (lambda: _learner().adapt_and_predict(_X[:0], np.arange(0), _X),
      r"^the support set is empty"),
     (_with_a_nan, r"^arrays: class \d+ of the \w+ split holds NaN or infinite values$"),
+    # A user's trial: an IndexError deep in the algorithm (fit said it in one line already).
+    (lambda: _frozen_after_wrapping().adapt_and_predict(_X, np.arange(3), _X),
+     r"^the model has 2 trainable weights now but had 4 when the MetaLearner was built"),
+    (lambda: _frozen_after_wrapping().export("never_written"),
+     r"^the model has 2 trainable weights now but had 4"),
+    (lambda: _frozen_after_wrapping().evaluate_tasks(_tasks(), num_tasks=2),
+     r"^the model has 2 trainable weights now but had 4"),
+    # numpy's TypeError / AxisError after the whole evaluation had run.
+    (lambda: _learner().evaluate_tasks(_tasks(), num_tasks=2, metric=_hits),
+     r"^metric _hits must return one value per task, shape \[num_tasks\] \(here 2\), got "
+     r"shape \[2, 3\]; it takes y_true and y_pred of shape \[num_tasks, num_query, \.\.\.\]"),
+    (lambda: _learner().evaluate_tasks(_tasks(), num_tasks=2,
+                                       metric=lambda t, p: tf.reduce_mean(_hits(t, p))),
+     r"^metric <lambda> must return one value per task, shape \[num_tasks\] \(here 2\), got "
+     r"shape \[\]"),
+    (lambda: _learner().evaluate_tasks(_tasks(), num_tasks=2, metric=3),
+     r"^metric must be 'accuracy', 'mse' or a function, got 3$"),
+    # TypeError: '>' not supported between instances of 'int' and 'str'.
+    (lambda: MetaLearner(keras.Sequential([keras.Input((8,)), keras.layers.Dense(3)]),
+                         num_inner_steps="2"),
+     r"^num_inner_steps must be a non-negative integer, got '2'$"),
+    (lambda: MetaLearner(keras.Sequential([keras.Input((8,)), keras.layers.Dense(3)]),
+                         num_inner_steps=None),
+     r"^num_inner_steps must be a non-negative integer, got None$"),
+    # UnimplementedError "Cast string to float is not supported" at the first adaptation.
+    (lambda: MetaLearner(_string_input_model()),
+     r"^model '\w+' takes string inputs, but adaptation needs numbers: do the lookup "
+     r"\(StringLookup, TextVectorization\) in the input pipeline"),
 ])
 def test_user_mistakes_found_by_the_audit_fail_in_one_line(call, pattern):
     """Each of these used to end in a bare StopIteration, a Keras format error, a graph trace,
@@ -554,6 +602,27 @@ def test_layers_random_in_training_are_named_in_a_warning(caplog):
                                   keras.layers.Dense(3)]))
     assert "layer(s) drop (Dropout) of model" in caplog.text
     assert "augmentation" not in caplog.text
+    # Keras gives every recurrent cell a seed generator; without dropout it never draws
+    # (the warning named GRUCell, with the augmentation advice, on a deterministic model).
+    caplog.clear()
+    reshaped = [keras.Input((8,)), keras.layers.Reshape((4, 2))]
+    MetaLearner(keras.Sequential(reshaped + [keras.layers.GRU(4), keras.layers.Dense(3)]))
+    assert "random numbers" not in caplog.text
+    MetaLearner(keras.Sequential(reshaped + [keras.layers.LSTM(4, recurrent_dropout=0.2),
+                                             keras.layers.Dense(3)]))
+    assert "(LSTMCell) of model" in caplog.text
+    assert "augmentation" not in caplog.text
+
+
+def test_numpy_scalars_are_numbers_for_the_learner():
+    """A sweep over np.logspace / np.arange: np.float32(0.1) was "not a positive number"."""
+    learner = MetaLearner(keras.Sequential([keras.Input((8,)), keras.layers.Dense(3)]),
+                          inner_lr=np.float32(0.1), num_inner_steps=np.int64(2),
+                          first_order=np.bool_(True))
+    config = learner.meta_config
+    assert (config.inner_lr, config.num_inner_steps, config.num_eval_steps) == (0.1, 2, 2)
+    assert type(config.num_inner_steps) is int and type(config.first_order) is bool
+    json.dumps(config.to_dict())  # numpy scalars are not JSON
 
 
 def test_a_legacy_h5_path_is_refused_before_anything_is_written(tmp_path):

@@ -245,6 +245,16 @@ def test_a_model_that_declares_integer_inputs_gets_them_unscaled(tmp_path):
     answer = served.signatures["adapt_images"](support_images=pngs, support_y=labels[0],
                                                query_images=pngs)["predictions"]
     np.testing.assert_allclose(answer, expected, rtol=1e-5, atol=1e-5)
+    # The tensor signatures take the pixels as float32 whole numbers; images scaled to
+    # [0, 1] (which adapt_and_predict refuses) were served silently, cast to 0s and 1s.
+    pixels = dict(support_x=raw[0].astype(np.float32), support_y=labels[0])
+    answer = served.signatures["adapt"](**pixels, query_x=pixels["support_x"])["predictions"]
+    np.testing.assert_allclose(answer, expected, rtol=1e-5, atol=1e-5)
+    for bad in (raw[0] / 255, raw[0] + 300.0):
+        with pytest.raises(tf.errors.InvalidArgumentError, match=r"support_x must hold whole "
+                           r"numbers in \[0, 255\]: the model takes uint8 inputs"):
+            served.signatures["adapt"](support_x=bad.astype(np.float32), support_y=labels[0],
+                                       query_x=pixels["support_x"])
 
     ids = keras.Sequential([keras.Input((5,), dtype="int32"), keras.layers.Embedding(300, 4),
                             keras.layers.GlobalAveragePooling1D(), keras.layers.Dense(2)])
@@ -257,6 +267,45 @@ def test_a_model_that_declares_integer_inputs_gets_them_unscaled(tmp_path):
     small = np.array([[3, 200, 7, 0, 255]], np.uint8)
     np.testing.assert_allclose(id_learner.predict(small, verbose=0),
                                ids(small.astype(np.int32)).numpy(), rtol=1e-6)
+
+
+@pytest.mark.parametrize("model_kind", ["dense_softmax", "softmax_layer", "subclassed"])
+def test_a_softmax_models_exported_probabilities_are_its_outputs(tmp_path, model_kind):
+    """A model that ends in a softmax outputs probabilities: `probabilities` softmaxed them
+    a second time, pulled towards uniform (0.31/0.37/0.32 for 0.26/0.44/0.30)."""
+    keras.utils.set_random_seed(0)
+    if model_kind == "subclassed":  # no layer graph to read: the loss's from_logits says it
+        class Softmaxed(keras.Model):
+            def __init__(self):
+                super().__init__()
+                self.dense = keras.layers.Dense(3, activation="softmax")
+
+            def call(self, x):
+                return self.dense(x)
+
+        model = Softmaxed()
+        model(np.zeros((1, 4), np.float32))
+    else:
+        inputs = keras.Input((4,))
+        outputs = (keras.layers.Dense(3, activation="softmax")(inputs)
+                   if model_kind == "dense_softmax"
+                   else keras.layers.Softmax()(keras.layers.Dense(3)(inputs)))
+        model = keras.Model(inputs, outputs)
+    learner = tf_maml.MetaLearner(model, inner_lr=0.5)
+    learner.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+    support_x = np.random.default_rng(0).normal(size=(6, 4)).astype(np.float32)
+    support_y = np.array([0, 1, 2, 0, 1, 2], np.int32)
+    expected = learner.adapt_and_predict(support_x, support_y, support_x[:2])
+    np.testing.assert_allclose(expected.sum(-1), 1.0, rtol=1e-5)
+    served = tf.saved_model.load(learner.export(str(tmp_path / "export"),
+                                                is_classification=True))
+    out = served.signatures["adapt"](support_x=support_x, support_y=support_y,
+                                     query_x=support_x[:2])
+    np.testing.assert_allclose(out["predictions"], expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(out["probabilities"], expected, rtol=1e-5, atol=1e-6)
+    initial = served.signatures["serving_default"](x=support_x[:2])
+    np.testing.assert_allclose(initial["probabilities"], model(support_x[:2]), rtol=1e-5,
+                               atol=1e-6)
 
 
 def test_an_integer_input_model_gets_a_task_familys_images_as_pixels():

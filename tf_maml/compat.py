@@ -17,8 +17,9 @@ Add a function here (with a test of what it returns) rather than reaching into
 import contextlib
 
 __all__ = ["cluster_resolver", "keras_moments_replaced", "functional_model_class", "all_layers",
-           "seed_generators", "inbound_node_count", "dropout_noise_shape", "dropout_seed",
-           "eager_device_name", "model_supports_jit", "keras_trainer_hooks", "onednn_enabled"]
+           "seed_generators", "first_call_input_shape", "inbound_node_count",
+           "dropout_noise_shape", "dropout_seed", "eager_device_name", "model_supports_jit",
+           "keras_trainer_hooks", "onednn_enabled"]
 
 
 def cluster_resolver(strategy):
@@ -79,6 +80,22 @@ def all_layers(model):
     Relies on `Layer._flatten_layers(include_self=True, recursive=True)` (Keras 3).
     """
     return list(model._flatten_layers(include_self=True, recursive=True))
+
+
+def first_call_input_shape(model):
+    """The shape of the one input a built subclassed model was first called on, or `None`.
+
+    Relies on `Layer._build_shapes_dict` (Keras 3 records the shapes its first
+    `__call__` built the layer with; `{"input_shape": shape}` for one input).
+    """
+    shapes = getattr(model, "_build_shapes_dict", None)
+    if not isinstance(shapes, dict) or len(shapes) != 1:
+        return None
+    shape = next(iter(shapes.values()))
+    if not isinstance(shape, (tuple, list)) or not all(
+            d is None or isinstance(d, int) for d in shape):
+        return None
+    return tuple(shape)
 
 
 def model_supports_jit(model):

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import numbers
 import os
 
 from absl import logging
@@ -371,6 +372,21 @@ class Config:
     def is_rl(self):
         """Whether the dataset is a reinforcement-learning environment (`RL_DATASETS`)."""
         return self.dataset in RL_DATASETS
+
+    def __post_init__(self):
+        # numpy's scalars (a sweep over np.logspace, np.arange) as the Python numbers the
+        # checks, JSON and the flags expect; bool first (np.bool_ is no numbers.Integral).
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if type(value).__module__ != "numpy" or getattr(value, "shape", None) != ():
+                continue
+            if value.dtype.kind == "b":
+                setattr(self, field.name, bool(value))
+            elif isinstance(value, numbers.Integral):
+                setattr(self, field.name, int(value))
+            elif isinstance(value, numbers.Real):
+                # np.float32(0.1) as 0.1, not 0.10000000149011612: its shortest repr
+                setattr(self, field.name, float(str(value)))
 
     def validate(self):
         """Checks every field; raises `ValueError` naming the first bad one."""

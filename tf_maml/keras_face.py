@@ -30,6 +30,7 @@ import contextlib
 import copy
 import dataclasses
 import math
+import numbers
 
 import keras
 import numpy as np
@@ -308,6 +309,14 @@ class MetaLearner(keras.Model):
         if not model.built:
             raise ValueError("model must be built (call it on a batch, or give it an Input) "
                              "before wrapping it in a MetaLearner")
+        input_dtypes = {tf.as_dtype(t.dtype) for t in getattr(model, "inputs", None) or []
+                        if t is not None and getattr(t, "dtype", None) is not None}
+        for dtype in input_dtypes:
+            if not (dtype.is_floating or dtype.is_integer):
+                raise ValueError(
+                    f"model {model.name!r} takes {dtype.name} inputs, but adaptation needs "
+                    "numbers: do the lookup (StringLookup, TextVectorization) in the input "
+                    "pipeline, a tf.data map or numpy, and give the model the integer ids")
         try:
             structure = model.output
         except (AttributeError, ValueError):
@@ -317,7 +326,9 @@ class MetaLearner(keras.Model):
             # (and `predict`) would get the structure.
             raise ValueError(_single_output_message(model, structure))
         if num_eval_steps is None:
-            num_eval_steps = max(num_inner_steps, 1)
+            # (a bad num_inner_steps is left for the config's check to name)
+            num_eval_steps = (max(int(num_inner_steps), 1)
+                              if isinstance(num_inner_steps, numbers.Integral) else 1)
         values = dict(dataset="custom", algorithm=algorithm, inner_lr=inner_lr,
                       num_inner_steps=num_inner_steps, num_eval_steps=num_eval_steps,
                       first_order=first_order, **options)
@@ -326,10 +337,10 @@ class MetaLearner(keras.Model):
         except TypeError as e:
             raise ValueError(str(e)) from None
         self.model = model
-        random_layers = [layer for layer in compat.all_layers(model)[1:]
-                         if compat.seed_generators(layer)]
+        random_layers = functional.random_layers(model)
         if random_layers:
             augmenting = any("dropout" not in type(layer).__name__.lower()
+                             and not hasattr(layer, "recurrent_dropout")
                              for layer in random_layers)
             logging.warning(
                 "MetaLearner: layer(s) %s of model %r draw random numbers in training mode, "
@@ -692,6 +703,20 @@ class MetaLearner(keras.Model):
         except (ValueError, TypeError):
             return None
 
+    def _outputs_probabilities(self):
+        """Whether the model outputs probabilities: what its last layer says, else (a
+        subclassed model) what the compiled cross-entropy takes (Keras' `from_logits`)."""
+        softmax = functional.output_is_softmax(self.model)
+        if softmax is not None:
+            return softmax
+        loss = getattr(self, "loss", None)
+        from_logits = getattr(loss, "from_logits", None)
+        if isinstance(from_logits, bool):
+            return not from_logits
+        # Keras' cross-entropy functions by name take probabilities unless told otherwise.
+        return self._compiled_loss_name() in ("sparse_categorical_crossentropy",
+                                              "categorical_crossentropy")
+
     def _num_outputs(self, example_shape=None):
         """The model's output size: Keras', or (subclassed) that of one call, or the tasks'."""
         size = _output_size(self.model)
@@ -921,6 +946,7 @@ class MetaLearner(keras.Model):
             raise ValueError("predict takes model inputs, or a dataset of Episodes for adapted "
                              "query predictions; for a task family use adapt_and_predict on "
                              "its samples, or evaluate_tasks")
+        self._check_variables()
         return super().predict(x, *args, **kwargs)
 
     def predict_step(self, data):
@@ -1079,8 +1105,10 @@ class MetaLearner(keras.Model):
             if metric not in names:
                 raise ValueError(f"metric must be 'accuracy', 'mse' or a function, got {metric!r}")
             metric_name, metric_fn = metric, names[metric]
+        elif callable(metric):
+            metric_name, metric_fn = getattr(metric, "__name__", "metric"), _per_task(metric)
         else:
-            metric_name, metric_fn = getattr(metric, "__name__", "metric"), metric
+            raise ValueError(f"metric must be 'accuracy', 'mse' or a function, got {metric!r}")
         num_steps = self.meta_config.num_eval_steps if num_steps is None else num_steps
         curve = evaluation.make_curve_fn(
             self.algorithm, metric_fn, num_steps, transductive=self.meta_config.transductive,
@@ -1120,7 +1148,6 @@ class MetaLearner(keras.Model):
             raise ValueError("fit over Episodes (or a task family) needs steps_per_epoch: "
                              "training episodes never run out, so an epoch would never end")
         self._check_compiled()
-        self._check_variables()
         self._validation_key = None
         if validation_data is not None:
             validation_data = self._as_dataset(validation_data, training=False)
@@ -1202,6 +1229,7 @@ class MetaLearner(keras.Model):
             raise ValueError("compile the MetaLearner first: learner.compile(optimizer=..., "
                              "loss=..., metrics=[...])")
         keras_task_loss(getattr(self, "loss", None))  # a clear error for a missing/bad loss
+        self._check_variables()
 
     # -- saving ---------------------------------------------------------------------------------
 
@@ -1222,6 +1250,8 @@ class MetaLearner(keras.Model):
                              "or regression loss)")
         input_shape = input_shape or _input_shape(self.model) or self._task_input_shape
         output_size = output_size or _output_size(self.model) or self._task_output_size
+        if output_size is None and input_shape is not None:  # a subclassed model: one call
+            output_size = self._num_outputs(tf.TensorShape(input_shape))
         if input_shape is None or output_size is None:
             raise ValueError("the model's input shape or output size is unknown (a subclassed "
                              "model): fit it on a task family first")
@@ -1257,7 +1287,8 @@ class MetaLearner(keras.Model):
 
         Raises:
             ValueError: the learner is not compiled, its model's input shape or
-                output size is unknown (a subclassed model never fitted),
+                output size is unknown (a subclassed model neither called on a
+                batch nor fitted),
                 non-finite weights, bad limits, or the version exists.
         """
         if self.compiled:
@@ -1265,10 +1296,12 @@ class MetaLearner(keras.Model):
         else:
             raise ValueError("compile the MetaLearner (its loss is the adaptation's loss) "
                              "before exporting it")
+        self._check_variables()
         steps = self.meta_config.num_eval_steps if num_eval_steps is None else num_eval_steps
         return serving.export(self.experiment(is_classification=is_classification), export_dir,
                               version, steps, inner_lr, overwrite=overwrite, limits=limits,
-                              image_format=image_format)
+                              image_format=image_format,
+                              outputs_probabilities=self._outputs_probabilities())
 
 
 class _StartAtIteration(keras.callbacks.Callback):
@@ -1278,6 +1311,27 @@ class _StartAtIteration(keras.callbacks.Callback):
         start = getattr(self.model, "_data_start", None)
         if start is not None:
             start.assign(tf.cast(self.model.optimizer.iterations, tf.int64))
+
+
+def _per_task(metric):
+    """A user's metric `(y_true, y_pred) -> [num_tasks]`, its result's shape checked when
+    traced (a per-example or scalar result would fail later, inside numpy)."""
+    name = getattr(metric, "__name__", type(metric).__name__)
+
+    def checked(y_true, y_pred):
+        values = tf.convert_to_tensor(metric(y_true, y_pred))
+        tasks = y_pred.shape[:1]
+        if values.shape.rank != 1 or not values.shape[:1].is_compatible_with(tasks):
+            raise ValueError(
+                f"metric {name} must return one value per task, shape [num_tasks] (here "
+                f"{tasks[0]}), got shape {values.shape.as_list()}; it takes y_true and y_pred "
+                f"of shape [num_tasks, num_query, ...] (here {y_pred.shape.as_list()}): reduce "
+                "over the query examples, e.g. tf.reduce_mean(..., axis=1)")
+        if not (values.dtype.is_floating or values.dtype.is_integer or values.dtype == tf.bool):
+            raise ValueError(f"metric {name} must return numbers, got {values.dtype.name}")
+        return values if values.dtype.is_floating else tf.cast(values, y_pred.dtype)
+
+    return checked
 
 
 def _values_checked(*element):
@@ -1383,11 +1437,16 @@ def _compiled_adapt(learner, use_lr):
 
 
 def _input_shape(model):
-    """One example's input shape, or `None` where Keras does not know it (subclassed)."""
+    """One example's input shape: Keras', or (a subclassed model) that of the batch it was
+    first called on; `None` where neither is known."""
     try:
         return tuple(model.input_shape[1:])
     except (AttributeError, ValueError):
+        pass
+    shape = compat.first_call_input_shape(model)
+    if shape is None or len(shape) < 2 or any(d is None for d in shape[1:]):
         return None
+    return shape[1:]
 
 
 def _output_positions(model):
