@@ -750,7 +750,7 @@ def test_an_export_finding_its_version_written_meanwhile_refuses_to_replace_it(s
         with pytest.raises(ValueError, match=r"7 already exists: another export wrote it while "
                                              r"this one was being built"):
             serving.export(experiment, str(tmp_path), 7, 2)
-    assert marker.exists() and sorted(os.listdir(tmp_path)) == ["7"]
+    assert marker.exists() and sorted(os.listdir(tmp_path)) == ["7"]  # (no lock file left)
     marker.unlink()
     marker.parent.rmdir()
     with mock.patch.object(serving, "build_export_archive", built_while_another_export_finished):
@@ -758,11 +758,12 @@ def test_an_export_finding_its_version_written_meanwhile_refuses_to_replace_it(s
     assert not marker.exists() and sorted(os.listdir(tmp_path)) == ["7"]
 
 
-def test_directory_lock_makes_a_second_process_wait(tmp_path):
-    """The lock an export holds on its export_dir while it writes a version."""
+def test_the_export_lock_makes_a_second_process_wait(tmp_path):
+    """The lock an export holds in its export_dir while it writes a version."""
+    lock = str(tmp_path / serving.EXPORT_LOCK_NAME)
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys\nfrom tf_maml import files\n"
-         f"with files.directory_lock({str(tmp_path)!r}):\n"
+         f"with files.exclusive_lock({lock!r}):\n"
          "    print('locked', flush=True)\n    sys.stdin.readline()\n"],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
@@ -770,7 +771,7 @@ def test_directory_lock_makes_a_second_process_wait(tmp_path):
         entered = threading.Event()
 
         def enter():
-            with files.directory_lock(str(tmp_path)):
+            with files.exclusive_lock(lock, "waiting"):
                 entered.set()
 
         waiter = threading.Thread(target=enter)
@@ -780,6 +781,7 @@ def test_directory_lock_makes_a_second_process_wait(tmp_path):
         holder.stdin.flush()
         assert entered.wait(30)
         waiter.join()
+        assert not os.path.exists(lock)  # each holder removes it as it leaves
     finally:
         holder.kill()
         holder.wait()

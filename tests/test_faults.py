@@ -519,9 +519,10 @@ def test_a_checkpoint_of_another_run_is_refused_not_exported(run_copy, tmp_path)
     trainer.train(config_lib.Config(algorithm="mamlpp", num_iterations=10, num_inner_steps=2,
                                     **TINY), other)
     with pytest.raises(experiment_lib.CheckpointError,
-                       match=r"(?=.*algorithm 'mamlpp' \(here 'maml'\))(?=.*num_inner_steps 2 "
-                             r"\(here 1\))belongs to the run in .*mamlpp, trained with .*: use "
-                             r"that run's"):
+                       match=r"(?=.*algorithm: 'mamlpp' -> 'maml')(?=.*num_inner_steps: 2 -> "
+                             r"1)belongs to the run in .*mamlpp, whose configuration differs "
+                             r"from this one's in what a resume may not change \(.*: that "
+                             r"run's -> this one's\): use that run's model_dir$"):
         experiment_lib.restore(run_copy, checkpoint_path=os.path.join(other, "checkpoints",
                                                                       "ckpt-10"))
     # A run that differs only in how it was trained (another seed: other tasks; another
@@ -535,8 +536,9 @@ def test_a_checkpoint_of_another_run_is_refused_not_exported(run_copy, tmp_path)
     with open(config_path, "w") as f:
         json.dump({**values, "seed": 1, "num_iterations": 50}, f)
     with pytest.raises(experiment_lib.CheckpointError,
-                       match=r"belongs to the run in .*seed1, trained with seed 1 \(here 0\): "
-                             r"use that run's model_dir$"):
+                       match=r"belongs to the run in .*seed1, whose configuration differs "
+                             r"from this one's in what a resume may not change \(seed: 1 -> "
+                             r"0: that run's -> this one's\): use that run's model_dir$"):
         experiment_lib.restore(run_copy, checkpoint_path=os.path.join(sibling, "checkpoints",
                                                                       "ckpt-10"))
     with open(config_path, "w") as f:

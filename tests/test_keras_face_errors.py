@@ -618,11 +618,69 @@ def test_numpy_scalars_are_numbers_for_the_learner():
     """A sweep over np.logspace / np.arange: np.float32(0.1) was "not a positive number"."""
     learner = MetaLearner(keras.Sequential([keras.Input((8,)), keras.layers.Dense(3)]),
                           inner_lr=np.float32(0.1), num_inner_steps=np.int64(2),
-                          first_order=np.bool_(True))
+                          first_order=np.bool_(True), num_eval_steps=np.array(3))
     config = learner.meta_config
-    assert (config.inner_lr, config.num_inner_steps, config.num_eval_steps) == (0.1, 2, 2)
+    assert (config.inner_lr, config.num_inner_steps, config.num_eval_steps) == (0.1, 2, 3)
     assert type(config.num_inner_steps) is int and type(config.first_order) is bool
+    assert type(config.num_eval_steps) is int
     json.dumps(config.to_dict())  # numpy scalars are not JSON
+
+
+class _NoiseWithZeroDropout(keras.layers.Layer):
+    """Draws noise from its own seed generator; its `dropout` attribute says nothing."""
+
+    def __init__(self):
+        super().__init__()
+        self.dropout = 0.0
+        self.seed_generator = keras.random.SeedGenerator(1)
+
+    def call(self, x, training=False):
+        return x + keras.random.normal(keras.ops.shape(x), seed=self.seed_generator)
+
+
+def test_only_recurrent_cells_without_dropout_are_exempt_from_the_random_layer_check():
+    """A zero `dropout` attribute exempts Keras' recurrent cells only: a noise layer with one
+    would have passed as deterministic, and recompute_inner_steps would re-draw its noise."""
+    model = keras.Sequential([keras.Input((8,)), _NoiseWithZeroDropout(), keras.layers.Dense(3)])
+    assert tf_maml.functional.has_random_layers(model)
+    with pytest.raises(ValueError, match="recompute"):
+        tf_maml.MAML(model, tf_maml.functional.make_forward(model),
+                     tf_maml.losses.mean_squared_error, 0.1, 1, recompute_inner_steps=True)
+
+
+class _Pooled(keras.Model):
+    """Shape-agnostic: global pooling over a sequence of any length."""
+
+    def __init__(self):
+        super().__init__()
+        self.pool = keras.layers.GlobalAveragePooling1D()
+        self.dense = keras.layers.Dense(3)
+
+    def call(self, x):
+        return self.dense(self.pool(x))
+
+
+def test_a_subclassed_model_built_on_a_dummy_batch_takes_its_tasks_shape():
+    """The batch a subclassed model was first called on is a last resort for its input shape:
+    a pooling model built on length 5 must still train on tasks of length 20."""
+    model = _Pooled()
+    model(np.zeros((1, 5, 4), np.float32))
+    learner = _learner(model)
+    x = np.random.default_rng(3).random((60, 20, 4), np.float32)
+    tasks = tf_maml.tasks.array_tasks(x, np.arange(60) % 30, n_way=3, k_shot=1, k_query=1)
+    learner.fit(Episodes(tasks, 2), steps_per_epoch=1, verbose=0)
+    assert np.isfinite(learner.evaluate_tasks(tasks, num_tasks=2)["mean"]).all()
+    assert learner.adapt_and_predict(x[:3], np.arange(3), x[:2]).shape == (2, 3)
+    # Never fitted: the request's examples of the built shape adapt.
+    fresh = _Pooled()
+    fresh(np.zeros((1, 5, 4), np.float32))
+    assert _learner(fresh).adapt_and_predict(x[:3, :5], np.arange(3), x[:2, :5]).shape == (2, 3)
+
+
+def test_a_boolean_input_model_is_not_refused_as_strings_are():
+    inputs = keras.Input((4,), dtype="bool")
+    floats = keras.layers.Lambda(lambda t: keras.ops.cast(t, "float32"))(inputs)
+    MetaLearner(keras.Model(inputs, keras.layers.Dense(3)(floats)))
 
 
 def test_a_legacy_h5_path_is_refused_before_anything_is_written(tmp_path):

@@ -269,16 +269,19 @@ def test_a_model_that_declares_integer_inputs_gets_them_unscaled(tmp_path):
                                ids(small.astype(np.int32)).numpy(), rtol=1e-6)
 
 
-@pytest.mark.parametrize("model_kind", ["dense_softmax", "softmax_layer", "subclassed"])
+@pytest.mark.parametrize("model_kind", ["dense_softmax", "softmax_layer", "ops_softmax",
+                                        "subclassed", "subclassed_logits"])
 def test_a_softmax_models_exported_probabilities_are_its_outputs(tmp_path, model_kind):
     """A model that ends in a softmax outputs probabilities: `probabilities` softmaxed them
-    a second time, pulled towards uniform (0.31/0.37/0.32 for 0.26/0.44/0.30)."""
+    a second time, pulled towards uniform (0.31/0.37/0.32 for 0.26/0.44/0.30). A model of
+    logits still gets their softmax."""
     keras.utils.set_random_seed(0)
-    if model_kind == "subclassed":  # no layer graph to read: the loss's from_logits says it
+    logits = model_kind == "subclassed_logits"
+    if model_kind.startswith("subclassed"):  # no layer graph: the loss's from_logits says it
         class Softmaxed(keras.Model):
             def __init__(self):
                 super().__init__()
-                self.dense = keras.layers.Dense(3, activation="softmax")
+                self.dense = keras.layers.Dense(3, activation=None if logits else "softmax")
 
             def call(self, x):
                 return self.dense(x)
@@ -287,24 +290,29 @@ def test_a_softmax_models_exported_probabilities_are_its_outputs(tmp_path, model
         model(np.zeros((1, 4), np.float32))
     else:
         inputs = keras.Input((4,))
-        outputs = (keras.layers.Dense(3, activation="softmax")(inputs)
-                   if model_kind == "dense_softmax"
-                   else keras.layers.Softmax()(keras.layers.Dense(3)(inputs)))
+        outputs = {"dense_softmax": lambda: keras.layers.Dense(3, activation="softmax")(inputs),
+                   "softmax_layer": lambda: keras.layers.Softmax()(keras.layers.Dense(3)(inputs)),
+                   "ops_softmax": lambda: keras.ops.softmax(keras.layers.Dense(3)(inputs)),
+                   }[model_kind]()
         model = keras.Model(inputs, outputs)
     learner = tf_maml.MetaLearner(model, inner_lr=0.5)
-    learner.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+    learner.compile(optimizer="adam", loss=keras.losses.SparseCategoricalCrossentropy(
+        from_logits=logits))
     support_x = np.random.default_rng(0).normal(size=(6, 4)).astype(np.float32)
     support_y = np.array([0, 1, 2, 0, 1, 2], np.int32)
     expected = learner.adapt_and_predict(support_x, support_y, support_x[:2])
-    np.testing.assert_allclose(expected.sum(-1), 1.0, rtol=1e-5)
+    probabilities = tf.nn.softmax(expected).numpy() if logits else expected
+    np.testing.assert_allclose(probabilities.sum(-1), 1.0, rtol=1e-5)
     served = tf.saved_model.load(learner.export(str(tmp_path / "export"),
                                                 is_classification=True))
     out = served.signatures["adapt"](support_x=support_x, support_y=support_y,
                                      query_x=support_x[:2])
     np.testing.assert_allclose(out["predictions"], expected, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(out["probabilities"], expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(out["probabilities"], probabilities, rtol=1e-5, atol=1e-6)
     initial = served.signatures["serving_default"](x=support_x[:2])
-    np.testing.assert_allclose(initial["probabilities"], model(support_x[:2]), rtol=1e-5,
+    outputs = model(support_x[:2])
+    np.testing.assert_allclose(initial["probabilities"],
+                               tf.nn.softmax(outputs) if logits else outputs, rtol=1e-5,
                                atol=1e-6)
 
 

@@ -2,7 +2,6 @@
 
 import dataclasses
 import json
-import numbers
 import os
 
 from absl import logging
@@ -374,19 +373,20 @@ class Config:
         return self.dataset in RL_DATASETS
 
     def __post_init__(self):
-        # numpy's scalars (a sweep over np.logspace, np.arange) as the Python numbers the
-        # checks, JSON and the flags expect; bool first (np.bool_ is no numbers.Integral).
+        # numpy's scalars and 0-d arrays (a sweep over np.logspace, np.arange) as the
+        # Python numbers the checks, JSON and the flags expect.
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
             if type(value).__module__ != "numpy" or getattr(value, "shape", None) != ():
                 continue
+            scalar = value[()]  # (a 0-d array's scalar; a scalar's self)
             if value.dtype.kind == "b":
-                setattr(self, field.name, bool(value))
-            elif isinstance(value, numbers.Integral):
-                setattr(self, field.name, int(value))
-            elif isinstance(value, numbers.Real):
+                setattr(self, field.name, bool(scalar))
+            elif value.dtype.kind in "iu":
+                setattr(self, field.name, int(scalar))
+            elif value.dtype.kind == "f":
                 # np.float32(0.1) as 0.1, not 0.10000000149011612: its shortest repr
-                setattr(self, field.name, float(str(value)))
+                setattr(self, field.name, float(str(scalar)))
 
     def validate(self):
         """Checks every field; raises `ValueError` naming the first bad one."""
@@ -710,6 +710,19 @@ def load(model_dir, flag="--model_dir"):
 
 def check_resumable(saved, requested):
     """Raises `ValueError` if `requested` changes what the saved run computes."""
+    changed = resume_changes(saved, requested)
+    if changed:
+        raise ValueError(
+            "the model directory holds a run with a different configuration ("
+            + "; ".join(changed) + "). Use a new --model_dir, or the same flags to resume.")
+
+
+def resume_changes(saved, requested):
+    """What `requested` changes that a resume of `saved` may not: `["field: old -> new", ...]`.
+
+    Every field outside `RESUMABLE_FIELDS`, and `num_iterations` where it stretches a
+    schedule (MAML++, Reptile's annealing), and XLA for reinforcement learning.
+    """
     before, after = saved.to_dict(), requested.to_dict()
     # "auto" and the model it resolves to are the same network (the quick start's
     # default run may be resumed with flags/sine.flags, which names "mlp").
@@ -732,7 +745,4 @@ def check_resumable(saved, requested):
         if schedule:
             changed.append(f"num_iterations: {saved.num_iterations!r} -> "
                            f"{requested.num_iterations!r}, which would stretch {schedule}")
-    if changed:
-        raise ValueError(
-            "the model directory holds a run with a different configuration ("
-            + "; ".join(changed) + "). Use a new --model_dir, or the same flags to resume.")
+    return changed

@@ -483,16 +483,12 @@ def _check_same_run(checkpoint_path, model_dir):
         theirs = config_lib.load(owner)
     except ValueError:
         return
-    ours = config_lib.load(model_dir)
-    theirs_values, ours_values = theirs.to_dict(), ours.to_dict()
-    if theirs.model_name == ours.model_name:  # "auto" and the model it resolves to
-        theirs_values["model"] = ours_values["model"]
-    changed = [f"{name} {theirs_values[name]!r} (here {value!r})"
-               for name, value in ours_values.items()
-               if name not in config_lib.RESUMABLE_FIELDS and theirs_values[name] != value]
+    changed = config_lib.resume_changes(theirs, config_lib.load(model_dir))
     if changed:
         raise CheckpointError(f"checkpoint {checkpoint_path} belongs to the run in {owner}, "
-                              f"trained with {', '.join(changed)}: use that run's model_dir")
+                              f"whose configuration differs from this one's in what a resume "
+                              f"may not change ({'; '.join(changed)}: that run's -> this "
+                              f"one's): use that run's model_dir")
 
 
 def restore(model_dir, overrides=None, tasks=None, load_tasks=False, checkpoint_path=None):

@@ -7,7 +7,7 @@ import uuid
 
 from absl import logging
 
-__all__ = ["replaced_atomically", "write_json", "saved_model_versions", "directory_lock"]
+__all__ = ["replaced_atomically", "write_json", "saved_model_versions", "exclusive_lock"]
 
 
 @contextlib.contextmanager
@@ -65,43 +65,67 @@ def saved_model_versions(path):
 
 
 @contextlib.contextmanager
-def directory_lock(path, waiting_message=None):
-    """Holds an exclusive lock on the directory `path` while the block runs.
+def exclusive_lock(path, waiting_message=None):
+    """Holds an exclusive lock on the file `path` while the block runs; removes it after.
 
-    An advisory `flock` on the directory itself (no file is left behind),
-    waited for if another process holds it; the kernel drops it when its
-    process ends, however it ends. Where locks are not available (remote
-    storage, some network file systems, not POSIX) the block runs unlocked.
+    An advisory `flock` on a file created for it, waited for if another holder
+    has it; the kernel drops it when its process ends, however it ends (a
+    killed holder leaves the empty file, which the next holder reuses). Each
+    call opens the file anew, so a second lock on one path blocks even in the
+    same process. The holder removes the file before releasing it, and a
+    waiter that wakes on a removed file locks the new one instead, so exactly
+    one holder runs at a time. Where locks are not available (remote storage,
+    some network file systems, not POSIX) the block runs unlocked.
 
     Args:
-        path: an existing local directory.
-        waiting_message: logged once if the lock is held by another process.
+        path: the lock file, in an existing local directory.
+        waiting_message: logged (as a warning) once if another holder has it.
 
     Example:
 
     ```python
-    with directory_lock(export_dir):
+    with exclusive_lock(os.path.join(export_dir, ".tf_maml_export.lock")):
         ...  # no other export writes into export_dir meanwhile
     ```
     """
-    fd = None
-    if "://" not in path:
-        try:
-            import fcntl  # noqa: PLC0415 -- POSIX only
-            fd = os.open(path, os.O_RDONLY)
-        except (ImportError, OSError):
-            fd = None
+    fd = _locked(path, waiting_message) if "://" not in path else None
     try:
-        if fd is not None:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                if waiting_message:
-                    logging.info(waiting_message)
-                fcntl.flock(fd, fcntl.LOCK_EX)
-            except OSError:
-                pass  # not supported here: unlocked
         yield
     finally:
         if fd is not None:
+            try:
+                os.unlink(path)  # while still held: see the docstring
+            except OSError:
+                pass
             os.close(fd)  # releases the lock
+
+
+def _locked(path, waiting_message):
+    """A descriptor of `path` holding its `flock`, or None where locks are not available."""
+    try:
+        import fcntl  # noqa: PLC0415 -- POSIX only
+    except ImportError:
+        return None
+    waited = False
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if waiting_message and not waited:
+                logging.warning(waiting_message)
+            waited = True
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:
+            os.close(fd)
+            return None  # not supported here: unlocked
+        try:
+            current = os.stat(path).st_ino
+        except FileNotFoundError:
+            current = None
+        if current == os.fstat(fd).st_ino:
+            return fd
+        os.close(fd)  # the holder before removed it: lock the file there now

@@ -265,11 +265,18 @@ def random_layers(model):
     for layer in compat.all_layers(model):
         if not compat.seed_generators(layer):
             continue
-        rates = [getattr(layer, name, None) for name in ("dropout", "recurrent_dropout")]
-        rates = [r for r in rates if isinstance(r, (int, float)) and not isinstance(r, bool)]
-        if not rates or any(r > 0 for r in rates):
-            found.append(layer)
+        if is_recurrent_cell(layer) and not (layer.dropout > 0 or layer.recurrent_dropout > 0):
+            continue
+        found.append(layer)
     return found
+
+
+def is_recurrent_cell(layer):
+    """Whether `layer` is a Keras recurrent cell (SimpleRNN, GRU, LSTM, ConvLSTM cells:
+    `state_size` and numeric `dropout` and `recurrent_dropout` rates)."""
+    rates = [getattr(layer, name, None) for name in ("dropout", "recurrent_dropout")]
+    return hasattr(layer, "state_size") and all(
+        isinstance(r, (int, float)) and not isinstance(r, bool) for r in rates)
 
 
 def has_random_layers(model):
@@ -288,8 +295,9 @@ def output_is_softmax(model):
     """Whether the model's output is a softmax (probabilities rather than logits).
 
     Read from the layer that makes the output of a functional or `Sequential`
-    model (nested models followed): a `Softmax` layer, or a layer whose
-    `activation` is Keras' softmax.
+    model (nested models followed): a `Softmax` layer or `keras.ops.softmax`,
+    or a layer whose `activation` is Keras' softmax (a softmax inside a
+    `Lambda` is not seen).
 
     Args:
         model: a Keras model.
@@ -304,8 +312,8 @@ def output_is_softmax(model):
             layer = model.outputs[0]._keras_history.operation
         except (AttributeError, IndexError, TypeError, ValueError):
             return None
-        if isinstance(layer, keras.layers.Softmax):
-            return True
+        if isinstance(layer, keras.layers.Softmax) or type(layer).__name__ == "Softmax":
+            return True  # (the layer, or `keras.ops.softmax` in a functional model)
         if isinstance(layer, keras.Model):
             model = layer
             continue

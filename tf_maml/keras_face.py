@@ -312,7 +312,7 @@ class MetaLearner(keras.Model):
         input_dtypes = {tf.as_dtype(t.dtype) for t in getattr(model, "inputs", None) or []
                         if t is not None and getattr(t, "dtype", None) is not None}
         for dtype in input_dtypes:
-            if not (dtype.is_floating or dtype.is_integer):
+            if dtype == tf.string:
                 raise ValueError(
                     f"model {model.name!r} takes {dtype.name} inputs, but adaptation needs "
                     "numbers: do the lookup (StringLookup, TextVectorization) in the input "
@@ -340,7 +340,7 @@ class MetaLearner(keras.Model):
         random_layers = functional.random_layers(model)
         if random_layers:
             augmenting = any("dropout" not in type(layer).__name__.lower()
-                             and not hasattr(layer, "recurrent_dropout")
+                             and not functional.is_recurrent_cell(layer)
                              for layer in random_layers)
             logging.warning(
                 "MetaLearner: layer(s) %s of model %r draw random numbers in training mode, "
@@ -704,11 +704,11 @@ class MetaLearner(keras.Model):
             return None
 
     def _outputs_probabilities(self):
-        """Whether the model outputs probabilities: what its last layer says, else (a
-        subclassed model) what the compiled cross-entropy takes (Keras' `from_logits`)."""
-        softmax = functional.output_is_softmax(self.model)
-        if softmax is not None:
-            return softmax
+        """Whether the model outputs probabilities: its last layer is a softmax, or the
+        compiled cross-entropy takes probabilities (Keras' `from_logits=False`: a subclassed
+        model, or a softmax in a `Lambda`)."""
+        if functional.output_is_softmax(self.model):
+            return True
         loss = getattr(self, "loss", None)
         from_logits = getattr(loss, "from_logits", None)
         if isinstance(from_logits, bool):
@@ -1009,6 +1009,14 @@ class MetaLearner(keras.Model):
         self._check_compiled()
         input_shape = _input_shape(self.model) or self._task_input_shape
         if input_shape is None:
+            # A subclassed model never fitted: the request's own examples, if they have the
+            # shape of the batch the model was built on.
+            built = _first_call_example_shape(self.model)
+            x = tf.convert_to_tensor(support_x)
+            if built is not None and x.shape.rank in (len(built) + 1, len(built) + 2) and (
+                    tuple(x.shape[-len(built):]) == built):
+                input_shape = built
+        if input_shape is None:
             raise ValueError("the model's input shape is unknown (a subclassed model): fit or "
                              "evaluate it on a task family or a dataset of episodes first")
         input_rank = len(input_shape) + 1  # batch axis included
@@ -1248,7 +1256,8 @@ class MetaLearner(keras.Model):
                              "is_classification=True/False) (it is known after fit or "
                              "evaluate on a task family, or from a Keras sparse categorical "
                              "or regression loss)")
-        input_shape = input_shape or _input_shape(self.model) or self._task_input_shape
+        input_shape = (input_shape or _input_shape(self.model) or self._task_input_shape
+                       or _first_call_example_shape(self.model))
         output_size = output_size or _output_size(self.model) or self._task_output_size
         if output_size is None and input_shape is not None:  # a subclassed model: one call
             output_size = self._num_outputs(tf.TensorShape(input_shape))
@@ -1437,12 +1446,20 @@ def _compiled_adapt(learner, use_lr):
 
 
 def _input_shape(model):
-    """One example's input shape: Keras', or (a subclassed model) that of the batch it was
-    first called on; `None` where neither is known."""
+    """One example's input shape, or `None` where Keras does not know it (subclassed)."""
     try:
         return tuple(model.input_shape[1:])
     except (AttributeError, ValueError):
-        pass
+        return None
+
+
+def _first_call_example_shape(model):
+    """One example's shape in the batch a subclassed model was first called on, or `None`.
+
+    Only a last resort (before any task family or dataset has shown the shape): a
+    shape-agnostic model (global pooling, a recurrent net) may have been built on a dummy
+    batch of another shape than its tasks'.
+    """
     shape = compat.first_call_input_shape(model)
     if shape is None or len(shape) < 2 or any(d is None for d in shape[1:]):
         return None

@@ -1332,14 +1332,19 @@ def version_path(export_dir, version, overwrite):
     return path
 
 
+# Held while a version is written (`write_version`); not a number, so TF Serving ignores it.
+EXPORT_LOCK_NAME = ".tf_maml_export.lock"
+
+
 def write_version(archive, path, record, extra_records=None, overwrite=False):
     """Writes `archive` and `record` (`assets.extra/tf_maml_config.json`) to `path`, atomically.
 
     `extra_records` (file name -> JSON value) go beside it in `assets.extra`.
 
     The version is written to `<path>.tmp` and swapped into place once
-    complete (`_swap_in`), under a lock on the export directory: two exports
-    into one directory take turns, and the second finds the first's version.
+    complete (`_swap_in`), holding the export directory's lock file
+    (`EXPORT_LOCK_NAME`, which TF Serving ignores): two exports into one
+    directory take turns, and the second finds the first's version.
 
     Returns:
         `path`.
@@ -1350,8 +1355,8 @@ def write_version(archive, path, record, extra_records=None, overwrite=False):
     """
     export_dir = os.path.dirname(path)
     tf.io.gfile.makedirs(export_dir)
-    with files.directory_lock(export_dir, f"Waiting for another export into {export_dir} to "
-                              "finish"):
+    with files.exclusive_lock(os.path.join(export_dir, EXPORT_LOCK_NAME),
+                              f"Waiting for another export into {export_dir} to finish"):
         if tf.io.gfile.exists(path) and not overwrite:
             raise ValueError(f"{path} already exists: another export wrote it while this one "
                              "was being built; pass another version (--version) or "

@@ -675,6 +675,7 @@ def _lock_run_dir(model_dir):
 
     Raises:
         ValueError: another process holds the lock.
+        OSError: `model_dir` cannot be created.
     """
     if "://" in model_dir:  # remote storage: no local lock
         return None
