@@ -653,6 +653,11 @@ def test_cli_trains_evaluates_and_reports_errors(tmp_path):
     bad = _run("tf_maml.train", f"--model_dir={tmp_path / 'x'}", "--meta_batch_size=0")
     assert bad.returncode != 0 and "meta_batch_size must be a positive integer" in bad.stderr
     assert "Traceback" not in bad.stderr
+    # A bad protocol value is refused before results are said to go anywhere.
+    bad = _run("tf_maml.evaluate", f"--model_dir={model_dir}", "--num_eval_tasks=-4")
+    assert bad.returncode == 1 and bad.stderr.strip().splitlines()[-1] == (
+        "error: num_eval_tasks must be a positive integer, got -4")
+    assert "results go to" not in bad.stderr
     missing = _run("tf_maml.evaluate", f"--model_dir={tmp_path / 'nothing'}")
     assert missing.returncode == 1 and "must be a directory written by tf_maml.train" in missing.stderr
     assert "Traceback" not in missing.stderr

@@ -16,6 +16,7 @@ steps) on the meta-test tasks of the config it records, as it is served; only
 --data_dir, --cache_dir, --num_eval_tasks and --output_dir apply.
 """
 
+import dataclasses
 import os
 import sys
 
@@ -104,6 +105,8 @@ def main(argv):
         return
     try:
         saved = config_lib.load(FLAGS.model_dir)
+        # Bad values are refused before anything is said about where results would go.
+        dataclasses.replace(saved, **overrides).validate()
         # Flags that change the run's own protocol (a flag repeating its value does not;
         # --inner_lr always does: it replaces learned rates, and a baseline's own rate).
         protocol = {k: v for k, v in overrides.items()
