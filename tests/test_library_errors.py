@@ -422,3 +422,106 @@ def test_an_export_given_as_a_run_directory_is_named(tmp_path):
     with pytest.raises(FileNotFoundError) as plain:
         config_lib.load(str(tmp_path))
     assert "export" not in str(plain.value).replace(str(tmp_path), "")
+
+
+# A researcher's trial of the library API (2026-12-04): each of these was a wrong result, a
+# NaN, or a trace from deep inside TensorFlow.
+
+def _sine_episode(num_tasks=3):
+    return tasks.SineTasks(k_shot=5, k_query=5).sample(tf.constant([0, 1], tf.int64), num_tasks)
+
+
+@pytest.mark.parametrize("dtype", [tf.float16, tf.bfloat16])
+def test_inner_adam_steps_16_bit_weights_as_float32_would(dtype):
+    """float16 turned epsilon into 0 (a zero gradient gave 0/0 = NaN); bfloat16 turned beta_2
+    into 1 (a step size of 0: the weights never moved)."""
+    def loss(weights, step):
+        return tf.reduce_sum(tf.cast(weights[0][:, :1], tf.float32) ** 2, axis=1)
+
+    start = [[1.0, 2.0]]
+    adapted, _ = core.adapt(loss, [tf.constant(start, dtype)], 2, core.Adam(0.1))
+    reference, _ = core.adapt(loss, [tf.constant(start, tf.float32)], 2, core.Adam(0.1))
+    assert adapted[0].dtype == dtype
+    np.testing.assert_allclose(tf.cast(adapted[0], tf.float32), reference[0], atol=1e-2)
+    assert float(adapted[0][0, 0]) < 0.95 and float(adapted[0][0, 1]) == 2.0
+
+
+def test_inner_adam_steps_weights_of_mixed_dtypes_each_in_its_own():
+    def loss(weights, step):
+        return (tf.reduce_sum(weights[0] ** 2, axis=1)
+                + tf.cast(tf.reduce_sum(weights[1] ** 2, axis=1), tf.float32))
+
+    weights = [tf.constant([[1.0, -2.0]], tf.float32), tf.constant([[3.0]], tf.float64)]
+    adapted, _ = core.adapt(loss, weights, 3, core.Adam(0.1, beta_1=0.9))
+    alone = [core.adapt(lambda w, s: tf.reduce_sum(tf.cast(w[0], tf.float64) ** 2, axis=1),
+                        [w], 3, core.Adam(0.1, beta_1=0.9))[0][0] for w in weights]
+    for got, want in zip(adapted, alone):
+        assert got.dtype == want.dtype
+        np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+def test_reptile_meta_steps_a_mixed_precision_model():
+    """Its support loss (float16) times the task scale (float32) failed in Mul."""
+    model = models.mlp(hidden_sizes=(8,), dtype="mixed_float16")
+    reptile = tf_maml.Reptile(model, functional.make_forward(model), losses.mean_squared_error,
+                              0.01, 2)
+    loss, grads, _ = reptile.meta_step(_sine_episode())
+    assert np.isfinite(float(loss)) and all(np.isfinite(g.numpy()).all() for g in grads)
+    assert any(float(tf.reduce_max(tf.abs(g))) > 0 for g in grads)
+
+
+@pytest.mark.parametrize("call,pattern", [
+    (lambda: core.adapt(lambda w, s: tf.reduce_sum(w[0], axis=1),
+                        core.broadcast_to_tasks([tf.ones([2, 1])], 3)[0], 1, core.SGD(0.1)),
+     r"^weights must be a list of task-batched tensors, got a \w+"),
+    (lambda: core.adapt(lambda w, s: tf.reduce_sum(w[0], axis=[1, 2]) + tf.reduce_sum(w[1]),
+                        [tf.ones([3, 2, 1]), tf.ones([1, 1])], 1, core.SGD(0.1)),
+     r"^weights must share their leading task axis: weight 0 has 3 tasks, weight 1 has 1"),
+    (lambda: core.adapt(lambda w, s: None, [tf.ones([3, 2])], 1, core.SGD(0.1)),
+     r"^task_loss must return a tensor of one loss per task, shape \[num_tasks\]; it returned "
+     r"NoneType$"),
+    (lambda: core.meta_gradients(lambda p: tf.reduce_sum(p[0] ** 2), [tf.ones([2, 1])]),
+     r"^the meta-objective must return a pair \(scalar_loss, aux\)"),
+    (lambda: _metasgd().adapt(_metasgd().model.trainable_variables, *_support(), 1),
+     r"^meta_params must be MetaSGD's meta_variables, 4 tensors \(the model's 2 weights, then "
+     r"2 learned ones\), got 2: pass algorithm.meta_variables"),
+    (lambda: tf_maml.MAMLPlusPlus(_bn_model(), functional.make_forward(_bn_model()),
+                                  losses.mean_squared_error, 0.01, 2, iterations_per_epoch=0),
+     r"^MAML\+\+'s iterations_per_epoch must be an integer >= 1, got 0$"),
+    (lambda: tf_maml.MAMLPlusPlus(_bn_model(), functional.make_forward(_bn_model()),
+                                  losses.mean_squared_error, 0.01, 2).make_optimizer(0.0, 10),
+     r"^meta_lr must be a finite number > 0, got 0\.0$"),
+])
+def test_library_api_mistakes_found_by_a_researchers_trial(call, pattern):
+    with pytest.raises(ValueError) as e:
+        call()
+    assert "\n" not in str(e.value) and e.match(pattern)
+
+
+def _metasgd():
+    model = models.mlp(hidden_sizes=(), dtype="float64")
+    return tf_maml.MetaSGD(model, functional.make_forward(model), losses.mean_squared_error,
+                           tf.constant(0.1), 1)  # a float32 rate for a float64 model
+
+
+def _support():
+    episode = _sine_episode()
+    return tf.cast(episode.support_x, tf.float64), tf.cast(episode.support_y, tf.float64)
+
+
+def _bn_model():
+    return keras.Sequential([keras.Input((1,)), keras.layers.Dense(4),
+                             keras.layers.BatchNormalization(), keras.layers.Dense(1)])
+
+
+def test_mamlpp_predict_with_the_models_own_variables_is_refused():
+    """Without its per-step batch-norm copies it used the model's own (never trained) ones,
+    silently: query MSE 6.60 instead of 5.90 in the trial."""
+    model = _bn_model()
+    mamlpp = tf_maml.MAMLPlusPlus(model, functional.make_forward(model),
+                                  losses.mean_squared_error, 0.01, 2)
+    episode = _sine_episode()
+    adapted, _ = mamlpp.adapt(mamlpp.meta_variables, episode.support_x, episode.support_y, 2)
+    mamlpp.predict(mamlpp.meta_variables, adapted, episode.query_x, 2)
+    with pytest.raises(ValueError, match=r"^meta_params must be MAMLPlusPlus's meta_variables"):
+        mamlpp.predict(model.trainable_variables, adapted, episode.query_x, 2)

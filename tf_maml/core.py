@@ -1,7 +1,8 @@
 """The core every algorithm is built on: inner steps over loss closures, and meta-gradients.
 
-Everything here is a pure function of tensors; this is the only module that
-opens `tf.GradientTape`s. Adapted weights carry a leading **task axis**
+Everything here is a pure function of tensors; every algorithm's inner and outer
+gradients are taken here (elsewhere tapes only probe whether the grouped convolution
+kernels differentiate exactly, and compute TRPO's curvature products). Adapted weights carry a leading **task axis**
 (`[num_tasks, *shape]`) so that one call adapts a whole meta-batch: because
 tasks never interact, the gradient of the *sum* of per-task losses with
 respect to task-batched weights is, row by row, each task's own gradient.
@@ -34,7 +35,8 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-__all__ = ["broadcast_to_tasks", "supervised_loss", "SGD", "Adam", "inner_step", "adapt",
+__all__ = ["broadcast_to_tasks", "supervised_loss", "SGD", "Adam", "optimizer_state_dtype",
+           "inner_step", "adapt",
            "meta_gradients", "check_task_batch", "check_episode"]
 
 
@@ -176,7 +178,12 @@ class SGD:
 
     ```python
     update = SGD(0.4)                                        # MAML
-    update = SGD([tf.Variable(0.1 * tf.ones_like(v)) for v in params])  # Meta-SGD
+    # Meta-SGD: learned rates are meta-parameters. Inside `meta_gradients`' objective,
+    # build the rule from the objective's argument, not from the variables themselves
+    # (the objective receives tensors; variables read directly get no gradient).
+    def objective(meta):
+        update = SGD(meta["rates"])
+        ...
     ```
     """
 
@@ -294,31 +301,50 @@ class Adam:
                     ([m[i] for i in indices], [v[i] for i in indices], t))
 
     def init(self, weights):
-        """Every task's starting state: `(m, v, t)`, the moments task-batched."""
+        """Every task's starting state: `(m, v, t)`, the moments task-batched.
+
+        The moments and the step count are kept in `_state_dtype` of each
+        weight: float32 for float16 and bfloat16 weights, whose precision
+        turns the default `epsilon` into 0 and `beta_2` into 1.
+        """
+        dtypes = [optimizer_state_dtype(w.dtype) for w in weights]
+        count_dtype = tf.float64 if tf.float64 in dtypes else tf.float32
         if self.initial_state is None:
-            zeros = [tf.zeros_like(w) for w in weights]
-            return (zeros, list(zeros), tf.zeros([], weights[0].dtype))
+            zeros = [tf.zeros(tf.shape(w), d) for w, d in zip(weights, dtypes)]
+            return (zeros, list(zeros), tf.zeros([], count_dtype))
         m, v, t = self.initial_state
         if len(m) != len(weights) or len(v) != len(weights):
             raise ValueError(f"initial_state has moments for {len(m)} and {len(v)} weights but "
                              f"there are {len(weights)} adapted weights")
         num_tasks = tf.shape(weights[0])[0]
-        m = [tf.cast(x, w.dtype) for x, w in zip(broadcast_to_tasks(m, num_tasks), weights)]
-        v = [tf.cast(x, w.dtype) for x, w in zip(broadcast_to_tasks(v, num_tasks), weights)]
-        return (m, v, tf.cast(t, weights[0].dtype))
+        m = [tf.cast(x, d) for x, d in zip(broadcast_to_tasks(m, num_tasks), dtypes)]
+        v = [tf.cast(x, d) for x, d in zip(broadcast_to_tasks(v, num_tasks), dtypes)]
+        return (m, v, tf.cast(t, count_dtype))
 
     def apply(self, weights, grads, state, step):
         del step
         m, v, t = state
-        dtype = weights[0].dtype
         t = t + 1
-        b1, b2 = _as_dtype(self.beta_1, dtype), _as_dtype(self.beta_2, dtype)
-        lr = _as_dtype(self.learning_rate, dtype) * tf.sqrt(1 - b2 ** t) / (1 - b1 ** t)
-        m = [b1 * mi + (1 - b1) * g for mi, g in zip(m, grads)]
-        v = [b2 * vi + (1 - b2) * tf.square(g) for vi, g in zip(v, grads)]
-        eps = _as_dtype(self.epsilon, dtype)
-        new = [w - lr * mi / (tf.sqrt(vi) + eps) for w, mi, vi in zip(weights, m, v)]
-        return new, (m, v, t)
+        new, new_m, new_v = [], [], []
+        for w, g, mi, vi in zip(weights, grads, m, v):
+            dtype = mi.dtype  # each weight's own (mixed dtypes), float32 for 16-bit weights
+            g = tf.cast(g, dtype)
+            b1, b2 = _as_dtype(self.beta_1, dtype), _as_dtype(self.beta_2, dtype)
+            td = tf.cast(t, dtype)
+            lr = _as_dtype(self.learning_rate, dtype) * tf.sqrt(1 - b2 ** td) / (1 - b1 ** td)
+            mi = b1 * mi + (1 - b1) * g
+            vi = b2 * vi + (1 - b2) * tf.square(g)
+            step_value = lr * mi / (tf.sqrt(vi) + _as_dtype(self.epsilon, dtype))
+            new.append(w - tf.cast(step_value, w.dtype))
+            new_m.append(mi)
+            new_v.append(vi)
+        return new, (new_m, new_v, t)
+
+
+def optimizer_state_dtype(dtype):
+    """The dtype an inner optimizer's state and arithmetic use for weights of `dtype`:
+    float32 for float16 and bfloat16 (Adam's epsilon and beta_2 do not survive them)."""
+    return tf.float32 if dtype in (tf.float16, tf.bfloat16) else dtype
 
 
 def inner_step(task_loss, weights, update, state=None, step=0, first_order=False,
@@ -376,6 +402,10 @@ def _check_task_losses(task_losses, weights):
     batch size, and a scalar (the mean over tasks) divide it by the task count,
     both silently: the gradient of their sum is taken.
     """
+    if task_losses is None or not (isinstance(task_losses, (tf.Tensor, tf.Variable, np.ndarray))
+                                   or hasattr(task_losses, "shape")):
+        raise ValueError(f"task_loss must return a tensor of one loss per task, shape "
+                         f"[num_tasks]; it returned {type(task_losses).__name__}")
     shape = _static_shape(task_losses)
     num_tasks = _static_shape(weights[0])[:1] if weights else tf.TensorShape([None])
     if shape.rank is None:
@@ -451,11 +481,22 @@ def _recomputed_step(task_loss, weights, update, state, step, differentiable_inp
 
 
 def _check_not_variables(weights):
+    if not isinstance(weights, (list, tuple)):
+        raise ValueError(f"weights must be a list of task-batched tensors, got a "
+                         f"{type(weights).__name__}: pass tf_maml.core.broadcast_to_tasks("
+                         "model.trainable_variables, num_tasks), or [tensor] for one")
     for weight in weights:
         if isinstance(weight, tf.Variable) or hasattr(weight, "assign"):  # Keras variables too
             raise ValueError(
                 f"weights must be task-batched tensors, got the variable {weight.name!r}: "
                 "pass tf_maml.core.broadcast_to_tasks(model.trainable_variables, num_tasks)")
+    counts = [_static_shape(w)[:1] for w in weights]
+    known = [(i, c[0]) for i, c in enumerate(counts) if c.rank and c[0] is not None]
+    if known and any(n != known[0][1] for _, n in known):
+        index, n = next((i, n) for i, n in known if n != known[0][1])
+        raise ValueError(f"weights must share their leading task axis: weight {known[0][0]} "
+                         f"has {known[0][1]} tasks, weight {index} has {n} (a weight of 1 "
+                         "task would be shared by all, stepped by their summed gradients)")
 
 
 def adapt(task_loss, weights, num_steps, update, first_order=False, recompute=False,
@@ -565,7 +606,12 @@ def meta_gradients(objective, meta_params, unused=()):
     flat = [tf.convert_to_tensor(p) for p in originals]
     with tf.GradientTape() as tape:
         tape.watch(flat)
-        loss, aux = objective(tf.nest.pack_sequence_as(meta_params, flat))
+        result = objective(tf.nest.pack_sequence_as(meta_params, flat))
+        if not isinstance(result, tuple) or len(result) != 2:
+            raise ValueError(f"the meta-objective must return a pair (scalar_loss, aux), aux "
+                             f"any structure ({{}} for none); it returned "
+                             f"{type(result).__name__}")
+        loss, aux = result
         shape = _static_shape(loss)
         if shape.rank and shape.num_elements() == 1:  # [1], [1, 1] (keepdims=True)
             loss = tf.reshape(loss, [])
@@ -582,8 +628,10 @@ def meta_gradients(objective, meta_params, unused=()):
         # layer) is never meta-trained, and a weight behind it never adapts.
         logging.warning(
             "No gradient reaches the meta-parameter(s) %s from the meta-objective: they will "
-            "not be meta-trained (a non-differentiable op such as round, argmax or an integer "
-            "cast between them and the loss, or a weight the loss does not use?)",
+            "not be meta-trained (the objective reads the variables themselves rather than "
+            "its argument, e.g. an update rule built outside it? a non-differentiable op such "
+            "as round, argmax or an integer cast between them and the loss? a weight the loss "
+            "does not use?)",
             ", ".join(unconnected[:5]) + (" ..." if len(unconnected) > 5 else ""))
     grads = [tf.zeros_like(p) if g is None else g for p, g in zip(flat, grads)]
     return loss, tf.nest.pack_sequence_as(meta_params, grads), aux

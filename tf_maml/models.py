@@ -16,6 +16,14 @@ import keras
 __all__ = ["mlp", "conv4", "fc", "build"]
 
 
+def _input_dtype(dtype):
+    """The input's dtype for layers of the dtype policy or name `dtype`: the policy's variable
+    dtype (float32 for "mixed_float16", whose layers compute in float16), or None."""
+    if dtype is None:
+        return None
+    return keras.dtype_policies.get(dtype).variable_dtype
+
+
 def mlp(input_shape=(1,), output_size=1, hidden_sizes=(40, 40), dtype=None, name="mlp"):
     """The sine-regression network: input → 40 → 40 → output, ReLU.
 
@@ -35,7 +43,7 @@ def mlp(input_shape=(1,), output_size=1, hidden_sizes=(40, 40), dtype=None, name
     model = mlp()  # 1-40-40-1
     ```
     """
-    layers = [keras.Input(input_shape, dtype=dtype)]
+    layers = [keras.Input(input_shape, dtype=_input_dtype(dtype))]
     layers += [keras.layers.Dense(size, activation="relu", dtype=dtype) for size in hidden_sizes]
     layers.append(keras.layers.Dense(output_size, dtype=dtype))
     return keras.Sequential(layers, name=name)
@@ -73,7 +81,7 @@ def conv4(num_classes, input_shape=(28, 28, 1), filters=64, pooling="stride", dt
     """
     if pooling not in ("stride", "max"):
         raise ValueError(f"pooling must be 'stride' or 'max', got {pooling!r}")
-    layers = [keras.Input(input_shape, dtype=dtype)]
+    layers = [keras.Input(input_shape, dtype=_input_dtype(dtype))]
     for _ in range(4):
         layers.append(keras.layers.Conv2D(filters, 3, strides=2 if pooling == "stride" else 1,
                                           padding="same", use_bias=False, dtype=dtype))
@@ -99,7 +107,7 @@ def fc(num_classes, input_shape=(28, 28, 1), hidden_sizes=(256, 128, 64, 64), dt
     Returns:
         A built `keras.Sequential`.
     """
-    layers = [keras.Input(input_shape, dtype=dtype), keras.layers.Flatten(dtype=dtype)]
+    layers = [keras.Input(input_shape, dtype=_input_dtype(dtype)), keras.layers.Flatten(dtype=dtype)]
     for size in hidden_sizes:
         layers.append(keras.layers.Dense(size, use_bias=False, dtype=dtype))
         layers.append(keras.layers.BatchNormalization(dtype=dtype))

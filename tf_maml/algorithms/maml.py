@@ -143,8 +143,20 @@ class MAML:
         self.state.meta_parameters = list(self.extra_variables) + list(variables)
 
     def split(self, meta_params):
-        """`(model_params, extra_params)` of a flat meta-parameter list."""
+        """`(model_params, extra_params)` of a flat meta-parameter list.
+
+        Raises:
+            ValueError: `meta_params` is not as long as `meta_variables` (the model's
+                weights alone, for an algorithm with learned rates or per-step copies).
+        """
         meta_params = list(meta_params)
+        expected = self.num_model_weights + len(self.extra_variables)
+        if len(meta_params) != expected:
+            raise ValueError(
+                f"meta_params must be {type(self).__name__}'s meta_variables, {expected} "
+                f"tensors (the model's {self.num_model_weights} weights, then "
+                f"{expected - self.num_model_weights} learned ones), got {len(meta_params)}: "
+                "pass algorithm.meta_variables, not model.trainable_variables")
         return meta_params[:self.num_model_weights], meta_params[self.num_model_weights:]
 
     # -- adaptation -------------------------------------------------------------------------------

@@ -1,12 +1,18 @@
 """MAML++ (Antoniou, Edwards and Storkey, 2019): "How to train your MAML"."""
 
+import numbers
+
 import keras
 import tensorflow as tf
 
 from tf_maml import core
-from tf_maml.algorithms.maml import MAML, MetaStepOutputs, _scaled_sum
+from tf_maml.algorithms.maml import MAML, MetaStepOutputs, _scaled_sum, is_integer
 
 __all__ = ["MAMLPlusPlus", "importance_vector", "batch_norm_weight_indices"]
+
+
+def _is_real(value):
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def importance_vector(num_steps, epoch, msl_epochs):
@@ -89,6 +95,14 @@ class MAMLPlusPlus(MAML):
                          recompute_inner_steps)
         if num_inner_steps < 1:
             raise ValueError("MAML++ needs num_inner_steps >= 1")
+        for name, value, low in (("msl_epochs", msl_epochs, 0),
+                                 ("first_order_epochs", first_order_epochs, 0),
+                                 ("iterations_per_epoch", iterations_per_epoch, 1)):
+            if not is_integer(value) or value < low:
+                raise ValueError(f"MAML++'s {name} must be an integer >= {low}, got {value!r}")
+        if not _is_real(min_meta_lr) or not 0 <= min_meta_lr < float("inf"):
+            raise ValueError(f"MAML++'s min_meta_lr must be a finite number >= 0, got "
+                             f"{min_meta_lr!r}")
         self.msl_epochs = msl_epochs
         self.first_order_epochs = first_order_epochs
         self.iterations_per_epoch = iterations_per_epoch
@@ -100,7 +114,8 @@ class MAMLPlusPlus(MAML):
         self.learn_inner_lr = learn_inner_lr
         extra = []
         if learn_inner_lr:
-            extra += [tf.Variable(tf.fill([num_inner_steps], tf.constant(inner_lr, variables[i].dtype)),
+            extra += [tf.Variable(tf.fill([num_inner_steps],
+                                          core._as_dtype(inner_lr, variables[i].dtype)),
                                   name=f"inner_lr_{i}") for i in self.adapted_indices]
         # Copies 0..N of each BN weight: N+1 rows (support at steps 0..N-1, query after N).
         extra += [tf.Variable(tf.tile(variables[i][None], [num_inner_steps + 1, 1]),
@@ -175,6 +190,8 @@ class MAMLPlusPlus(MAML):
 
     def make_optimizer(self, meta_lr, num_iterations):
         """Adam with the meta learning rate cosine-annealed from `meta_lr` to `min_meta_lr`."""
+        if not _is_real(meta_lr) or not 0 < meta_lr < float("inf"):
+            raise ValueError(f"meta_lr must be a finite number > 0, got {meta_lr!r}")
         schedule = keras.optimizers.schedules.CosineDecay(
             meta_lr, max(num_iterations, 1), alpha=self.min_meta_lr / meta_lr)
         return keras.optimizers.Adam(schedule)

@@ -34,7 +34,7 @@ class MetaSGD(MAML):
         super().__init__(model, forward, loss_fn, inner_lr, num_inner_steps, first_order,
                          recompute_inner_steps)
         self._add_extra([
-            tf.Variable(tf.fill(v.shape, tf.constant(inner_lr, v.dtype)),
+            tf.Variable(tf.fill(v.shape, core._as_dtype(inner_lr, v.dtype)),
                         name=f"inner_lr_{i}")
             for i, v in enumerate(model.trainable_variables)])
 

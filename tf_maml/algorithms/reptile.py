@@ -112,9 +112,11 @@ class Reptile(MAML):
                      for v in adapted]
             count_dtype = tf.float64 if adapted[0].dtype == tf.float64 else tf.float32
             self.state.carried = (
-                [tf.Variable(tf.zeros(v.shape, v.dtype), name=f"inner_adam_m_{name}",
-                             **sum_over_replicas) for v, name in zip(adapted, names)]
-                + [tf.Variable(tf.zeros(v.shape, v.dtype), name=f"inner_adam_v_{name}",
+                [tf.Variable(tf.zeros(v.shape, core.optimizer_state_dtype(v.dtype)),
+                             name=f"inner_adam_m_{name}", **sum_over_replicas)
+                 for v, name in zip(adapted, names)]
+                + [tf.Variable(tf.zeros(v.shape, core.optimizer_state_dtype(v.dtype)),
+                               name=f"inner_adam_v_{name}",
                                **sum_over_replicas) for v, name in zip(adapted, names)]
                 + [tf.Variable(tf.zeros([], count_dtype), name="inner_adam_t", trainable=False,
                                aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)])
@@ -223,7 +225,8 @@ class Reptile(MAML):
                        for p, w in zip(params, adapted)]
         predictions = self.predict(params, adapted, episode.query_x, self.num_inner_steps)
         query_losses = self.loss_fn(episode.query_y, predictions)
-        support_loss = tf.reduce_sum(support_losses[0]) * scale
+        # (a mixed-precision model's losses are float16, its variables float32)
+        support_loss = tf.reduce_sum(tf.cast(support_losses[0], scale.dtype)) * scale
         return support_loss, differences, MetaStepOutputs(support_losses[0], query_losses,
                                                           predictions, state_updates)
 
