@@ -2,10 +2,11 @@
 
 Everything here is a pure function of tensors; every algorithm's inner and outer
 gradients are taken here (elsewhere tapes only probe whether the grouped convolution
-kernels differentiate exactly, and compute TRPO's curvature products). Adapted weights carry a leading **task axis**
-(`[num_tasks, *shape]`) so that one call adapts a whole meta-batch: because
-tasks never interact, the gradient of the *sum* of per-task losses with
-respect to task-batched weights is, row by row, each task's own gradient.
+kernels differentiate exactly, and compute TRPO's curvature products). Adapted weights
+carry a leading **task axis** (`[num_tasks, *shape]`) so that one call adapts a
+whole meta-batch: because tasks never interact, the gradient of the *sum* of
+per-task losses with respect to task-batched weights is, row by row, each task's
+own gradient.
 
 The core knows nothing about models, data or reinforcement learning. What it
 adapts against is a **task loss closure**
@@ -303,8 +304,8 @@ class Adam:
     def init(self, weights):
         """Every task's starting state: `(m, v, t)`, the moments task-batched.
 
-        The moments and the step count are kept in `_state_dtype` of each
-        weight: float32 for float16 and bfloat16 weights, whose precision
+        The moments and the step count are kept in `optimizer_state_dtype` of
+        each weight: float32 for float16 and bfloat16 weights, whose precision
         turns the default `epsilon` into 0 and `beta_2` into 1.
         """
         dtypes = [optimizer_state_dtype(w.dtype) for w in weights]

@@ -107,7 +107,8 @@ def fc(num_classes, input_shape=(28, 28, 1), hidden_sizes=(256, 128, 64, 64), dt
     Returns:
         A built `keras.Sequential`.
     """
-    layers = [keras.Input(input_shape, dtype=_input_dtype(dtype)), keras.layers.Flatten(dtype=dtype)]
+    layers = [keras.Input(input_shape, dtype=_input_dtype(dtype)),
+              keras.layers.Flatten(dtype=dtype)]
     for size in hidden_sizes:
         layers.append(keras.layers.Dense(size, use_bias=False, dtype=dtype))
         layers.append(keras.layers.BatchNormalization(dtype=dtype))
