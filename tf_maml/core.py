@@ -326,16 +326,19 @@ class Adam:
         del step
         m, v, t = state
         t = t + 1
-        new, new_m, new_v = [], [], []
-        for w, g, mi, vi in zip(weights, grads, m, v):
-            dtype = mi.dtype  # each weight's own (mixed dtypes), float32 for 16-bit weights
-            g = tf.cast(g, dtype)
+        constants = {}  # per state dtype (mixed dtypes; float32 for 16-bit weights), built once
+        for dtype in dict.fromkeys(mi.dtype for mi in m):
             b1, b2 = _as_dtype(self.beta_1, dtype), _as_dtype(self.beta_2, dtype)
             td = tf.cast(t, dtype)
             lr = _as_dtype(self.learning_rate, dtype) * tf.sqrt(1 - b2 ** td) / (1 - b1 ** td)
+            constants[dtype] = (b1, b2, lr, _as_dtype(self.epsilon, dtype))
+        new, new_m, new_v = [], [], []
+        for w, g, mi, vi in zip(weights, grads, m, v):
+            b1, b2, lr, eps = constants[mi.dtype]
+            g = tf.cast(g, mi.dtype)
             mi = b1 * mi + (1 - b1) * g
             vi = b2 * vi + (1 - b2) * tf.square(g)
-            step_value = lr * mi / (tf.sqrt(vi) + _as_dtype(self.epsilon, dtype))
+            step_value = lr * mi / (tf.sqrt(vi) + eps)
             new.append(w - tf.cast(step_value, w.dtype))
             new_m.append(mi)
             new_v.append(vi)
