@@ -429,8 +429,14 @@ def test_bad_sgd_and_adam_constants_and_reptile_step_sizes_are_refused():
     for rate in (-1.0, float("nan"), np.float32("inf"), [0.1, -0.1]):
         with pytest.raises(ValueError, match="SGD's inner_lr must be a finite non-negative number"):
             core.SGD(rate)
+    # numpy arrays too (a per-element rate of the user's), every entry checked
+    for rate in (np.array(-0.1), np.array([0.1, np.nan]), [np.array([[0.1], [-1.0]])]):
+        with pytest.raises(ValueError, match="SGD's inner_lr must be finite and non-negative "
+                                             "in every entry"):
+            core.SGD(rate)
     weights = [tf.constant([1.0, 2.0])]
-    for rate in (0.0, np.float32(0.5), tf.constant(-1.0), [tf.Variable(0.1)]):
+    for rate in (0.0, np.float32(0.5), np.array([0.0, 0.5]), tf.constant(-1.0),
+                 [tf.Variable(0.1)]):
         core.SGD(rate).apply(weights, weights, (), 0)  # zero, numpy and tensor rates are taken
     model = _smooth_mlp()
     forward = functional.make_forward(model)

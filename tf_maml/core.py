@@ -221,10 +221,14 @@ class SGD:
 
 
 def check_non_negative(name, value):
-    """Raises `ValueError` if `value` is a Python (or numpy) number that is negative or not
-    finite; tensors and variables (learned, fed or scheduled at run time) are left alone."""
+    """Raises `ValueError` if `value` is a Python or numpy number, or a numpy array, with an
+    entry that is negative or not finite; tensors and variables (learned, fed or scheduled
+    at run time) are left alone."""
     if isinstance(value, numbers.Real) and not (math.isfinite(value) and value >= 0):
         raise ValueError(f"{name} must be a finite non-negative number, got {value!r}")
+    if (isinstance(value, np.ndarray) and value.dtype.kind in "fiu"
+            and not np.all(np.isfinite(value) & (value >= 0))):
+        raise ValueError(f"{name} must be finite and non-negative in every entry, got {value!r}")
 
 
 def _check_rate_shape(rate, weight, index):
