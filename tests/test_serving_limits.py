@@ -296,6 +296,53 @@ def test_image_signatures_preprocess_as_training(omniglot_signatures):
         omniglot_signatures.decode_images(tf.constant([b"not an image"]))
 
 
+def _jpeg(pixels, mode=None):
+    from PIL import Image
+    image = Image.fromarray(pixels)
+    out = io.BytesIO()
+    (image.convert(mode) if mode else image).save(out, format="JPEG", quality=90)
+    return out.getvalue()
+
+
+def test_image_signatures_decode_jpegs_as_the_pil_loaders_do(omniglot_signatures):
+    """Noisy JPEGs at the model's size: exactly PIL's pixels (the loaders' decoder), gray
+    and RGB; a CMYK JPEG, which libjpeg cannot turn gray, is read too. TFDS' exports keep
+    TensorFlow's own decoder, which training used there."""
+    from PIL import Image
+
+    def pil(data, mode):
+        with Image.open(io.BytesIO(data)) as image:
+            return np.asarray(image.convert(mode), np.float32)
+
+    rng = np.random.default_rng(5)
+    color = rng.integers(0, 256, (28, 28, 3), dtype=np.uint8)
+    files = [_jpeg(color), _jpeg(color[..., 0]), _jpeg(color, "CMYK")]
+    gray = omniglot_signatures.decode_images(tf.constant(files))["x"].numpy()[..., 0]
+    want = [(255 - pil(data, "L")) / np.float32(255) for data in files]  # Omniglot inverts
+    np.testing.assert_array_equal(gray[:2], np.stack(want[:2]))
+    assert np.abs(gray[2] - want[2]).max() <= 1.01 / 255  # CMYK: PIL's own conversion
+    # RGB (MiniImagenet's format: 84x84x3, not inverted)
+    config = config_lib.Config(dataset="miniimagenet", data_dir="/not/read", n_way=3,
+                               inner_lr=0.4)
+    experiment = experiment_lib.build_experiment(config, load_tasks=False)
+    signatures = serving.AdaptationSignatures(experiment.algorithm, experiment.spec, 1, 0.4,
+                                              None, serving.image_format_for("miniimagenet"))
+    photo = rng.integers(0, 256, (84, 84, 3), dtype=np.uint8)
+    np.testing.assert_array_equal(
+        signatures.decode_images(tf.constant([_jpeg(photo)]))["x"].numpy()[0],
+        pil(_jpeg(photo), "RGB") / np.float32(255))
+    # TFDS' images went through TensorFlow's decode_image in training: served the same way.
+    tfds_format = serving.image_format_for("tfds:some_dataset", (28, 28, 1))
+    assert not tfds_format.pil_jpeg and serving.image_format_for("folder", (28, 28, 1)).pil_jpeg
+    experiment = experiment_lib.build_experiment(
+        config_lib.Config(dataset="omniglot", n_way=3, inner_lr=0.4), load_tasks=False)
+    tfds_signatures = serving.AdaptationSignatures(experiment.algorithm, experiment.spec, 2, 0.4,
+                                                   None, tfds_format)
+    np.testing.assert_array_equal(
+        tfds_signatures.decode_images(tf.constant(files[:1]))["x"].numpy()[0, ..., 0],
+        tf.io.decode_image(files[0], channels=1).numpy()[..., 0] / np.float32(255))
+
+
 def _transparent_drawings(size=28):
     """The same strokes as PNGs with transparency of each kind, and opaque on white."""
     from PIL import Image, ImageDraw
@@ -395,8 +442,7 @@ def test_image_signatures_turn_jpegs_by_their_exif_orientation(omniglot_signatur
             np.testing.assert_array_equal(got, want, err_msg=f"{order} {orientation}")
             # PIL's exif_transpose (the folder loader's) turns the same way.
             with Image.open(io.BytesIO(data)) as image:
-                decoded = tf.io.decode_jpeg(data).numpy()
-                copy = Image.fromarray(decoded[..., 0])
+                copy = Image.fromarray(np.asarray(image.convert("L")))  # as the loader decodes
                 copy.info["exif"] = image.info["exif"]
                 np.testing.assert_array_equal(
                     got, (255 - np.asarray(ImageOps.exif_transpose(copy), np.float32)) / np.float32(255),

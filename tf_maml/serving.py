@@ -185,10 +185,17 @@ class ImageFormat:
     used nearest neighbour, Omniglot's `omniglot_resize_filter="nearest"`),
     rounded to 8 bits, inverted when `invert` (Omniglot: ink = 1 on background
     0, from dark ink on a light page), and scaled to [0, 1].
+
+    `pil_jpeg`: JPEGs are decoded as PIL decodes them (training's loaders but
+    TFDS): libjpeg's accurate integer transform, and for one channel the RGB
+    picture converted to gray by luma (which also reads CMYK JPEGs). False:
+    as TensorFlow's `decode_image` (TFDS' decoder), whose fast transform is a
+    few levels off PIL's.
     """
     channels: int
     invert: bool
     resize: str = "lanczos3"
+    pil_jpeg: bool = True
 
     def to_dict(self):
         return dataclasses.asdict(self)
@@ -212,7 +219,8 @@ def image_format_for(dataset, input_shape=None, omniglot_resize_filter="lanczos"
     own_images = dataset == "folder" or dataset.startswith("tfds:")
     if own_images and input_shape is not None and len(input_shape) == 3 and \
             input_shape[-1] in (1, 3):
-        return ImageFormat(channels=int(input_shape[-1]), invert=False)
+        return ImageFormat(channels=int(input_shape[-1]), invert=False,
+                           pil_jpeg=dataset == "folder")
     return None
 
 
@@ -831,6 +839,7 @@ class AdaptationSignatures:
         """Decodes `[n]` encoded images to `[n, *input_shape]` model inputs."""
         height, width, channels = self.input_shape
         invert = self.image_format.invert
+        pil_jpeg = self.image_format.pil_jpeg
         rank_ok = tf.equal(tf.rank(images), 1)
         checks = [_check(rank_ok, f"{name} must have shape [num_images] (encoded PNG, JPEG, "
                                   "GIF or BMP images); got shape", [tf.shape(images)])]
@@ -854,20 +863,37 @@ class AdaptationSignatures:
                 data = tf.identity(data)
             prefix = tf.strings.substr(tf.strings.join([data, b"\0\0\0\0"]), 0, 4)
 
+            is_jpeg = tf.equal(tf.strings.substr(prefix, 0, 2), b"\xff\xd8")
+
+            def decode(image_channels):
+                if not pil_jpeg:
+                    return tf.io.decode_image(data, channels=image_channels,
+                                              expand_animations=False)
+                # libjpeg's accurate transform, as PIL decodes (TensorFlow's default, the
+                # fast one, is up to tens of levels off on noisy pictures).
+                return tf.cond(
+                    is_jpeg,
+                    lambda: tf.io.decode_jpeg(data, channels=image_channels,
+                                              dct_method="INTEGER_ACCURATE"),
+                    lambda: tf.io.decode_image(data, channels=image_channels,
+                                               expand_animations=False))
+
             def opaque():
                 if channels != 1:
-                    return tf.cast(tf.io.decode_image(data, channels=channels,
-                                                      expand_animations=False), tf.float32)
+                    return tf.cast(decode(channels), tf.float32)
                 # TensorFlow's GIF and BMP decoders give RGB only: converted to gray
-                # (ITU-R 601-2 luma, PIL's "L" conversion), rounded to 8 bits.
+                # (ITU-R 601-2 luma, PIL's "L" conversion), rounded to 8 bits; so are
+                # JPEGs decoded as PIL does (its "L" of the RGB picture; a gray JPEG's
+                # levels come back exactly, and a CMYK one, which libjpeg cannot turn
+                # gray, is read).
                 rgb_only = tf.logical_or(tf.equal(prefix, b"GIF8"),
                                          tf.equal(tf.strings.substr(prefix, 0, 2), b"BM"))
+                if pil_jpeg:
+                    rgb_only = tf.logical_or(rgb_only, is_jpeg)
                 return tf.cond(
                     rgb_only,
-                    lambda: tf.round(tf.image.rgb_to_grayscale(tf.cast(tf.io.decode_image(
-                        data, channels=3, expand_animations=False), tf.float32))),
-                    lambda: tf.cast(tf.io.decode_image(data, channels=1,
-                                                       expand_animations=False), tf.float32))
+                    lambda: tf.round(tf.image.rgb_to_grayscale(tf.cast(decode(3), tf.float32))),
+                    lambda: tf.cast(decode(1), tf.float32))
 
             def over_white():
                 # A PNG's transparent pixels over white, as a viewer shows them (the
