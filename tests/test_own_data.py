@@ -479,6 +479,21 @@ def test_folder_listing_reads_each_image_once_and_says_what_it_skipped(tmp_path,
     assert sources._list_folder(str(root)) == classes
     assert any("ignored 1 image(s) outside the class folders, e.g. loose.png" in w
                for w in warnings)
+    # Images in one sub-folder of a class are that class's; in several sub-folders (an
+    # alphabet of characters), the merge is said, with what to do.
+    (root / "c1" / "scans").mkdir()
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(root / "c1" / "scans" / "3.png")
+    warnings.clear()
+    assert sources._list_folder(str(root))[1][1][-1] == "c1/scans/3.png"
+    assert not any("sub-folders" in w for w in warnings)
+    for character in ("character01", "character02"):
+        (root / "c0" / character).mkdir()
+        Image.fromarray(np.zeros((8, 8), np.uint8)).save(root / "c0" / character / "a.png")
+    warnings.clear()
+    assert len(sources._list_folder(str(root))[0][1]) == 5  # still one class, as Keras reads
+    assert any("1 class folder(s) hold images in several sub-folders, e.g. c0 (2 sub-folders)"
+               in w and "give a data_dir whose sub-folders are those classes" in w
+               for w in warnings), warnings
     # Non-UTF-8 names (zips made on Windows) key the cache like any other.
     odd = os.fsdecode(b"caf\xe9")
     os.rename(root / "c0", root / odd)

@@ -444,7 +444,7 @@ def _list_folder(data_dir):
     if not data_dir or not os.path.isdir(data_dir):
         what = "is not a directory" if data_dir and os.path.exists(data_dir) else "does not exist"
         raise FileNotFoundError(f"image folder data_dir {data_dir!r} {what}; {layout}")
-    classes, skipped, repeated, loose = [], [], [], []
+    classes, skipped, repeated, loose, nested = [], [], [], [], []
     owners, shared = {}, []  # every image's real path -> (class, path): one class per image
     for entry in sorted(os.listdir(data_dir)):
         folder = os.path.join(data_dir, entry)
@@ -483,6 +483,12 @@ def _list_folder(data_dir):
                     if owner[0] != entry:
                         shared.append((files[-1], entry, *owner))
         classes.append((entry, sorted(files)))
+        # Images in several sub-folders of one class: perhaps the sub-folders are the
+        # classes (Omniglot's alphabet/character layout), merged here without a word.
+        parts = [os.path.normpath(f).split(os.sep) for f in files]
+        subfolders = {p[1] for p in parts if len(p) > 2}
+        if len(subfolders) > 1:
+            nested.append((entry, len(subfolders)))
     if not classes:
         raise ValueError(f"image folder {data_dir} has no class sub-folders; {layout}")
     if shared:
@@ -493,6 +499,13 @@ def _list_folder(data_dir):
             f"image folder {data_dir}: {len(shared)} image(s) are in more than one class "
             f"through links, e.g. {path} (class {entry}) is {other_path} (class "
             f"{other_entry}); every image must belong to one class folder only")
+    if nested:
+        logging.warning(
+            "%s: %d class folder(s) hold images in several sub-folders, e.g. %s (%d "
+            "sub-folders); each class folder is one class with all the images below it. If "
+            "the sub-folders are the classes (e.g. Omniglot's alphabet/character folders), "
+            "give a data_dir whose sub-folders are those classes (links to them will do)",
+            data_dir, len(nested), *nested[0])
     if loose:
         logging.warning("%s: ignored %d image(s) outside the class folders, e.g. %s", data_dir,
                         len(loose), loose[0])
