@@ -158,8 +158,16 @@ def test_array_tasks_errors_name_the_problem(caplog):
     x, y = _features(COUNTS)
     with pytest.raises(ValueError, match="x has 50 examples but y has 49 labels"):
         tasks_lib.array_tasks(x[:50], y[:49], 3, 1, 1)
-    with pytest.raises(ValueError, match="labels must be integer class ids, got float32"):
-        tasks_lib.array_tasks(x, y.astype(np.float32), 3, 1, 1)
+    # Float labels (np.loadtxt's) are taken when they are whole numbers, as fit's are.
+    as_float = tasks_lib.array_tasks(x, y.astype(np.float32), 3, 1, 1)
+    assert as_float.class_names == tasks_lib.array_tasks(x, y, 3, 1, 1).class_names
+    fractional = y.astype(np.float32)
+    fractional[7] = 2.5
+    with pytest.raises(ValueError, match=r"labels must be integer class ids; the float labels "
+                                         r"hold 2.5 \(at index 7\), not a whole number"):
+        tasks_lib.array_tasks(x, fractional, 3, 1, 1)
+    with pytest.raises(ValueError, match="labels must be integer class ids, got <U1"):
+        tasks_lib.array_tasks(x, np.array(["a"] * len(y)), 3, 1, 1)
     with pytest.raises(ValueError, match=r"the val split has 3 classes \(of 20, class_split "
                                          r"'0.64,0.16,0.2'\), fewer than n_way=4"):
         tasks_lib.array_tasks(x, y, 4, 1, 1)

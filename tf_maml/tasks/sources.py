@@ -391,7 +391,8 @@ def array_tasks(x, y, n_way, k_shot, k_query, class_split=DEFAULT_CLASS_SPLIT, s
         A `ClassPoolTasks`.
 
     Raises:
-        ValueError: mismatched lengths, non-integer labels, too few classes in
+        ValueError: mismatched lengths, labels that are not integers (or floats
+            holding whole numbers), too few classes in
             a split, or classes with too few examples.
 
     Example:
@@ -410,6 +411,13 @@ def array_tasks(x, y, n_way, k_shot, k_query, class_split=DEFAULT_CLASS_SPLIT, s
     if x.ndim < 1 or len(x) != len(y):
         raise ValueError(f"{name}: x has {len(x) if x.ndim else 0} examples but y has {len(y)} "
                          "labels")
+    if np.issubdtype(y.dtype, np.floating):  # np.loadtxt's labels: taken if whole numbers
+        bad = ~np.isfinite(y) | (y != np.round(y)) | (np.abs(y) >= 2 ** 53)
+        if bad.any():
+            raise ValueError(f"{name}: labels must be integer class ids; the float labels hold "
+                             f"{y[bad][0].item()!r} (at index {int(np.argmax(bad))}), not a "
+                             "whole number")
+        y = y.astype(np.int64)
     if not (np.issubdtype(y.dtype, np.integer) or y.dtype == np.bool_):
         raise ValueError(f"{name}: labels must be integer class ids, got {y.dtype}")
     if not (np.issubdtype(x.dtype, np.number) or x.dtype == np.bool_):
