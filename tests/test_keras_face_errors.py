@@ -691,3 +691,29 @@ def test_a_legacy_h5_path_is_refused_before_anything_is_written(tmp_path):
     _one_line(e, r"^MetaLearner.save\('.*learner.h5'\): a MetaLearner saves to the .keras "
                  r"format only \(Keras' legacy .h5 format writes it but cannot load it back\)")
     assert not list(tmp_path.iterdir())
+
+
+def test_a_logits_model_compiled_with_a_loss_on_probabilities_is_warned_about(caplog):
+    """`loss="sparse_categorical_crossentropy"` on a model ending in a linear layer trained
+    on the wrong loss, and the export served its logits as `probabilities`, silently."""
+    def fitted(model, loss):
+        learner = MetaLearner(model, inner_lr=0.1)
+        learner.compile(optimizer="adam", loss=loss)
+        caplog.clear()
+        learner.fit(_episodes([0, 1, 2]), epochs=1, verbose=0)
+        learner.fit(_episodes([0, 1, 2]), epochs=1, verbose=0)
+        return caplog.text.count("the model's last layer has a linear activation")
+
+    def dense(**kwargs):
+        return keras.Sequential([keras.Input((8,)), keras.layers.Dense(3, **kwargs)])
+
+    warned = fitted(dense(), "sparse_categorical_crossentropy")
+    assert warned == 1  # once per learner
+    assert "from_logits=True" in caplog.text
+    assert fitted(dense(), keras.losses.SparseCategoricalCrossentropy(from_logits=False)) == 1
+    # Losses that fit the model's output are not warned about.
+    assert fitted(dense(), keras.losses.SparseCategoricalCrossentropy(from_logits=True)) == 0
+    assert fitted(dense(activation="softmax"), "sparse_categorical_crossentropy") == 0
+    assert fitted(keras.Sequential([keras.Input((8,)), keras.layers.Dense(3),
+                                    keras.layers.Softmax()]),
+                  "sparse_categorical_crossentropy") == 0

@@ -305,6 +305,31 @@ def output_is_softmax(model):
     Returns:
         True or False, or None where the model does not say (a subclassed model).
     """
+    layer = _output_layer(model)
+    if layer is None:
+        return None
+    if isinstance(layer, keras.layers.Softmax) or type(layer).__name__ == "Softmax":
+        return True  # (the layer, or `keras.ops.softmax` in a functional model)
+    activation = getattr(layer, "activation", None)
+    return activation is keras.activations.softmax or (
+        getattr(activation, "__name__", None) == "softmax")
+
+
+def output_is_linear(model):
+    """Whether the model's output is made by a layer with a linear activation (logits).
+
+    Read as `output_is_softmax` reads it; False where the output is made by anything
+    else (another activation, a `Lambda`, an op) or the model does not say.
+    """
+    layer = _output_layer(model)
+    activation = getattr(layer, "activation", None)
+    return activation is keras.activations.linear or (
+        getattr(activation, "__name__", None) == "linear")
+
+
+def _output_layer(model):
+    """The operation that makes the output of a functional or `Sequential` model (nested
+    models followed), or None (a subclassed model)."""
     seen = set()
     while id(model) not in seen:
         seen.add(id(model))
@@ -312,14 +337,9 @@ def output_is_softmax(model):
             layer = model.outputs[0]._keras_history.operation
         except (AttributeError, IndexError, TypeError, ValueError):
             return None
-        if isinstance(layer, keras.layers.Softmax) or type(layer).__name__ == "Softmax":
-            return True  # (the layer, or `keras.ops.softmax` in a functional model)
-        if isinstance(layer, keras.Model):
-            model = layer
-            continue
-        activation = getattr(layer, "activation", None)
-        return activation is keras.activations.softmax or (
-            getattr(activation, "__name__", None) == "softmax")
+        if not isinstance(layer, keras.Model):
+            return layer
+        model = layer
     return None
 
 

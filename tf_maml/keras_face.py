@@ -1238,6 +1238,15 @@ class MetaLearner(keras.Model):
                              "loss=..., metrics=[...])")
         keras_task_loss(getattr(self, "loss", None))  # a clear error for a missing/bad loss
         self._check_variables()
+        if (not getattr(self, "_warned_logits", False) and self._outputs_probabilities()
+                and functional.output_is_linear(self.model)):
+            self._warned_logits = True
+            logging.warning(
+                "the model's last layer has a linear activation (it outputs logits), but the "
+                "compiled loss %s takes probabilities (from_logits=False): the loss, the "
+                "adaptation and the export's `probabilities` would be wrong. Compile with e.g. "
+                "keras.losses.SparseCategoricalCrossentropy(from_logits=True), or end the "
+                "model with a softmax", self._compiled_loss_name())
 
     # -- saving ---------------------------------------------------------------------------------
 
