@@ -476,8 +476,9 @@ def _with_a_nan():
      r"^MetaLearner.fit does not take class_weight"),
     (lambda: _learner().fit(Episodes(_tasks(), 2), steps_per_epoch=1, batch_size=4, verbose=0),
      r"^MetaLearner.fit does not take batch_size: a meta-batch holds Episodes"),
-    (lambda: _learner().predict(Episodes(_tasks(), 2), verbose=0),
-     r"^predict takes model inputs, or a dataset of Episodes"),
+    (lambda: _learner().predict(_tasks(), verbose=0),
+     r"^predict takes model inputs, a dataset of Episode meta-batches, or Episodes \(on one "
+     r"device\) for adapted query predictions; for a bare task family use Episodes\(tasks, "),
     (lambda: MetaLearner(_dict_output_model()),
      r"^MetaLearner needs a model that returns a single tensor; model '\w+' returns a dict "
      r"of one output\. Wrap it in a model that returns the tensor to adapt"),
@@ -717,3 +718,19 @@ def test_a_logits_model_compiled_with_a_loss_on_probabilities_is_warned_about(ca
     assert fitted(keras.Sequential([keras.Input((8,)), keras.layers.Dense(3),
                                     keras.layers.Softmax()]),
                   "sparse_categorical_crossentropy") == 0
+
+
+def test_predict_over_episodes_gives_their_adapted_query_predictions():
+    """The README's "predict over Episodes": it was refused, pointing at "a dataset of
+    Episodes" to a user who had passed Episodes."""
+    learner = _learner()
+    episodes = Episodes(_tasks(), 2, split="test", num_batches=3, seed=4)
+    predictions = learner.predict(episodes, verbose=0)
+    assert predictions.shape == (6, 3, 3)
+    want = [learner.adapt_and_predict(b.support_x, b.support_y, b.query_x)
+            for b in (episodes.sample(i) for i in range(3))]
+    np.testing.assert_allclose(predictions, np.concatenate(want), rtol=1e-5, atol=1e-6)
+    # Adapted: not the meta-initialization's predictions.
+    unadapted = [learner.adapt_and_predict(b.support_x, b.support_y, b.query_x, num_steps=0)
+                 for b in (episodes.sample(i) for i in range(3))]
+    assert not np.allclose(predictions, np.concatenate(unadapted), atol=1e-4)

@@ -941,11 +941,17 @@ class MetaLearner(keras.Model):
     def predict(self, x, *args, **kwargs):
         """`keras.Model.predict`: the meta-initialization's predictions for inputs `x`, or,
         for a dataset of `Episode`s (or of dicts with `support_x`, `support_y`,
-        `query_x`), the query predictions after `num_eval_steps` inner steps."""
-        if _is_family(x):
-            raise ValueError("predict takes model inputs, or a dataset of Episodes for adapted "
-                             "query predictions; for a task family use adapt_and_predict on "
-                             "its samples, or evaluate_tasks")
+        `query_x`), the query predictions after `num_eval_steps` inner steps; for
+        `Episodes` (one device), those of its `num_batches` meta-batches, stacked."""
+        one_device = self.distribute_strategy.num_replicas_in_sync == 1
+        if isinstance(x, Episodes) and one_device:
+            x = self._as_dataset(x, training=False)  # its evaluation pass: num_batches
+        elif _is_family(x):
+            raise ValueError(
+                "predict takes model inputs, a dataset of Episode meta-batches, or Episodes "
+                "(on one device) for adapted query predictions; for a bare task family use "
+                "Episodes(tasks, meta_batch_size, split='test', num_batches=...), "
+                "adapt_and_predict on its samples, or evaluate_tasks")
         self._check_variables()
         return super().predict(x, *args, **kwargs)
 
