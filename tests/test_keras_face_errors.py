@@ -734,3 +734,37 @@ def test_predict_over_episodes_gives_their_adapted_query_predictions():
     unadapted = [learner.adapt_and_predict(b.support_x, b.support_y, b.query_x, num_steps=0)
                  for b in (episodes.sample(i) for i in range(3))]
     assert not np.allclose(predictions, np.concatenate(unadapted), atol=1e-4)
+
+
+def test_backup_and_restore_refuses_the_backup_of_another_learner(tmp_path):
+    """A rerun with another algorithm or rate went on from the old run's backup silently
+    (and another head size failed inside Keras' loader)."""
+    backup = str(tmp_path / "backup")
+
+    class Crash(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            raise RuntimeError("crashed")
+
+    def fit(learner, crash=False):
+        callbacks = [keras.callbacks.BackupAndRestore(backup)] + ([Crash()] if crash else [])
+        return learner.fit(Episodes(_tasks(), 2), epochs=2, steps_per_epoch=2, verbose=0,
+                           callbacks=callbacks)
+
+    with pytest.raises(RuntimeError, match="crashed"):
+        fit(_learner(), crash=True)  # the backup of epoch 0 is written, then the crash
+    anil = MetaLearner(keras.Sequential([keras.Input((8,)), keras.layers.Dense(3)]),
+                       algorithm="anil", inner_lr=0.05)
+    wider = MetaLearner(keras.Sequential([keras.Input((8,)), keras.layers.Dense(5),
+                                          keras.layers.Dense(3)]), inner_lr=0.1)
+    for learner, changed in ((anil, r"inner_lr: 0.1 -> 0.05; algorithm: 'maml' -> 'anil'"),
+                             (wider, r"the model's weights: 2 tensors of shapes \[\[8, 3\], "
+                                     r"\[3\]\] -> 4 of \[\[8, 5\], \[5\], \[5, 3\], \[3\]\]")):
+        learner.compile(optimizer="adam",
+                        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        with pytest.raises(ValueError) as e:
+            fit(learner)
+        _one_line(e, rf"^BackupAndRestore's directory {backup} holds the backup of a learner "
+                     rf"with another configuration \({changed}\)\. Use another backup")
+    # The same learner resumes: only the epoch left runs.
+    history = fit(_learner())
+    assert len(history.history["loss"]) == 1

@@ -29,15 +29,18 @@ the query sets *after* adaptation (`num_inner_steps` steps in `fit`,
 import contextlib
 import copy
 import dataclasses
+import json
 import math
 import numbers
+import os
 
 import keras
 import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from tf_maml import algorithms, compat, distribute, evaluation, functional, losses, serving
+from tf_maml import algorithms, compat, distribute, evaluation, files, functional, losses
+from tf_maml import serving
 from tf_maml import config as config_lib
 from tf_maml import experiment as experiment_lib
 from tf_maml import tasks as tasks_lib
@@ -1179,6 +1182,7 @@ class MetaLearner(keras.Model):
                 self.optimizer.build(self.trainable_variables)
         kwargs["callbacks"] = list(kwargs.get("callbacks") or []) + [_StartAtIteration(),
                                                                      _StopWhenDiverged()]
+        self._check_backups(kwargs["callbacks"])
         with _one_line_errors():
             self._build_metrics(x)
             try:
@@ -1188,6 +1192,49 @@ class MetaLearner(keras.Model):
                     step = int(self.optimizer.iterations.numpy()) + 1
                     raise ValueError(self._divergence_message(step)) from None
                 raise
+
+    def _check_backups(self, callbacks):
+        """Refuses to resume a `BackupAndRestore` backup made by another learner.
+
+        Keras restores whatever weights the backup holds if they fit: a rerun
+        with another algorithm or inner rate went on from the old run's weights
+        and optimizer, silently (and another head size failed in Keras' loader).
+        Beside a new backup this writes what the learner computes (its options,
+        as the CLI's resume check reads them, and its weights' shapes), and
+        compares it with a backup's before Keras restores it.
+        """
+        identity = {"config": config_lib.as_stored(self.meta_config).to_dict(),
+                    "weight_shapes": [list(v.shape) for v in self.weights]}
+        for callback in callbacks:
+            backup_dir = getattr(callback, "backup_dir", None)
+            if not isinstance(callback, keras.callbacks.BackupAndRestore) or \
+                    not isinstance(backup_dir, str) or "://" in backup_dir:
+                continue
+            path = os.path.join(backup_dir, "tf_maml_learner.json")
+            backup = getattr(callback, "_weights_path", None)
+            if not (backup and os.path.exists(backup)):
+                os.makedirs(backup_dir, exist_ok=True)
+                files.write_json(path, identity, indent=1)
+                continue
+            try:
+                with open(path) as f:
+                    saved = json.load(f)
+                saved_config = config_lib.Config.from_dict(saved["config"])
+            except FileNotFoundError:
+                continue  # a backup of something else: Keras' own checks only
+            except (ValueError, KeyError, TypeError):
+                raise ValueError(f"{path} is damaged: remove the backup directory "
+                                 f"{backup_dir} to start anew") from None
+            changed = config_lib.resume_changes(saved_config, self.meta_config)
+            before, after = saved["weight_shapes"], identity["weight_shapes"]
+            if before != after:
+                changed.append(f"the model's weights: {len(before)} tensors of shapes "
+                               f"{before[:6]} -> {len(after)} of {after[:6]}")
+            if changed:
+                raise ValueError(
+                    f"BackupAndRestore's directory {backup_dir} holds the backup of a learner "
+                    f"with another configuration ({'; '.join(changed)}). Use another backup "
+                    "directory, or the same learner to resume.")
 
     def evaluate(self, x=None, y=None, **kwargs):
         """`keras.Model.evaluate`: the loss and compiled metrics after `num_eval_steps` steps."""
