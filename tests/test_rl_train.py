@@ -15,6 +15,7 @@ from tf_maml import config as config_lib
 from tf_maml import experiment as experiment_lib
 from tf_maml import reporting, serving, trainer
 from tf_maml.rl import MAMLRL, Navigation2D, gaussian_mlp_policy
+from tf_maml.rl import serving as rl_serving
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A tiny run of the paper's recipe: a few seconds per meta-iteration at most.
@@ -192,10 +193,18 @@ def test_bad_rl_flags_are_one_line_errors_and_write_nothing(tmp_path):
                                   ("backtrack_ratio", 1.0, "backtrack_ratio must be in"),
                                   ("fast_batch_size", 0, "fast_batch_size must be a positive"),
                                   ("horizon", -1, "horizon must be a non-negative"),
+                                  # (an [H, H] matrix: 100,000 steps failed with 180 lines
+                                  # of allocator dump)
+                                  ("horizon", 100000, r"horizon must be at most 10000 steps "
+                                                      r"\(the discounted returns take an "
+                                                      r"\[horizon, horizon\] matrix"),
                                   ("algorithm", "reptile", "trains with algorithm=maml"),
                                   ("model", "conv4", "the policy is an mlp")]:
         with pytest.raises(ValueError, match=message):
             config_lib.Config(**base, **{field: value}).validate()
+    config_lib.Config(**base, horizon=10000).validate()
+    with pytest.raises(ValueError, match="max_horizon must be at most 10000"):
+        rl_serving.PolicyServingLimits(100, 10001, 100).validate()
     with pytest.raises(ValueError, match="takes no task family"):
         trainer.train(config_lib.Config(**base), str(model_dir), tasks=object())
     assert not model_dir.exists()

@@ -94,7 +94,7 @@ _HELP = {
                             "fast_batch_size; the original evaluations sampled 4000 steps: 40 "
                             "navigation or 20 HalfCheetah episodes).",
     "horizon": "RL: steps per episode (0: the environment's, 100 for navigation2d, 200 for "
-               "HalfCheetah).",
+               f"HalfCheetah; at most {config_lib.MAX_HORIZON}).",
     "outer_optimizer": f"RL: meta-update, {', '.join(config_lib.OUTER_OPTIMIZERS)} (adam uses "
                        "--meta_lr).",
     "max_kl": "RL, TRPO: trust region on the mean KL divergence.",

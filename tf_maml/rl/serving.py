@@ -44,6 +44,7 @@ import dataclasses
 
 import tensorflow as tf
 
+from tf_maml import config as config_lib
 from tf_maml import serving
 from tf_maml.rl.sampler import Trajectories
 from tf_maml.serving import _check, _dim, _gated, _shape_is, _validated_examples
@@ -69,7 +70,12 @@ class PolicyServingLimits:
     max_query_observations: int
 
     def validate(self):
-        return serving.validate_limits(self)
+        serving.validate_limits(self)
+        if self.max_horizon > config_lib.MAX_HORIZON:
+            raise ValueError(f"max_horizon must be at most {config_lib.MAX_HORIZON} (the "
+                             "discounted returns take an [horizon, horizon] matrix: 400 MB at "
+                             f"{config_lib.MAX_HORIZON}), got {self.max_horizon}")
+        return self
 
     def to_dict(self):
         return dataclasses.asdict(self)
