@@ -295,6 +295,13 @@ def test_export_cli_writes_a_versioned_policy(rl_export, tmp_path):
     assert wrong.returncode == 1 and "Traceback" not in wrong.stderr
     assert ("--max_support_examples: not a limit of a meta-RL policy's export (its limits: "
             "--max_episodes, --max_horizon, --max_query_observations)") in wrong.stderr
+    # So is a step count (the policy's adapt takes one step; it was accepted and ignored).
+    steps = subprocess.run([sys.executable, "-m", "tf_maml.export", f"--model_dir={model_dir}",
+                            f"--export_dir={tmp_path}", "--num_eval_steps=5"],
+                           capture_output=True, text=True, cwd=ROOT, env=_env(), timeout=300)
+    assert steps.returncode == 1 and "Traceback" not in steps.stderr
+    assert ("--num_eval_steps does not apply to a meta-RL policy's export: its adapt "
+            "signatures take one policy-gradient step") in steps.stderr
     assert os.listdir(tmp_path) == []
 
 

@@ -322,6 +322,14 @@ def test_evaluate_reports_a_trained_oracle_beside_the_run(tmp_path):
                f"--output_dir={tmp_path / 'bad'}")
     assert bad.returncode != 0 and "must hold a run trained with --goal_observed" in bad.stderr
     assert "Traceback" not in bad.stderr and not (tmp_path / "bad").exists()
+    # A step size for the oracle, which does not adapt (it wrote the same numbers to an
+    # eval_inner_lr=... folder).
+    idle = _run("tf_maml.evaluate", f"--model_dir={oracle_dir}", "--inner_lr=0.1",
+                "--eval_step_size_decay=0.5")
+    assert idle.returncode != 0 and "Traceback" not in idle.stderr
+    assert ("--inner_lr, --eval_step_size_decay: the run in " in idle.stderr
+            and "is a goal-observed oracle, which does not adapt" in idle.stderr), idle.stderr
+    assert not [f for f in os.listdir(oracle_dir) if f.startswith("eval_")]
     sine_dir = str(tmp_path / "sine")
     trainer.train(config_lib.Config(dataset="sine", num_iterations=1, validate_every=0),
                   sine_dir)

@@ -107,6 +107,11 @@ def main(argv):
         saved = config_lib.load(FLAGS.model_dir)
         # Bad values are refused before anything is said about where results would go.
         dataclasses.replace(saved, **overrides).validate()
+        idle = [k for k in ("inner_lr", "eval_step_size_decay") if k in overrides]
+        if saved.goal_observed and idle:
+            raise ValueError(f"{', '.join('--' + k for k in idle)}: the run in "
+                             f"{FLAGS.model_dir} is a goal-observed oracle, which does not "
+                             "adapt (its return is the same after every step count)")
         # Flags that change the run's own protocol (a flag repeating its value does not;
         # --inner_lr always does: it replaces learned rates, and a baseline's own rate).
         protocol = {k: v for k, v in overrides.items()

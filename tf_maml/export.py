@@ -99,6 +99,10 @@ def main(argv):
         dataclasses.replace(config, **{name: value for name, value in (
             ("inner_lr", inner_lr), ("num_eval_steps", num_eval_steps))
             if value is not None}).validate()
+        if config.is_rl and num_eval_steps is not None:
+            raise ValueError("--num_eval_steps does not apply to a meta-RL policy's export: "
+                             "its adapt signatures take one policy-gradient step on the "
+                             "request's episodes (--inner_lr sets its size)")
         if num_eval_steps is None:
             num_eval_steps = config.num_eval_steps
         wrong = sorted(set(limits) & set(LIMIT_FLAGS if config.is_rl else POLICY_LIMIT_FLAGS))
