@@ -285,6 +285,12 @@ def test_missing_gymnasium_and_xla_are_one_line_errors(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "gymnasium", None)
     with pytest.raises(ImportError, match=r'pip install -e "\.\[rl\]"'):
         HalfCheetahGoals("velocity")
+    # Without simulating (a policy export): its sizes and goals only; a step asks for it.
+    sizes_only = HalfCheetahGoals("velocity", rllab_halfcheetah=True, simulate=False)
+    assert (sizes_only.observation_dim, sizes_only.action_dim) == (20, 6)
+    goals = sizes_only.sample_tasks(2, tf.constant([0, 1], tf.int64))
+    with pytest.raises(ImportError, match=r'pip install -e "\.\[rl\]"'):
+        sizes_only.reset(goals, 1, tf.constant([0, 2], tf.int64))
     with pytest.raises(ValueError, match="task must be one of velocity, direction"):
         HalfCheetahGoals("sideways")
     with pytest.raises(ValueError, match="jit_compile=true is not possible"):
@@ -338,9 +344,14 @@ def test_cli_trains_evaluates_and_exports_a_cheetah_policy(tmp_path, monkeypatch
     saved = json.load(open(tmp_path / "eval" / reporting.RESULTS_FILENAME))
     assert saved["dataset"] == "halfcheetah_direction" and saved["eval_fast_batch_size"] == 20
     assert all(np.isfinite(saved["results"]["MAML"]["mean"]))
+    # Exporting needs no simulator (nothing is simulated): Gymnasium blocked here.
+    blocker = tmp_path / "no_gymnasium"
+    blocker.mkdir()
+    (blocker / "sitecustomize.py").write_text("import sys\nsys.modules['gymnasium'] = None\n")
     result = subprocess.run(
         [sys.executable, "-m", "tf_maml.export", f"--model_dir={model_dir}",
-         f"--export_dir={export_dir}"], capture_output=True, text=True, cwd=ROOT, env=env,
+         f"--export_dir={export_dir}"], capture_output=True, text=True, cwd=ROOT,
+        env=dict(env, PYTHONPATH=f"{blocker}{os.pathsep}{env.get('PYTHONPATH', '')}"),
         timeout=600)
     assert result.returncode == 0, result.stderr
     versions = os.listdir(export_dir)

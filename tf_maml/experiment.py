@@ -61,7 +61,7 @@ class Experiment:
     algorithm: object
 
 
-def build_experiment(config, tasks=None, load_tasks=True, spec=None):
+def build_experiment(config, tasks=None, load_tasks=True, spec=None, simulate=True):
     """Builds the model (seeded by `config.seed`), its forward, loss, metric and algorithm.
 
     Args:
@@ -71,6 +71,9 @@ def build_experiment(config, tasks=None, load_tasks=True, spec=None):
             only what the model needs (export, restore without evaluation).
         spec: the `TaskSpec` to build the model for when no task family is
             given or loaded (default: derived from the config).
+        simulate: RL: the environment will be stepped (false: a policy export,
+            which needs only its sizes, builds a HalfCheetah run without
+            Gymnasium and MuJoCo).
 
     Returns:
         An `Experiment`.
@@ -80,7 +83,7 @@ def build_experiment(config, tasks=None, load_tasks=True, spec=None):
     """
     config.validate()
     if config.is_rl:
-        return _build_rl_experiment(config)
+        return _build_rl_experiment(config, simulate)
     if tasks is None and load_tasks:
         tasks = tasks_lib.build(config)
     if tasks is not None:
@@ -96,7 +99,7 @@ def build_experiment(config, tasks=None, load_tasks=True, spec=None):
                       algorithm)
 
 
-def _build_rl_experiment(config):
+def _build_rl_experiment(config, simulate=True):
     """The meta-RL run of a config: environment, Gaussian MLP policy, `MAMLRL`."""
     from tf_maml import rl  # noqa: PLC0415 -- only RL runs need it
 
@@ -105,7 +108,8 @@ def _build_rl_experiment(config):
                               normalized_actions=config.normalized_actions)
     else:   # halfcheetah_velocity, halfcheetah_direction (Gymnasium + MuJoCo)
         env = rl.HalfCheetahGoals(config.dataset.split("_")[1], horizon=config.horizon or 200,
-                                  rllab_halfcheetah=config.rllab_halfcheetah)
+                                  rllab_halfcheetah=config.rllab_halfcheetah,
+                                  simulate=simulate)
     if config.goal_observed:
         env = rl.GoalObserved(env)
     keras.utils.set_random_seed(config.seed)
@@ -491,7 +495,8 @@ def _check_same_run(checkpoint_path, model_dir):
                               f"one's): use that run's model_dir")
 
 
-def restore(model_dir, overrides=None, tasks=None, load_tasks=False, checkpoint_path=None):
+def restore(model_dir, overrides=None, tasks=None, load_tasks=False, checkpoint_path=None,
+            simulate=True):
     """Loads the config and the latest meta-parameters of a training run.
 
     The newest readable checkpoint is used: a truncated or corrupt latest one is
@@ -505,6 +510,7 @@ def restore(model_dir, overrides=None, tasks=None, load_tasks=False, checkpoint_
         load_tasks: load the config's task family (evaluation needs it; export
             does not).
         checkpoint_path: a checkpoint (default: the newest readable one in `model_dir`).
+        simulate: see `build_experiment`.
 
     Returns:
         `(experiment, step)`.
@@ -527,7 +533,7 @@ def restore(model_dir, overrides=None, tasks=None, load_tasks=False, checkpoint_
             raise CheckpointError(f"checkpoint {checkpoint_path} cannot be read ({problem})")
         _check_same_run(checkpoint_path, model_dir)
     experiment = build_experiment(config, tasks, load_tasks=load_tasks,
-                                  spec=load_spec(model_dir, config))
+                                  spec=load_spec(model_dir, config), simulate=simulate)
     if load_tasks and tasks is None:
         check_same_spec(model_dir, experiment.tasks, config.data_dir)
         check_same_data(model_dir, tasks_lib.data_fingerprint(experiment.tasks), config.data_dir)

@@ -87,7 +87,8 @@ def main(argv):
         num_eval_steps = overrides.pop("num_eval_steps", None)
         # No data is loaded: the model is rebuilt from the run's config.
         experiment, step = experiment_lib.restore(FLAGS.model_dir, overrides,
-                                                  checkpoint_path=FLAGS.checkpoint)
+                                                  checkpoint_path=FLAGS.checkpoint,
+                                                  simulate=False)
         if "eval_inner_batch_size" in overrides:
             # Reptile's adapt uses the flag's batch (the algorithm was built with it); the
             # recorded config keeps the run's, the signature's goes in as export_*.

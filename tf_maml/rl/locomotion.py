@@ -30,6 +30,16 @@ LOCOMOTION_TASKS = ("velocity", "direction")
 INSTALL_HINT = 'the HalfCheetah environments need Gymnasium and MuJoCo: pip install -e ".[rl]"'
 
 
+def _import_simulator():
+    """Gymnasium (MuJoCo checked too), or `MissingExtraError` with the install line."""
+    try:
+        import gymnasium  # noqa: PLC0415 -- the optional extra
+        import mujoco  # noqa: F401, PLC0415
+    except ImportError as e:
+        raise MissingExtraError(f"{INSTALL_HINT} ({e})") from None
+    return gymnasium
+
+
 _SEEN_WARNINGS = set()
 
 
@@ -91,10 +101,13 @@ class HalfCheetahGoals:
             state, the part of rllab's `model.forward()` these need).
         env_id: the Gymnasium environment (default "HalfCheetah-v5").
         dtype: dtype of observations and rewards.
+        simulate: false builds an environment that only gives its sizes and
+            goals (a policy export's), without Gymnasium and MuJoCo; stepping
+            it then needs them.
 
     Raises:
         MissingExtraError: Gymnasium or MuJoCo is missing (an `ImportError`
-            with the install line).
+            with the install line), with `simulate`.
         ValueError: an unknown task or a non-positive horizon; `rllab_halfcheetah`
             with a model that is not the half cheetah.
 
@@ -112,16 +125,13 @@ class HalfCheetahGoals:
 
     def __init__(self, task="velocity", horizon=200, frame_skip=1, velocity_low=0.0,
                  velocity_high=2.0, control_cost=0.05, rllab_halfcheetah=False,
-                 env_id="HalfCheetah-v5", dtype=tf.float32):
+                 env_id="HalfCheetah-v5", dtype=tf.float32, simulate=True):
         if task not in LOCOMOTION_TASKS:
             raise ValueError(f"task must be one of {', '.join(LOCOMOTION_TASKS)}, got {task!r}")
         if horizon < 1:
             raise ValueError(f"horizon must be >= 1, got {horizon}")
-        try:
-            import gymnasium  # noqa: F401, PLC0415 -- the optional extra
-            import mujoco  # noqa: F401, PLC0415
-        except ImportError as e:
-            raise MissingExtraError(f"{INSTALL_HINT} ({e})") from None
+        if simulate:
+            _import_simulator()
         self.task = task
         self.horizon = int(horizon)
         self.frame_skip = int(frame_skip)
@@ -132,7 +142,7 @@ class HalfCheetahGoals:
         self.env_id = env_id
         self.dtype = tf.as_dtype(dtype)
         self._vectors = {}
-        if self.rllab_halfcheetah:
+        if self.rllab_halfcheetah and simulate:
             self._check_rllab_model()
 
     # -- tasks ---------------------------------------------------------------------------------
@@ -165,7 +175,7 @@ class HalfCheetahGoals:
         """The vector environment of `size` simulations (created once per size)."""
         vector = self._vectors.get(size)
         if vector is None:
-            import gymnasium as gym  # noqa: PLC0415
+            gym = _import_simulator()
 
             _log_mujoco_warnings_once()
             # Episodes end when the sampler stops (any horizon): no time limit wrapper, and
