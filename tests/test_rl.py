@@ -462,3 +462,20 @@ def test_a_policy_model_that_does_not_output_action_means_is_refused_in_one_line
     with pytest.raises(ValueError, match="outputs 3 action means per observation, not "
                                          "action_dim=2"):
         policy.distribution(weights, tf.zeros([1, 4, 2]))
+
+
+def test_sizes_of_zero_are_refused_in_one_line():
+    """Found by a user trial: a 0-input policy was built, and evaluating 0 tasks gave NaN."""
+    for kwargs, message in ((dict(obs_dim=0, action_dim=2), "obs_dim must be a positive"),
+                            (dict(obs_dim=2, action_dim=2, hidden=(100, 0)),
+                             r"hidden\[1\] must be a positive integer, got 0")):
+        with pytest.raises(ValueError, match=f"^gaussian_mlp_policy: {message}"):
+            rl.gaussian_mlp_policy(**kwargs)
+    env = rl.Navigation2D(horizon=5)
+    algorithm = rl.MAMLRL(env, rl.gaussian_mlp_policy(2, 2, hidden=(4,)), meta_batch_size=2,
+                          fast_batch_size=2, inner_lr=0.1)
+    for kwargs, message in ((dict(num_tasks=0), "num_tasks must be a positive integer, got 0"),
+                            (dict(num_trajectories=0), "num_trajectories must be a positive")):
+        with pytest.raises(ValueError, match=f"^MAMLRL.evaluate: {message}"):
+            algorithm.evaluate(num_steps=1, **kwargs)
+    assert np.all(np.isfinite(algorithm.evaluate(num_tasks=2, num_steps=1)))

@@ -255,6 +255,10 @@ def test_bad_requests_fail_clearly_and_the_next_request_works(rl_export):
         (custom, {"inner_lr": tf.constant(3e38)},
          "the adaptation diverged: (action_mean|log_std) is not finite \\(episodes far from "
          "the scale of the training ones, or an inner_lr too large for them\\?\\)"),
+        # ... or a finite log-std whose std is not (it was answered with status OK).
+        (custom, {"inner_lr": tf.constant(1e6)},
+         "the adaptation diverged: log_std is too large, its std exp\\(log_std\\) is not "
+         "finite"),
     ]
     for signature, change, message in bad_requests:
         request = ({"observations": QUERY} if signature is serve else

@@ -29,6 +29,7 @@ from tf_maml.rl import objectives, trpo
 from tf_maml.rl.advantages import process_trajectories
 from tf_maml.rl.policy import GaussianPolicy
 from tf_maml.rl.sampler import average_return, sample_trajectories
+from tf_maml.tasks.episodes import check_positive_ints
 
 __all__ = ["MAMLRL", "MetaBatch", "VALIDATION_SEED", "TEST_SEED"]
 
@@ -463,6 +464,8 @@ class MAMLRL:
         ```
         """
         num_trajectories = self.fast_batch_size if num_trajectories is None else num_trajectories
+        check_positive_ints("MAMLRL.evaluate", num_trajectories=num_trajectories,
+                            **({"num_tasks": num_tasks} if tasks is None else {}))
         sizes = tuple(float(s) for s in self.step_sizes(num_steps, step_sizes))
         key = (num_steps, sizes, int(num_trajectories), bool(per_task))
         if key not in self._evaluators:

@@ -12,6 +12,7 @@ import numpy as np
 import tensorflow as tf
 
 from tf_maml.functional import make_forward
+from tf_maml.tasks.episodes import check_positive_ints
 
 __all__ = ["gaussian_mlp_policy", "GaussianPolicy", "log_prob", "kl_divergence", "entropy"]
 
@@ -36,12 +37,17 @@ def gaussian_mlp_policy(obs_dim, action_dim, hidden=(100, 100), activation="relu
     Returns:
         A built `keras.Sequential` mapping `[batch, obs_dim]` to `[batch, action_dim]`.
 
+    Raises:
+        ValueError: a size that is not a positive integer.
+
     Example:
 
     ```python
     policy = GaussianPolicy(gaussian_mlp_policy(2, 2))
     ```
     """
+    check_positive_ints("gaussian_mlp_policy", obs_dim=obs_dim, action_dim=action_dim,
+                        **{f"hidden[{i}]": size for i, size in enumerate(hidden)})
     layers = [keras.Input((obs_dim,), dtype=dtype)]
     layers += [keras.layers.Dense(size, activation=activation, dtype=dtype) for size in hidden]
     if output_bound is None:

@@ -226,6 +226,12 @@ class PolicySignatures:
         checks = [_check(tf.reduce_all(tf.math.is_finite(value)),
                          f"{message}: {name} is not finite ({hint})")
                   for name, value in outputs.items()]
+        if "log_std" in outputs:  # a finite log-std of 2e5 is an infinite std all the same
+            with tf.control_dependencies(checks):
+                checks.append(_check(
+                    tf.reduce_all(tf.math.is_finite(tf.exp(outputs["log_std"]))),
+                    f"{message}: log_std is too large, its std exp(log_std) is not finite "
+                    f"({hint})"))
         with tf.control_dependencies(checks):
             return {name: tf.identity(value) for name, value in outputs.items()}
 
