@@ -758,6 +758,11 @@ def test_configs_saved_with_options_their_algorithm_ignored_still_load(tmp_path)
         json.dump([], f)
     with pytest.raises(ValueError, match="not a valid tf_maml config: expected a JSON object"):
         config_lib.load(str(tmp_path))
+    # An emptied file loaded as the default sine run (then its checkpoints were blamed).
+    with open(tmp_path / config_lib.CONFIG_FILENAME, "w") as f:
+        json.dump({}, f)
+    with pytest.raises(ValueError, match="not a valid tf_maml config: it names no dataset"):
+        config_lib.load(str(tmp_path))
     # A new config with them is still refused.
     with pytest.raises(ValueError, match="inner_batch_size is for algorithm=reptile"):
         config_lib.Config(**values).validate()

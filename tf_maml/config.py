@@ -703,6 +703,10 @@ def load(model_dir, flag="--model_dir"):
             values = json.load(f)
         if not isinstance(values, dict):
             raise ValueError(f"expected a JSON object, got {type(values).__name__}")
+        # Every version wrote the dataset (later fields default when missing, for older
+        # runs' files): without it the file would load as the default sine run.
+        if "dataset" not in values:
+            raise ValueError("it names no dataset, which every run's config does")
         values, reset = drop_ignored_options(values)
         if reset and (path, tuple(reset)) not in _RESETS_REPORTED:
             # Once per file: evaluate and export read the config more than once.
