@@ -232,6 +232,9 @@ def test_bad_requests_fail_clearly_and_the_next_request_works(rl_export):
          "observations has NaN or infinite values"),
         (adapt, {"actions": actions * float("inf")}, "actions has NaN or infinite values"),
         (adapt, {"rewards": rewards * nan}, "rewards has NaN or infinite values"),
+        # Finite, but their sums overflow (it was called a diverged policy).
+        (adapt, {"rewards": tf.fill(tf.shape(rewards), 3e38)},
+         "rewards are too large: their sum over an episode overflows float32"),
         (adapt, {"query_observations": good["query_observations"] * nan},
          "query_observations has NaN or infinite values"),
         (adapt, {"query_observations": good["query_observations"][:, :1]},

@@ -210,6 +210,14 @@ class PolicySignatures:
                                  "second axis); got horizon and lengths", [rows[1], lengths]))
         lengths = _gated(lengths, shape_ok & same, checks, [None])
         mask = tf.sequence_mask(lengths, rows[1], dtype=self.dtype)
+        # Finite rewards whose sums overflow (3e38 a step) would fail later as "the policy
+        # diverged"; the returns are at most the summed magnitudes.
+        summed = tf.reduce_sum(tf.abs(rewards) * mask, axis=1)
+        with tf.control_dependencies([_check(
+                tf.reduce_all(tf.math.is_finite(summed)),
+                f"rewards are too large: their sum over an episode overflows "
+                f"{self.dtype.name}")]):
+            rewards = tf.identity(rewards)
         return observations, actions, rewards, mask
 
     def _inner_lr(self, inner_lr):
