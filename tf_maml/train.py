@@ -127,7 +127,9 @@ def main(argv):
         logging.warning(_interrupted_message(e, FLAGS.model_dir))
         raise SystemExit(130) from None
     if FLAGS.evaluate and not distribute.is_chief_worker_process(config.strategy):
-        logging.info("Training is complete; the chief evaluates the run, this worker stops.")
+        logging.info("Training is complete; the chief evaluates the run, this worker stops "
+                     "(the chief's log may then call this worker unhealthy or crashed: it is "
+                     "not).")
     elif FLAGS.evaluate:
         try:
             reporting.evaluate_and_report(FLAGS.model_dir)
