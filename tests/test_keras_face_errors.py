@@ -745,8 +745,8 @@ def test_backup_and_restore_refuses_the_backup_of_another_learner(tmp_path):
         def on_epoch_end(self, epoch, logs=None):
             raise RuntimeError("crashed")
 
-    def fit(learner, crash=False):
-        callbacks = [keras.callbacks.BackupAndRestore(backup)] + ([Crash()] if crash else [])
+    def fit(learner, crash=False, directory=backup):
+        callbacks = [keras.callbacks.BackupAndRestore(directory)] + ([Crash()] if crash else [])
         return learner.fit(Episodes(_tasks(), 2), epochs=2, steps_per_epoch=2, verbose=0,
                            callbacks=callbacks)
 
@@ -762,7 +762,7 @@ def test_backup_and_restore_refuses_the_backup_of_another_learner(tmp_path):
         learner.compile(optimizer="adam",
                         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
         with pytest.raises(ValueError) as e:
-            fit(learner)
+            fit(learner, directory=tmp_path / "backup")  # a pathlib.Path was not checked
         _one_line(e, rf"^BackupAndRestore's directory {backup} holds the backup of a learner "
                      rf"with another configuration \({changed}\)\. Use another backup")
     # The same learner resumes: only the epoch left runs.

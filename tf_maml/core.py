@@ -226,9 +226,13 @@ def check_non_negative(name, value):
     at run time) are left alone."""
     if isinstance(value, numbers.Real) and not (math.isfinite(value) and value >= 0):
         raise ValueError(f"{name} must be a finite non-negative number, got {value!r}")
-    if (isinstance(value, np.ndarray) and value.dtype.kind in "fiu"
-            and not np.all(np.isfinite(value) & (value >= 0))):
-        raise ValueError(f"{name} must be finite and non-negative in every entry, got {value!r}")
+    if isinstance(value, np.ndarray) and value.dtype.kind in "fiu":
+        bad = np.flatnonzero(~(np.isfinite(value) & (value >= 0)))
+        if bad.size:
+            where = np.unravel_index(bad[0], value.shape)
+            raise ValueError(f"{name} must be finite and non-negative in every entry, got "
+                             f"{value.flat[bad[0]].item()!r} at index {tuple(map(int, where))} "
+                             f"(shape {value.shape})")
 
 
 def _check_rate_shape(rate, weight, index):

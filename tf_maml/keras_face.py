@@ -1206,9 +1206,13 @@ class MetaLearner(keras.Model):
         identity = {"config": config_lib.as_stored(self.meta_config).to_dict(),
                     "weight_shapes": [list(v.shape) for v in self.weights]}
         for callback in callbacks:
-            backup_dir = getattr(callback, "backup_dir", None)
-            if not isinstance(callback, keras.callbacks.BackupAndRestore) or \
-                    not isinstance(backup_dir, str) or "://" in backup_dir:
+            if not isinstance(callback, keras.callbacks.BackupAndRestore):
+                continue
+            try:
+                backup_dir = os.fspath(callback.backup_dir)
+            except (AttributeError, TypeError):
+                continue
+            if "://" in backup_dir:  # a remote directory: Keras' own checks only
                 continue
             path = os.path.join(backup_dir, "tf_maml_learner.json")
             backup = getattr(callback, "_weights_path", None)
@@ -1220,13 +1224,14 @@ class MetaLearner(keras.Model):
                 with open(path) as f:
                     saved = json.load(f)
                 saved_config = config_lib.Config.from_dict(saved["config"])
+                before = saved["weight_shapes"]
             except FileNotFoundError:
                 continue  # a backup of something else: Keras' own checks only
             except (ValueError, KeyError, TypeError):
                 raise ValueError(f"{path} is damaged: remove the backup directory "
                                  f"{backup_dir} to start anew") from None
             changed = config_lib.resume_changes(saved_config, self.meta_config)
-            before, after = saved["weight_shapes"], identity["weight_shapes"]
+            after = identity["weight_shapes"]
             if before != after:
                 changed.append(f"the model's weights: {len(before)} tensors of shapes "
                                f"{before[:6]} -> {len(after)} of {after[:6]}")

@@ -227,6 +227,14 @@ def image_format_for(dataset, input_shape=None, omniglot_resize_filter="lanczos"
 # -- validation ---------------------------------------------------------------------------------
 
 
+def _pil_gray(rgb):
+    """RGB pixels (0-255, any dtype holding whole numbers) -> `[..., 1]` float gray levels,
+    PIL's "L" conversion exactly (ITU-R 601-2 luma in its integer arithmetic)."""
+    rgb = tf.cast(rgb, tf.int32)
+    gray = (rgb[..., 0] * 19595 + rgb[..., 1] * 38470 + rgb[..., 2] * 7471 + 32768) // 65536
+    return tf.cast(gray[..., None], tf.float32)
+
+
 def _check(condition, message, data=()):
     return tf.debugging.Assert(condition, [message, *data], summarize=16)
 
@@ -882,7 +890,7 @@ class AdaptationSignatures:
                 if channels != 1:
                     return tf.cast(decode(channels), tf.float32)
                 # TensorFlow's GIF and BMP decoders give RGB only: converted to gray
-                # (ITU-R 601-2 luma, PIL's "L" conversion), rounded to 8 bits; so are
+                # as PIL's "L" conversion does (ITU-R 601-2 luma, integer arithmetic); so are
                 # JPEGs decoded as PIL does (its "L" of the RGB picture; a gray JPEG's
                 # levels come back exactly, and a CMYK one, which libjpeg cannot turn
                 # gray, is read).
@@ -892,7 +900,7 @@ class AdaptationSignatures:
                     rgb_only = tf.logical_or(rgb_only, is_jpeg)
                 return tf.cond(
                     rgb_only,
-                    lambda: tf.round(tf.image.rgb_to_grayscale(tf.cast(decode(3), tf.float32))),
+                    lambda: _pil_gray(decode(3)),
                     lambda: tf.cast(decode(1), tf.float32))
 
             def over_white():
@@ -902,9 +910,8 @@ class AdaptationSignatures:
                 rgba = tf.cast(tf.io.decode_png(data, channels=4), tf.float32)
                 alpha = rgba[..., 3:] / 255.0
                 rgb = tf.round(rgba[..., :3] * alpha + 255.0 * (1.0 - alpha))
-                # Gray as for GIF and BMP: TensorFlow's luma weights, which round a colored
-                # pixel one level off PIL's "L" now and then (gray ones match exactly).
-                return tf.round(tf.image.rgb_to_grayscale(rgb)) if channels == 1 else rgb
+                # Gray as for GIF and BMP: PIL's "L" conversion, exactly.
+                return _pil_gray(rgb) if channels == 1 else rgb
 
             transparent = tf.cond(tf.equal(prefix, b"\x89PNG"),
                                   lambda: _png_is_transparent(data), lambda: tf.constant(False))

@@ -142,8 +142,9 @@ class HalfCheetahGoals:
         self.env_id = env_id
         self.dtype = tf.as_dtype(dtype)
         self._vectors = {}
-        if self.rllab_halfcheetah and simulate:
-            self._check_rllab_model()
+        self._model_checked = False
+        if simulate:
+            self._check_model()
 
     # -- tasks ---------------------------------------------------------------------------------
 
@@ -176,6 +177,7 @@ class HalfCheetahGoals:
         vector = self._vectors.get(size)
         if vector is None:
             gym = _import_simulator()
+            self._check_model()  # (not done yet where built with simulate=False)
 
             _log_mujoco_warnings_once()
             # Episodes end when the sampler stops (any horizon): no time limit wrapper, and
@@ -186,6 +188,12 @@ class HalfCheetahGoals:
                                               autoreset_mode=gym.vector.AutoresetMode.DISABLED)
             self._vectors[size] = vector
         return vector
+
+    def _check_model(self):
+        """`_check_rllab_model` once, where it applies."""
+        if self.rllab_halfcheetah and not self._model_checked:
+            self._check_rllab_model()
+        self._model_checked = True
 
     def _check_rllab_model(self):
         """Raises ValueError unless `env_id`'s model is the half cheetah rllab observes."""

@@ -412,11 +412,12 @@ def array_tasks(x, y, n_way, k_shot, k_query, class_split=DEFAULT_CLASS_SPLIT, s
         raise ValueError(f"{name}: x has {len(x) if x.ndim else 0} examples but y has {len(y)} "
                          "labels")
     if np.issubdtype(y.dtype, np.floating):  # np.loadtxt's labels: taken if whole numbers
-        bad = ~np.isfinite(y) | (y != np.round(y)) | (np.abs(y) >= 2 ** 53)
+        wide = y.astype(np.float64)
+        bad = ~np.isfinite(wide) | (wide != np.round(wide)) | (np.abs(wide) >= 2.0 ** 53)
         if bad.any():
             raise ValueError(f"{name}: labels must be integer class ids; the float labels hold "
                              f"{y[bad][0].item()!r} (at index {int(np.argmax(bad))}), not a "
-                             "whole number")
+                             "whole number below 2**53")
         y = y.astype(np.int64)
     if not (np.issubdtype(y.dtype, np.integer) or y.dtype == np.bool_):
         raise ValueError(f"{name}: labels must be integer class ids, got {y.dtype}")
