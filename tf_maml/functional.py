@@ -318,8 +318,14 @@ def output_is_softmax(model):
 def output_is_linear(model):
     """Whether the model's output is made by a layer with a linear activation (logits).
 
-    Read as `output_is_softmax` reads it; False where the output is made by anything
-    else (another activation, a `Lambda`, an op) or the model does not say.
+    Read as `output_is_softmax` reads it.
+
+    Args:
+        model: a Keras model.
+
+    Returns:
+        True or False: False also where the output is made by anything else
+        (another activation, a `Lambda`, an op) or the model does not say.
     """
     layer = _output_layer(model)
     activation = getattr(layer, "activation", None)
