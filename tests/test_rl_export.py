@@ -295,20 +295,19 @@ def test_export_cli_writes_a_versioned_policy(rl_export, tmp_path):
     assert recorded["export_signatures"] == list(rl_serving.POLICY_SIGNATURES)
     assert (recorded["export_observation_dim"], recorded["export_action_dim"]) == (2, 2)
     assert set(tf.saved_model.load(path).signatures) == set(rl_serving.POLICY_SIGNATURES)
-    # A supervised limit is refused in one line, naming the policy's own; nothing written.
-    wrong = subprocess.run([sys.executable, "-m", "tf_maml.export", f"--model_dir={model_dir}",
-                            f"--export_dir={tmp_path}", "--max_support_examples=5"],
-                           capture_output=True, text=True, cwd=ROOT, env=_env(), timeout=300)
-    assert wrong.returncode == 1 and "Traceback" not in wrong.stderr
-    assert ("--max_support_examples: not a limit of a meta-RL policy's export (its limits: "
-            "--max_episodes, --max_horizon, --max_query_observations)") in wrong.stderr
-    # So is a step count (the policy's adapt takes one step; it was accepted and ignored).
-    steps = subprocess.run([sys.executable, "-m", "tf_maml.export", f"--model_dir={model_dir}",
-                            f"--export_dir={tmp_path}", "--num_eval_steps=5"],
-                           capture_output=True, text=True, cwd=ROOT, env=_env(), timeout=300)
-    assert steps.returncode == 1 and "Traceback" not in steps.stderr
-    assert ("--num_eval_steps does not apply to a meta-RL policy's export: its adapt "
-            "signatures take one policy-gradient step") in steps.stderr
+    # A supervised limit is refused in one line, naming the policy's own; so is a step count
+    # (the policy's adapt takes one step; it was accepted and ignored). Nothing written.
+    for flag, message in (
+            ("--max_support_examples=5", "--max_support_examples: not a limit of a meta-RL "
+             "policy's export (its limits: --max_episodes, --max_horizon, "
+             "--max_query_observations)"),
+            ("--num_eval_steps=5", "--num_eval_steps does not apply to a meta-RL policy's "
+             "export: its adapt signatures take one policy-gradient step")):
+        wrong = subprocess.run([sys.executable, "-m", "tf_maml.export",
+                                f"--model_dir={model_dir}", f"--export_dir={tmp_path}", flag],
+                               capture_output=True, text=True, cwd=ROOT, env=_env(), timeout=300)
+        assert wrong.returncode == 1 and "Traceback" not in wrong.stderr
+        assert message in wrong.stderr, wrong.stderr
     assert os.listdir(tmp_path) == []
 
 

@@ -34,6 +34,14 @@ OUTER_OPTIMIZERS = ("trpo", "adam")
 # The discounted returns are one product with an [H, H] matrix (400 MB in float32 at 10,000
 # steps, 40 GB at 100,000): longer episodes would fail deep in TensorFlow's allocator.
 MAX_HORIZON = 10000
+
+
+def horizon_problem(name, value):
+    """The message for a `value` of `name` (a horizon) above `MAX_HORIZON`, or None."""
+    if isinstance(value, int) and value > MAX_HORIZON:
+        return (f"{name} must be at most {MAX_HORIZON} steps (the discounted returns take an "
+                f"[horizon, horizon] matrix: 400 MB at {MAX_HORIZON}), got {value!r}")
+    return None
 OMNIGLOT_RESIZE_FILTERS = ("lanczos", "nearest")
 # Options that only one algorithm reads (validation refuses them, changed, for the others).
 ALGORITHM_OPTIONS = {
@@ -551,9 +559,8 @@ class Config:
         for name in ("horizon", "eval_fast_batch_size"):
             need(isinstance(getattr(self, name), int) and getattr(self, name) >= 0,
                  f"{name} must be a non-negative integer, got {getattr(self, name)!r}")
-        need(not isinstance(self.horizon, int) or self.horizon <= MAX_HORIZON,
-             f"horizon must be at most {MAX_HORIZON} steps (the discounted returns take an "
-             f"[horizon, horizon] matrix: 400 MB at {MAX_HORIZON}), got {self.horizon!r}")
+        need(horizon_problem("horizon", self.horizon) is None,
+             horizon_problem("horizon", self.horizon))
         for name in ("max_kl", "eval_step_size_decay"):
             value = getattr(self, name)
             need(isinstance(value, (int, float)) and 0 < value < float("inf"),

@@ -45,7 +45,7 @@ LIMIT_FLAGS = {
 POLICY_LIMIT_FLAGS = {
     "max_episodes": "Meta-RL runs: most episodes in one adapt request (default 100).",
     "max_horizon": "Meta-RL runs: most steps per episode in one adapt request (default 1000, "
-                   "at most 10000).",
+                   f"at most {config_lib.MAX_HORIZON}).",
     "max_query_observations": "Meta-RL runs: most rows of query_observations, and of "
                               "serving_default's observations (default 10000).",
 }

@@ -71,10 +71,9 @@ class PolicyServingLimits:
 
     def validate(self):
         serving.validate_limits(self)
-        if self.max_horizon > config_lib.MAX_HORIZON:
-            raise ValueError(f"max_horizon must be at most {config_lib.MAX_HORIZON} (the "
-                             "discounted returns take an [horizon, horizon] matrix: 400 MB at "
-                             f"{config_lib.MAX_HORIZON}), got {self.max_horizon}")
+        problem = config_lib.horizon_problem("max_horizon", int(self.max_horizon))
+        if problem:
+            raise ValueError(problem)
         return self
 
     def to_dict(self):
