@@ -479,3 +479,101 @@ def test_sizes_of_zero_are_refused_in_one_line():
         with pytest.raises(ValueError, match=f"^MAMLRL.evaluate: {message}"):
             algorithm.evaluate(num_steps=1, **kwargs)
     assert np.all(np.isfinite(algorithm.evaluate(num_tasks=2, num_steps=1)))
+
+
+# -- sampling by steps (the original code's samplers) --------------------------------------------
+
+
+def test_step_budget_keeps_the_episodes_a_sequential_sampler_collects():
+    rng = np.random.default_rng(0)
+    num_tasks, slots, horizon, budget = 6, 12, 9, 30
+    lengths = rng.integers(1, horizon + 1, size=(num_tasks, slots))
+    mask = (np.arange(horizon) < lengths[..., None]).astype(np.float32)
+    rewards = rng.normal(size=mask.shape).astype(np.float32) * mask
+    obs = np.zeros(mask.shape + (2,), np.float32)
+    kept = rl.keep_within_budget(Trajectories(obs, obs, rewards, mask), budget)
+    kept_mask = kept.mask.numpy()
+    # The reference: episodes one after another until the budget is spent, the last finished.
+    for task in range(num_tasks):
+        steps, expected = 0, []
+        for j in range(slots):
+            if steps >= budget:
+                break
+            expected.append(j)
+            steps += lengths[task, j]
+        np.testing.assert_array_equal(np.flatnonzero(kept_mask[task, :, 0]), expected)
+        np.testing.assert_array_equal(kept_mask[task, expected], mask[task, expected])
+        assert not kept_mask[task, len(expected):].any()
+        np.testing.assert_allclose(
+            rl.average_return(kept, per_task=True)[task],
+            rewards[task, expected].sum(-1).mean(), rtol=1e-6)
+    np.testing.assert_allclose(rl.average_return(kept),
+                               np.mean(rl.average_return(kept, per_task=True)), rtol=1e-6)
+
+
+def _one_step_policy(goal):
+    """A policy whose mean moves straight onto `goal` (normalized actions) in one step."""
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(2)])
+    model.layers[0].set_weights([np.zeros((2, 2)), np.asarray(goal) / 0.1])
+    policy = GaussianPolicy(model)
+    policy.log_std.assign(tf.fill([2], -20.0))
+    return policy
+
+
+def test_sampling_by_steps_fills_the_budget_with_episodes_that_end_early():
+    goals = tf.fill([3, 2], 0.05)
+    policy = _one_step_policy([0.05, 0.05])
+    weights = core.broadcast_to_tasks(policy.variables, 3)
+    seed = tf.constant([1, 2], tf.int64)
+    counts = {}
+    for radius in (0.01, None):
+        env = Navigation2D(horizon=20, goal_radius=radius, normalized_actions=True)
+        for by_steps in (False, True):
+            algorithm = MAMLRL(env, policy, meta_batch_size=3, fast_batch_size=2,
+                               sample_by_steps=by_steps)
+            batch = algorithm.sample_batch(weights, goals, seed)
+            counts[radius, by_steps] = batch.mask[..., 0].numpy().sum(-1)
+            steps = batch.mask.numpy().sum((1, 2))
+            if radius is None:     # episodes never end early: the same 2 × 20 steps
+                np.testing.assert_array_equal(steps, 40)
+    # At the goal after one step: 2 one-step episodes, or by steps the most that fit, 4 × 2.
+    np.testing.assert_array_equal(counts[0.01, False], 2)
+    np.testing.assert_array_equal(counts[0.01, True], 8)
+    np.testing.assert_array_equal(counts[None, True], 2)
+
+
+def test_packed_losses_and_meta_gradients_equal_the_unpacked_ones():
+    keras.utils.set_random_seed(3)
+    model = keras.Sequential([keras.Input((2,), dtype="float64"),
+                              keras.layers.Dense(8, activation="tanh", dtype="float64"),
+                              keras.layers.Dense(2, dtype="float64")])
+    env = Navigation2D(horizon=12, goal_radius=0.08, normalized_actions=True, dtype=tf.float64)
+    algorithm = MAMLRL(env, model, meta_batch_size=3, fast_batch_size=3, inner_lr=0.5,
+                       sample_by_steps=True)
+    algorithm.policy.log_std.assign(tf.fill([2], tf.constant(-1.5, tf.float64)))   # short episodes
+    params = [tf.convert_to_tensor(v) for v in algorithm.meta_variables]
+    tasks = tf.constant([[0.1, 0.1], [-0.1, 0.05], [0.4, -0.4]], tf.float64)
+    meta_batch = algorithm.sample(params, tasks, tf.constant([3, 4], tf.int64))
+    lengths = meta_batch.valid.mask.numpy().sum(-1)
+    assert (lengths[lengths > 0] < 12).any(), lengths        # some episodes ended early
+    assert meta_batch.valid.mask.shape[1] == 12               # 4 × 3 slots, ...
+    assert algorithm.max_valid_steps() == 4 * 12 - 1          # ... packed to (3 + 1) · 12 − 1
+
+    rng = np.random.default_rng(0)
+    # Away from θ, where the surrogate (normalized advantages) would be about 0.
+    moved = [p + 0.05 * rng.normal(size=p.shape) for p in params]
+
+    def value_and_grads():
+        objective = algorithm.outer_objective(meta_batch)
+        with tf.GradientTape() as tape:
+            tape.watch(moved)
+            loss = objective(moved)[0]
+        return loss, tape.gradient(loss, moved)
+
+    packed_loss, packed = value_and_grads()
+    algorithm.sample_by_steps = False      # the same episodes, every slot's steps
+    loss, grads = value_and_grads()
+    assert abs(float(loss)) > 1e-3
+    np.testing.assert_allclose(packed_loss, loss, rtol=1e-12)
+    for a, b in zip(packed, grads):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-14)

@@ -56,7 +56,8 @@ SUPERVISED_OPTIONS = ("data_dir", "n_way", "image_size", "image_channels", "clas
                       "omniglot_split", "split_seed", "augment_rotations", "k_shot", "k_query",
                       "train_k_shot", "transductive", "transductive_support")
 TRPO_OPTIONS = ("max_kl", "cg_iterations", "cg_damping", "backtrack_ratio", "max_backtracks")
-RL_OPTIONS = ("fast_batch_size", "eval_fast_batch_size", "horizon", "outer_optimizer", "max_kl",
+RL_OPTIONS = ("fast_batch_size", "eval_fast_batch_size", "horizon", "sample_by_steps",
+              "outer_optimizer", "max_kl",
               "cg_iterations", "cg_damping", "backtrack_ratio", "max_backtracks", "gamma",
               "gae_lambda", "eval_step_size_decay", "policy_output")
 
@@ -266,6 +267,12 @@ class Config:
             steps, 40 episodes of 100).
         horizon: RL: steps per episode (0: the environment's, 100 for
             navigation2d, 200 for HalfCheetah).
+        sample_by_steps: RL: each sampling collects `fast_batch_size ×
+            horizon` environment steps per task (in evaluation
+            `eval_fast_batch_size × horizon`) instead of that many episodes,
+            as the original code's samplers: episodes that end early (at the
+            goal, `goal_radius`) leave room for more, up to 4× as many.
+            Evaluation samples every run of its table (baseline, oracle) so.
         outer_optimizer: RL: "trpo" (the paper's) or "adam" (with `meta_lr`)
             for the meta-update.
         max_kl: RL, TRPO: the trust region δ on the mean KL.
@@ -356,6 +363,7 @@ class Config:
     fast_batch_size: int = 20
     eval_fast_batch_size: int = 0
     horizon: int = 0
+    sample_by_steps: bool = False
     outer_optimizer: str = "trpo"
     max_kl: float = 0.01
     cg_iterations: int = 10

@@ -39,7 +39,8 @@ flags.DEFINE_string("output_dir", None, "Where results and plots go (default: --
                     "with --saved_model, nowhere: the table is printed).")
 OVERRIDABLE = ("num_eval_steps", "num_eval_tasks", "inner_lr", "transductive",
                "transductive_support", "data_dir", "cache_dir", "eval_step_size_decay",
-               "eval_fast_batch_size", "eval_inner_batch_size", "original_test_goals")
+               "eval_fast_batch_size", "eval_inner_batch_size", "original_test_goals",
+               "sample_by_steps")
 WHERE_THE_DATA_IS = ("data_dir", "cache_dir")  # overrides that leave the protocol as it is
 cli.define_config_flags(OVERRIDABLE)
 # The config's flags are defined in tf_maml.cli: --help lists them as this command's own.

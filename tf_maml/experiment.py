@@ -123,7 +123,8 @@ def _build_rl_experiment(config, simulate=True):
         gamma=config.gamma, gae_lambda=config.gae_lambda, outer=config.outer_optimizer,
         max_kl=config.max_kl, cg_iterations=config.cg_iterations, cg_damping=config.cg_damping,
         backtrack_ratio=config.backtrack_ratio, max_backtracks=config.max_backtracks,
-        meta_lr=config.meta_lr, horizon=config.horizon or None, seed=config.seed)
+        meta_lr=config.meta_lr, horizon=config.horizon or None, seed=config.seed,
+        sample_by_steps=config.sample_by_steps)
     return Experiment(config, env, None, model, algorithm.forward, None, None, "return",
                       algorithm)
 

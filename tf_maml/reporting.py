@@ -509,6 +509,8 @@ def _evaluate_rl(model_dir, baseline_dir, output_dir, experiment, step, oracle_d
     for run, _ in runs.values():
         run.algorithm.env = (rl.GoalObserved(base_env) if run.config.goal_observed
                              else base_env)
+        # One sampling protocol for every row of the table: the evaluated run's.
+        run.algorithm.sample_by_steps = config.sample_by_steps
     if config.original_test_goals:
         tasks = base_env.original_test_goals(config.num_eval_tasks)
     else:
@@ -538,6 +540,7 @@ def _evaluate_rl(model_dir, baseline_dir, output_dir, experiment, step, oracle_d
     if oracle_run is not None:   # the trained oracle: sees the goal, never adapts
         oracle, oracle_step = oracle_run
         oracle.algorithm.env = rl.GoalObserved(base_env)
+        oracle.algorithm.sample_by_steps = config.sample_by_steps
         logging.info("evaluating the trained oracle (step %d)", oracle_step)
         returns = oracle.algorithm.evaluate(TEST_SEED, tasks=tasks, num_steps=0,
                                             num_trajectories=episodes, per_task=True)
@@ -548,14 +551,18 @@ def _evaluate_rl(model_dir, baseline_dir, output_dir, experiment, step, oracle_d
     steps_text = ("no gradient step" if num_steps == 0 else
                   "step sizes " + ", ".join(f"{s:g}" for s in sizes[:num_steps]))
     which = "the original test scripts' " if config.original_test_goals else ""
+    sampled = (f"{episodes * algorithm.horizon} steps (episodes ending early make room for "
+               f"more)" if config.sample_by_steps else
+               f"{episodes} episodes x {algorithm.horizon} steps")
     print(f"\naverage return on {which}{config.num_eval_tasks} held-out {config.dataset} goals "
-          f"({episodes} episodes x {algorithm.horizon} steps per gradient step, "
+          f"({sampled} per gradient step, "
           f"{steps_text}), mean ± 95% CI:\n{table}\n"
           f"{_non_finite_note(RL_METRIC, results)}")
     extra = {"num_tasks": config.num_eval_tasks, "inner_lr": config.inner_lr,
              "step_sizes": sizes[:num_steps], "algorithm": config.algorithm,
              "dataset": config.dataset, "fast_batch_size": config.fast_batch_size,
              "eval_fast_batch_size": episodes,
+             "sample_by_steps": config.sample_by_steps,
              "horizon": algorithm.horizon, "outer_optimizer": config.outer_optimizer,
              "original_test_goals": config.original_test_goals,
              "goals": np.asarray(tasks, np.float64).round(6).tolist(),

@@ -28,13 +28,15 @@ from tf_maml.rl.maml_rl import MAMLRL, MetaBatch
 from tf_maml.rl.navigation import Navigation2D
 from tf_maml.rl.objectives import reinforce_loss, surrogate_and_kl
 from tf_maml.rl.policy import GaussianPolicy, gaussian_mlp_policy, kl_divergence, log_prob
-from tf_maml.rl.sampler import Trajectories, average_return, sample_trajectories
+from tf_maml.rl.sampler import (Trajectories, average_return, keep_within_budget,
+                                 sample_trajectories)
 from tf_maml.rl.trpo import conjugate_gradient, line_search, second_order, trpo_step
 
 __all__ = [
     "MAMLRL", "MetaBatch", "Navigation2D", "HalfCheetahGoals", "GoalObserved", "GaussianPolicy",
     "gaussian_mlp_policy", "log_prob",
-    "kl_divergence", "Trajectories", "sample_trajectories", "average_return", "discount_cumsum",
+    "kl_divergence", "Trajectories", "sample_trajectories", "keep_within_budget", "average_return",
+    "discount_cumsum",
     "discounted_returns", "gae_advantages", "fit_linear_baseline", "predict_linear_baseline",
     "normalize_advantages", "process_trajectories", "reinforce_loss", "surrogate_and_kl",
     "conjugate_gradient", "line_search", "second_order", "trpo_step",

@@ -122,6 +122,8 @@ class HalfCheetahGoals:
     """
 
     action_dim = 6
+    # Episodes last the horizon (an unstable simulation stops the run instead).
+    ends_early = False
 
     def __init__(self, task="velocity", horizon=200, frame_skip=1, velocity_low=0.0,
                  velocity_high=2.0, control_cost=0.05, rllab_halfcheetah=False,

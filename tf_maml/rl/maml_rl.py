@@ -110,6 +110,13 @@ class MAMLRL:
             log-std initialized to 0).
         meta_batch_size: tasks per meta-iteration (paper: 20 for navigation).
         fast_batch_size: episodes per task and per sampling (paper: 20).
+        sample_by_steps: collect `fast_batch_size × horizon` environment steps
+            per task and sampling instead of `fast_batch_size` episodes, as
+            the original code's samplers: where episodes end early (at the
+            goal), more of them fit, up to `max_episodes_factor ×
+            fast_batch_size` (4×). The same for evaluation's episodes per
+            step. Environments whose episodes never end early (an
+            `ends_early` attribute that is False) sample as without it.
         inner_lr: the inner step size α (the MAML paper's text gives 0.1 for
             navigation; the original launch script uses 0.5).
         num_inner_steps: inner policy-gradient steps, each on episodes
@@ -148,12 +155,15 @@ class MAMLRL:
     """
 
     name = "maml_rl"
+    # With sample_by_steps: the most episodes per task and sampling, in units of the
+    # episodes the step budget holds at full length.
+    max_episodes_factor = 4
 
     def __init__(self, env, policy, meta_batch_size=20, fast_batch_size=20, inner_lr=0.1,
                  num_inner_steps=1, first_order=False, gamma=0.99, gae_lambda=1.0,
                  baseline_reg=1e-5, normalize_advantages=True, outer="trpo", max_kl=0.01,
                  cg_iterations=10, cg_damping=1e-5, backtrack_ratio=0.8, max_backtracks=15,
-                 meta_lr=1e-3, horizon=None, seed=0):
+                 meta_lr=1e-3, horizon=None, seed=0, sample_by_steps=False):
         if outer not in ("trpo", "adam"):
             raise ValueError(f"outer must be 'trpo' or 'adam', got {outer!r}")
         _check_sizes(meta_batch_size=(meta_batch_size, 1), fast_batch_size=(fast_batch_size, 1),
@@ -186,6 +196,7 @@ class MAMLRL:
         self.meta_lr = meta_lr
         self.horizon = int(env.horizon if horizon is None else horizon)
         self.seed = int(seed)
+        self.sample_by_steps = bool(sample_by_steps)
         self._evaluators = {}
         # Checkpointed beside the model (as the supervised algorithms' `state`).
         self.state = tf.Module(name=f"{self.name}_state")
@@ -251,12 +262,36 @@ class MAMLRL:
         return process_trajectories(trajectories, self.gamma, self.gae_lambda, self.baseline_reg,
                                     self.normalize_advantages)
 
+    def _by_steps(self):
+        return self.sample_by_steps and getattr(self.env, "ends_early", True)
+
+    def max_valid_steps(self, num_trajectories=None):
+        """The most valid steps per task of a sampling (None: no step budget; see `flatten_time`).
+
+        A step budget of n × H keeps episodes that begin before it is spent:
+        at most n·H − 1 + H steps.
+        """
+        if not self._by_steps():
+            return None
+        num_trajectories = self.fast_batch_size if num_trajectories is None else num_trajectories
+        return (num_trajectories + 1) * self.horizon - 1
+
     def sample_batch(self, weights, tasks, seed, num_trajectories=None):
-        """Episodes of every task with task-batched `weights`, with advantages."""
-        trajectories = sample_trajectories(
-            self.env, self.policy, weights, tasks,
-            self.fast_batch_size if num_trajectories is None else num_trajectories, seed,
-            self.horizon)
+        """Episodes of every task with task-batched `weights`, with advantages.
+
+        `num_trajectories` (default `fast_batch_size`) episodes per task, or
+        with `sample_by_steps` as many as `num_trajectories × horizon` steps
+        hold (at most `max_episodes_factor` times as many).
+        """
+        num_trajectories = self.fast_batch_size if num_trajectories is None else num_trajectories
+        if self._by_steps():
+            trajectories = sample_trajectories(
+                self.env, self.policy, weights, tasks,
+                num_trajectories * self.max_episodes_factor, seed, self.horizon,
+                max_steps=num_trajectories * self.horizon)
+        else:
+            trajectories = sample_trajectories(self.env, self.policy, weights, tasks,
+                                               num_trajectories, seed, self.horizon)
         return self.process(trajectories)
 
     def sample_adapting(self, params, tasks, seed, num_steps, update, num_trajectories=None):
@@ -280,7 +315,8 @@ class MAMLRL:
                                       tf.random.experimental.stateless_fold_in(seed, step),
                                       num_trajectories)
             batches.append(batch)
-            return objectives.reinforce_loss(self.policy, batch)(weights, step)
+            return objectives.reinforce_loss(
+                self.policy, batch, self.max_valid_steps(num_trajectories))(weights, step)
 
         adapted, _ = core.adapt(sampling_loss, weights, num_steps, update, first_order=True)
         adapted = [tf.stop_gradient(w) for w in adapted]
@@ -295,7 +331,8 @@ class MAMLRL:
                                                 self.inner_update())
         return MetaBatch(tasks, batches[:-1], batches[-1], adapted)
 
-    def adapt(self, params, train, first_order=None, num_tasks=None, inner_lr=None):
+    def adapt(self, params, train, first_order=None, num_tasks=None, inner_lr=None,
+              max_valid_steps=None):
         """Adapts θ (`params`, differentiably) on fixed training episodes; returns adapted weights.
 
         One REINFORCE step per entry of `train` (processed `Trajectories`),
@@ -308,12 +345,16 @@ class MAMLRL:
             first_order: hold the inner gradients constant (default: the run's).
             num_tasks: tasks (default: read from `train`).
             inner_lr: the step size (default: the run's α); a float or scalar tensor.
+            max_valid_steps: a bound on each task's valid steps in `train`,
+                which are then packed (see `objectives.flatten_time`); None
+                uses every step.
         """
         first_order = self.first_order if first_order is None else first_order
         if num_tasks is None:
             num_tasks = tf.shape(train[0].mask)[0]
         weights = core.broadcast_to_tasks(params, num_tasks)
-        adapted, _ = core.adapt(objectives.reinforce_loss(self.policy, train), weights,
+        adapted, _ = core.adapt(objectives.reinforce_loss(self.policy, train, max_valid_steps),
+                                weights,
                                 len(train), self.inner_update(inner_lr), first_order)
         return adapted
 
@@ -330,13 +371,14 @@ class MAMLRL:
             θ' = adapt(θ) (second order unless `first_order`) and π_old the
             policies that sampled them; `aux` holds the per-task surrogate.
         """
-        valid = objectives.flatten_time(meta_batch.valid)
+        valid = objectives.flatten_time(meta_batch.valid, self.max_valid_steps())
         old_mean, old_log_std = self.policy.distribution(meta_batch.adapted, valid.observations)
         old_mean, old_log_std = tf.stop_gradient(old_mean), tf.stop_gradient(old_log_std)
 
         def objective(params):
             adapted = self.adapt(list(params), meta_batch.train, first_order,
-                                 tf.shape(meta_batch.tasks)[0])
+                                 tf.shape(meta_batch.tasks)[0],
+                                 max_valid_steps=self.max_valid_steps())
             surrogate, kl = objectives.surrogate_and_kl(self.policy, adapted, valid, old_mean,
                                                         old_log_std)
             return tf.reduce_mean(surrogate), tf.reduce_mean(kl), {"task_surrogate": surrogate}
@@ -467,7 +509,7 @@ class MAMLRL:
         check_positive_ints("MAMLRL.evaluate", num_trajectories=num_trajectories,
                             **({"num_tasks": num_tasks} if tasks is None else {}))
         sizes = tuple(float(s) for s in self.step_sizes(num_steps, step_sizes))
-        key = (num_steps, sizes, int(num_trajectories), bool(per_task))
+        key = (num_steps, sizes, int(num_trajectories), bool(per_task), self._by_steps())
         if key not in self._evaluators:
             update = self.inner_update(tf.constant(sizes, self.policy.dtype), per_step=True)
 
@@ -476,10 +518,7 @@ class MAMLRL:
                 params = [tf.convert_to_tensor(v) for v in self.meta_variables]
                 batches, _ = self.sample_adapting(params, tasks, seed, num_steps, update,
                                                   num_trajectories)
-                if per_task:
-                    return tf.stack([tf.reduce_mean(tf.reduce_sum(b.rewards * b.mask, -1), -1)
-                                     for b in batches])
-                return tf.stack([average_return(b) for b in batches])
+                return tf.stack([average_return(b, per_task) for b in batches])
 
             self._evaluators[key] = run
         if tasks is None:

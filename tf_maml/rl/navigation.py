@@ -83,6 +83,11 @@ class Navigation2D:
         self.dtype = tf.as_dtype(dtype)
 
     @property
+    def ends_early(self):
+        """Whether an episode can end before the horizon (with `goal_radius`)."""
+        return self.goal_radius is not None
+
+    @property
     def action_bound(self):
         """The largest useful policy action per coordinate: 1 if normalized, else `max_action`."""
         return 1.0 if self.normalized_actions else self.max_action

@@ -18,17 +18,37 @@ def masked_task_mean(values, mask):
             / tf.maximum(tf.reduce_sum(mask, axes), tf.ones([], mask.dtype)))
 
 
-def flatten_time(trajectories):
-    """`Trajectories` with `[T, B, H, ...]` fields reshaped to `[T, B·H, ...]`."""
+def flatten_time(trajectories, max_valid_steps=None):
+    """`Trajectories` with `[T, B, H, ...]` fields reshaped to `[T, B·H, ...]`.
+
+    Args:
+        trajectories: `Trajectories`.
+        max_valid_steps: None, or a bound on each task's valid steps: they are
+            then gathered first, in order, and the fields cut to
+            `[T, max_valid_steps, ...]`, so that the losses cost what the
+            valid steps do (a step budget's many mostly empty trajectory slots,
+            `MAMLRL(sample_by_steps=True)`). Valid steps beyond it are dropped.
+
+    Returns:
+        The flattened `Trajectories`.
+    """
     def flat(x):
         if x is None:
             return None
         shape = tf.shape(x)
         return tf.reshape(x, tf.concat([shape[:1], [-1], shape[3:]], 0))
-    return type(trajectories)(*[flat(x) for x in trajectories])
+    flat_trajectories = type(trajectories)(*[flat(x) for x in trajectories])
+    if max_valid_steps is None:
+        return flat_trajectories
+    # Valid steps (mask 1) first; a stable sort keeps their order.
+    order = tf.argsort(-flat_trajectories.mask, axis=1, stable=True)[:, :max_valid_steps]
+
+    def gather(x):
+        return None if x is None else tf.gather(x, order, axis=1, batch_dims=1)
+    return type(trajectories)(*[gather(x) for x in flat_trajectories])
 
 
-def reinforce_loss(policy, trajectories):
+def reinforce_loss(policy, trajectories, max_valid_steps=None):
     """The REINFORCE task loss closure: `−mean(log π(a|s) · A)` per task over valid steps.
 
     Args:
@@ -36,6 +56,7 @@ def reinforce_loss(policy, trajectories):
         trajectories: processed `Trajectories` (with advantages), or a list of
             them, one per inner step (step `s` reads entry `s`: data sampled
             with the policy after `s` steps).
+        max_valid_steps: see `flatten_time` (the same for every entry).
 
     Returns:
         `task_loss(weights, step) -> [num_tasks]` for `tf_maml.core.adapt`
@@ -54,7 +75,7 @@ def reinforce_loss(policy, trajectories):
     """
     batches = list(trajectories) if isinstance(trajectories, (list, tuple)) and not hasattr(
         trajectories, "_fields") else [trajectories]
-    batches = [flatten_time(b) for b in batches]
+    batches = [flatten_time(b, max_valid_steps) for b in batches]
 
     def task_loss(weights, step):
         if not isinstance(step, int):

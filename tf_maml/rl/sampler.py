@@ -5,7 +5,7 @@ import inspect
 
 import tensorflow as tf
 
-__all__ = ["Trajectories", "sample_trajectories", "average_return"]
+__all__ = ["Trajectories", "sample_trajectories", "keep_within_budget", "average_return"]
 
 RESET_SEED_SALT = 0x5EED
 
@@ -26,7 +26,8 @@ class Trajectories(collections.namedtuple(
     """
 
 
-def sample_trajectories(env, policy, weights, tasks, num_trajectories, seed, horizon=None):
+def sample_trajectories(env, policy, weights, tasks, num_trajectories, seed, horizon=None,
+                        max_steps=None):
     """Rolls out `num_trajectories` episodes per task with each task's policy, in a graph loop.
 
     One `tf.while_loop` over time steps every trajectory of every task
@@ -46,6 +47,13 @@ def sample_trajectories(env, policy, weights, tasks, num_trajectories, seed, hor
         seed: `[2]` integer tensor for the action noise (and, folded, the
             environment's initial states).
         horizon: steps per episode (default `env.horizon`).
+        max_steps: None, or a budget of environment steps per task, as rllab's
+            samplers collect: episodes are kept in order while the steps of
+            the kept ones before them total less than `max_steps` (the last
+            one is finished), so episodes that end early leave room for more;
+            `num_trajectories` is then the most episodes a task can get. The
+            trajectories beyond the budget are all masked out (see
+            `keep_within_budget`).
 
     Returns:
         `Trajectories` (without advantages). An episode that ends (`done`) at
@@ -99,10 +107,50 @@ def sample_trajectories(env, policy, weights, tasks, num_trajectories, seed, hor
         value = ta.stack()
         return tf.transpose(value, [1, 2, 0] + list(range(3, 3 + trailing)))
 
-    return Trajectories(batch_major(observations, 1), batch_major(actions, 1),
-                        batch_major(rewards, 0), batch_major(masks, 0))
+    trajectories = Trajectories(batch_major(observations, 1), batch_major(actions, 1),
+                                batch_major(rewards, 0), batch_major(masks, 0))
+    return trajectories if max_steps is None else keep_within_budget(trajectories, max_steps)
 
 
-def average_return(trajectories):
-    """The undiscounted return averaged over tasks and trajectories (a scalar)."""
-    return tf.reduce_mean(tf.reduce_sum(trajectories.rewards * trajectories.mask, -1))
+def keep_within_budget(trajectories, max_steps):
+    """Masks out each task's episodes after its first `max_steps` environment steps.
+
+    Episode j of a task is kept when the steps of episodes 0..j−1 total less
+    than `max_steps`: the episodes a sampler that collects `max_steps` steps
+    one episode after another, finishing the one under way, would have
+    collected (rllab's `BatchSampler`, which the original MAML code used).
+
+    Args:
+        trajectories: `Trajectories` `[T, B, H, ...]`, episodes in sampling order.
+        max_steps: the step budget per task (an int or integer scalar).
+
+    Returns:
+        The `Trajectories` with the dropped episodes' mask and rewards zero
+        (every one of their steps invalid).
+    """
+    mask = trajectories.mask
+    lengths = tf.reduce_sum(mask, -1)                                    # [T, B]
+    before = tf.cumsum(lengths, axis=1, exclusive=True)
+    keep = tf.cast(before < tf.cast(max_steps, mask.dtype), mask.dtype)[..., None]
+    return trajectories._replace(mask=mask * keep, rewards=trajectories.rewards * keep)
+
+
+def average_return(trajectories, per_task=False):
+    """The undiscounted episode return averaged over each task's episodes, then over tasks.
+
+    An episode is a trajectory whose first step is valid: trajectories masked
+    out entirely (beyond a step budget, see `keep_within_budget`) are not
+    counted.
+
+    Args:
+        trajectories: `Trajectories`.
+        per_task: return each task's average `[T]` instead of the mean over tasks.
+
+    Returns:
+        A scalar, or `[T]` with `per_task`.
+    """
+    returns = tf.reduce_sum(trajectories.rewards * trajectories.mask, -1)   # [T, B]
+    episodes = trajectories.mask[..., 0]
+    per = (tf.reduce_sum(returns * episodes, -1)
+           / tf.maximum(tf.reduce_sum(episodes, -1), tf.ones([], episodes.dtype)))
+    return per if per_task else tf.reduce_mean(per)
