@@ -108,7 +108,8 @@ def main(argv):
         config.num_inner_steps + 1)
     order = "first" if config.first_order else "second"
     print(f"MAML-{config.outer_optimizer.upper()} {config.dataset} ({order} order): meta-batch "
-          f"{config.meta_batch_size}, {config.fast_batch_size} episodes x {horizon} steps, "
+          f"{config.meta_batch_size}, {config.fast_batch_size} episodes x {horizon} steps"
+          f"{' (sampled by steps: 4x the episode slots)' if config.sample_by_steps else ''}, "
           f"{config.num_inner_steps} inner step(s), inner_lr {config.inner_lr}; "
           f"{os.cpu_count()} CPU cores visible; median of {FLAGS.repeats}")
     print(f"  first iteration (trace + run): {trace_full:.1f} s")

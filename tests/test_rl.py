@@ -577,3 +577,22 @@ def test_packed_losses_and_meta_gradients_equal_the_unpacked_ones():
     np.testing.assert_allclose(packed_loss, loss, rtol=1e-12)
     for a, b in zip(packed, grads):
         np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-14)
+
+
+def test_sampling_by_steps_fills_each_tasks_budget_as_the_original_samplers():
+    keras.utils.set_random_seed(1)
+    env = Navigation2D(horizon=10, goal_radius=0.05, normalized_actions=True)
+    policy = _one_step_policy([0.1, 0.1])
+    policy.log_std.assign(tf.fill([2], -0.7))    # near the goals, some episodes end there
+    algorithm = MAMLRL(env, policy, meta_batch_size=4, fast_batch_size=5, sample_by_steps=True)
+    goals = tf.constant([[0.1, 0.1], [0.12, 0.08], [0.2, 0.2], [0.4, -0.3]])
+    weights = core.broadcast_to_tasks(policy.variables, 4)
+    batch = algorithm.sample_batch(weights, goals, tf.constant([5, 6], tf.int64))
+    mask = batch.mask.numpy()
+    episodes, steps = mask[..., 0].sum(-1), mask.sum((1, 2))
+    assert episodes.max() > 5 and episodes.max() < 20, episodes   # more episodes, cap not hit
+    # Every task's budget of 5 x 10 steps is filled, and exceeded by less than an episode.
+    assert np.all(steps >= 50) and np.all(steps <= algorithm.max_valid_steps()), steps
+    # The kept episodes are the first ones (sampling order); the rest are empty slots.
+    for task in range(4):
+        np.testing.assert_array_equal(mask[task, :, 0], np.arange(20) < episodes[task])

@@ -13,7 +13,7 @@ import tensorflow as tf
 
 from tf_maml import config as config_lib
 from tf_maml import experiment as experiment_lib
-from tf_maml import reporting, serving, trainer
+from tf_maml import reporting, rl, serving, trainer
 from tf_maml.rl import MAMLRL, Navigation2D, gaussian_mlp_policy
 from tf_maml.rl import serving as rl_serving
 
@@ -430,3 +430,35 @@ def test_an_export_whose_limits_refuse_the_runs_own_episodes_is_refused(tmp_path
         rl_serving.export_policy(experiment, str(tmp_path / "export"), 1,
                                  limits={"max_horizon": 10})
     assert not (tmp_path / "export").exists()
+
+
+def test_sample_by_steps_reaches_the_run_and_every_row_of_its_evaluation(tmp_path, monkeypatch):
+    tiny = dict(TINY, goal_radius=0.3, normalized_actions=True)
+    maml_dir, base_dir = str(tmp_path / "maml"), str(tmp_path / "pretrained")
+    trainer.train(config_lib.Config(dataset="navigation2d", num_iterations=1,
+                                    sample_by_steps=True, **tiny), maml_dir)
+    trainer.train(config_lib.Config(dataset="navigation2d", num_iterations=1, num_inner_steps=0,
+                                    **tiny), base_dir)
+    experiment, _ = experiment_lib.restore(maml_dir)
+    assert experiment.algorithm.sample_by_steps
+    assert experiment.algorithm.max_valid_steps() == (2 + 1) * 5 - 1
+    seen = []
+    evaluate = rl.MAMLRL.evaluate
+
+    def recording(self, *args, **kwargs):
+        seen.append(self.max_valid_steps(kwargs.get("num_trajectories")) is not None)
+        return evaluate(self, *args, **kwargs)
+
+    monkeypatch.setattr(rl.MAMLRL, "evaluate", recording)
+    for by_steps in (None, False):    # the run's own setting, then overridden
+        seen.clear()
+        out = tmp_path / f"eval_{by_steps}"
+        overrides = {} if by_steps is None else {"sample_by_steps": by_steps}
+        reporting.evaluate_and_report(maml_dir, baseline_dir=base_dir, output_dir=str(out),
+                                      **overrides)
+        expected = by_steps is None
+        # The run, the baseline (trained by episodes) and the random init: one protocol.
+        assert seen == [expected] * 3, seen
+        assert json.load(open(out / reporting.RESULTS_FILENAME))["sample_by_steps"] == expected
+    with pytest.raises(ValueError, match="sample_by_steps is for episodes that can end early"):
+        config_lib.Config(dataset="navigation2d", sample_by_steps=True).validate()

@@ -89,7 +89,8 @@ _HELP = {
     "checkpoint_every": "Steps between checkpoints.",
     "validate_every": "Steps between validations on held-out tasks (0: never).",
     "num_eval_tasks": "Held-out tasks for evaluation.",
-    "fast_batch_size": "RL: episodes per task and per sampling.",
+    "fast_batch_size": "RL: episodes per task and per sampling (with --sample_by_steps: that "
+                       "many full-length episodes' worth of steps).",
     "eval_fast_batch_size": "RL evaluation: episodes per task and gradient step (0: "
                             "fast_batch_size; the original evaluations sampled 4000 steps: 40 "
                             "navigation or 20 HalfCheetah episodes' worth, more episodes where "

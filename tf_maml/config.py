@@ -84,6 +84,10 @@ def ignored_options(values):
     if rl:
         ignored.update({name: "supervised datasets"
                         for name in SUPERVISED_OPTIONS + ("meta_gradient_clip",)})
+        if (values.get("dataset", defaults.dataset) != "navigation2d"
+                or not values.get("goal_radius", defaults.goal_radius)):
+            ignored["sample_by_steps"] = ("episodes that can end early (navigation2d with "
+                                          "goal_radius)")
         if values.get("outer_optimizer", defaults.outer_optimizer) == "trpo":
             ignored["meta_lr"] = "outer_optimizer=adam (TRPO's step size is max_kl)"
         else:
@@ -261,7 +265,8 @@ class Config:
         checkpoint_every: steps between checkpoints.
         validate_every: steps between validation on held-out tasks (0: never).
         num_eval_tasks: held-out tasks for evaluation.
-        fast_batch_size: RL: episodes per task and per sampling (paper: 20).
+        fast_batch_size: RL: episodes per task and per sampling (paper: 20;
+            with `sample_by_steps`, that many full-length episodes' steps).
         eval_fast_batch_size: RL evaluation: episodes per task and gradient
             step (0: `fast_batch_size`; the original evaluation sampled 4000
             steps, 40 episodes of 100).
@@ -464,6 +469,8 @@ class Config:
                 where = f"algorithm={self.algorithm}"
             elif name == "meta_lr" or name in TRPO_OPTIONS and self.is_rl:
                 where = f"outer_optimizer={self.outer_optimizer}"
+            elif name == "sample_by_steps" and self.dataset == "navigation2d":
+                where = "goal_radius=0: episodes last the horizon"
             else:
                 where = f"dataset {self.dataset}"
             need(getattr(self, name) == getattr(defaults, name),

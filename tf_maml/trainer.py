@@ -956,9 +956,11 @@ def _train_rl(config, model_dir, run_log):
             f"MAML-RL ({config.num_inner_steps} inner step(s), "
             f"{'first' if config.first_order else 'second'} order)")
     logging.info("Meta-training %s on %s with %s: %d iterations, meta-batch %d x %d episodes "
-                 "x %d steps, XLA: %s", what, config.dataset, config.outer_optimizer.upper(),
+                 "x %d steps%s, XLA: %s", what, config.dataset, config.outer_optimizer.upper(),
                  config.num_iterations, config.meta_batch_size, config.fast_batch_size,
-                 algorithm.horizon, jit)
+                 algorithm.horizon,
+                 " (sampled by steps: episodes ending early make room for more)"
+                 if config.sample_by_steps else "", jit)
     train_step = make_rl_train_step(algorithm, optimizer, step, jit_compile=jit)
     manager = tf.train.CheckpointManager(checkpoint, checkpoint_dir, max_to_keep=3)
     writer = tf.summary.create_file_writer(os.path.join(model_dir, "train"))

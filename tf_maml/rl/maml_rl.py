@@ -114,9 +114,15 @@ class MAMLRL:
             per task and sampling instead of `fast_batch_size` episodes, as
             the original code's samplers: where episodes end early (at the
             goal), more of them fit, up to `max_episodes_factor ×
-            fast_batch_size` (4×). The same for evaluation's episodes per
-            step. Environments whose episodes never end early (an
-            `ends_early` attribute that is False) sample as without it.
+            fast_batch_size`. The same for evaluation's episodes per step.
+            Environments whose episodes never end early (an `ends_early`
+            attribute that is False) sample as without it.
+        max_episodes_factor: with `sample_by_steps`, the most episodes per
+            task and sampling in units of the budget's full-length episodes
+            (the original had no cap; 4 binds once episodes average under a
+            quarter of the horizon: then the budget is not filled). Sampling,
+            baseline fit and returns run over every slot; the losses over
+            the valid steps alone.
         inner_lr: the inner step size α (the MAML paper's text gives 0.1 for
             navigation; the original launch script uses 0.5).
         num_inner_steps: inner policy-gradient steps, each on episodes
@@ -155,15 +161,13 @@ class MAMLRL:
     """
 
     name = "maml_rl"
-    # With sample_by_steps: the most episodes per task and sampling, in units of the
-    # episodes the step budget holds at full length.
-    max_episodes_factor = 4
 
     def __init__(self, env, policy, meta_batch_size=20, fast_batch_size=20, inner_lr=0.1,
                  num_inner_steps=1, first_order=False, gamma=0.99, gae_lambda=1.0,
                  baseline_reg=1e-5, normalize_advantages=True, outer="trpo", max_kl=0.01,
                  cg_iterations=10, cg_damping=1e-5, backtrack_ratio=0.8, max_backtracks=15,
-                 meta_lr=1e-3, horizon=None, seed=0, sample_by_steps=False):
+                 meta_lr=1e-3, horizon=None, seed=0, sample_by_steps=False,
+                 max_episodes_factor=4):
         if outer not in ("trpo", "adam"):
             raise ValueError(f"outer must be 'trpo' or 'adam', got {outer!r}")
         _check_sizes(meta_batch_size=(meta_batch_size, 1), fast_batch_size=(fast_batch_size, 1),
@@ -197,6 +201,8 @@ class MAMLRL:
         self.horizon = int(env.horizon if horizon is None else horizon)
         self.seed = int(seed)
         self.sample_by_steps = bool(sample_by_steps)
+        _check_sizes(max_episodes_factor=(max_episodes_factor, 1))
+        self.max_episodes_factor = int(max_episodes_factor)
         self._evaluators = {}
         # Checkpointed beside the model (as the supervised algorithms' `state`).
         self.state = tf.Module(name=f"{self.name}_state")
@@ -370,6 +376,8 @@ class MAMLRL:
             episodes, `kl` the mean over tasks of `mean KL(π_old ‖ π_θ')`, where
             θ' = adapt(θ) (second order unless `first_order`) and π_old the
             policies that sampled them; `aux` holds the per-task surrogate.
+            With `sample_by_steps`, the meta-batch must come from `sample`
+            (`fast_batch_size`'s step budget: the losses pack that many steps).
         """
         valid = objectives.flatten_time(meta_batch.valid, self.max_valid_steps())
         old_mean, old_log_std = self.policy.distribution(meta_batch.adapted, valid.observations)
@@ -492,7 +500,8 @@ class MAMLRL:
             num_tasks: tasks to sample when `tasks` is None.
             num_steps: gradient steps.
             step_sizes: the step size of each step (default α, then α/2).
-            num_trajectories: episodes per task and step (default `fast_batch_size`).
+            num_trajectories: episodes per task and step (default `fast_batch_size`;
+                with `sample_by_steps`, that many full-length episodes' steps).
             per_task: return every task's average return rather than the mean.
 
         Returns:

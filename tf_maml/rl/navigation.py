@@ -85,7 +85,7 @@ class Navigation2D:
     @property
     def ends_early(self):
         """Whether an episode can end before the horizon (with `goal_radius`)."""
-        return self.goal_radius is not None
+        return bool(self.goal_radius)
 
     @property
     def action_bound(self):
