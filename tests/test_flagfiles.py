@@ -70,14 +70,15 @@ RECIPES = {
                          num_inner_steps=5, num_eval_steps=32, inner_optimizer="sgd",
                          inner_lr=0.02, inner_batch_size=10, meta_step_size=0.1,
                          num_iterations=30000),
-    # Section 5.3: 2D navigation with MAML-TRPO (the original launch script's recipe).
-    "rl_navigation": dict(dataset="navigation2d", meta_batch_size=40, fast_batch_size=20,
+    # Section 5.3: 2D navigation with MAML-TRPO (the original code's recipe; meta-batch 20 of
+    # the checkpoint its evaluation loaded, chosen on validation goals).
+    "rl_navigation": dict(dataset="navigation2d", meta_batch_size=20, fast_batch_size=20,
                           horizon=100, inner_lr=0.5, outer_optimizer="trpo",
                           max_kl=0.01, cg_iterations=10, cg_damping=1e-5, backtrack_ratio=0.8,
                           max_backtracks=15, gamma=0.99, gae_lambda=1.0, num_eval_steps=3,
                           num_eval_tasks=40, eval_step_size_decay=0.5, num_iterations=100,
                           policy_output="linear", goal_radius=0.01, normalized_actions=True,
-                          eval_fast_batch_size=40),
+                          eval_fast_batch_size=40, sample_by_steps=True),
     # Section 5.3: HalfCheetah goal velocity / direction, the settings of the checkpoints the
     # original evaluation scripts loaded (velocity: fbs10_mbs40 itr 475; direction:
     # fbs20_mbs40_mlr0.02 itr 100).
