@@ -50,8 +50,8 @@ def test_rl_bench_builds_the_flagfiles_run_and_times_its_parts():
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     out = result.stdout
     # The flagfile's recipe with the command line's overrides, as the trainer builds it.
-    assert ("MAML-TRPO navigation2d (second order): meta-batch 2, 2 episodes x 100 steps, "
-            "1 inner step(s), inner_lr 0.5") in out
+    assert ("MAML-TRPO navigation2d (second order): meta-batch 2, 2 episodes x 100 steps "
+            "(sampled by steps: 4x the episode slots), 1 inner step(s), inner_lr 0.5") in out
     assert "(800 steps per iteration)" in out
     for part in ("meta-iteration:", "sampling alone:", "trpo step alone:"):
         assert part in out
