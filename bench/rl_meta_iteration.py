@@ -20,7 +20,9 @@ parts are also timed alone, each compiled on its own:
 Shares are each part's median over the full iteration's median; compiled on
 their own they need not add up to exactly 100%. Environment steps count every
 step of every episode up to the horizon (navigation masks the steps after an
-episode reaches its goal, but simulates them).
+episode reaches its goal, but simulates them); with `--sample_by_steps` they
+count the step budget, `fast_batch_size × horizon` per task, while 4× as many
+episode slots are simulated.
 """
 
 import os

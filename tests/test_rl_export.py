@@ -309,6 +309,12 @@ def test_export_cli_writes_a_versioned_policy(rl_export, tmp_path):
         assert wrong.returncode == 1 and "Traceback" not in wrong.stderr
         assert message in wrong.stderr, wrong.stderr
     assert os.listdir(tmp_path) == []
+    # Evaluating the export through its signatures names the policy first, whatever else
+    # was given (a protocol override would be refused for any export).
+    from tf_maml import reporting  # noqa: PLC0415
+    for overrides in ({}, {"sample_by_steps": False}):
+        with pytest.raises(ValueError, match="is a policy: evaluate its run with --model_dir"):
+            reporting.evaluate_export(path, **overrides)
 
 
 def test_policy_signatures_in_process_and_export_arguments(rl_export, tmp_path):

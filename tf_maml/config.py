@@ -469,8 +469,14 @@ class Config:
                 where = f"algorithm={self.algorithm}"
             elif name == "meta_lr" or name in TRPO_OPTIONS and self.is_rl:
                 where = f"outer_optimizer={self.outer_optimizer}"
-            elif name == "sample_by_steps" and self.dataset == "navigation2d":
-                where = "goal_radius=0: episodes last the horizon"
+            elif name == "sample_by_steps":
+                # Set by the navigation flagfile, so often not typed by the user.
+                need(not self.sample_by_steps,
+                     f"sample_by_steps is for episodes that can end early (navigation2d with "
+                     f"goal_radius), not {self.dataset}"
+                     f"{' with goal_radius=0' if self.dataset == 'navigation2d' else ''}: pass "
+                     f"--sample_by_steps=false (flags/rl_navigation.flags sets it)")
+                continue
             else:
                 where = f"dataset {self.dataset}"
             need(getattr(self, name) == getattr(defaults, name),

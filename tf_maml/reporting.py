@@ -82,6 +82,9 @@ def _export_config(path, overrides):
     except (json.JSONDecodeError, TypeError, ValueError, AttributeError) as e:
         raise ValueError(f"{record_path} is not a config this version of tf_maml reads: "
                          f"{e}") from None
+    if values.get("dataset") in config_lib.RL_DATASETS:
+        raise ValueError(f"{path} is a policy: evaluate its run with --model_dir (the "
+                         "meta-test protocol of RL samples trajectories)")
     unknown = sorted(set(overrides) - set(EXPORT_OVERRIDABLE))
     if unknown:
         raise ValueError(f"an export's protocol is fixed when it is exported; only "
@@ -549,6 +552,8 @@ def _evaluate_rl(model_dir, baseline_dir, output_dir, experiment, step, oracle_d
 
     table = evaluation.format_table(RL_METRIC, results)
     steps_text = ("no gradient step" if num_steps == 0 else
+                  "no adaptation: a goal-observed run and its random init are evaluated as "
+                  "they are" if config.goal_observed else
                   "step sizes " + ", ".join(f"{s:g}" for s in sizes[:num_steps]))
     which = "the original test scripts' " if config.original_test_goals else ""
     sampled = (f"{episodes * algorithm.horizon} steps (episodes ending early make room for "
