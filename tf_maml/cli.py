@@ -97,9 +97,10 @@ _HELP = {
                             "they end early, see --sample_by_steps).",
     "horizon": "RL: steps per episode (0: the environment's, 100 for navigation2d, 200 for "
                f"HalfCheetah; at most {config_lib.MAX_HORIZON}).",
-    "sample_by_steps": "RL: sample fast_batch_size x horizon steps per task (evaluation: "
-                       "eval_fast_batch_size x horizon) instead of that many episodes, as the "
-                       "original code: episodes ending early make room for more (at most 4x).",
+    "sample_by_steps": "RL, navigation2d with --goal_radius only: sample fast_batch_size x "
+                       "horizon steps per task (evaluation: eval_fast_batch_size x horizon) "
+                       "instead of that many episodes, as the original code: episodes ending "
+                       "early make room for more (at most 4x).",
     "outer_optimizer": f"RL: meta-update, {', '.join(config_lib.OUTER_OPTIMIZERS)} (adam uses "
                        "--meta_lr).",
     "max_kl": "RL, TRPO: trust region on the mean KL divergence.",

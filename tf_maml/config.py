@@ -269,10 +269,12 @@ class Config:
             with `sample_by_steps`, that many full-length episodes' steps).
         eval_fast_batch_size: RL evaluation: episodes per task and gradient
             step (0: `fast_batch_size`; the original evaluation sampled 4000
-            steps, 40 episodes of 100).
+            steps, 40 episodes' worth of 100, more episodes where they end early:
+            `sample_by_steps`).
         horizon: RL: steps per episode (0: the environment's, 100 for
             navigation2d, 200 for HalfCheetah).
-        sample_by_steps: RL: each sampling collects `fast_batch_size ×
+        sample_by_steps: RL, navigation2d with `goal_radius` only (refused
+            elsewhere): each sampling collects `fast_batch_size ×
             horizon` environment steps per task (in evaluation
             `eval_fast_batch_size × horizon`) instead of that many episodes,
             as the original code's samplers: episodes that end early (at the

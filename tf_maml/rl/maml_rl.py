@@ -109,7 +109,8 @@ class MAMLRL:
         policy: a `GaussianPolicy`, or a Keras mean model (wrapped in one,
             log-std initialized to 0).
         meta_batch_size: tasks per meta-iteration (paper: 20 for navigation).
-        fast_batch_size: episodes per task and per sampling (paper: 20).
+        fast_batch_size: episodes per task and per sampling (paper: 20; with
+            `sample_by_steps`, that many full-length episodes' steps).
         sample_by_steps: collect `fast_batch_size × horizon` environment steps
             per task and sampling instead of `fast_batch_size` episodes, as
             the original code's samplers: where episodes end early (at the
@@ -489,7 +490,8 @@ class MAMLRL:
                  num_trajectories=None, per_task=False):
         """Average return after 0, 1, ..., `num_steps` policy-gradient steps on new tasks.
 
-        Each step samples `num_trajectories` episodes per task with the current
+        Each step samples `num_trajectories` episodes per task (with
+        `sample_by_steps`, that many episodes' worth of steps) with the current
         adapted policy (its return is recorded) and takes a REINFORCE step
         through `core.adapt`; the last policy is sampled once more.
 
@@ -518,7 +520,8 @@ class MAMLRL:
         check_positive_ints("MAMLRL.evaluate", num_trajectories=num_trajectories,
                             **({"num_tasks": num_tasks} if tasks is None else {}))
         sizes = tuple(float(s) for s in self.step_sizes(num_steps, step_sizes))
-        key = (num_steps, sizes, int(num_trajectories), bool(per_task), self._by_steps())
+        key = (num_steps, sizes, int(num_trajectories), bool(per_task), self._by_steps(),
+               self.max_episodes_factor)
         if key not in self._evaluators:
             update = self.inner_update(tf.constant(sizes, self.policy.dtype), per_step=True)
 

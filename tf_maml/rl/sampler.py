@@ -118,8 +118,8 @@ def keep_within_budget(trajectories, max_steps):
     Episode j of a task is kept when the steps of episodes 0..j−1 total less
     than `max_steps`: the episodes a sampler that collects `max_steps` steps
     one episode after another, finishing the one under way, would have
-    collected. That is rllab's `BatchSampler`, which the original MAML code
-    evaluated with; its training sampler (`VectorizedSampler`, one
+    collected. That is rllab's `BatchSampler` with one worker (the original
+    MAML code evaluated with four, each finishing its own episode); its training sampler (`VectorizedSampler`, one
     environment per task stepped until all tasks together had their steps)
     dropped the episode under way instead, a difference of one episode per
     task.
