@@ -557,7 +557,7 @@ def _evaluate_rl(model_dir, baseline_dir, output_dir, experiment, step, oracle_d
                   "step sizes " + ", ".join(f"{s:g}" for s in sizes[:num_steps]))
     which = "the original test scripts' " if config.original_test_goals else ""
     sampled = (f"{episodes * algorithm.horizon} steps (episodes ending early make room for "
-               f"more)" if algorithm.max_valid_steps() else
+               f"more)" if algorithm.by_steps else
                f"{episodes} episodes x {algorithm.horizon} steps")
     print(f"\naverage return on {which}{config.num_eval_tasks} held-out {config.dataset} goals "
           f"({sampled} per gradient step, "
@@ -567,7 +567,7 @@ def _evaluate_rl(model_dir, baseline_dir, output_dir, experiment, step, oracle_d
              "step_sizes": sizes[:num_steps], "algorithm": config.algorithm,
              "dataset": config.dataset, "fast_batch_size": config.fast_batch_size,
              "eval_fast_batch_size": episodes,
-             "sample_by_steps": bool(algorithm.max_valid_steps()),
+             "sample_by_steps": algorithm.by_steps,
              "horizon": algorithm.horizon, "outer_optimizer": config.outer_optimizer,
              "original_test_goals": config.original_test_goals,
              "goals": np.asarray(tasks, np.float64).round(6).tolist(),

@@ -269,16 +269,18 @@ class MAMLRL:
         return process_trajectories(trajectories, self.gamma, self.gae_lambda, self.baseline_reg,
                                     self.normalize_advantages)
 
-    def _by_steps(self):
+    @property
+    def by_steps(self):
+        """Whether samplings count steps: `sample_by_steps` and episodes that can end early."""
         return self.sample_by_steps and getattr(self.env, "ends_early", True)
 
     def max_valid_steps(self, num_trajectories=None):
-        """The most valid steps per task of a sampling (None: no step budget; see `flatten_time`).
+        """The most valid steps per task of a sampling (None: not `by_steps`).
 
         A step budget of n × H keeps episodes that begin before it is spent:
         at most n·H − 1 + H steps.
         """
-        if not self._by_steps():
+        if not self.by_steps:
             return None
         num_trajectories = self.fast_batch_size if num_trajectories is None else num_trajectories
         return (num_trajectories + 1) * self.horizon - 1
@@ -291,15 +293,16 @@ class MAMLRL:
         hold (at most `max_episodes_factor` times as many).
         """
         num_trajectories = self.fast_batch_size if num_trajectories is None else num_trajectories
-        if self._by_steps():
-            trajectories = sample_trajectories(
-                self.env, self.policy, weights, tasks,
-                num_trajectories * self.max_episodes_factor, seed, self.horizon,
-                max_steps=num_trajectories * self.horizon)
-        else:
-            trajectories = sample_trajectories(self.env, self.policy, weights, tasks,
-                                               num_trajectories, seed, self.horizon)
-        return self.process(trajectories)
+        factor, budget = ((self.max_episodes_factor, num_trajectories * self.horizon)
+                          if self.by_steps else (1, None))
+        return self.process(sample_trajectories(
+            self.env, self.policy, weights, tasks, num_trajectories * factor, seed,
+            self.horizon, max_steps=budget))
+
+    def _for_losses(self, batch, num_trajectories=None):
+        """`batch` packed to its valid steps when sampled by steps (see `pack_valid_steps`)."""
+        size = self.max_valid_steps(num_trajectories)
+        return batch if size is None else objectives.pack_valid_steps(batch, size)
 
     def sample_adapting(self, params, tasks, seed, num_steps, update, num_trajectories=None):
         """Samples, adapts and samples again, `num_steps` times, through `core.adapt`.
@@ -323,7 +326,7 @@ class MAMLRL:
                                       num_trajectories)
             batches.append(batch)
             return objectives.reinforce_loss(
-                self.policy, batch, self.max_valid_steps(num_trajectories))(weights, step)
+                self.policy, self._for_losses(batch, num_trajectories))(weights, step)
 
         adapted, _ = core.adapt(sampling_loss, weights, num_steps, update, first_order=True)
         adapted = [tf.stop_gradient(w) for w in adapted]
@@ -338,8 +341,7 @@ class MAMLRL:
                                                 self.inner_update())
         return MetaBatch(tasks, batches[:-1], batches[-1], adapted)
 
-    def adapt(self, params, train, first_order=None, num_tasks=None, inner_lr=None,
-              max_valid_steps=None):
+    def adapt(self, params, train, first_order=None, num_tasks=None, inner_lr=None):
         """Adapts θ (`params`, differentiably) on fixed training episodes; returns adapted weights.
 
         One REINFORCE step per entry of `train` (processed `Trajectories`),
@@ -352,16 +354,12 @@ class MAMLRL:
             first_order: hold the inner gradients constant (default: the run's).
             num_tasks: tasks (default: read from `train`).
             inner_lr: the step size (default: the run's α); a float or scalar tensor.
-            max_valid_steps: a bound on each task's valid steps in `train`,
-                which are then packed (see `objectives.flatten_time`); None
-                uses every step.
         """
         first_order = self.first_order if first_order is None else first_order
         if num_tasks is None:
             num_tasks = tf.shape(train[0].mask)[0]
         weights = core.broadcast_to_tasks(params, num_tasks)
-        adapted, _ = core.adapt(objectives.reinforce_loss(self.policy, train, max_valid_steps),
-                                weights,
+        adapted, _ = core.adapt(objectives.reinforce_loss(self.policy, train), weights,
                                 len(train), self.inner_update(inner_lr), first_order)
         return adapted
 
@@ -380,14 +378,15 @@ class MAMLRL:
             With `sample_by_steps`, the meta-batch must come from `sample`
             (`fast_batch_size`'s step budget: the losses pack that many steps).
         """
-        valid = objectives.flatten_time(meta_batch.valid, self.max_valid_steps())
+        # Packed once here, not in every call of the objective (TRPO's line search).
+        train = [self._for_losses(b) for b in meta_batch.train]
+        valid = objectives.flatten_time(self._for_losses(meta_batch.valid))
         old_mean, old_log_std = self.policy.distribution(meta_batch.adapted, valid.observations)
         old_mean, old_log_std = tf.stop_gradient(old_mean), tf.stop_gradient(old_log_std)
 
         def objective(params):
-            adapted = self.adapt(list(params), meta_batch.train, first_order,
-                                 tf.shape(meta_batch.tasks)[0],
-                                 max_valid_steps=self.max_valid_steps())
+            adapted = self.adapt(list(params), train, first_order,
+                                 tf.shape(meta_batch.tasks)[0])
             surrogate, kl = objectives.surrogate_and_kl(self.policy, adapted, valid, old_mean,
                                                         old_log_std)
             return tf.reduce_mean(surrogate), tf.reduce_mean(kl), {"task_surrogate": surrogate}
@@ -520,7 +519,7 @@ class MAMLRL:
         check_positive_ints("MAMLRL.evaluate", num_trajectories=num_trajectories,
                             **({"num_tasks": num_tasks} if tasks is None else {}))
         sizes = tuple(float(s) for s in self.step_sizes(num_steps, step_sizes))
-        key = (num_steps, sizes, int(num_trajectories), bool(per_task), self._by_steps(),
+        key = (num_steps, sizes, int(num_trajectories), bool(per_task), self.by_steps,
                self.max_episodes_factor)
         if key not in self._evaluators:
             update = self.inner_update(tf.constant(sizes, self.policy.dtype), per_step=True)

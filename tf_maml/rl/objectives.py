@@ -8,7 +8,8 @@ import tensorflow as tf
 
 from tf_maml.rl import policy as policy_lib
 
-__all__ = ["masked_task_mean", "flatten_time", "reinforce_loss", "surrogate_and_kl"]
+__all__ = ["masked_task_mean", "flatten_time", "pack_valid_steps", "reinforce_loss",
+           "surrogate_and_kl"]
 
 
 def masked_task_mean(values, mask):
@@ -18,37 +19,41 @@ def masked_task_mean(values, mask):
             / tf.maximum(tf.reduce_sum(mask, axes), tf.ones([], mask.dtype)))
 
 
-def flatten_time(trajectories, max_valid_steps=None):
-    """`Trajectories` with `[T, B, H, ...]` fields reshaped to `[T, B·H, ...]`.
-
-    Args:
-        trajectories: `Trajectories`.
-        max_valid_steps: None, or a bound on each task's valid steps: they are
-            then gathered first, in order, and the fields cut to
-            `[T, max_valid_steps, ...]`, so that the losses cost what the
-            valid steps do (a step budget's many mostly empty trajectory slots,
-            `MAMLRL(sample_by_steps=True)`). Valid steps beyond it are dropped.
-
-    Returns:
-        The flattened `Trajectories`.
-    """
+def flatten_time(trajectories):
+    """`Trajectories` with `[T, B, H, ...]` fields reshaped to `[T, B·H, ...]`."""
     def flat(x):
         if x is None:
             return None
         shape = tf.shape(x)
         return tf.reshape(x, tf.concat([shape[:1], [-1], shape[3:]], 0))
-    flat_trajectories = type(trajectories)(*[flat(x) for x in trajectories])
-    if max_valid_steps is None:
-        return flat_trajectories
+    return type(trajectories)(*[flat(x) for x in trajectories])
+
+
+def pack_valid_steps(trajectories, max_valid_steps):
+    """Each task's valid steps gathered first, in order, as one `[T, 1, max_valid_steps, ...]` row.
+
+    For the losses, which are means over valid steps: a step budget's many
+    mostly empty trajectory slots (`MAMLRL(sample_by_steps=True)`) then cost
+    what their valid steps do. Returns and anything per episode must be read
+    before packing. Valid steps beyond `max_valid_steps` are dropped.
+
+    Args:
+        trajectories: processed `Trajectories` `[T, B, H, ...]`.
+        max_valid_steps: a bound on each task's valid steps (a Python int).
+
+    Returns:
+        `Trajectories` `[T, 1, max_valid_steps, ...]`.
+    """
+    flat = flatten_time(trajectories)
     # Valid steps (mask 1) first; a stable sort keeps their order.
-    order = tf.argsort(-flat_trajectories.mask, axis=1, stable=True)[:, :max_valid_steps]
+    order = tf.argsort(-flat.mask, axis=1, stable=True)[:, :max_valid_steps]
 
     def gather(x):
-        return None if x is None else tf.gather(x, order, axis=1, batch_dims=1)
-    return type(trajectories)(*[gather(x) for x in flat_trajectories])
+        return None if x is None else tf.gather(x, order, axis=1, batch_dims=1)[:, None]
+    return type(trajectories)(*[gather(x) for x in flat])
 
 
-def reinforce_loss(policy, trajectories, max_valid_steps=None):
+def reinforce_loss(policy, trajectories):
     """The REINFORCE task loss closure: `−mean(log π(a|s) · A)` per task over valid steps.
 
     Args:
@@ -56,7 +61,6 @@ def reinforce_loss(policy, trajectories, max_valid_steps=None):
         trajectories: processed `Trajectories` (with advantages), or a list of
             them, one per inner step (step `s` reads entry `s`: data sampled
             with the policy after `s` steps).
-        max_valid_steps: see `flatten_time` (the same for every entry).
 
     Returns:
         `task_loss(weights, step) -> [num_tasks]` for `tf_maml.core.adapt`
@@ -75,7 +79,7 @@ def reinforce_loss(policy, trajectories, max_valid_steps=None):
     """
     batches = list(trajectories) if isinstance(trajectories, (list, tuple)) and not hasattr(
         trajectories, "_fields") else [trajectories]
-    batches = [flatten_time(b, max_valid_steps) for b in batches]
+    batches = [flatten_time(b) for b in batches]
 
     def task_loss(weights, step):
         if not isinstance(step, int):
